@@ -1,0 +1,7 @@
+#pragma once
+
+// Public C++ API of attnpool. Linking attnpool::attnpool also registers the
+// `attnpool::*` operators with the PyTorch dispatcher.
+
+#include <attnpool/attention_pool.h>
+#include <attnpool/version.h>

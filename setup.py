@@ -1,0 +1,126 @@
+"""Builds the attnpool Python package and its native library attnpool._C.
+
+Build against the torch that is already installed, without build isolation
+(an isolated build would download another, multi-GB torch):
+
+    pip install torch==2.13.0
+    pip install --no-build-isolation .        # or -e . for development
+
+ATTNPOOL_WITH_CUDA=1 forces the CUDA kernels on, =0 off; by default they are
+built when the installed torch has CUDA and nvcc is found. CMakeLists.txt
+builds the same sources, by the same rules, for LibTorch users.
+"""
+
+import glob
+import os
+import platform
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - depends on the environment
+    sys.exit(
+        "attnpool builds against an installed torch: run `pip install torch` first, then "
+        "`pip install --no-build-isolation .`"
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+
+# Each file csrc/ops/cpu/isa/*_<isa>.cpp is compiled with these flags (and
+# only these files are); the best set the CPU supports is chosen at run time.
+ISA_FLAGS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+}
+
+
+def target_isas():
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return list(ISA_FLAGS) if is_x86 else ["default"]
+
+
+def relative_glob(pattern):
+    return sorted(
+        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True)
+    )
+
+
+def isa_sources(isa):
+    return relative_glob(f"csrc/ops/cpu/isa/*_{isa}.cpp")
+
+
+def common_sources():
+    """Sources compiled once, as in CMakeLists.txt (plus the Python bindings)."""
+    ops = [s for s in relative_glob("csrc/ops/**/*.cpp") if "/isa/" not in s]
+    return ops + relative_glob("csrc/modules/*.cpp") + relative_glob("csrc/python/*.cpp")
+
+
+def want_cuda():
+    forced = os.environ.get("ATTNPOOL_WITH_CUDA")
+    if forced is not None:
+        return forced not in ("0", "", "false", "OFF")
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def make_extension():
+    with_cuda = want_cuda()
+    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    macros = []
+    sources = common_sources()
+    if with_cuda:
+        sources += relative_glob("csrc/ops/cuda/*.cu")
+        macros.append(("ATTNPOOL_WITH_CUDA", None))
+        for arch in os.environ.get("ATTNPOOL_CUDA_ARCHS", "80;90").split(";"):
+            nvcc_flags += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    kind = CUDAExtension if with_cuda else CppExtension
+    return kind(
+        name="attnpool._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+class BuildExtensionWithIsaKernels(BuildExtension):
+    """Compiles the per-instruction-set kernel files, each with its own flags.
+
+    Their objects are linked after the common ones, so that the linker keeps
+    the baseline copy of any inline function they share.
+    """
+
+    def build_extension(self, ext):
+        base_flags = ext.extra_compile_args["cxx"]
+        objects = []
+        for isa in target_isas():
+            objects += self.compiler.compile(
+                isa_sources(isa),
+                output_dir=self.build_temp,
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs,
+                extra_postargs={"cxx": base_flags + ISA_FLAGS[isa], "nvcc": []},
+                depends=ext.depends,
+            )
+        ext.extra_objects = objects + list(ext.extra_objects or [])
+        super().build_extension(ext)
+
+
+setup(
+    name="attnpool",
+    version=VERSION,
+    description="Attention pooling as a fused PyTorch operator (CPU and CUDA)",
+    package_dir={"": "torch_ext"},
+    packages=["attnpool"],
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildExtensionWithIsaKernels},
+    install_requires=[f"torch=={torch.__version__.split('+')[0]}"],
+    python_requires=">=3.10",
+    zip_safe=False,
+)

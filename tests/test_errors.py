@@ -1,0 +1,191 @@
+"""Every bad input of SPEC.md §2 raises a clear error naming the argument."""
+
+import math
+
+import pytest
+import torch
+from helpers import make_inputs
+
+import attnpool
+
+X = torch.randn(2, 5, 8)
+Q = torch.randn(8)
+W = torch.randn(8, 8)
+
+
+def call(x=X, query=Q, w_q=W, w_k=W, mask=None, num_heads=1, scale=None):
+    return attnpool.attention_pool(x, query, w_q, w_k, mask, num_heads, scale)
+
+
+BAD_VALUES = [
+    (
+        "x-rank-2",
+        dict(x=torch.randn(5, 8)),
+        r"x must have shape \[B, L, H\], got a 2-D tensor of shape \[5, 8\]",
+    ),
+    (
+        "x-rank-4",
+        dict(x=torch.randn(1, 2, 5, 8)),
+        r"x must have shape \[B, L, H\], got a 4-D tensor",
+    ),
+    (
+        "query-hidden",
+        dict(query=torch.randn(6)),
+        r"query must have shape \[H\] or \[Q, H\] with H = 8 \(x.shape\[2\]\), got \[6\]",
+    ),
+    (
+        "query-rank-3",
+        dict(query=torch.randn(1, 2, 8)),
+        r"query must have shape \[H\] or \[Q, H\].*got \[1, 2, 8\]",
+    ),
+    (
+        "w_q-shape",
+        dict(w_q=torch.randn(8, 7)),
+        r"w_q must have shape \[H, H\] = \[8, 8\] \(nn.Linear layout\), got \[8, 7\]",
+    ),
+    (
+        "w_k-shape",
+        dict(w_k=torch.randn(16, 8)),
+        r"w_k must have shape \[H, H\] = \[8, 8\].*got \[16, 8\]",
+    ),
+    ("w_k-rank", dict(w_k=torch.randn(64)), r"w_k must have shape \[H, H\]"),
+    ("heads-divide", dict(num_heads=3), r"num_heads must divide H = 8, got num_heads = 3"),
+    ("heads-zero", dict(num_heads=0), r"num_heads must be >= 1, got 0"),
+    ("heads-negative", dict(num_heads=-2), r"num_heads must be >= 1, got -2"),
+    ("scale-zero", dict(scale=0.0), r"scale must be a finite positive number, got 0"),
+    ("scale-negative", dict(scale=-1.5), r"scale must be a finite positive number, got -1.5"),
+    ("scale-nan", dict(scale=math.nan), r"scale must be a finite positive number, got nan"),
+    ("scale-inf", dict(scale=math.inf), r"scale must be a finite positive number, got inf"),
+    (
+        "mask-shape",
+        dict(mask=torch.ones(2, 4, dtype=torch.bool)),
+        r"mask must have shape \[B, L\] = \[2, 5\], got \[2, 4\]",
+    ),
+    (
+        "mask-rank",
+        dict(mask=torch.ones(10, dtype=torch.bool)),
+        r"mask must have shape \[B, L\] = \[2, 5\], got \[10\]",
+    ),
+    (
+        "mask-device",
+        dict(mask=torch.ones(2, 5, dtype=torch.bool, device="meta")),
+        r"mask must be on the same device as x \(cpu\), got meta",
+    ),
+    (
+        "query-device",
+        dict(query=Q.to("meta")),
+        r"query must be on the same device as x \(cpu\), got meta",
+    ),
+    (
+        "w_q-device",
+        dict(w_q=W.to("meta")),
+        r"w_q must be on the same device as x \(cpu\), got meta",
+    ),
+    (
+        "w_k-device",
+        dict(w_k=W.to("meta")),
+        r"w_k must be on the same device as x \(cpu\), got meta",
+    ),
+]
+
+BAD_TYPES = [
+    ("x-int", dict(x=X.long()), r"x must be float64, float32, float16 or bfloat16, got Long"),
+    ("x-bool", dict(x=X > 0), r"x must be float64, float32, float16 or bfloat16, got bool"),
+    (
+        "x-complex",
+        dict(x=X.to(torch.complex64)),
+        r"x must be float64, float32, float16 or bfloat16, got ComplexFloat",
+    ),
+    (
+        "params-disagree",
+        dict(w_q=W.double()),
+        r"query, w_q and w_k must share one dtype, got float32, float64 and float32",
+    ),
+    (
+        "params-wider-than-x",
+        dict(query=Q.double(), w_q=W.double(), w_k=W.double()),
+        r"must have x's dtype \(float32\) or float32 when x is float16/bfloat16, got float64",
+    ),
+    (
+        "params-half-x-bf16",
+        dict(x=X.bfloat16(), query=Q.half(), w_q=W.half(), w_k=W.half()),
+        r"x's dtype \(bfloat16\).*got float16",
+    ),
+    (
+        "mask-complex",
+        dict(mask=torch.ones(2, 5, dtype=torch.complex64)),
+        r"mask must be bool, integer or floating-point, got ComplexFloat",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message", [c[1:] for c in BAD_VALUES], ids=[c[0] for c in BAD_VALUES]
+)
+def test_bad_value_raises_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        call(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message", [c[1:] for c in BAD_TYPES], ids=[c[0] for c in BAD_TYPES]
+)
+def test_bad_dtype_raises_type_error(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        call(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [c[1:] for c in BAD_VALUES + BAD_TYPES],
+    ids=[c[0] for c in BAD_VALUES + BAD_TYPES],
+)
+def test_fake_tensors_raise_the_same_errors(kwargs, message):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if any(isinstance(v, torch.Tensor) and v.device.type == "meta" for v in kwargs.values()):
+        pytest.skip("meta arguments are already fake")
+    with FakeTensorMode() as mode:
+        fake = {
+            k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()
+        }
+        defaults = dict(x=X, query=Q, w_q=W, w_k=W)
+        fake = {**{k: mode.from_tensor(v) for k, v in defaults.items() if k not in fake}, **fake}
+        with pytest.raises((ValueError, TypeError), match=message):
+            call(**fake)
+
+
+def test_backward_op_checks_grad_out_shape():
+    inputs = make_inputs(2, 5, 8)
+    out, lse = torch.ops.attnpool._attention_pool_forward(*inputs.args())
+    with pytest.raises(
+        ValueError, match=r"grad_out must have the output's shape \[2, 8\], got \[2, 7\]"
+    ):
+        torch.ops.attnpool._attention_pool_backward(
+            torch.ones(2, 7), *inputs.args(), out, lse, 1, None
+        )
+    with pytest.raises(ValueError, match=r"lse must have shape \[B, Q, num_heads\], got \[2, 1\]"):
+        torch.ops.attnpool._attention_pool_backward(out, *inputs.args(), out, lse[..., 0], 1, None)
+
+
+def test_module_arguments_are_checked():
+    with pytest.raises(
+        ValueError, match="num_heads must be >= 1 and divide embed_dim = 8, got num_heads = 3"
+    ):
+        attnpool.AttentionPooling(8, num_heads=3)
+    with pytest.raises(ValueError, match="num_queries must be >= 1, got 0"):
+        attnpool.AttentionPooling(8, num_queries=0)
+    with pytest.raises(ValueError, match="embed_dim must be >= 1, got 0"):
+        attnpool.AttentionPooling(0)
+    with pytest.raises(ValueError, match="scale must be a finite positive number, got nan"):
+        attnpool.AttentionPooling(8, scale=math.nan)
+    with pytest.raises(
+        ValueError, match=r"x must have shape \[B, L, embed_dim = 8\], got \[2, 3, 6\]"
+    ):
+        attnpool.AttentionPooling(8)(torch.randn(2, 3, 6))
+    with pytest.raises(ValueError, match="max_len must be >= 1, got 0"):
+        attnpool.WeightedPooling(0)
+    with pytest.raises(ValueError, match="sequence length 6 exceeds max_len = 5"):
+        attnpool.WeightedPooling(5)(torch.randn(2, 6, 3))
+    with pytest.raises(ValueError, match=r"mask must have shape \[B, L\] = \[2, 4\], got \[2, 5\]"):
+        attnpool.WeightedPooling(5)(torch.randn(2, 4, 3), torch.ones(2, 5))

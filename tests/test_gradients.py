@@ -1,0 +1,103 @@
+"""Gradients of attention_pool: gradcheck in float64, edge cases, double backward."""
+
+import pytest
+import torch
+from helpers import DEVICES, TOLERANCES, make_inputs
+
+import attnpool
+
+
+def _op(num_heads, mask, scale=None):
+    def f(x, query, w_q, w_k):
+        return attnpool.attention_pool(x, query, w_q, w_k, mask, num_heads, scale)
+
+    return f
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "batch, seq_len, hidden, num_queries, num_heads, masked, scale",
+    [
+        (2, 4, 6, None, 1, False, None),
+        (3, 5, 8, None, 2, True, None),
+        (2, 6, 8, 3, 4, True, 0.7),
+        (2, 3, 4, 2, 1, False, 2.0),
+    ],
+)
+def test_gradcheck(device, batch, seq_len, hidden, num_queries, num_heads, masked, scale):
+    inputs = make_inputs(
+        batch, seq_len, hidden, num_queries, mask="random" if masked else None, device=device
+    ).requiring_grad()
+    f = _op(num_heads, inputs.mask, scale)
+    assert torch.autograd.gradcheck(f, (inputs.x, inputs.query, inputs.w_q, inputs.w_k))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_match_reference_on_long_split_sequences(device):
+    inputs = make_inputs(2, 2500, 32, 2, mask="random", device=device).requiring_grad()
+    leaves = (inputs.x, inputs.query, inputs.w_q, inputs.w_k)
+    weights = torch.randn(2, 2, 32, dtype=torch.float64, device=device)
+    got = torch.autograd.grad((attnpool.attention_pool(*inputs.args(), 2) * weights).sum(), leaves)
+    ref = attnpool.reference.attention_pool(*inputs.args(), 2)
+    want = torch.autograd.grad((ref * weights).sum(), leaves)
+    for name, g, w in zip(("x", "query", "w_q", "w_k"), got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOLERANCES[torch.float64], msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reduced_precision_gradients(device, dtype):
+    base = make_inputs(3, 20, 16, 2, mask="random", device=device)
+    param_dtype = torch.float32 if dtype != torch.float32 else dtype
+    inputs = base.to(dtype=dtype, param_dtype=param_dtype).requiring_grad()
+    exact = base.to(dtype=dtype, param_dtype=param_dtype).to(dtype=torch.float64).requiring_grad()
+    out = attnpool.attention_pool(*inputs.args(), 2)
+    ref = attnpool.reference.attention_pool(*exact.args(), 2)
+    weights = torch.randn(3, 2, 16, device=device, dtype=torch.float64)
+    got = torch.autograd.grad(
+        (out.double() * weights).sum(), (inputs.x, inputs.query, inputs.w_q, inputs.w_k)
+    )
+    want = torch.autograd.grad((ref * weights).sum(), (exact.x, exact.query, exact.w_q, exact.w_k))
+    assert got[0].dtype == dtype and got[1].dtype == param_dtype
+    for name, g, w in zip(("x", "query", "w_q", "w_k"), got, want, strict=True):
+        scale = w.abs().max().item() + 1e-12
+        assert (g.double() - w).abs().max().item() / scale < 3e-2, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fully_masked_and_empty_sequences_have_zero_gradients(device):
+    inputs = make_inputs(3, 5, 8, 2, device=device).requiring_grad()
+    mask = torch.ones(3, 5, dtype=torch.bool, device=device)
+    mask[1] = False
+    out = attnpool.attention_pool(*inputs.args()[:4], mask, 2)
+    (out * torch.randn_like(out)).sum().backward()
+    assert torch.equal(inputs.x.grad[1], torch.zeros_like(inputs.x.grad[1]))
+    assert inputs.x.grad[0].abs().sum() > 0
+    for t in (inputs.x, inputs.query, inputs.w_q, inputs.w_k):
+        assert torch.isfinite(t.grad).all()
+
+    empty = make_inputs(2, 0, 8, None, device=device).requiring_grad()
+    attnpool.attention_pool(*empty.args()).sum().backward()
+    for t in (empty.query, empty.w_q, empty.w_k):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+    assert empty.x.grad.shape == (2, 0, 8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_reaches_only_inputs_that_require_it(device):
+    inputs = make_inputs(2, 5, 8, device=device)
+    w_k = inputs.w_k.clone().requires_grad_(True)
+    out = attnpool.attention_pool(inputs.x, inputs.query, inputs.w_q, w_k)
+    (grad,) = torch.autograd.grad(out.sum(), (w_k,))
+    assert grad.shape == w_k.shape and grad.abs().sum() > 0
+
+
+def test_differentiating_the_gradient_is_refused():
+    inputs = make_inputs(2, 4, 8).requiring_grad()
+    out = attnpool.attention_pool(*inputs.args())
+    (grad_x,) = torch.autograd.grad(out.sum(), (inputs.x,), create_graph=True)
+    with pytest.raises(
+        RuntimeError,
+        match="_attention_pool_backward.*not implemented|not implemented.*_attention_pool_backward",
+    ):
+        grad_x.sum().backward()

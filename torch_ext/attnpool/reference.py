@@ -1,0 +1,75 @@
+"""Pure-PyTorch attention pooling: the executable form of SPEC.md.
+
+Written for clarity, not speed: it projects every key (``x @ w_k.T``) as the
+original design did, which the fused kernels avoid. Tests compare the kernels
+with it, and benchmarks time it as the "notebook" composition.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention_pool(
+    x: Tensor,
+    query: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    mask: Optional[Tensor] = None,
+    num_heads: int = 1,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Same signature and semantics as :func:`attnpool.attention_pool`."""
+    batch, seq_len, hidden = x.shape
+    head_dim = hidden // num_heads
+    if scale is None:
+        scale = head_dim**-0.5 if head_dim > 0 else 1.0
+    acc = accumulate_dtype(x.dtype)
+    queries = query.reshape(-1, hidden).to(acc)
+    num_queries = queries.shape[0]
+    if mask is None:
+        keep = torch.ones(batch, seq_len, dtype=torch.bool, device=x.device)
+    else:
+        keep = mask != 0
+    # Masked positions never reach the output, even when they hold NaN or Inf.
+    xs = x.to(acc).masked_fill(~keep[..., None], 0)
+
+    projected_query = queries @ w_q.to(acc).T  # [Q, H]
+    keys = xs @ w_k.to(acc).T  # [B, L, H]
+    scores = scale * torch.einsum(
+        "blnd,qnd->bqnl",
+        keys.view(batch, seq_len, num_heads, head_dim),
+        projected_query.view(num_queries, num_heads, head_dim),
+    )
+    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    # A sequence with nothing to attend pools to zeros instead of NaN.
+    probs = torch.where(keep.any(dim=1)[:, None, None, None], probs, 0.0)
+    out = torch.einsum("bqnl,blnd->bqnd", probs, xs.view(batch, seq_len, num_heads, head_dim))
+    out = out.reshape(batch, num_queries, hidden).to(x.dtype)
+    return out[:, 0] if query.dim() == 1 else out
+
+
+def weighted_pool(x: Tensor, logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Learned per-position weights ``softmax(logits[:L])`` over the unmasked positions."""
+    batch, seq_len, _ = x.shape
+    keep = (
+        torch.ones(batch, seq_len, dtype=torch.bool, device=x.device) if mask is None else mask != 0
+    )
+    scores = logits[:seq_len].to(x.dtype).expand(batch, seq_len).masked_fill(~keep, float("-inf"))
+    weights = torch.where(keep.any(dim=1, keepdim=True), torch.softmax(scores, dim=-1), 0.0)
+    return torch.einsum("bl,blh->bh", weights, x.masked_fill(~keep[..., None], 0))
+
+
+def mean_pool(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Mean over the unmasked positions; zeros for a sequence with none."""
+    if mask is None:
+        return x.mean(dim=1) if x.shape[1] > 0 else x.sum(dim=1)
+    keep = (mask != 0).to(x.dtype)[..., None]
+    return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)
