@@ -128,7 +128,14 @@ INSTANTIATE_TEST_SUITE_P(
         Case{2, 9, 16, 3, 4, true, false},
         Case{4, 6, 8, 2, 2, false, true},
         Case{1, 300, 64, 2, 4, true, false},
-        Case{1, 2000, 40, 0, 2, false, false}));
+        Case{1, 2000, 40, 0, 2, false, false}),
+    [](const ::testing::TestParamInfo<Case>& info) {
+      const Case& c = info.param;
+      return "B" + std::to_string(c.batch) + "_L" + std::to_string(c.seq_len) + "_H" +
+             std::to_string(c.hidden) + "_Q" + std::to_string(c.num_queries) + "_heads" +
+             std::to_string(c.num_heads) + (c.masked ? "_masked" : "") +
+             (c.strided ? "_strided" : "");
+    });
 
 TEST(AttentionPool, FullyMaskedSequenceIsZeroWithZeroGradients) {
   auto x = torch::randn({2, 4, 8}, kF64).requires_grad_(true);
