@@ -162,3 +162,15 @@ def test_half_precision_accumulates_in_float32():
 
 def test_reports_cpu_instruction_set():
     assert attnpool._C.cpu_kernel_isa() in {"AVX512", "AVX2", "DEFAULT"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_queries(device):
+    inputs = make_inputs(2, 5, 8, 1, device=device).requiring_grad()
+    inputs.query = inputs.query[:0].detach().requires_grad_(True)
+    out = attnpool.attention_pool(*inputs.args())
+    assert out.shape == (2, 0, 8)
+    out.sum().backward()
+    assert torch.equal(inputs.x.grad, torch.zeros_like(inputs.x))
+    assert torch.equal(inputs.w_k.grad, torch.zeros_like(inputs.w_k))
+    assert inputs.query.grad.shape == (0, 8)

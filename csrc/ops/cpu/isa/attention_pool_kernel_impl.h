@@ -29,42 +29,125 @@ namespace {
 
 using at::vec::Vectorized;
 
-// sum_e a[e] * b[e]. Four accumulators hide the latency of dependent FMAs.
 template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  Vec s0(T(0)), s1(T(0)), s2(T(0)), s3(T(0));
-  int64_t e = 0;
-  for (; e + 4 * W <= n; e += 4 * W) {
-    s0 = at::vec::fmadd(Vec::loadu(a + e), Vec::loadu(b + e), s0);
-    s1 = at::vec::fmadd(Vec::loadu(a + e + W), Vec::loadu(b + e + W), s1);
-    s2 = at::vec::fmadd(Vec::loadu(a + e + 2 * W), Vec::loadu(b + e + 2 * W), s2);
-    s3 = at::vec::fmadd(Vec::loadu(a + e + 3 * W), Vec::loadu(b + e + 3 * W), s3);
-  }
-  for (; e + W <= n; e += W) {
-    s0 = at::vec::fmadd(Vec::loadu(a + e), Vec::loadu(b + e), s0);
-  }
-  T tail(0);
-  for (; e < n; ++e) {
-    tail += a[e] * b[e];
-  }
-  const Vec total = (s0 + s1) + (s2 + s3);
-  return at::vec::vec_reduce_all<T>([](Vec& p, Vec& q) { return p + q; }, total) + tail;
+constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+// Rows of x are handled in blocks: one load of a shared vector (u, grad_out,
+// an accumulator) then serves every row of the block, and the block's rows
+// stay in L1 between the score pass and the accumulation pass.
+constexpr int kBlockRows = 4;
+
+template <typename T>
+T reduce_add(const Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>([](Vectorized<T>& a, Vectorized<T>& b) { return a + b; }, v);
 }
 
-// y += alpha * x
+// A vector of T in its accumulation dtype: float16/bfloat16 are widened to
+// float32 as they are loaded, so rows of x are never copied.
 template <typename T>
-void axpy(T alpha, const T* x, T* y, int64_t n) {
-  using Vec = Vectorized<T>;
+Vectorized<at::opmath_type<T>> load_acc(const T* p) {
+  if constexpr (at::is_reduced_floating_point_v<T>) {
+    Vectorized<float> v;
+    at::vec::load_to_float<T>(p, v);
+    return v;
+  } else {
+    return Vectorized<T>::loadu(p);
+  }
+}
+
+// sum_e a[e] * b[e]. Four accumulators hide the latency of dependent FMAs.
+template <typename T, typename A>
+A dot(const T* a, const A* b, int64_t n) {
+  using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
-  const Vec a(alpha);
+  Vec s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  int64_t e = 0;
+  for (; e + 4 * W <= n; e += 4 * W) {
+    s0 = at::vec::fmadd(load_acc(a + e), Vec::loadu(b + e), s0);
+    s1 = at::vec::fmadd(load_acc(a + e + W), Vec::loadu(b + e + W), s1);
+    s2 = at::vec::fmadd(load_acc(a + e + 2 * W), Vec::loadu(b + e + 2 * W), s2);
+    s3 = at::vec::fmadd(load_acc(a + e + 3 * W), Vec::loadu(b + e + 3 * W), s3);
+  }
+  for (; e + W <= n; e += W) {
+    s0 = at::vec::fmadd(load_acc(a + e), Vec::loadu(b + e), s0);
+  }
+  A tail(0);
+  for (; e < n; ++e) {
+    tail += static_cast<A>(a[e]) * b[e];
+  }
+  return reduce_add((s0 + s1) + (s2 + s3)) + tail;
+}
+
+// out[r] = rows[r] . v for the R rows of a block.
+template <int R, typename T, typename A>
+void dot_rows(const T* const* rows, const A* v, int64_t n, A* out) {
+  if constexpr (R == 1) {
+    out[0] = dot(rows[0], v, n);
+  } else {
+    using Vec = Vectorized<A>;
+    constexpr int64_t W = Vec::size();
+    Vec acc[R];
+    for (int r = 0; r < R; ++r) {
+      acc[r] = Vec(A(0));
+    }
+    int64_t e = 0;
+    for (; e + W <= n; e += W) {
+      const Vec shared = Vec::loadu(v + e);
+      for (int r = 0; r < R; ++r) {
+        acc[r] = at::vec::fmadd(load_acc(rows[r] + e), shared, acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      A total = reduce_add(acc[r]);
+      for (int64_t t = e; t < n; ++t) {
+        total += static_cast<A>(rows[r][t]) * v[t];
+      }
+      out[r] = total;
+    }
+  }
+}
+
+// y += sum_r w[r] * rows[r]
+template <int R, typename T, typename A>
+void axpy_rows(const A* w, const T* const* rows, A* y, int64_t n) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  Vec weights[R];
+  for (int r = 0; r < R; ++r) {
+    weights[r] = Vec(w[r]);
+  }
   int64_t e = 0;
   for (; e + W <= n; e += W) {
-    at::vec::fmadd(a, Vec::loadu(x + e), Vec::loadu(y + e)).store(y + e);
+    Vec acc = Vec::loadu(y + e);
+    for (int r = 0; r < R; ++r) {
+      acc = at::vec::fmadd(weights[r], load_acc(rows[r] + e), acc);
+    }
+    acc.store(y + e);
   }
   for (; e < n; ++e) {
-    y[e] += alpha * x[e];
+    for (int r = 0; r < R; ++r) {
+      y[e] += w[r] * static_cast<A>(rows[r][e]);
+    }
+  }
+}
+
+// ys[r] = w[r] * v (kAccumulate: ys[r] += w[r] * v)
+template <int R, bool kAccumulate, typename T>
+void scaled_into_rows(const T* w, const T* v, T* const* ys, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  int64_t e = 0;
+  for (; e + W <= n; e += W) {
+    const Vec shared = Vec::loadu(v + e);
+    for (int r = 0; r < R; ++r) {
+      const Vec scaled = Vec(w[r]) * shared;
+      (kAccumulate ? scaled + Vec::loadu(ys[r] + e) : scaled).store(ys[r] + e);
+    }
+  }
+  for (; e < n; ++e) {
+    for (int r = 0; r < R; ++r) {
+      ys[r][e] = kAccumulate ? ys[r][e] + w[r] * v[e] : w[r] * v[e];
+    }
   }
 }
 
@@ -80,6 +163,20 @@ void scale_in_place(T alpha, T* y, int64_t n) {
   }
   for (; e < n; ++e) {
     y[e] *= alpha;
+  }
+}
+
+// y += x
+template <typename T>
+void add_in_place(const T* x, T* y, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  int64_t e = 0;
+  for (; e + W <= n; e += W) {
+    (Vec::loadu(y + e) + Vec::loadu(x + e)).store(y + e);
+  }
+  for (; e < n; ++e) {
+    y[e] += x[e];
   }
 }
 
@@ -115,29 +212,54 @@ void convert_row(const src_t* src, dst_t* dst, int64_t n) {
   }
 }
 
-// Rows of x seen in the accumulation dtype: the row itself for float32 and
-// float64, a converted copy in a per-thread buffer for float16 and bfloat16.
+// Calls f with std::integral_constant<int, count>, so that the per-block
+// loops are unrolled for the block's actual number of rows.
+template <typename F>
+void with_block_size(int count, F&& f) {
+  switch (count) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    default:
+      static_assert(kBlockRows == 4, "add cases for a larger block");
+      return f(std::integral_constant<int, 4>{});
+  }
+}
+
+// Up to kBlockRows unmasked rows of x, read in place.
 template <typename scalar_t>
-class RowReader {
-  using acc_t = at::opmath_type<scalar_t>;
-  static constexpr bool kCopies = !std::is_same_v<scalar_t, acc_t>;
-
+class RowBlock {
  public:
-  explicit RowReader(int64_t hidden) : hidden_(hidden), buffer_(kCopies ? hidden : 0) {}
-
-  const acc_t* read(const scalar_t* row) {
-    if constexpr (kCopies) {
-      convert_row(row, buffer_.data(), hidden_);
-      return buffer_.data();
-    } else {
-      return row;
-    }
+  void add(const scalar_t* row) {
+    rows_[count_++] = row;
+  }
+  bool full() const {
+    return count_ == kBlockRows;
+  }
+  int count() const {
+    return count_;
+  }
+  const scalar_t* const* rows() const {
+    return rows_;
+  }
+  void clear() {
+    count_ = 0;
   }
 
  private:
-  int64_t hidden_;
-  std::vector<acc_t> buffer_;
+  const scalar_t* rows_[kBlockRows] = {};
+  int count_ = 0;
 };
+
+template <int R, typename T>
+void offset_rows(const T* const* rows, int64_t offset, const T** out) {
+  for (int r = 0; r < R; ++r) {
+    out[r] = rows[r] + offset;
+  }
+}
 
 // Geometry shared by every loop: sizes and strides of x and the mask.
 struct Rows {
@@ -200,34 +322,44 @@ class SoftmaxState {
 
   void reset() {
     data_[0] = acc_t(0);
-    std::fill_n(max(), r_.num_scores, -std::numeric_limits<acc_t>::infinity());
+    std::fill_n(max(), r_.num_scores, kNegInf<acc_t>);
     std::fill_n(sum(), r_.num_scores + r_.shape.num_queries * r_.shape.hidden, acc_t(0));
   }
 
-  // Adds one unmasked row xr (accumulation dtype) with score vectors u.
-  void add_row(const acc_t* xr, const acc_t* u, acc_t scale) {
+  // Adds a block of R unmasked rows of x with score vectors u.
+  template <int R, typename scalar_t>
+  void add_rows(const scalar_t* const* rows, const acc_t* u, acc_t scale) {
     const int64_t H = r_.shape.hidden;
     const int64_t n = r_.shape.num_heads;
     const int64_t d = r_.head_dim;
     data_[0] = acc_t(1);
+    acc_t scores[R];
+    acc_t weights[R];
+    const scalar_t* segments[R];
     for (int64_t i = 0; i < r_.shape.num_queries; ++i) {
       for (int64_t h = 0; h < n; ++h) {
         const int64_t k = i * n + h;
         acc_t* acc = weighted() + i * H + h * d;
-        const acc_t score = scale * dot(xr, u + k * H, H);
-        if (score > max()[k]) {
-          // exp(-inf) = 0 also covers the first valid row.
-          const acc_t correction = std::exp(max()[k] - score);
+        dot_rows<R>(rows, u + k * H, H, scores);
+        acc_t block_max = kNegInf<acc_t>;
+        for (int r = 0; r < R; ++r) {
+          scores[r] *= scale;
+          block_max = scores[r] > block_max ? scores[r] : block_max;
+        }
+        if (block_max > max()[k]) {
+          // exp(-inf) = 0 also covers the first valid rows.
+          const acc_t correction = std::exp(max()[k] - block_max);
           sum()[k] *= correction;
           scale_in_place(correction, acc, d);
-          max()[k] = score;
+          max()[k] = block_max;
         }
-        // A -inf score has weight 0 even while the running max is still -inf.
-        const acc_t w = score == -std::numeric_limits<acc_t>::infinity()
-                            ? acc_t(0)
-                            : std::exp(score - max()[k]);
-        sum()[k] += w;
-        axpy(w, xr + h * d, acc, d);
+        for (int r = 0; r < R; ++r) {
+          // A -inf score weighs 0 even while the running max is still -inf.
+          weights[r] = scores[r] == kNegInf<acc_t> ? acc_t(0) : std::exp(scores[r] - max()[k]);
+          sum()[k] += weights[r];
+        }
+        offset_rows<R>(rows, h * d, segments);
+        axpy_rows<R>(weights, segments, acc, d);
       }
     }
   }
@@ -250,12 +382,13 @@ class SoftmaxState {
         const acc_t m = std::max(max()[k], other.max()[k]);
         // Both maxima -inf: every score so far is -inf and weighs 0 (sums are
         // 0); keep the zero-weighted accumulations, as a softmax would.
-        const bool none_finite = m == -std::numeric_limits<acc_t>::infinity();
+        const bool none_finite = m == kNegInf<acc_t>;
         const acc_t mine = none_finite ? acc_t(1) : std::exp(max()[k] - m);
         const acc_t theirs = none_finite ? acc_t(1) : std::exp(other.max()[k] - m);
         sum()[k] = sum()[k] * mine + other.sum()[k] * theirs;
         scale_in_place(mine, acc, d);
-        axpy(theirs, other_acc, acc, d);
+        const acc_t* other_rows[1] = {other_acc};
+        axpy_rows<1>(&theirs, other_rows, acc, d);
         max()[k] = m;
       }
     }
@@ -277,7 +410,7 @@ class SoftmaxState {
           lse[k] = max()[k] + std::log(sum()[k]);
         } else {
           std::fill_n(acc, d, acc_t(0));
-          lse[k] = -std::numeric_limits<acc_t>::infinity();
+          lse[k] = kNegInf<acc_t>;
         }
         convert_row(acc, out + i * H + h * d, d);
       }
@@ -310,7 +443,7 @@ void forward_impl(const ForwardParams& p) {
   const bool split = plan.splits > 1;
 
   at::parallel_for(0, s.batch * plan.splits, plan.forward_grain, [&](int64_t begin, int64_t end) {
-    RowReader<scalar_t> reader(s.hidden);
+    RowBlock<scalar_t> block;
     std::vector<acc_t> local(split ? 0 : state_size);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / plan.splits;
@@ -318,10 +451,22 @@ void forward_impl(const ForwardParams& p) {
       const int64_t last = std::min(s.seq_len, first + plan.rows_per_split);
       SoftmaxState<acc_t> state(split ? partials + item * state_size : local.data(), r);
       state.reset();
+      auto flush = [&] {
+        with_block_size(block.count(), [&](auto rows) {
+          state.template add_rows<decltype(rows)::value>(block.rows(), u, scale);
+        });
+        block.clear();
+      };
       for (int64_t l = first; l < last; ++l) {
         if (r.attends(b, l)) {
-          state.add_row(reader.read(r.row(x, b, l)), u, scale);
+          block.add(r.row(x, b, l));
+          if (block.full()) {
+            flush();
+          }
         }
+      }
+      if (block.count() > 0) {
+        flush();
       }
       if (!split) {
         state.finish(out + b * s.num_queries * s.hidden, lse + b * K);
@@ -369,9 +514,74 @@ void reduce_partials(const BackwardParams& p, int64_t width) {
   at::parallel_for(0, width, 4096, [&](int64_t begin, int64_t end) {
     std::fill(du + begin, du + end, acc_t(0));
     for (int64_t item = 0; item < items; ++item) {
-      axpy(acc_t(1), partials + item * width + begin, du + begin, end - begin);
+      add_in_place(partials + item * width + begin, du + begin, end - begin);
     }
   });
+}
+
+// Backward of one block of R unmasked rows of sequence b:
+//   p = exp(scale * x.u_k - lse), ds = scale * p * (G_i[D_h].x[D_h] - delta)
+//   dx = sum_k p * G_i[D_h] + ds * u_k,   du_k += ds * x
+template <int R, typename scalar_t, typename acc_t>
+void backward_rows(
+    const Rows& r,
+    int64_t b,
+    const scalar_t* const* rows,
+    acc_t* const* dx_rows,
+    const acc_t* u,
+    const acc_t* g,
+    const acc_t* lse,
+    const acc_t* delta,
+    acc_t scale,
+    acc_t* probs,    // [K][R] scratch
+    acc_t* dscores,  // [K][R] scratch
+    acc_t* du) {
+  const PoolShape& s = r.shape;
+  const int64_t H = s.hidden;
+  const int64_t n = s.num_heads;
+  const int64_t d = r.head_dim;
+  const int64_t K = r.num_scores;
+  const scalar_t* segments[R];
+  acc_t* dx_segments[R];
+  acc_t scores[R];
+  acc_t dprobs[R];
+  for (int64_t i = 0; i < s.num_queries; ++i) {
+    const acc_t* gi = g + (b * s.num_queries + i) * H;
+    for (int64_t h = 0; h < n; ++h) {
+      const int64_t k = i * n + h;
+      dot_rows<R>(rows, u + k * H, H, scores);
+      offset_rows<R>(rows, h * d, segments);
+      dot_rows<R>(segments, gi + h * d, d, dprobs);
+      for (int j = 0; j < R; ++j) {
+        const acc_t prob = std::exp(scale * scores[j] - lse[b * K + k]);
+        probs[k * R + j] = prob;
+        dscores[k * R + j] = scale * prob * (dprobs[j] - delta[b * K + k]);
+      }
+    }
+  }
+  if (s.num_queries == 0) {
+    for (int j = 0; j < R; ++j) {
+      std::fill_n(dx_rows[j], H, acc_t(0));
+    }
+  }
+  for (int64_t i = 0; i < s.num_queries; ++i) {
+    const acc_t* gi = g + (b * s.num_queries + i) * H;
+    for (int64_t h = 0; h < n; ++h) {
+      for (int j = 0; j < R; ++j) {
+        dx_segments[j] = dx_rows[j] + h * d;
+      }
+      const acc_t* weights = probs + (i * n + h) * R;
+      if (i == 0) {
+        scaled_into_rows<R, false>(weights, gi + h * d, dx_segments, d);
+      } else {
+        scaled_into_rows<R, true>(weights, gi + h * d, dx_segments, d);
+      }
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    scaled_into_rows<R, true>(dscores + k * R, u + k * H, dx_rows, H);
+    axpy_rows<R>(dscores + k * R, rows, du + k * H, H);
+  }
 }
 
 // x: [B, L, H]; grad_out, out: [B, Q, H]; lse, delta: [B, K]; u: [K, H].
@@ -385,8 +595,6 @@ void backward_impl(const BackwardParams& p) {
   const PoolShape& s = p.shape;
   const WorkPlan& plan = p.plan;
   const int64_t H = s.hidden;
-  const int64_t n = s.num_heads;
-  const int64_t d = r.head_dim;
   const int64_t K = r.num_scores;
   const auto* x = static_cast<const scalar_t*>(p.x);
   const auto* u = static_cast<const acc_t*>(p.u);
@@ -399,44 +607,66 @@ void backward_impl(const BackwardParams& p) {
   const int64_t rows = s.batch * s.seq_len;
 
   at::parallel_for(0, plan.items, plan.backward_grain, [&](int64_t begin, int64_t end) {
-    RowReader<scalar_t> reader(H);
-    std::vector<acc_t> dx_buffer(kDxInPlace ? 0 : H);
+    RowBlock<scalar_t> block;
+    std::vector<acc_t> dx_buffer(kDxInPlace ? 0 : kBlockRows * H);
+    std::vector<acc_t> scratch(2 * K * kBlockRows);
+    scalar_t* dx_out[kBlockRows] = {};
+    int64_t block_batch = 0;
     for (int64_t item = begin; item < end; ++item) {
       acc_t* du = du_partials + item * K * H;
       std::fill_n(du, K * H, acc_t(0));
+      auto flush = [&] {
+        const int count = block.count();
+        acc_t* dx_rows[kBlockRows];
+        for (int j = 0; j < count; ++j) {
+          if constexpr (kDxInPlace) {
+            dx_rows[j] = dx_out[j];
+          } else {
+            dx_rows[j] = dx_buffer.data() + j * H;
+          }
+        }
+        with_block_size(count, [&](auto size) {
+          backward_rows<decltype(size)::value>(
+              r,
+              block_batch,
+              block.rows(),
+              dx_rows,
+              u,
+              g,
+              lse,
+              delta,
+              scale,
+              scratch.data(),
+              scratch.data() + K * kBlockRows,
+              du);
+        });
+        if constexpr (!kDxInPlace) {
+          for (int j = 0; j < count; ++j) {
+            convert_row(dx_rows[j], dx_out[j], H);
+          }
+        }
+        block.clear();
+      };
       const int64_t last = std::min(rows, (item + 1) * plan.rows_per_item);
       for (int64_t row = item * plan.rows_per_item; row < last; ++row) {
         const int64_t b = row / s.seq_len;
         const int64_t l = row % s.seq_len;
-        scalar_t* dx_row = dx + row * H;
+        if (block.count() > 0 && b != block_batch) {
+          flush();
+        }
         if (!r.attends(b, l)) {
-          std::fill_n(dx_row, H, scalar_t(0));
+          std::fill_n(dx + row * H, H, scalar_t(0));
           continue;
         }
-        const acc_t* xr = reader.read(r.row(x, b, l));
-        acc_t* dxr = nullptr;
-        if constexpr (kDxInPlace) {
-          dxr = dx_row;
-        } else {
-          dxr = dx_buffer.data();
+        dx_out[block.count()] = dx + row * H;
+        block_batch = b;
+        block.add(r.row(x, b, l));
+        if (block.full()) {
+          flush();
         }
-        std::fill_n(dxr, H, acc_t(0));
-        for (int64_t i = 0; i < s.num_queries; ++i) {
-          const acc_t* gi = g + (b * s.num_queries + i) * H;
-          for (int64_t h = 0; h < n; ++h) {
-            const int64_t k = i * n + h;
-            const acc_t* uk = u + k * H;
-            const acc_t prob = std::exp(scale * dot(xr, uk, H) - lse[b * K + k]);
-            const acc_t dprob = dot(gi + h * d, xr + h * d, d);
-            const acc_t dscore = scale * prob * (dprob - delta[b * K + k]);
-            axpy(prob, gi + h * d, dxr + h * d, d);
-            axpy(dscore, uk, dxr, H);
-            axpy(dscore, xr, du + k * H, H);
-          }
-        }
-        if constexpr (!kDxInPlace) {
-          convert_row(dxr, dx_row, H);
-        }
+      }
+      if (block.count() > 0) {
+        flush();
       }
     }
   });
