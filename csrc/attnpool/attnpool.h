@@ -4,4 +4,5 @@
 // `attnpool::*` operators with the PyTorch dispatcher.
 
 #include <attnpool/attention_pool.h>
+#include <attnpool/attention_pooling.h>
 #include <attnpool/version.h>
