@@ -69,7 +69,7 @@ def want_cuda():
 
 def make_extension():
     with_cuda = want_cuda()
-    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     macros = []
     sources = common_sources()

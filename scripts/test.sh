@@ -22,3 +22,6 @@ TORCH_CMAKE=$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_
 cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$TORCH_CMAKE" -DATTNPOOL_BUILD_TESTS=ON >/dev/null
 cmake --build build/cmake
 ctest --test-dir build/cmake --output-on-failure
+
+echo "== CUDA build (compile only; see scripts/check_cuda_build.sh)"
+bash scripts/check_cuda_build.sh

@@ -1,0 +1,301 @@
+// CUDA entry points of attention_pool: check the arguments, fold the query,
+// allocate, choose the launch shape, launch (attention_pool_kernel.cuh).
+
+#include "ops/attention_pool_common.h"
+#include "ops/cuda/attention_pool_kernel.cuh"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+namespace attnpool::cuda {
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Read through the CUDA runtime (not ATen's CUDAContext.h, which needs the
+// cuBLAS/cuSPARSE headers) so that a bare CUDA toolkit builds this file.
+int device_attribute(cudaDeviceAttr attribute) {
+  int device = 0;
+  int value = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
+}
+
+// Columns per thread are chunks of VEC elements; 16-byte vectors when the
+// rows allow it (H a multiple of VEC and 16-byte aligned rows), else scalars.
+template <typename scalar_t>
+int vector_width(const at::Tensor& rows) {
+  constexpr int kWide = 16 / sizeof(scalar_t);
+  const int64_t H = rows.size(2);
+  const bool aligned = reinterpret_cast<uintptr_t>(rows.const_data_ptr()) % 16 == 0 &&
+                       (rows.size(0) <= 1 || rows.stride(0) % kWide == 0) &&
+                       (rows.size(1) <= 1 || rows.stride(1) % kWide == 0);
+  return H % kWide == 0 && aligned ? kWide : 1;
+}
+
+struct LaunchShape {
+  int threads;
+  int chunks;  // chunks of VEC columns per thread: 1, 2 or 4
+};
+
+// The fewest threads (128 to 1024) that cover the row with at most two
+// chunks each, or four at 1024 threads.
+LaunchShape launch_shape(int64_t hidden, int vec) {
+  const int64_t chunks = std::max<int64_t>(1, ceil_div(hidden, vec));
+  int threads = 128;
+  while (threads < 1024 && ceil_div(chunks, threads) > 2) {
+    threads *= 2;
+  }
+  const int64_t per_thread = ceil_div(chunks, threads);
+  TORCH_CHECK_VALUE(
+      per_thread <= 4,
+      "attention_pool: the CUDA kernels support H up to ",
+      4 * 1024 * vec,
+      " for this dtype and layout, got H = ",
+      hidden);
+  return {threads, per_thread <= 1 ? 1 : per_thread <= 2 ? 2 : 4};
+}
+
+// Pieces per sequence so that about four blocks per SM are in flight. The
+// choice depends on the shape and the device only, so repeated runs give
+// bitwise identical results.
+int64_t pieces_per_sequence(int64_t sequences, int64_t seq_len) {
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  const int64_t wanted = ceil_div(4 * sms, std::max<int64_t>(sequences, 1));
+  const int64_t most = std::max<int64_t>(1, ceil_div(seq_len, 64 * kTileRows));
+  return std::clamp<int64_t>(wanted, 1, most);
+}
+
+template <typename acc_t>
+void set_shared_limit(const void* kernel, int64_t bytes) {
+  TORCH_CHECK_VALUE(
+      bytes <= device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin),
+      "attention_pool: too many heads for the CUDA kernels (",
+      bytes,
+      " bytes of shared memory needed)");
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
+
+// Calls f with the compile-time vector width and chunk count.
+template <typename scalar_t, typename F>
+void with_layout(int vec, int chunks, F&& f) {
+  constexpr int kWide = 16 / sizeof(scalar_t);
+  auto by_chunks = [&](auto vec_constant) {
+    switch (chunks) {
+      case 1:
+        return f(vec_constant, std::integral_constant<int, 1>{});
+      case 2:
+        return f(vec_constant, std::integral_constant<int, 2>{});
+      default:
+        return f(vec_constant, std::integral_constant<int, 4>{});
+    }
+  };
+  if (vec == kWide) {
+    by_chunks(std::integral_constant<int, kWide>{});
+  } else {
+    by_chunks(std::integral_constant<int, 1>{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_pool_forward_cuda(
+    const at::Tensor& x,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    const std::optional<at::Tensor>& mask,
+    int64_t num_heads,
+    std::optional<double> scale) {
+  detail::check_attention_pool_args(x, query, w_q, w_k, mask, num_heads, scale);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto dims = detail::pool_dims(x, query, num_heads);
+  const auto acc_dtype = detail::accumulate_dtype(x.scalar_type());
+  auto out = at::empty(
+      query.dim() == 1 ? std::vector<int64_t>{dims.batch, dims.hidden}
+                       : std::vector<int64_t>{dims.batch, dims.num_queries, dims.hidden},
+      x.options());
+  auto lse = at::empty({dims.batch, dims.num_queries, num_heads}, x.options().dtype(acc_dtype));
+  if (lse.numel() == 0) {
+    return {out, lse};
+  }
+  const auto folded = detail::fold_query(query, w_q, w_k, num_heads, acc_dtype);
+  const auto rows = detail::with_contiguous_rows(x);
+  const auto keep = detail::bool_mask(mask);
+
+  ForwardArgs a{};
+  a.x = rows.const_data_ptr();
+  a.x_batch_stride = rows.stride(0);
+  a.x_seq_stride = rows.stride(1);
+  a.mask = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
+  a.mask_batch_stride = keep.defined() ? keep.stride(0) : 0;
+  a.mask_seq_stride = keep.defined() ? keep.stride(1) : 0;
+  a.u = folded.score_vectors.const_data_ptr();
+  a.out = out.mutable_data_ptr();
+  a.lse = lse.mutable_data_ptr();
+  a.batch = dims.batch;
+  a.seq_len = dims.seq_len;
+  a.hidden = dims.hidden;
+  a.num_queries = dims.num_queries;
+  a.num_heads = num_heads;
+  a.head_dim = dims.head_dim;
+  a.splits = pieces_per_sequence(dims.batch * dims.num_queries, dims.seq_len);
+  a.rows_per_split = std::max<int64_t>(1, ceil_div(dims.seq_len, a.splits));
+  a.splits = std::max<int64_t>(1, ceil_div(dims.seq_len, a.rows_per_split));
+  a.scale = detail::resolve_scale(scale, dims.head_dim);
+  at::Tensor partials;
+  if (a.splits > 1) {
+    partials = at::empty(
+        {dims.batch * dims.num_queries * a.splits, 1 + 2 * num_heads + dims.hidden}, lse.options());
+    a.partials = partials.mutable_data_ptr();
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "attention_pool_forward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const int vec = vector_width<scalar_t>(rows);
+        const auto shape = launch_shape(dims.hidden, vec);
+        const int64_t shared = forward_shared_bytes<acc_t>(shape.threads / 32, num_heads);
+        with_layout<scalar_t>(vec, shape.chunks, [&](auto vec_c, auto chunks_c) {
+          auto* kernel =
+              &forward_kernel<scalar_t, decltype(vec_c)::value, decltype(chunks_c)::value>;
+          set_shared_limit<acc_t>(reinterpret_cast<const void*>(kernel), shared);
+          const int64_t blocks = dims.batch * dims.num_queries * a.splits;
+          kernel<<<blocks, shape.threads, shared, stream>>>(a);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        if (a.splits > 1) {
+          merge_pieces_kernel<scalar_t><<<dims.batch * dims.num_queries, 256, 0, stream>>>(a);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+  return {out, lse};
+}
+
+at::Tensor attention_pool_cuda(
+    const at::Tensor& x,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    const std::optional<at::Tensor>& mask,
+    int64_t num_heads,
+    std::optional<double> scale) {
+  return std::get<0>(attention_pool_forward_cuda(x, query, w_q, w_k, mask, num_heads, scale));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_backward_cuda(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    const std::optional<at::Tensor>& mask,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    int64_t num_heads,
+    std::optional<double> scale) {
+  detail::check_attention_pool_args(x, query, w_q, w_k, mask, num_heads, scale);
+  detail::check_attention_pool_backward_args(grad_out, x, query, out, lse, num_heads);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto dims = detail::pool_dims(x, query, num_heads);
+  const auto acc_dtype = detail::accumulate_dtype(x.scalar_type());
+  const auto folded = detail::fold_query(query, w_q, w_k, num_heads, acc_dtype);
+  const auto rows = detail::with_contiguous_rows(x);
+  const auto keep = detail::bool_mask(mask);
+  const auto grad = grad_out.to(acc_dtype).contiguous();
+  const auto out_acc = out.to(acc_dtype).contiguous();
+  const auto lse_acc = lse.contiguous();
+  const int64_t K = dims.num_scores();
+  auto dx = at::empty({dims.batch, dims.seq_len, dims.hidden}, x.options());
+  auto du = at::zeros({K, dims.hidden}, lse.options());
+  if (dx.numel() == 0 || K == 0) {
+    dx.zero_();
+    const auto grads = detail::unfold_score_vector_grad(du, folded, query, w_q, w_k, num_heads);
+    return {dx, grads.query, grads.w_q, grads.w_k};
+  }
+  auto delta = at::empty({dims.batch, K}, lse.options());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+
+  BackwardArgs a{};
+  a.x = rows.const_data_ptr();
+  a.x_batch_stride = rows.stride(0);
+  a.x_seq_stride = rows.stride(1);
+  a.mask = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
+  a.mask_batch_stride = keep.defined() ? keep.stride(0) : 0;
+  a.mask_seq_stride = keep.defined() ? keep.stride(1) : 0;
+  a.u = folded.score_vectors.const_data_ptr();
+  a.grad_out = grad.const_data_ptr();
+  a.lse = lse_acc.const_data_ptr();
+  a.delta = delta.const_data_ptr();
+  a.dx = dx.mutable_data_ptr();
+  a.batch = dims.batch;
+  a.seq_len = dims.seq_len;
+  a.hidden = dims.hidden;
+  a.num_queries = dims.num_queries;
+  a.num_heads = num_heads;
+  a.head_dim = dims.head_dim;
+  a.splits = pieces_per_sequence(dims.batch, dims.seq_len);
+  a.rows_per_split = std::max<int64_t>(1, ceil_div(dims.seq_len, a.splits));
+  a.splits = std::max<int64_t>(1, ceil_div(dims.seq_len, a.rows_per_split));
+  a.scale = detail::resolve_scale(scale, dims.head_dim);
+  auto du_partials = at::empty({dims.batch * a.splits, K, dims.hidden}, lse.options());
+  a.du_partials = du_partials.mutable_data_ptr();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "attention_pool_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const int64_t count = dims.batch * K;
+        delta_kernel<acc_t><<<ceil_div(count, 256), 256, 0, stream>>>(
+            grad.const_data_ptr<acc_t>(),
+            out_acc.const_data_ptr<acc_t>(),
+            delta.mutable_data_ptr<acc_t>(),
+            count,
+            dims.hidden,
+            num_heads);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const int vec = vector_width<scalar_t>(rows);
+        const auto shape = launch_shape(dims.hidden, vec);
+        const int64_t shared = backward_shared_bytes<acc_t>(shape.threads / 32, num_heads);
+        with_layout<scalar_t>(vec, shape.chunks, [&](auto vec_c, auto chunks_c) {
+          auto* kernel =
+              &backward_kernel<scalar_t, decltype(vec_c)::value, decltype(chunks_c)::value>;
+          set_shared_limit<acc_t>(reinterpret_cast<const void*>(kernel), shared);
+          kernel<<<dims.batch * a.splits, shape.threads, shared, stream>>>(a);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        const int64_t width = K * dims.hidden;
+        reduce_partials_kernel<acc_t><<<ceil_div(width, 256), 256, 0, stream>>>(
+            du_partials.const_data_ptr<acc_t>(),
+            du.mutable_data_ptr<acc_t>(),
+            dims.batch * a.splits,
+            width);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+
+  const auto grads = detail::unfold_score_vector_grad(du, folded, query, w_q, w_k, num_heads);
+  return {dx, grads.query, grads.w_q, grads.w_k};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnpool, CUDA, m) {
+  m.impl("attention_pool", &attention_pool_cuda);
+  m.impl("_attention_pool_forward", &attention_pool_forward_cuda);
+  m.impl("_attention_pool_backward", &attention_pool_backward_cuda);
+}
+
+}  // namespace attnpool::cuda

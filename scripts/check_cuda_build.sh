@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Compiles attnpool with its CUDA kernels (setup.py, ATTNPOOL_WITH_CUDA=1)
+# against a CUDA build of torch in .venv-cuda, then checks that the result
+# registers the CUDA kernels. Nothing runs on a GPU here; this catches CUDA
+# compile errors on machines without one.
+#
+# torch 2.14.1 is a CUDA 13.0 build, matching nvcc 13.0; the script stops if
+# their CUDA major versions differ. Without nvcc it says so and exits 0,
+# unless ATTNPOOL_REQUIRE_CUDA_BUILD=1 (set by CI), where that is an error.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CUDA_TORCH=${ATTNPOOL_CUDA_TORCH:-torch==2.14.1}
+if ! command -v nvcc >/dev/null 2>&1; then
+  if [ "${ATTNPOOL_REQUIRE_CUDA_BUILD:-0}" = "1" ]; then
+    echo "check_cuda_build: nvcc not found, and ATTNPOOL_REQUIRE_CUDA_BUILD=1" >&2
+    exit 1
+  fi
+  echo "check_cuda_build: SKIPPED, nvcc not found (the CUDA kernels were not compiled)"
+  exit 0
+fi
+# nvcc may be a wrapper script: ask it where the toolkit is.
+if [ -z "${CUDA_HOME:-}" ]; then
+  CUDA_HOME=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
+  CUDA_HOME=$(readlink -f "$CUDA_HOME")
+fi
+export CUDA_HOME
+
+if [ ! -x .venv-cuda/bin/python ]; then
+  python3 -m venv .venv-cuda
+fi
+.venv-cuda/bin/python -m pip install --quiet --disable-pip-version-check "$CUDA_TORCH" numpy ninja setuptools wheel
+
+NVCC_MAJOR=$(nvcc --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
+TORCH_CUDA=$(.venv-cuda/bin/python -c 'import torch; print(torch.version.cuda or "")')
+if [ "${TORCH_CUDA%%.*}" != "$NVCC_MAJOR" ]; then
+  echo "check_cuda_build: torch is built for CUDA '$TORCH_CUDA' but nvcc is CUDA $NVCC_MAJOR" >&2
+  exit 1
+fi
+echo "check_cuda_build: $CUDA_TORCH (CUDA $TORCH_CUDA), nvcc CUDA $NVCC_MAJOR, CUDA_HOME=$CUDA_HOME"
+
+ATTNPOOL_WITH_CUDA=1 MAX_JOBS=${MAX_JOBS:-2} .venv-cuda/bin/python setup.py --quiet build_ext \
+  --build-temp build/cuda/temp --build-lib build/cuda/lib
+
+# The CUDA kernels are registered when the library loads, even without a GPU.
+.venv-cuda/bin/python - <<'PY'
+import glob
+import importlib.util
+
+import torch
+
+path = glob.glob("build/cuda/lib/attnpool/_C*.so")[0]
+spec = importlib.util.spec_from_file_location("attnpool._C", path)
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+assert module.with_cuda, "built without ATTNPOOL_WITH_CUDA"
+for op in ("attention_pool", "_attention_pool_forward", "_attention_pool_backward"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"attnpool::{op}", "CUDA"), op
+print(f"check_cuda_build: OK, {path} registers attnpool's CUDA kernels")
+PY

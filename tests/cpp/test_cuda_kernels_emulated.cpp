@@ -1,0 +1,278 @@
+// The CUDA kernels of attention_pool (csrc/ops/cuda/attention_pool_kernel.cuh)
+// run on the CPU through tests/cpp/emulation/cuda_emulation.h, against the
+// CPU operator: every launch layout (vector width, chunks per thread, block
+// size), split sequences and their merge, masks, heads, queries, dtypes.
+// This checks the device code's logic where no GPU is available; the real
+// GPU runs are in the Python tests (parametrised over devices).
+
+#include "ops/attention_pool_common.h"
+#include "ops/cuda/attention_pool_kernel.cuh"
+
+#include <attnpool/attnpool.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <string>
+#include <tuple>
+
+namespace {
+
+using attnpool::cuda::BackwardArgs;
+using attnpool::cuda::ForwardArgs;
+using attnpool_emulation::launch;
+
+struct Case {
+  int64_t batch, seq_len, hidden, num_queries, num_heads;  // num_queries 0: a 1-D query
+  bool masked;
+  torch::ScalarType dtype;
+  int threads, vec, chunks;
+  int64_t splits;
+};
+
+std::string case_name(const ::testing::TestParamInfo<Case>& info) {
+  const Case& c = info.param;
+  return std::string(c10::toString(c.dtype)) + "_B" + std::to_string(c.batch) + "_L" +
+         std::to_string(c.seq_len) + "_H" + std::to_string(c.hidden) + "_Q" +
+         std::to_string(c.num_queries) + "_n" + std::to_string(c.num_heads) +
+         (c.masked ? "_masked" : "") + "_T" + std::to_string(c.threads) + "_vec" +
+         std::to_string(c.vec) + "_chunks" + std::to_string(c.chunks) + "_splits" +
+         std::to_string(c.splits);
+}
+
+struct Inputs {
+  torch::Tensor x, query, w_q, w_k, mask;
+};
+
+Inputs make_inputs(const Case& c) {
+  torch::manual_seed(c.batch * 7 + c.seq_len * 3 + c.hidden);
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  const auto param_dtype = c.dtype == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+  Inputs in;
+  in.x = torch::randn({c.batch, c.seq_len, c.hidden}, f64).to(c.dtype);
+  in.query = (c.num_queries == 0 ? torch::randn({c.hidden}, f64)
+                                 : torch::randn({c.num_queries, c.hidden}, f64))
+                 .to(param_dtype);
+  in.w_q = (torch::randn({c.hidden, c.hidden}, f64) / std::sqrt(double(c.hidden))).to(param_dtype);
+  in.w_k = (torch::randn({c.hidden, c.hidden}, f64) / std::sqrt(double(c.hidden))).to(param_dtype);
+  if (c.masked) {
+    in.mask = torch::rand({c.batch, c.seq_len}) > 0.3;
+    if (c.batch > 1) {
+      in.mask[1] = false;
+    }
+  }
+  return in;
+}
+
+std::optional<torch::Tensor> optional_mask(const Inputs& in) {
+  return in.mask.defined() ? std::optional<torch::Tensor>(in.mask) : std::nullopt;
+}
+
+// Calls f(std::integral_constant VEC, std::integral_constant CHUNKS).
+template <typename scalar_t, typename F>
+void with_layout(int vec, int chunks, F&& f) {
+  constexpr int kWide = 16 / sizeof(scalar_t);
+  auto by_chunks = [&](auto v) {
+    if (chunks == 1) {
+      f(v, std::integral_constant<int, 1>{});
+    } else if (chunks == 2) {
+      f(v, std::integral_constant<int, 2>{});
+    } else {
+      f(v, std::integral_constant<int, 4>{});
+    }
+  };
+  if (vec == 1) {
+    by_chunks(std::integral_constant<int, 1>{});
+  } else {
+    by_chunks(std::integral_constant<int, kWide>{});
+  }
+}
+
+void expect_close(
+    const torch::Tensor& got, const torch::Tensor& want, double tol, const char* what) {
+  ASSERT_EQ(got.sizes(), want.sizes()) << what;
+  const auto g = got.to(torch::kFloat64);
+  const auto w = want.to(torch::kFloat64);
+  EXPECT_TRUE(torch::allclose(g, w, tol, tol, /*equal_nan=*/true))
+      << what << ": max difference " << (g - w).abs().nan_to_num(0.0).max().item<double>();
+}
+
+double tolerance(torch::ScalarType dtype) {
+  return dtype == torch::kFloat64 ? 1e-10 : dtype == torch::kFloat32 ? 1e-4 : 3e-2;
+}
+
+using ForwardOp = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const std::optional<at::Tensor>&,
+    int64_t,
+    std::optional<double>);
+using BackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const std::optional<at::Tensor>&,
+    const at::Tensor&,
+    const at::Tensor&,
+    int64_t,
+    std::optional<double>);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> cpu_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+class EmulatedCudaKernels : public ::testing::TestWithParam<Case> {};
+
+TEST_P(EmulatedCudaKernels, ForwardAndBackwardMatchTheCpuOperator) {
+  const Case& c = GetParam();
+  const auto in = make_inputs(c);
+  const int64_t B = c.batch, L = c.seq_len, H = c.hidden, n = c.num_heads;
+  const int64_t Q = std::max<int64_t>(c.num_queries, 1);
+  const int64_t K = Q * n;
+  const auto mask = optional_mask(in);
+  const auto acc_dtype = attnpool::detail::accumulate_dtype(c.dtype);
+  const auto acc_options = torch::TensorOptions().dtype(acc_dtype);
+  const auto folded = attnpool::detail::fold_query(in.query, in.w_q, in.w_k, n, acc_dtype);
+  const auto keep = attnpool::detail::bool_mask(mask);
+
+  const auto [want_out, want_lse] =
+      cpu_op<ForwardOp>("attnpool::_attention_pool_forward")
+          .call(in.x, in.query, in.w_q, in.w_k, mask, n, std::nullopt);
+  const auto grad_out =
+      torch::randn(want_out.sizes(), torch::TensorOptions().dtype(torch::kFloat64)).to(c.dtype);
+  const auto [want_dx, want_dquery, want_dwq, want_dwk] =
+      cpu_op<BackwardOp>("attnpool::_attention_pool_backward")
+          .call(
+              grad_out, in.x, in.query, in.w_q, in.w_k, mask, want_out, want_lse, n, std::nullopt);
+
+  const int64_t rows_per_split = std::max<int64_t>(1, (L + c.splits - 1) / c.splits);
+  const int64_t splits = std::max<int64_t>(1, (L + rows_per_split - 1) / rows_per_split);
+  auto out = torch::empty_like(want_out);
+  auto lse = torch::empty({B, Q, n}, acc_options);
+  auto partials = torch::empty({B * Q * splits, 1 + 2 * n + H}, acc_options);
+  ForwardArgs f{};
+  f.x = in.x.const_data_ptr();
+  f.x_batch_stride = in.x.stride(0);
+  f.x_seq_stride = in.x.stride(1);
+  f.mask = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
+  f.mask_batch_stride = keep.defined() ? keep.stride(0) : 0;
+  f.mask_seq_stride = keep.defined() ? keep.stride(1) : 0;
+  f.u = folded.score_vectors.const_data_ptr();
+  f.out = out.mutable_data_ptr();
+  f.lse = lse.mutable_data_ptr();
+  f.partials = partials.mutable_data_ptr();
+  f.batch = B;
+  f.seq_len = L;
+  f.hidden = H;
+  f.num_queries = Q;
+  f.num_heads = n;
+  f.head_dim = H / n;
+  f.splits = splits;
+  f.rows_per_split = rows_per_split;
+  f.scale = 1.0 / std::sqrt(static_cast<double>(H / n));
+
+  const auto grad = grad_out.to(acc_dtype).contiguous();
+  const auto out_acc = want_out.to(acc_dtype).contiguous();
+  auto delta = torch::empty({B, K}, acc_options);
+  auto dx = torch::empty_like(in.x);
+  auto du_partials = torch::empty({B * splits, K, H}, acc_options);
+  auto du = torch::empty({K, H}, acc_options);
+  BackwardArgs g{};
+  g.x = f.x;
+  g.x_batch_stride = f.x_batch_stride;
+  g.x_seq_stride = f.x_seq_stride;
+  g.mask = f.mask;
+  g.mask_batch_stride = f.mask_batch_stride;
+  g.mask_seq_stride = f.mask_seq_stride;
+  g.u = f.u;
+  g.grad_out = grad.const_data_ptr();
+  g.lse = want_lse.const_data_ptr();
+  g.delta = delta.const_data_ptr();
+  g.dx = dx.mutable_data_ptr();
+  g.du_partials = du_partials.mutable_data_ptr();
+  g.batch = B;
+  g.seq_len = L;
+  g.hidden = H;
+  g.num_queries = Q;
+  g.num_heads = n;
+  g.head_dim = H / n;
+  g.splits = splits;
+  g.rows_per_split = rows_per_split;
+  g.scale = f.scale;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.dtype, "emulated", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_layout<scalar_t>(c.vec, c.chunks, [&](auto vec, auto chunks) {
+      constexpr int V = decltype(vec)::value;
+      constexpr int C = decltype(chunks)::value;
+      ASSERT_GE(int64_t{c.threads} * C * V, H) << "the case does not cover the row";
+      launch(
+          &attnpool::cuda::forward_kernel<scalar_t, V, C>,
+          B * Q * splits,
+          c.threads,
+          attnpool::cuda::forward_shared_bytes<acc_t>(c.threads / 32, n),
+          f);
+      launch(
+          &attnpool::cuda::delta_kernel<acc_t>,
+          (B * K + 63) / 64,
+          64,
+          0,
+          grad.const_data_ptr<acc_t>(),
+          out_acc.const_data_ptr<acc_t>(),
+          delta.mutable_data_ptr<acc_t>(),
+          B * K,
+          H,
+          n);
+      launch(
+          &attnpool::cuda::backward_kernel<scalar_t, V, C>,
+          B * splits,
+          c.threads,
+          attnpool::cuda::backward_shared_bytes<acc_t>(c.threads / 32, n),
+          g);
+    });
+    if (splits > 1) {
+      launch(&attnpool::cuda::merge_pieces_kernel<scalar_t>, B * Q, 64, 0, f);
+    }
+    launch(
+        &attnpool::cuda::reduce_partials_kernel<acc_t>,
+        (K * H + 63) / 64,
+        64,
+        0,
+        du_partials.const_data_ptr<acc_t>(),
+        du.mutable_data_ptr<acc_t>(),
+        B * splits,
+        K * H);
+  });
+
+  const double tol = tolerance(c.dtype);
+  expect_close(out, want_out, tol, "out");
+  expect_close(lse, want_lse, tol, "lse");
+  expect_close(dx, want_dx, tol, "dx");
+  const auto grads =
+      attnpool::detail::unfold_score_vector_grad(du, folded, in.query, in.w_q, in.w_k, n);
+  expect_close(grads.query, want_dquery, tol, "dquery");
+  expect_close(grads.w_q, want_dwq, tol, "dw_q");
+  expect_close(grads.w_k, want_dwk, tol, "dw_k");
+}
+
+// {B, L, H, Q, heads, masked, dtype, threads, vec, chunks, splits}
+INSTANTIATE_TEST_SUITE_P(
+    Layouts,
+    EmulatedCudaKernels,
+    ::testing::Values(
+        Case{2, 9, 40, 0, 1, false, torch::kFloat64, 128, 1, 1, 1},
+        Case{3, 13, 48, 2, 4, true, torch::kFloat64, 128, 2, 1, 1},
+        Case{3, 30, 64, 3, 2, true, torch::kFloat64, 128, 2, 1, 3},
+        Case{2, 21, 96, 0, 3, true, torch::kFloat32, 128, 4, 1, 4},
+        Case{2, 11, 384, 2, 2, false, torch::kFloat32, 64, 4, 2, 2},
+        Case{1, 10, 256, 0, 1, false, torch::kFloat32, 64, 1, 4, 1},
+        Case{2, 17, 128, 1, 4, true, torch::kBFloat16, 128, 8, 1, 2},
+        Case{2, 9, 64, 0, 2, false, torch::kHalf, 128, 8, 1, 1},
+        Case{2, 0, 32, 2, 1, false, torch::kFloat32, 128, 4, 1, 1}),
+    case_name);
+
+}  // namespace
