@@ -48,10 +48,9 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_forward_meta(
     std::optional<double> scale) {
   detail::check_attention_pool_args(x, query, w_q, w_k, mask, num_heads, scale);
   const c10::SymInt num_queries = query.dim() == 1 ? c10::SymInt(1) : query.sym_size(0);
-  auto out = at::empty_symint(output_sym_shape(x, query), x.options());
-  auto lse = at::empty_symint(
-      {x.sym_size(0), num_queries, c10::SymInt(num_heads)},
-      x.options().dtype(detail::accumulate_dtype(x.scalar_type())));
+  const auto acc_options = x.options().dtype(detail::accumulate_dtype(x.scalar_type()));
+  auto out = at::empty_symint(output_sym_shape(x, query), acc_options);
+  auto lse = at::empty_symint({x.sym_size(0), num_queries, c10::SymInt(num_heads)}, acc_options);
   return {out, lse};
 }
 
@@ -94,8 +93,9 @@ TORCH_LIBRARY(attnpool, m) {
       "attention_pool(Tensor x, Tensor query, Tensor w_q, Tensor w_k, Tensor? mask=None, "
       "int num_heads=1, float? scale=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
-  // Forward that also returns the log-sum-exp [B, Q, num_heads] that the
-  // backward recomputes the softmax from.
+  // Forward for training: returns the output in the accumulation dtype
+  // (float32, or float64 for float64 x) and the log-sum-exp [B, Q, num_heads]
+  // that the backward recomputes the softmax from.
   m.def(
       "_attention_pool_forward(Tensor x, Tensor query, Tensor w_q, Tensor w_k, "
       "Tensor? mask=None, int num_heads=1, float? scale=None) -> (Tensor, Tensor)",

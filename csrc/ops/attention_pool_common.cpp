@@ -1,6 +1,7 @@
 #include "ops/attention_pool_common.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -34,6 +35,15 @@ bool is_supported_float(at::ScalarType dtype) {
 
 bool is_reduced_float(at::ScalarType dtype) {
   return dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+void check_strided(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(
+      t.layout() == at::kStrided,
+      "attention_pool: ",
+      name,
+      " must be a dense (strided) tensor, got layout ",
+      t.layout());
 }
 
 void check_same_device(const at::Tensor& x, const at::Tensor& t, const char* name) {
@@ -107,6 +117,13 @@ void check_attention_pool_args(
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
     std::optional<double> scale) {
+  check_strided(x, "x");
+  check_strided(query, "query");
+  check_strided(w_q, "w_q");
+  check_strided(w_k, "w_k");
+  if (mask.has_value() && mask->defined()) {
+    check_strided(*mask, "mask");
+  }
   TORCH_CHECK_VALUE(
       x.dim() == 3,
       "attention_pool: x must have shape [B, L, H], got a ",
@@ -227,10 +244,13 @@ FoldedQuery fold_query(
     const at::Tensor& w_k,
     int64_t num_heads,
     at::ScalarType acc_dtype) {
+  // Under autocast these products would run in float16/bfloat16; the kernels
+  // need them in the accumulation dtype.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t hidden = w_k.size(0);
   const int64_t head_dim = hidden / num_heads;
-  const auto queries = query.to(acc_dtype).reshape({-1, hidden});
-  const int64_t num_queries = queries.size(0);
+  const int64_t num_queries = query.dim() == 1 ? 1 : query.size(0);
+  const auto queries = query.to(acc_dtype).reshape({num_queries, hidden});
   const auto projected = at::matmul(queries, w_q.to(acc_dtype).t());
   // u[i, h, f] = sum_j q'[i, h, j] * w_k[h, j, f]: one [Q, d] x [d, H] product per head.
   const auto per_head_query = projected.view({num_queries, num_heads, head_dim}).transpose(0, 1);
@@ -246,6 +266,7 @@ ParamGrads unfold_score_vector_grad(
     const at::Tensor& w_q,
     const at::Tensor& w_k,
     int64_t num_heads) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t hidden = w_k.size(0);
   const int64_t head_dim = hidden / num_heads;
   const auto acc_dtype = grad_score_vectors.scalar_type();

@@ -31,8 +31,8 @@ def attention_pool(
     if scale is None:
         scale = head_dim**-0.5 if head_dim > 0 else 1.0
     acc = accumulate_dtype(x.dtype)
-    queries = query.reshape(-1, hidden).to(acc)
-    num_queries = queries.shape[0]
+    num_queries = 1 if query.dim() == 1 else query.shape[0]
+    queries = query.reshape(num_queries, hidden).to(acc)
     if mask is None:
         keep = torch.ones(batch, seq_len, dtype=torch.bool, device=x.device)
     else:

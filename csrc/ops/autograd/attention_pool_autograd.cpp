@@ -2,6 +2,8 @@
 // gradients work from Python and from C++ alike. The forward saves the
 // log-sum-exp; the backward is one more pass over x (SPEC.md §1).
 
+#include <attnpool/attention_pool.h>
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -56,11 +58,14 @@ class AttentionPoolFunction : public torch::autograd::Function<AttentionPoolFunc
       int64_t num_heads,
       std::optional<double> scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    // The backward gets the unrounded (accumulation dtype) output.
     auto [out, lse] = call_forward(x, query, w_q, w_k, mask, num_heads, scale);
     ctx->save_for_backward({x, query, w_q, w_k, mask.value_or(at::Tensor()), out, lse});
     ctx->saved_data["num_heads"] = num_heads;
     ctx->saved_data["scale"] = scale;
-    return out;
+    // (Not out.to(...) when the dtypes agree: that would return its input,
+    // which an op below autograd must not do.)
+    return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
   }
 
   // The backward op itself has no derivative: create_graph=True works, but
@@ -92,6 +97,15 @@ at::Tensor attention_pool_autograd(
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
     std::optional<double> scale) {
+  const bool needs_grad =
+      at::GradMode::is_enabled() &&
+      (x.requires_grad() || query.requires_grad() || w_q.requires_grad() || w_k.requires_grad());
+  if (!needs_grad) {
+    // Inference: the plain kernel, nothing saved. This also keeps
+    // attention_pool as one node when torch.export decomposes for inference.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return attnpool::attention_pool(x, query, w_q, w_k, mask, num_heads, scale);
+  }
   return AttentionPoolFunction::apply(x, query, w_q, w_k, mask, num_heads, scale);
 }
 

@@ -32,7 +32,7 @@ struct WorkPlan {
 };
 
 // x: [B, L, H] rows contiguous; u: [Q*n, H] contiguous accumulation dtype;
-// mask: [B, L] bool, or null; out: [B, Q, H] contiguous x dtype;
+// mask: [B, L] bool, or null; out: [B, Q, H] contiguous accumulation dtype;
 // lse: [B, Q*n] contiguous accumulation dtype;
 // partials: [B * splits, 1 + 2*Q*n + Q*H] accumulation dtype when splits > 1.
 struct ForwardParams {

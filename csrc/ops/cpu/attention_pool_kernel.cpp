@@ -73,7 +73,9 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_forward_kernel(
   detail::check_attention_pool_args(x, query, w_q, w_k, mask, num_heads, scale);
   const auto dims = detail::pool_dims(x, query, num_heads);
   const auto acc_dtype = detail::accumulate_dtype(x.scalar_type());
-  auto out = at::empty(output_shape(dims, query.dim() == 1), x.options());
+  // out stays in the accumulation dtype: the backward's delta = G . out
+  // needs it unrounded (attention_pool() rounds it to x's dtype).
+  auto out = at::empty(output_shape(dims, query.dim() == 1), x.options().dtype(acc_dtype));
   auto lse = at::empty({dims.batch, dims.num_queries, num_heads}, x.options().dtype(acc_dtype));
   if (lse.numel() == 0) {
     return {out, lse};
@@ -114,7 +116,9 @@ at::Tensor attention_pool_kernel(
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
     std::optional<double> scale) {
-  return std::get<0>(attention_pool_forward_kernel(x, query, w_q, w_k, mask, num_heads, scale));
+  const auto out =
+      std::get<0>(attention_pool_forward_kernel(x, query, w_q, w_k, mask, num_heads, scale));
+  return out.to(x.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_backward_kernel(

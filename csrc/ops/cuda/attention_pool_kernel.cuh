@@ -33,7 +33,7 @@ struct ForwardArgs {
   int64_t mask_batch_stride;
   int64_t mask_seq_stride;
   const void* u;   // [Q * n, H] accumulation dtype
-  void* out;       // [B, Q, H] x dtype
+  void* out;       // [B, Q, H] accumulation dtype
   void* lse;       // [B, Q * n] accumulation dtype
   void* partials;  // [B, Q, splits, 1 + 2n + H] accumulation dtype, when splits > 1
   int64_t batch, seq_len, hidden, num_queries, num_heads, head_dim;
@@ -251,16 +251,14 @@ ATTNPOOL_GLOBAL void forward_kernel(ForwardArgs a) {
 
   const bool valid = any_valid[0] != acc_t(0);
   if (a.splits == 1) {
-    auto* out = static_cast<scalar_t*>(a.out) + (b * a.num_queries + i) * H;
+    auto* out = static_cast<acc_t*>(a.out) + (b * a.num_queries + i) * H;
     for (int j = 0; j < CHUNKS; ++j) {
       const int64_t col = chunk_column<VEC>(j);
       if (col < H) {
-        Pack<scalar_t, VEC> pack;
         for (int v = 0; v < VEC; ++v) {
           const int64_t h = (col + v) / d;
-          pack.v[v] = static_cast<scalar_t>(valid ? acc[j][v] / run_sum[h] : acc_t(0));
+          out[col + v] = valid ? acc[j][v] / run_sum[h] : acc_t(0);
         }
-        store_pack<scalar_t, VEC>(out + col, pack);
       }
     }
     auto* lse = static_cast<acc_t*>(a.lse) + (b * a.num_queries + i) * n;
@@ -300,7 +298,7 @@ ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardArgs a) {
   const int64_t bi = blockIdx.x;  // b * Q + i
   const int64_t record = 1 + 2 * n + H;
   const acc_t* pieces = static_cast<const acc_t*>(a.partials) + bi * a.splits * record;
-  auto* out = static_cast<scalar_t*>(a.out) + bi * H;
+  auto* out = static_cast<acc_t*>(a.out) + bi * H;
   auto* lse = static_cast<acc_t*>(a.lse) + bi * n;
   bool valid = false;
   for (int64_t s = 0; s < a.splits; ++s) {
@@ -332,7 +330,7 @@ ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardArgs a) {
       }
     }
     if (c < H) {
-      out[c] = static_cast<scalar_t>(valid ? value / sum : acc_t(0));
+      out[c] = valid ? value / sum : acc_t(0);
     } else {
       lse[h] = valid ? m + attnpool_log(sum) : -attnpool_infinity<acc_t>();
     }

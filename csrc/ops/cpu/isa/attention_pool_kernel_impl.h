@@ -131,6 +131,71 @@ void axpy_rows(const A* w, const T* const* rows, A* y, int64_t n) {
   }
 }
 
+// scores[r] = rows[r] . u and dprobs[r] = rows[r] . g in one pass over the rows.
+template <int R, typename T, typename A>
+void dot2_rows(const T* const* rows, const A* u, const A* g, int64_t n, A* scores, A* dprobs) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  Vec su[R];
+  Vec sg[R];
+  for (int r = 0; r < R; ++r) {
+    su[r] = Vec(A(0));
+    sg[r] = Vec(A(0));
+  }
+  int64_t e = 0;
+  for (; e + W <= n; e += W) {
+    const Vec uv = Vec::loadu(u + e);
+    const Vec gv = Vec::loadu(g + e);
+    for (int r = 0; r < R; ++r) {
+      const Vec xv = load_acc(rows[r] + e);
+      su[r] = at::vec::fmadd(xv, uv, su[r]);
+      sg[r] = at::vec::fmadd(xv, gv, sg[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    A tu = reduce_add(su[r]);
+    A tg = reduce_add(sg[r]);
+    for (int64_t t = e; t < n; ++t) {
+      tu += static_cast<A>(rows[r][t]) * u[t];
+      tg += static_cast<A>(rows[r][t]) * g[t];
+    }
+    scores[r] = tu;
+    dprobs[r] = tg;
+  }
+}
+
+// dx[r] = p[r] * g + ds[r] * u and du += sum_r ds[r] * rows[r], in one pass.
+template <int R, typename T, typename A>
+void dx_du_rows(
+    const A* p,
+    const A* ds,
+    const A* g,
+    const A* u,
+    const T* const* rows,
+    A* const* dx,
+    A* du,
+    int64_t n) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  int64_t e = 0;
+  for (; e + W <= n; e += W) {
+    const Vec gv = Vec::loadu(g + e);
+    const Vec uv = Vec::loadu(u + e);
+    Vec acc = Vec::loadu(du + e);
+    for (int r = 0; r < R; ++r) {
+      at::vec::fmadd(Vec(ds[r]), uv, Vec(p[r]) * gv).store(dx[r] + e);
+      acc = at::vec::fmadd(Vec(ds[r]), load_acc(rows[r] + e), acc);
+    }
+    acc.store(du + e);
+  }
+  for (; e < n; ++e) {
+    for (int r = 0; r < R; ++r) {
+      dx[r][e] = p[r] * g[e] + ds[r] * u[e];
+      du[e] += ds[r] * static_cast<A>(rows[r][e]);
+    }
+  }
+}
+
 // ys[r] = w[r] * v (kAccumulate: ys[r] += w[r] * v)
 template <int R, bool kAccumulate, typename T>
 void scaled_into_rows(const T* w, const T* v, T* const* ys, int64_t n) {
@@ -396,8 +461,7 @@ class SoftmaxState {
 
   // out[i, D_h] = weighted / sum and lse = max + log(sum); a sequence with
   // no unmasked position gives zeros and lse = -inf.
-  template <typename scalar_t>
-  void finish(scalar_t* out, acc_t* lse) {
+  void finish(acc_t* out, acc_t* lse) {
     const int64_t H = r_.shape.hidden;
     const int64_t n = r_.shape.num_heads;
     const int64_t d = r_.head_dim;
@@ -422,7 +486,8 @@ class SoftmaxState {
   Rows r_;
 };
 
-// x: [B, L, H] rows contiguous; u: [K, H]; out: [B, Q, H]; lse: [B, K].
+// x: [B, L, H] rows contiguous; u: [K, H]; out: [B, Q, H] and lse: [B, K],
+// both in the accumulation dtype.
 // One pass over x. Work item = (sequence b, piece of its rows); a sequence
 // cut into several pieces keeps each piece's state in `partials` and the
 // pieces are merged in order afterwards (flash-decoding on the CPU).
@@ -436,7 +501,7 @@ void forward_impl(const ForwardParams& p) {
   const int64_t state_size = SoftmaxState<acc_t>::size(r);
   const auto* x = static_cast<const scalar_t*>(p.x);
   const auto* u = static_cast<const acc_t*>(p.u);
-  auto* out = static_cast<scalar_t*>(p.out);
+  auto* out = static_cast<acc_t*>(p.out);
   auto* lse = static_cast<acc_t*>(p.lse);
   auto* partials = static_cast<acc_t*>(p.partials);
   const auto scale = static_cast<acc_t>(p.scale);
@@ -545,6 +610,17 @@ void backward_rows(
   acc_t* dx_segments[R];
   acc_t scores[R];
   acc_t dprobs[R];
+  if (K == 1) {
+    // One query, one head: two passes over the rows instead of five.
+    const acc_t* g0 = g + b * H;
+    dot2_rows<R>(rows, u, g0, H, scores, dprobs);
+    for (int j = 0; j < R; ++j) {
+      probs[j] = std::exp(scale * scores[j] - lse[b]);
+      dscores[j] = scale * probs[j] * (dprobs[j] - delta[b]);
+    }
+    dx_du_rows<R>(probs, dscores, g0, u, rows, dx_rows, du, H);
+    return;
+  }
   for (int64_t i = 0; i < s.num_queries; ++i) {
     const acc_t* gi = g + (b * s.num_queries + i) * H;
     for (int64_t h = 0; h < n; ++h) {
