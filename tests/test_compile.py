@@ -1,0 +1,113 @@
+"""torch.compile: AttentionPooling inside a model compiles with fullgraph=True,
+dynamic shapes compile once, and compiled outputs and gradients equal eager.
+
+Inductor compiles C++ on the CPU, so these tests are few and use tiny models.
+"""
+
+import pytest
+import torch
+from helpers import DEVICES, TOLERANCES
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
+
+import attnpool
+
+# Six (B, L) pairs. None is 0 or 1: dynamo specialises sizes 0 and 1 even with
+# dynamic=True (a documented torch behaviour), which would be a recompile that
+# says nothing about this operator.
+DYNAMIC_SHAPES = [(2, 5), (3, 7), (4, 16), (2, 33), (5, 3), (7, 2)]
+TOL = TOLERANCES[torch.float32]
+
+
+class Model(nn.Module):
+    """A position-wise layer, attention pooling and a linear head."""
+
+    def __init__(self, hidden=16, num_heads=2, num_queries=2):
+        super().__init__()
+        self.encode = nn.Linear(hidden, hidden)
+        self.pool = attnpool.AttentionPooling(hidden, num_heads, num_queries)
+        self.head = nn.Linear(hidden, 3)
+
+    def forward(self, x, mask):
+        return self.head(self.pool(torch.tanh(self.encode(x)), mask))
+
+
+def _batch(batch, seq_len, hidden, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq_len, hidden, generator=gen)
+    mask = torch.rand(batch, seq_len, generator=gen) > 0.3
+    mask[0] = False  # a sequence with nothing to attend
+    return x.to(device), mask.to(device)
+
+
+def _loss_and_grads(model, x, mask):
+    """Output and gradients (of x and of every parameter) of a fixed weighted sum."""
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x, mask)
+    weights = torch.linspace(-1.0, 1.0, out.numel(), device=out.device).view_as(out)
+    (out * weights).sum().backward()
+    grads = {"x": x.grad}
+    module = getattr(model, "_orig_mod", model)  # the eager module behind a compiled one
+    grads.update({name: p.grad.clone() for name, p in module.named_parameters()})
+    module.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def _assert_same(compiled, eager, what):
+    torch.testing.assert_close(compiled[0], eager[0], **TOL, msg=lambda m: f"{what}, output: {m}")
+    assert compiled[1].keys() == eager[1].keys()
+    for name in eager[1]:
+        torch.testing.assert_close(
+            compiled[1][name],
+            eager[1][name],
+            **TOL,
+            msg=lambda m, name=name: f"{what}, gradient of {name}: {m}",
+        )
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dynamic_fullgraph_compile_matches_eager_without_recompiling(device):
+    torch.manual_seed(0)
+    model = Model().to(device)
+    backend = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
+    for step, (batch, seq_len) in enumerate(DYNAMIC_SHAPES):
+        x, mask = _batch(batch, seq_len, 16, device, seed=step)
+        _assert_same(
+            _loss_and_grads(compiled, x, mask),
+            _loss_and_grads(model, x, mask),
+            f"B={batch}, L={seq_len}",
+        )
+    assert backend.frame_count == 1, f"recompiled: {backend.frame_count} compiles"
+    assert counters["stats"]["unique_graphs"] == 1
+    (graph,) = backend.graphs
+    pool_nodes = [
+        node
+        for node in graph.graph.nodes
+        if node.target is torch.ops.attnpool.attention_pool.default
+    ]
+    assert len(pool_nodes) == 1, graph.code
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_max_autotune_compile_matches_eager_for_training_and_inference(device):
+    torch.manual_seed(1)
+    model = attnpool.AttentionPooling(8, num_heads=2).to(device)
+    compiled = torch.compile(model, mode="max-autotune-no-cudagraphs", fullgraph=True)
+    x, mask = _batch(3, 6, 8, device, seed=7)
+    _assert_same(_loss_and_grads(compiled, x, mask), _loss_and_grads(model, x, mask), "training")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compiled(x, mask), model(x, mask), **TOL, msg=lambda m: f"inference: {m}"
+        )
+    # One graph for training, one for inference (grad mode is guarded on).
+    assert counters["stats"]["unique_graphs"] == 2
