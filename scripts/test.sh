@@ -23,5 +23,8 @@ cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$TORCH_CMAKE" -DATTNPOOL
 cmake --build build/cmake
 ctest --test-dir build/cmake --output-on-failure
 
+echo "== C++ tests under AddressSanitizer + UndefinedBehaviorSanitizer"
+PYTHON=.venv/bin/python bash scripts/sanitize.sh
+
 echo "== CUDA build (compile only; see scripts/check_cuda_build.sh)"
 bash scripts/check_cuda_build.sh

@@ -27,6 +27,7 @@ JOBS = [
     (5, 33, 12, 1, 3, torch.bfloat16, None),
     (2, 2500, 64, None, 8, torch.float64, None),
     (3, 0, 8, 2, 2, torch.float32, None),
+    (2, 4000, 64, None, 1, torch.float32, None),
 ]
 
 

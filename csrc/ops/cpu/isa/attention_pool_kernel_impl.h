@@ -112,15 +112,18 @@ template <int R, typename T, typename A>
 void axpy_rows(const A* w, const T* const* rows, A* y, int64_t n) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
+  // Local copies, so that the stores to y do not force reloads of them.
   Vec weights[R];
+  const T* xr[R];
   for (int r = 0; r < R; ++r) {
     weights[r] = Vec(w[r]);
+    xr[r] = rows[r];
   }
   int64_t e = 0;
   for (; e + W <= n; e += W) {
     Vec acc = Vec::loadu(y + e);
     for (int r = 0; r < R; ++r) {
-      acc = at::vec::fmadd(weights[r], load_acc(rows[r] + e), acc);
+      acc = at::vec::fmadd(weights[r], load_acc(xr[r] + e), acc);
     }
     acc.store(y + e);
   }
@@ -177,14 +180,26 @@ void dx_du_rows(
     int64_t n) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
+  // Local copies: the stores below could alias the caller's arrays, which
+  // would make the compiler reload every pointer and weight per vector.
+  const T* xr[R];
+  A* out[R];
+  Vec pv[R];
+  Vec dsv[R];
+  for (int r = 0; r < R; ++r) {
+    xr[r] = rows[r];
+    out[r] = dx[r];
+    pv[r] = Vec(p[r]);
+    dsv[r] = Vec(ds[r]);
+  }
   int64_t e = 0;
   for (; e + W <= n; e += W) {
     const Vec gv = Vec::loadu(g + e);
     const Vec uv = Vec::loadu(u + e);
     Vec acc = Vec::loadu(du + e);
     for (int r = 0; r < R; ++r) {
-      at::vec::fmadd(Vec(ds[r]), uv, Vec(p[r]) * gv).store(dx[r] + e);
-      acc = at::vec::fmadd(Vec(ds[r]), load_acc(rows[r] + e), acc);
+      at::vec::fmadd(dsv[r], uv, pv[r] * gv).store(out[r] + e);
+      acc = at::vec::fmadd(dsv[r], load_acc(xr[r] + e), acc);
     }
     acc.store(du + e);
   }
@@ -201,12 +216,19 @@ template <int R, bool kAccumulate, typename T>
 void scaled_into_rows(const T* w, const T* v, T* const* ys, int64_t n) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
+  // Local copies, so that the stores to ys do not force reloads of them.
+  Vec weights[R];
+  T* out[R];
+  for (int r = 0; r < R; ++r) {
+    weights[r] = Vec(w[r]);
+    out[r] = ys[r];
+  }
   int64_t e = 0;
   for (; e + W <= n; e += W) {
     const Vec shared = Vec::loadu(v + e);
     for (int r = 0; r < R; ++r) {
-      const Vec scaled = Vec(w[r]) * shared;
-      (kAccumulate ? scaled + Vec::loadu(ys[r] + e) : scaled).store(ys[r] + e);
+      const Vec scaled = weights[r] * shared;
+      (kAccumulate ? scaled + Vec::loadu(out[r] + e) : scaled).store(out[r] + e);
     }
   }
   for (; e < n; ++e) {
