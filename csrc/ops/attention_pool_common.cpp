@@ -289,4 +289,38 @@ ParamGrads unfold_score_vector_grad(
       grad_wk.to(param_dtype)};
 }
 
+PreparedInputs prepare_inputs(
+    const at::Tensor& x,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    const std::optional<at::Tensor>& mask,
+    int64_t num_heads,
+    std::optional<double> scale) {
+  check_attention_pool_args(x, query, w_q, w_k, mask, num_heads, scale);
+  PreparedInputs in;
+  in.dims = pool_dims(x, query, num_heads);
+  in.acc_dtype = accumulate_dtype(x.scalar_type());
+  in.scale = resolve_scale(scale, in.dims.head_dim);
+  in.folded = fold_query(query, w_q, w_k, num_heads, in.acc_dtype);
+  in.rows = with_contiguous_rows(x);
+  in.keep = bool_mask(mask);
+  in.output_shape = query.dim() == 1
+                        ? std::vector<int64_t>{in.dims.batch, in.dims.hidden}
+                        : std::vector<int64_t>{in.dims.batch, in.dims.num_queries, in.dims.hidden};
+  return in;
+}
+
+PreparedGradients prepare_gradients(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& query,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    int64_t num_heads,
+    at::ScalarType acc_dtype) {
+  check_attention_pool_backward_args(grad_out, x, query, out, lse, num_heads);
+  return {grad_out.to(acc_dtype).contiguous(), out.to(acc_dtype).contiguous(), lse.contiguous()};
+}
+
 }  // namespace attnpool::detail

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace attnpool::detail {
 
@@ -88,5 +89,54 @@ ParamGrads unfold_score_vector_grad(
     const at::Tensor& w_q,
     const at::Tensor& w_k,
     int64_t num_heads);
+
+// The arguments of one call, checked, in the form every kernel reads them.
+struct PreparedInputs {
+  PoolDims dims;
+  at::ScalarType acc_dtype;
+  double scale;                       // resolved: the given one or 1/sqrt(head_dim)
+  FoldedQuery folded;                 // u in the accumulation dtype
+  at::Tensor rows;                    // x with contiguous rows
+  at::Tensor keep;                    // the mask as bool, or undefined
+  std::vector<int64_t> output_shape;  // [B, H] for a 1-D query, else [B, Q, H]
+};
+PreparedInputs prepare_inputs(
+    const at::Tensor& x,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    const std::optional<at::Tensor>& mask,
+    int64_t num_heads,
+    std::optional<double> scale);
+
+// Points a kernel's argument struct at the inputs. The CPU params and the
+// CUDA args name these fields alike.
+template <typename Args>
+void set_input_args(Args& a, const PreparedInputs& in) {
+  a.x = in.rows.const_data_ptr();
+  a.x_batch_stride = in.rows.stride(0);
+  a.x_seq_stride = in.rows.stride(1);
+  a.mask = in.keep.defined() ? in.keep.template const_data_ptr<bool>() : nullptr;
+  a.mask_batch_stride = in.keep.defined() ? in.keep.stride(0) : 0;
+  a.mask_seq_stride = in.keep.defined() ? in.keep.stride(1) : 0;
+  a.u = in.folded.score_vectors.const_data_ptr();
+  a.scale = in.scale;
+}
+
+// What the backward reads besides the inputs, checked and made contiguous
+// in the accumulation dtype.
+struct PreparedGradients {
+  at::Tensor grad_out;  // [B, Q, H] layout
+  at::Tensor out;       // [B, Q, H] layout
+  at::Tensor lse;       // [B, Q, n]
+};
+PreparedGradients prepare_gradients(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& query,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    int64_t num_heads,
+    at::ScalarType acc_dtype);
 
 }  // namespace attnpool::detail

@@ -55,13 +55,6 @@ PoolShape pool_shape(const detail::PoolDims& dims) {
   return {dims.batch, dims.seq_len, dims.hidden, dims.num_queries, dims.num_heads};
 }
 
-std::vector<int64_t> output_shape(const detail::PoolDims& dims, bool single_query) {
-  if (single_query) {
-    return {dims.batch, dims.hidden};
-  }
-  return {dims.batch, dims.num_queries, dims.hidden};
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_pool_forward_kernel(
     const at::Tensor& x,
     const at::Tensor& query,
@@ -70,38 +63,27 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_forward_kernel(
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
     std::optional<double> scale) {
-  detail::check_attention_pool_args(x, query, w_q, w_k, mask, num_heads, scale);
-  const auto dims = detail::pool_dims(x, query, num_heads);
-  const auto acc_dtype = detail::accumulate_dtype(x.scalar_type());
+  const auto in = detail::prepare_inputs(x, query, w_q, w_k, mask, num_heads, scale);
+  const auto& dims = in.dims;
   // out stays in the accumulation dtype: the backward's delta = G . out
   // needs it unrounded (attention_pool() rounds it to x's dtype).
-  auto out = at::empty(output_shape(dims, query.dim() == 1), x.options().dtype(acc_dtype));
-  auto lse = at::empty({dims.batch, dims.num_queries, num_heads}, x.options().dtype(acc_dtype));
+  const auto acc_options = x.options().dtype(in.acc_dtype);
+  auto out = at::empty(in.output_shape, acc_options);
+  auto lse = at::empty({dims.batch, dims.num_queries, num_heads}, acc_options);
   if (lse.numel() == 0) {
     return {out, lse};
   }
-  const auto folded = detail::fold_query(query, w_q, w_k, num_heads, acc_dtype);
-  const auto rows = detail::with_contiguous_rows(x);
-  const auto keep = detail::bool_mask(mask);
-
   ForwardParams p{};
+  detail::set_input_args(p, in);
   p.shape = pool_shape(dims);
   p.plan = plan_work(p.shape);
   p.dtype = x.scalar_type();
-  p.x = rows.const_data_ptr();
-  p.x_batch_stride = rows.stride(0);
-  p.x_seq_stride = rows.stride(1);
-  p.mask = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
-  p.mask_batch_stride = keep.defined() ? keep.stride(0) : 0;
-  p.mask_seq_stride = keep.defined() ? keep.stride(1) : 0;
-  p.u = folded.score_vectors.const_data_ptr();
-  p.scale = detail::resolve_scale(scale, dims.head_dim);
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr();
   at::Tensor partials;
   if (p.plan.splits > 1) {
     const int64_t state_size = 1 + 2 * dims.num_scores() + dims.num_queries * dims.hidden;
-    partials = at::empty({dims.batch * p.plan.splits, state_size}, lse.options());
+    partials = at::empty({dims.batch * p.plan.splits, state_size}, acc_options);
     p.partials = partials.mutable_data_ptr();
   }
   selected_kernels().forward(p);
@@ -132,43 +114,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_backwa
     const at::Tensor& lse,
     int64_t num_heads,
     std::optional<double> scale) {
-  detail::check_attention_pool_args(x, query, w_q, w_k, mask, num_heads, scale);
-  detail::check_attention_pool_backward_args(grad_out, x, query, out, lse, num_heads);
-  const auto dims = detail::pool_dims(x, query, num_heads);
-  const auto acc_dtype = detail::accumulate_dtype(x.scalar_type());
-  const auto folded = detail::fold_query(query, w_q, w_k, num_heads, acc_dtype);
-  const auto rows = detail::with_contiguous_rows(x);
-  const auto keep = detail::bool_mask(mask);
-  const auto grad = grad_out.to(acc_dtype).contiguous();
-  const auto out_acc = out.to(acc_dtype).contiguous();
-  const auto lse_acc = lse.contiguous();
+  const auto in = detail::prepare_inputs(x, query, w_q, w_k, mask, num_heads, scale);
+  const auto grads_in =
+      detail::prepare_gradients(grad_out, x, query, out, lse, num_heads, in.acc_dtype);
+  const auto& dims = in.dims;
+  const auto acc_options = x.options().dtype(in.acc_dtype);
   auto dx = at::empty({dims.batch, dims.seq_len, dims.hidden}, x.options());
 
   BackwardParams p{};
+  detail::set_input_args(p, in);
   p.shape = pool_shape(dims);
   p.plan = plan_work(p.shape);
   p.dtype = x.scalar_type();
-  p.x = rows.const_data_ptr();
-  p.x_batch_stride = rows.stride(0);
-  p.x_seq_stride = rows.stride(1);
-  p.mask = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
-  p.mask_batch_stride = keep.defined() ? keep.stride(0) : 0;
-  p.mask_seq_stride = keep.defined() ? keep.stride(1) : 0;
-  p.u = folded.score_vectors.const_data_ptr();
-  p.scale = detail::resolve_scale(scale, dims.head_dim);
-  p.grad_out = grad.const_data_ptr();
-  p.out = out_acc.const_data_ptr();
-  p.lse = lse_acc.const_data_ptr();
-  auto delta = at::empty({dims.batch, dims.num_scores()}, lse.options());
-  auto du_partials = at::empty({p.plan.items, dims.num_scores(), dims.hidden}, lse.options());
-  auto du = at::empty({dims.num_scores(), dims.hidden}, lse.options());
+  p.grad_out = grads_in.grad_out.const_data_ptr();
+  p.out = grads_in.out.const_data_ptr();
+  p.lse = grads_in.lse.const_data_ptr();
+  auto delta = at::empty({dims.batch, dims.num_scores()}, acc_options);
+  auto du_partials = at::empty({p.plan.items, dims.num_scores(), dims.hidden}, acc_options);
+  auto du = at::empty({dims.num_scores(), dims.hidden}, acc_options);
   p.delta = delta.mutable_data_ptr();
   p.dx = dx.mutable_data_ptr();
   p.du_partials = du_partials.mutable_data_ptr();
   p.du = du.mutable_data_ptr();
   selected_kernels().backward(p);
 
-  const auto grads = detail::unfold_score_vector_grad(du, folded, query, w_q, w_k, num_heads);
+  const auto grads = detail::unfold_score_vector_grad(du, in.folded, query, w_q, w_k, num_heads);
   return {dx, grads.query, grads.w_q, grads.w_k};
 }
 

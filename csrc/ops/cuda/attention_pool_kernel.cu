@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace attnpool::cuda {
@@ -112,6 +113,24 @@ void with_layout(int vec, int chunks, F&& f) {
   }
 }
 
+// Pieces per sequence, and rows per piece, for a kernel with one block per
+// (sequence, piece).
+std::pair<int64_t, int64_t> cut_sequences(int64_t sequences, int64_t seq_len) {
+  const int64_t wanted = pieces_per_sequence(sequences, seq_len);
+  const int64_t rows = std::max<int64_t>(1, ceil_div(seq_len, wanted));
+  return {std::max<int64_t>(1, ceil_div(seq_len, rows)), rows};
+}
+
+template <typename Args>
+void set_shape_args(Args& a, const detail::PoolDims& dims) {
+  a.batch = dims.batch;
+  a.seq_len = dims.seq_len;
+  a.hidden = dims.hidden;
+  a.num_queries = dims.num_queries;
+  a.num_heads = dims.num_heads;
+  a.head_dim = dims.head_dim;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_pool_forward_cuda(
     const at::Tensor& x,
     const at::Tensor& query,
@@ -120,48 +139,27 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_forward_cuda(
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
     std::optional<double> scale) {
-  detail::check_attention_pool_args(x, query, w_q, w_k, mask, num_heads, scale);
+  const auto in = detail::prepare_inputs(x, query, w_q, w_k, mask, num_heads, scale);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto dims = detail::pool_dims(x, query, num_heads);
-  const auto acc_dtype = detail::accumulate_dtype(x.scalar_type());
+  const auto& dims = in.dims;
   // out stays in the accumulation dtype: the backward's delta = G . out
   // needs it unrounded (attention_pool() rounds it to x's dtype).
-  auto out = at::empty(
-      query.dim() == 1 ? std::vector<int64_t>{dims.batch, dims.hidden}
-                       : std::vector<int64_t>{dims.batch, dims.num_queries, dims.hidden},
-      x.options().dtype(acc_dtype));
-  auto lse = at::empty({dims.batch, dims.num_queries, num_heads}, x.options().dtype(acc_dtype));
+  const auto acc_options = x.options().dtype(in.acc_dtype);
+  auto out = at::empty(in.output_shape, acc_options);
+  auto lse = at::empty({dims.batch, dims.num_queries, num_heads}, acc_options);
   if (lse.numel() == 0) {
     return {out, lse};
   }
-  const auto folded = detail::fold_query(query, w_q, w_k, num_heads, acc_dtype);
-  const auto rows = detail::with_contiguous_rows(x);
-  const auto keep = detail::bool_mask(mask);
-
   ForwardArgs a{};
-  a.x = rows.const_data_ptr();
-  a.x_batch_stride = rows.stride(0);
-  a.x_seq_stride = rows.stride(1);
-  a.mask = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
-  a.mask_batch_stride = keep.defined() ? keep.stride(0) : 0;
-  a.mask_seq_stride = keep.defined() ? keep.stride(1) : 0;
-  a.u = folded.score_vectors.const_data_ptr();
+  detail::set_input_args(a, in);
+  set_shape_args(a, dims);
+  std::tie(a.splits, a.rows_per_split) = cut_sequences(dims.batch * dims.num_queries, dims.seq_len);
   a.out = out.mutable_data_ptr();
   a.lse = lse.mutable_data_ptr();
-  a.batch = dims.batch;
-  a.seq_len = dims.seq_len;
-  a.hidden = dims.hidden;
-  a.num_queries = dims.num_queries;
-  a.num_heads = num_heads;
-  a.head_dim = dims.head_dim;
-  a.splits = pieces_per_sequence(dims.batch * dims.num_queries, dims.seq_len);
-  a.rows_per_split = std::max<int64_t>(1, ceil_div(dims.seq_len, a.splits));
-  a.splits = std::max<int64_t>(1, ceil_div(dims.seq_len, a.rows_per_split));
-  a.scale = detail::resolve_scale(scale, dims.head_dim);
   at::Tensor partials;
   if (a.splits > 1) {
     partials = at::empty(
-        {dims.batch * dims.num_queries * a.splits, 1 + 2 * num_heads + dims.hidden}, lse.options());
+        {dims.batch * dims.num_queries * a.splits, 1 + 2 * num_heads + dims.hidden}, acc_options);
     a.partials = partials.mutable_data_ptr();
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -169,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_forward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "attention_pool_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const int vec = vector_width<scalar_t>(rows);
+        const int vec = vector_width<scalar_t>(in.rows);
         const auto shape = launch_shape(dims.hidden, vec);
         const int64_t shared = forward_shared_bytes<acc_t>(shape.threads / 32, num_heads);
         with_layout<scalar_t>(vec, shape.chunks, [&](auto vec_c, auto chunks_c) {
@@ -212,51 +210,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_backwa
     const at::Tensor& lse,
     int64_t num_heads,
     std::optional<double> scale) {
-  detail::check_attention_pool_args(x, query, w_q, w_k, mask, num_heads, scale);
-  detail::check_attention_pool_backward_args(grad_out, x, query, out, lse, num_heads);
+  const auto in = detail::prepare_inputs(x, query, w_q, w_k, mask, num_heads, scale);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto dims = detail::pool_dims(x, query, num_heads);
-  const auto acc_dtype = detail::accumulate_dtype(x.scalar_type());
-  const auto folded = detail::fold_query(query, w_q, w_k, num_heads, acc_dtype);
-  const auto rows = detail::with_contiguous_rows(x);
-  const auto keep = detail::bool_mask(mask);
-  const auto grad = grad_out.to(acc_dtype).contiguous();
-  const auto out_acc = out.to(acc_dtype).contiguous();
-  const auto lse_acc = lse.contiguous();
+  const auto grads_in =
+      detail::prepare_gradients(grad_out, x, query, out, lse, num_heads, in.acc_dtype);
+  const auto& dims = in.dims;
+  const auto acc_options = x.options().dtype(in.acc_dtype);
   const int64_t K = dims.num_scores();
   auto dx = at::empty({dims.batch, dims.seq_len, dims.hidden}, x.options());
-  auto du = at::zeros({K, dims.hidden}, lse.options());
+  auto du = at::zeros({K, dims.hidden}, acc_options);
   if (dx.numel() == 0 || K == 0) {
     dx.zero_();
-    const auto grads = detail::unfold_score_vector_grad(du, folded, query, w_q, w_k, num_heads);
+    const auto grads = detail::unfold_score_vector_grad(du, in.folded, query, w_q, w_k, num_heads);
     return {dx, grads.query, grads.w_q, grads.w_k};
   }
-  auto delta = at::empty({dims.batch, K}, lse.options());
+  auto delta = at::empty({dims.batch, K}, acc_options);
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
   BackwardArgs a{};
-  a.x = rows.const_data_ptr();
-  a.x_batch_stride = rows.stride(0);
-  a.x_seq_stride = rows.stride(1);
-  a.mask = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
-  a.mask_batch_stride = keep.defined() ? keep.stride(0) : 0;
-  a.mask_seq_stride = keep.defined() ? keep.stride(1) : 0;
-  a.u = folded.score_vectors.const_data_ptr();
-  a.grad_out = grad.const_data_ptr();
-  a.lse = lse_acc.const_data_ptr();
+  detail::set_input_args(a, in);
+  set_shape_args(a, dims);
+  std::tie(a.splits, a.rows_per_split) = cut_sequences(dims.batch, dims.seq_len);
+  a.grad_out = grads_in.grad_out.const_data_ptr();
+  a.lse = grads_in.lse.const_data_ptr();
   a.delta = delta.const_data_ptr();
   a.dx = dx.mutable_data_ptr();
-  a.batch = dims.batch;
-  a.seq_len = dims.seq_len;
-  a.hidden = dims.hidden;
-  a.num_queries = dims.num_queries;
-  a.num_heads = num_heads;
-  a.head_dim = dims.head_dim;
-  a.splits = pieces_per_sequence(dims.batch, dims.seq_len);
-  a.rows_per_split = std::max<int64_t>(1, ceil_div(dims.seq_len, a.splits));
-  a.splits = std::max<int64_t>(1, ceil_div(dims.seq_len, a.rows_per_split));
-  a.scale = detail::resolve_scale(scale, dims.head_dim);
-  auto du_partials = at::empty({dims.batch * a.splits, K, dims.hidden}, lse.options());
+  auto du_partials = at::empty({dims.batch * a.splits, K, dims.hidden}, acc_options);
   a.du_partials = du_partials.mutable_data_ptr();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -264,14 +243,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_backwa
         using acc_t = at::opmath_type<scalar_t>;
         const int64_t count = dims.batch * K;
         delta_kernel<acc_t><<<ceil_div(count, 256), 256, 0, stream>>>(
-            grad.const_data_ptr<acc_t>(),
-            out_acc.const_data_ptr<acc_t>(),
+            grads_in.grad_out.const_data_ptr<acc_t>(),
+            grads_in.out.const_data_ptr<acc_t>(),
             delta.mutable_data_ptr<acc_t>(),
             count,
             dims.hidden,
             num_heads);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const int vec = vector_width<scalar_t>(rows);
+        const int vec = vector_width<scalar_t>(in.rows);
         const auto shape = launch_shape(dims.hidden, vec);
         const int64_t shared = backward_shared_bytes<acc_t>(shape.threads / 32, num_heads);
         with_layout<scalar_t>(vec, shape.chunks, [&](auto vec_c, auto chunks_c) {
@@ -290,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_backwa
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 
-  const auto grads = detail::unfold_score_vector_grad(du, folded, query, w_q, w_k, num_heads);
+  const auto grads = detail::unfold_score_vector_grad(du, in.folded, query, w_q, w_k, num_heads);
   return {dx, grads.query, grads.w_q, grads.w_k};
 }
 

@@ -99,6 +99,39 @@ ATTNPOOL_DEVICE inline void store_pack(scalar_t* p, const Pack<scalar_t, VEC>& v
   *reinterpret_cast<Pack<scalar_t, VEC>*>(p) = v;
 }
 
+// Rows tile .. tile + kTileRows - 1 of sequence b, this thread's columns, in
+// the accumulation dtype; present[r] is false (and the row zeros) for rows
+// past `last` or masked out.
+template <typename scalar_t, int VEC, int CHUNKS, typename Args>
+ATTNPOOL_DEVICE inline void load_tile(
+    const Args& a,
+    const scalar_t* x,
+    int64_t b,
+    int64_t tile,
+    int64_t last,
+    bool (&present)[kTileRows],
+    attnpool_opmath_t<scalar_t> (&xs)[kTileRows][CHUNKS][VEC]) {
+  using acc_t = attnpool_opmath_t<scalar_t>;
+  for (int r = 0; r < kTileRows; ++r) {
+    const int64_t l = tile + r;
+    present[r] =
+        l < last && (a.mask == nullptr || a.mask[b * a.mask_batch_stride + l * a.mask_seq_stride]);
+    for (int j = 0; j < CHUNKS; ++j) {
+      const int64_t col = chunk_column<VEC>(j);
+      if (present[r] && col < a.hidden) {
+        const auto pack = load_pack<scalar_t, VEC>(x + l * a.x_seq_stride + col);
+        for (int v = 0; v < VEC; ++v) {
+          xs[r][j][v] = static_cast<acc_t>(pack.v[v]);
+        }
+      } else {
+        for (int v = 0; v < VEC; ++v) {
+          xs[r][j][v] = acc_t(0);
+        }
+      }
+    }
+  }
+}
+
 // One (sequence b, query i, piece of the sequence) per block. Threads split
 // the columns; a tile of kTileRows rows is scored with one block reduction
 // per head, then folded into the online softmax (running max, sum, and the
@@ -151,24 +184,7 @@ ATTNPOOL_GLOBAL void forward_kernel(ForwardArgs a) {
   for (int64_t tile = first; tile < last; tile += R) {
     bool present[R];
     acc_t xs[R][CHUNKS][VEC];
-    for (int r = 0; r < R; ++r) {
-      const int64_t l = tile + r;
-      present[r] = l < last &&
-                   (a.mask == nullptr || a.mask[b * a.mask_batch_stride + l * a.mask_seq_stride]);
-      for (int j = 0; j < CHUNKS; ++j) {
-        const int64_t col = chunk_column<VEC>(j);
-        if (present[r] && col < H) {
-          const auto pack = load_pack<scalar_t, VEC>(x + l * a.x_seq_stride + col);
-          for (int v = 0; v < VEC; ++v) {
-            xs[r][j][v] = static_cast<acc_t>(pack.v[v]);
-          }
-        } else {
-          for (int v = 0; v < VEC; ++v) {
-            xs[r][j][v] = acc_t(0);
-          }
-        }
-      }
-    }
+    load_tile<scalar_t, VEC, CHUNKS>(a, x, b, tile, last, present, xs);
     for (int64_t h = 0; h < n; ++h) {
       acc_t part[R];
       for (int r = 0; r < R; ++r) {
@@ -386,22 +402,9 @@ ATTNPOOL_GLOBAL void backward_kernel(BackwardArgs a) {
     bool present[R];
     acc_t xs[R][CHUNKS][VEC];
     acc_t dxs[R][CHUNKS][VEC];
+    load_tile<scalar_t, VEC, CHUNKS>(a, x, b, tile, last, present, xs);
     for (int r = 0; r < R; ++r) {
-      const int64_t l = tile + r;
-      present[r] = l < last &&
-                   (a.mask == nullptr || a.mask[b * a.mask_batch_stride + l * a.mask_seq_stride]);
       for (int j = 0; j < CHUNKS; ++j) {
-        const int64_t col = chunk_column<VEC>(j);
-        if (present[r] && col < H) {
-          const auto pack = load_pack<scalar_t, VEC>(x + l * a.x_seq_stride + col);
-          for (int v = 0; v < VEC; ++v) {
-            xs[r][j][v] = static_cast<acc_t>(pack.v[v]);
-          }
-        } else {
-          for (int v = 0; v < VEC; ++v) {
-            xs[r][j][v] = acc_t(0);
-          }
-        }
         for (int v = 0; v < VEC; ++v) {
           dxs[r][j][v] = acc_t(0);
         }
