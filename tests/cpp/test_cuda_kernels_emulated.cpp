@@ -134,10 +134,10 @@ TEST_P(EmulatedCudaKernels, ForwardAndBackwardMatchTheCpuOperator) {
   const int64_t Q = std::max<int64_t>(c.num_queries, 1);
   const int64_t K = Q * n;
   const auto mask = optional_mask(in);
-  const auto acc_dtype = attnpool::detail::accumulate_dtype(c.dtype);
-  const auto acc_options = torch::TensorOptions().dtype(acc_dtype);
-  const auto folded = attnpool::detail::fold_query(in.query, in.w_q, in.w_k, n, acc_dtype);
-  const auto keep = attnpool::detail::bool_mask(mask);
+  // The inputs as the CUDA entry points prepare them.
+  const auto prepared =
+      attnpool::detail::prepare_inputs(in.x, in.query, in.w_q, in.w_k, mask, n, std::nullopt);
+  const auto acc_options = torch::TensorOptions().dtype(prepared.acc_dtype);
 
   const auto [want_out, want_lse] =
       cpu_op<ForwardOp>("attnpool::_attention_pool_forward")
@@ -155,54 +155,30 @@ TEST_P(EmulatedCudaKernels, ForwardAndBackwardMatchTheCpuOperator) {
   auto lse = torch::empty({B, Q, n}, acc_options);
   auto partials = torch::empty({B * Q * splits, 1 + 2 * n + H}, acc_options);
   ForwardArgs f{};
-  f.x = in.x.const_data_ptr();
-  f.x_batch_stride = in.x.stride(0);
-  f.x_seq_stride = in.x.stride(1);
-  f.mask = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
-  f.mask_batch_stride = keep.defined() ? keep.stride(0) : 0;
-  f.mask_seq_stride = keep.defined() ? keep.stride(1) : 0;
-  f.u = folded.score_vectors.const_data_ptr();
+  attnpool::detail::set_input_args(f, prepared);
+  attnpool::cuda::set_shape_args(f, prepared.dims);
+  f.splits = splits;
+  f.rows_per_split = rows_per_split;
   f.out = out.mutable_data_ptr();
   f.lse = lse.mutable_data_ptr();
   f.partials = partials.mutable_data_ptr();
-  f.batch = B;
-  f.seq_len = L;
-  f.hidden = H;
-  f.num_queries = Q;
-  f.num_heads = n;
-  f.head_dim = H / n;
-  f.splits = splits;
-  f.rows_per_split = rows_per_split;
-  f.scale = 1.0 / std::sqrt(static_cast<double>(H / n));
 
-  const auto grad = grad_out.to(acc_dtype).contiguous();
-  const auto out_acc = want_out.to(acc_dtype).contiguous();
+  const auto grads_in = attnpool::detail::prepare_gradients(
+      grad_out, in.x, in.query, want_out, want_lse, n, prepared.acc_dtype);
   auto delta = torch::empty({B, K}, acc_options);
   auto dx = torch::empty_like(in.x);
   auto du_partials = torch::empty({B * splits, K, H}, acc_options);
   auto du = torch::empty({K, H}, acc_options);
   BackwardArgs g{};
-  g.x = f.x;
-  g.x_batch_stride = f.x_batch_stride;
-  g.x_seq_stride = f.x_seq_stride;
-  g.mask = f.mask;
-  g.mask_batch_stride = f.mask_batch_stride;
-  g.mask_seq_stride = f.mask_seq_stride;
-  g.u = f.u;
-  g.grad_out = grad.const_data_ptr();
-  g.lse = want_lse.const_data_ptr();
+  attnpool::detail::set_input_args(g, prepared);
+  attnpool::cuda::set_shape_args(g, prepared.dims);
+  g.splits = splits;
+  g.rows_per_split = rows_per_split;
+  g.grad_out = grads_in.grad_out.const_data_ptr();
+  g.lse = grads_in.lse.const_data_ptr();
   g.delta = delta.const_data_ptr();
   g.dx = dx.mutable_data_ptr();
   g.du_partials = du_partials.mutable_data_ptr();
-  g.batch = B;
-  g.seq_len = L;
-  g.hidden = H;
-  g.num_queries = Q;
-  g.num_heads = n;
-  g.head_dim = H / n;
-  g.splits = splits;
-  g.rows_per_split = rows_per_split;
-  g.scale = f.scale;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.dtype, "emulated", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -221,8 +197,8 @@ TEST_P(EmulatedCudaKernels, ForwardAndBackwardMatchTheCpuOperator) {
           (B * K + 63) / 64,
           64,
           0,
-          grad.const_data_ptr<acc_t>(),
-          out_acc.const_data_ptr<acc_t>(),
+          grads_in.grad_out.const_data_ptr<acc_t>(),
+          grads_in.out.const_data_ptr<acc_t>(),
           delta.mutable_data_ptr<acc_t>(),
           B * K,
           H,
@@ -253,7 +229,7 @@ TEST_P(EmulatedCudaKernels, ForwardAndBackwardMatchTheCpuOperator) {
   expect_close(lse, want_lse, tol, "lse");
   expect_close(dx, want_dx, tol, "dx");
   const auto grads =
-      attnpool::detail::unfold_score_vector_grad(du, folded, in.query, in.w_q, in.w_k, n);
+      attnpool::detail::unfold_score_vector_grad(du, prepared.folded, in.query, in.w_q, in.w_k, n);
   expect_close(grads.query, want_dquery, tol, "dquery");
   expect_close(grads.w_q, want_dwq, tol, "dw_q");
   expect_close(grads.w_k, want_dwk, tol, "dw_k");

@@ -121,16 +121,6 @@ std::pair<int64_t, int64_t> cut_sequences(int64_t sequences, int64_t seq_len) {
   return {std::max<int64_t>(1, ceil_div(seq_len, rows)), rows};
 }
 
-template <typename Args>
-void set_shape_args(Args& a, const detail::PoolDims& dims) {
-  a.batch = dims.batch;
-  a.seq_len = dims.seq_len;
-  a.hidden = dims.hidden;
-  a.num_queries = dims.num_queries;
-  a.num_heads = dims.num_heads;
-  a.head_dim = dims.head_dim;
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_pool_forward_cuda(
     const at::Tensor& x,
     const at::Tensor& query,

@@ -59,6 +59,17 @@ struct BackwardArgs {
   double scale;
 };
 
+// Copies the sizes of a call (detail::PoolDims) into ForwardArgs/BackwardArgs.
+template <typename Args, typename Dims>
+inline void set_shape_args(Args& a, const Dims& dims) {
+  a.batch = dims.batch;
+  a.seq_len = dims.seq_len;
+  a.hidden = dims.hidden;
+  a.num_queries = dims.num_queries;
+  a.num_heads = dims.num_heads;
+  a.head_dim = dims.head_dim;
+}
+
 // Shared-memory floats the forward and backward kernels need (the launcher
 // allocates this many bytes of dynamic shared memory).
 template <typename acc_t>
