@@ -150,6 +150,28 @@ def test_reduced_precision(device, dtype, mixed):
     )
 
 
+@pytest.mark.parametrize(
+    "batch, seq_len, num_heads, head_dim, num_queries",
+    [(3, 37, 1, 64, None), (2, 21, 2, 32, 3), (4, 50, 3, 64, 2), (1, 1200, 2, 32, None)],
+    ids=["one-head", "two-heads-q3", "three-heads-q2", "split-sequence"],
+)
+def test_bfloat16_rows_read_in_pairs_match_float64(
+    batch, seq_len, num_heads, head_dim, num_queries
+):
+    # Head sizes that are multiples of 32 take the CPU forward's bfloat16 path
+    # that widens x two halves at a time and keeps u and the sums in paired
+    # order. Its float32 output must agree with float64 on the same rounded
+    # inputs to float32 precision: any slip in the pairing would be far off.
+    hidden = num_heads * head_dim
+    inputs = make_inputs(batch, seq_len, hidden, num_queries, mask="random").to(
+        dtype=torch.bfloat16, param_dtype=torch.float32
+    )
+    out, lse = torch.ops.attnpool._attention_pool_forward(*inputs.args(), num_heads, None)
+    assert out.dtype == torch.float32
+    expected = reference_in_float64(inputs, num_heads=num_heads)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-4)
+
+
 def test_half_precision_accumulates_in_float32():
     # 4096 positions of equal weight: a float16 running sum would lose the
     # small contributions, a float32 one keeps them.

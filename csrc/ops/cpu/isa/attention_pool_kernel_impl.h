@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -55,6 +56,20 @@ Vectorized<at::opmath_type<T>> load_acc(const T* p) {
   }
 }
 
+// A hint that the line `ahead` elements after p is read soon. A prefetch never
+// faults, so that line may lie past the end of x; the address is computed as
+// an integer because such a pointer could not be formed.
+template <typename T>
+inline void prefetch(const T* p, int64_t ahead) {
+#if defined(__GNUC__) || defined(__clang__)
+  const auto address = reinterpret_cast<std::uintptr_t>(p) + ahead * sizeof(T);
+  __builtin_prefetch(reinterpret_cast<const void*>(address), 0, 3);
+#else
+  (void)p;
+  (void)ahead;
+#endif
+}
+
 // sum_e a[e] * b[e]. Four accumulators hide the latency of dependent FMAs.
 template <typename T, typename A>
 A dot(const T* a, const A* b, int64_t n) {
@@ -78,9 +93,12 @@ A dot(const T* a, const A* b, int64_t n) {
   return reduce_add((s0 + s1) + (s2 + s3)) + tail;
 }
 
-// out[r] = rows[r] . v for the R rows of a block.
+// out[r] = rows[r] . v for the R rows of a block. The rows come from memory,
+// and the block's second pass (the accumulation) then runs from L1 with the
+// memory idle, unless this pass also asks for the rows `ahead` elements on
+// (the next block's) in time.
 template <int R, typename T, typename A>
-void dot_rows(const T* const* rows, const A* v, int64_t n, A* out) {
+void dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead = 0) {
   if constexpr (R == 1) {
     out[0] = dot(rows[0], v, n);
   } else {
@@ -94,6 +112,7 @@ void dot_rows(const T* const* rows, const A* v, int64_t n, A* out) {
     for (; e + W <= n; e += W) {
       const Vec shared = Vec::loadu(v + e);
       for (int r = 0; r < R; ++r) {
+        prefetch(rows[r] + e, ahead);
         acc[r] = at::vec::fmadd(load_acc(rows[r] + e), shared, acc[r]);
       }
     }
@@ -134,7 +153,104 @@ void axpy_rows(const A* w, const T* const* rows, A* y, int64_t n) {
   }
 }
 
+// bfloat16 is the upper half of a float32. Read as 32-bit lanes, 2W values
+// widen with one shift (those at even positions) and one mask (odd positions):
+// half the instructions of widening them in order, which is what bounds the
+// bfloat16 forward on CPUs without AVX512-BF16. The vectors they meet (u, the
+// accumulators) are then kept in "paired" order: per block of 2W elements,
+// the W at even positions first, then the W at odd positions.
+constexpr int64_t kPairWidth = 2 * Vectorized<float>::size();
+
+struct WidenedPairs {
+  Vectorized<float> even;
+  Vectorized<float> odd;
+};
+
+inline WidenedPairs load_pairs(const at::BFloat16* p) {
+  const auto bits = Vectorized<int32_t>::loadu(p);
+  const auto even = bits << Vectorized<int32_t>(16);
+  const auto odd = bits & Vectorized<int32_t>(static_cast<int32_t>(0xFFFF0000u));
+  return {at::vec::cast<float>(even), at::vec::cast<float>(odd)};
+}
+
+// dst = src in paired order; n is a multiple of kPairWidth.
+inline void to_paired_order(const float* src, float* dst, int64_t n) {
+  constexpr int64_t W = Vectorized<float>::size();
+  for (int64_t block = 0; block < n; block += kPairWidth) {
+    for (int64_t j = 0; j < W; ++j) {
+      dst[block + j] = src[block + 2 * j];
+      dst[block + W + j] = src[block + 2 * j + 1];
+    }
+  }
+}
+
+// dst = src back in natural order; n is a multiple of kPairWidth.
+inline void to_natural_order(const float* src, float* dst, int64_t n) {
+  constexpr int64_t W = Vectorized<float>::size();
+  for (int64_t block = 0; block < n; block += kPairWidth) {
+    for (int64_t j = 0; j < W; ++j) {
+      dst[block + 2 * j] = src[block + j];
+      dst[block + 2 * j + 1] = src[block + W + j];
+    }
+  }
+}
+
+// dot_rows for bfloat16 rows against v in paired order; n is a multiple of
+// kPairWidth.
+template <int R>
+void dot_rows_paired(
+    const at::BFloat16* const* rows, const float* v, int64_t n, float* out, int64_t ahead) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  Vec even[R];
+  Vec odd[R];
+  for (int r = 0; r < R; ++r) {
+    even[r] = Vec(0.f);
+    odd[r] = Vec(0.f);
+  }
+  for (int64_t e = 0; e < n; e += kPairWidth) {
+    const Vec v_even = Vec::loadu(v + e);
+    const Vec v_odd = Vec::loadu(v + e + W);
+    for (int r = 0; r < R; ++r) {
+      prefetch(rows[r] + e, ahead);
+      const WidenedPairs xv = load_pairs(rows[r] + e);
+      even[r] = at::vec::fmadd(xv.even, v_even, even[r]);
+      odd[r] = at::vec::fmadd(xv.odd, v_odd, odd[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    out[r] = reduce_add(even[r] + odd[r]);
+  }
+}
+
+// axpy_rows for bfloat16 rows into y in paired order; n is a multiple of
+// kPairWidth.
+template <int R>
+void axpy_rows_paired(const float* w, const at::BFloat16* const* rows, float* y, int64_t n) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  Vec weights[R];
+  const at::BFloat16* xr[R];
+  for (int r = 0; r < R; ++r) {
+    weights[r] = Vec(w[r]);
+    xr[r] = rows[r];
+  }
+  for (int64_t e = 0; e < n; e += kPairWidth) {
+    Vec y_even = Vec::loadu(y + e);
+    Vec y_odd = Vec::loadu(y + e + W);
+    for (int r = 0; r < R; ++r) {
+      const WidenedPairs xv = load_pairs(xr[r] + e);
+      y_even = at::vec::fmadd(weights[r], xv.even, y_even);
+      y_odd = at::vec::fmadd(weights[r], xv.odd, y_odd);
+    }
+    y_even.store(y + e);
+    y_odd.store(y + e + W);
+  }
+}
+
 // scores[r] = rows[r] . u and dprobs[r] = rows[r] . g in one pass over the rows.
+// (No prefetch here: the backward's second pass writes dx, which keeps the
+// memory busy; prefetching the next block measured slower.)
 template <int R, typename T, typename A>
 void dot2_rows(const T* const* rows, const A* u, const A* g, int64_t n, A* scores, A* dprobs) {
   using Vec = Vectorized<A>;
@@ -392,7 +508,8 @@ class SoftmaxState {
     return 1 + 2 * r.num_scores + r.shape.num_queries * r.shape.hidden;
   }
 
-  SoftmaxState(acc_t* data, const Rows& r) : data_(data), r_(r) {}
+  // paired: the weighted sums are kept in paired order (see load_pairs).
+  SoftmaxState(acc_t* data, const Rows& r, bool paired) : data_(data), r_(r), paired_(paired) {}
 
   acc_t* max() const {
     return data_ + 1;
@@ -427,7 +544,16 @@ class SoftmaxState {
       for (int64_t h = 0; h < n; ++h) {
         const int64_t k = i * n + h;
         acc_t* acc = weighted() + i * H + h * d;
-        dot_rows<R>(rows, u + k * H, H, scores);
+        const int64_t ahead = R * r_.x_seq_stride;
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          if (paired_) {
+            dot_rows_paired<R>(rows, u + k * H, H, scores, ahead);
+          } else {
+            dot_rows<R>(rows, u + k * H, H, scores, ahead);
+          }
+        } else {
+          dot_rows<R>(rows, u + k * H, H, scores, ahead);
+        }
         acc_t block_max = kNegInf<acc_t>;
         for (int r = 0; r < R; ++r) {
           scores[r] *= scale;
@@ -446,7 +572,15 @@ class SoftmaxState {
           sum()[k] += weights[r];
         }
         offset_rows<R>(rows, h * d, segments);
-        axpy_rows<R>(weights, segments, acc, d);
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          if (paired_) {
+            axpy_rows_paired<R>(weights, segments, acc, d);
+          } else {
+            axpy_rows<R>(weights, segments, acc, d);
+          }
+        } else {
+          axpy_rows<R>(weights, segments, acc, d);
+        }
       }
     }
   }
@@ -498,6 +632,12 @@ class SoftmaxState {
           std::fill_n(acc, d, acc_t(0));
           lse[k] = kNegInf<acc_t>;
         }
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (paired_) {
+            to_natural_order(acc, out + i * H + h * d, d);
+            continue;
+          }
+        }
         convert_row(acc, out + i * H + h * d, d);
       }
     }
@@ -506,6 +646,7 @@ class SoftmaxState {
  private:
   acc_t* data_;
   Rows r_;
+  bool paired_;
 };
 
 // x: [B, L, H] rows contiguous; u: [K, H]; out: [B, Q, H] and lse: [B, K],
@@ -528,6 +669,16 @@ void forward_impl(const ForwardParams& p) {
   auto* partials = static_cast<acc_t*>(p.partials);
   const auto scale = static_cast<acc_t>(p.scale);
   const bool split = plan.splits > 1;
+  const bool paired =
+      std::is_same_v<scalar_t, at::BFloat16> && r.head_dim > 0 && r.head_dim % kPairWidth == 0;
+  std::vector<acc_t> u_paired;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (paired) {
+      u_paired.resize(K * s.hidden);
+      to_paired_order(u, u_paired.data(), K * s.hidden);
+      u = u_paired.data();
+    }
+  }
 
   at::parallel_for(0, s.batch * plan.splits, plan.forward_grain, [&](int64_t begin, int64_t end) {
     RowBlock<scalar_t> block;
@@ -536,7 +687,7 @@ void forward_impl(const ForwardParams& p) {
       const int64_t b = item / plan.splits;
       const int64_t first = (item % plan.splits) * plan.rows_per_split;
       const int64_t last = std::min(s.seq_len, first + plan.rows_per_split);
-      SoftmaxState<acc_t> state(split ? partials + item * state_size : local.data(), r);
+      SoftmaxState<acc_t> state(split ? partials + item * state_size : local.data(), r, paired);
       state.reset();
       auto flush = [&] {
         with_block_size(block.count(), [&](auto rows) {
@@ -566,10 +717,11 @@ void forward_impl(const ForwardParams& p) {
   at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> merged(state_size);
     for (int64_t b = begin; b < end; ++b) {
-      SoftmaxState<acc_t> state(merged.data(), r);
+      SoftmaxState<acc_t> state(merged.data(), r, paired);
       state.reset();
       for (int64_t piece = 0; piece < plan.splits; ++piece) {
-        state.merge(SoftmaxState<acc_t>(partials + (b * plan.splits + piece) * state_size, r));
+        state.merge(
+            SoftmaxState<acc_t>(partials + (b * plan.splits + piece) * state_size, r, paired));
       }
       state.finish(out + b * s.num_queries * s.hidden, lse + b * K);
     }
