@@ -109,20 +109,38 @@ void dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead
   } else {
     using Vec = Vectorized<A>;
     constexpr int64_t W = Vec::size();
-    Vec acc[R];
-    for (int r = 0; r < R; ++r) {
-      acc[r] = Vec(A(0));
+    // Two accumulators per row for small blocks: 2R chains of dependent FMAs
+    // keep both FMA units busy. Larger blocks have enough chains already (and
+    // more would not fit in the 16 registers of AVX2).
+    constexpr int kChains = R <= 4 ? 2 : 1;
+    Vec acc[kChains][R];
+    for (int c = 0; c < kChains; ++c) {
+      for (int r = 0; r < R; ++r) {
+        acc[c][r] = Vec(A(0));
+      }
     }
     int64_t e = 0;
+    for (; e + kChains * W <= n; e += kChains * W) {
+      for (int c = 0; c < kChains; ++c) {
+        const Vec shared = Vec::loadu(v + e + c * W);
+        for (int r = 0; r < R; ++r) {
+          prefetch(rows[r] + e + c * W, ahead);
+          acc[c][r] = at::vec::fmadd(load_acc(rows[r] + e + c * W), shared, acc[c][r]);
+        }
+      }
+    }
     for (; e + W <= n; e += W) {
       const Vec shared = Vec::loadu(v + e);
       for (int r = 0; r < R; ++r) {
-        prefetch(rows[r] + e, ahead);
-        acc[r] = at::vec::fmadd(load_acc(rows[r] + e), shared, acc[r]);
+        acc[0][r] = at::vec::fmadd(load_acc(rows[r] + e), shared, acc[0][r]);
       }
     }
     for (int r = 0; r < R; ++r) {
-      A total = reduce_add(acc[r]);
+      Vec sum = acc[0][r];
+      if constexpr (kChains == 2) {
+        sum = sum + acc[1][r];
+      }
+      A total = reduce_add(sum);
       for (int64_t t = e; t < n; ++t) {
         total += static_cast<A>(rows[r][t]) * v[t];
       }
