@@ -271,6 +271,28 @@ void axpy_rows_paired(const float* w, const at::BFloat16* const* rows, float* y,
   }
 }
 
+// The forward's two passes over a block: dot_rows and axpy_rows, or their
+// paired versions for bfloat16 rows when the vectors are in paired order.
+template <int R, typename T, typename A>
+void score_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead, bool paired) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (paired) {
+      return dot_rows_paired<R>(rows, v, n, out, ahead);
+    }
+  }
+  dot_rows<R>(rows, v, n, out, ahead);
+}
+
+template <int R, typename T, typename A>
+void accumulate_rows(const A* w, const T* const* rows, A* y, int64_t n, bool paired) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (paired) {
+      return axpy_rows_paired<R>(w, rows, y, n);
+    }
+  }
+  axpy_rows<R>(w, rows, y, n);
+}
+
 // scores[r] = rows[r] . u and dprobs[r] = rows[r] . g in one pass over the rows.
 // (No prefetch here: the backward's second pass writes dx, which keeps the
 // memory busy; prefetching the next block measured slower.)
@@ -562,16 +584,7 @@ class SoftmaxState {
       for (int64_t h = 0; h < n; ++h) {
         const int64_t k = i * n + h;
         acc_t* acc = weighted() + i * H + h * d;
-        const int64_t ahead = R * r_.x_seq_stride;
-        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-          if (paired_) {
-            dot_rows_paired<R>(rows, u + k * H, H, scores, ahead);
-          } else {
-            dot_rows<R>(rows, u + k * H, H, scores, ahead);
-          }
-        } else {
-          dot_rows<R>(rows, u + k * H, H, scores, ahead);
-        }
+        score_rows<R>(rows, u + k * H, H, scores, R * r_.x_seq_stride, paired_);
         acc_t block_max = kNegInf<acc_t>;
         for (int r = 0; r < R; ++r) {
           scores[r] *= scale;
@@ -590,15 +603,7 @@ class SoftmaxState {
           sum()[k] += weights[r];
         }
         offset_rows<R>(rows, h * d, segments);
-        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-          if (paired_) {
-            axpy_rows_paired<R>(weights, segments, acc, d);
-          } else {
-            axpy_rows<R>(weights, segments, acc, d);
-          }
-        } else {
-          axpy_rows<R>(weights, segments, acc, d);
-        }
+        accumulate_rows<R>(weights, segments, acc, d, paired_);
       }
     }
   }
