@@ -1,6 +1,8 @@
 // C++ tests of the attention_pool operator: values and gradients against an
 // ATen composition of SPEC.md §1, the edge cases of §2, and error messages.
 
+#include "expect_error.h"
+
 #include <attnpool/attnpool.h>
 
 #include <gtest/gtest.h>
@@ -202,17 +204,7 @@ TEST(AttentionPool, ReportsTheCpuInstructionSet) {
   EXPECT_TRUE(isa == "AVX512" || isa == "AVX2" || isa == "DEFAULT") << isa;
 }
 
-// Runs f and checks it throws a c10::Error whose message contains `expected`.
-void expect_error(const std::function<void()>& f, const std::string& expected) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find(expected), std::string::npos)
-        << "message \"" << e.what() << "\" lacks \"" << expected << "\"";
-    return;
-  }
-  ADD_FAILURE() << "no error; expected one containing \"" << expected << "\"";
-}
+using attnpool_test::expect_error;
 
 TEST(AttentionPoolErrors, NameTheArgumentAndTheValue) {
   const auto x = torch::randn({2, 5, 8});

@@ -2,6 +2,8 @@
 // attnpool::load_state_dict: shapes, parameter names, init, values, gradients
 // through C++ autograd, errors, and loading saved weights.
 
+#include "expect_error.h"
+
 #include <attnpool/attnpool.h>
 
 #include <gtest/gtest.h>
@@ -10,7 +12,6 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
-#include <functional>
 #include <limits>
 #include <map>
 #include <sstream>
@@ -21,17 +22,7 @@ namespace {
 
 const auto kF64 = torch::TensorOptions().dtype(torch::kFloat64);
 
-// Runs f and checks it throws a c10::Error whose message contains `expected`.
-void expect_error(const std::function<void()>& f, const std::string& expected) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find(expected), std::string::npos)
-        << "message \"" << e.what() << "\" lacks \"" << expected << "\"";
-    return;
-  }
-  ADD_FAILURE() << "no error; expected one containing \"" << expected << "\"";
-}
+using attnpool_test::expect_error;
 
 std::map<std::string, std::vector<int64_t>> parameter_shapes(const torch::nn::Module& module) {
   std::map<std::string, std::vector<int64_t>> shapes;
