@@ -37,9 +37,10 @@ constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 // Rows of x are handled in blocks: one load of a shared vector (u, grad_out,
 // an accumulator) then serves every row of the block, and the block's rows
 // stay in L1 between the score pass and the accumulation pass. The sizes are
-// measured: the forward also holds the next block's prefetched rows in L1 and
-// was 5% slower with 8 rows; the backward, which loads and stores its du
-// accumulator once per block, was 15% faster with 8 than with 4.
+// measured: the forward also holds the next block's prefetched rows (and,
+// pipelined, the previous block's) in L1 and was no faster with 8 rows; the
+// backward, which loads and stores its du accumulator once per block, was 15%
+// faster with 8 than with 4.
 constexpr int kForwardBlockRows = 4;
 constexpr int kBackwardBlockRows = 8;
 
@@ -218,66 +219,117 @@ inline void to_natural_order(const float* src, float* dst, int64_t n) {
   }
 }
 
-// dot_rows for bfloat16 rows against v in paired order; n is a multiple of
-// kPairWidth.
-template <int R>
-void dot_rows_paired(
-    const at::BFloat16* const* rows, const float* v, int64_t n, float* out, int64_t ahead) {
-  using Vec = Vectorized<float>;
-  constexpr int64_t W = Vec::size();
-  Vec even[R];
-  Vec odd[R];
-  for (int r = 0; r < R; ++r) {
-    even[r] = Vec(0.f);
-    odd[r] = Vec(0.f);
+// How the forward reads a row in vectors of the accumulation dtype: one
+// vector per chunk of W elements or, for bfloat16 in paired order, two (even
+// and odd positions) per chunk of 2W.
+template <typename T, bool kPaired>
+struct ChunkReader {
+  using Vec = Vectorized<at::opmath_type<T>>;
+  static constexpr int kVecs = kPaired ? 2 : 1;
+  static constexpr int64_t kWidth = kVecs * Vec::size();
+
+  static void load(const T* p, Vec* out) {
+    if constexpr (kPaired) {
+      const WidenedPairs xv = load_pairs(p);
+      out[0] = xv.even;
+      out[1] = xv.odd;
+    } else {
+      out[0] = load_acc(p);
+    }
   }
-  for (int64_t e = 0; e < n; e += kPairWidth) {
-    const Vec v_even = Vec::loadu(v + e);
-    const Vec v_odd = Vec::loadu(v + e + W);
+};
+
+// scores[r] = rows[r] . v for R rows and y += sum_p w[p] * prev[p] for P
+// other rows, in one pass; either count may be 0. The forward scores a block
+// from memory while it adds the block before it, still in L1: as a pass of
+// its own, that accumulation left the memory idle. kPaired: bfloat16 rows
+// against v and y in paired order, n a multiple of kPairWidth.
+template <int R, int P, bool kPaired, typename T, typename A>
+void score_and_accumulate_rows(
+    const T* const* rows,
+    const A* v,
+    int64_t n,
+    A* scores,
+    int64_t ahead,
+    const A* w,
+    const T* const* prev,
+    A* y) {
+  using Reader = ChunkReader<T, kPaired>;
+  using Vec = Vectorized<A>;
+  constexpr int kVecs = Reader::kVecs;
+  constexpr int64_t W = Vec::size();
+  Vec acc[kVecs][std::max(R, 1)];
+  for (int j = 0; j < kVecs; ++j) {
     for (int r = 0; r < R; ++r) {
-      prefetch(rows[r] + e, ahead);
-      const WidenedPairs xv = load_pairs(rows[r] + e);
-      even[r] = at::vec::fmadd(xv.even, v_even, even[r]);
-      odd[r] = at::vec::fmadd(xv.odd, v_odd, odd[r]);
+      acc[j][r] = Vec(A(0));
+    }
+  }
+  // Local copies, so that the stores to y do not force reloads of them.
+  Vec weights[std::max(P, 1)];
+  const T* pr[std::max(P, 1)] = {};
+  for (int q = 0; q < P; ++q) {
+    weights[q] = Vec(w[q]);
+    pr[q] = prev[q];
+  }
+  int64_t e = 0;
+  for (; e + Reader::kWidth <= n; e += Reader::kWidth) {
+    if constexpr (R > 0) {
+      Vec shared[kVecs];
+      for (int j = 0; j < kVecs; ++j) {
+        shared[j] = Vec::loadu(v + e + j * W);
+      }
+      for (int r = 0; r < R; ++r) {
+        prefetch(rows[r] + e, ahead);
+        Vec xv[kVecs];
+        Reader::load(rows[r] + e, xv);
+        for (int j = 0; j < kVecs; ++j) {
+          acc[j][r] = at::vec::fmadd(xv[j], shared[j], acc[j][r]);
+        }
+      }
+    }
+    if constexpr (P > 0) {
+      Vec yv[kVecs];
+      for (int j = 0; j < kVecs; ++j) {
+        yv[j] = Vec::loadu(y + e + j * W);
+      }
+      for (int q = 0; q < P; ++q) {
+        Vec xv[kVecs];
+        Reader::load(pr[q] + e, xv);
+        for (int j = 0; j < kVecs; ++j) {
+          yv[j] = at::vec::fmadd(weights[q], xv[j], yv[j]);
+        }
+      }
+      for (int j = 0; j < kVecs; ++j) {
+        yv[j].store(y + e + j * W);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
-    out[r] = reduce_add(even[r] + odd[r]);
-  }
-}
-
-// axpy_rows for bfloat16 rows into y in paired order; n is a multiple of
-// kPairWidth.
-template <int R>
-void axpy_rows_paired(const float* w, const at::BFloat16* const* rows, float* y, int64_t n) {
-  using Vec = Vectorized<float>;
-  constexpr int64_t W = Vec::size();
-  Vec weights[R];
-  const at::BFloat16* xr[R];
-  for (int r = 0; r < R; ++r) {
-    weights[r] = Vec(w[r]);
-    xr[r] = rows[r];
-  }
-  for (int64_t e = 0; e < n; e += kPairWidth) {
-    Vec y_even = Vec::loadu(y + e);
-    Vec y_odd = Vec::loadu(y + e + W);
-    for (int r = 0; r < R; ++r) {
-      const WidenedPairs xv = load_pairs(xr[r] + e);
-      y_even = at::vec::fmadd(weights[r], xv.even, y_even);
-      y_odd = at::vec::fmadd(weights[r], xv.odd, y_odd);
+    Vec sum = acc[0][r];
+    if constexpr (kVecs == 2) {
+      sum = sum + acc[1][r];
     }
-    y_even.store(y + e);
-    y_odd.store(y + e + W);
+    A total = reduce_add(sum);
+    for (int64_t t = e; t < n; ++t) {
+      total += static_cast<A>(rows[r][t]) * v[t];
+    }
+    scores[r] = total;
+  }
+  for (; e < n; ++e) {
+    for (int q = 0; q < P; ++q) {
+      y[e] += w[q] * static_cast<A>(prev[q][e]);
+    }
   }
 }
 
-// The forward's two passes over a block: dot_rows and axpy_rows, or their
-// paired versions for bfloat16 rows when the vectors are in paired order.
+// The forward's two passes over a block, each on its own: dot_rows and
+// axpy_rows, or score_and_accumulate_rows in paired order for bfloat16 rows.
 template <int R, typename T, typename A>
 void score_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead, bool paired) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (paired) {
-      return dot_rows_paired<R>(rows, v, n, out, ahead);
+      return score_and_accumulate_rows<R, 0, true, T, A>(
+          rows, v, n, out, ahead, nullptr, nullptr, nullptr);
     }
   }
   dot_rows<R>(rows, v, n, out, ahead);
@@ -287,7 +339,8 @@ template <int R, typename T, typename A>
 void accumulate_rows(const A* w, const T* const* rows, A* y, int64_t n, bool paired) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (paired) {
-      return axpy_rows_paired<R>(w, rows, y, n);
+      return score_and_accumulate_rows<0, R, true, T, A>(
+          nullptr, nullptr, n, nullptr, 0, w, rows, y);
     }
   }
   axpy_rows<R>(w, rows, y, n);
@@ -585,27 +638,44 @@ class SoftmaxState {
         const int64_t k = i * n + h;
         acc_t* acc = weighted() + i * H + h * d;
         score_rows<R>(rows, u + k * H, H, scores, R * r_.x_seq_stride, paired_);
-        acc_t block_max = kNegInf<acc_t>;
-        for (int r = 0; r < R; ++r) {
-          scores[r] *= scale;
-          block_max = scores[r] > block_max ? scores[r] : block_max;
-        }
-        if (block_max > max()[k]) {
-          // exp(-inf) = 0 also covers the first valid rows.
-          const acc_t correction = std::exp(max()[k] - block_max);
-          sum()[k] *= correction;
-          scale_in_place(correction, acc, d);
-          max()[k] = block_max;
-        }
-        for (int r = 0; r < R; ++r) {
-          // A -inf score weighs 0 even while the running max is still -inf.
-          weights[r] = scores[r] == kNegInf<acc_t> ? acc_t(0) : std::exp(scores[r] - max()[k]);
-          sum()[k] += weights[r];
-        }
+        weigh_rows<R>(k, scale, scores, weights, acc, d);
         offset_rows<R>(rows, h * d, segments);
         accumulate_rows<R>(weights, segments, acc, d, paired_);
       }
     }
+  }
+
+  // add_rows for one query and one head, a block behind: scores this block's
+  // R rows while adding the previous block's P rows (prev, with the weights
+  // the previous call returned) to the weighted sum. This block's weights
+  // come back in `weights`; the last block goes in with add_previous_rows.
+  template <int R, int P, typename scalar_t>
+  void add_rows_pipelined(
+      const scalar_t* const* rows,
+      const acc_t* u,
+      acc_t scale,
+      const scalar_t* const* prev,
+      const acc_t* prev_weights,
+      acc_t* weights) {
+    const int64_t H = r_.shape.hidden;
+    const int64_t ahead = R * r_.x_seq_stride;
+    data_[0] = acc_t(1);
+    acc_t scores[R];
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (paired_) {
+        score_and_accumulate_rows<R, P, true>(
+            rows, u, H, scores, ahead, prev_weights, prev, weighted());
+        return weigh_rows<R>(0, scale, scores, weights, weighted(), H);
+      }
+    }
+    score_and_accumulate_rows<R, P, false>(
+        rows, u, H, scores, ahead, prev_weights, prev, weighted());
+    weigh_rows<R>(0, scale, scores, weights, weighted(), H);
+  }
+
+  template <int P, typename scalar_t>
+  void add_previous_rows(const scalar_t* const* prev, const acc_t* prev_weights) {
+    accumulate_rows<P>(prev_weights, prev, weighted(), r_.shape.hidden, paired_);
   }
 
   // Folds another piece's state into this one. Pieces are merged in a fixed
@@ -667,6 +737,29 @@ class SoftmaxState {
   }
 
  private:
+  // Scales score k of R rows, moves its running max (rescaling its sum and
+  // its weighted sum acc, d wide) and sets weights[r] = exp(score - max).
+  template <int R>
+  void weigh_rows(int64_t k, acc_t scale, acc_t* scores, acc_t* weights, acc_t* acc, int64_t d) {
+    acc_t block_max = kNegInf<acc_t>;
+    for (int r = 0; r < R; ++r) {
+      scores[r] *= scale;
+      block_max = scores[r] > block_max ? scores[r] : block_max;
+    }
+    if (block_max > max()[k]) {
+      // exp(-inf) = 0 also covers the first valid rows.
+      const acc_t correction = std::exp(max()[k] - block_max);
+      sum()[k] *= correction;
+      scale_in_place(correction, acc, d);
+      max()[k] = block_max;
+    }
+    for (int r = 0; r < R; ++r) {
+      // A -inf score weighs 0 even while the running max is still -inf.
+      weights[r] = scores[r] == kNegInf<acc_t> ? acc_t(0) : std::exp(scores[r] - max()[k]);
+      sum()[k] += weights[r];
+    }
+  }
+
   acc_t* data_;
   Rows r_;
   bool paired_;
@@ -692,6 +785,7 @@ void forward_impl(const ForwardParams& p) {
   auto* partials = static_cast<acc_t*>(p.partials);
   const auto scale = static_cast<acc_t>(p.scale);
   const bool split = plan.splits > 1;
+  const bool pipelined = K == 1;
   const bool paired =
       std::is_same_v<scalar_t, at::BFloat16> && r.head_dim > 0 && r.head_dim % kPairWidth == 0;
   std::vector<acc_t> u_paired;
@@ -705,6 +799,10 @@ void forward_impl(const ForwardParams& p) {
 
   at::parallel_for(0, s.batch * plan.splits, plan.forward_grain, [&](int64_t begin, int64_t end) {
     RowBlock<scalar_t, kForwardBlockRows> block;
+    // With one score per row, each block is added to the weighted sum while
+    // the next one is scored (SoftmaxState::add_rows_pipelined).
+    RowBlock<scalar_t, kForwardBlockRows> previous;
+    acc_t previous_weights[kForwardBlockRows] = {};
     std::vector<acc_t> local(split ? 0 : state_size);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / plan.splits;
@@ -713,9 +811,27 @@ void forward_impl(const ForwardParams& p) {
       SoftmaxState<acc_t> state(split ? partials + item * state_size : local.data(), r, paired);
       state.reset();
       auto flush = [&] {
+        if (!pipelined) {
+          with_block_size<kForwardBlockRows>(block.count(), [&](auto rows) {
+            state.template add_rows<decltype(rows)::value>(block.rows(), u, scale);
+          });
+          block.clear();
+          return;
+        }
+        // Only a piece's last block can be short, so the previous one is full.
+        acc_t weights[kForwardBlockRows];
         with_block_size<kForwardBlockRows>(block.count(), [&](auto rows) {
-          state.template add_rows<decltype(rows)::value>(block.rows(), u, scale);
+          constexpr int R = decltype(rows)::value;
+          if (previous.count() == 0) {
+            state.template add_rows_pipelined<R, 0>(
+                block.rows(), u, scale, previous.rows(), previous_weights, weights);
+          } else {
+            state.template add_rows_pipelined<R, kForwardBlockRows>(
+                block.rows(), u, scale, previous.rows(), previous_weights, weights);
+          }
         });
+        previous = block;
+        std::copy_n(weights, block.count(), previous_weights);
         block.clear();
       };
       for (int64_t l = first; l < last; ++l) {
@@ -728,6 +844,13 @@ void forward_impl(const ForwardParams& p) {
       }
       if (block.count() > 0) {
         flush();
+      }
+      if (previous.count() > 0) {
+        with_block_size<kForwardBlockRows>(previous.count(), [&](auto rows) {
+          state.template add_previous_rows<decltype(rows)::value>(
+              previous.rows(), previous_weights);
+        });
+        previous.clear();
       }
       if (!split) {
         state.finish(out + b * s.num_queries * s.hidden, lse + b * K);
