@@ -64,6 +64,27 @@ def test_reduced_precision_gradients(device, dtype):
         assert (g.double() - w).abs().max().item() / scale < 3e-2, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hidden", [64, 20], ids=["rows-64-byte-aligned", "rows-unaligned"])
+def test_dx_matches_float64_with_streaming_and_plain_stores(dtype, hidden):
+    # With one query and one head the CPU backward writes dx with
+    # non-temporal stores when its rows are 64-byte aligned and its pages are
+    # already backed (as a small allocation's are), with plain stores
+    # otherwise. Either way dx must be the float64 reference's.
+    base = make_inputs(3, 41, hidden, mask="random")
+    inputs = base.to(dtype=dtype).requiring_grad()
+    exact = base.to(dtype=dtype).to(dtype=torch.float64).requiring_grad()
+    grad_out = torch.randn(3, hidden, dtype=torch.float64)
+    for _ in range(2):  # the second dx may reuse the first one's pages
+        (dx,) = torch.autograd.grad(
+            attnpool.attention_pool(*inputs.args()), inputs.x, grad_out.to(dtype)
+        )
+    (want,) = torch.autograd.grad(
+        attnpool.reference.attention_pool(*exact.args()), exact.x, grad_out
+    )
+    torch.testing.assert_close(dx.double(), want, **TOLERANCES[dtype])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fully_masked_and_empty_sequences_have_zero_gradients(device):
     inputs = make_inputs(3, 5, 8, 2, device=device).requiring_grad()

@@ -75,6 +75,9 @@ struct BackwardParams {
   void* dx;
   void* du_partials;
   void* du;
+  // Write dx with non-temporal stores: set when dx is float32/float64, its
+  // rows are 64-byte aligned and its memory is already backed by pages.
+  bool stream_dx;
 };
 
 using ForwardFn = void (*)(const ForwardParams&);

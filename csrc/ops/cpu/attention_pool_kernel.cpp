@@ -9,7 +9,13 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 #include <algorithm>
+#include <cstdint>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -49,6 +55,41 @@ WorkPlan plan_work(const PoolShape& s) {
   plan.items = ceil_div(rows, plan.rows_per_item);
   plan.backward_grain = std::max<int64_t>(1, kMinPieceElems / (plan.rows_per_item * row_elems));
   return plan;
+}
+
+// Whether the pages of [data, data + bytes) are backed by memory, judged by
+// the first, middle and last page. Fresh memory (glibc maps blocks of 32 MB
+// and more anew) is not: the first write to each page faults, and the page
+// the kernel zeroes for it is then in the cache, where a non-temporal store
+// to it costs more than a plain one.
+bool pages_backed(void* data, size_t bytes) {
+#if defined(__linux__)
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(data);
+  for (const uintptr_t offset : {size_t{0}, bytes / 2, bytes - 1}) {
+    unsigned char resident = 0;
+    const uintptr_t page_start = (begin + offset) & ~(page - 1);
+    if (mincore(reinterpret_cast<void*>(page_start), page, &resident) != 0 || !(resident & 1)) {
+      return false;
+    }
+  }
+  return true;
+#else
+  (void)data;
+  (void)bytes;
+  return false;
+#endif
+}
+
+// Non-temporal stores write dx without reading its lines first: 2 passes over
+// memory instead of 3 (measured 1.4x -> 0.9x the time of a plain copy_ when
+// the pages are backed, and slower when they are not; see pages_backed).
+bool stream_dx(const at::Tensor& dx) {
+  const auto dtype = dx.scalar_type();
+  const int64_t row_bytes = dx.size(2) * static_cast<int64_t>(dx.element_size());
+  return (dtype == at::kFloat || dtype == at::kDouble) && dx.numel() > 0 &&
+         reinterpret_cast<uintptr_t>(dx.const_data_ptr()) % 64 == 0 && row_bytes % 64 == 0 &&
+         pages_backed(dx.mutable_data_ptr(), dx.nbytes());
 }
 
 PoolShape pool_shape(const detail::PoolDims& dims) {
@@ -136,6 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_backwa
   p.dx = dx.mutable_data_ptr();
   p.du_partials = du_partials.mutable_data_ptr();
   p.du = du.mutable_data_ptr();
+  p.stream_dx = stream_dx(dx);
   selected_kernels().backward(p);
 
   const auto grads = detail::unfold_score_vector_grad(du, in.folded, query, w_q, w_k, num_heads);

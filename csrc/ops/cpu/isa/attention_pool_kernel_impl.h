@@ -346,6 +346,32 @@ void accumulate_rows(const A* w, const T* const* rows, A* y, int64_t n, bool pai
   axpy_rows<R>(w, rows, y, n);
 }
 
+// v.store(p), or with kStream a non-temporal store (p aligned to the vector)
+// where this instruction set has one; store_fence() then orders them.
+template <bool kStream, typename T>
+inline void store(const Vectorized<T>& v, T* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kStream && std::is_same_v<T, float>) {
+    return _mm512_stream_ps(p, v);
+  } else if constexpr (kStream && std::is_same_v<T, double>) {
+    return _mm512_stream_pd(p, v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kStream && std::is_same_v<T, float>) {
+    return _mm256_stream_ps(p, v);
+  } else if constexpr (kStream && std::is_same_v<T, double>) {
+    return _mm256_stream_pd(p, v);
+  }
+#endif
+  v.store(p);
+}
+
+inline void store_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // scores[r] = rows[r] . u and dprobs[r] = rows[r] . g in one pass over the rows.
 // (No prefetch here: the backward's second pass writes dx, which keeps the
 // memory busy; prefetching the next block measured slower.)
@@ -382,7 +408,7 @@ void dot2_rows(const T* const* rows, const A* u, const A* g, int64_t n, A* score
 }
 
 // dx[r] = p[r] * g + ds[r] * u and du += sum_r ds[r] * rows[r], in one pass.
-template <int R, typename T, typename A>
+template <int R, bool kStream, typename T, typename A>
 void dx_du_rows(
     const A* p,
     const A* ds,
@@ -412,7 +438,7 @@ void dx_du_rows(
     const Vec uv = Vec::loadu(u + e);
     Vec acc = Vec::loadu(du + e);
     for (int r = 0; r < R; ++r) {
-      at::vec::fmadd(dsv[r], uv, pv[r] * gv).store(out[r] + e);
+      store<kStream>(at::vec::fmadd(dsv[r], uv, pv[r] * gv), out[r] + e);
       acc = at::vec::fmadd(dsv[r], load_acc(xr[r] + e), acc);
     }
     acc.store(du + e);
@@ -920,7 +946,8 @@ void backward_rows(
     acc_t scale,
     acc_t* probs,    // [K][R] scratch
     acc_t* dscores,  // [K][R] scratch
-    acc_t* du) {
+    acc_t* du,
+    bool stream_dx) {
   const PoolShape& s = r.shape;
   const int64_t H = s.hidden;
   const int64_t n = s.num_heads;
@@ -938,7 +965,11 @@ void backward_rows(
       probs[j] = std::exp(scale * scores[j] - lse[b]);
       dscores[j] = scale * probs[j] * (dprobs[j] - delta[b]);
     }
-    dx_du_rows<R>(probs, dscores, g0, u, rows, dx_rows, du, H);
+    if (stream_dx) {
+      dx_du_rows<R, true>(probs, dscores, g0, u, rows, dx_rows, du, H);
+    } else {
+      dx_du_rows<R, false>(probs, dscores, g0, u, rows, dx_rows, du, H);
+    }
     return;
   }
   for (int64_t i = 0; i < s.num_queries; ++i) {
@@ -1034,7 +1065,8 @@ void backward_impl(const BackwardParams& p) {
               scale,
               scratch.data(),
               scratch.data() + K * kBackwardBlockRows,
-              du);
+              du,
+              kDxInPlace && p.stream_dx);
         });
         if constexpr (!kDxInPlace) {
           for (int j = 0; j < count; ++j) {
@@ -1064,6 +1096,9 @@ void backward_impl(const BackwardParams& p) {
       if (block.count() > 0) {
         flush();
       }
+    }
+    if (p.stream_dx) {
+      store_fence();
     }
   });
   reduce_partials<acc_t>(p, K * H);
