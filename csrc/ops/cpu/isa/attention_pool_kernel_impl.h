@@ -225,16 +225,21 @@ inline void to_natural_order(const float* src, float* dst, int64_t n) {
 template <typename T, bool kPaired>
 struct ChunkReader {
   using Vec = Vectorized<at::opmath_type<T>>;
-  static constexpr int kVecs = kPaired ? 2 : 1;
-  static constexpr int64_t kWidth = kVecs * Vec::size();
+  static constexpr int64_t kWidth = (kPaired ? 2 : 1) * Vec::size();
 
-  static void load(const T* p, Vec* out) {
+  // Returned by value, not written through a pointer: that kept the callers'
+  // accumulators in registers (through a pointer, GCC spilled them).
+  struct Chunk {
+    Vec first;
+    Vec second;  // paired only
+  };
+
+  static Chunk load(const T* p) {
     if constexpr (kPaired) {
       const WidenedPairs xv = load_pairs(p);
-      out[0] = xv.even;
-      out[1] = xv.odd;
+      return {xv.even, xv.odd};
     } else {
-      out[0] = load_acc(p);
+      return {load_acc(p), Vec()};
     }
   }
 };
@@ -256,13 +261,12 @@ void score_and_accumulate_rows(
     A* y) {
   using Reader = ChunkReader<T, kPaired>;
   using Vec = Vectorized<A>;
-  constexpr int kVecs = Reader::kVecs;
   constexpr int64_t W = Vec::size();
-  Vec acc[kVecs][std::max(R, 1)];
-  for (int j = 0; j < kVecs; ++j) {
-    for (int r = 0; r < R; ++r) {
-      acc[j][r] = Vec(A(0));
-    }
+  Vec acc_first[std::max(R, 1)];
+  Vec acc_second[std::max(R, 1)];
+  for (int r = 0; r < R; ++r) {
+    acc_first[r] = Vec(A(0));
+    acc_second[r] = Vec(A(0));
   }
   // Local copies, so that the stores to y do not force reloads of them.
   Vec weights[std::max(P, 1)];
@@ -274,46 +278,42 @@ void score_and_accumulate_rows(
   int64_t e = 0;
   for (; e + Reader::kWidth <= n; e += Reader::kWidth) {
     if constexpr (R > 0) {
-      Vec shared[kVecs];
-      for (int j = 0; j < kVecs; ++j) {
-        shared[j] = Vec::loadu(v + e + j * W);
-      }
+      const Vec v_first = Vec::loadu(v + e);
+      const Vec v_second = kPaired ? Vec::loadu(v + e + W) : Vec();
       for (int r = 0; r < R; ++r) {
         prefetch(rows[r] + e, ahead);
-        Vec xv[kVecs];
-        Reader::load(rows[r] + e, xv);
-        for (int j = 0; j < kVecs; ++j) {
-          acc[j][r] = at::vec::fmadd(xv[j], shared[j], acc[j][r]);
+        const auto xv = Reader::load(rows[r] + e);
+        acc_first[r] = at::vec::fmadd(xv.first, v_first, acc_first[r]);
+        if constexpr (kPaired) {
+          acc_second[r] = at::vec::fmadd(xv.second, v_second, acc_second[r]);
         }
       }
     }
     if constexpr (P > 0) {
-      Vec yv[kVecs];
-      for (int j = 0; j < kVecs; ++j) {
-        yv[j] = Vec::loadu(y + e + j * W);
-      }
+      Vec y_first = Vec::loadu(y + e);
+      Vec y_second = kPaired ? Vec::loadu(y + e + W) : Vec();
       for (int q = 0; q < P; ++q) {
-        Vec xv[kVecs];
-        Reader::load(pr[q] + e, xv);
-        for (int j = 0; j < kVecs; ++j) {
-          yv[j] = at::vec::fmadd(weights[q], xv[j], yv[j]);
+        const auto xv = Reader::load(pr[q] + e);
+        y_first = at::vec::fmadd(weights[q], xv.first, y_first);
+        if constexpr (kPaired) {
+          y_second = at::vec::fmadd(weights[q], xv.second, y_second);
         }
       }
-      for (int j = 0; j < kVecs; ++j) {
-        yv[j].store(y + e + j * W);
+      y_first.store(y + e);
+      if constexpr (kPaired) {
+        y_second.store(y + e + W);
       }
     }
   }
+  // Unrolled, so that the accumulators are registers, not an array in memory.
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    Vec sum = acc[0][r];
-    if constexpr (kVecs == 2) {
-      sum = sum + acc[1][r];
-    }
-    A total = reduce_add(sum);
+    scores[r] = reduce_add(kPaired ? acc_first[r] + acc_second[r] : acc_first[r]);
+  }
+  for (int r = 0; r < R; ++r) {
     for (int64_t t = e; t < n; ++t) {
-      total += static_cast<A>(rows[r][t]) * v[t];
+      scores[r] += static_cast<A>(rows[r][t]) * v[t];
     }
-    scores[r] = total;
   }
   for (; e < n; ++e) {
     for (int q = 0; q < P; ++q) {
