@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
@@ -845,6 +846,7 @@ void forward_impl(const ForwardParams& p) {
           return;
         }
         // Only a piece's last block can be short, so the previous one is full.
+        TORCH_INTERNAL_ASSERT_DEBUG_ONLY(previous.count() == 0 || previous.full());
         acc_t weights[kForwardBlockRows];
         with_block_size<kForwardBlockRows>(block.count(), [&](auto rows) {
           constexpr int R = decltype(rows)::value;
