@@ -103,7 +103,7 @@ A dot(const T* a, const A* b, int64_t n) {
 // out[r] = rows[r] . v for the R rows of a block. The rows come from memory,
 // and the block's second pass (the accumulation) then runs from L1 with the
 // memory idle, unless this pass also asks for the rows `ahead` elements on
-// (the next block's) in time.
+// (the next block's) in time; ahead = 0 asks for nothing.
 template <int R, typename T, typename A>
 void dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead = 0) {
   if constexpr (R == 1) {
@@ -126,7 +126,9 @@ void dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead
       for (int c = 0; c < kChains; ++c) {
         const Vec shared = Vec::loadu(v + e + c * W);
         for (int r = 0; r < R; ++r) {
-          prefetch(rows[r] + e + c * W, ahead);
+          if (ahead != 0) {
+            prefetch(rows[r] + e + c * W, ahead);
+          }
           acc[c][r] = at::vec::fmadd(load_acc(rows[r] + e + c * W), shared, acc[c][r]);
         }
       }
@@ -664,7 +666,9 @@ class SoftmaxState {
       for (int64_t h = 0; h < n; ++h) {
         const int64_t k = i * n + h;
         acc_t* acc = weighted() + i * H + h * d;
-        score_rows<R>(rows, u + k * H, H, scores, R * r_.x_seq_stride, paired_);
+        // The first head's score pass brings in the next block; the other
+        // heads read this block again, from L1.
+        score_rows<R>(rows, u + k * H, H, scores, k == 0 ? R * r_.x_seq_stride : 0, paired_);
         weigh_rows<R>(k, scale, scores, weights, acc, d);
         offset_rows<R>(rows, h * d, segments);
         accumulate_rows<R>(weights, segments, acc, d, paired_);
