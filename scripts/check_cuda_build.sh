@@ -19,12 +19,7 @@ if ! command -v nvcc >/dev/null 2>&1; then
   echo "check_cuda_build: SKIPPED, nvcc not found (the CUDA kernels were not compiled)"
   exit 0
 fi
-# nvcc may be a wrapper script: ask it where the toolkit is.
-if [ -z "${CUDA_HOME:-}" ]; then
-  CUDA_HOME=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
-  CUDA_HOME=$(readlink -f "$CUDA_HOME")
-fi
-export CUDA_HOME
+source scripts/cuda_home.sh
 
 if [ ! -x .venv-cuda/bin/python ]; then
   python3 -m venv .venv-cuda

@@ -1,6 +1,7 @@
 """Benchmark: attnpool against what a user would otherwise write.
 
     python -m attnpool.bench [--quick] [--out DIR] [--threads 1,2] [--dtypes float32,bfloat16]
+                             [--device cpu|cuda]
 
 For each shape, dtype and thread count it times, interleaved in one run
 (medians over rounds, each round runs every method once in turn):
@@ -19,6 +20,10 @@ For each shape, dtype and thread count it times, interleaved in one run
 It prints a table with each method's median and its ratio to attnpool,
 checks the project's performance targets, writes DIR/bench.json and draws
 DIR/bench.png. The machine is shared and noisy: trust ratios, not absolutes.
+
+With --device cuda the same methods run on the GPU (timed between
+synchronisations, so each median includes the launches) and the thread
+count does not apply; the targets are the CPU's and are not checked there.
 """
 
 import argparse
@@ -91,22 +96,24 @@ class Case:
     dtype: torch.dtype
     threads: int
     mode: str  # "forward" or "forward+backward"
+    device: str = "cpu"
 
 
 def make_methods(case: Case, compile_enabled: bool):
     """name -> zero-argument callable running one iteration of that method."""
     batch, seq_len, hidden = case.shape
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, seq_len, hidden, generator=gen).to(case.dtype)
-    query = torch.randn(hidden, generator=gen)
-    w_q = torch.randn(hidden, hidden, generator=gen) / hidden**0.5
-    w_k = torch.randn(hidden, hidden, generator=gen) / hidden**0.5
+    device = case.device
+    x = torch.randn(batch, seq_len, hidden, generator=gen).to(device, case.dtype)
+    query = torch.randn(hidden, generator=gen).to(device)
+    w_q = (torch.randn(hidden, hidden, generator=gen) / hidden**0.5).to(device)
+    w_k = (torch.randn(hidden, hidden, generator=gen) / hidden**0.5).to(device)
     training = case.mode != "forward"
     params = [t.requires_grad_(training) for t in (query, w_q, w_k)]
     x_in = x.clone().requires_grad_(training)
-    grad_out = torch.randn(batch, hidden, generator=gen).to(case.dtype)
+    grad_out = torch.randn(batch, hidden, generator=gen).to(device, case.dtype)
 
-    mha = nn.MultiheadAttention(hidden, 1, batch_first=True).to(case.dtype)
+    mha = nn.MultiheadAttention(hidden, 1, batch_first=True).to(device, case.dtype)
     mha.requires_grad_(training)
     mha_query = query.detach().to(case.dtype).view(1, 1, hidden).expand(batch, 1, hidden)
 
@@ -158,16 +165,19 @@ def make_methods(case: Case, compile_enabled: bool):
     return methods
 
 
-def time_interleaved(methods, rounds: int, min_seconds: float):
+def time_interleaved(methods, rounds: int, min_seconds: float, sync=lambda: None):
     """Median seconds per call of each method; rounds interleave the methods
-    so that a noisy neighbour hits them all alike."""
+    so that a noisy neighbour hits them all alike. sync waits for queued
+    device work (torch.cuda.synchronize on a GPU)."""
     for fn in methods.values():  # warm-up (and compilation)
         fn()
         fn()
+    sync()
     per_call = {}
     for name, fn in methods.items():
         start = time.perf_counter()
         fn()
+        sync()
         per_call[name] = max(time.perf_counter() - start, 1e-7)
     repeats = {name: max(1, int(min_seconds / t)) for name, t in per_call.items()}
     samples = {name: [] for name in methods}
@@ -176,6 +186,7 @@ def time_interleaved(methods, rounds: int, min_seconds: float):
             start = time.perf_counter()
             for _ in range(repeats[name]):
                 fn()
+            sync()
             samples[name].append((time.perf_counter() - start) / repeats[name])
     return {name: statistics.median(values) for name, values in samples.items()}
 
@@ -184,7 +195,10 @@ def shape_label(shape):
     return "x".join(map(str, shape))
 
 
-def run_cases(shapes, dtypes, thread_counts, modes, rounds, min_seconds, compile_enabled, log):
+def run_cases(
+    shapes, dtypes, thread_counts, modes, rounds, min_seconds, compile_enabled, log, device="cpu"
+):
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     results = []
     for shape_name, shape in shapes.items():
         for dtype in dtypes:
@@ -192,10 +206,11 @@ def run_cases(shapes, dtypes, thread_counts, modes, rounds, min_seconds, compile
                 torch.set_num_threads(threads)
                 for mode in modes:
                     torch._dynamo.reset()  # each case compiles afresh, for its own shapes
-                    case = Case(shape, dtype, threads, mode)
+                    case = Case(shape, dtype, threads, mode, device)
                     methods = make_methods(case, compile_enabled)
-                    medians = time_interleaved(methods, rounds, min_seconds)
+                    medians = time_interleaved(methods, rounds, min_seconds, sync)
                     row = dict(
+                        device=device,
                         shape=shape_name,
                         dims=list(shape),
                         dtype=str(dtype).replace("torch.", ""),
@@ -211,7 +226,8 @@ def run_cases(shapes, dtypes, thread_counts, modes, rounds, min_seconds, compile
 
 def format_row(row):
     ours = row["seconds"]["attnpool"]
-    head = f"{row['shape']:>9} {shape_label(row['dims']):>14} {row['dtype']:>8} {row['threads']}t {row['mode']:>16}"
+    where = "gpu" if row.get("device") == "cuda" else f"{row['threads']}t"
+    head = f"{row['shape']:>9} {shape_label(row['dims']):>14} {row['dtype']:>8} {where} {row['mode']:>16}"
     cells = [f"attnpool {ours * 1e3:8.3f} ms"]
     for name, seconds in row["seconds"].items():
         if name != "attnpool":
@@ -320,7 +336,12 @@ def plot(results, path):
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], labels, fontsize=8)
     ax.set_ylabel("speed relative to attnpool (higher is faster)")
     ax.set_yscale("log")
-    ax.set_title(f"attnpool benchmark, {rows[0]['threads']} threads, {cpu_model()}")
+    where = (
+        torch.cuda.get_device_name()
+        if rows[0].get("device") == "cuda"
+        else f"{rows[0]['threads']} threads, {cpu_model()}"
+    )
+    ax.set_title(f"attnpool benchmark, {where}")
     ax.legend(fontsize=8, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -348,13 +369,18 @@ def main(argv=None):
     parser.add_argument("--shapes", default=None, help=f"comma-separated subset of {list(SHAPES)}")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not (torch.cuda.is_available() and attnpool._C.with_cuda):
+        parser.error("--device cuda needs a GPU and attnpool built with its CUDA kernels")
 
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shapes:
         shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
+    if args.device == "cuda":
+        threads = threads[-1:]  # host threads barely matter to GPU kernels: time one count
     rounds = args.rounds or (3 if args.quick else 15)
     min_seconds = 0.002 if args.quick else 0.05
 
@@ -362,6 +388,8 @@ def main(argv=None):
         f"attnpool {attnpool.__version__}, torch {torch.__version__}, {cpu_model()}, "
         f"{os.cpu_count()} CPUs; CPU kernels: {attnpool._C.cpu_kernel_isa()}"
     )
+    if args.device == "cuda":
+        print(f"device: cuda, {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
     print("ratios are (method time) / (attnpool time): above 1 means attnpool is faster")
     results = run_cases(
         shapes,
@@ -372,8 +400,9 @@ def main(argv=None):
         min_seconds,
         not args.no_compile,
         print,
+        args.device,
     )
-    checks = check_targets(results)
+    checks = check_targets(results) if args.device == "cpu" else []
     if checks:
         print("\ntargets:")
         for description, value, relation, limit, passed in checks:
@@ -385,6 +414,8 @@ def main(argv=None):
         json.dump(
             dict(
                 cpu=cpu_model(),
+                device=args.device,
+                gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
                 isa=attnpool._C.cpu_kernel_isa(),
                 torch=torch.__version__,
                 results=results,

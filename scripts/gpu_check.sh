@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, for a machine that has one and a CUDA build of
+# torch already installed (no network needed): builds attnpool in place with
+# its CUDA kernels, runs every test that has a CUDA case, then the GPU
+# benchmark. Logs, the benchmark's JSON and plot go to OUTDIR.
+#
+#   bash scripts/gpu_check.sh [OUTDIR]      (default gpu-output)
+#
+# PYTHON picks the interpreter (default python3), ATTNPOOL_CUDA_ARCHS the
+# compute capabilities to build for (default: the GPU's own), BENCH_ARGS
+# replaces the benchmark's shapes and rounds. Exits non-zero if the build or
+# a test fails.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUTDIR=${1:-gpu-output}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1
+source scripts/cuda_home.sh
+
+step() {
+  echo "== $1 ($(date +%T))"
+}
+
+step "machine"
+nvidia-smi -L
+nvcc --version | tail -n 2
+"$PYTHON" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)'
+ARCH=$("$PYTHON" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(f"{a}{b}")')
+
+step "build (CUDA archs ${ATTNPOOL_CUDA_ARCHS:-$ARCH})"
+if ! ATTNPOOL_WITH_CUDA=1 ATTNPOOL_CUDA_ARCHS=${ATTNPOOL_CUDA_ARCHS:-$ARCH} \
+  MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PYTHON" setup.py -q build_ext --inplace >"$OUTDIR/build.log" 2>&1; then
+  tail -n 60 "$OUTDIR/build.log"
+  exit 1
+fi
+export PYTHONPATH="$PWD/torch_ext${PYTHONPATH:+:$PYTHONPATH}"
+"$PYTHON" -c 'import attnpool, sys; sys.exit(0 if attnpool._C.with_cuda else "built without CUDA")'
+
+step "tests with a CUDA case (pytest -k cuda)"
+XDIST=$("$PYTHON" -c 'import xdist' 2>/dev/null && echo "-n 8" || echo "")
+# shellcheck disable=SC2086 # XDIST is empty or two words
+timeout 240 "$PYTHON" -m pytest -q -k cuda $XDIST -rs --junitxml "$OUTDIR/junit.xml" 2>&1 |
+  tee "$OUTDIR/pytest.log"
+TESTS=${PIPESTATUS[0]}
+
+step "GPU benchmark"
+# shellcheck disable=SC2086 # BENCH_ARGS is a list of arguments
+timeout 240 "$PYTHON" -m attnpool.bench --device cuda --out "$OUTDIR" \
+  ${BENCH_ARGS:---rounds 7} 2>&1 | tee "$OUTDIR/bench.txt"
+BENCH=${PIPESTATUS[0]}
+
+step "done: tests exit $TESTS, benchmark exit $BENCH"
+[ "$TESTS" -eq 0 ] && [ "$BENCH" -eq 0 ]
