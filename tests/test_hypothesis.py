@@ -24,7 +24,7 @@ from typing import Optional
 import pytest
 import torch
 from helpers import DEVICES, TOLERANCES, Inputs, reference_in_float64
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import attnpool
@@ -214,9 +214,33 @@ def _assert_close_within(got, want, atol, rtol, slack, what):
         )
 
 
+# Found on an H200: one row, so the scores' gradient is exactly 0 in the
+# reference; the CUDA backward summed delta = G . out in another order than
+# G . x and left rounding noise above atol in the gradient of w_q.
+ONE_ROW = Case(
+    batch=1,
+    seq_len=1,
+    num_heads=1,
+    head_dim=5,
+    num_queries=None,
+    dtype=torch.float32,
+    float32_params=False,
+    mask="none",
+    mask_dtype=torch.bool,
+    x_layout="contiguous",
+    mask_strided=False,
+    params_strided=False,
+    scale=6.0,
+    x_scale=1.0,
+    nan_in_masked=False,
+    seed=0,
+)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @SETTINGS
 @given(case=cases())
+@example(case=ONE_ROW)
 def test_matches_reference(device, case):
     inputs = _make(case, device)
     num_heads, scale = case.num_heads, case.scale

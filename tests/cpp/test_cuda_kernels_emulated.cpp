@@ -125,60 +125,43 @@ c10::TypedOperatorHandle<Signature> cpu_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-class EmulatedCudaKernels : public ::testing::TestWithParam<Case> {};
+struct Emulated {
+  torch::Tensor out, lse, dx, du;
+  attnpool::detail::PreparedInputs prepared;
+};
 
-TEST_P(EmulatedCudaKernels, ForwardAndBackwardMatchTheCpuOperator) {
-  const Case& c = GetParam();
-  const auto in = make_inputs(c);
+// Runs the CUDA forward kernels, then the backward kernels from that forward's
+// out and lse, launched as the case says.
+Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad_out) {
   const int64_t B = c.batch, L = c.seq_len, H = c.hidden, n = c.num_heads;
   const int64_t Q = std::max<int64_t>(c.num_queries, 1);
   const int64_t K = Q * n;
   const auto mask = optional_mask(in);
   // The inputs as the CUDA entry points prepare them.
-  const auto prepared =
+  Emulated e{};
+  e.prepared =
       attnpool::detail::prepare_inputs(in.x, in.query, in.w_q, in.w_k, mask, n, std::nullopt);
-  const auto acc_options = torch::TensorOptions().dtype(prepared.acc_dtype);
-
-  const auto [want_out, want_lse] =
-      cpu_op<ForwardOp>("attnpool::_attention_pool_forward")
-          .call(in.x, in.query, in.w_q, in.w_k, mask, n, std::nullopt);
-  const auto grad_out =
-      torch::randn(want_out.sizes(), torch::TensorOptions().dtype(torch::kFloat64)).to(c.dtype);
-  const auto [want_dx, want_dquery, want_dwq, want_dwk] =
-      cpu_op<BackwardOp>("attnpool::_attention_pool_backward")
-          .call(
-              grad_out, in.x, in.query, in.w_q, in.w_k, mask, want_out, want_lse, n, std::nullopt);
+  const auto acc_options = torch::TensorOptions().dtype(e.prepared.acc_dtype);
 
   const int64_t rows_per_split = std::max<int64_t>(1, (L + c.splits - 1) / c.splits);
   const int64_t splits = std::max<int64_t>(1, (L + rows_per_split - 1) / rows_per_split);
-  auto out = torch::empty_like(want_out);
-  auto lse = torch::empty({B, Q, n}, acc_options);
+  const auto out_shape =
+      c.num_queries == 0 ? std::vector<int64_t>{B, H} : std::vector<int64_t>{B, Q, H};
+  e.out = torch::empty(out_shape, acc_options);
+  e.lse = torch::empty({B, Q, n}, acc_options);
   auto partials = torch::empty({B * Q * splits, 1 + 2 * n + H}, acc_options);
   ForwardArgs f{};
-  attnpool::detail::set_input_args(f, prepared);
-  attnpool::cuda::set_shape_args(f, prepared.dims);
+  attnpool::detail::set_input_args(f, e.prepared);
+  attnpool::cuda::set_shape_args(f, e.prepared.dims);
   f.splits = splits;
   f.rows_per_split = rows_per_split;
-  f.out = out.mutable_data_ptr();
-  f.lse = lse.mutable_data_ptr();
+  f.out = e.out.mutable_data_ptr();
+  f.lse = e.lse.mutable_data_ptr();
   f.partials = partials.mutable_data_ptr();
 
-  const auto grads_in = attnpool::detail::prepare_gradients(
-      grad_out, in.x, in.query, want_out, want_lse, n, prepared.acc_dtype);
-  auto delta = torch::empty({B, K}, acc_options);
-  auto dx = torch::empty_like(in.x);
+  e.dx = torch::empty_like(in.x);
   auto du_partials = torch::empty({B * splits, K, H}, acc_options);
-  auto du = torch::empty({K, H}, acc_options);
-  BackwardArgs g{};
-  attnpool::detail::set_input_args(g, prepared);
-  attnpool::cuda::set_shape_args(g, prepared.dims);
-  g.splits = splits;
-  g.rows_per_split = rows_per_split;
-  g.grad_out = grads_in.grad_out.const_data_ptr();
-  g.lse = grads_in.lse.const_data_ptr();
-  g.delta = delta.const_data_ptr();
-  g.dx = dx.mutable_data_ptr();
-  g.du_partials = du_partials.mutable_data_ptr();
+  e.du = torch::empty({K, H}, acc_options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.dtype, "emulated", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -192,47 +175,99 @@ TEST_P(EmulatedCudaKernels, ForwardAndBackwardMatchTheCpuOperator) {
           c.threads,
           attnpool::cuda::forward_shared_bytes<acc_t>(c.threads / 32, n),
           f);
-      launch(
-          &attnpool::cuda::delta_kernel<acc_t>,
-          (B * K + 63) / 64,
-          64,
-          0,
-          grads_in.grad_out.const_data_ptr<acc_t>(),
-          grads_in.out.const_data_ptr<acc_t>(),
-          delta.mutable_data_ptr<acc_t>(),
-          B * K,
-          H,
-          n);
+      if (splits > 1) {
+        const int threads = attnpool::cuda::merge_threads(splits);
+        launch(
+            &attnpool::cuda::merge_pieces_kernel<scalar_t>,
+            B * Q * attnpool::cuda::merge_blocks_per_row(H, n),
+            threads,
+            attnpool::cuda::merge_shared_bytes<acc_t>(threads),
+            f);
+      }
+      const auto grads_in = attnpool::detail::prepare_gradients(
+          grad_out, in.x, in.query, e.out, e.lse, n, e.prepared.acc_dtype);
+      BackwardArgs g{};
+      attnpool::detail::set_input_args(g, e.prepared);
+      attnpool::cuda::set_shape_args(g, e.prepared.dims);
+      g.splits = splits;
+      g.rows_per_split = rows_per_split;
+      g.grad_out = grads_in.grad_out.const_data_ptr();
+      g.out = grads_in.out.const_data_ptr();
+      g.lse = grads_in.lse.const_data_ptr();
+      g.dx = e.dx.mutable_data_ptr();
+      g.du_partials = du_partials.mutable_data_ptr();
       launch(
           &attnpool::cuda::backward_kernel<scalar_t, V, C>,
           B * splits,
           c.threads,
-          attnpool::cuda::backward_shared_bytes<acc_t>(c.threads / 32, n),
+          attnpool::cuda::backward_shared_bytes<acc_t>(c.threads / 32, n, K),
           g);
     });
-    if (splits > 1) {
-      launch(&attnpool::cuda::merge_pieces_kernel<scalar_t>, B * Q, 64, 0, f);
-    }
     launch(
         &attnpool::cuda::reduce_partials_kernel<acc_t>,
-        (K * H + 63) / 64,
+        (K * H + attnpool::cuda::kReduceColumns - 1) / attnpool::cuda::kReduceColumns,
         64,
-        0,
+        attnpool::cuda::reduce_shared_bytes<acc_t>(64),
         du_partials.const_data_ptr<acc_t>(),
-        du.mutable_data_ptr<acc_t>(),
+        e.du.mutable_data_ptr<acc_t>(),
         B * splits,
         K * H);
   });
+  return e;
+}
 
+torch::Tensor random_grad_out(const Case& c, torch::IntArrayRef sizes) {
+  return torch::randn(sizes, torch::TensorOptions().dtype(torch::kFloat64)).to(c.dtype);
+}
+
+class EmulatedCudaKernels : public ::testing::TestWithParam<Case> {};
+
+TEST_P(EmulatedCudaKernels, ForwardAndBackwardMatchTheCpuOperator) {
+  const Case& c = GetParam();
+  const auto in = make_inputs(c);
+  const int64_t n = c.num_heads;
+  const auto mask = optional_mask(in);
+  const auto [want_out, want_lse] =
+      cpu_op<ForwardOp>("attnpool::_attention_pool_forward")
+          .call(in.x, in.query, in.w_q, in.w_k, mask, n, std::nullopt);
+  const auto grad_out = random_grad_out(c, want_out.sizes());
+  const auto [want_dx, want_dquery, want_dwq, want_dwk] =
+      cpu_op<BackwardOp>("attnpool::_attention_pool_backward")
+          .call(
+              grad_out, in.x, in.query, in.w_q, in.w_k, mask, want_out, want_lse, n, std::nullopt);
+
+  const auto e = run_emulated(c, in, grad_out);
   const double tol = tolerance(c.dtype);
-  expect_close(out, want_out, tol, "out");
-  expect_close(lse, want_lse, tol, "lse");
-  expect_close(dx, want_dx, tol, "dx");
-  const auto grads =
-      attnpool::detail::unfold_score_vector_grad(du, prepared.folded, in.query, in.w_q, in.w_k, n);
+  expect_close(e.out, want_out, tol, "out");
+  expect_close(e.lse, want_lse, tol, "lse");
+  expect_close(e.dx, want_dx, tol, "dx");
+  const auto grads = attnpool::detail::unfold_score_vector_grad(
+      e.du, e.prepared.folded, in.query, in.w_q, in.w_k, n);
   expect_close(grads.query, want_dquery, tol, "dquery");
   expect_close(grads.w_q, want_dwq, tol, "dw_q");
   expect_close(grads.w_k, want_dwk, tol, "dw_k");
+}
+
+// When each sequence has one row (or one attended row), softmax puts all the
+// weight on it and the scores get no gradient, exactly, in the reference. The
+// kernels sum delta = G . out and dp = G . x alike, so that they cancel exactly
+// here instead of leaving rounding noise in the parameters' gradients.
+TEST(EmulatedCudaKernelsSingleRow, ScoreGradientIsExactlyZero) {
+  for (const bool masked : {false, true}) {
+    const Case c{3, masked ? 7 : 1, 96, 2, 2, masked, torch::kFloat32, 64, 4, 1, 2};
+    auto in = make_inputs(c);
+    if (masked) {
+      in.mask = torch::zeros({c.batch, c.seq_len}, torch::kBool);
+      in.mask.select(1, 4).fill_(true);
+    }
+    in.x = in.x * 3;  // scores far from 0, so that exp() is not trivially 1
+    const auto grad_out = random_grad_out(c, {c.batch, c.num_queries, c.hidden});
+    const auto e = run_emulated(c, in, grad_out);
+    EXPECT_EQ(e.du.abs().max().item<double>(), 0.0) << (masked ? "masked" : "one row");
+    // dx of that row is the output's gradient summed over the queries.
+    const auto attended = e.dx.select(1, masked ? 4 : 0);
+    expect_close(attended, grad_out.sum(1), 1e-5, "dx of the attended row");
+  }
 }
 
 // {B, L, H, Q, heads, masked, dtype, threads, vec, chunks, splits}
@@ -248,7 +283,8 @@ INSTANTIATE_TEST_SUITE_P(
         Case{1, 10, 256, 0, 1, false, torch::kFloat32, 64, 1, 4, 1},
         Case{2, 17, 128, 1, 4, true, torch::kBFloat16, 128, 8, 1, 2},
         Case{2, 9, 64, 0, 2, false, torch::kHalf, 128, 8, 1, 1},
-        Case{2, 0, 32, 2, 1, false, torch::kFloat32, 128, 4, 1, 1}),
+        Case{2, 0, 32, 2, 1, false, torch::kFloat32, 128, 4, 1, 1},
+        Case{2, 40, 48, 0, 2, true, torch::kFloat32, 64, 1, 1, 40}),
     case_name);
 
 }  // namespace

@@ -50,8 +50,8 @@ struct BackwardArgs {
   int64_t mask_seq_stride;
   const void* u;         // [Q * n, H]
   const void* grad_out;  // [B, Q, H] accumulation dtype
+  const void* out;       // [B, Q, H] accumulation dtype, the forward's output
   const void* lse;       // [B, Q * n]
-  const void* delta;     // [B, Q * n]
   void* dx;              // [B, L, H] contiguous, x dtype
   void* du_partials;     // [B * splits, Q * n, H] accumulation dtype
   int64_t batch, seq_len, hidden, num_queries, num_heads, head_dim;
@@ -79,8 +79,10 @@ ATTNPOOL_HOST_DEVICE inline int64_t forward_shared_bytes(int64_t num_warps, int6
 }
 
 template <typename acc_t>
-ATTNPOOL_HOST_DEVICE inline int64_t backward_shared_bytes(int64_t num_warps, int64_t num_heads) {
-  return static_cast<int64_t>(sizeof(acc_t)) * (2 * (num_warps + 1) * num_heads * kTileRows);
+ATTNPOOL_HOST_DEVICE inline int64_t backward_shared_bytes(
+    int64_t num_warps, int64_t num_heads, int64_t num_scores) {
+  return static_cast<int64_t>(sizeof(acc_t)) *
+         (2 * (num_warps + 1) * num_heads * kTileRows + num_scores);
 }
 
 // Sum over the 32 lanes of a warp; every lane gets the total.
@@ -110,9 +112,57 @@ ATTNPOOL_DEVICE inline void store_pack(scalar_t* p, const Pack<scalar_t, VEC>& v
   *reinterpret_cast<Pack<scalar_t, VEC>*>(p) = v;
 }
 
-// Rows tile .. tile + kTileRows - 1 of sequence b, this thread's columns, in
-// the accumulation dtype; present[r] is false (and the row zeros) for rows
-// past `last` or masked out.
+// Rows tile .. tile + kTileRows - 1 of sequence b as stored, this thread's
+// columns; present[r] is false (and packs[r] not loaded) for rows past `last`
+// or masked out.
+template <typename scalar_t, int VEC, int CHUNKS>
+struct FetchedTile {
+  bool present[kTileRows];
+  Pack<scalar_t, VEC> packs[kTileRows][CHUNKS];
+};
+
+template <typename scalar_t, int VEC, int CHUNKS, typename Args>
+ATTNPOOL_DEVICE inline void fetch_tile(
+    const Args& a,
+    const scalar_t* x,
+    int64_t b,
+    int64_t tile,
+    int64_t last,
+    FetchedTile<scalar_t, VEC, CHUNKS>& fetched) {
+  for (int r = 0; r < kTileRows; ++r) {
+    const int64_t l = tile + r;
+    fetched.present[r] =
+        l < last && (a.mask == nullptr || a.mask[b * a.mask_batch_stride + l * a.mask_seq_stride]);
+    for (int j = 0; j < CHUNKS; ++j) {
+      const int64_t col = chunk_column<VEC>(j);
+      if (fetched.present[r] && col < a.hidden) {
+        fetched.packs[r][j] = load_pack<scalar_t, VEC>(x + l * a.x_seq_stride + col);
+      }
+    }
+  }
+}
+
+// A fetched tile in the accumulation dtype, zeros for rows not present and
+// columns past H.
+template <typename scalar_t, int VEC, int CHUNKS>
+ATTNPOOL_DEVICE inline void widen_tile(
+    const FetchedTile<scalar_t, VEC, CHUNKS>& fetched,
+    int64_t hidden,
+    bool (&present)[kTileRows],
+    attnpool_opmath_t<scalar_t> (&xs)[kTileRows][CHUNKS][VEC]) {
+  using acc_t = attnpool_opmath_t<scalar_t>;
+  for (int r = 0; r < kTileRows; ++r) {
+    present[r] = fetched.present[r];
+    for (int j = 0; j < CHUNKS; ++j) {
+      const bool loaded = present[r] && chunk_column<VEC>(j) < hidden;
+      for (int v = 0; v < VEC; ++v) {
+        xs[r][j][v] = loaded ? static_cast<acc_t>(fetched.packs[r][j].v[v]) : acc_t(0);
+      }
+    }
+  }
+}
+
+// fetch_tile, then widen_tile.
 template <typename scalar_t, int VEC, int CHUNKS, typename Args>
 ATTNPOOL_DEVICE inline void load_tile(
     const Args& a,
@@ -122,25 +172,9 @@ ATTNPOOL_DEVICE inline void load_tile(
     int64_t last,
     bool (&present)[kTileRows],
     attnpool_opmath_t<scalar_t> (&xs)[kTileRows][CHUNKS][VEC]) {
-  using acc_t = attnpool_opmath_t<scalar_t>;
-  for (int r = 0; r < kTileRows; ++r) {
-    const int64_t l = tile + r;
-    present[r] =
-        l < last && (a.mask == nullptr || a.mask[b * a.mask_batch_stride + l * a.mask_seq_stride]);
-    for (int j = 0; j < CHUNKS; ++j) {
-      const int64_t col = chunk_column<VEC>(j);
-      if (present[r] && col < a.hidden) {
-        const auto pack = load_pack<scalar_t, VEC>(x + l * a.x_seq_stride + col);
-        for (int v = 0; v < VEC; ++v) {
-          xs[r][j][v] = static_cast<acc_t>(pack.v[v]);
-        }
-      } else {
-        for (int v = 0; v < VEC; ++v) {
-          xs[r][j][v] = acc_t(0);
-        }
-      }
-    }
-  }
+  FetchedTile<scalar_t, VEC, CHUNKS> fetched;
+  fetch_tile<scalar_t, VEC, CHUNKS>(a, x, b, tile, last, fetched);
+  widen_tile<scalar_t, VEC, CHUNKS>(fetched, a.hidden, present, xs);
 }
 
 // One (sequence b, query i, piece of the sequence) per block. Threads split
@@ -192,10 +226,20 @@ ATTNPOOL_GLOBAL void forward_kernel(ForwardArgs a) {
   }
   attnpool_syncthreads();
 
+  FetchedTile<scalar_t, VEC, CHUNKS> fetched;
+  if (first < last) {
+    fetch_tile<scalar_t, VEC, CHUNKS>(a, x, b, first, last, fetched);
+  }
   for (int64_t tile = first; tile < last; tile += R) {
     bool present[R];
     acc_t xs[R][CHUNKS][VEC];
-    load_tile<scalar_t, VEC, CHUNKS>(a, x, b, tile, last, present, xs);
+    widen_tile<scalar_t, VEC, CHUNKS>(fetched, H, present, xs);
+    // The next tile's loads are issued here, so that they are in flight
+    // during this tile's reductions and barriers (the block's rows are read
+    // one tile after another, and a tile alone keeps too few bytes in flight).
+    if (tile + R < last) {
+      fetch_tile<scalar_t, VEC, CHUNKS>(a, x, b, tile + R, last, fetched);
+    }
     for (int64_t h = 0; h < n; ++h) {
       acc_t part[R];
       for (int r = 0; r < R; ++r) {
@@ -314,53 +358,150 @@ ATTNPOOL_GLOBAL void forward_kernel(ForwardArgs a) {
   }
 }
 
-// Merges the pieces of each (b, i) in piece order: out and lse. One block per
-// (b, i); threads split the columns.
+// Merging the pieces of each (b, i): out and lse. Column c < H is out's, H + h
+// head h's lse. A CUDA block takes kMergeColumns columns of one (b, i); its
+// threads form merge_threads(splits) / kMergeColumns slices, and slice t reads
+// pieces t, t + slices, ... so that a long sequence cut into a thousand pieces
+// is not merged one piece after another. Slices are combined in slice order:
+// the launch depends on the shape only, so the result is bitwise repeatable.
+constexpr int kMergeColumns = 32;
+constexpr int kMaxMergeSlices = 32;
+
+ATTNPOOL_HOST_DEVICE inline int64_t merge_blocks_per_row(int64_t hidden, int64_t num_heads) {
+  return (hidden + num_heads + kMergeColumns - 1) / kMergeColumns;
+}
+
+ATTNPOOL_HOST_DEVICE inline int merge_threads(int64_t splits) {
+  return kMergeColumns * static_cast<int>(splits < kMaxMergeSlices ? splits : kMaxMergeSlices);
+}
+
+template <typename acc_t>
+ATTNPOOL_HOST_DEVICE inline int64_t merge_shared_bytes(int64_t threads) {
+  return static_cast<int64_t>(sizeof(acc_t)) * 2 * threads;
+}
+
 template <typename scalar_t>
 ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardArgs a) {
   using acc_t = attnpool_opmath_t<scalar_t>;
   const int64_t H = a.hidden;
   const int64_t n = a.num_heads;
-  const int64_t d = a.head_dim;
-  const int64_t bi = blockIdx.x;  // b * Q + i
+  const int slices = static_cast<int>(blockDim.x) / kMergeColumns;
+  const int column = static_cast<int>(threadIdx.x) % kMergeColumns;
+  const int slice = static_cast<int>(threadIdx.x) / kMergeColumns;
+  const int64_t per_row = merge_blocks_per_row(H, n);
+  const int64_t bi = blockIdx.x / per_row;  // b * Q + i
+  const int64_t c = (blockIdx.x % per_row) * kMergeColumns + column;
+  const bool active = c < H + n;
+  const int64_t h = !active ? 0 : c < H ? c / a.head_dim : c - H;
   const int64_t record = 1 + 2 * n + H;
   const acc_t* pieces = static_cast<const acc_t*>(a.partials) + bi * a.splits * record;
-  auto* out = static_cast<acc_t*>(a.out) + bi * H;
-  auto* lse = static_cast<acc_t*>(a.lse) + bi * n;
-  bool valid = false;
-  for (int64_t s = 0; s < a.splits; ++s) {
-    valid = valid || pieces[s * record] != acc_t(0);
+  // Two values per thread, [2][slices][kMergeColumns]; slice t's value of this
+  // column at firsts[t * kMergeColumns] and seconds[t * kMergeColumns].
+  ATTNPOOL_DYNAMIC_SHARED(acc_t, scratch);
+  acc_t* firsts = scratch + column;
+  acc_t* seconds = firsts + slices * kMergeColumns;
+  const int own = slice * kMergeColumns;
+
+  // The largest running max of head h over the pieces with a row present.
+  acc_t m = -attnpool_infinity<acc_t>();
+  acc_t valid = acc_t(0);
+  for (int64_t s = slice; active && s < a.splits; s += slices) {
+    const acc_t* piece = pieces + s * record;
+    if (piece[0] != acc_t(0)) {
+      valid = acc_t(1);
+      m = piece[1 + h] > m ? piece[1 + h] : m;
+    }
   }
-  // Each thread merges the heads of its own columns (and thread h the lse of
-  // head h); every thread reads the pieces in the same order.
-  for (int64_t c = threadIdx.x; c < H + n; c += blockDim.x) {
-    const int64_t h = c < H ? c / d : c - H;
-    acc_t m = -attnpool_infinity<acc_t>();
-    for (int64_t s = 0; s < a.splits; ++s) {
-      const acc_t* piece = pieces + s * record;
-      if (piece[0] != acc_t(0) && piece[1 + h] > m) {
-        m = piece[1 + h];
-      }
+  firsts[own] = m;
+  seconds[own] = valid;
+  attnpool_syncthreads();
+  m = -attnpool_infinity<acc_t>();
+  valid = acc_t(0);
+  for (int t = 0; t < slices; ++t) {
+    m = firsts[t * kMergeColumns] > m ? firsts[t * kMergeColumns] : m;
+    valid = seconds[t * kMergeColumns] != acc_t(0) ? acc_t(1) : valid;
+  }
+  attnpool_syncthreads();
+
+  // The pieces' sums and weighted sums, rescaled to that max.
+  const bool none_finite = m == -attnpool_infinity<acc_t>();
+  acc_t sum = acc_t(0);
+  acc_t value = acc_t(0);
+  for (int64_t s = slice; active && s < a.splits; s += slices) {
+    const acc_t* piece = pieces + s * record;
+    if (piece[0] == acc_t(0)) {
+      continue;
     }
-    const bool none_finite = m == -attnpool_infinity<acc_t>();
-    acc_t sum = acc_t(0);
-    acc_t value = acc_t(0);
-    for (int64_t s = 0; s < a.splits; ++s) {
-      const acc_t* piece = pieces + s * record;
-      if (piece[0] == acc_t(0)) {
-        continue;
-      }
-      const acc_t weight = none_finite ? acc_t(1) : attnpool_exp(piece[1 + h] - m);
-      sum += weight * piece[1 + n + h];
-      if (c < H) {
-        value += weight * piece[1 + 2 * n + c];
-      }
-    }
+    const acc_t weight = none_finite ? acc_t(1) : attnpool_exp(piece[1 + h] - m);
+    sum += weight * piece[1 + n + h];
     if (c < H) {
-      out[c] = valid ? value / sum : acc_t(0);
-    } else {
-      lse[h] = valid ? m + attnpool_log(sum) : -attnpool_infinity<acc_t>();
+      value += weight * piece[1 + 2 * n + c];
     }
+  }
+  firsts[own] = sum;
+  seconds[own] = value;
+  attnpool_syncthreads();
+  if (slice != 0 || !active) {
+    return;
+  }
+  sum = acc_t(0);
+  value = acc_t(0);
+  for (int t = 0; t < slices; ++t) {
+    sum += firsts[t * kMergeColumns];
+    value += seconds[t * kMergeColumns];
+  }
+  const bool any = valid != acc_t(0);
+  if (c < H) {
+    static_cast<acc_t*>(a.out)[bi * H + c] = any ? value / sum : acc_t(0);
+  } else {
+    static_cast<acc_t*>(a.lse)[bi * n + h] =
+        any ? m + attnpool_log(sum) : -attnpool_infinity<acc_t>();
+  }
+}
+
+// delta_k = G_i[D_h] . out_i[D_h] for every score k = i * n + h of sequence b,
+// into delta[K]. It is summed exactly as backward_kernel sums dp = G_i[D_h] .
+// x_l[D_h] (the same columns per thread, fma order, warp and block
+// reductions), so that when all the weight falls on one row, whose x then
+// equals out, dp - delta is exactly 0, as in the reference.
+template <int VEC, int CHUNKS, typename acc_t>
+ATTNPOOL_DEVICE inline void block_deltas(
+    const BackwardArgs& a, int64_t b, acc_t* partial, acc_t* delta) {
+  constexpr int R = kTileRows;
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int num_warps = (blockDim.x + 31) / 32;
+  const int64_t H = a.hidden;
+  const int64_t n = a.num_heads;
+  for (int64_t i = 0; i < a.num_queries; ++i) {
+    const acc_t* g = static_cast<const acc_t*>(a.grad_out) + (b * a.num_queries + i) * H;
+    const acc_t* o = static_cast<const acc_t*>(a.out) + (b * a.num_queries + i) * H;
+    for (int64_t h = 0; h < n; ++h) {
+      acc_t part = acc_t(0);
+      for (int j = 0; j < CHUNKS; ++j) {
+        const int64_t col = chunk_column<VEC>(j);
+        if (col < H) {
+          for (int v = 0; v < VEC; ++v) {
+            const acc_t gv = (col + v) / a.head_dim == h ? g[col + v] : acc_t(0);
+            part = attnpool_fma(o[col + v], gv, part);
+          }
+        }
+      }
+      part = warp_sum(part);
+      if (lane == 0) {
+        partial[((warp * 2 + 1) * n + h) * R] = part;
+      }
+    }
+    attnpool_syncthreads();
+    for (int64_t h = tid; h < n; h += blockDim.x) {
+      acc_t total = acc_t(0);
+      for (int w = 0; w < num_warps; ++w) {
+        total += partial[(w * 2 + 1) * n * R + h * R];
+      }
+      delta[i * n + h] = total;
+    }
+    attnpool_syncthreads();
   }
 }
 
@@ -388,7 +529,6 @@ ATTNPOOL_GLOBAL void backward_kernel(BackwardArgs a) {
   const auto* x = static_cast<const scalar_t*>(a.x) + b * a.x_batch_stride;
   const auto* u = static_cast<const acc_t*>(a.u);
   const auto* lse = static_cast<const acc_t*>(a.lse) + b * K;
-  const auto* delta = static_cast<const acc_t*>(a.delta) + b * K;
   auto* dx = static_cast<scalar_t*>(a.dx) + b * a.seq_len * H;
   acc_t* du = static_cast<acc_t*>(a.du_partials) + block * K * H;
   const acc_t scale = static_cast<acc_t>(a.scale);
@@ -397,6 +537,8 @@ ATTNPOOL_GLOBAL void backward_kernel(BackwardArgs a) {
   acc_t* partial = shared;                         // [num_warps][2][n][R]
   acc_t* probs = partial + num_warps * 2 * n * R;  // [n][R]
   acc_t* dscores = probs + n * R;                  // [n][R]
+  acc_t* delta = dscores + n * R;                  // [K]
+  block_deltas<VEC, CHUNKS>(a, b, partial, delta);
 
   for (int64_t k = 0; k < K; ++k) {
     for (int j = 0; j < CHUNKS; ++j) {
@@ -439,7 +581,7 @@ ATTNPOOL_GLOBAL void backward_kernel(BackwardArgs a) {
               const acc_t gv = (col + v) / d == h ? g[col + v] : acc_t(0);
               for (int r = 0; r < R; ++r) {
                 part_score[r] += xs[r][j][v] * uv;
-                part_dprob[r] += xs[r][j][v] * gv;
+                part_dprob[r] = attnpool_fma(xs[r][j][v], gv, part_dprob[r]);
               }
             }
           }
@@ -510,43 +652,41 @@ ATTNPOOL_GLOBAL void backward_kernel(BackwardArgs a) {
   }
 }
 
-// du[c] = sum over blocks of du_partials[block][c], in block order.
+// du[c] = sum over blocks of du_partials[block][c]. Each CUDA block sums
+// kReduceColumns columns; its threads form blockDim.x / kReduceColumns
+// slices, slice s summing partials s, s + slices, ... in order, then slice 0
+// adds the slices in order: a fixed order for a fixed launch, so the result is
+// bitwise repeatable. Needs reduce_shared_bytes of shared memory.
+constexpr int kReduceColumns = 32;
+
+template <typename acc_t>
+ATTNPOOL_HOST_DEVICE inline int64_t reduce_shared_bytes(int64_t threads) {
+  return static_cast<int64_t>(sizeof(acc_t)) * threads;
+}
+
 template <typename acc_t>
 ATTNPOOL_GLOBAL void reduce_partials_kernel(
     const acc_t* partials, acc_t* du, int64_t blocks, int64_t width) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= width) {
-    return;
-  }
+  const int slices = static_cast<int>(blockDim.x) / kReduceColumns;
+  const int column = static_cast<int>(threadIdx.x) % kReduceColumns;
+  const int slice = static_cast<int>(threadIdx.x) / kReduceColumns;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kReduceColumns + column;
+  ATTNPOOL_DYNAMIC_SHARED(acc_t, sums);  // [slices][kReduceColumns]
   acc_t total = acc_t(0);
-  for (int64_t block = 0; block < blocks; ++block) {
-    total += partials[block * width + c];
+  if (c < width) {
+    for (int64_t block = slice; block < blocks; block += slices) {
+      total += partials[block * width + c];
+    }
   }
-  du[c] = total;
-}
-
-// delta[b, i*n + h] = grad_out[b, i, D_h] . out[b, i, D_h]
-template <typename acc_t>
-ATTNPOOL_GLOBAL void delta_kernel(
-    const acc_t* grad_out,
-    const acc_t* out,
-    acc_t* delta,
-    int64_t count,
-    int64_t hidden,
-    int64_t num_heads) {
-  const int64_t k =
-      static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // (b * Q + i) * n + h
-  if (k >= count) {
-    return;
+  sums[slice * kReduceColumns + column] = total;
+  attnpool_syncthreads();
+  if (slice == 0 && c < width) {
+    acc_t sum = acc_t(0);
+    for (int s = 0; s < slices; ++s) {
+      sum += sums[s * kReduceColumns + column];
+    }
+    du[c] = sum;
   }
-  const int64_t head_dim = hidden / num_heads;
-  const int64_t row = k / num_heads;
-  const int64_t offset = row * hidden + (k % num_heads) * head_dim;
-  acc_t total = acc_t(0);
-  for (int64_t e = 0; e < head_dim; ++e) {
-    total += grad_out[offset + e] * out[offset + e];
-  }
-  delta[k] = total;
 }
 
 }  // namespace attnpool::cuda

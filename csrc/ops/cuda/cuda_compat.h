@@ -42,6 +42,14 @@ __device__ inline double attnpool_log(double v) {
   return log(v);
 }
 
+// a * b + c rounded once: written out where two sums must round alike.
+__device__ inline float attnpool_fma(float a, float b, float c) {
+  return __fmaf_rn(a, b, c);
+}
+__device__ inline double attnpool_fma(double a, double b, double c) {
+  return __fma_rn(a, b, c);
+}
+
 template <typename T>
 __host__ __device__ constexpr T attnpool_infinity() {
   return std::numeric_limits<T>::infinity();

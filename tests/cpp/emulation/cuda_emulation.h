@@ -135,6 +135,11 @@ T attnpool_log(T v) {
 }
 
 template <typename T>
+T attnpool_fma(T a, T b, T c) {
+  return std::fma(a, b, c);
+}
+
+template <typename T>
 constexpr T attnpool_infinity() {
   return std::numeric_limits<T>::infinity();
 }
