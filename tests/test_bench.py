@@ -4,7 +4,9 @@ measured by the benchmark itself, not by tests."""
 
 import json
 
+import pytest
 import torch
+from helpers import CUDA_SKIP_REASON
 
 import attnpool
 from attnpool import bench
@@ -50,3 +52,22 @@ def test_benchmarked_compositions_compute_the_op():
         torch.testing.assert_close(
             fn(x, query, w_q, w_k, mask, num_heads=4), want, atol=1e-5, rtol=1e-4
         )
+
+
+@pytest.mark.skipif(CUDA_SKIP_REASON is None, reason="this machine can run the GPU benchmark")
+def test_cuda_benchmark_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        bench.main(["--device", "cuda", "--quick", "--out", str(tmp_path)])
+    assert raised.value.code == 2
+    assert "--device cuda needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
+def test_quick_cuda_benchmark_runs_every_method_on_the_gpu(tmp_path):
+    args = ["--device", "cuda", "--quick", "--dtypes", "float32", "--rounds", "1"]
+    assert bench.main([*args, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["device"] == "cuda" and report["targets"] == []
+    for row in report["results"]:
+        assert row["device"] == "cuda"
+        assert all(seconds > 0 for seconds in row["seconds"].values())
