@@ -130,6 +130,19 @@ struct Emulated {
   attnpool::detail::PreparedInputs prepared;
 };
 
+// ForwardArgs or BackwardArgs with the inputs, their sizes and the cut of the
+// sequences into pieces set.
+template <typename Args>
+Args sequence_args(
+    const attnpool::detail::PreparedInputs& prepared, int64_t splits, int64_t rows_per_split) {
+  Args a{};
+  attnpool::detail::set_input_args(a, prepared);
+  attnpool::cuda::set_shape_args(a, prepared.dims);
+  a.splits = splits;
+  a.rows_per_split = rows_per_split;
+  return a;
+}
+
 // Runs the CUDA forward kernels, then the backward kernels from that forward's
 // out and lse, launched as the case says.
 Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad_out) {
@@ -150,11 +163,7 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
   e.out = torch::empty(out_shape, acc_options);
   e.lse = torch::empty({B, Q, n}, acc_options);
   auto partials = torch::empty({B * Q * splits, 1 + 2 * n + H}, acc_options);
-  ForwardArgs f{};
-  attnpool::detail::set_input_args(f, e.prepared);
-  attnpool::cuda::set_shape_args(f, e.prepared.dims);
-  f.splits = splits;
-  f.rows_per_split = rows_per_split;
+  auto f = sequence_args<ForwardArgs>(e.prepared, splits, rows_per_split);
   f.out = e.out.mutable_data_ptr();
   f.lse = e.lse.mutable_data_ptr();
   f.partials = partials.mutable_data_ptr();
@@ -186,11 +195,7 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
       }
       const auto grads_in = attnpool::detail::prepare_gradients(
           grad_out, in.x, in.query, e.out, e.lse, n, e.prepared.acc_dtype);
-      BackwardArgs g{};
-      attnpool::detail::set_input_args(g, e.prepared);
-      attnpool::cuda::set_shape_args(g, e.prepared.dims);
-      g.splits = splits;
-      g.rows_per_split = rows_per_split;
+      auto g = sequence_args<BackwardArgs>(e.prepared, splits, rows_per_split);
       g.grad_out = grads_in.grad_out.const_data_ptr();
       g.out = grads_in.out.const_data_ptr();
       g.lse = grads_in.lse.const_data_ptr();
