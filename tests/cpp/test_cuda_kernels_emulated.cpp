@@ -210,7 +210,7 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
     });
     launch(
         &attnpool::cuda::reduce_partials_kernel<acc_t>,
-        (K * H + attnpool::cuda::kReduceColumns - 1) / attnpool::cuda::kReduceColumns,
+        (K * H + attnpool::cuda::kSliceColumns - 1) / attnpool::cuda::kSliceColumns,
         64,
         attnpool::cuda::reduce_shared_bytes<acc_t>(64),
         du_partials.const_data_ptr<acc_t>(),

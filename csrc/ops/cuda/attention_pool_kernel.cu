@@ -253,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_backwa
         const int64_t width = K * dims.hidden;
         constexpr int kReduceThreads = 256;
         reduce_partials_kernel<acc_t>
-            <<<ceil_div(width, kReduceColumns),
+            <<<ceil_div(width, kSliceColumns),
                kReduceThreads,
                reduce_shared_bytes<acc_t>(kReduceThreads),
                stream>>>(

@@ -358,21 +358,39 @@ ATTNPOOL_GLOBAL void forward_kernel(ForwardArgs a) {
   }
 }
 
+// The merge of pieces and the reduction of du's partials give each CUDA block
+// kSliceColumns consecutive columns (a warp's width, so that a warp's loads
+// are one contiguous run) and split its threads into slices over the pieces:
+// thread t is column t % kSliceColumns of slice t / kSliceColumns.
+constexpr int kSliceColumns = 32;
+
+struct SlicePlace {
+  int slices;
+  int column;
+  int slice;
+};
+
+ATTNPOOL_DEVICE inline SlicePlace slice_place() {
+  return {
+      static_cast<int>(blockDim.x) / kSliceColumns,
+      static_cast<int>(threadIdx.x) % kSliceColumns,
+      static_cast<int>(threadIdx.x) / kSliceColumns};
+}
+
 // Merging the pieces of each (b, i): out and lse. Column c < H is out's, H + h
-// head h's lse. A CUDA block takes kMergeColumns columns of one (b, i); its
-// threads form merge_threads(splits) / kMergeColumns slices, and slice t reads
+// head h's lse. A CUDA block takes kSliceColumns columns of one (b, i); its
+// threads form merge_threads(splits) / kSliceColumns slices, and slice t reads
 // pieces t, t + slices, ... so that a long sequence cut into a thousand pieces
 // is not merged one piece after another. Slices are combined in slice order:
 // the launch depends on the shape only, so the result is bitwise repeatable.
-constexpr int kMergeColumns = 32;
 constexpr int kMaxMergeSlices = 32;
 
 ATTNPOOL_HOST_DEVICE inline int64_t merge_blocks_per_row(int64_t hidden, int64_t num_heads) {
-  return (hidden + num_heads + kMergeColumns - 1) / kMergeColumns;
+  return (hidden + num_heads + kSliceColumns - 1) / kSliceColumns;
 }
 
 ATTNPOOL_HOST_DEVICE inline int merge_threads(int64_t splits) {
-  return kMergeColumns * static_cast<int>(splits < kMaxMergeSlices ? splits : kMaxMergeSlices);
+  return kSliceColumns * static_cast<int>(splits < kMaxMergeSlices ? splits : kMaxMergeSlices);
 }
 
 template <typename acc_t>
@@ -385,22 +403,20 @@ ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardArgs a) {
   using acc_t = attnpool_opmath_t<scalar_t>;
   const int64_t H = a.hidden;
   const int64_t n = a.num_heads;
-  const int slices = static_cast<int>(blockDim.x) / kMergeColumns;
-  const int column = static_cast<int>(threadIdx.x) % kMergeColumns;
-  const int slice = static_cast<int>(threadIdx.x) / kMergeColumns;
+  const auto [slices, column, slice] = slice_place();
   const int64_t per_row = merge_blocks_per_row(H, n);
   const int64_t bi = blockIdx.x / per_row;  // b * Q + i
-  const int64_t c = (blockIdx.x % per_row) * kMergeColumns + column;
+  const int64_t c = (blockIdx.x % per_row) * kSliceColumns + column;
   const bool active = c < H + n;
   const int64_t h = !active ? 0 : c < H ? c / a.head_dim : c - H;
   const int64_t record = 1 + 2 * n + H;
   const acc_t* pieces = static_cast<const acc_t*>(a.partials) + bi * a.splits * record;
-  // Two values per thread, [2][slices][kMergeColumns]; slice t's value of this
-  // column at firsts[t * kMergeColumns] and seconds[t * kMergeColumns].
+  // Two values per thread, [2][slices][kSliceColumns]; slice t's value of this
+  // column at firsts[t * kSliceColumns] and seconds[t * kSliceColumns].
   ATTNPOOL_DYNAMIC_SHARED(acc_t, scratch);
   acc_t* firsts = scratch + column;
-  acc_t* seconds = firsts + slices * kMergeColumns;
-  const int own = slice * kMergeColumns;
+  acc_t* seconds = firsts + slices * kSliceColumns;
+  const int own = slice * kSliceColumns;
 
   // The largest running max of head h over the pieces with a row present.
   acc_t m = -attnpool_infinity<acc_t>();
@@ -418,8 +434,8 @@ ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardArgs a) {
   m = -attnpool_infinity<acc_t>();
   valid = acc_t(0);
   for (int t = 0; t < slices; ++t) {
-    m = firsts[t * kMergeColumns] > m ? firsts[t * kMergeColumns] : m;
-    valid = seconds[t * kMergeColumns] != acc_t(0) ? acc_t(1) : valid;
+    m = firsts[t * kSliceColumns] > m ? firsts[t * kSliceColumns] : m;
+    valid = seconds[t * kSliceColumns] != acc_t(0) ? acc_t(1) : valid;
   }
   attnpool_syncthreads();
 
@@ -447,8 +463,8 @@ ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardArgs a) {
   sum = acc_t(0);
   value = acc_t(0);
   for (int t = 0; t < slices; ++t) {
-    sum += firsts[t * kMergeColumns];
-    value += seconds[t * kMergeColumns];
+    sum += firsts[t * kSliceColumns];
+    value += seconds[t * kSliceColumns];
   }
   const bool any = valid != acc_t(0);
   if (c < H) {
@@ -653,12 +669,10 @@ ATTNPOOL_GLOBAL void backward_kernel(BackwardArgs a) {
 }
 
 // du[c] = sum over blocks of du_partials[block][c]. Each CUDA block sums
-// kReduceColumns columns; its threads form blockDim.x / kReduceColumns
+// kSliceColumns columns; its threads form blockDim.x / kSliceColumns
 // slices, slice s summing partials s, s + slices, ... in order, then slice 0
 // adds the slices in order: a fixed order for a fixed launch, so the result is
 // bitwise repeatable. Needs reduce_shared_bytes of shared memory.
-constexpr int kReduceColumns = 32;
-
 template <typename acc_t>
 ATTNPOOL_HOST_DEVICE inline int64_t reduce_shared_bytes(int64_t threads) {
   return static_cast<int64_t>(sizeof(acc_t)) * threads;
@@ -667,23 +681,21 @@ ATTNPOOL_HOST_DEVICE inline int64_t reduce_shared_bytes(int64_t threads) {
 template <typename acc_t>
 ATTNPOOL_GLOBAL void reduce_partials_kernel(
     const acc_t* partials, acc_t* du, int64_t blocks, int64_t width) {
-  const int slices = static_cast<int>(blockDim.x) / kReduceColumns;
-  const int column = static_cast<int>(threadIdx.x) % kReduceColumns;
-  const int slice = static_cast<int>(threadIdx.x) / kReduceColumns;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kReduceColumns + column;
-  ATTNPOOL_DYNAMIC_SHARED(acc_t, sums);  // [slices][kReduceColumns]
+  const auto [slices, column, slice] = slice_place();
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kSliceColumns + column;
+  ATTNPOOL_DYNAMIC_SHARED(acc_t, sums);  // [slices][kSliceColumns]
   acc_t total = acc_t(0);
   if (c < width) {
     for (int64_t block = slice; block < blocks; block += slices) {
       total += partials[block * width + c];
     }
   }
-  sums[slice * kReduceColumns + column] = total;
+  sums[slice * kSliceColumns + column] = total;
   attnpool_syncthreads();
   if (slice == 0 && c < width) {
     acc_t sum = acc_t(0);
     for (int s = 0; s < slices; ++s) {
-      sum += sums[s * kReduceColumns + column];
+      sum += sums[s * kSliceColumns + column];
     }
     du[c] = sum;
   }
