@@ -17,7 +17,7 @@ import attnpool
 NUM_THREADS = 8
 
 # (B, L, H, Q, heads, dtype, param dtype): short and long sequences (the long
-# ones are split across work items), every dtype, mixed precision.
+# ones are split across work items), every dtype, mixed precision, wide heads.
 JOBS = [
     (2, 5, 8, None, 1, torch.float64, None),
     (3, 17, 24, 2, 3, torch.float32, None),
@@ -28,6 +28,8 @@ JOBS = [
     (2, 2500, 64, None, 8, torch.float64, None),
     (3, 0, 8, 2, 2, torch.float32, None),
     (2, 4000, 64, None, 1, torch.float32, None),
+    (2, 40, 200, 2, 1, torch.float32, None),  # the fold cut into 6 runs of rows
+    (2, 30, 256, None, 2, torch.float64, None),  # 4 runs per head
 ]
 
 

@@ -45,6 +45,27 @@ def test_gradients_match_reference_on_long_split_sequences(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "hidden, num_queries, num_heads",
+    [(200, None, 1), (256, 3, 1), (192, 2, 2), (96, None, 3)],
+    ids=["6-uneven-runs", "8-runs-3-queries", "3-runs-per-head", "one-run-per-head"],
+)
+def test_fold_cut_into_runs_matches_reference(device, hidden, num_queries, num_heads):
+    # The CPU fold cuts each head's rows of w_q and w_k into runs of at least
+    # 32 rows (up to 8 tasks) and sums the runs' partial u in order.
+    inputs = make_inputs(2, 6, hidden, num_queries, mask="random", device=device).requiring_grad()
+    leaves = (inputs.x, inputs.query, inputs.w_q, inputs.w_k)
+    out = attnpool.attention_pool(*inputs.args(), num_heads)
+    ref = attnpool.reference.attention_pool(*inputs.args(), num_heads)
+    torch.testing.assert_close(out, ref, **TOLERANCES[torch.float64])
+    weights = torch.randn(out.shape, dtype=torch.float64, device=device)
+    got = torch.autograd.grad((out * weights).sum(), leaves)
+    want = torch.autograd.grad((ref * weights).sum(), leaves)
+    for name, g, w in zip(("x", "query", "w_q", "w_k"), got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOLERANCES[torch.float64], msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_reduced_precision_gradients(device, dtype):
     base = make_inputs(3, 20, 16, 2, mask="random", device=device)

@@ -296,13 +296,14 @@ PreparedInputs prepare_inputs(
     const at::Tensor& w_k,
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
-    std::optional<double> scale) {
+    std::optional<double> scale,
+    QueryFolder fold) {
   check_attention_pool_args(x, query, w_q, w_k, mask, num_heads, scale);
   PreparedInputs in;
   in.dims = pool_dims(x, query, num_heads);
   in.acc_dtype = accumulate_dtype(x.scalar_type());
   in.scale = resolve_scale(scale, in.dims.head_dim);
-  in.folded = fold_query(query, w_q, w_k, num_heads, in.acc_dtype);
+  in.folded = fold(query, w_q, w_k, num_heads, in.acc_dtype);
   in.rows = with_contiguous_rows(x);
   in.keep = bool_mask(mask);
   in.output_shape = query.dim() == 1

@@ -90,6 +90,14 @@ ParamGrads unfold_score_vector_grad(
     const at::Tensor& w_k,
     int64_t num_heads);
 
+// fold_query or a device's own kernel for it (the CPU has one).
+using QueryFolder = FoldedQuery (*)(
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    int64_t num_heads,
+    at::ScalarType acc_dtype);
+
 // The arguments of one call, checked, in the form every kernel reads them.
 struct PreparedInputs {
   PoolDims dims;
@@ -107,7 +115,8 @@ PreparedInputs prepare_inputs(
     const at::Tensor& w_k,
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
-    std::optional<double> scale);
+    std::optional<double> scale,
+    QueryFolder fold = &fold_query);
 
 // Points a kernel's argument struct at the inputs. The CPU params and the
 // CUDA args name these fields alike.

@@ -80,8 +80,56 @@ struct BackwardParams {
   bool stream_dx;
 };
 
+// The fold (SPEC.md §1) and its backward cut the rows of w_q and w_k the
+// same way: each head's d rows into runs_per_head runs, one task per
+// (head, run), task = h * runs_per_head + run. The cut depends on the shape
+// only, like WorkPlan.
+struct FoldShape {
+  int64_t hidden;         // H
+  int64_t num_queries;    // Q
+  int64_t num_heads;      // n
+  int64_t runs_per_head;  // >= 1
+
+  int64_t tasks() const {
+    return num_heads * runs_per_head;
+  }
+};
+
+// Everything in the accumulation dtype (float or double), contiguous:
+// query [Q, H], w_q and w_k [H, H]; outputs projected = q' [Q, H] and
+// u [Q*n, H]; partials [runs_per_head, Q*n, H] when runs_per_head > 1.
+struct FoldParams {
+  FoldShape shape;
+  c10::ScalarType dtype;
+  const void* query;
+  const void* w_q;
+  const void* w_k;
+  void* projected;
+  void* u;
+  void* partials;
+};
+
+// The fold's backward, from grad_u = dLoss/du [Q*n, H]; inputs as in
+// FoldParams plus projected [Q, H]; outputs grad_query [Q, H], grad_w_q and
+// grad_w_k [H, H]; partials [tasks, Q, H] when there is more than one task.
+struct UnfoldParams {
+  FoldShape shape;
+  c10::ScalarType dtype;
+  const void* query;
+  const void* w_q;
+  const void* w_k;
+  const void* projected;
+  const void* grad_u;
+  void* grad_query;
+  void* grad_w_q;
+  void* grad_w_k;
+  void* partials;
+};
+
 using ForwardFn = void (*)(const ForwardParams&);
 using BackwardFn = void (*)(const BackwardParams&);
+using FoldFn = void (*)(const FoldParams&);
+using UnfoldFn = void (*)(const UnfoldParams&);
 
 enum class Isa { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
 
@@ -90,6 +138,8 @@ struct KernelSet {
   const char* name;
   ForwardFn forward;
   BackwardFn backward;
+  FoldFn fold;
+  UnfoldFn unfold;
 };
 
 // Each isa/ translation unit registers its KernelSet from a static

@@ -92,6 +92,115 @@ bool stream_dx(const at::Tensor& dx) {
          pages_backed(dx.mutable_data_ptr(), dx.nbytes());
 }
 
+// The fold and its backward cut the rows of the weights into about this many
+// tasks; like plan_work, the cut depends on the shape only.
+constexpr int64_t kFoldTargetTasks = 8;
+// Fewest rows of the weights worth a task of their own.
+constexpr int64_t kFoldMinTaskRows = 32;
+
+FoldShape fold_shape(const at::Tensor& query, const at::Tensor& w_k, int64_t num_heads) {
+  const int64_t hidden = w_k.size(0);
+  const int64_t head_dim = hidden / num_heads;
+  const int64_t wanted = ceil_div(kFoldTargetTasks, num_heads);
+  const int64_t runs = std::clamp<int64_t>(
+      std::min(wanted, head_dim / kFoldMinTaskRows), 1, std::max<int64_t>(head_dim, 1));
+  return {hidden, query.dim() == 1 ? 1 : query.size(0), num_heads, runs};
+}
+
+// The weights as the fold kernels read them: contiguous, in the accumulation dtype.
+struct FoldWeights {
+  at::Tensor queries;  // [Q, H]
+  at::Tensor w_q;
+  at::Tensor w_k;
+};
+
+FoldWeights fold_weights(
+    const FoldShape& s,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    at::ScalarType acc_dtype) {
+  return {
+      query.to(acc_dtype).reshape({s.num_queries, s.hidden}).contiguous(),
+      w_q.to(acc_dtype).contiguous(),
+      w_k.to(acc_dtype).contiguous()};
+}
+
+// detail::fold_query, computed by this CPU's fold kernel.
+detail::FoldedQuery fold_query_kernel(
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    int64_t num_heads,
+    at::ScalarType acc_dtype) {
+  const FoldShape s = fold_shape(query, w_k, num_heads);
+  const auto weights = fold_weights(s, query, w_q, w_k, acc_dtype);
+  const auto options = weights.queries.options();
+  auto projected = at::empty({s.num_queries, s.hidden}, options);
+  auto u = at::empty({s.num_queries * num_heads, s.hidden}, options);
+  if (projected.numel() == 0) {
+    return {projected, u};
+  }
+  at::Tensor partials;
+  if (s.runs_per_head > 1) {
+    partials = at::empty({s.runs_per_head, s.num_queries * num_heads, s.hidden}, options);
+  }
+  selected_kernels().fold(
+      {s,
+       acc_dtype,
+       weights.queries.const_data_ptr(),
+       weights.w_q.const_data_ptr(),
+       weights.w_k.const_data_ptr(),
+       projected.mutable_data_ptr(),
+       u.mutable_data_ptr(),
+       partials.defined() ? partials.mutable_data_ptr() : nullptr});
+  return {projected, u};
+}
+
+// detail::unfold_score_vector_grad, computed by this CPU's kernel for it.
+detail::ParamGrads unfold_score_vector_grad_kernel(
+    const at::Tensor& grad_u,
+    const detail::FoldedQuery& folded,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    int64_t num_heads) {
+  const auto acc_dtype = grad_u.scalar_type();
+  const auto grad_u_rows = grad_u.contiguous();
+  const FoldShape s = fold_shape(query, w_k, num_heads);
+  const auto weights = fold_weights(s, query, w_q, w_k, acc_dtype);
+  const auto options = weights.queries.options();
+  auto grad_query = at::empty({s.num_queries, s.hidden}, options);
+  auto grad_w_q = at::empty({s.hidden, s.hidden}, options);
+  auto grad_w_k = at::empty({s.hidden, s.hidden}, options);
+  if (grad_query.numel() == 0) {
+    grad_w_q.zero_();
+    grad_w_k.zero_();
+  } else {
+    at::Tensor partials;
+    if (s.tasks() > 1) {
+      partials = at::empty({s.tasks(), s.num_queries, s.hidden}, options);
+    }
+    selected_kernels().unfold(
+        {s,
+         acc_dtype,
+         weights.queries.const_data_ptr(),
+         weights.w_q.const_data_ptr(),
+         weights.w_k.const_data_ptr(),
+         folded.projected_query.const_data_ptr(),
+         grad_u_rows.const_data_ptr(),
+         grad_query.mutable_data_ptr(),
+         grad_w_q.mutable_data_ptr(),
+         grad_w_k.mutable_data_ptr(),
+         partials.defined() ? partials.mutable_data_ptr() : nullptr});
+  }
+  const auto param_dtype = query.scalar_type();
+  return {
+      grad_query.reshape(query.sizes()).to(param_dtype),
+      grad_w_q.to(param_dtype),
+      grad_w_k.to(param_dtype)};
+}
+
 PoolShape pool_shape(const detail::PoolDims& dims) {
   return {dims.batch, dims.seq_len, dims.hidden, dims.num_queries, dims.num_heads};
 }
@@ -104,7 +213,8 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_forward_kernel(
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
     std::optional<double> scale) {
-  const auto in = detail::prepare_inputs(x, query, w_q, w_k, mask, num_heads, scale);
+  const auto in =
+      detail::prepare_inputs(x, query, w_q, w_k, mask, num_heads, scale, &fold_query_kernel);
   const auto& dims = in.dims;
   // out stays in the accumulation dtype: the backward's delta = G . out
   // needs it unrounded (attention_pool() rounds it to x's dtype).
@@ -155,7 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_backwa
     const at::Tensor& lse,
     int64_t num_heads,
     std::optional<double> scale) {
-  const auto in = detail::prepare_inputs(x, query, w_q, w_k, mask, num_heads, scale);
+  const auto in =
+      detail::prepare_inputs(x, query, w_q, w_k, mask, num_heads, scale, &fold_query_kernel);
   const auto grads_in =
       detail::prepare_gradients(grad_out, x, query, out, lse, num_heads, in.acc_dtype);
   const auto& dims = in.dims;
@@ -180,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_backwa
   p.stream_dx = stream_dx(dx);
   selected_kernels().backward(p);
 
-  const auto grads = detail::unfold_score_vector_grad(du, in.folded, query, w_q, w_k, num_heads);
+  const auto grads = unfold_score_vector_grad_kernel(du, in.folded, query, w_q, w_k, num_heads);
   return {dx, grads.query, grads.w_q, grads.w_k};
 }
 
