@@ -3,6 +3,9 @@ runs, agrees with the op, and the table, JSON and plot are written. Speed is
 measured by the benchmark itself, not by tests."""
 
 import json
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,9 +23,11 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path, capsys):
                 "--threads",
                 "1",
                 "--dtypes",
-                "float32",
+                "float32,bfloat16",
                 "--rounds",
                 "1",
+                "--malloc",
+                "system",  # this test's process keeps its malloc as it was
                 "--out",
                 str(tmp_path),
             ]
@@ -32,13 +37,51 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "CPU kernels: " + attnpool._C.cpu_kernel_isa() in printed
     report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["malloc"].startswith("system")
     assert {r["mode"] for r in report["results"]} == {"forward", "forward+backward"}
     for row in report["results"]:
         assert {"attnpool", "eager-folded", "notebook", "compiled", "mha", "sdpa"} <= set(
             row["seconds"]
         )
+        # bfloat16 cases also time the op on float32 x, interleaved with the rest.
+        assert ("float32" in row["seconds"]) == (row["dtype"] == "bfloat16")
         assert all(seconds > 0 for seconds in row["seconds"].values())
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+RSS_AFTER_FREE = """
+import torch
+from attnpool import bench
+print(bench.configure_malloc({mode!r}))
+def resident_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+block = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page written
+before_free = resident_mib()
+del block
+print(before_free - resident_mib())
+"""
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt"
+)
+@pytest.mark.parametrize("mode", ["reuse", "system"])
+def test_malloc_reuse_keeps_freed_blocks(mode):
+    # With glibc's defaults a freed 64 MiB tensor is unmapped at once (and
+    # the next one faults its pages in anew); with --malloc reuse it stays.
+    run = subprocess.run(
+        [sys.executable, "-c", RSS_AFTER_FREE.format(mode=mode)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    description, released = run.stdout.split("\n")[:2]
+    assert description.startswith(mode)
+    if mode == "reuse":
+        assert float(released) < 8, "the freed block left the process"
+    else:
+        assert float(released) > 56, "the freed block stayed mapped"
 
 
 def test_benchmarked_compositions_compute_the_op():
