@@ -162,21 +162,6 @@ ATTNPOOL_DEVICE inline void widen_tile(
   }
 }
 
-// fetch_tile, then widen_tile.
-template <typename scalar_t, int VEC, int CHUNKS, typename Args>
-ATTNPOOL_DEVICE inline void load_tile(
-    const Args& a,
-    const scalar_t* x,
-    int64_t b,
-    int64_t tile,
-    int64_t last,
-    bool (&present)[kTileRows],
-    attnpool_opmath_t<scalar_t> (&xs)[kTileRows][CHUNKS][VEC]) {
-  FetchedTile<scalar_t, VEC, CHUNKS> fetched;
-  fetch_tile<scalar_t, VEC, CHUNKS>(a, x, b, tile, last, fetched);
-  widen_tile<scalar_t, VEC, CHUNKS>(fetched, a.hidden, present, xs);
-}
-
 // One (sequence b, query i, piece of the sequence) per block. Threads split
 // the columns; a tile of kTileRows rows is scored with one block reduction
 // per head, then folded into the online softmax (running max, sum, and the
@@ -571,7 +556,9 @@ ATTNPOOL_GLOBAL void backward_kernel(BackwardArgs a) {
     bool present[R];
     acc_t xs[R][CHUNKS][VEC];
     acc_t dxs[R][CHUNKS][VEC];
-    load_tile<scalar_t, VEC, CHUNKS>(a, x, b, tile, last, present, xs);
+    FetchedTile<scalar_t, VEC, CHUNKS> fetched;
+    fetch_tile<scalar_t, VEC, CHUNKS>(a, x, b, tile, last, fetched);
+    widen_tile<scalar_t, VEC, CHUNKS>(fetched, H, present, xs);
     for (int r = 0; r < R; ++r) {
       for (int j = 0; j < CHUNKS; ++j) {
         for (int v = 0; v < VEC; ++v) {
