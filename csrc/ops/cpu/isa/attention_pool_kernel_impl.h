@@ -411,22 +411,26 @@ void dot2_rows(const T* const* rows, const A* u, const A* g, int64_t n, A* score
 }
 
 // dx[r] = p[r] * g + ds[r] * u and du += sum_r ds[r] * rows[r], in one pass.
-template <int R, bool kStream, typename T, typename A>
+// dx rows of a reduced dtype D are rounded as they are stored, the same
+// rounding as computing them in float and converting the row afterwards.
+template <int R, bool kStream, typename T, typename A, typename D>
 void dx_du_rows(
     const A* p,
     const A* ds,
     const A* g,
     const A* u,
     const T* const* rows,
-    A* const* dx,
+    D* const* dx,
     A* du,
     int64_t n) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
+  constexpr bool kNarrow = !std::is_same_v<D, A>;
+  static_assert(!kNarrow || !kStream, "non-temporal stores are for float and double dx");
   // Local copies: the stores below could alias the caller's arrays, which
   // would make the compiler reload every pointer and weight per vector.
   const T* xr[R];
-  A* out[R];
+  D* out[R];
   Vec pv[R];
   Vec dsv[R];
   for (int r = 0; r < R; ++r) {
@@ -435,20 +439,39 @@ void dx_du_rows(
     pv[r] = Vec(p[r]);
     dsv[r] = Vec(ds[r]);
   }
+  auto dx_at = [&](int r, int64_t e) {
+    return at::vec::fmadd(dsv[r], Vec::loadu(u + e), pv[r] * Vec::loadu(g + e));
+  };
   int64_t e = 0;
+  if constexpr (kNarrow) {
+    // Two float vectors make one vector of D.
+    for (; e + 2 * W <= n; e += 2 * W) {
+      Vec acc_lo = Vec::loadu(du + e);
+      Vec acc_hi = Vec::loadu(du + e + W);
+      for (int r = 0; r < R; ++r) {
+        at::vec::convert_from_float<D>(dx_at(r, e), dx_at(r, e + W)).store(out[r] + e);
+        acc_lo = at::vec::fmadd(dsv[r], load_acc(xr[r] + e), acc_lo);
+        acc_hi = at::vec::fmadd(dsv[r], load_acc(xr[r] + e + W), acc_hi);
+      }
+      acc_lo.store(du + e);
+      acc_hi.store(du + e + W);
+    }
+  }
   for (; e + W <= n; e += W) {
-    const Vec gv = Vec::loadu(g + e);
-    const Vec uv = Vec::loadu(u + e);
     Vec acc = Vec::loadu(du + e);
     for (int r = 0; r < R; ++r) {
-      store<kStream>(at::vec::fmadd(dsv[r], uv, pv[r] * gv), out[r] + e);
+      if constexpr (kNarrow) {
+        at::vec::convert_from_float<D>(dx_at(r, e), Vec(A(0))).store(out[r] + e, W);
+      } else {
+        store<kStream>(dx_at(r, e), out[r] + e);
+      }
       acc = at::vec::fmadd(dsv[r], load_acc(xr[r] + e), acc);
     }
     acc.store(du + e);
   }
   for (; e < n; ++e) {
     for (int r = 0; r < R; ++r) {
-      dx[r][e] = p[r] * g[e] + ds[r] * u[e];
+      dx[r][e] = static_cast<D>(p[r] * g[e] + ds[r] * u[e]);
       du[e] += ds[r] * static_cast<A>(rows[r][e]);
     }
   }
@@ -939,6 +962,40 @@ void reduce_partials(const BackwardParams& p, int64_t width) {
 // Backward of one block of R unmasked rows of sequence b:
 //   p = exp(scale * x.u_k - lse), ds = scale * p * (G_i[D_h].x[D_h] - delta)
 //   dx = sum_k p * G_i[D_h] + ds * u_k,   du_k += ds * x
+// backward_rows for one query and one head: two passes over the rows instead
+// of five, and dx written in x's dtype directly.
+template <int R, typename scalar_t, typename acc_t>
+void backward_rows_one_score(
+    const Rows& r,
+    int64_t b,
+    const scalar_t* const* rows,
+    scalar_t* const* dx_rows,
+    const acc_t* u,
+    const acc_t* g,
+    const acc_t* lse,
+    const acc_t* delta,
+    acc_t scale,
+    acc_t* du,
+    bool stream_dx) {
+  const int64_t H = r.shape.hidden;
+  const acc_t* g0 = g + b * H;
+  acc_t scores[R];
+  acc_t dprobs[R];
+  acc_t probs[R];
+  acc_t dscores[R];
+  dot2_rows<R>(rows, u, g0, H, scores, dprobs);
+  for (int j = 0; j < R; ++j) {
+    probs[j] = std::exp(scale * scores[j] - lse[b]);
+    dscores[j] = scale * probs[j] * (dprobs[j] - delta[b]);
+  }
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (stream_dx) {
+      return dx_du_rows<R, true>(probs, dscores, g0, u, rows, dx_rows, du, H);
+    }
+  }
+  dx_du_rows<R, false>(probs, dscores, g0, u, rows, dx_rows, du, H);
+}
+
 template <int R, typename scalar_t, typename acc_t>
 void backward_rows(
     const Rows& r,
@@ -952,8 +1009,7 @@ void backward_rows(
     acc_t scale,
     acc_t* probs,    // [K][R] scratch
     acc_t* dscores,  // [K][R] scratch
-    acc_t* du,
-    bool stream_dx) {
+    acc_t* du) {
   const PoolShape& s = r.shape;
   const int64_t H = s.hidden;
   const int64_t n = s.num_heads;
@@ -963,21 +1019,6 @@ void backward_rows(
   acc_t* dx_segments[R];
   acc_t scores[R];
   acc_t dprobs[R];
-  if (K == 1) {
-    // One query, one head: two passes over the rows instead of five.
-    const acc_t* g0 = g + b * H;
-    dot2_rows<R>(rows, u, g0, H, scores, dprobs);
-    for (int j = 0; j < R; ++j) {
-      probs[j] = std::exp(scale * scores[j] - lse[b]);
-      dscores[j] = scale * probs[j] * (dprobs[j] - delta[b]);
-    }
-    if (stream_dx) {
-      dx_du_rows<R, true>(probs, dscores, g0, u, rows, dx_rows, du, H);
-    } else {
-      dx_du_rows<R, false>(probs, dscores, g0, u, rows, dx_rows, du, H);
-    }
-    return;
-  }
   for (int64_t i = 0; i < s.num_queries; ++i) {
     const acc_t* gi = g + (b * s.num_queries + i) * H;
     for (int64_t h = 0; h < n; ++h) {
@@ -1041,7 +1082,7 @@ void backward_impl(const BackwardParams& p) {
 
   at::parallel_for(0, plan.items, plan.backward_grain, [&](int64_t begin, int64_t end) {
     RowBlock<scalar_t, kBackwardBlockRows> block;
-    std::vector<acc_t> dx_buffer(kDxInPlace ? 0 : kBackwardBlockRows * H);
+    std::vector<acc_t> dx_buffer(kDxInPlace || K == 1 ? 0 : kBackwardBlockRows * H);
     std::vector<acc_t> scratch(2 * K * kBackwardBlockRows);
     scalar_t* dx_out[kBackwardBlockRows] = {};
     int64_t block_batch = 0;
@@ -1050,6 +1091,14 @@ void backward_impl(const BackwardParams& p) {
       std::fill_n(du, K * H, acc_t(0));
       auto flush = [&] {
         const int count = block.count();
+        if (K == 1) {
+          with_block_size<kBackwardBlockRows>(count, [&](auto size) {
+            backward_rows_one_score<decltype(size)::value>(
+                r, block_batch, block.rows(), dx_out, u, g, lse, delta, scale, du, p.stream_dx);
+          });
+          block.clear();
+          return;
+        }
         acc_t* dx_rows[kBackwardBlockRows];
         for (int j = 0; j < count; ++j) {
           if constexpr (kDxInPlace) {
@@ -1071,8 +1120,7 @@ void backward_impl(const BackwardParams& p) {
               scale,
               scratch.data(),
               scratch.data() + K * kBackwardBlockRows,
-              du,
-              kDxInPlace && p.stream_dx);
+              du);
         });
         if constexpr (!kDxInPlace) {
           for (int j = 0; j < count; ++j) {
