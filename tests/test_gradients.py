@@ -106,6 +106,30 @@ def test_dx_matches_float64_with_streaming_and_plain_stores(dtype, hidden):
     torch.testing.assert_close(dx.double(), want, **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "hidden", [64, 48, 20], ids=["two-vectors", "one-vector-tail", "scalar-tail"]
+)
+def test_reduced_dx_is_the_rounded_float_dx(dtype, hidden):
+    # With one query and one head the CPU backward rounds dx to x's dtype as
+    # it stores each pair of float vectors, then a single vector, then single
+    # values: every path must give the float64 reference's dx, rounded.
+    base = make_inputs(3, 41, hidden, mask="random")
+    inputs = base.to(dtype=dtype, param_dtype=torch.float32).requiring_grad()
+    exact = inputs.to(dtype=torch.float64).requiring_grad()
+    grad_out = torch.randn(3, hidden, dtype=torch.float64)
+    (dx,) = torch.autograd.grad(
+        attnpool.attention_pool(*inputs.args()), inputs.x, grad_out.to(dtype)
+    )
+    (want,) = torch.autograd.grad(
+        attnpool.reference.attention_pool(*exact.args()),
+        exact.x,
+        grad_out.to(dtype).double(),
+    )
+    assert dx.dtype == dtype
+    torch.testing.assert_close(dx.double(), want, **TOLERANCES[dtype])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fully_masked_and_empty_sequences_have_zero_gradients(device):
     inputs = make_inputs(3, 5, 8, 2, device=device).requiring_grad()
