@@ -945,23 +945,18 @@ void compute_delta(const BackwardParams& p, const Rows& r, acc_t* delta) {
   }
 }
 
-// du = sum over items of du_partials, in item order.
-template <typename acc_t>
-void reduce_partials(const BackwardParams& p, int64_t width) {
-  const auto* partials = static_cast<const acc_t*>(p.du_partials);
-  auto* du = static_cast<acc_t*>(p.du);
-  const int64_t items = p.plan.items;
+// out = sum over the parts of partials [parts, width], in part order, so
+// that the sum does not depend on which thread computed which part.
+template <typename T>
+void sum_parts_in_order(const T* partials, int64_t parts, int64_t width, T* out) {
   at::parallel_for(0, width, 4096, [&](int64_t begin, int64_t end) {
-    std::fill(du + begin, du + end, acc_t(0));
-    for (int64_t item = 0; item < items; ++item) {
-      add_in_place(partials + item * width + begin, du + begin, end - begin);
+    std::fill(out + begin, out + end, T(0));
+    for (int64_t part = 0; part < parts; ++part) {
+      add_in_place(partials + part * width + begin, out + begin, end - begin);
     }
   });
 }
 
-// Backward of one block of R unmasked rows of sequence b:
-//   p = exp(scale * x.u_k - lse), ds = scale * p * (G_i[D_h].x[D_h] - delta)
-//   dx = sum_k p * G_i[D_h] + ds * u_k,   du_k += ds * x
 // backward_rows for one query and one head: two passes over the rows instead
 // of five, and dx written in x's dtype directly.
 template <int R, typename scalar_t, typename acc_t>
@@ -996,6 +991,9 @@ void backward_rows_one_score(
   dx_du_rows<R, false>(probs, dscores, g0, u, rows, dx_rows, du, H);
 }
 
+// Backward of one block of R unmasked rows of sequence b:
+//   p = exp(scale * x.u_k - lse), ds = scale * p * (G_i[D_h].x[D_h] - delta)
+//   dx = sum_k p * G_i[D_h] + ds * u_k,   du_k += ds * x
 template <int R, typename scalar_t, typename acc_t>
 void backward_rows(
     const Rows& r,
@@ -1155,7 +1153,7 @@ void backward_impl(const BackwardParams& p) {
       store_fence();
     }
   });
-  reduce_partials<acc_t>(p, K * H);
+  sum_parts_in_order(du_partials, plan.items, K * H, static_cast<acc_t*>(p.du));
 }
 
 // Calls f(task, first_row, end_row) for every task of the fold's cut
@@ -1182,19 +1180,6 @@ void prefetch_weight_rows(const T* a, const T* b, int64_t j, int64_t H) {
     prefetch(a + j * H + e, 2 * H);
     prefetch(b + j * H + e, 2 * H);
   }
-}
-
-// out[k] = sum over the parts of partials[part * count + k], parts in order.
-template <typename T>
-void sum_parts_in_order(const T* partials, int64_t parts, int64_t count, int64_t H, T* out) {
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      std::copy_n(partials + k * H, H, out + k * H);
-      for (int64_t part = 1; part < parts; ++part) {
-        add_in_place(partials + (part * count + k) * H, out + k * H, H);
-      }
-    }
-  });
 }
 
 // q'[i, j] = query[i] . w_q[j], and u[i*n + h] = sum over j in D_h of
@@ -1235,7 +1220,7 @@ void fold_impl(const FoldParams& p) {
     }
   });
   if (in_runs) {
-    sum_parts_in_order(partials, s.runs_per_head, K, H, static_cast<T*>(p.u));
+    sum_parts_in_order(partials, s.runs_per_head, K * H, static_cast<T*>(p.u));
   }
 }
 
@@ -1286,7 +1271,7 @@ void unfold_impl(const UnfoldParams& p) {
     }
   });
   if (in_parts) {
-    sum_parts_in_order(grad_query, s.tasks(), Q, H, static_cast<T*>(p.grad_query));
+    sum_parts_in_order(grad_query, s.tasks(), Q * H, static_cast<T*>(p.grad_query));
   }
 }
 
