@@ -49,7 +49,12 @@ spec = importlib.util.spec_from_file_location("attnpool._C", path)
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 assert module.with_cuda, "built without ATTNPOOL_WITH_CUDA"
-for op in ("attention_pool", "_attention_pool_forward", "_attention_pool_backward"):
+for op in (
+    "_folded_attention_pool_forward",
+    "_folded_attention_pool_backward",
+    "_fold_query_forward",
+    "_fold_query_backward",
+):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"attnpool::{op}", "CUDA"), op
 print(f"check_cuda_build: OK, {path} registers attnpool's CUDA kernels")
 PY

@@ -166,7 +166,11 @@ def test_bfloat16_rows_read_in_pairs_match_float64(
     inputs = make_inputs(batch, seq_len, hidden, num_queries, mask="random").to(
         dtype=torch.bfloat16, param_dtype=torch.float32
     )
-    out, lse = torch.ops.attnpool._attention_pool_forward(*inputs.args(), num_heads, None)
+    u = attnpool.fold_query(inputs.query, inputs.w_q, inputs.w_k, num_heads)
+    scale = (hidden // num_heads) ** -0.5
+    out, lse = torch.ops.attnpool._folded_attention_pool_forward(
+        inputs.x, u, inputs.mask, scale, False
+    )
     assert out.dtype == torch.float32
     expected = reference_in_float64(inputs, num_heads=num_heads)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-4)

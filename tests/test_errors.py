@@ -155,17 +155,146 @@ def test_fake_tensors_raise_the_same_errors(kwargs, message):
             call(**fake)
 
 
+U = torch.randn(1, 2, 8)
+
+
+def call_folded(x=X, u=U, mask=None, scale=1.0, full_width=False):
+    return attnpool.folded_attention_pool(x, u, mask, scale, full_width)
+
+
+FOLDED_BAD_VALUES = [
+    ("x-rank", dict(x=torch.randn(5, 8)), r"folded_attention_pool: x must have shape \[B, L, H\]"),
+    (
+        "u-width",
+        dict(u=torch.randn(2, 6)),
+        r"u must have shape \[Q, num_heads, H\] or \[num_heads, H\] with H = 8 \(x.shape\[2\]\), "
+        r"got \[2, 6\]",
+    ),
+    ("u-rank", dict(u=torch.randn(8)), r"u must have shape \[Q, num_heads, H\]"),
+    ("u-no-head", dict(u=torch.randn(1, 0, 8)), r"u must have at least one head"),
+    (
+        "heads-divide",
+        dict(u=torch.randn(3, 8)),
+        r"the number of heads u.shape\[-2\] = 3 must divide H = 8 unless full_width=True",
+    ),
+    ("scale-zero", dict(scale=0.0), r"folded_attention_pool: scale must be a finite positive"),
+    ("scale-nan", dict(scale=math.nan), r"scale must be a finite positive number, got nan"),
+    (
+        "mask-shape",
+        dict(mask=torch.ones(2, 4, dtype=torch.bool)),
+        r"folded_attention_pool: mask must have shape \[B, L\] = \[2, 5\], got \[2, 4\]",
+    ),
+    (
+        "u-device",
+        dict(u=torch.randn(2, 8, device="meta")),
+        r"u must be on the same device as x \(cpu\), got meta",
+    ),
+]
+
+FOLDED_BAD_TYPES = [
+    ("x-int", dict(x=X.long()), r"folded_attention_pool: x must be float64, float32"),
+    (
+        "u-wider-than-x",
+        dict(u=U.double()),
+        r"u must have x's dtype \(float32\) or float32 when x is float16/bfloat16, got float64",
+    ),
+    ("u-half-x-float", dict(u=U.half()), r"u must have x's dtype \(float32\).*got float16"),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message", [c[1:] for c in FOLDED_BAD_VALUES], ids=[c[0] for c in FOLDED_BAD_VALUES]
+)
+def test_folded_attention_pool_bad_value_raises_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        call_folded(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message", [c[1:] for c in FOLDED_BAD_TYPES], ids=[c[0] for c in FOLDED_BAD_TYPES]
+)
+def test_folded_attention_pool_bad_dtype_raises_type_error(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        call_folded(**kwargs)
+
+
+def call_fold(query=Q, w_q=W, w_k=W, num_heads=1, q_bias=None):
+    return attnpool.fold_query(query, w_q, w_k, num_heads, q_bias)
+
+
+FOLD_BAD_ARGS = [
+    ("query-rank", dict(query=torch.randn(1, 2, 8)), ValueError, r"query must have shape \[Hq\]"),
+    (
+        "w_q-width",
+        dict(w_q=torch.randn(8, 6)),
+        ValueError,
+        r"fold_query: w_q must have shape \[E, Hq\] with Hq = 8 \(query.shape\[-1\]\), got \[8, 6\]",
+    ),
+    (
+        "w_k-rows",
+        dict(w_k=torch.randn(6, 8)),
+        ValueError,
+        r"w_k must have shape \[E, Hx\] with E = 8 \(w_q.shape\[0\]\), got \[6, 8\]",
+    ),
+    (
+        "heads-divide",
+        dict(num_heads=3),
+        ValueError,
+        r"fold_query: num_heads must divide E \(w_q.shape\[0\]\) = 8, got num_heads = 3",
+    ),
+    ("heads-zero", dict(num_heads=0), ValueError, r"fold_query: num_heads must be >= 1, got 0"),
+    (
+        "bias-shape",
+        dict(q_bias=torch.randn(7)),
+        ValueError,
+        r"q_bias must have shape \[E\] = \[8\], got \[7\]",
+    ),
+    (
+        "bias-dtype",
+        dict(q_bias=torch.randn(8).double()),
+        TypeError,
+        r"q_bias must have query's dtype \(float32\), got float64",
+    ),
+    (
+        "weights-disagree",
+        dict(w_k=W.double()),
+        TypeError,
+        r"query, w_q and w_k must share one dtype",
+    ),
+    (
+        "query-int",
+        dict(query=Q.long()),
+        TypeError,
+        r"query must be float64, float32, float16 or bfloat16, got Long",
+    ),
+    (
+        "w_q-device",
+        dict(w_q=torch.randn(8, 8, device="meta")),
+        ValueError,
+        r"w_q must be on the same device as query \(cpu\), got meta",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message", [c[1:] for c in FOLD_BAD_ARGS], ids=[c[0] for c in FOLD_BAD_ARGS]
+)
+def test_fold_query_bad_argument_raises(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        call_fold(**kwargs)
+
+
 def test_backward_op_checks_grad_out_shape():
     inputs = make_inputs(2, 5, 8)
-    out, lse = torch.ops.attnpool._attention_pool_forward(*inputs.args())
+    u = attnpool.fold_query(inputs.query, inputs.w_q, inputs.w_k)
+    out, lse = torch.ops.attnpool._folded_attention_pool_forward(inputs.x, u)
+    backward = torch.ops.attnpool._folded_attention_pool_backward
     with pytest.raises(
         ValueError, match=r"grad_out must have the output's shape \[2, 8\], got \[2, 7\]"
     ):
-        torch.ops.attnpool._attention_pool_backward(
-            torch.ones(2, 7), *inputs.args(), out, lse, 1, None
-        )
-    with pytest.raises(ValueError, match=r"lse must have shape \[B, Q, num_heads\], got \[2, 1\]"):
-        torch.ops.attnpool._attention_pool_backward(out, *inputs.args(), out, lse[..., 0], 1, None)
+        backward(torch.ones(2, 7), inputs.x, u, None, out, lse, 1.0, False)
+    with pytest.raises(ValueError, match=r"lse must have shape \[B, \*u.shape\[:-1\]\]"):
+        backward(out, inputs.x, u, None, out, lse[..., 0], 1.0, False)
 
 
 def test_module_arguments_are_checked():

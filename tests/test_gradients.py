@@ -164,6 +164,7 @@ def test_differentiating_the_gradient_is_refused():
     (grad_x,) = torch.autograd.grad(out.sum(), (inputs.x,), create_graph=True)
     with pytest.raises(
         RuntimeError,
-        match="_attention_pool_backward.*not implemented|not implemented.*_attention_pool_backward",
+        match="_folded_attention_pool_backward.*not implemented"
+        "|not implemented.*_folded_attention_pool_backward",
     ):
         grad_x.sum().backward()

@@ -168,18 +168,23 @@ def test_shape_error_is_not_hidden_by_a_dynamic_compile():
 
 def test_backward_op_rejects_inconsistent_saved_tensors():
     inputs = make_inputs(2, 5, 8)
-    out, lse = torch.ops.attnpool._attention_pool_forward(*inputs.args())
-    backward = torch.ops.attnpool._attention_pool_backward
+    u = attnpool.fold_query(inputs.query, inputs.w_q, inputs.w_k)
+    out, lse = torch.ops.attnpool._folded_attention_pool_forward(inputs.x, u, inputs.mask)
+    args = (inputs.x, u, inputs.mask)
+
+    def backward(grad_out, out, lse):
+        return torch.ops.attnpool._folded_attention_pool_backward(
+            grad_out, *args, out, lse, 1.0, False
+        )
+
     with pytest.raises(TypeError, match=r"lse must be float64, got float32"):
-        backward(torch.ones_like(out), *inputs.args(), out, lse.float(), 1, None)
-    with pytest.raises(
-        ValueError, match=r"out has shape \[2, 7\], which does not match x and query"
-    ):
-        backward(torch.ones(2, 7, dtype=out.dtype), *inputs.args(), torch.ones(2, 7), lse, 1, None)
+        backward(torch.ones_like(out), out, lse.float())
+    with pytest.raises(ValueError, match=r"out has shape \[2, 7\], which does not match x and u"):
+        backward(torch.ones(2, 7, dtype=out.dtype), torch.ones(2, 7), lse)
     with pytest.raises(
         ValueError, match=r"grad_out must be on the same device as x \(cpu\), got meta"
     ):
-        backward(torch.ones_like(out, device="meta"), *inputs.args(), out, lse, 1, None)
+        backward(torch.ones_like(out, device="meta"), out, lse)
 
 
 # --- odd but valid sizes ----------------------------------------------------------

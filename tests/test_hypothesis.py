@@ -190,13 +190,21 @@ def _out_rounding_effect(inputs: Inputs, weights, num_heads, scale, dtype) -> li
     instead of the exact one. Evaluated in float64 with the operator's own
     backward (checked against the reference in float64 by the float64 cases)."""
     exact = inputs.to(dtype=torch.float64)
-    out, lse = torch.ops.attnpool._attention_pool_forward(*exact.args(), num_heads, scale)
-    grads = [
-        torch.ops.attnpool._attention_pool_backward(
-            weights, *exact.args(), used_out, lse, num_heads, scale
+    hidden = exact.x.shape[-1]
+    scale = (hidden // num_heads) ** -0.5 if scale is None else scale
+    ops = torch.ops.attnpool
+    fold_args = (exact.query, exact.w_q, exact.w_k)
+    u, projected = ops._fold_query_forward(*fold_args, num_heads)
+    out, lse = ops._folded_attention_pool_forward(exact.x, u, exact.mask, scale)
+    weights = weights.reshape(out.shape)
+
+    def gradients(used_out):
+        dx, du = ops._folded_attention_pool_backward(
+            weights, exact.x, u, exact.mask, used_out, lse, scale, False
         )
-        for used_out in (out, out.to(dtype).double())
-    ]
+        return (dx, *ops._fold_query_backward(du, *fold_args, projected, num_heads)[:3])
+
+    grads = [gradients(used_out) for used_out in (out, out.to(dtype).double())]
     return [(a - b).abs() for a, b in zip(*grads, strict=True)]
 
 

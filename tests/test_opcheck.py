@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import DEVICES, make_inputs
 
-import attnpool  # noqa: F401  (registers the operators)
+import attnpool
 
 CASES = [
     dict(shape=(2, 5, 8), num_queries=None, num_heads=1, mask=None, scale=None),
@@ -33,17 +33,58 @@ def test_opcheck_attention_pool(device, case, requires_grad):
     )
 
 
+def _folded(case, device, requires_grad=False):
+    """(x, u, mask) of a case, u folded with the case's heads."""
+    inputs = _inputs(case, device)
+    u = attnpool.fold_query(inputs.query, inputs.w_q, inputs.w_k, case["num_heads"])
+    leaf = (lambda t: t.detach().requires_grad_(True)) if requires_grad else (lambda t: t)
+    return leaf(inputs.x), leaf(u), inputs.mask
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_opcheck_forward_and_backward_ops(device, case):
-    inputs = _inputs(case, device)
-    kwargs = dict(num_heads=case["num_heads"], scale=case["scale"])
-    torch.library.opcheck(torch.ops.attnpool._attention_pool_forward.default, inputs.args(), kwargs)
-    out, lse = torch.ops.attnpool._attention_pool_forward(*inputs.args(), **kwargs)
-    grad_out = torch.randn_like(out)
+@pytest.mark.parametrize("full_width", [False, True], ids=["slices", "full-width"])
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+def test_opcheck_folded_attention_pool(device, case, full_width, requires_grad):
+    x, u, mask = _folded(case, device, requires_grad)
     torch.library.opcheck(
-        torch.ops.attnpool._attention_pool_backward.default,
-        (grad_out, *inputs.args(), out, lse, case["num_heads"], case["scale"]),
+        torch.ops.attnpool.folded_attention_pool.default, (x, u, mask, 0.5, full_width)
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("biased", [False, True], ids=["no-bias", "bias"])
+def test_opcheck_fold_query(device, case, biased):
+    inputs = _inputs(case, device, requires_grad=True)
+    bias = torch.randn(inputs.w_q.shape[0], dtype=inputs.w_q.dtype, device=device)
+    torch.library.opcheck(
+        torch.ops.attnpool.fold_query.default,
+        (inputs.query, inputs.w_q, inputs.w_k, case["num_heads"]),
+        dict(q_bias=bias.requires_grad_(True) if biased else None),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("full_width", [False, True], ids=["slices", "full-width"])
+def test_opcheck_forward_and_backward_ops(device, case, full_width):
+    x, u, mask = _folded(case, device)
+    args = (x, u, mask, 0.5, full_width)
+    ops = torch.ops.attnpool
+    torch.library.opcheck(ops._folded_attention_pool_forward.default, args)
+    out, lse = ops._folded_attention_pool_forward(*args)
+    torch.library.opcheck(
+        ops._folded_attention_pool_backward.default,
+        (torch.randn_like(out), x, u, mask, out, lse, 0.5, full_width),
+    )
+    inputs = _inputs(case, device)
+    fold_args = (inputs.query, inputs.w_q, inputs.w_k, case["num_heads"])
+    torch.library.opcheck(ops._fold_query_forward.default, fold_args)
+    folded, projected = ops._fold_query_forward(*fold_args)
+    torch.library.opcheck(
+        ops._fold_query_backward.default,
+        (torch.randn_like(folded), *fold_args[:3], projected, case["num_heads"]),
     )
 
 

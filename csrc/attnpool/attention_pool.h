@@ -13,11 +13,14 @@ namespace attnpool {
 //   query: [H] or [Q, H]
 //   w_q:   [H, H]     nn.Linear layout (out, in)
 //   w_k:   [H, H]     nn.Linear layout (out, in)
-//   mask:  [B, L]     optional; nonzero (or true) means "attend"
+//   mask:  [B, L]     optional; nonzero (or true) means "attend" (the opposite
+//                     of nn.MultiheadAttention's key_padding_mask)
 //
-// Returns [B, H] for a 1-D query and [B, Q, H] otherwise, in x's dtype.
-// Calls the `attnpool::attention_pool` operator through the dispatcher, so it
-// is differentiable with respect to x, query, w_q and w_k from C++ as well.
+// Returns [B, H] for a 1-D query and [B, Q, H] otherwise, in x's dtype: the
+// same as folded_attention_pool(x, fold_query(query, w_q, w_k, num_heads),
+// mask, scale or 1/sqrt(H / num_heads)). Calls the `attnpool::attention_pool`
+// operator through the dispatcher, so it is differentiable with respect to x,
+// query, w_q and w_k from C++ as well.
 at::Tensor attention_pool(
     const at::Tensor& x,
     const at::Tensor& query,
@@ -26,6 +29,41 @@ at::Tensor attention_pool(
     const std::optional<at::Tensor>& mask = std::nullopt,
     int64_t num_heads = 1,
     std::optional<double> scale = std::nullopt);
+
+// The query folded through both projections (SPEC.md §5): for each query i
+// and head h, u[i, h] = w_k[D_h, :].T @ (w_q @ query[i] + q_bias)[D_h], where
+// D_h are head h's E / num_heads rows.
+//
+//   query:  [Hq] or [Q, Hq]   float64, float32, float16 or bfloat16
+//   w_q:    [E, Hq]           nn.Linear layout (out, in), query's dtype
+//   w_k:    [E, Hx]           nn.Linear layout (out, in), query's dtype
+//   q_bias: [E]               optional, query's dtype
+//
+// Returns u [Q, num_heads, Hx] ([num_heads, Hx] for a 1-D query) in float64
+// for float64 weights, else float32. Differentiable in all four tensors.
+at::Tensor fold_query(
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    int64_t num_heads = 1,
+    const std::optional<at::Tensor>& q_bias = std::nullopt);
+
+// Attention pooling on a folded query u (SPEC.md §5): per score (query i,
+// head h), p = softmax over l of scale * x[b, l] . u[i, h] (masked positions
+// excluded), then
+//   full_width = false: out[b, i, D_h] = sum_l p * x[b, l, D_h]  -> [B, Q, H]
+//   full_width = true:  out[b, i, h, :] = sum_l p * x[b, l, :]    -> [B, Q, n, H]
+// (without the Q dimension for a 2-D u). x: [B, L, H], any strides; u:
+// [Q, n, H] or [n, H] in x's dtype or, for float16/bfloat16 x, float32; mask:
+// [B, L], nonzero = attend (the opposite of nn.MultiheadAttention's
+// key_padding_mask). Without full_width, n must divide H. A sequence with
+// nothing to attend pools to zeros. Differentiable in x and u.
+at::Tensor folded_attention_pool(
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& mask = std::nullopt,
+    double scale = 1.0,
+    bool full_width = false);
 
 // The CPU instruction set the CPU kernels run with in this process
 // ("AVX512", "AVX2" or "DEFAULT"), chosen once at run time from the CPU and

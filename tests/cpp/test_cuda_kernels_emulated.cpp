@@ -1,12 +1,14 @@
-// The CUDA kernels of attention_pool (csrc/ops/cuda/attention_pool_kernel.cuh)
+// The CUDA kernels of folded_attention_pool (ops/cuda/folded_attention_pool_kernel.cuh)
 // run on the CPU through tests/cpp/emulation/cuda_emulation.h, against the
-// CPU operator: every launch layout (vector width, chunks per thread, block
-// size), split sequences and their merge, masks, heads, queries, dtypes.
+// CPU operators: every launch layout (vector width, chunks per thread, block
+// size), sequences cut into pieces and their merge, masks, heads, queries,
+// dtypes; and the CUDA fold (matrix products) against the CPU fold kernels.
 // This checks the device code's logic where no GPU is available; the real
 // GPU runs are in the Python tests (parametrised over devices).
 
-#include "ops/attention_pool_common.h"
-#include "ops/cuda/attention_pool_kernel.cuh"
+#include "ops/cuda/folded_attention_pool_kernel.cuh"
+#include "ops/fold_query.h"
+#include "ops/folded_attention_pool.h"
 
 #include <attnpool/attnpool.h>
 #include <gtest/gtest.h>
@@ -17,8 +19,6 @@
 
 namespace {
 
-using attnpool::cuda::BackwardArgs;
-using attnpool::cuda::ForwardArgs;
 using attnpool_emulation::launch;
 
 struct Case {
@@ -26,7 +26,7 @@ struct Case {
   bool masked;
   torch::ScalarType dtype;
   int threads, vec, chunks;
-  int64_t splits;
+  int64_t pieces;
 };
 
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
@@ -35,8 +35,8 @@ std::string case_name(const ::testing::TestParamInfo<Case>& info) {
          std::to_string(c.seq_len) + "_H" + std::to_string(c.hidden) + "_Q" +
          std::to_string(c.num_queries) + "_n" + std::to_string(c.num_heads) +
          (c.masked ? "_masked" : "") + "_T" + std::to_string(c.threads) + "_vec" +
-         std::to_string(c.vec) + "_chunks" + std::to_string(c.chunks) + "_splits" +
-         std::to_string(c.splits);
+         std::to_string(c.vec) + "_chunks" + std::to_string(c.chunks) + "_pieces" +
+         std::to_string(c.pieces);
 }
 
 struct Inputs {
@@ -101,46 +101,37 @@ double tolerance(torch::ScalarType dtype) {
 }
 
 using ForwardOp = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&,
-    const at::Tensor&,
-    const at::Tensor&,
-    const at::Tensor&,
-    const std::optional<at::Tensor>&,
-    int64_t,
-    std::optional<double>);
-using BackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&,
-    const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, bool);
+using BackwardOp = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&,
     const at::Tensor&,
     const at::Tensor&,
     const std::optional<at::Tensor>&,
     const at::Tensor&,
     const at::Tensor&,
-    int64_t,
-    std::optional<double>);
+    double,
+    bool);
+using FoldBackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    int64_t);
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> cpu_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+// What the CUDA entry points compute, emulated: u from the matmul fold (the
+// CUDA fold), then the pooling kernels.
 struct Emulated {
-  torch::Tensor out, lse, dx, du;
-  attnpool::detail::PreparedInputs prepared;
+  torch::Tensor u, projected, out, lse, dx, du;
 };
 
-// ForwardArgs or BackwardArgs with the inputs, their sizes and the cut of the
-// sequences into pieces set.
-template <typename Args>
-Args sequence_args(
-    const attnpool::detail::PreparedInputs& prepared, int64_t splits, int64_t rows_per_split) {
-  Args a{};
-  attnpool::detail::set_input_args(a, prepared);
-  attnpool::cuda::set_shape_args(a, prepared.dims);
-  a.splits = splits;
-  a.rows_per_split = rows_per_split;
-  return a;
+double default_scale(const Case& c) {
+  return 1.0 / std::sqrt(double(c.hidden / c.num_heads));
 }
 
 // Runs the CUDA forward kernels, then the backward kernels from that forward's
@@ -148,29 +139,30 @@ Args sequence_args(
 Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad_out) {
   const int64_t B = c.batch, L = c.seq_len, H = c.hidden, n = c.num_heads;
   const int64_t Q = std::max<int64_t>(c.num_queries, 1);
-  const int64_t K = Q * n;
+  const int64_t num_scores = Q * n;
   const auto mask = optional_mask(in);
-  // The inputs as the CUDA entry points prepare them.
   Emulated e{};
-  e.prepared =
-      attnpool::detail::prepare_inputs(in.x, in.query, in.w_q, in.w_k, mask, n, std::nullopt);
-  const auto acc_options = torch::TensorOptions().dtype(e.prepared.acc_dtype);
+  std::tie(e.u, e.projected) =
+      attnpool::detail::fold_query_by_matmul(in.query, in.w_q, in.w_k, n, std::nullopt);
+  // The inputs as the CUDA entry points prepare them.
+  const auto prepared =
+      attnpool::detail::prepare_pool(in.x, e.u, mask, default_scale(c), /*full_width=*/false);
+  const auto acc_options = torch::TensorOptions().dtype(prepared.acc_dtype);
 
-  const int64_t rows_per_split = std::max<int64_t>(1, (L + c.splits - 1) / c.splits);
-  const int64_t splits = std::max<int64_t>(1, (L + rows_per_split - 1) / rows_per_split);
-  const auto out_shape =
-      c.num_queries == 0 ? std::vector<int64_t>{B, H} : std::vector<int64_t>{B, Q, H};
-  e.out = torch::empty(out_shape, acc_options);
-  e.lse = torch::empty({B, Q, n}, acc_options);
-  auto partials = torch::empty({B * Q * splits, 1 + 2 * n + H}, acc_options);
-  auto f = sequence_args<ForwardArgs>(e.prepared, splits, rows_per_split);
+  const auto cut = attnpool::PieceCut::into(L, c.pieces);
+  e.out = torch::empty(prepared.out_shape, acc_options);
+  e.lse = torch::empty(prepared.lse_shape, acc_options);
+  auto partials = torch::empty({B * Q * cut.pieces, 1 + 2 * n + H}, acc_options);
+  attnpool::ForwardParams f{};
+  static_cast<attnpool::PoolInputs&>(f) = prepared.params;
+  f.cut = cut;
   f.out = e.out.mutable_data_ptr();
   f.lse = e.lse.mutable_data_ptr();
   f.partials = partials.mutable_data_ptr();
 
   e.dx = torch::empty_like(in.x);
-  auto du_partials = torch::empty({B * splits, K, H}, acc_options);
-  e.du = torch::empty({K, H}, acc_options);
+  auto du_partials = torch::empty({B * cut.pieces, num_scores, H}, acc_options);
+  auto du = torch::empty({num_scores, H}, acc_options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.dtype, "emulated", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -180,12 +172,12 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
       ASSERT_GE(int64_t{c.threads} * C * V, H) << "the case does not cover the row";
       launch(
           &attnpool::cuda::forward_kernel<scalar_t, V, C>,
-          B * Q * splits,
+          B * Q * cut.pieces,
           c.threads,
           attnpool::cuda::forward_shared_bytes<acc_t>(c.threads / 32, n),
           f);
-      if (splits > 1) {
-        const int threads = attnpool::cuda::merge_threads(splits);
+      if (cut.pieces > 1) {
+        const int threads = attnpool::cuda::merge_threads(cut.pieces);
         launch(
             &attnpool::cuda::merge_pieces_kernel<scalar_t>,
             B * Q * attnpool::cuda::merge_blocks_per_row(H, n),
@@ -193,31 +185,34 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
             attnpool::cuda::merge_shared_bytes<acc_t>(threads),
             f);
       }
-      const auto grads_in = attnpool::detail::prepare_gradients(
-          grad_out, in.x, in.query, e.out, e.lse, n, e.prepared.acc_dtype);
-      auto g = sequence_args<BackwardArgs>(e.prepared, splits, rows_per_split);
-      g.grad_out = grads_in.grad_out.const_data_ptr();
-      g.out = grads_in.out.const_data_ptr();
-      g.lse = grads_in.lse.const_data_ptr();
+      const auto grads = attnpool::detail::prepare_gradients(
+          grad_out, in.x, e.u, e.out, e.lse, /*full_width=*/false, prepared.acc_dtype);
+      attnpool::BackwardParams g{};
+      static_cast<attnpool::PoolInputs&>(g) = prepared.params;
+      g.cut = cut;
+      g.grad_out = grads.grad_out.const_data_ptr();
+      g.out = const_cast<void*>(grads.out.const_data_ptr());
+      g.lse = const_cast<void*>(grads.lse.const_data_ptr());
       g.dx = e.dx.mutable_data_ptr();
       g.du_partials = du_partials.mutable_data_ptr();
       launch(
           &attnpool::cuda::backward_kernel<scalar_t, V, C>,
-          B * splits,
+          B * cut.pieces,
           c.threads,
-          attnpool::cuda::backward_shared_bytes<acc_t>(c.threads / 32, n, K),
+          attnpool::cuda::backward_shared_bytes<acc_t>(c.threads / 32, n, num_scores),
           g);
     });
     launch(
         &attnpool::cuda::reduce_partials_kernel<acc_t>,
-        (K * H + attnpool::cuda::kSliceColumns - 1) / attnpool::cuda::kSliceColumns,
+        (num_scores * H + attnpool::cuda::kStripeColumns - 1) / attnpool::cuda::kStripeColumns,
         64,
         attnpool::cuda::reduce_shared_bytes<acc_t>(64),
         du_partials.const_data_ptr<acc_t>(),
-        e.du.mutable_data_ptr<acc_t>(),
-        B * splits,
-        K * H);
+        du.mutable_data_ptr<acc_t>(),
+        B * cut.pieces,
+        num_scores * H);
   });
+  e.du = du.view(e.u.sizes());
   return e;
 }
 
@@ -227,30 +222,37 @@ torch::Tensor random_grad_out(const Case& c, torch::IntArrayRef sizes) {
 
 class EmulatedCudaKernels : public ::testing::TestWithParam<Case> {};
 
-TEST_P(EmulatedCudaKernels, ForwardAndBackwardMatchTheCpuOperator) {
+TEST_P(EmulatedCudaKernels, ForwardAndBackwardMatchTheCpuOperators) {
   const Case& c = GetParam();
   const auto in = make_inputs(c);
   const int64_t n = c.num_heads;
   const auto mask = optional_mask(in);
-  const auto [want_out, want_lse] =
-      cpu_op<ForwardOp>("attnpool::_attention_pool_forward")
-          .call(in.x, in.query, in.w_q, in.w_k, mask, n, std::nullopt);
+  const double scale = default_scale(c);
+  const auto [want_u, want_projected] =
+      cpu_op<decltype(attnpool::detail::fold_query_by_matmul)>("attnpool::_fold_query_forward")
+          .call(in.query, in.w_q, in.w_k, n, std::nullopt);
+  const auto [want_out, want_lse] = cpu_op<ForwardOp>("attnpool::_folded_attention_pool_forward")
+                                        .call(in.x, want_u, mask, scale, false);
   const auto grad_out = random_grad_out(c, want_out.sizes());
-  const auto [want_dx, want_dquery, want_dwq, want_dwk] =
-      cpu_op<BackwardOp>("attnpool::_attention_pool_backward")
-          .call(
-              grad_out, in.x, in.query, in.w_q, in.w_k, mask, want_out, want_lse, n, std::nullopt);
+  const auto [want_dx, want_du] =
+      cpu_op<BackwardOp>("attnpool::_folded_attention_pool_backward")
+          .call(grad_out, in.x, want_u, mask, want_out, want_lse, scale, false);
+  const auto want_fold_grads = cpu_op<FoldBackwardOp>("attnpool::_fold_query_backward")
+                                   .call(want_du, in.query, in.w_q, in.w_k, want_projected, n);
 
   const auto e = run_emulated(c, in, grad_out);
   const double tol = tolerance(c.dtype);
+  expect_close(e.u, want_u, tol, "u");
   expect_close(e.out, want_out, tol, "out");
   expect_close(e.lse, want_lse, tol, "lse");
   expect_close(e.dx, want_dx, tol, "dx");
-  const auto grads = attnpool::detail::unfold_score_vector_grad(
-      e.du, e.prepared.folded, in.query, in.w_q, in.w_k, n);
-  expect_close(grads.query, want_dquery, tol, "dquery");
-  expect_close(grads.w_q, want_dwq, tol, "dw_q");
-  expect_close(grads.w_k, want_dwk, tol, "dw_k");
+  expect_close(e.du, want_du, tol, "du");
+  const auto fold_grads = attnpool::detail::fold_query_backward_by_matmul(
+      e.du, in.query, in.w_q, in.w_k, e.projected, n);
+  expect_close(std::get<0>(fold_grads), std::get<0>(want_fold_grads), tol, "dquery");
+  expect_close(std::get<1>(fold_grads), std::get<1>(want_fold_grads), tol, "dw_q");
+  expect_close(std::get<2>(fold_grads), std::get<2>(want_fold_grads), tol, "dw_k");
+  expect_close(std::get<3>(fold_grads), std::get<3>(want_fold_grads), tol, "dq_bias");
 }
 
 // When each sequence has one row (or one attended row), softmax puts all the
@@ -275,7 +277,7 @@ TEST(EmulatedCudaKernelsSingleRow, ScoreGradientIsExactlyZero) {
   }
 }
 
-// {B, L, H, Q, heads, masked, dtype, threads, vec, chunks, splits}
+// {B, L, H, Q, heads, masked, dtype, threads, vec, chunks, pieces}
 INSTANTIATE_TEST_SUITE_P(
     Layouts,
     EmulatedCudaKernels,

@@ -6,8 +6,16 @@ _C = load_native_library()
 
 from attnpool import reference  # noqa: E402
 from attnpool.modules import AttentionPooling, WeightedPooling  # noqa: E402
-from attnpool.ops import attention_pool  # noqa: E402
+from attnpool.ops import attention_pool, fold_query, folded_attention_pool  # noqa: E402
 
 __version__ = _C.__version__
 
-__all__ = ["AttentionPooling", "WeightedPooling", "attention_pool", "reference", "__version__"]
+__all__ = [
+    "AttentionPooling",
+    "WeightedPooling",
+    "attention_pool",
+    "fold_query",
+    "folded_attention_pool",
+    "reference",
+    "__version__",
+]

@@ -1,4 +1,4 @@
-"""Python entry point of the attnpool::attention_pool operator."""
+"""Python entry points of the attnpool operators (SPEC.md §3, §5)."""
 
 from typing import Optional
 
@@ -20,8 +20,9 @@ def attention_pool(
     Scores are ``scale * (w_k @ x[b, l])[D_h] . (w_q @ query[i])[D_h]`` per head
     ``h`` (its ``d = H / num_heads`` consecutive dims ``D_h``), softmax runs over
     the sequence, and the values are ``x`` itself. The key projection is folded
-    into the query, so the op makes one pass over ``x`` forward and one
-    backward, and allocates nothing of size ``[B, L, H]`` in the forward.
+    into the query (:func:`fold_query`), and the pooling runs on the folded
+    query (:func:`folded_attention_pool`): one pass over ``x`` forward and one
+    backward, nothing of size ``[B, L, H]`` allocated in the forward.
 
     Args:
         x: ``[B, L, H]`` float64/float32/float16/bfloat16. Any strides; rows
@@ -29,9 +30,10 @@ def attention_pool(
         query: ``[H]`` or ``[Q, H]``.
         w_q, w_k: ``[H, H]`` projection weights in ``nn.Linear`` layout (out, in).
             Same dtype as ``x``, or float32 when ``x`` is float16/bfloat16.
-        mask: optional ``[B, L]``; nonzero (``True``) means "attend". A sequence
-            with no position to attend (or ``L == 0``) pools to zeros, with zero
-            gradients. Masked positions never reach the output, even if NaN.
+        mask: optional ``[B, L]``; nonzero (``True``) means "attend", the
+            opposite of ``nn.MultiheadAttention``'s ``key_padding_mask``. A
+            sequence with no position to attend (or ``L == 0``) pools to zeros,
+            with zero gradients. Masked positions never reach the output, even if NaN.
         num_heads: number of heads; must divide ``H``.
         scale: score scale, finite and positive; defaults to ``1/sqrt(H / num_heads)``.
 
@@ -44,3 +46,64 @@ def attention_pool(
         TypeError: unsupported dtypes.
     """
     return torch.ops.attnpool.attention_pool.default(x, query, w_q, w_k, mask, num_heads, scale)
+
+
+def fold_query(
+    query: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    num_heads: int = 1,
+    q_bias: Optional[Tensor] = None,
+) -> Tensor:
+    """Folds the query through both projections (SPEC.md §5).
+
+    ``u[i, h] = w_k[D_h].T @ (w_q @ query[i] + q_bias)[D_h]``, where ``D_h`` are
+    head ``h``'s ``E / num_heads`` rows of ``w_q`` and ``w_k``; then the score of
+    a row of ``x`` is ``x[b, l] . u[i, h]``, with no key projection.
+
+    Args:
+        query: ``[Hq]`` or ``[Q, Hq]``, float64/float32/float16/bfloat16.
+        w_q: ``[E, Hq]``, ``w_k``: ``[E, Hx]`` in ``nn.Linear`` layout; ``E`` and
+            ``Hx`` may differ (``kdim`` in ``nn.MultiheadAttention``).
+        num_heads: must divide ``E``.
+        q_bias: optional ``[E]``, the query projection's bias.
+
+    Returns:
+        ``u``: ``[Q, num_heads, Hx]`` (``[num_heads, Hx]`` for a 1-D query), in
+        float64 for float64 weights, else float32. Differentiable in every tensor.
+    """
+    return torch.ops.attnpool.fold_query.default(query, w_q, w_k, num_heads, q_bias)
+
+
+def folded_attention_pool(
+    x: Tensor,
+    u: Tensor,
+    mask: Optional[Tensor] = None,
+    scale: float = 1.0,
+    full_width: bool = False,
+) -> Tensor:
+    """Attention pooling on a folded query ``u`` (SPEC.md §5).
+
+    For each query ``i`` and head ``h``: ``p = softmax over l of scale * x[b, l] . u[i, h]``
+    (masked positions excluded), then
+
+    - ``full_width=False``: ``out[b, i, D_h] = sum_l p * x[b, l, D_h]``, shape
+      ``[B, Q, H]``: each head pools its own slice of ``H / num_heads`` columns;
+    - ``full_width=True``: ``out[b, i, h] = sum_l p * x[b, l]``, shape
+      ``[B, Q, num_heads, H]``: each head's pooled vector over the whole width,
+      as a value projection after pooling needs (multi-head attention pooling).
+
+    Args:
+        x: ``[B, L, H]``, as in :func:`attention_pool`.
+        u: ``[Q, num_heads, H]`` or ``[num_heads, H]`` (then the output has no
+            ``Q`` dimension), in ``x``'s dtype or float32 for float16/bfloat16 ``x``.
+        mask: optional ``[B, L]``, nonzero = attend (the opposite of
+            ``nn.MultiheadAttention``'s ``key_padding_mask``).
+        scale: score scale, finite and positive.
+        full_width: see above; without it ``num_heads`` must divide ``H``.
+
+    Returns:
+        The pooled vectors in ``x``'s dtype; zeros for a sequence with nothing
+        to attend. Differentiable in ``x`` and ``u``.
+    """
+    return torch.ops.attnpool.folded_attention_pool.default(x, u, mask, scale, full_width)

@@ -56,6 +56,60 @@ def attention_pool(
     return out[:, 0] if query.dim() == 1 else out
 
 
+def fold_query(
+    query: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    num_heads: int = 1,
+    q_bias: Optional[Tensor] = None,
+) -> Tensor:
+    """Same signature and semantics as :func:`attnpool.fold_query`."""
+    acc = accumulate_dtype(query.dtype)
+    projected = query.reshape(-1, query.shape[-1]).to(acc) @ w_q.to(acc).T  # [Q, E]
+    if q_bias is not None:
+        projected = projected + q_bias.to(acc)
+    proj_dim, x_dim = w_k.shape
+    head_dim = proj_dim // num_heads
+    u = torch.einsum(
+        "qnd,ndh->qnh",
+        projected.view(-1, num_heads, head_dim),
+        w_k.to(acc).view(num_heads, head_dim, x_dim),
+    )
+    return u[0] if query.dim() == 1 else u
+
+
+def folded_attention_pool(
+    x: Tensor,
+    u: Tensor,
+    mask: Optional[Tensor] = None,
+    scale: float = 1.0,
+    full_width: bool = False,
+) -> Tensor:
+    """Same signature and semantics as :func:`attnpool.folded_attention_pool`."""
+    batch, seq_len, hidden = x.shape
+    acc = accumulate_dtype(x.dtype)
+    us = u.reshape(-1, u.shape[-2], hidden).to(acc)  # [Q, n, H]
+    num_queries, num_heads = us.shape[:2]
+    if mask is None:
+        keep = torch.ones(batch, seq_len, dtype=torch.bool, device=x.device)
+    else:
+        keep = mask != 0
+    xs = x.to(acc).masked_fill(~keep[..., None], 0)
+    scores = scale * torch.einsum("blh,qnh->bqnl", xs, us)
+    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(keep.any(dim=1)[:, None, None, None], probs, 0.0)
+    if full_width:
+        out = torch.einsum("bqnl,blh->bqnh", probs, xs)
+    else:
+        head_dim = hidden // num_heads
+        out = torch.einsum(
+            "bqnl,blnd->bqnd", probs, xs.view(batch, seq_len, num_heads, head_dim)
+        ).reshape(batch, num_queries, hidden)
+    out = out.to(x.dtype)
+    return out[:, 0] if u.dim() == 2 else out
+
+
 def weighted_pool(x: Tensor, logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Learned per-position weights ``softmax(logits[:L])`` over the unmasked positions."""
     batch, seq_len, _ = x.shape

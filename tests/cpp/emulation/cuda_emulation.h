@@ -5,7 +5,7 @@
 // exchange values through memory with a barrier over the warp. Blocks run one
 // after another. Slow, and only what csrc/ops/cuda/cuda_compat.h names is
 // provided, but it executes the real indexing, reductions and barriers of
-// attention_pool_kernel.cuh on machines without a GPU.
+// folded_attention_pool_kernel.cuh on machines without a GPU.
 
 #include <ATen/OpMathType.h>
 

@@ -2,4 +2,4 @@
 // CMakeLists.txt add the compiler flags for it from this file's name suffix.
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
-#include "ops/cpu/isa/attention_pool_kernel_impl.h"
+#include "ops/cpu/isa/kernels.h"

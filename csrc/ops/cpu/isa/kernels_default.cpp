@@ -2,4 +2,4 @@
 // CMakeLists.txt add the compiler flags for it from this file's name suffix.
 #define CPU_CAPABILITY DEFAULT
 #define CPU_CAPABILITY_DEFAULT
-#include "ops/cpu/isa/attention_pool_kernel_impl.h"
+#include "ops/cpu/isa/kernels.h"

@@ -1,7 +1,8 @@
 #pragma once
 
-// Device code of attention_pool's CUDA kernels. The entry points (checks,
-// allocation, launch) are in attention_pool_kernel.cu.
+// Device code of folded_attention_pool's CUDA kernels. The entry points
+// (checks, allocation, launch) are in folded_attention_pool_kernel.cu; the
+// kernels read the params of ops/pool_params.h, as the CPU kernels do.
 //
 // The code only uses what cuda_compat.h provides, so that the same source is
 // also compiled for the CPU by tests/cpp/test_cuda_kernels_emulated.cpp,
@@ -9,6 +10,7 @@
 // indexing, reductions and synchronisation on machines without a GPU.
 
 #include "ops/cuda/cuda_compat.h"
+#include "ops/pool_params.h"
 
 #include <cstdint>
 
@@ -24,51 +26,6 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
-
-struct ForwardArgs {
-  const void* x;           // [B, L, H], rows contiguous
-  int64_t x_batch_stride;  // in elements
-  int64_t x_seq_stride;
-  const bool* mask;  // [B, L] or null
-  int64_t mask_batch_stride;
-  int64_t mask_seq_stride;
-  const void* u;   // [Q * n, H] accumulation dtype
-  void* out;       // [B, Q, H] accumulation dtype
-  void* lse;       // [B, Q * n] accumulation dtype
-  void* partials;  // [B, Q, splits, 1 + 2n + H] accumulation dtype, when splits > 1
-  int64_t batch, seq_len, hidden, num_queries, num_heads, head_dim;
-  int64_t splits, rows_per_split;
-  double scale;
-};
-
-struct BackwardArgs {
-  const void* x;
-  int64_t x_batch_stride;
-  int64_t x_seq_stride;
-  const bool* mask;
-  int64_t mask_batch_stride;
-  int64_t mask_seq_stride;
-  const void* u;         // [Q * n, H]
-  const void* grad_out;  // [B, Q, H] accumulation dtype
-  const void* out;       // [B, Q, H] accumulation dtype, the forward's output
-  const void* lse;       // [B, Q * n]
-  void* dx;              // [B, L, H] contiguous, x dtype
-  void* du_partials;     // [B * splits, Q * n, H] accumulation dtype
-  int64_t batch, seq_len, hidden, num_queries, num_heads, head_dim;
-  int64_t splits, rows_per_split;
-  double scale;
-};
-
-// Copies the sizes of a call (detail::PoolDims) into ForwardArgs/BackwardArgs.
-template <typename Args, typename Dims>
-inline void set_shape_args(Args& a, const Dims& dims) {
-  a.batch = dims.batch;
-  a.seq_len = dims.seq_len;
-  a.hidden = dims.hidden;
-  a.num_queries = dims.num_queries;
-  a.num_heads = dims.num_heads;
-  a.head_dim = dims.head_dim;
-}
 
 // Shared-memory floats the forward and backward kernels need (the launcher
 // allocates this many bytes of dynamic shared memory).
@@ -102,6 +59,60 @@ ATTNPOOL_DEVICE inline int64_t chunk_column(int j) {
   return (static_cast<int64_t>(threadIdx.x) + static_cast<int64_t>(j) * blockDim.x) * VEC;
 }
 
+// Where a CUDA block works, from blockIdx.x: block = (b * groups + group) *
+// pieces + piece, the rows of piece `piece` of sequence b (`cut` of each
+// sequence). The forward has one group per query, the backward one group.
+// Also this thread's place in its warp.
+struct BlockInfo {
+  int64_t b;
+  int64_t group;
+  RowRange rows;
+  int tid;
+  int lane;
+  int warp;
+  int num_warps;
+};
+
+template <typename Params>
+ATTNPOOL_DEVICE inline BlockInfo block_info(const Params& a, int64_t groups) {
+  const int64_t block = blockIdx.x;
+  const int64_t sequence_group = block / a.cut.pieces;
+  BlockInfo info;
+  info.b = sequence_group / groups;
+  info.group = sequence_group % groups;
+  info.rows = a.cut.piece(block % a.cut.pieces, a.seq_len);
+  info.tid = threadIdx.x;
+  info.lane = info.tid % 32;
+  info.warp = info.tid / 32;
+  info.num_warps = (blockDim.x + 31) / 32;
+  return info;
+}
+
+// The block-wide sums of R values per thread, in two steps around a barrier:
+// each warp sums its lanes' parts and lane 0 stores them at partial[r]
+// (partial: this warp's slot), then sum_over_warps adds the warps' sums in
+// warp order.
+template <int R, typename acc_t>
+ATTNPOOL_DEVICE inline void store_warp_sums(acc_t (&part)[R], acc_t* partial, int lane) {
+  for (int r = 0; r < R; ++r) {
+    part[r] = warp_sum(part[r]);
+    if (lane == 0) {
+      partial[r] = part[r];
+    }
+  }
+}
+
+// sum over w < num_warps of partial[w * warp_stride + index], in warp order.
+template <typename acc_t>
+ATTNPOOL_DEVICE inline acc_t sum_over_warps(
+    const acc_t* partial, int num_warps, int64_t warp_stride, int64_t index) {
+  acc_t total = acc_t(0);
+  for (int w = 0; w < num_warps; ++w) {
+    total += partial[w * warp_stride + index];
+  }
+  return total;
+}
+
 template <typename scalar_t, int VEC>
 ATTNPOOL_DEVICE inline Pack<scalar_t, VEC> load_pack(const scalar_t* p) {
   return *reinterpret_cast<const Pack<scalar_t, VEC>*>(p);
@@ -131,8 +142,7 @@ ATTNPOOL_DEVICE inline void fetch_tile(
     FetchedTile<scalar_t, VEC, CHUNKS>& fetched) {
   for (int r = 0; r < kTileRows; ++r) {
     const int64_t l = tile + r;
-    fetched.present[r] =
-        l < last && (a.mask == nullptr || a.mask[b * a.mask_batch_stride + l * a.mask_seq_stride]);
+    fetched.present[r] = l < last && a.attends(b, l);
     for (int j = 0; j < CHUNKS; ++j) {
       const int64_t col = chunk_column<VEC>(j);
       if (fetched.present[r] && col < a.hidden) {
@@ -167,22 +177,17 @@ ATTNPOOL_DEVICE inline void widen_tile(
 // per head, then folded into the online softmax (running max, sum, and the
 // weighted sum of x kept in registers).
 template <typename scalar_t, int VEC, int CHUNKS>
-ATTNPOOL_GLOBAL void forward_kernel(ForwardArgs a) {
+ATTNPOOL_GLOBAL void forward_kernel(ForwardParams a) {
   using acc_t = attnpool_opmath_t<scalar_t>;
   constexpr int R = kTileRows;
-  const int tid = threadIdx.x;
-  const int lane = tid % 32;
-  const int warp = tid / 32;
-  const int num_warps = (blockDim.x + 31) / 32;
+  const BlockInfo info = block_info(a, a.num_queries);
+  const auto [b, i, rows, tid, lane, warp, num_warps] = info;
+  const int64_t first = rows.begin;
+  const int64_t last = rows.end;
   const int64_t H = a.hidden;
   const int64_t n = a.num_heads;
   const int64_t d = a.head_dim;
   const int64_t block = blockIdx.x;
-  const int64_t split = block % a.splits;
-  const int64_t i = (block / a.splits) % a.num_queries;
-  const int64_t b = block / (a.splits * a.num_queries);
-  const int64_t first = split * a.rows_per_split;
-  const int64_t last = first + a.rows_per_split < a.seq_len ? first + a.rows_per_split : a.seq_len;
   const auto* x = static_cast<const scalar_t*>(a.x) + b * a.x_batch_stride;
   const auto* u = static_cast<const acc_t*>(a.u) + i * n * H;
   const acc_t scale = static_cast<acc_t>(a.scale);
@@ -241,20 +246,11 @@ ATTNPOOL_GLOBAL void forward_kernel(ForwardArgs a) {
           }
         }
       }
-      for (int r = 0; r < R; ++r) {
-        part[r] = warp_sum(part[r]);
-        if (lane == 0) {
-          partial_scores[(warp * n + h) * R + r] = part[r];
-        }
-      }
+      store_warp_sums(part, partial_scores + (warp * n + h) * R, lane);
     }
     attnpool_syncthreads();
     for (int64_t idx = tid; idx < n * R; idx += blockDim.x) {
-      acc_t total = acc_t(0);
-      for (int w = 0; w < num_warps; ++w) {
-        total += partial_scores[w * n * R + idx];
-      }
-      scores[idx] = scale * total;
+      scores[idx] = scale * sum_over_warps(partial_scores, num_warps, n * R, idx);
     }
     attnpool_syncthreads();
     // One thread per head updates that head's running max and sum, exactly
@@ -306,7 +302,7 @@ ATTNPOOL_GLOBAL void forward_kernel(ForwardArgs a) {
   attnpool_syncthreads();
 
   const bool valid = any_valid[0] != acc_t(0);
-  if (a.splits == 1) {
+  if (a.cut.pieces == 1) {
     auto* out = static_cast<acc_t*>(a.out) + (b * a.num_queries + i) * H;
     for (int j = 0; j < CHUNKS; ++j) {
       const int64_t col = chunk_column<VEC>(j);
@@ -344,38 +340,38 @@ ATTNPOOL_GLOBAL void forward_kernel(ForwardArgs a) {
 }
 
 // The merge of pieces and the reduction of du's partials give each CUDA block
-// kSliceColumns consecutive columns (a warp's width, so that a warp's loads
-// are one contiguous run) and split its threads into slices over the pieces:
-// thread t is column t % kSliceColumns of slice t / kSliceColumns.
-constexpr int kSliceColumns = 32;
+// kStripeColumns consecutive columns (a warp's width, so that a warp's loads
+// are one contiguous run) and split its threads into stripes over the pieces:
+// thread t is column t % kStripeColumns of stripe t / kStripeColumns.
+constexpr int kStripeColumns = 32;
 
-struct SlicePlace {
-  int slices;
+struct StripePlace {
+  int stripes;
   int column;
-  int slice;
+  int stripe;
 };
 
-ATTNPOOL_DEVICE inline SlicePlace slice_place() {
+ATTNPOOL_DEVICE inline StripePlace stripe_place() {
   return {
-      static_cast<int>(blockDim.x) / kSliceColumns,
-      static_cast<int>(threadIdx.x) % kSliceColumns,
-      static_cast<int>(threadIdx.x) / kSliceColumns};
+      static_cast<int>(blockDim.x) / kStripeColumns,
+      static_cast<int>(threadIdx.x) % kStripeColumns,
+      static_cast<int>(threadIdx.x) / kStripeColumns};
 }
 
 // Merging the pieces of each (b, i): out and lse. Column c < H is out's, H + h
-// head h's lse. A CUDA block takes kSliceColumns columns of one (b, i); its
-// threads form merge_threads(splits) / kSliceColumns slices, and slice t reads
-// pieces t, t + slices, ... so that a long sequence cut into a thousand pieces
-// is not merged one piece after another. Slices are combined in slice order:
+// head h's lse. A CUDA block takes kStripeColumns columns of one (b, i); its
+// threads form merge_threads(pieces) / kStripeColumns stripes, and stripe t reads
+// pieces t, t + stripes, ... so that a long sequence cut into a thousand pieces
+// is not merged one piece after another. Stripes are combined in stripe order:
 // the launch depends on the shape only, so the result is bitwise repeatable.
-constexpr int kMaxMergeSlices = 32;
+constexpr int kMaxMergeStripes = 32;
 
 ATTNPOOL_HOST_DEVICE inline int64_t merge_blocks_per_row(int64_t hidden, int64_t num_heads) {
-  return (hidden + num_heads + kSliceColumns - 1) / kSliceColumns;
+  return (hidden + num_heads + kStripeColumns - 1) / kStripeColumns;
 }
 
-ATTNPOOL_HOST_DEVICE inline int merge_threads(int64_t splits) {
-  return kSliceColumns * static_cast<int>(splits < kMaxMergeSlices ? splits : kMaxMergeSlices);
+ATTNPOOL_HOST_DEVICE inline int merge_threads(int64_t pieces) {
+  return kStripeColumns * static_cast<int>(pieces < kMaxMergeStripes ? pieces : kMaxMergeStripes);
 }
 
 template <typename acc_t>
@@ -384,29 +380,29 @@ ATTNPOOL_HOST_DEVICE inline int64_t merge_shared_bytes(int64_t threads) {
 }
 
 template <typename scalar_t>
-ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardArgs a) {
+ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardParams a) {
   using acc_t = attnpool_opmath_t<scalar_t>;
   const int64_t H = a.hidden;
   const int64_t n = a.num_heads;
-  const auto [slices, column, slice] = slice_place();
+  const auto [stripes, column, stripe] = stripe_place();
   const int64_t per_row = merge_blocks_per_row(H, n);
   const int64_t bi = blockIdx.x / per_row;  // b * Q + i
-  const int64_t c = (blockIdx.x % per_row) * kSliceColumns + column;
+  const int64_t c = (blockIdx.x % per_row) * kStripeColumns + column;
   const bool active = c < H + n;
   const int64_t h = !active ? 0 : c < H ? c / a.head_dim : c - H;
   const int64_t record = 1 + 2 * n + H;
-  const acc_t* pieces = static_cast<const acc_t*>(a.partials) + bi * a.splits * record;
-  // Two values per thread, [2][slices][kSliceColumns]; slice t's value of this
-  // column at firsts[t * kSliceColumns] and seconds[t * kSliceColumns].
+  const acc_t* pieces = static_cast<const acc_t*>(a.partials) + bi * a.cut.pieces * record;
+  // Two values per thread, [2][stripes][kStripeColumns]; stripe t's value of this
+  // column at firsts[t * kStripeColumns] and seconds[t * kStripeColumns].
   ATTNPOOL_DYNAMIC_SHARED(acc_t, scratch);
   acc_t* firsts = scratch + column;
-  acc_t* seconds = firsts + slices * kSliceColumns;
-  const int own = slice * kSliceColumns;
+  acc_t* seconds = firsts + stripes * kStripeColumns;
+  const int own = stripe * kStripeColumns;
 
   // The largest running max of head h over the pieces with a row present.
   acc_t m = -attnpool_infinity<acc_t>();
   acc_t valid = acc_t(0);
-  for (int64_t s = slice; active && s < a.splits; s += slices) {
+  for (int64_t s = stripe; active && s < a.cut.pieces; s += stripes) {
     const acc_t* piece = pieces + s * record;
     if (piece[0] != acc_t(0)) {
       valid = acc_t(1);
@@ -418,9 +414,9 @@ ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardArgs a) {
   attnpool_syncthreads();
   m = -attnpool_infinity<acc_t>();
   valid = acc_t(0);
-  for (int t = 0; t < slices; ++t) {
-    m = firsts[t * kSliceColumns] > m ? firsts[t * kSliceColumns] : m;
-    valid = seconds[t * kSliceColumns] != acc_t(0) ? acc_t(1) : valid;
+  for (int t = 0; t < stripes; ++t) {
+    m = firsts[t * kStripeColumns] > m ? firsts[t * kStripeColumns] : m;
+    valid = seconds[t * kStripeColumns] != acc_t(0) ? acc_t(1) : valid;
   }
   attnpool_syncthreads();
 
@@ -428,7 +424,7 @@ ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardArgs a) {
   const bool none_finite = m == -attnpool_infinity<acc_t>();
   acc_t sum = acc_t(0);
   acc_t value = acc_t(0);
-  for (int64_t s = slice; active && s < a.splits; s += slices) {
+  for (int64_t s = stripe; active && s < a.cut.pieces; s += stripes) {
     const acc_t* piece = pieces + s * record;
     if (piece[0] == acc_t(0)) {
       continue;
@@ -442,14 +438,14 @@ ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardArgs a) {
   firsts[own] = sum;
   seconds[own] = value;
   attnpool_syncthreads();
-  if (slice != 0 || !active) {
+  if (stripe != 0 || !active) {
     return;
   }
   sum = acc_t(0);
   value = acc_t(0);
-  for (int t = 0; t < slices; ++t) {
-    sum += firsts[t * kSliceColumns];
-    value += seconds[t * kSliceColumns];
+  for (int t = 0; t < stripes; ++t) {
+    sum += firsts[t * kStripeColumns];
+    value += seconds[t * kStripeColumns];
   }
   const bool any = valid != acc_t(0);
   if (c < H) {
@@ -461,13 +457,13 @@ ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardArgs a) {
 }
 
 // delta_k = G_i[D_h] . out_i[D_h] for every score k = i * n + h of sequence b,
-// into delta[K]. It is summed exactly as backward_kernel sums dp = G_i[D_h] .
+// into delta[num_scores]. It is summed exactly as backward_kernel sums dp = G_i[D_h] .
 // x_l[D_h] (the same columns per thread, fma order, warp and block
 // reductions), so that when all the weight falls on one row, whose x then
 // equals out, dp - delta is exactly 0, as in the reference.
 template <int VEC, int CHUNKS, typename acc_t>
 ATTNPOOL_DEVICE inline void block_deltas(
-    const BackwardArgs& a, int64_t b, acc_t* partial, acc_t* delta) {
+    const BackwardParams& a, int64_t b, acc_t* partial, acc_t* delta) {
   constexpr int R = kTileRows;
   const int tid = threadIdx.x;
   const int lane = tid % 32;
@@ -489,18 +485,12 @@ ATTNPOOL_DEVICE inline void block_deltas(
           }
         }
       }
-      part = warp_sum(part);
-      if (lane == 0) {
-        partial[((warp * 2 + 1) * n + h) * R] = part;
-      }
+      acc_t parts[1] = {part};
+      store_warp_sums(parts, partial + ((warp * 2 + 1) * n + h) * R, lane);
     }
     attnpool_syncthreads();
     for (int64_t h = tid; h < n; h += blockDim.x) {
-      acc_t total = acc_t(0);
-      for (int w = 0; w < num_warps; ++w) {
-        total += partial[(w * 2 + 1) * n * R + h * R];
-      }
-      delta[i * n + h] = total;
+      delta[i * n + h] = sum_over_warps(partial + n * R, num_warps, 2 * n * R, h * R);
     }
     attnpool_syncthreads();
   }
@@ -511,37 +501,33 @@ ATTNPOOL_DEVICE inline void block_deltas(
 // with dp = G_i[D_h].x[D_h]; dx = sum_k p G_i[D_h] + ds u_k is written once,
 // and du_k += ds x goes to this block's own du partial (no atomics).
 template <typename scalar_t, int VEC, int CHUNKS>
-ATTNPOOL_GLOBAL void backward_kernel(BackwardArgs a) {
+ATTNPOOL_GLOBAL void backward_kernel(BackwardParams a) {
   using acc_t = attnpool_opmath_t<scalar_t>;
   constexpr int R = kTileRows;
-  const int tid = threadIdx.x;
-  const int lane = tid % 32;
-  const int warp = tid / 32;
-  const int num_warps = (blockDim.x + 31) / 32;
+  const BlockInfo info = block_info(a, 1);
+  const auto [b, group, rows, tid, lane, warp, num_warps] = info;
+  const int64_t first = rows.begin;
+  const int64_t last = rows.end;
   const int64_t H = a.hidden;
   const int64_t n = a.num_heads;
   const int64_t d = a.head_dim;
-  const int64_t K = a.num_queries * n;
+  const int64_t num_scores = a.num_scores();
   const int64_t block = blockIdx.x;
-  const int64_t split = block % a.splits;
-  const int64_t b = block / a.splits;
-  const int64_t first = split * a.rows_per_split;
-  const int64_t last = first + a.rows_per_split < a.seq_len ? first + a.rows_per_split : a.seq_len;
   const auto* x = static_cast<const scalar_t*>(a.x) + b * a.x_batch_stride;
   const auto* u = static_cast<const acc_t*>(a.u);
-  const auto* lse = static_cast<const acc_t*>(a.lse) + b * K;
+  const auto* lse = static_cast<const acc_t*>(a.lse) + b * num_scores;
   auto* dx = static_cast<scalar_t*>(a.dx) + b * a.seq_len * H;
-  acc_t* du = static_cast<acc_t*>(a.du_partials) + block * K * H;
+  acc_t* du = static_cast<acc_t*>(a.du_partials) + block * num_scores * H;
   const acc_t scale = static_cast<acc_t>(a.scale);
 
   ATTNPOOL_DYNAMIC_SHARED(acc_t, shared);
   acc_t* partial = shared;                         // [num_warps][2][n][R]
   acc_t* probs = partial + num_warps * 2 * n * R;  // [n][R]
   acc_t* dscores = probs + n * R;                  // [n][R]
-  acc_t* delta = dscores + n * R;                  // [K]
+  acc_t* delta = dscores + n * R;                  // [num_scores]
   block_deltas<VEC, CHUNKS>(a, b, partial, delta);
 
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < num_scores; ++k) {
     for (int j = 0; j < CHUNKS; ++j) {
       const int64_t col = chunk_column<VEC>(j);
       if (col < H) {
@@ -589,25 +575,15 @@ ATTNPOOL_GLOBAL void backward_kernel(BackwardArgs a) {
             }
           }
         }
-        for (int r = 0; r < R; ++r) {
-          part_score[r] = warp_sum(part_score[r]);
-          part_dprob[r] = warp_sum(part_dprob[r]);
-          if (lane == 0) {
-            partial[((warp * 2 + 0) * n + h) * R + r] = part_score[r];
-            partial[((warp * 2 + 1) * n + h) * R + r] = part_dprob[r];
-          }
-        }
+        store_warp_sums(part_score, partial + ((warp * 2 + 0) * n + h) * R, lane);
+        store_warp_sums(part_dprob, partial + ((warp * 2 + 1) * n + h) * R, lane);
       }
       attnpool_syncthreads();
       for (int64_t idx = tid; idx < n * R; idx += blockDim.x) {
         const int64_t h = idx / R;
         const int r = static_cast<int>(idx % R);
-        acc_t score = acc_t(0);
-        acc_t dprob = acc_t(0);
-        for (int w = 0; w < num_warps; ++w) {
-          score += partial[(w * 2 + 0) * n * R + idx];
-          dprob += partial[(w * 2 + 1) * n * R + idx];
-        }
+        const acc_t score = sum_over_warps(partial, num_warps, 2 * n * R, idx);
+        const acc_t dprob = sum_over_warps(partial + n * R, num_warps, 2 * n * R, idx);
         const int64_t k = i * n + h;
         const acc_t p = present[r] ? attnpool_exp(scale * score - lse[k]) : acc_t(0);
         probs[idx] = p;
@@ -656,9 +632,9 @@ ATTNPOOL_GLOBAL void backward_kernel(BackwardArgs a) {
 }
 
 // du[c] = sum over blocks of du_partials[block][c]. Each CUDA block sums
-// kSliceColumns columns; its threads form blockDim.x / kSliceColumns
-// slices, slice s summing partials s, s + slices, ... in order, then slice 0
-// adds the slices in order: a fixed order for a fixed launch, so the result is
+// kStripeColumns columns; its threads form blockDim.x / kStripeColumns
+// stripes, stripe s summing partials s, s + stripes, ... in order, then stripe 0
+// adds the stripes in order: a fixed order for a fixed launch, so the result is
 // bitwise repeatable. Needs reduce_shared_bytes of shared memory.
 template <typename acc_t>
 ATTNPOOL_HOST_DEVICE inline int64_t reduce_shared_bytes(int64_t threads) {
@@ -668,21 +644,21 @@ ATTNPOOL_HOST_DEVICE inline int64_t reduce_shared_bytes(int64_t threads) {
 template <typename acc_t>
 ATTNPOOL_GLOBAL void reduce_partials_kernel(
     const acc_t* partials, acc_t* du, int64_t blocks, int64_t width) {
-  const auto [slices, column, slice] = slice_place();
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kSliceColumns + column;
-  ATTNPOOL_DYNAMIC_SHARED(acc_t, sums);  // [slices][kSliceColumns]
+  const auto [stripes, column, stripe] = stripe_place();
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kStripeColumns + column;
+  ATTNPOOL_DYNAMIC_SHARED(acc_t, sums);  // [stripes][kStripeColumns]
   acc_t total = acc_t(0);
   if (c < width) {
-    for (int64_t block = slice; block < blocks; block += slices) {
+    for (int64_t block = stripe; block < blocks; block += stripes) {
       total += partials[block * width + c];
     }
   }
-  sums[slice * kSliceColumns + column] = total;
+  sums[stripe * kStripeColumns + column] = total;
   attnpool_syncthreads();
-  if (slice == 0 && c < width) {
+  if (stripe == 0 && c < width) {
     acc_t sum = acc_t(0);
-    for (int s = 0; s < slices; ++s) {
-      sum += sums[s * kSliceColumns + column];
+    for (int s = 0; s < stripes; ++s) {
+      sum += sums[s * kStripeColumns + column];
     }
     du[c] = sum;
   }

@@ -1,11 +1,15 @@
-// CUDA entry points of attention_pool: check the arguments, fold the query,
-// allocate, choose the launch shape, launch (attention_pool_kernel.cuh).
+// CUDA entry points of folded_attention_pool's forward and backward: check,
+// allocate, choose the launch shape, launch (folded_attention_pool_kernel.cuh).
+// fold_query runs as matrix products on the GPU (ops/fold_query.cpp).
 
-#include "ops/attention_pool_common.h"
-#include "ops/cuda/attention_pool_kernel.cuh"
+#include "ops/checks.h"
+#include "ops/cuda/folded_attention_pool_kernel.cuh"
+#include "ops/fold_query.h"
+#include "ops/folded_attention_pool.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/ceil_div.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -19,10 +23,6 @@
 
 namespace attnpool::cuda {
 namespace {
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
 
 // Read through the CUDA runtime (not ATen's CUDAContext.h, which needs the
 // cuBLAS/cuSPARSE headers) so that a bare CUDA toolkit builds this file.
@@ -54,15 +54,15 @@ struct LaunchShape {
 // The fewest threads (128 to 1024) that cover the row with at most two
 // chunks each, or four at 1024 threads.
 LaunchShape launch_shape(int64_t hidden, int vec) {
-  const int64_t chunks = std::max<int64_t>(1, ceil_div(hidden, vec));
+  const int64_t chunks = std::max<int64_t>(1, at::ceil_div<int64_t>(hidden, vec));
   int threads = 128;
-  while (threads < 1024 && ceil_div(chunks, threads) > 2) {
+  while (threads < 1024 && at::ceil_div<int64_t>(chunks, threads) > 2) {
     threads *= 2;
   }
-  const int64_t per_thread = ceil_div(chunks, threads);
+  const int64_t per_thread = at::ceil_div<int64_t>(chunks, threads);
   TORCH_CHECK_VALUE(
       per_thread <= 4,
-      "attention_pool: the CUDA kernels support H up to ",
+      "folded_attention_pool: the CUDA kernels support H up to ",
       4 * 1024 * vec,
       " for this dtype and layout, got H = ",
       hidden);
@@ -80,8 +80,8 @@ constexpr int64_t kMinTilesPerPiece = 8;
 
 int64_t pieces_per_sequence(int64_t sequences, int64_t seq_len) {
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  const int64_t wanted = ceil_div(8 * sms, std::max<int64_t>(sequences, 1));
-  const int64_t most = std::max<int64_t>(1, ceil_div(seq_len, kMinTilesPerPiece * kTileRows));
+  const int64_t wanted = at::ceil_div(8 * sms, std::max<int64_t>(sequences, 1));
+  const int64_t most = std::max<int64_t>(1, at::ceil_div(seq_len, kMinTilesPerPiece * kTileRows));
   return std::clamp<int64_t>(wanted, 1, most);
 }
 
@@ -89,7 +89,7 @@ template <typename acc_t>
 void set_shared_limit(const void* kernel, int64_t bytes) {
   TORCH_CHECK_VALUE(
       bytes <= device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin),
-      "attention_pool: too many heads for the CUDA kernels (",
+      "folded_attention_pool: too many heads for the CUDA kernels (",
       bytes,
       " bytes of shared memory needed)");
   if (bytes > 48 * 1024) {
@@ -119,65 +119,58 @@ void with_layout(int vec, int chunks, F&& f) {
   }
 }
 
-// Pieces per sequence, and rows per piece, for a kernel with one block per
-// (sequence, piece).
-std::pair<int64_t, int64_t> cut_sequences(int64_t sequences, int64_t seq_len) {
-  const int64_t wanted = pieces_per_sequence(sequences, seq_len);
-  const int64_t rows = std::max<int64_t>(1, ceil_div(seq_len, wanted));
-  return {std::max<int64_t>(1, ceil_div(seq_len, rows)), rows};
+// The cut of each sequence for a kernel with one block per (sequence, piece).
+PieceCut cut_sequences(int64_t sequences, int64_t seq_len) {
+  return PieceCut::into(seq_len, pieces_per_sequence(sequences, seq_len));
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_pool_forward_cuda(
+std::tuple<at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& x,
-    const at::Tensor& query,
-    const at::Tensor& w_q,
-    const at::Tensor& w_k,
+    const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
-    int64_t num_heads,
-    std::optional<double> scale) {
-  const auto in = detail::prepare_inputs(x, query, w_q, w_k, mask, num_heads, scale);
+    double scale,
+    bool full_width) {
+  const auto prepared = detail::prepare_pool(x, u, mask, scale, full_width);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto& dims = in.dims;
   // out stays in the accumulation dtype: the backward's delta = G . out
-  // needs it unrounded (attention_pool() rounds it to x's dtype).
-  const auto acc_options = x.options().dtype(in.acc_dtype);
-  auto out = at::empty(in.output_shape, acc_options);
-  auto lse = at::empty({dims.batch, dims.num_queries, num_heads}, acc_options);
+  // needs it unrounded (folded_attention_pool() rounds it to x's dtype).
+  const auto acc_options = x.options().dtype(prepared.acc_dtype);
+  auto out = at::empty(prepared.out_shape, acc_options);
+  auto lse = at::empty(prepared.lse_shape, acc_options);
   if (lse.numel() == 0) {
     return {out, lse};
   }
-  ForwardArgs a{};
-  detail::set_input_args(a, in);
-  set_shape_args(a, dims);
-  std::tie(a.splits, a.rows_per_split) = cut_sequences(dims.batch * dims.num_queries, dims.seq_len);
+  ForwardParams a{};
+  static_cast<PoolInputs&>(a) = prepared.params;
+  const int64_t n = a.num_heads;
+  a.cut = cut_sequences(a.batch * a.num_queries, a.seq_len);
   a.out = out.mutable_data_ptr();
   a.lse = lse.mutable_data_ptr();
   at::Tensor partials;
-  if (a.splits > 1) {
-    partials = at::empty(
-        {dims.batch * dims.num_queries * a.splits, 1 + 2 * num_heads + dims.hidden}, acc_options);
+  if (a.cut.pieces > 1) {
+    partials =
+        at::empty({a.batch * a.num_queries * a.cut.pieces, 1 + 2 * n + a.hidden}, acc_options);
     a.partials = partials.mutable_data_ptr();
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "attention_pool_forward_cuda", [&] {
+      at::kHalf, at::kBFloat16, x.scalar_type(), "folded_attention_pool_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const int vec = vector_width<scalar_t>(in.rows);
-        const auto shape = launch_shape(dims.hidden, vec);
-        const int64_t shared = forward_shared_bytes<acc_t>(shape.threads / 32, num_heads);
+        const int vec = vector_width<scalar_t>(prepared.rows);
+        const auto shape = launch_shape(a.hidden, vec);
+        const int64_t shared = forward_shared_bytes<acc_t>(shape.threads / 32, n);
         with_layout<scalar_t>(vec, shape.chunks, [&](auto vec_c, auto chunks_c) {
           auto* kernel =
               &forward_kernel<scalar_t, decltype(vec_c)::value, decltype(chunks_c)::value>;
           set_shared_limit<acc_t>(reinterpret_cast<const void*>(kernel), shared);
-          const int64_t blocks = dims.batch * dims.num_queries * a.splits;
+          const int64_t blocks = a.batch * a.num_queries * a.cut.pieces;
           kernel<<<blocks, shape.threads, shared, stream>>>(a);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
-        if (a.splits > 1) {
-          const int threads = merge_threads(a.splits);
-          const int64_t blocks =
-              dims.batch * dims.num_queries * merge_blocks_per_row(dims.hidden, num_heads);
+        if (a.cut.pieces > 1) {
+          const int threads = merge_threads(a.cut.pieces);
+          const int64_t blocks = a.batch * a.num_queries * merge_blocks_per_row(a.hidden, n);
           merge_pieces_kernel<scalar_t>
               <<<blocks, threads, merge_shared_bytes<acc_t>(threads), stream>>>(a);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -186,94 +179,75 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_forward_cuda(
   return {out, lse};
 }
 
-at::Tensor attention_pool_cuda(
-    const at::Tensor& x,
-    const at::Tensor& query,
-    const at::Tensor& w_q,
-    const at::Tensor& w_k,
-    const std::optional<at::Tensor>& mask,
-    int64_t num_heads,
-    std::optional<double> scale) {
-  const auto out =
-      std::get<0>(attention_pool_forward_cuda(x, query, w_q, w_k, mask, num_heads, scale));
-  return out.to(x.scalar_type());
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_backward_cuda(
+std::tuple<at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out,
     const at::Tensor& x,
-    const at::Tensor& query,
-    const at::Tensor& w_q,
-    const at::Tensor& w_k,
+    const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
     const at::Tensor& out,
     const at::Tensor& lse,
-    int64_t num_heads,
-    std::optional<double> scale) {
-  const auto in = detail::prepare_inputs(x, query, w_q, w_k, mask, num_heads, scale);
+    double scale,
+    bool full_width) {
+  const auto prepared = detail::prepare_pool(x, u, mask, scale, full_width);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto grads_in =
-      detail::prepare_gradients(grad_out, x, query, out, lse, num_heads, in.acc_dtype);
-  const auto& dims = in.dims;
-  const auto acc_options = x.options().dtype(in.acc_dtype);
-  const int64_t K = dims.num_scores();
-  auto dx = at::empty({dims.batch, dims.seq_len, dims.hidden}, x.options());
-  auto du = at::zeros({K, dims.hidden}, acc_options);
-  if (dx.numel() == 0 || K == 0) {
+  const auto grads =
+      detail::prepare_gradients(grad_out, x, u, out, lse, full_width, prepared.acc_dtype);
+  const auto acc_options = x.options().dtype(prepared.acc_dtype);
+  BackwardParams a{};
+  static_cast<PoolInputs&>(a) = prepared.params;
+  const int64_t num_scores = a.num_scores();
+  auto dx = at::empty(x.sizes(), x.options());
+  auto du = at::zeros({num_scores, a.hidden}, acc_options);
+  if (dx.numel() == 0 || num_scores == 0) {
     dx.zero_();
-    const auto grads = detail::unfold_score_vector_grad(du, in.folded, query, w_q, w_k, num_heads);
-    return {dx, grads.query, grads.w_q, grads.w_k};
+    return {dx, du.view(u.sizes()).to(u.scalar_type())};
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
-
-  BackwardArgs a{};
-  detail::set_input_args(a, in);
-  set_shape_args(a, dims);
-  std::tie(a.splits, a.rows_per_split) = cut_sequences(dims.batch, dims.seq_len);
-  a.grad_out = grads_in.grad_out.const_data_ptr();
-  a.out = grads_in.out.const_data_ptr();
-  a.lse = grads_in.lse.const_data_ptr();
+  a.cut = cut_sequences(a.batch, a.seq_len);
+  a.grad_out = grads.grad_out.const_data_ptr();
+  a.out = const_cast<void*>(grads.out.const_data_ptr());
+  a.lse = const_cast<void*>(grads.lse.const_data_ptr());
   a.dx = dx.mutable_data_ptr();
-  auto du_partials = at::empty({dims.batch * a.splits, K, dims.hidden}, acc_options);
+  auto du_partials = at::empty({a.batch * a.cut.pieces, num_scores, a.hidden}, acc_options);
   a.du_partials = du_partials.mutable_data_ptr();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "attention_pool_backward_cuda", [&] {
+      at::kHalf, at::kBFloat16, x.scalar_type(), "folded_attention_pool_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const int vec = vector_width<scalar_t>(in.rows);
-        const auto shape = launch_shape(dims.hidden, vec);
-        const int64_t shared = backward_shared_bytes<acc_t>(shape.threads / 32, num_heads, K);
+        const int vec = vector_width<scalar_t>(prepared.rows);
+        const auto shape = launch_shape(a.hidden, vec);
+        const int64_t shared =
+            backward_shared_bytes<acc_t>(shape.threads / 32, a.num_heads, num_scores);
         with_layout<scalar_t>(vec, shape.chunks, [&](auto vec_c, auto chunks_c) {
           auto* kernel =
               &backward_kernel<scalar_t, decltype(vec_c)::value, decltype(chunks_c)::value>;
           set_shared_limit<acc_t>(reinterpret_cast<const void*>(kernel), shared);
-          kernel<<<dims.batch * a.splits, shape.threads, shared, stream>>>(a);
+          kernel<<<a.batch * a.cut.pieces, shape.threads, shared, stream>>>(a);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
-        const int64_t width = K * dims.hidden;
+        const int64_t width = num_scores * a.hidden;
         constexpr int kReduceThreads = 256;
         reduce_partials_kernel<acc_t>
-            <<<ceil_div(width, kSliceColumns),
+            <<<at::ceil_div(width, int64_t{kStripeColumns}),
                kReduceThreads,
                reduce_shared_bytes<acc_t>(kReduceThreads),
                stream>>>(
                 du_partials.const_data_ptr<acc_t>(),
                 du.mutable_data_ptr<acc_t>(),
-                dims.batch * a.splits,
+                a.batch * a.cut.pieces,
                 width);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-
-  const auto grads = detail::unfold_score_vector_grad(du, in.folded, query, w_q, w_k, num_heads);
-  return {dx, grads.query, grads.w_q, grads.w_k};
+  return {dx, du.view(u.sizes()).to(u.scalar_type())};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnpool, CUDA, m) {
-  m.impl("attention_pool", &attention_pool_cuda);
-  m.impl("_attention_pool_forward", &attention_pool_forward_cuda);
-  m.impl("_attention_pool_backward", &attention_pool_backward_cuda);
+  m.impl("_folded_attention_pool_forward", &forward_cuda);
+  m.impl("_folded_attention_pool_backward", &backward_cuda);
+  m.impl("_fold_query_forward", &detail::fold_query_by_matmul);
+  m.impl("_fold_query_backward", &detail::fold_query_backward_by_matmul);
 }
 
 }  // namespace attnpool::cuda

@@ -1,0 +1,24 @@
+#pragma once
+
+// attention_pool as the composition of its two parts (SPEC.md §5), shared by
+// the kernel that serves every backend and the autograd kernel.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace attnpool::detail {
+
+// folded_attention_pool(x, fold_query(query, w_q, w_k, num_heads), mask,
+// scale or 1/sqrt(H / num_heads)), after attention_pool's own checks.
+at::Tensor compose_attention_pool(
+    const at::Tensor& x,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    const std::optional<at::Tensor>& mask,
+    int64_t num_heads,
+    std::optional<double> scale);
+
+}  // namespace attnpool::detail

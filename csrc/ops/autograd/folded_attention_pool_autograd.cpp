@@ -1,0 +1,81 @@
+// Autograd of folded_attention_pool, registered at the Autograd key so that
+// gradients work from Python and from C++ alike. The forward saves the
+// log-sum-exp; the backward is one more pass over x (SPEC.md §5).
+
+#include <attnpool/attention_pool.h>
+
+#include "ops/folded_attention_pool.h"
+
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace attnpool {
+namespace {
+
+class FoldedAttentionPoolFunction : public torch::autograd::Function<FoldedAttentionPoolFunction> {
+ public:
+  static at::Tensor forward(
+      torch::autograd::AutogradContext* ctx,
+      const at::Tensor& x,
+      const at::Tensor& u,
+      const std::optional<at::Tensor>& mask,
+      double scale,
+      bool full_width) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    // The backward gets the unrounded (accumulation dtype) output.
+    auto [out, lse] = detail::call_folded_attention_pool_forward(x, u, mask, scale, full_width);
+    ctx->save_for_backward({x, u, mask.value_or(at::Tensor()), out, lse});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["full_width"] = full_width;
+    // (Not out.to(...) when the dtypes agree: that would return its input,
+    // which an op below autograd must not do.)
+    return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+  }
+
+  // The backward op itself has no derivative: create_graph=True works, but
+  // differentiating these gradients raises "derivative ... not implemented".
+  static torch::autograd::variable_list backward(
+      torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& mask = saved[2];
+    auto [dx, du] = detail::call_folded_attention_pool_backward(
+        grad_outputs[0],
+        saved[0],
+        saved[1],
+        mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt,
+        saved[3],
+        saved[4],
+        ctx->saved_data["scale"].toDouble(),
+        ctx->saved_data["full_width"].toBool());
+    return {dx, du, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor folded_attention_pool_autograd(
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
+    double scale,
+    bool full_width) {
+  const bool needs_grad = at::GradMode::is_enabled() && (x.requires_grad() || u.requires_grad());
+  if (!needs_grad) {
+    // Inference: the plain kernel, nothing saved.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return attnpool::folded_attention_pool(x, u, mask, scale, full_width);
+  }
+  return FoldedAttentionPoolFunction::apply(x, u, mask, scale, full_width);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnpool, Autograd, m) {
+  m.impl("folded_attention_pool", &folded_attention_pool_autograd);
+  m.impl("_folded_attention_pool_forward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("_folded_attention_pool_backward", torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace attnpool

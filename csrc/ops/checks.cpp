@@ -1,0 +1,399 @@
+#include "ops/checks.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <string>
+
+namespace attnpool::detail {
+namespace {
+
+// PyTorch users read dtypes as torch.float32, not ATen's "Float".
+std::string dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kDouble:
+      return "float64";
+    case at::kFloat:
+      return "float32";
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kBool:
+      return "bool";
+    default:
+      return c10::toString(dtype);
+  }
+}
+
+bool is_supported_float(at::ScalarType dtype) {
+  return dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
+         dtype == at::kBFloat16;
+}
+
+bool is_reduced_float(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+bool defined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+void check_strided(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(
+      t.layout() == at::kStrided,
+      op,
+      ": ",
+      name,
+      " must be a dense (strided) tensor, got layout ",
+      t.layout());
+}
+
+void check_same_device(
+    const char* op,
+    const at::Tensor& t,
+    const char* name,
+    const at::Tensor& ref,
+    const char* ref_name) {
+  TORCH_CHECK_VALUE(
+      t.device() == ref.device(),
+      op,
+      ": ",
+      name,
+      " must be on the same device as ",
+      ref_name,
+      " (",
+      ref.device(),
+      "), got ",
+      t.device());
+}
+
+void check_float_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(
+      x.dim() == 3,
+      op,
+      ": x must have shape [B, L, H], got a ",
+      x.dim(),
+      "-D tensor of shape ",
+      x.sym_sizes());
+  TORCH_CHECK_TYPE(
+      is_supported_float(x.scalar_type()),
+      op,
+      ": x must be float64, float32, float16 or bfloat16, got ",
+      dtype_name(x.scalar_type()));
+}
+
+void check_num_heads(
+    const char* op, int64_t num_heads, const c10::SymInt& width, const char* what) {
+  TORCH_CHECK_VALUE(num_heads >= 1, op, ": num_heads must be >= 1, got ", num_heads);
+  TORCH_CHECK_VALUE(
+      width % num_heads == 0,
+      op,
+      ": num_heads must divide ",
+      what,
+      " = ",
+      width,
+      ", got num_heads = ",
+      num_heads);
+}
+
+void check_scale(const char* op, double scale) {
+  TORCH_CHECK_VALUE(
+      std::isfinite(scale) && scale > 0.0,
+      op,
+      ": scale must be a finite positive number, got ",
+      scale);
+}
+
+void check_mask(const char* op, const at::Tensor& x, const at::Tensor& mask) {
+  check_strided(op, mask, "mask");
+  TORCH_CHECK_VALUE(
+      mask.dim() == 2 && mask.sym_size(0) == x.sym_size(0) && mask.sym_size(1) == x.sym_size(1),
+      op,
+      ": mask must have shape [B, L] = [",
+      x.sym_size(0),
+      ", ",
+      x.sym_size(1),
+      "], got ",
+      mask.sym_sizes());
+  check_same_device(op, mask, "mask", x, "x");
+  TORCH_CHECK_TYPE(
+      !at::isComplexType(mask.scalar_type()),
+      op,
+      ": mask must be bool, integer or floating-point, got ",
+      dtype_name(mask.scalar_type()));
+}
+
+void check_square_weight(const at::Tensor& w, const c10::SymInt& hidden, const char* name) {
+  TORCH_CHECK_VALUE(
+      w.dim() == 2 && w.sym_size(0) == hidden && w.sym_size(1) == hidden,
+      "attention_pool: ",
+      name,
+      " must have shape [H, H] = [",
+      hidden,
+      ", ",
+      hidden,
+      "] (nn.Linear layout), got ",
+      w.sym_sizes());
+}
+
+// x's dtype, or float32 for float16/bfloat16 x (mixed precision).
+bool pairs_with_x(at::ScalarType dtype, at::ScalarType x_dtype) {
+  return dtype == x_dtype || (is_reduced_float(x_dtype) && dtype == at::kFloat);
+}
+
+}  // namespace
+
+void check_attention_pool_args(
+    const at::Tensor& x,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    const std::optional<at::Tensor>& mask,
+    int64_t num_heads,
+    std::optional<double> scale) {
+  constexpr const char* op = "attention_pool";
+  check_strided(op, x, "x");
+  check_strided(op, query, "query");
+  check_strided(op, w_q, "w_q");
+  check_strided(op, w_k, "w_k");
+  if (defined(mask)) {
+    check_strided(op, *mask, "mask");
+  }
+  check_float_x(op, x);
+  const c10::SymInt& hidden = x.sym_size(2);
+  TORCH_CHECK_VALUE(
+      (query.dim() == 1 || query.dim() == 2) && query.sym_size(-1) == hidden,
+      "attention_pool: query must have shape [H] or [Q, H] with H = ",
+      hidden,
+      " (x.shape[2]), got ",
+      query.sym_sizes());
+  check_square_weight(w_q, hidden, "w_q");
+  check_square_weight(w_k, hidden, "w_k");
+  check_num_heads(op, num_heads, hidden, "H");
+  if (scale.has_value()) {
+    check_scale(op, *scale);
+  }
+  check_same_device(op, query, "query", x, "x");
+  check_same_device(op, w_q, "w_q", x, "x");
+  check_same_device(op, w_k, "w_k", x, "x");
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK_TYPE(
+      w_q.scalar_type() == dtype && w_k.scalar_type() == dtype,
+      "attention_pool: query, w_q and w_k must share one dtype, got ",
+      dtype_name(dtype),
+      ", ",
+      dtype_name(w_q.scalar_type()),
+      " and ",
+      dtype_name(w_k.scalar_type()));
+  TORCH_CHECK_TYPE(
+      pairs_with_x(dtype, x.scalar_type()),
+      "attention_pool: query, w_q and w_k must have x's dtype (",
+      dtype_name(x.scalar_type()),
+      ") or float32 when x is float16/bfloat16, got ",
+      dtype_name(dtype));
+  if (defined(mask)) {
+    check_mask(op, x, *mask);
+  }
+}
+
+void check_fold_query_args(
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    int64_t num_heads,
+    const std::optional<at::Tensor>& q_bias) {
+  constexpr const char* op = "fold_query";
+  check_strided(op, query, "query");
+  check_strided(op, w_q, "w_q");
+  check_strided(op, w_k, "w_k");
+  TORCH_CHECK_VALUE(
+      query.dim() == 1 || query.dim() == 2,
+      "fold_query: query must have shape [Hq] or [Q, Hq], got ",
+      query.sym_sizes());
+  TORCH_CHECK_VALUE(
+      w_q.dim() == 2 && w_q.sym_size(1) == query.sym_size(-1),
+      "fold_query: w_q must have shape [E, Hq] with Hq = ",
+      query.sym_size(-1),
+      " (query.shape[-1]), got ",
+      w_q.sym_sizes());
+  TORCH_CHECK_VALUE(
+      w_k.dim() == 2 && w_k.sym_size(0) == w_q.sym_size(0),
+      "fold_query: w_k must have shape [E, Hx] with E = ",
+      w_q.sym_size(0),
+      " (w_q.shape[0]), got ",
+      w_k.sym_sizes());
+  check_num_heads(op, num_heads, w_q.sym_size(0), "E (w_q.shape[0])");
+  TORCH_CHECK_TYPE(
+      is_supported_float(query.scalar_type()),
+      "fold_query: query must be float64, float32, float16 or bfloat16, got ",
+      dtype_name(query.scalar_type()));
+  TORCH_CHECK_TYPE(
+      w_q.scalar_type() == query.scalar_type() && w_k.scalar_type() == query.scalar_type(),
+      "fold_query: query, w_q and w_k must share one dtype, got ",
+      dtype_name(query.scalar_type()),
+      ", ",
+      dtype_name(w_q.scalar_type()),
+      " and ",
+      dtype_name(w_k.scalar_type()));
+  check_same_device(op, w_q, "w_q", query, "query");
+  check_same_device(op, w_k, "w_k", query, "query");
+  if (defined(q_bias)) {
+    check_strided(op, *q_bias, "q_bias");
+    TORCH_CHECK_VALUE(
+        q_bias->dim() == 1 && q_bias->sym_size(0) == w_q.sym_size(0),
+        "fold_query: q_bias must have shape [E] = [",
+        w_q.sym_size(0),
+        "], got ",
+        q_bias->sym_sizes());
+    TORCH_CHECK_TYPE(
+        q_bias->scalar_type() == query.scalar_type(),
+        "fold_query: q_bias must have query's dtype (",
+        dtype_name(query.scalar_type()),
+        "), got ",
+        dtype_name(q_bias->scalar_type()));
+    check_same_device(op, *q_bias, "q_bias", query, "query");
+  }
+}
+
+void check_fold_query_backward_args(
+    const at::Tensor& grad_u,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    const at::Tensor& projected,
+    int64_t num_heads) {
+  check_fold_query_args(query, w_q, w_k, num_heads, std::nullopt);
+  const c10::SymInt num_queries = query.dim() == 1 ? c10::SymInt(1) : query.sym_size(0);
+  TORCH_CHECK_VALUE(
+      grad_u.sym_numel() == num_queries * num_heads * w_k.sym_size(1),
+      "fold_query backward: grad_u must have u's shape [Q, num_heads, Hx] (or [num_heads, Hx]), "
+      "got ",
+      grad_u.sym_sizes());
+  TORCH_CHECK_VALUE(
+      projected.dim() == 2 && projected.sym_size(0) == num_queries &&
+          projected.sym_size(1) == w_q.sym_size(0),
+      "fold_query backward: projected must have shape [Q, E] = [",
+      num_queries,
+      ", ",
+      w_q.sym_size(0),
+      "], got ",
+      projected.sym_sizes());
+  check_same_device("fold_query backward", grad_u, "grad_u", query, "query");
+  check_same_device("fold_query backward", projected, "projected", query, "query");
+}
+
+void check_folded_attention_pool_args(
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
+    double scale,
+    bool full_width) {
+  constexpr const char* op = "folded_attention_pool";
+  check_strided(op, x, "x");
+  check_strided(op, u, "u");
+  check_float_x(op, x);
+  const c10::SymInt& hidden = x.sym_size(2);
+  TORCH_CHECK_VALUE(
+      (u.dim() == 2 || u.dim() == 3) && u.sym_size(-1) == hidden,
+      "folded_attention_pool: u must have shape [Q, num_heads, H] or [num_heads, H] with H = ",
+      hidden,
+      " (x.shape[2]), got ",
+      u.sym_sizes());
+  TORCH_CHECK_VALUE(
+      u.sym_size(-2) >= 1,
+      "folded_attention_pool: u must have at least one head (u.shape[-2] >= 1), got ",
+      u.sym_sizes());
+  if (!full_width) {
+    TORCH_CHECK_VALUE(
+        hidden % u.sym_size(-2) == 0,
+        "folded_attention_pool: the number of heads u.shape[-2] = ",
+        u.sym_size(-2),
+        " must divide H = ",
+        hidden,
+        " unless full_width=True");
+  }
+  check_scale(op, scale);
+  check_same_device(op, u, "u", x, "x");
+  TORCH_CHECK_TYPE(
+      pairs_with_x(u.scalar_type(), x.scalar_type()),
+      "folded_attention_pool: u must have x's dtype (",
+      dtype_name(x.scalar_type()),
+      ") or float32 when x is float16/bfloat16, got ",
+      dtype_name(u.scalar_type()));
+  if (defined(mask)) {
+    check_mask(op, x, *mask);
+  }
+}
+
+void check_folded_attention_pool_backward_args(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    bool full_width) {
+  constexpr const char* op = "folded_attention_pool backward";
+  TORCH_CHECK_VALUE(
+      grad_out.sym_sizes() == out.sym_sizes(),
+      op,
+      ": grad_out must have the output's shape ",
+      out.sym_sizes(),
+      ", got ",
+      grad_out.sym_sizes());
+  // out: [B, (Q,) H] or, full width, [B, (Q,) n, H]; lse: [B, (Q,) n].
+  const int64_t out_dim = u.dim() + (full_width ? 1 : 0);
+  bool out_ok =
+      out.dim() == out_dim && out.sym_size(0) == x.sym_size(0) && out.sym_size(-1) == x.sym_size(2);
+  bool lse_ok = lse.dim() == u.dim() && lse.sym_size(0) == x.sym_size(0);
+  for (int64_t dim = 0; dim + 1 < u.dim(); ++dim) {
+    lse_ok = lse_ok && lse.sym_size(dim + 1) == u.sym_size(dim);
+    if (full_width || dim + 2 < u.dim()) {
+      out_ok = out_ok && out.sym_size(dim + 1) == u.sym_size(dim);
+    }
+  }
+  TORCH_CHECK_VALUE(
+      out_ok, op, ": out has shape ", out.sym_sizes(), ", which does not match x and u");
+  TORCH_CHECK_VALUE(
+      lse_ok,
+      op,
+      ": lse must have shape [B, *u.shape[:-1]] = [B, Q, num_heads] or [B, num_heads], got ",
+      lse.sym_sizes());
+  const auto acc = accumulate_dtype(x.scalar_type());
+  TORCH_CHECK_TYPE(
+      lse.scalar_type() == acc,
+      op,
+      ": lse must be ",
+      dtype_name(acc),
+      ", got ",
+      dtype_name(lse.scalar_type()));
+  check_same_device(op, grad_out, "grad_out", x, "x");
+  check_same_device(op, out, "out", x, "x");
+  check_same_device(op, lse, "lse", x, "x");
+}
+
+double resolve_scale(std::optional<double> scale, int64_t head_dim) {
+  if (scale.has_value()) {
+    return *scale;
+  }
+  // A zero-width head has no scores to scale; any finite value will do.
+  return head_dim > 0 ? 1.0 / std::sqrt(static_cast<double>(head_dim)) : 1.0;
+}
+
+at::ScalarType accumulate_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor bool_mask(const std::optional<at::Tensor>& mask) {
+  if (!defined(mask)) {
+    return at::Tensor();
+  }
+  return mask->scalar_type() == at::kBool ? *mask : mask->ne(0);
+}
+
+at::Tensor with_contiguous_rows(const at::Tensor& x) {
+  return x.size(-1) <= 1 || x.stride(-1) == 1 ? x : x.contiguous();
+}
+
+}  // namespace attnpool::detail

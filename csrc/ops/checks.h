@@ -1,0 +1,70 @@
+#pragma once
+
+// Argument checks of the attnpool operators and the small conversions every
+// entry point shares. Each check throws a c10::ValueError (c10::TypeError for
+// dtypes) that names the operator, the argument, what was expected and what
+// was given. They work on real and Meta tensors (symbolic sizes), so
+// compile-time shape errors read like run-time ones.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace attnpool::detail {
+
+void check_attention_pool_args(
+    const at::Tensor& x,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    const std::optional<at::Tensor>& mask,
+    int64_t num_heads,
+    std::optional<double> scale);
+
+void check_fold_query_args(
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    int64_t num_heads,
+    const std::optional<at::Tensor>& q_bias);
+
+// The backward's extra inputs: grad_u and projected as the forward made them.
+void check_fold_query_backward_args(
+    const at::Tensor& grad_u,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    const at::Tensor& projected,
+    int64_t num_heads);
+
+void check_folded_attention_pool_args(
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
+    double scale,
+    bool full_width);
+
+// The backward's extra inputs: grad_out, out and lse with the shapes the
+// forward op produced for these arguments.
+void check_folded_attention_pool_backward_args(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    bool full_width);
+
+// 1/sqrt(head_dim) unless the caller gave a scale.
+double resolve_scale(std::optional<double> scale, int64_t head_dim);
+
+// Accumulation dtype of the kernels: float64 for float64, else float32.
+at::ScalarType accumulate_dtype(at::ScalarType dtype);
+
+// The mask as a bool tensor (nonzero = attend), or an undefined tensor.
+at::Tensor bool_mask(const std::optional<at::Tensor>& mask);
+
+// x itself when its rows are contiguous (stride(-1) == 1), else a contiguous copy.
+at::Tensor with_contiguous_rows(const at::Tensor& x);
+
+}  // namespace attnpool::detail

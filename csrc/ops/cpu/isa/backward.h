@@ -1,0 +1,339 @@
+#pragma once
+
+// The backward of folded_attention_pool on the CPU: one pass over x that
+// recomputes the softmax from the saved log-sum-exp and writes dx and du.
+// Compiled once per instruction set, through isa/kernels.h (see
+// ops/cpu/README.md); everything here is in an anonymous namespace inside
+// CPU_CAPABILITY, so each instruction set's copy stays its own.
+
+#ifndef CPU_CAPABILITY
+#error "include ops/cpu/isa/kernels.h from an isa/kernels_<isa>.cpp file"
+#endif
+
+#include "ops/cpu/isa/vec_helpers.h"
+#include "ops/cpu/kernel_set.h"
+
+#include <vector>
+
+namespace attnpool::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// scores[r] = rows[r] . u and dprobs[r] = rows[r] . g in one pass over the rows.
+// (No prefetch here: the backward's second pass writes dx, which keeps the
+// memory busy; prefetching the next tile measured slower.)
+template <int R, typename T, typename A>
+void dot2_rows(const T* const* rows, const A* u, const A* g, int64_t n, A* scores, A* dprobs) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  Vec su[R];
+  Vec sg[R];
+  for (int r = 0; r < R; ++r) {
+    su[r] = Vec(A(0));
+    sg[r] = Vec(A(0));
+  }
+  int64_t e = 0;
+  for (; e + W <= n; e += W) {
+    const Vec uv = Vec::loadu(u + e);
+    const Vec gv = Vec::loadu(g + e);
+    for (int r = 0; r < R; ++r) {
+      const Vec xv = load_acc(rows[r] + e);
+      su[r] = at::vec::fmadd(xv, uv, su[r]);
+      sg[r] = at::vec::fmadd(xv, gv, sg[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    A tu = reduce_add(su[r]);
+    A tg = reduce_add(sg[r]);
+    for (int64_t t = e; t < n; ++t) {
+      tu += static_cast<A>(rows[r][t]) * u[t];
+      tg += static_cast<A>(rows[r][t]) * g[t];
+    }
+    scores[r] = tu;
+    dprobs[r] = tg;
+  }
+}
+
+// dx[r] = p[r] * g + ds[r] * u and du += sum_r ds[r] * rows[r], in one pass.
+// dx rows of a reduced dtype D are rounded as they are stored, the same
+// rounding as computing them in float and converting the row afterwards.
+template <int R, bool kStream, typename T, typename A, typename D>
+void dx_du_rows(
+    const A* p,
+    const A* ds,
+    const A* g,
+    const A* u,
+    const T* const* rows,
+    D* const* dx,
+    A* du,
+    int64_t n) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  constexpr bool kNarrow = !std::is_same_v<D, A>;
+  static_assert(!kNarrow || !kStream, "non-temporal stores are for float and double dx");
+  // Local copies: the stores below could alias the caller's arrays, which
+  // would make the compiler reload every pointer and weight per vector.
+  const T* xr[R];
+  D* out[R];
+  Vec pv[R];
+  Vec dsv[R];
+  for (int r = 0; r < R; ++r) {
+    xr[r] = rows[r];
+    out[r] = dx[r];
+    pv[r] = Vec(p[r]);
+    dsv[r] = Vec(ds[r]);
+  }
+  auto dx_at = [&](int r, int64_t e) {
+    return at::vec::fmadd(dsv[r], Vec::loadu(u + e), pv[r] * Vec::loadu(g + e));
+  };
+  int64_t e = 0;
+  if constexpr (kNarrow) {
+    // Two float vectors make one vector of D.
+    for (; e + 2 * W <= n; e += 2 * W) {
+      Vec acc_lo = Vec::loadu(du + e);
+      Vec acc_hi = Vec::loadu(du + e + W);
+      for (int r = 0; r < R; ++r) {
+        at::vec::convert_from_float<D>(dx_at(r, e), dx_at(r, e + W)).store(out[r] + e);
+        acc_lo = at::vec::fmadd(dsv[r], load_acc(xr[r] + e), acc_lo);
+        acc_hi = at::vec::fmadd(dsv[r], load_acc(xr[r] + e + W), acc_hi);
+      }
+      acc_lo.store(du + e);
+      acc_hi.store(du + e + W);
+    }
+  }
+  for (; e + W <= n; e += W) {
+    Vec acc = Vec::loadu(du + e);
+    for (int r = 0; r < R; ++r) {
+      if constexpr (kNarrow) {
+        at::vec::convert_from_float<D>(dx_at(r, e), Vec(A(0))).store(out[r] + e, W);
+      } else {
+        store<kStream>(dx_at(r, e), out[r] + e);
+      }
+      acc = at::vec::fmadd(dsv[r], load_acc(xr[r] + e), acc);
+    }
+    acc.store(du + e);
+  }
+  for (; e < n; ++e) {
+    for (int r = 0; r < R; ++r) {
+      dx[r][e] = static_cast<D>(p[r] * g[e] + ds[r] * u[e]);
+      du[e] += ds[r] * static_cast<A>(rows[r][e]);
+    }
+  }
+}
+
+// delta[b, s] = grad_out[b, s] . out[b, s] over score s's head_dim columns.
+template <typename acc_t>
+void compute_delta(const BackwardParams& p, acc_t* delta) {
+  const auto* g = static_cast<const acc_t*>(p.grad_out);
+  const auto* o = static_cast<const acc_t*>(p.out);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t i = 0; i < p.num_queries; ++i) {
+      for (int64_t h = 0; h < p.num_heads; ++h) {
+        const int64_t offset = (b * p.num_queries + i) * p.hidden + h * p.head_dim;
+        delta[b * p.num_scores() + i * p.num_heads + h] = dot(g + offset, o + offset, p.head_dim);
+      }
+    }
+  }
+}
+
+// backward_rows for one query and one head: two passes over the rows instead
+// of five, and dx written in x's dtype directly.
+template <int R, typename scalar_t, typename acc_t>
+void backward_rows_one_score(
+    const PoolShape& s,
+    int64_t b,
+    const scalar_t* const* rows,
+    scalar_t* const* dx_rows,
+    const acc_t* u,
+    const acc_t* g,
+    const acc_t* lse,
+    const acc_t* delta,
+    acc_t scale,
+    acc_t* du,
+    bool stream_dx) {
+  const int64_t H = s.hidden;
+  const acc_t* g0 = g + b * H;
+  acc_t scores[R];
+  acc_t dprobs[R];
+  acc_t probs[R];
+  acc_t dscores[R];
+  dot2_rows<R>(rows, u, g0, H, scores, dprobs);
+  for (int j = 0; j < R; ++j) {
+    probs[j] = std::exp(scale * scores[j] - lse[b]);
+    dscores[j] = scale * probs[j] * (dprobs[j] - delta[b]);
+  }
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (stream_dx) {
+      return dx_du_rows<R, true>(probs, dscores, g0, u, rows, dx_rows, du, H);
+    }
+  }
+  dx_du_rows<R, false>(probs, dscores, g0, u, rows, dx_rows, du, H);
+}
+
+// Backward of one tile of R unmasked rows of sequence b:
+//   p = exp(scale * x.u_k - lse), ds = scale * p * (G_i[D_h].x[D_h] - delta)
+//   dx = sum_k p * G_i[D_h] + ds * u_k,   du_k += ds * x
+template <int R, typename scalar_t, typename acc_t>
+void backward_rows(
+    const PoolShape& s,
+    int64_t b,
+    const scalar_t* const* rows,
+    acc_t* const* dx_rows,
+    const acc_t* u,
+    const acc_t* g,
+    const acc_t* lse,
+    const acc_t* delta,
+    acc_t scale,
+    acc_t* probs,    // [num_scores][R] scratch
+    acc_t* dscores,  // [num_scores][R] scratch
+    acc_t* du) {
+  const int64_t H = s.hidden;
+  const int64_t n = s.num_heads;
+  const int64_t d = s.head_dim;
+  const int64_t num_scores = s.num_scores();
+  const scalar_t* segments[R];
+  acc_t* dx_segments[R];
+  acc_t scores[R];
+  acc_t dprobs[R];
+  for (int64_t i = 0; i < s.num_queries; ++i) {
+    const acc_t* gi = g + (b * s.num_queries + i) * H;
+    for (int64_t h = 0; h < n; ++h) {
+      const int64_t k = i * n + h;
+      dot_rows<R>(rows, u + k * H, H, scores);
+      offset_rows<R>(rows, h * d, segments);
+      dot_rows<R>(segments, gi + h * d, d, dprobs);
+      for (int j = 0; j < R; ++j) {
+        const acc_t prob = std::exp(scale * scores[j] - lse[b * num_scores + k]);
+        probs[k * R + j] = prob;
+        dscores[k * R + j] = scale * prob * (dprobs[j] - delta[b * num_scores + k]);
+      }
+    }
+  }
+  if (s.num_queries == 0) {
+    for (int j = 0; j < R; ++j) {
+      std::fill_n(dx_rows[j], H, acc_t(0));
+    }
+  }
+  for (int64_t i = 0; i < s.num_queries; ++i) {
+    const acc_t* gi = g + (b * s.num_queries + i) * H;
+    for (int64_t h = 0; h < n; ++h) {
+      for (int j = 0; j < R; ++j) {
+        dx_segments[j] = dx_rows[j] + h * d;
+      }
+      const acc_t* weights = probs + (i * n + h) * R;
+      if (i == 0) {
+        scaled_into_rows<R, false>(weights, gi + h * d, dx_segments, d);
+      } else {
+        scaled_into_rows<R, true>(weights, gi + h * d, dx_segments, d);
+      }
+    }
+  }
+  for (int64_t k = 0; k < num_scores; ++k) {
+    scaled_into_rows<R, true>(dscores + k * R, u + k * H, dx_rows, H);
+    axpy_rows<R>(dscores + k * R, rows, du + k * H, H);
+  }
+}
+
+// x: [B, L, H]; grad_out, out: [B, num_scores, head_dim]; lse, delta: [B,
+// num_scores]; u: [num_scores, H]. One pass over x writing dx; each piece of
+// the flattened [B * L] rows accumulates its own du partial, summed
+// afterwards in piece order.
+template <typename scalar_t>
+void backward_impl(const BackwardParams& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kDxInPlace = std::is_same_v<scalar_t, acc_t>;
+  constexpr int kTile = kBackwardTileRows;
+  const int64_t H = p.hidden;
+  const int64_t num_scores = p.num_scores();
+  const auto* x = static_cast<const scalar_t*>(p.x);
+  const auto* u = static_cast<const acc_t*>(p.u);
+  const auto* g = static_cast<const acc_t*>(p.grad_out);
+  const auto* lse = static_cast<const acc_t*>(p.lse);
+  const auto* delta = static_cast<const acc_t*>(p.delta);
+  auto* dx = static_cast<scalar_t*>(p.dx);
+  auto* du_partials = static_cast<acc_t*>(p.du_partials);
+  const auto scale = static_cast<acc_t>(p.scale);
+  const int64_t rows = p.batch * p.seq_len;
+
+  const int64_t grain = parallel_grain(p.flat_cut, H);
+  at::parallel_for(0, p.flat_cut.pieces, grain, [&](int64_t begin, int64_t end) {
+    RowTile<scalar_t, kTile> tile;
+    std::vector<acc_t> dx_buffer(kDxInPlace || num_scores == 1 ? 0 : kTile * H);
+    std::vector<acc_t> scratch(2 * num_scores * kTile);
+    scalar_t* dx_out[kTile] = {};
+    int64_t tile_batch = 0;
+    for (int64_t piece = begin; piece < end; ++piece) {
+      acc_t* du = du_partials + piece * num_scores * H;
+      std::fill_n(du, num_scores * H, acc_t(0));
+      auto flush = [&] {
+        const int count = tile.count();
+        if (num_scores == 1) {
+          with_tile_size<kTile>(count, [&](auto size) {
+            backward_rows_one_score<decltype(size)::value>(
+                p, tile_batch, tile.rows(), dx_out, u, g, lse, delta, scale, du, p.stream_dx);
+          });
+          tile.clear();
+          return;
+        }
+        acc_t* dx_rows[kTile];
+        for (int j = 0; j < count; ++j) {
+          if constexpr (kDxInPlace) {
+            dx_rows[j] = dx_out[j];
+          } else {
+            dx_rows[j] = dx_buffer.data() + j * H;
+          }
+        }
+        with_tile_size<kTile>(count, [&](auto size) {
+          backward_rows<decltype(size)::value>(
+              p,
+              tile_batch,
+              tile.rows(),
+              dx_rows,
+              u,
+              g,
+              lse,
+              delta,
+              scale,
+              scratch.data(),
+              scratch.data() + num_scores * kTile,
+              du);
+        });
+        if constexpr (!kDxInPlace) {
+          for (int j = 0; j < count; ++j) {
+            at::vec::convert(dx_rows[j], dx_out[j], H);
+          }
+        }
+        tile.clear();
+      };
+      const RowRange range = p.flat_cut.piece(piece, rows);
+      for (int64_t row = range.begin; row < range.end; ++row) {
+        const int64_t b = row / p.seq_len;
+        const int64_t l = row % p.seq_len;
+        if (tile.count() > 0 && b != tile_batch) {
+          flush();
+        }
+        if (!p.attends(b, l)) {
+          std::fill_n(dx + row * H, H, scalar_t(0));
+          continue;
+        }
+        dx_out[tile.count()] = dx + row * H;
+        tile_batch = b;
+        tile.add(x + p.row_offset(b, l));
+        if (tile.full()) {
+          flush();
+        }
+      }
+      if (tile.count() > 0) {
+        flush();
+      }
+    }
+    if (p.stream_dx) {
+      store_fence();
+    }
+  });
+  sum_parts_in_order(du_partials, p.flat_cut.pieces, num_scores * H, static_cast<acc_t*>(p.du));
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace attnpool::cpu

@@ -1,0 +1,441 @@
+#pragma once
+
+// The forward of folded_attention_pool on the CPU: one pass over x with an
+// online softmax per score (SPEC.md §5), tiles of rows scored and added.
+// Compiled once per instruction set, through isa/kernels.h (see
+// ops/cpu/README.md); everything here is in an anonymous namespace inside
+// CPU_CAPABILITY, so each instruction set's copy stays its own.
+
+#ifndef CPU_CAPABILITY
+#error "include ops/cpu/isa/kernels.h from an isa/kernels_<isa>.cpp file"
+#endif
+
+#include "ops/cpu/isa/vec_helpers.h"
+#include "ops/cpu/kernel_set.h"
+
+#include <c10/util/Exception.h>
+
+#include <vector>
+
+namespace attnpool::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// How the forward reads a row in vectors of the accumulation dtype: one
+// vector per chunk of W elements or, for bfloat16 in paired order, two (even
+// and odd positions) per chunk of 2W.
+template <typename T, bool kPaired>
+struct ChunkReader {
+  using Vec = Vectorized<at::opmath_type<T>>;
+  static constexpr int64_t kWidth = (kPaired ? 2 : 1) * Vec::size();
+
+  // Returned by value, not written through a pointer: that kept the callers'
+  // accumulators in registers (through a pointer, GCC spilled them).
+  struct Chunk {
+    Vec first;
+    Vec second;  // paired only
+  };
+
+  static Chunk load(const T* p) {
+    if constexpr (kPaired) {
+      const WidenedPairs xv = load_pairs(p);
+      return {xv.even, xv.odd};
+    } else {
+      return {load_acc(p), Vec()};
+    }
+  }
+};
+
+// scores[r] = rows[r] . v for R rows and y += sum_p w[p] * prev[p] for P
+// other rows, in one pass; either count may be 0. The forward scores a tile
+// from memory while it adds the tile before it, still in L1: as a pass of
+// its own, that accumulation left the memory idle. kPaired: bfloat16 rows
+// against v and y in paired order, n a multiple of kPairWidth.
+template <int R, int P, bool kPaired, typename T, typename A>
+void score_and_accumulate_rows(
+    const T* const* rows,
+    const A* v,
+    int64_t n,
+    A* scores,
+    int64_t ahead,
+    const A* w,
+    const T* const* prev,
+    A* y) {
+  using Reader = ChunkReader<T, kPaired>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  Vec acc_first[std::max(R, 1)];
+  Vec acc_second[std::max(R, 1)];
+  for (int r = 0; r < R; ++r) {
+    acc_first[r] = Vec(A(0));
+    acc_second[r] = Vec(A(0));
+  }
+  // Local copies, so that the stores to y do not force reloads of them.
+  Vec weights[std::max(P, 1)];
+  const T* pr[std::max(P, 1)] = {};
+  for (int q = 0; q < P; ++q) {
+    weights[q] = Vec(w[q]);
+    pr[q] = prev[q];
+  }
+  int64_t e = 0;
+  for (; e + Reader::kWidth <= n; e += Reader::kWidth) {
+    if constexpr (R > 0) {
+      const Vec v_first = Vec::loadu(v + e);
+      const Vec v_second = kPaired ? Vec::loadu(v + e + W) : Vec();
+      for (int r = 0; r < R; ++r) {
+        prefetch(rows[r] + e, ahead);
+        const auto xv = Reader::load(rows[r] + e);
+        acc_first[r] = at::vec::fmadd(xv.first, v_first, acc_first[r]);
+        if constexpr (kPaired) {
+          acc_second[r] = at::vec::fmadd(xv.second, v_second, acc_second[r]);
+        }
+      }
+    }
+    if constexpr (P > 0) {
+      Vec y_first = Vec::loadu(y + e);
+      Vec y_second = kPaired ? Vec::loadu(y + e + W) : Vec();
+      for (int q = 0; q < P; ++q) {
+        const auto xv = Reader::load(pr[q] + e);
+        y_first = at::vec::fmadd(weights[q], xv.first, y_first);
+        if constexpr (kPaired) {
+          y_second = at::vec::fmadd(weights[q], xv.second, y_second);
+        }
+      }
+      y_first.store(y + e);
+      if constexpr (kPaired) {
+        y_second.store(y + e + W);
+      }
+    }
+  }
+  // Unrolled, so that the accumulators are registers, not an array in memory.
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    scores[r] = reduce_add(kPaired ? acc_first[r] + acc_second[r] : acc_first[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int64_t t = e; t < n; ++t) {
+      scores[r] += static_cast<A>(rows[r][t]) * v[t];
+    }
+  }
+  for (; e < n; ++e) {
+    for (int q = 0; q < P; ++q) {
+      y[e] += w[q] * static_cast<A>(prev[q][e]);
+    }
+  }
+}
+
+// The forward's two passes over a tile, each on its own: dot_rows and
+// axpy_rows, or score_and_accumulate_rows in paired order for bfloat16 rows.
+template <int R, typename T, typename A>
+void score_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead, bool paired) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (paired) {
+      return score_and_accumulate_rows<R, 0, true, T, A>(
+          rows, v, n, out, ahead, nullptr, nullptr, nullptr);
+    }
+  }
+  dot_rows<R>(rows, v, n, out, ahead);
+}
+
+template <int R, typename T, typename A>
+void accumulate_rows(const A* w, const T* const* rows, A* y, int64_t n, bool paired) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (paired) {
+      return score_and_accumulate_rows<0, R, true, T, A>(
+          nullptr, nullptr, n, nullptr, 0, w, rows, y);
+    }
+  }
+  axpy_rows<R>(w, rows, y, n);
+}
+
+// Online-softmax state of one (piece of a) sequence for all its scores:
+// [any row attended, running max[num_scores], running sum[num_scores],
+// weighted sums of x[num_scores * head_dim]], one flat array so that a
+// piece's state can live in the partials buffer.
+template <typename acc_t>
+class SoftmaxState {
+ public:
+  static int64_t size(const PoolShape& shape) {
+    return 1 + 2 * shape.num_scores() + shape.num_scores() * shape.head_dim;
+  }
+
+  // paired: the weighted sums are kept in paired order (see load_pairs).
+  SoftmaxState(acc_t* data, const PoolInputs& p, bool paired)
+      : data_(data), shape_(p), x_seq_stride_(p.x_seq_stride), paired_(paired) {}
+
+  acc_t* max() const {
+    return data_ + 1;
+  }
+  acc_t* sum() const {
+    return data_ + 1 + shape_.num_scores();
+  }
+  acc_t* weighted() const {
+    return data_ + 1 + 2 * shape_.num_scores();
+  }
+  bool any_valid() const {
+    return data_[0] != acc_t(0);
+  }
+
+  void reset() {
+    data_[0] = acc_t(0);
+    std::fill_n(max(), shape_.num_scores(), kNegInf<acc_t>);
+    std::fill_n(sum(), shape_.num_scores() + shape_.num_scores() * shape_.head_dim, acc_t(0));
+  }
+
+  // Adds a tile of R unmasked rows of x with score vectors u.
+  template <int R, typename scalar_t>
+  void add_rows(const scalar_t* const* rows, const acc_t* u, acc_t scale) {
+    const int64_t H = shape_.hidden;
+    const int64_t n = shape_.num_heads;
+    const int64_t d = shape_.head_dim;
+    data_[0] = acc_t(1);
+    acc_t scores[R];
+    acc_t weights[R];
+    const scalar_t* segments[R];
+    for (int64_t i = 0; i < shape_.num_queries; ++i) {
+      for (int64_t h = 0; h < n; ++h) {
+        const int64_t score = i * n + h;
+        acc_t* acc = weighted() + i * H + h * d;
+        // The first head's score pass brings in the next tile; the other
+        // heads read this tile again, from L1.
+        score_rows<R>(rows, u + score * H, H, scores, score == 0 ? R * x_seq_stride_ : 0, paired_);
+        weigh_rows<R>(score, scale, scores, weights, acc, d);
+        offset_rows<R>(rows, h * d, segments);
+        accumulate_rows<R>(weights, segments, acc, d, paired_);
+      }
+    }
+  }
+
+  // add_rows for one query and one head, a tile behind: scores this tile's
+  // R rows while adding the previous tile's P rows (prev, with the weights
+  // the previous call returned) to the weighted sum. This tile's weights
+  // come back in `weights`; the last tile goes in with add_previous_rows.
+  template <int R, int P, typename scalar_t>
+  void add_rows_pipelined(
+      const scalar_t* const* rows,
+      const acc_t* u,
+      acc_t scale,
+      const scalar_t* const* prev,
+      const acc_t* prev_weights,
+      acc_t* weights) {
+    const int64_t H = shape_.hidden;
+    const int64_t ahead = R * x_seq_stride_;
+    data_[0] = acc_t(1);
+    acc_t scores[R];
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (paired_) {
+        score_and_accumulate_rows<R, P, true>(
+            rows, u, H, scores, ahead, prev_weights, prev, weighted());
+        return weigh_rows<R>(0, scale, scores, weights, weighted(), H);
+      }
+    }
+    score_and_accumulate_rows<R, P, false>(
+        rows, u, H, scores, ahead, prev_weights, prev, weighted());
+    weigh_rows<R>(0, scale, scores, weights, weighted(), H);
+  }
+
+  template <int P, typename scalar_t>
+  void add_previous_rows(const scalar_t* const* prev, const acc_t* prev_weights) {
+    accumulate_rows<P>(prev_weights, prev, weighted(), shape_.hidden, paired_);
+  }
+
+  // Folds another piece's state into this one. Pieces are merged in a fixed
+  // order by the caller, so the result does not depend on the thread count.
+  void merge(const SoftmaxState& other) {
+    const int64_t H = shape_.hidden;
+    const int64_t n = shape_.num_heads;
+    const int64_t d = shape_.head_dim;
+    if (!other.any_valid()) {
+      return;
+    }
+    data_[0] = acc_t(1);
+    for (int64_t i = 0; i < shape_.num_queries; ++i) {
+      for (int64_t h = 0; h < n; ++h) {
+        const int64_t score = i * n + h;
+        acc_t* acc = weighted() + i * H + h * d;
+        const acc_t* other_acc = other.weighted() + i * H + h * d;
+        const acc_t m = std::max(max()[score], other.max()[score]);
+        // Both maxima -inf: every score so far is -inf and weighs 0 (sums are
+        // 0); keep the zero-weighted accumulations, as a softmax would.
+        const bool none_finite = m == kNegInf<acc_t>;
+        const acc_t mine = none_finite ? acc_t(1) : std::exp(max()[score] - m);
+        const acc_t theirs = none_finite ? acc_t(1) : std::exp(other.max()[score] - m);
+        sum()[score] = sum()[score] * mine + other.sum()[score] * theirs;
+        scale_in_place(mine, acc, d);
+        const acc_t* other_rows[1] = {other_acc};
+        axpy_rows<1>(&theirs, other_rows, acc, d);
+        max()[score] = m;
+      }
+    }
+  }
+
+  // out[i, D_h] = weighted / sum and lse = max + log(sum); a sequence with
+  // no unmasked position gives zeros and lse = -inf.
+  void finish(acc_t* out, acc_t* lse) {
+    const int64_t H = shape_.hidden;
+    const int64_t n = shape_.num_heads;
+    const int64_t d = shape_.head_dim;
+    for (int64_t i = 0; i < shape_.num_queries; ++i) {
+      for (int64_t h = 0; h < n; ++h) {
+        const int64_t score = i * n + h;
+        acc_t* acc = weighted() + i * H + h * d;
+        if (any_valid()) {
+          scale_in_place(acc_t(1) / sum()[score], acc, d);
+          lse[score] = max()[score] + std::log(sum()[score]);
+        } else {
+          std::fill_n(acc, d, acc_t(0));
+          lse[score] = kNegInf<acc_t>;
+        }
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (paired_) {
+            to_natural_order(acc, out + i * H + h * d, d);
+            continue;
+          }
+        }
+        std::copy_n(acc, d, out + i * H + h * d);
+      }
+    }
+  }
+
+ private:
+  // Scales score score of R rows, moves its running max (rescaling its sum and
+  // its weighted sum acc, d wide) and sets weights[r] = exp(score - max).
+  template <int R>
+  void weigh_rows(
+      int64_t score, acc_t scale, acc_t* scores, acc_t* weights, acc_t* acc, int64_t d) {
+    acc_t tile_max = kNegInf<acc_t>;
+    for (int r = 0; r < R; ++r) {
+      scores[r] *= scale;
+      tile_max = scores[r] > tile_max ? scores[r] : tile_max;
+    }
+    if (tile_max > max()[score]) {
+      // exp(-inf) = 0 also covers the first valid rows.
+      const acc_t correction = std::exp(max()[score] - tile_max);
+      sum()[score] *= correction;
+      scale_in_place(correction, acc, d);
+      max()[score] = tile_max;
+    }
+    for (int r = 0; r < R; ++r) {
+      // A -inf score weighs 0 even while the running max is still -inf.
+      weights[r] = scores[r] == kNegInf<acc_t> ? acc_t(0) : std::exp(scores[r] - max()[score]);
+      sum()[score] += weights[r];
+    }
+  }
+
+  acc_t* data_;
+  PoolShape shape_;
+  int64_t x_seq_stride_;
+  bool paired_;
+};
+
+// x: [B, L, H] rows contiguous; u: [num_scores, H]; out: [B, num_scores,
+// head_dim] and lse: [B, num_scores], both in the accumulation dtype.
+// One pass over x. Work item = (sequence b, piece of its rows); a sequence
+// cut into several pieces keeps each piece's state in `partials` and the
+// pieces are merged in order afterwards (flash-decoding on the CPU).
+template <typename scalar_t>
+void forward_impl(const ForwardParams& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t num_scores = p.num_scores();
+  const int64_t state_size = SoftmaxState<acc_t>::size(p);
+  const int64_t out_size = num_scores * p.head_dim;
+  const auto* x = static_cast<const scalar_t*>(p.x);
+  const auto* u = static_cast<const acc_t*>(p.u);
+  auto* out = static_cast<acc_t*>(p.out);
+  auto* lse = static_cast<acc_t*>(p.lse);
+  auto* partials = static_cast<acc_t*>(p.partials);
+  const auto scale = static_cast<acc_t>(p.scale);
+  const bool in_pieces = p.cut.pieces > 1;
+  const bool pipelined = num_scores == 1;
+  const bool paired =
+      std::is_same_v<scalar_t, at::BFloat16> && p.head_dim > 0 && p.head_dim % kPairWidth == 0;
+  std::vector<acc_t> u_paired;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (paired) {
+      u_paired.resize(num_scores * p.hidden);
+      to_paired_order(u, u_paired.data(), num_scores * p.hidden);
+      u = u_paired.data();
+    }
+  }
+
+  const int64_t grain = parallel_grain(p.cut, p.hidden);
+  at::parallel_for(0, p.batch * p.cut.pieces, grain, [&](int64_t begin, int64_t end) {
+    RowTile<scalar_t, kForwardTileRows> tile;
+    // With one score per row, each tile is added to the weighted sum while
+    // the next one is scored (SoftmaxState::add_rows_pipelined).
+    RowTile<scalar_t, kForwardTileRows> previous;
+    acc_t previous_weights[kForwardTileRows] = {};
+    std::vector<acc_t> local(in_pieces ? 0 : state_size);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / p.cut.pieces;
+      const RowRange rows = p.cut.piece(item % p.cut.pieces, p.seq_len);
+      SoftmaxState<acc_t> state(in_pieces ? partials + item * state_size : local.data(), p, paired);
+      state.reset();
+      auto flush = [&] {
+        if (!pipelined) {
+          with_tile_size<kForwardTileRows>(tile.count(), [&](auto size) {
+            state.template add_rows<decltype(size)::value>(tile.rows(), u, scale);
+          });
+          tile.clear();
+          return;
+        }
+        // Only a piece's last tile can be short, so the previous one is full.
+        TORCH_INTERNAL_ASSERT_DEBUG_ONLY(previous.count() == 0 || previous.full());
+        acc_t weights[kForwardTileRows];
+        with_tile_size<kForwardTileRows>(tile.count(), [&](auto size) {
+          constexpr int R = decltype(size)::value;
+          if (previous.count() == 0) {
+            state.template add_rows_pipelined<R, 0>(
+                tile.rows(), u, scale, previous.rows(), previous_weights, weights);
+          } else {
+            state.template add_rows_pipelined<R, kForwardTileRows>(
+                tile.rows(), u, scale, previous.rows(), previous_weights, weights);
+          }
+        });
+        previous = tile;
+        std::copy_n(weights, tile.count(), previous_weights);
+        tile.clear();
+      };
+      for (int64_t l = rows.begin; l < rows.end; ++l) {
+        if (p.attends(b, l)) {
+          tile.add(x + p.row_offset(b, l));
+          if (tile.full()) {
+            flush();
+          }
+        }
+      }
+      if (tile.count() > 0) {
+        flush();
+      }
+      if (previous.count() > 0) {
+        with_tile_size<kForwardTileRows>(previous.count(), [&](auto size) {
+          state.template add_previous_rows<decltype(size)::value>(
+              previous.rows(), previous_weights);
+        });
+        previous.clear();
+      }
+      if (!in_pieces) {
+        state.finish(out + b * out_size, lse + b * num_scores);
+      }
+    }
+  });
+  if (!in_pieces) {
+    return;
+  }
+  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> merged(state_size);
+    for (int64_t b = begin; b < end; ++b) {
+      SoftmaxState<acc_t> state(merged.data(), p, paired);
+      state.reset();
+      for (int64_t piece = 0; piece < p.cut.pieces; ++piece) {
+        state.merge(
+            SoftmaxState<acc_t>(partials + (b * p.cut.pieces + piece) * state_size, p, paired));
+      }
+      state.finish(out + b * out_size, lse + b * num_scores);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace attnpool::cpu

@@ -1,0 +1,59 @@
+#pragma once
+
+// The CPU kernels of one instruction set: dispatch on the dtype and register
+// the set (ops/cpu/kernel_set.h). Included once by each
+// isa/kernels_<isa>.cpp, which defines CPU_CAPABILITY (and
+// CPU_CAPABILITY_<ISA>) first so that at::vec::Vectorized picks that
+// instruction set, as ATen's own kernels do.
+
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY before including ops/cpu/isa/kernels.h"
+#endif
+
+#include "ops/cpu/isa/backward.h"
+#include "ops/cpu/isa/fold.h"
+#include "ops/cpu/isa/forward.h"
+#include "ops/cpu/kernel_set.h"
+
+#include <ATen/Dispatch.h>
+
+namespace attnpool::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+void forward(const ForwardParams& p, c10::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, dtype, "attnpool_forward", [&] { forward_impl<scalar_t>(p); });
+}
+
+void backward(const BackwardParams& p, c10::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "attnpool_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    compute_delta<acc_t>(p, static_cast<acc_t*>(p.delta));
+    backward_impl<scalar_t>(p);
+  });
+}
+
+void fold(const FoldParams& p, c10::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "attnpool_fold", [&] { fold_impl<scalar_t>(p); });
+}
+
+void fold_backward(const FoldBackwardParams& p, c10::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES(
+      dtype, "attnpool_fold_backward", [&] { fold_backward_impl<scalar_t>(p); });
+}
+
+#define ATTNPOOL_STRINGIFY_(x) #x
+#define ATTNPOOL_STRINGIFY(x) ATTNPOOL_STRINGIFY_(x)
+
+[[maybe_unused]] const bool registered = register_kernels(
+    {Isa::CPU_CAPABILITY,
+     ATTNPOOL_STRINGIFY(CPU_CAPABILITY),
+     &forward,
+     &backward,
+     &fold,
+     &fold_backward});
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace attnpool::cpu

@@ -1,0 +1,346 @@
+#pragma once
+
+// Vector helpers of the CPU kernels: loads that widen float16/bfloat16, dot
+// products and weighted sums over tiles of rows, bfloat16 read in pairs.
+// Compiled once per instruction set, through isa/kernels.h (see
+// ops/cpu/README.md); everything here is in an anonymous namespace inside
+// CPU_CAPABILITY, so each instruction set's copy stays its own.
+
+#ifndef CPU_CAPABILITY
+#error "include ops/cpu/isa/kernels.h from an isa/kernels_<isa>.cpp file"
+#endif
+
+#include "ops/pool_params.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <utility>
+
+namespace attnpool::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename T>
+constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+// [Note: tile sizes] Rows of x are handled in tiles: one load of a shared
+// vector (u, grad_out, an accumulator) then serves every row of the tile, and
+// the tile's rows stay in L1 between the score pass and the accumulation
+// pass. The sizes were measured on a 2-core Xeon (AVX-512): the forward also
+// holds the next tile's prefetched rows (and, pipelined, the previous
+// tile's) in L1 and was no faster with 8 rows; the backward, which loads and
+// stores its du accumulator once per tile, was 15% faster with 8 than with 4.
+constexpr int kForwardTileRows = 4;
+constexpr int kBackwardTileRows = 8;
+
+template <typename T>
+T reduce_add(const Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>([](Vectorized<T>& a, Vectorized<T>& b) { return a + b; }, v);
+}
+
+// A vector of T in its accumulation dtype: float16/bfloat16 are widened to
+// float32 as they are loaded, so rows of x are never copied.
+template <typename T>
+Vectorized<at::opmath_type<T>> load_acc(const T* p) {
+  if constexpr (at::is_reduced_floating_point_v<T>) {
+    Vectorized<float> v;
+    at::vec::load_to_float<T>(p, v);
+    return v;
+  } else {
+    return Vectorized<T>::loadu(p);
+  }
+}
+
+// A hint that the line `ahead` elements after p is read soon. A prefetch never
+// faults, so that line may lie past the end of x; the address is computed as
+// an integer because such a pointer could not be formed.
+template <typename T>
+inline void prefetch(const T* p, int64_t ahead) {
+#if defined(__GNUC__) || defined(__clang__)
+  const auto address = reinterpret_cast<std::uintptr_t>(p) + ahead * sizeof(T);
+  __builtin_prefetch(reinterpret_cast<const void*>(address), 0, 3);
+#else
+  (void)p;
+  (void)ahead;
+#endif
+}
+
+// sum_e a[e] * b[e]. Four accumulators hide the latency of dependent FMAs.
+template <typename T, typename A>
+A dot(const T* a, const A* b, int64_t n) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  Vec s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  int64_t e = 0;
+  for (; e + 4 * W <= n; e += 4 * W) {
+    s0 = at::vec::fmadd(load_acc(a + e), Vec::loadu(b + e), s0);
+    s1 = at::vec::fmadd(load_acc(a + e + W), Vec::loadu(b + e + W), s1);
+    s2 = at::vec::fmadd(load_acc(a + e + 2 * W), Vec::loadu(b + e + 2 * W), s2);
+    s3 = at::vec::fmadd(load_acc(a + e + 3 * W), Vec::loadu(b + e + 3 * W), s3);
+  }
+  for (; e + W <= n; e += W) {
+    s0 = at::vec::fmadd(load_acc(a + e), Vec::loadu(b + e), s0);
+  }
+  A tail(0);
+  for (; e < n; ++e) {
+    tail += static_cast<A>(a[e]) * b[e];
+  }
+  return reduce_add((s0 + s1) + (s2 + s3)) + tail;
+}
+
+// out[r] = rows[r] . v for the R rows of a tile. The rows come from memory,
+// and the tile's second pass (the accumulation) then runs from L1 with the
+// memory idle, unless this pass also asks for the rows `ahead` elements on
+// (the next tile's) in time; ahead = 0 asks for nothing.
+template <int R, typename T, typename A>
+void dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead = 0) {
+  if constexpr (R == 1) {
+    out[0] = dot(rows[0], v, n);
+  } else {
+    using Vec = Vectorized<A>;
+    constexpr int64_t W = Vec::size();
+    // Two accumulators per row for small tiles: 2R chains of dependent FMAs
+    // keep both FMA units busy. Larger tiles have enough chains already (and
+    // more would not fit in the 16 registers of AVX2).
+    constexpr int kChains = R <= 4 ? 2 : 1;
+    Vec acc[kChains][R];
+    for (int c = 0; c < kChains; ++c) {
+      for (int r = 0; r < R; ++r) {
+        acc[c][r] = Vec(A(0));
+      }
+    }
+    int64_t e = 0;
+    for (; e + kChains * W <= n; e += kChains * W) {
+      for (int c = 0; c < kChains; ++c) {
+        const Vec shared = Vec::loadu(v + e + c * W);
+        for (int r = 0; r < R; ++r) {
+          if (ahead != 0) {
+            prefetch(rows[r] + e + c * W, ahead);
+          }
+          acc[c][r] = at::vec::fmadd(load_acc(rows[r] + e + c * W), shared, acc[c][r]);
+        }
+      }
+    }
+    for (; e + W <= n; e += W) {
+      const Vec shared = Vec::loadu(v + e);
+      for (int r = 0; r < R; ++r) {
+        acc[0][r] = at::vec::fmadd(load_acc(rows[r] + e), shared, acc[0][r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      Vec sum = acc[0][r];
+      if constexpr (kChains == 2) {
+        sum = sum + acc[1][r];
+      }
+      A total = reduce_add(sum);
+      for (int64_t t = e; t < n; ++t) {
+        total += static_cast<A>(rows[r][t]) * v[t];
+      }
+      out[r] = total;
+    }
+  }
+}
+
+// y += sum_r w[r] * rows[r]
+template <int R, typename T, typename A>
+void axpy_rows(const A* w, const T* const* rows, A* y, int64_t n) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  // Local copies, so that the stores to y do not force reloads of them.
+  Vec weights[R];
+  const T* xr[R];
+  for (int r = 0; r < R; ++r) {
+    weights[r] = Vec(w[r]);
+    xr[r] = rows[r];
+  }
+  int64_t e = 0;
+  for (; e + W <= n; e += W) {
+    Vec acc = Vec::loadu(y + e);
+    for (int r = 0; r < R; ++r) {
+      acc = at::vec::fmadd(weights[r], load_acc(xr[r] + e), acc);
+    }
+    acc.store(y + e);
+  }
+  for (; e < n; ++e) {
+    for (int r = 0; r < R; ++r) {
+      y[e] += w[r] * static_cast<A>(rows[r][e]);
+    }
+  }
+}
+
+// bfloat16 is the upper half of a float32. Read as 32-bit lanes, 2W values
+// widen with one shift (those at even positions) and one mask (odd positions):
+// half the instructions of widening them in order, which is what bounds the
+// bfloat16 forward on CPUs without AVX512-BF16. The vectors they meet (u, the
+// accumulators) are then kept in "paired" order: per group of 2W elements,
+// the W at even positions first, then the W at odd positions.
+constexpr int64_t kPairWidth = 2 * Vectorized<float>::size();
+
+struct WidenedPairs {
+  Vectorized<float> even;
+  Vectorized<float> odd;
+};
+
+inline WidenedPairs load_pairs(const at::BFloat16* p) {
+  const auto bits = Vectorized<int32_t>::loadu(p);
+  const auto even = bits << Vectorized<int32_t>(16);
+  const auto odd = bits & Vectorized<int32_t>(static_cast<int32_t>(0xFFFF0000u));
+  return {at::vec::cast<float>(even), at::vec::cast<float>(odd)};
+}
+
+// dst = src in paired order; n is a multiple of kPairWidth.
+inline void to_paired_order(const float* src, float* dst, int64_t n) {
+  constexpr int64_t W = Vectorized<float>::size();
+  for (int64_t group = 0; group < n; group += kPairWidth) {
+    for (int64_t j = 0; j < W; ++j) {
+      dst[group + j] = src[group + 2 * j];
+      dst[group + W + j] = src[group + 2 * j + 1];
+    }
+  }
+}
+
+// dst = src back in natural order; n is a multiple of kPairWidth.
+inline void to_natural_order(const float* src, float* dst, int64_t n) {
+  constexpr int64_t W = Vectorized<float>::size();
+  for (int64_t group = 0; group < n; group += kPairWidth) {
+    for (int64_t j = 0; j < W; ++j) {
+      dst[group + 2 * j] = src[group + j];
+      dst[group + 2 * j + 1] = src[group + W + j];
+    }
+  }
+}
+
+// v.store(p), or with kStream a non-temporal store (p aligned to the vector)
+// where this instruction set has one; store_fence() then orders them.
+template <bool kStream, typename T>
+inline void store(const Vectorized<T>& v, T* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kStream && std::is_same_v<T, float>) {
+    return _mm512_stream_ps(p, v);
+  } else if constexpr (kStream && std::is_same_v<T, double>) {
+    return _mm512_stream_pd(p, v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kStream && std::is_same_v<T, float>) {
+    return _mm256_stream_ps(p, v);
+  } else if constexpr (kStream && std::is_same_v<T, double>) {
+    return _mm256_stream_pd(p, v);
+  }
+#endif
+  v.store(p);
+}
+
+inline void store_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// ys[r] = w[r] * v (kAccumulate: ys[r] += w[r] * v)
+template <int R, bool kAccumulate, typename T>
+void scaled_into_rows(const T* w, const T* v, T* const* ys, int64_t n) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  // Local copies, so that the stores to ys do not force reloads of them.
+  Vec weights[R];
+  T* out[R];
+  for (int r = 0; r < R; ++r) {
+    weights[r] = Vec(w[r]);
+    out[r] = ys[r];
+  }
+  int64_t e = 0;
+  for (; e + W <= n; e += W) {
+    const Vec shared = Vec::loadu(v + e);
+    for (int r = 0; r < R; ++r) {
+      const Vec scaled = weights[r] * shared;
+      (kAccumulate ? scaled + Vec::loadu(out[r] + e) : scaled).store(out[r] + e);
+    }
+  }
+  for (; e < n; ++e) {
+    for (int r = 0; r < R; ++r) {
+      ys[r][e] = kAccumulate ? ys[r][e] + w[r] * v[e] : w[r] * v[e];
+    }
+  }
+}
+
+// y *= alpha
+template <typename T>
+void scale_in_place(T alpha, T* y, int64_t n) {
+  const Vectorized<T> factor(alpha);
+  at::vec::map([factor](Vectorized<T> v) { return v * factor; }, y, y, n);
+}
+
+// Calls f with std::integral_constant<int, count> (1 <= count <= kMax), so
+// that the per-tile loops are unrolled for the tile's actual number of rows.
+template <int kMax, typename F>
+void with_tile_size(int count, F&& f) {
+  if constexpr (kMax > 1) {
+    if (count < kMax) {
+      return with_tile_size<kMax - 1>(count, std::forward<F>(f));
+    }
+  }
+  f(std::integral_constant<int, kMax>{});
+}
+
+// A tile: up to kCapacity unmasked rows of x, read in place.
+template <typename scalar_t, int kCapacity>
+class RowTile {
+ public:
+  void add(const scalar_t* row) {
+    rows_[count_++] = row;
+  }
+  bool full() const {
+    return count_ == kCapacity;
+  }
+  int count() const {
+    return count_;
+  }
+  const scalar_t* const* rows() const {
+    return rows_;
+  }
+  void clear() {
+    count_ = 0;
+  }
+
+ private:
+  const scalar_t* rows_[kCapacity] = {};
+  int count_ = 0;
+};
+
+template <int R, typename T>
+void offset_rows(const T* const* rows, int64_t offset, const T** out) {
+  for (int r = 0; r < R; ++r) {
+    out[r] = rows[r] + offset;
+  }
+}
+
+// out = sum over the parts of partials [parts, width], in part order, so
+// that the sum does not depend on which thread computed which part. (The
+// backward's du partials and the fold's partial sums.)
+template <typename T>
+void sum_parts_in_order(const T* partials, int64_t parts, int64_t width, T* out) {
+  at::parallel_for(0, width, 4096, [&](int64_t begin, int64_t end) {
+    std::fill(out + begin, out + end, T(0));
+    for (int64_t part = 0; part < parts; ++part) {
+      at::vec::map2(
+          [](Vectorized<T> sum, Vectorized<T> part) { return sum + part; },
+          out + begin,
+          out + begin,
+          partials + part * width + begin,
+          end - begin);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace attnpool::cpu

@@ -1,0 +1,222 @@
+// folded_attention_pool (SPEC.md §5): pooling of x with an already folded
+// query u. Its schema and the schemas of its forward and backward ops, the
+// C++ API, the composite that serves every backend, the Meta kernels, and the
+// preparation of the inputs that the CPU and CUDA entry points share.
+//
+// Full width: out[b, i, h, :] = sum_l p[b, i, h, l] * x[b, l, :] is the slice
+// pooling of num_queries * num_heads one-head queries (with one head, a
+// head's slice is the whole row), so prepare_pool hands the kernels that
+// shape and they know one mode only.
+
+#include "ops/folded_attention_pool.h"
+
+#include <attnpool/attention_pool.h>
+
+#include "ops/checks.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+namespace attnpool {
+
+at::Tensor folded_attention_pool(
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
+    double scale,
+    bool full_width) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("attnpool::folded_attention_pool", "")
+                             .typed<decltype(folded_attention_pool)>();
+  return op.call(x, u, mask, scale, full_width);
+}
+
+namespace {
+
+// [B, (Q,) H], or full width [B, (Q,) n, H].
+std::vector<c10::SymInt> out_sym_shape(const at::Tensor& x, const at::Tensor& u, bool full_width) {
+  std::vector<c10::SymInt> shape{x.sym_size(0)};
+  if (u.dim() == 3) {
+    shape.push_back(u.sym_size(0));
+  }
+  if (full_width) {
+    shape.push_back(u.sym_size(-2));
+  }
+  shape.push_back(x.sym_size(2));
+  return shape;
+}
+
+// [B, (Q,) n]
+std::vector<c10::SymInt> lse_sym_shape(const at::Tensor& x, const at::Tensor& u) {
+  std::vector<c10::SymInt> shape{x.sym_size(0)};
+  for (int64_t dim = 0; dim + 1 < u.dim(); ++dim) {
+    shape.push_back(u.sym_size(dim));
+  }
+  return shape;
+}
+
+std::vector<int64_t> concrete(const std::vector<c10::SymInt>& shape) {
+  std::vector<int64_t> sizes;
+  sizes.reserve(shape.size());
+  for (const auto& size : shape) {
+    sizes.push_back(size.expect_int());
+  }
+  return sizes;
+}
+
+// Every backend: the forward op, its output rounded to x's dtype.
+at::Tensor folded_attention_pool_composite(
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
+    double scale,
+    bool full_width) {
+  const auto out =
+      std::get<0>(detail::call_folded_attention_pool_forward(x, u, mask, scale, full_width));
+  return out.to(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_meta(
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
+    double scale,
+    bool full_width) {
+  detail::check_folded_attention_pool_args(x, u, mask, scale, full_width);
+  const auto acc_options = x.options().dtype(detail::accumulate_dtype(x.scalar_type()));
+  return {
+      at::empty_symint(out_sym_shape(x, u, full_width), acc_options),
+      at::empty_symint(lse_sym_shape(x, u), acc_options)};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_meta(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    double scale,
+    bool full_width) {
+  detail::check_folded_attention_pool_args(x, u, mask, scale, full_width);
+  detail::check_folded_attention_pool_backward_args(grad_out, x, u, out, lse, full_width);
+  return {
+      at::empty_symint(x.sym_sizes(), x.options()), at::empty_symint(u.sym_sizes(), u.options())};
+}
+
+}  // namespace
+
+namespace detail {
+
+std::tuple<at::Tensor, at::Tensor> call_folded_attention_pool_forward(
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
+    double scale,
+    bool full_width) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("attnpool::_folded_attention_pool_forward", "")
+                             .typed<decltype(call_folded_attention_pool_forward)>();
+  return op.call(x, u, mask, scale, full_width);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_folded_attention_pool_backward(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    double scale,
+    bool full_width) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("attnpool::_folded_attention_pool_backward", "")
+                             .typed<decltype(call_folded_attention_pool_backward)>();
+  return op.call(grad_out, x, u, mask, out, lse, scale, full_width);
+}
+
+PreparedPool prepare_pool(
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
+    double scale,
+    bool full_width) {
+  check_folded_attention_pool_args(x, u, mask, scale, full_width);
+  PreparedPool prepared;
+  PoolInputs& p = prepared.params;
+  p = PoolInputs{};
+  const int64_t num_heads = u.size(-2);
+  const int64_t num_queries = u.dim() == 3 ? u.size(0) : 1;
+  p.batch = x.size(0);
+  p.seq_len = x.size(1);
+  p.hidden = x.size(2);
+  p.num_queries = full_width ? num_queries * num_heads : num_queries;
+  p.num_heads = full_width ? 1 : num_heads;
+  p.head_dim = p.hidden / p.num_heads;
+  p.scale = scale;
+
+  prepared.acc_dtype = accumulate_dtype(x.scalar_type());
+  prepared.rows = with_contiguous_rows(x);
+  prepared.keep = bool_mask(mask);
+  prepared.u = u.to(prepared.acc_dtype).reshape({p.num_scores(), p.hidden}).contiguous();
+  prepared.out_shape = concrete(out_sym_shape(x, u, full_width));
+  prepared.lse_shape = concrete(lse_sym_shape(x, u));
+
+  p.x = prepared.rows.const_data_ptr();
+  p.x_batch_stride = prepared.rows.stride(0);
+  p.x_seq_stride = prepared.rows.stride(1);
+  const bool masked = prepared.keep.defined();
+  p.mask = masked ? prepared.keep.const_data_ptr<bool>() : nullptr;
+  p.mask_batch_stride = masked ? prepared.keep.stride(0) : 0;
+  p.mask_seq_stride = masked ? prepared.keep.stride(1) : 0;
+  p.u = prepared.u.const_data_ptr();
+  return prepared;
+}
+
+PreparedGradients prepare_gradients(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    bool full_width,
+    at::ScalarType acc_dtype) {
+  check_folded_attention_pool_backward_args(grad_out, x, u, out, lse, full_width);
+  return {grad_out.to(acc_dtype).contiguous(), out.to(acc_dtype).contiguous(), lse.contiguous()};
+}
+
+}  // namespace detail
+
+TORCH_LIBRARY_FRAGMENT(attnpool, m) {
+  m.def(
+      "folded_attention_pool(Tensor x, Tensor u, Tensor? mask=None, float scale=1.0, "
+      "bool full_width=False) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Forward for training: the output in the accumulation dtype (float32, or
+  // float64 for float64 x) and the log-sum-exp [B, (Q,) n] that the backward
+  // recomputes the softmax from.
+  m.def(
+      "_folded_attention_pool_forward(Tensor x, Tensor u, Tensor? mask=None, float scale=1.0, "
+      "bool full_width=False) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // Returns the gradients of (x, u).
+  m.def(
+      "_folded_attention_pool_backward(Tensor grad_out, Tensor x, Tensor u, Tensor? mask, "
+      "Tensor out, Tensor lse, float scale, bool full_width) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(attnpool, CompositeExplicitAutograd, m) {
+  m.impl("folded_attention_pool", &folded_attention_pool_composite);
+}
+
+TORCH_LIBRARY_IMPL(attnpool, Meta, m) {
+  m.impl("_folded_attention_pool_forward", &forward_meta);
+  m.impl("_folded_attention_pool_backward", &backward_meta);
+}
+
+}  // namespace attnpool

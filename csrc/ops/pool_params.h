@@ -1,0 +1,174 @@
+#pragma once
+
+// The parameter vocabulary of the kernels (the glossary is csrc/README.md):
+// plain data that the CPU kernels, the CUDA kernels and the emulated CUDA
+// tests all read. Each struct builds on the one before it, as
+// flash-attention's flash.h does:
+//
+//   PoolShape -> PoolInputs -> ForwardParams -> BackwardParams   (pooling)
+//   FoldShape -> FoldParams -> FoldBackwardParams                (the fold)
+//
+// The entry points (ops/cpu/*_kernel.cpp, ops/cuda/*_kernel.cu) fill them
+// from checked tensors; the kernels only compute. Nothing here depends on
+// ATen, so CUDA device code includes it too.
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define ATTNPOOL_PARAMS_FN __host__ __device__
+#else
+#define ATTNPOOL_PARAMS_FN
+#endif
+
+namespace attnpool {
+
+// Rows [begin, end) of whatever was cut.
+struct RowRange {
+  int64_t begin;
+  int64_t end;
+
+  ATTNPOOL_PARAMS_FN bool empty() const {
+    return end <= begin;
+  }
+};
+
+// A cut of `rows` consecutive rows into pieces of rows_per_piece rows (the
+// last one may be shorter). Every cut depends on the shape only, never on the
+// number of threads, so that results are bitwise the same for any count.
+struct PieceCut {
+  int64_t pieces;          // >= 1
+  int64_t rows_per_piece;  // >= 1
+
+  // About `wanted` pieces of `rows` rows, none empty.
+  static PieceCut into(int64_t rows, int64_t wanted) {
+    const int64_t want = wanted < 1 ? 1 : wanted;
+    int64_t per_piece = (rows + want - 1) / want;
+    per_piece = per_piece < 1 ? 1 : per_piece;
+    const int64_t pieces = (rows + per_piece - 1) / per_piece;
+    return {pieces < 1 ? 1 : pieces, per_piece};
+  }
+
+  // The rows of piece p; `rows` is the length of what was cut.
+  ATTNPOOL_PARAMS_FN RowRange piece(int64_t p, int64_t rows) const {
+    const int64_t begin = p * rows_per_piece;
+    const int64_t end = begin + rows_per_piece;
+    return {begin < rows ? begin : rows, end < rows ? end : rows};
+  }
+};
+
+// Sizes of one pooling call as the kernels see it. A score s = i * num_heads
+// + h is one (query i, head h) pair; its pooled vector is head h's slice of
+// head_dim columns. Full-width pooling reaches the kernels as num_queries *
+// num_heads one-head queries with head_dim = hidden (see
+// ops/folded_attention_pool.cpp), so the kernels know one mode only.
+struct PoolShape {
+  int64_t batch;        // B
+  int64_t seq_len;      // L
+  int64_t hidden;       // H, elements in a row of x
+  int64_t num_queries;  // Q
+  int64_t num_heads;    // n
+  int64_t head_dim;     // d = H / n
+
+  ATTNPOOL_PARAMS_FN int64_t num_scores() const {
+    return num_queries * num_heads;
+  }
+};
+
+// Where the inputs are. x: [B, L, H] with contiguous rows (strides in
+// elements); mask: [B, L] bool (true = attend) or null; u: [num_scores, H]
+// contiguous, in the accumulation dtype.
+struct PoolInputs : PoolShape {
+  const void* x;
+  int64_t x_batch_stride;
+  int64_t x_seq_stride;
+  const bool* mask;
+  int64_t mask_batch_stride;
+  int64_t mask_seq_stride;
+  const void* u;
+  double scale;
+
+  ATTNPOOL_PARAMS_FN bool attends(int64_t b, int64_t l) const {
+    return mask == nullptr || mask[b * mask_batch_stride + l * mask_seq_stride];
+  }
+  ATTNPOOL_PARAMS_FN int64_t row_offset(int64_t b, int64_t l) const {
+    return b * x_batch_stride + l * x_seq_stride;
+  }
+};
+
+// The forward, in the accumulation dtype: out [B, num_scores, head_dim] (the
+// op's [B, Q, H]), lse [B, num_scores]. `cut` cuts each sequence into pieces
+// that run in parallel; with more than one piece each piece's online-softmax
+// state goes to `partials` and the pieces are merged in order afterwards
+// (flash-decoding). The CPU keeps one state per (sequence, piece), the CUDA
+// kernels one per (sequence, query, piece); each device's entry point sizes it.
+struct ForwardParams : PoolInputs {
+  PieceCut cut;
+  void* out;
+  void* lse;
+  void* partials;
+};
+
+// The backward reads grad_out [B, num_scores, head_dim] and the forward's out
+// and lse (accumulation dtype) and writes dx ([B, L, H] contiguous, x's dtype)
+// and du [num_scores, H]. Each piece of rows adds into its own du partial
+// [pieces, num_scores, H], summed in piece order: no atomics, bitwise
+// repeatable. The CUDA kernels use the inherited `cut` (pieces of each
+// sequence); the CPU kernels cut all B * L rows at once (`flat_cut`), so that
+// many short sequences do not make many partials.
+struct BackwardParams : ForwardParams {
+  const void* grad_out;
+  void* dx;
+  void* du_partials;
+  void* du;
+  // CPU only: delta [B, num_scores] workspace, the flat cut, and whether dx
+  // is written with non-temporal stores (float32/float64 dx whose rows are
+  // 64-byte aligned and whose pages are already backed).
+  void* delta;
+  PieceCut flat_cut;
+  bool stream_dx;
+};
+
+// Sizes of the fold u[i, h] = w_k[D_h].T @ (w_q @ query[i] + q_bias)[D_h]
+// (SPEC.md §5); D_h is head h's proj_dim / num_heads rows of w_q and w_k.
+// Each head's rows are cut into head_cut.pieces pieces; one task per (head,
+// piece), task = h * head_cut.pieces + piece.
+struct FoldShape {
+  int64_t num_queries;  // Q
+  int64_t query_dim;    // Hq: width of a query and of w_q's rows
+  int64_t proj_dim;     // E: rows of w_q and w_k
+  int64_t x_dim;        // Hx: width of w_k's rows and of u
+  int64_t num_heads;    // n
+  PieceCut head_cut;    // of the E / n rows of each head
+
+  int64_t tasks() const {
+    return num_heads * head_cut.pieces;
+  }
+};
+
+// All in the accumulation dtype, contiguous: query [Q, Hq], w_q [E, Hq], w_k
+// [E, Hx], q_bias [E] or null. Writes projected = w_q @ query + q_bias [Q, E]
+// and u [Q * n, Hx]; partials [head_cut.pieces, Q * n, Hx] when a head has
+// more than one piece.
+struct FoldParams : FoldShape {
+  const void* query;
+  const void* w_q;
+  const void* w_k;
+  const void* q_bias;
+  void* projected;
+  void* u;
+  void* partials;
+};
+
+// The fold's backward from grad_u [Q * n, Hx], reading projected as the
+// forward wrote it: grad_query [Q, Hq], grad_w_q [E, Hq], grad_w_k [E, Hx],
+// grad_q_bias [E]; partials [tasks, Q, Hq] of grad_query when there is more
+// than one task.
+struct FoldBackwardParams : FoldParams {
+  const void* grad_u;
+  void* grad_query;
+  void* grad_w_q;
+  void* grad_w_k;
+  void* grad_q_bias;
+};
+
+}  // namespace attnpool

@@ -1,0 +1,145 @@
+"""folded_attention_pool (SPEC.md §5): values and gradients against the float64
+reference, both output modes, empty rows, mixed precision, and its place in
+attention_pool (the composition, u saved for the backward)."""
+
+import pytest
+import torch
+from helpers import DEVICES, TOLERANCES, make_inputs
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attnpool
+from attnpool import reference
+
+# (B, L, H, Q, n); Q None: a 2-D u [n, H] (output without the Q dimension).
+SHAPES = [(2, 5, 8, None, 1), (3, 7, 12, 2, 3), (2, 9, 16, 3, 4), (1, 40, 6, 1, 2)]
+SHAPE_IDS = ["1d-query", "q2-heads3", "q3-heads4", "q1-heads2-long"]
+
+
+def _folded_inputs(batch, seq_len, hidden, num_queries, num_heads, *, mask=None, device="cpu"):
+    """(x, u, mask) in float64: u from random weights, as fold_query makes it."""
+    inputs = make_inputs(batch, seq_len, hidden, num_queries, mask=mask, device=device)
+    u = reference.fold_query(inputs.query, inputs.w_q, inputs.w_k, num_heads)
+    return inputs.x, u, inputs.mask
+
+
+def _reference64(x, u, mask, scale, full_width):
+    return reference.folded_attention_pool(x.double(), u.double(), mask, scale, full_width)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("full_width", [False, True], ids=["slices", "full-width"])
+@pytest.mark.parametrize(
+    "dtype, u_dtype",
+    [
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+    ],
+    ids=["f64", "f32", "bf16-x-f32-u", "f16-x-f32-u", "bf16"],
+)
+def test_matches_float64_reference(device, shape, masked, full_width, dtype, u_dtype):
+    x, u, mask = _folded_inputs(*shape, mask="random" if masked else None, device=device)
+    x, u = x.to(dtype), u.to(u_dtype)
+    out = attnpool.folded_attention_pool(x, u, mask, 0.7, full_width)
+    batch, _, hidden, num_queries, num_heads = shape
+    expected_shape = [batch] + ([] if num_queries is None else [num_queries])
+    expected_shape += ([num_heads] if full_width else []) + [hidden]
+    assert list(out.shape) == expected_shape and out.dtype == dtype
+    expected = _reference64(x, u, mask, 0.7, full_width)
+    torch.testing.assert_close(out.double(), expected, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("full_width", [False, True], ids=["slices", "full-width"])
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=SHAPE_IDS[:3])
+def test_gradcheck(device, full_width, shape):
+    x, u, mask = _folded_inputs(*shape, mask="random", device=device)
+    x.requires_grad_(True)
+    u.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, u: attnpool.folded_attention_pool(x, u, mask, 0.8, full_width), (x, u)
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("full_width", [False, True], ids=["slices", "full-width"])
+def test_gradients_match_reference_on_long_sequences(device, full_width):
+    # Long enough that the kernels cut each sequence into pieces.
+    x, u, mask = _folded_inputs(2, 3000, 16, 2, 2, mask="random", device=device)
+    leaves = (x.requires_grad_(True), u.requires_grad_(True))
+    out = attnpool.folded_attention_pool(x, u, mask, 0.5, full_width)
+    weights = torch.randn_like(out)
+    got = torch.autograd.grad((out * weights).sum(), leaves)
+    expected = reference.folded_attention_pool(x, u, mask, 0.5, full_width)
+    want = torch.autograd.grad((expected * weights).sum(), leaves)
+    for name, g, w in zip(("x", "u"), got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOLERANCES[torch.float64], msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("full_width", [False, True], ids=["slices", "full-width"])
+def test_fully_masked_row_and_empty_sequence_are_zero(device, full_width):
+    x, u, _ = _folded_inputs(3, 6, 8, 2, 2, device=device)
+    mask = torch.ones(3, 6, dtype=torch.bool, device=device)
+    mask[1] = False
+    x.requires_grad_(True)
+    u.requires_grad_(True)
+    out = attnpool.folded_attention_pool(x, u, mask, 1.0, full_width)
+    assert out[1].abs().max() == 0 and out[0].abs().max() > 0
+    (out * torch.randn_like(out)).sum().backward()
+    assert x.grad[1].abs().max() == 0 and torch.isfinite(u.grad).all()
+
+    empty = torch.zeros(3, 0, 8, dtype=torch.float64, device=device, requires_grad=True)
+    out = attnpool.folded_attention_pool(empty, u, None, 1.0, full_width)
+    assert out.shape[0] == 3 and out.abs().max() == 0
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_full_width_with_heads_that_do_not_divide_the_width(device):
+    # 3 heads over 8 columns: no slices, but each head pools the whole row.
+    x, _, mask = _folded_inputs(2, 5, 8, 2, 1, mask="random", device=device)
+    u = torch.randn(2, 3, 8, dtype=torch.float64, device=device)
+    out = attnpool.folded_attention_pool(x, u, mask, 0.5, True)
+    torch.testing.assert_close(out, _reference64(x, u, mask, 0.5, True))
+    with pytest.raises(ValueError, match=r"u.shape\[-2\] = 3 must divide H = 8 unless full_width"):
+        attnpool.folded_attention_pool(x, u, mask, 0.5, False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_pool_is_the_composition(device, dtype):
+    inputs = make_inputs(3, 11, 16, 2, mask="random", device=device).to(
+        dtype=dtype, param_dtype=torch.float32
+    )
+    num_heads = 4
+    u = attnpool.fold_query(inputs.query, inputs.w_q, inputs.w_k, num_heads)
+    composed = attnpool.folded_attention_pool(inputs.x, u, inputs.mask, (16 / num_heads) ** -0.5)
+    assert torch.equal(attnpool.attention_pool(*inputs.args(), num_heads), composed)
+
+
+class _RecordedOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_reads_the_saved_fold_instead_of_folding_again():
+    inputs = make_inputs(2, 6, 8, 2, mask="random").requiring_grad()
+    out = attnpool.attention_pool(*inputs.args(), 2)
+    with _RecordedOps() as recorded:
+        out.sum().backward()
+    attnpool_ops = [name for name in recorded.names if name.startswith("attnpool.")]
+    assert "attnpool._folded_attention_pool_backward" in attnpool_ops
+    assert "attnpool._fold_query_backward" in attnpool_ops
+    assert not any("forward" in name or name == "attnpool.fold_query" for name in attnpool_ops)
+    assert all(t.grad is not None for t in (inputs.x, inputs.query, inputs.w_q, inputs.w_k))
