@@ -1,10 +1,16 @@
-"""Inputs, devices and tolerances shared by the Python tests."""
+"""What the Python tests share: devices, tolerances, random inputs and the
+float64 reference, the small model the transform tests (autocast, compile,
+export, DDP) run, and the forward-and-backward the concurrency tests repeat.
+
+Test modules import from here, never from each other.
+"""
 
 from dataclasses import dataclass
 from typing import Optional
 
 import pytest
 import torch
+from torch import nn
 
 import attnpool
 
@@ -104,3 +110,97 @@ def reference_in_float64(inputs: Inputs, num_heads=1, scale=None) -> torch.Tenso
     """The reference evaluated in float64 on exactly the (rounded) inputs given."""
     x64 = inputs.to(dtype=torch.float64)
     return attnpool.reference.attention_pool(*x64.args(), num_heads=num_heads, scale=scale)
+
+
+def make_batch(batch, seq_len, hidden, *, device="cpu", seed=0, empty_row=0):
+    """(x, mask) for a model: float32 x and a bool mask attending about 70% of
+    positions, except sequence `empty_row`, which has nothing to attend."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq_len, hidden, generator=gen)
+    mask = torch.rand(batch, seq_len, generator=gen) > 0.3
+    mask[empty_row] = False
+    return x.to(device), mask.to(device)
+
+
+class PoolingModel(nn.Module):
+    """A position-wise linear layer (``encode``), optionally tanh, then
+    AttentionPooling (``pool``), then optionally a linear ``head``.
+
+    Without out_features the model returns the pooled [B, Q, hidden]. With it,
+    the head maps each pooled query to out_features ([B, Q, out_features]),
+    or, with flatten=True, all Q of them at once ([B, out_features]).
+    """
+
+    def __init__(
+        self,
+        hidden,
+        num_heads,
+        num_queries,
+        *,
+        tanh=True,
+        out_features=None,
+        flatten=False,
+    ):
+        super().__init__()
+        self.tanh = tanh
+        self.flatten = flatten
+        self.encode = nn.Linear(hidden, hidden)
+        self.pool = attnpool.AttentionPooling(hidden, num_heads, num_queries)
+        self.head = None
+        if out_features is not None:
+            in_features = num_queries * hidden if flatten else hidden
+            self.head = nn.Linear(in_features, out_features)
+
+    def forward(self, x, mask):
+        hidden = self.encode(x)
+        pooled = self.pool(torch.tanh(hidden) if self.tanh else hidden, mask)
+        if self.head is None:
+            return pooled
+        return self.head(pooled.flatten(1) if self.flatten else pooled)
+
+
+def forward_backward(inputs: Inputs, num_heads):
+    """[out, grad of x, query, w_q, w_k] of a fixed weighted sum of the output.
+
+    torch.autograd.grad, not .backward(): nothing is accumulated into .grad
+    fields, so threads may share the inputs.
+    """
+    leaves = [t.detach().requires_grad_(True) for t in (inputs.x, inputs.query, inputs.w_q)]
+    leaves.append(inputs.w_k.detach().requires_grad_(True))
+    out = attnpool.attention_pool(*leaves, inputs.mask, num_heads)
+    weights = torch.linspace(-1.0, 1.0, out.numel(), device=out.device).view_as(out)
+    grads = torch.autograd.grad((out.float() * weights).sum(), leaves)
+    return [out.detach(), *grads]
+
+
+def assert_bitwise_equal(got, want, what):
+    """Two forward_backward results hold the same bits."""
+    assert len(got) == len(want)
+    for name, g, w in zip(("out", "x", "query", "w_q", "w_k"), got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape, f"{what}: {name}"
+        assert torch.equal(g, w), f"{what}: {name} differs"
+
+
+# (B, L, H, Q, heads, dtype, param dtype) for the concurrency tests: short and
+# long sequences (the long ones are split across work items), every dtype,
+# mixed precision, wide heads.
+CONCURRENT_JOBS = [
+    (2, 5, 8, None, 1, torch.float64, None),
+    (3, 17, 24, 2, 3, torch.float32, None),
+    (1, 3000, 32, 2, 4, torch.float32, None),
+    (4, 700, 16, None, 2, torch.bfloat16, torch.float32),
+    (2, 1500, 40, 3, 2, torch.float16, None),
+    (5, 33, 12, 1, 3, torch.bfloat16, None),
+    (2, 2500, 64, None, 8, torch.float64, None),
+    (3, 0, 8, 2, 2, torch.float32, None),
+    (2, 4000, 64, None, 1, torch.float32, None),
+    (2, 40, 200, 2, 1, torch.float32, None),  # the fold cut into 6 runs of rows
+    (2, 30, 256, None, 2, torch.float64, None),  # 4 runs per head
+]
+
+
+def concurrent_job(index, device="cpu"):
+    """(inputs, num_heads) of CONCURRENT_JOBS[index]."""
+    batch, seq_len, hidden, queries, heads, dtype, param_dtype = CONCURRENT_JOBS[index]
+    inputs = make_inputs(batch, seq_len, hidden, queries, mask="random", seed=index, device=device)
+    return inputs.to(dtype=dtype, param_dtype=param_dtype or dtype), heads

@@ -7,12 +7,17 @@ change what the op computes: inside and outside an autocast region, the same
 inputs give the same result.
 """
 
-import contextlib
-
 import pytest
 import torch
-from helpers import CUDA_SKIP_REASON, TOLERANCES, Inputs, reference_in_float64
-from torch import nn
+from helpers import (
+    CUDA_SKIP_REASON,
+    TOLERANCES,
+    Inputs,
+    PoolingModel,
+    forward_backward,
+    make_batch,
+    reference_in_float64,
+)
 
 import attnpool
 
@@ -23,24 +28,6 @@ CASES = [
     pytest.param("cuda", torch.float16, id="cuda-fp16", marks=_no_cuda),
     pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=_no_cuda),
 ]
-
-
-class Model(nn.Module):
-    def __init__(self, hidden=32):
-        super().__init__()
-        self.encode = nn.Linear(hidden, hidden)
-        self.pool = attnpool.AttentionPooling(hidden, num_heads=4, num_queries=2)
-
-    def forward(self, x, mask):
-        return self.pool(self.encode(x), mask)
-
-
-def _data(device, batch=3, seq_len=21, hidden=32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, seq_len, hidden, generator=gen)
-    mask = torch.rand(batch, seq_len, generator=gen) > 0.3
-    mask[1] = False
-    return x.to(device), mask.to(device)
 
 
 def _pool_inputs(pool, x, mask):
@@ -54,21 +41,11 @@ def _pool_inputs(pool, x, mask):
     )
 
 
-def _op_grads(inputs, num_heads, context):
-    """Output and the gradients of all four inputs, forward and backward in `context`."""
-    leaves = inputs.requiring_grad()
-    with context:
-        out = attnpool.attention_pool(*leaves.args(), num_heads=num_heads)
-        weights = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
-        (out.float() * weights).sum().backward()
-    return [out.detach()] + [t.grad for t in (leaves.x, leaves.query, leaves.w_q, leaves.w_k)]
-
-
 @pytest.mark.parametrize("device, dtype", CASES)
 def test_module_follows_the_dtype_policy_under_autocast(device, dtype):
     torch.manual_seed(0)
-    model = Model().to(device)
-    x, mask = _data(device)
+    model = PoolingModel(32, num_heads=4, num_queries=2, tanh=False).to(device)
+    x, mask = make_batch(3, 21, 32, device=device, empty_row=1)
     with torch.autocast(device, dtype=dtype):
         hidden = model.encode(x)
         out = model(x, mask)
@@ -92,7 +69,7 @@ def test_module_follows_the_dtype_policy_under_autocast(device, dtype):
 def test_float32_input_under_autocast_stays_float32(device, dtype):
     torch.manual_seed(0)
     pool = attnpool.AttentionPooling(32, num_heads=2).to(device)
-    x, mask = _data(device, seed=1)
+    x, mask = make_batch(3, 21, 32, device=device, seed=1, empty_row=1)
     with torch.autocast(device, dtype=dtype):
         out = pool(x, mask)
     assert out.dtype == torch.float32
@@ -102,7 +79,7 @@ def test_float32_input_under_autocast_stays_float32(device, dtype):
 
 @pytest.mark.parametrize("device, dtype", CASES)
 def test_forward_and_backward_inside_autocast_equal_outside(device, dtype):
-    x, mask = _data(device, seed=2)
+    x, mask = make_batch(3, 21, 32, device=device, seed=2, empty_row=1)
     gen = torch.Generator().manual_seed(3)
     inputs = Inputs(
         x.to(dtype),
@@ -111,8 +88,9 @@ def test_forward_and_backward_inside_autocast_equal_outside(device, dtype):
         (torch.randn(32, 32, generator=gen) / 32**0.5).to(device),
         mask,
     )
-    outside = _op_grads(inputs, 4, contextlib.nullcontext())
-    inside = _op_grads(inputs, 4, torch.autocast(device, dtype=dtype))
+    outside = forward_backward(inputs, 4)
+    with torch.autocast(device, dtype=dtype):  # forward and backward inside
+        inside = forward_backward(inputs, 4)
     for name, got, want in zip(("out", "x", "query", "w_q", "w_k"), inside, outside, strict=True):
         assert got.dtype == want.dtype, name
         torch.testing.assert_close(

@@ -6,8 +6,7 @@ Inductor compiles C++ on the CPU, so these tests are few and use tiny models.
 
 import pytest
 import torch
-from helpers import DEVICES, TOLERANCES
-from torch import nn
+from helpers import DEVICES, TOLERANCES, PoolingModel, make_batch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
@@ -18,27 +17,6 @@ import attnpool
 # says nothing about this operator.
 DYNAMIC_SHAPES = [(2, 5), (3, 7), (4, 16), (2, 33), (5, 3), (7, 2)]
 TOL = TOLERANCES[torch.float32]
-
-
-class Model(nn.Module):
-    """A position-wise layer, attention pooling and a linear head."""
-
-    def __init__(self, hidden=16, num_heads=2, num_queries=2):
-        super().__init__()
-        self.encode = nn.Linear(hidden, hidden)
-        self.pool = attnpool.AttentionPooling(hidden, num_heads, num_queries)
-        self.head = nn.Linear(hidden, 3)
-
-    def forward(self, x, mask):
-        return self.head(self.pool(torch.tanh(self.encode(x)), mask))
-
-
-def _batch(batch, seq_len, hidden, device, seed):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, seq_len, hidden, generator=gen)
-    mask = torch.rand(batch, seq_len, generator=gen) > 0.3
-    mask[0] = False  # a sequence with nothing to attend
-    return x.to(device), mask.to(device)
 
 
 def _loss_and_grads(model, x, mask):
@@ -77,11 +55,12 @@ def fresh_dynamo():
 @pytest.mark.parametrize("device", DEVICES)
 def test_dynamic_fullgraph_compile_matches_eager_without_recompiling(device):
     torch.manual_seed(0)
-    model = Model().to(device)
+    # A position-wise layer, attention pooling and a linear head.
+    model = PoolingModel(16, num_heads=2, num_queries=2, out_features=3).to(device)
     backend = CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
     for step, (batch, seq_len) in enumerate(DYNAMIC_SHAPES):
-        x, mask = _batch(batch, seq_len, 16, device, seed=step)
+        x, mask = make_batch(batch, seq_len, 16, device=device, seed=step)
         _assert_same(
             _loss_and_grads(compiled, x, mask),
             _loss_and_grads(model, x, mask),
@@ -103,7 +82,7 @@ def test_max_autotune_compile_matches_eager_for_training_and_inference(device):
     torch.manual_seed(1)
     model = attnpool.AttentionPooling(8, num_heads=2).to(device)
     compiled = torch.compile(model, mode="max-autotune-no-cudagraphs", fullgraph=True)
-    x, mask = _batch(3, 6, 8, device, seed=7)
+    x, mask = make_batch(3, 6, 8, device=device, seed=7)
     _assert_same(_loss_and_grads(compiled, x, mask), _loss_and_grads(model, x, mask), "training")
     with torch.no_grad():
         torch.testing.assert_close(

@@ -14,10 +14,9 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import PoolingModel
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-
-import attnpool
 
 WORLD_SIZE = 2
 HIDDEN, NUM_CLASSES = 16, 4
@@ -25,20 +24,10 @@ GLOBAL_BATCH, SEQ_LEN, STEPS = 8, 12, 5
 TIMEOUT_S = 120
 
 
-class Model(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.encode = nn.Linear(HIDDEN, HIDDEN)
-        self.pool = attnpool.AttentionPooling(HIDDEN, num_heads=4, num_queries=2)
-        self.head = nn.Linear(2 * HIDDEN, NUM_CLASSES)
-
-    def forward(self, x, mask):
-        return self.head(self.pool(torch.tanh(self.encode(x)), mask).flatten(1))
-
-
 def _make_model():
     torch.manual_seed(0)
-    return Model().double()
+    model = PoolingModel(HIDDEN, num_heads=4, num_queries=2, out_features=NUM_CLASSES, flatten=True)
+    return model.double()
 
 
 def _global_batches():

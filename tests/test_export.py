@@ -3,37 +3,24 @@ the program round-trips through torch.export.save / torch.export.load."""
 
 import pytest
 import torch
-from helpers import DEVICES, TOLERANCES
-from torch import nn
+from helpers import DEVICES, TOLERANCES, PoolingModel, make_batch
 
-import attnpool
+import attnpool  # noqa: F401 (registers torch.ops.attnpool)
 
 TOL = TOLERANCES[torch.float32]
 OP = torch.ops.attnpool.attention_pool.default
 
 
-class Model(nn.Module):
-    def __init__(self, hidden=16):
-        super().__init__()
-        self.encode = nn.Linear(hidden, hidden)
-        self.pool = attnpool.AttentionPooling(hidden, num_heads=4, num_queries=2)
-
-    def forward(self, x, mask):
-        return self.pool(torch.tanh(self.encode(x)), mask)
-
-
-def _batch(batch, seq_len, device, seed):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, seq_len, 16, generator=gen)
-    mask = torch.rand(batch, seq_len, generator=gen) > 0.3
-    mask[-1] = False
-    return x.to(device), mask.to(device)
+def _model(device):
+    torch.manual_seed(0)
+    return PoolingModel(16, num_heads=4, num_queries=2).to(device)
 
 
 def _export(model, device):
     batch, seq_len = torch.export.Dim("batch"), torch.export.Dim("seq_len")
     shapes = {"x": {0: batch, 1: seq_len}, "mask": {0: batch, 1: seq_len}}
-    return torch.export.export(model, _batch(3, 7, device, seed=0), dynamic_shapes=shapes)
+    example = make_batch(3, 7, 16, device=device, empty_row=-1)
+    return torch.export.export(model, example, dynamic_shapes=shapes)
 
 
 def _calls(program, target):
@@ -50,8 +37,7 @@ def _other_attnpool_ops(program):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_exported_program_keeps_the_op_as_one_node(device):
-    torch.manual_seed(0)
-    program = _export(Model().to(device), device)
+    program = _export(_model(device), device)
     (node,) = _calls(program, OP)
     assert node.args[5] == 4  # num_heads travels as an argument of the node
     assert _other_attnpool_ops(program) == []
@@ -62,22 +48,20 @@ def test_inference_decomposition_keeps_the_op_as_one_node(device):
     # run_decompositions() gives the inference IR that AOTInductor and other
     # lowerings consume. A custom op is kept there, not replaced by the
     # internal forward that only its autograd formula needs.
-    torch.manual_seed(0)
-    model = Model().to(device)
+    model = _model(device)
     program = _export(model, device).run_decompositions()
     assert _other_attnpool_ops(program) == [], program.graph_module.code
     assert len(_calls(program, OP)) == 1, program.graph_module.code
-    x, mask = _batch(4, 9, device, seed=5)
+    x, mask = make_batch(4, 9, 16, device=device, seed=5, empty_row=-1)
     torch.testing.assert_close(program.module()(x, mask), model(x, mask), **TOL)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_exported_program_runs_at_other_shapes(device):
-    torch.manual_seed(0)
-    model = Model().to(device)
+    model = _model(device)
     exported = _export(model, device).module()
     for seed, (batch, seq_len) in enumerate([(3, 7), (5, 2), (2, 40), (6, 11)]):
-        x, mask = _batch(batch, seq_len, device, seed)
+        x, mask = make_batch(batch, seq_len, 16, device=device, seed=seed, empty_row=-1)
         got = exported(x, mask)
         assert got.shape == (batch, 2, 16)
         torch.testing.assert_close(
@@ -87,11 +71,10 @@ def test_exported_program_runs_at_other_shapes(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_save_load_round_trip(device, tmp_path):
-    torch.manual_seed(0)
-    model = Model().to(device)
+    model = _model(device)
     path = tmp_path / "model.pt2"
     torch.export.save(_export(model, device), path)
     loaded = torch.export.load(path)
     assert len(_calls(loaded, OP)) == 1
-    x, mask = _batch(4, 13, device, seed=3)
+    x, mask = make_batch(4, 13, 16, device=device, seed=3, empty_row=-1)
     torch.testing.assert_close(loaded.module()(x, mask), model(x, mask), **TOL)

@@ -275,7 +275,7 @@ def test_matches_reference(device, case):
     reduced = case.dtype in (torch.float16, torch.bfloat16)
     if reduced:
         # The backward starts from the output rounded to x's dtype (see
-        # test_hostile_input.py::test_peaked_softmax_gradients_are_as_accurate_as_the_reference).
+        # test_numerics.py::test_peaked_softmax_gradients_are_as_accurate_as_the_reference).
         slack = _out_rounding_effect(inputs, weights, num_heads, scale, case.dtype)
     tol = TOLERANCES[case.dtype]
     for index, name in enumerate(("x", "query", "w_q", "w_k")):

@@ -1,13 +1,13 @@
-"""Hostile input: bad arguments in every disguise raise errors naming the
-argument (test_errors.py has the table), non-finite and huge values behave
-like the reference, and odd-but-valid sizes give the right shapes."""
+"""Edge-case values against the float64 reference: sizes that are empty but
+valid (H = 0, Q = 0), NaN and Inf in x, scores so large that every softmax is
+one-hot, extreme scales, and the gradients of a sharply peaked softmax in
+half precision. Bad arguments are in test_errors.py."""
 
 import math
 
 import pytest
 import torch
 from helpers import DEVICES, TOLERANCES, Inputs, make_inputs, reference_in_float64
-from test_errors import BAD_TYPES, BAD_VALUES, Q, W, X
 
 import attnpool
 
@@ -16,175 +16,6 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 def _dtype_id(dtype):
     return str(dtype).removeprefix("torch.")
-
-
-def _uses_meta(kwargs):
-    return any(isinstance(v, torch.Tensor) and v.device.type == "meta" for v in kwargs.values())
-
-
-ALL_BAD = BAD_VALUES + BAD_TYPES
-# (id, kwargs, message, the exception test_errors.py expects)
-ALL_BAD_TYPED = [(*c, ValueError) for c in BAD_VALUES] + [(*c, TypeError) for c in BAD_TYPES]
-BAD_ON_CPU = [c for c in ALL_BAD if not _uses_meta(c[1])]
-
-
-def _call(x=X, query=Q, w_q=W, w_k=W, mask=None, num_heads=1, scale=None):
-    return attnpool.attention_pool(x, query, w_q, w_k, mask, num_heads, scale)
-
-
-def _requiring_grad(t):
-    if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
-        return t.detach().clone().requires_grad_(True)
-    return t
-
-
-# --- bad arguments ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "kwargs, message, error", [c[1:] for c in ALL_BAD_TYPED], ids=[c[0] for c in ALL_BAD_TYPED]
-)
-def test_bad_inputs_requiring_grad_raise_the_same_errors(kwargs, message, error):
-    # The Autograd kernel runs first: it must not hide or change the error.
-    args = dict(x=X, query=Q, w_q=W, w_k=W)
-    args.update(kwargs)
-    args = {k: _requiring_grad(v) for k, v in args.items()}
-    assert any(isinstance(v, torch.Tensor) and v.requires_grad for v in args.values())
-    with pytest.raises(error, match=message):
-        _call(**args)
-
-
-NON_CONTIGUOUS_BAD = [
-    (
-        "x-transposed-wrong-hidden",
-        dict(x=torch.randn(2, 6, 5).transpose(1, 2)),
-        r"query must have shape \[H\] or \[Q, H\] with H = 6 \(x.shape\[2\]\), got \[8\]",
-    ),
-    (
-        "x-sliced-rank-2",
-        dict(x=torch.randn(5, 16)[:, ::2]),
-        r"x must have shape \[B, L, H\], got a 2-D tensor of shape \[5, 8\]",
-    ),
-    (
-        "x-expanded-rank-4",
-        dict(x=torch.randn(1, 5, 8).expand(3, 2, 5, 8)),
-        r"x must have shape \[B, L, H\], got a 4-D tensor of shape \[3, 2, 5, 8\]",
-    ),
-    (
-        "query-strided-wrong-hidden",
-        dict(query=torch.randn(2, 12)[:, ::2]),
-        r"query must have shape \[H\] or \[Q, H\] with H = 8 \(x.shape\[2\]\), got \[2, 6\]",
-    ),
-    (
-        "w_q-transposed-wrong-shape",
-        dict(w_q=torch.randn(7, 8).t()),
-        r"w_q must have shape \[H, H\] = \[8, 8\] \(nn.Linear layout\), got \[8, 7\]",
-    ),
-    (
-        "w_k-expanded-wrong-shape",
-        dict(w_k=torch.randn(8).expand(9, 8)),
-        r"w_k must have shape \[H, H\] = \[8, 8\].*got \[9, 8\]",
-    ),
-    (
-        "mask-transposed-wrong-shape",
-        dict(mask=torch.ones(4, 2, dtype=torch.bool).t()),
-        r"mask must have shape \[B, L\] = \[2, 5\], got \[2, 4\]",
-    ),
-    (
-        "mask-broadcastable",
-        dict(mask=torch.ones(1, 5, dtype=torch.bool)),
-        r"mask must have shape \[B, L\] = \[2, 5\], got \[1, 5\]",
-    ),
-    (
-        "mask-strided-wrong-shape",
-        dict(mask=torch.ones(2, 12)[:, ::2]),
-        r"mask must have shape \[B, L\] = \[2, 5\], got \[2, 6\]",
-    ),
-    (
-        "x-0-d",
-        dict(x=torch.tensor(1.0)),
-        r"x must have shape \[B, L, H\], got a 0-D tensor of shape \[\]",
-    ),
-    (
-        "query-0-d",
-        dict(query=torch.tensor(1.0)),
-        r"query must have shape \[H\] or \[Q, H\] with H = 8 \(x.shape\[2\]\), got \[\]",
-    ),
-    (
-        "heads-huge",
-        dict(num_heads=2**62),
-        r"num_heads must divide H = 8, got num_heads = 4611686018427387904",
-    ),
-]
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [c[1:] for c in NON_CONTIGUOUS_BAD],
-    ids=[c[0] for c in NON_CONTIGUOUS_BAD],
-)
-@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
-def test_non_contiguous_and_odd_bad_inputs_raise(kwargs, message, requires_grad):
-    if requires_grad:
-        kwargs = {k: _requiring_grad(v) for k, v in kwargs.items()}
-    with pytest.raises(ValueError, match=message):
-        _call(**kwargs)
-
-
-@pytest.mark.parametrize(
-    "kwargs, message", [c[1:] for c in BAD_ON_CPU], ids=[c[0] for c in BAD_ON_CPU]
-)
-def test_errors_surface_under_torch_compile(kwargs, message):
-    # Dynamo runs the Meta kernel's checks on fake tensors while tracing; the
-    # error it raises (a TorchRuntimeError) must still carry the message.
-    torch._dynamo.reset()
-    compiled = torch.compile(_call, backend="eager", fullgraph=True)
-    try:
-        with pytest.raises(Exception, match=message):
-            compiled(**kwargs)
-    finally:
-        torch._dynamo.reset()
-
-
-def test_shape_error_is_not_hidden_by_a_dynamic_compile():
-    # After a dynamic-shape compile of good inputs, a mask whose length no
-    # longer matches x must fail the guards and raise, not run the old graph.
-    torch._dynamo.reset()
-    compiled = torch.compile(_call, backend="eager", fullgraph=True, dynamic=True)
-    try:
-        mask = torch.ones(2, 5, dtype=torch.bool)
-        torch.testing.assert_close(compiled(mask=mask), _call(mask=mask))
-        x = torch.randn(3, 7, 8)
-        torch.testing.assert_close(compiled(x=x, mask=torch.ones(3, 7)), _call(x=x))
-        with pytest.raises(
-            # Traced with symbolic sizes, the message shows them as symbols (s0, s1).
-            Exception,
-            match=r"mask must have shape \[B, L\] = \[\w+, \w+\], got \[\w+, \w+\]",
-        ):
-            compiled(x=x, mask=torch.ones(3, 6))
-    finally:
-        torch._dynamo.reset()
-
-
-def test_backward_op_rejects_inconsistent_saved_tensors():
-    inputs = make_inputs(2, 5, 8)
-    u = attnpool.fold_query(inputs.query, inputs.w_q, inputs.w_k)
-    out, lse = torch.ops.attnpool._folded_attention_pool_forward(inputs.x, u, inputs.mask)
-    args = (inputs.x, u, inputs.mask)
-
-    def backward(grad_out, out, lse):
-        return torch.ops.attnpool._folded_attention_pool_backward(
-            grad_out, *args, out, lse, 1.0, False
-        )
-
-    with pytest.raises(TypeError, match=r"lse must be float64, got float32"):
-        backward(torch.ones_like(out), out, lse.float())
-    with pytest.raises(ValueError, match=r"out has shape \[2, 7\], which does not match x and u"):
-        backward(torch.ones(2, 7, dtype=out.dtype), torch.ones(2, 7), lse)
-    with pytest.raises(
-        ValueError, match=r"grad_out must be on the same device as x \(cpu\), got meta"
-    ):
-        backward(torch.ones_like(out, device="meta"), out, lse)
 
 
 # --- odd but valid sizes ----------------------------------------------------------
