@@ -177,16 +177,55 @@ PreparedPool prepare_pool(
   return prepared;
 }
 
-PreparedGradients prepare_gradients(
+PreparedForward prepare_forward(
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
+    double scale,
+    bool full_width) {
+  PreparedForward f;
+  f.pool = prepare_pool(x, u, mask, scale, full_width);
+  const auto acc_options = x.options().dtype(f.pool.acc_dtype);
+  f.out = at::empty(f.pool.out_shape, acc_options);
+  f.lse = at::empty(f.pool.lse_shape, acc_options);
+  f.params = ForwardParams{};
+  static_cast<PoolInputs&>(f.params) = f.pool.params;
+  f.params.out = f.out.mutable_data_ptr();
+  f.params.lse = f.lse.mutable_data_ptr();
+  return f;
+}
+
+PreparedBackward prepare_backward(
     const at::Tensor& grad_out,
     const at::Tensor& x,
     const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
     const at::Tensor& out,
     const at::Tensor& lse,
-    bool full_width,
-    at::ScalarType acc_dtype) {
+    double scale,
+    bool full_width) {
+  PreparedBackward g;
+  g.pool = prepare_pool(x, u, mask, scale, full_width);
   check_folded_attention_pool_backward_args(grad_out, x, u, out, lse, full_width);
-  return {grad_out.to(acc_dtype).contiguous(), out.to(acc_dtype).contiguous(), lse.contiguous()};
+  const auto acc_dtype = g.pool.acc_dtype;
+  g.grad_out = grad_out.to(acc_dtype).contiguous();
+  g.out = out.to(acc_dtype).contiguous();
+  g.lse = lse.contiguous();
+  g.dx = at::empty(x.sizes(), x.options());
+  g.du =
+      at::empty({g.pool.params.num_scores(), g.pool.params.hidden}, x.options().dtype(acc_dtype));
+  g.params = BackwardParams{};
+  static_cast<PoolInputs&>(g.params) = g.pool.params;
+  g.params.grad_out = g.grad_out.const_data_ptr();
+  g.params.out = const_cast<void*>(g.out.const_data_ptr());
+  g.params.lse = const_cast<void*>(g.lse.const_data_ptr());
+  g.params.dx = g.dx.mutable_data_ptr();
+  g.params.du = g.du.mutable_data_ptr();
+  return g;
+}
+
+std::tuple<at::Tensor, at::Tensor> PreparedBackward::gradients(const at::Tensor& u) const {
+  return {dx, du.view(u.sizes()).to(u.scalar_type())};
 }
 
 }  // namespace detail

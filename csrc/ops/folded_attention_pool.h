@@ -51,20 +51,46 @@ PreparedPool prepare_pool(
     double scale,
     bool full_width);
 
-// What the backward reads besides the inputs, checked and made contiguous in
-// the accumulation dtype.
-struct PreparedGradients {
+// A forward call prepared: out and lse allocated in the accumulation dtype
+// (out stays unrounded: the backward's delta = G . out needs it), params
+// pointing at the inputs and outputs. The backend sets the cut and partials.
+struct PreparedForward {
+  PreparedPool pool;
+  at::Tensor out;
+  at::Tensor lse;
+  ForwardParams params;
+};
+PreparedForward prepare_forward(
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
+    double scale,
+    bool full_width);
+
+// A backward call prepared: what it reads besides the inputs, checked and
+// contiguous in the accumulation dtype; dx (x's dtype) and du ([num_scores,
+// H], accumulation dtype) allocated; params pointing at all of them. The
+// backend sets its cut and its buffers of partial sums.
+struct PreparedBackward {
+  PreparedPool pool;
   at::Tensor grad_out;
   at::Tensor out;
   at::Tensor lse;
+  at::Tensor dx;
+  at::Tensor du;
+  BackwardParams params;
+
+  // (dx, du) as the op returns them: du shaped like u, in u's dtype.
+  std::tuple<at::Tensor, at::Tensor> gradients(const at::Tensor& u) const;
 };
-PreparedGradients prepare_gradients(
+PreparedBackward prepare_backward(
     const at::Tensor& grad_out,
     const at::Tensor& x,
     const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
     const at::Tensor& out,
     const at::Tensor& lse,
-    bool full_width,
-    at::ScalarType acc_dtype);
+    double scale,
+    bool full_width);
 
 }  // namespace attnpool::detail

@@ -145,24 +145,15 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
   std::tie(e.u, e.projected) =
       attnpool::detail::fold_query_by_matmul(in.query, in.w_q, in.w_k, n, std::nullopt);
   // The inputs as the CUDA entry points prepare them.
-  const auto prepared =
-      attnpool::detail::prepare_pool(in.x, e.u, mask, default_scale(c), /*full_width=*/false);
-  const auto acc_options = torch::TensorOptions().dtype(prepared.acc_dtype);
-
+  auto f = attnpool::detail::prepare_forward(in.x, e.u, mask, default_scale(c), false);
+  const auto acc_options = f.out.options();
   const auto cut = attnpool::PieceCut::into(L, c.pieces);
-  e.out = torch::empty(prepared.out_shape, acc_options);
-  e.lse = torch::empty(prepared.lse_shape, acc_options);
   auto partials = torch::empty({B * Q * cut.pieces, 1 + 2 * n + H}, acc_options);
-  attnpool::ForwardParams f{};
-  static_cast<attnpool::PoolInputs&>(f) = prepared.params;
-  f.cut = cut;
-  f.out = e.out.mutable_data_ptr();
-  f.lse = e.lse.mutable_data_ptr();
-  f.partials = partials.mutable_data_ptr();
-
-  e.dx = torch::empty_like(in.x);
+  f.params.cut = cut;
+  f.params.partials = partials.mutable_data_ptr();
+  e.out = f.out;
+  e.lse = f.lse;
   auto du_partials = torch::empty({B * cut.pieces, num_scores, H}, acc_options);
-  auto du = torch::empty({num_scores, H}, acc_options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.dtype, "emulated", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -175,7 +166,7 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
           B * Q * cut.pieces,
           c.threads,
           attnpool::cuda::forward_shared_bytes<acc_t>(c.threads / 32, n),
-          f);
+          f.params);
       if (cut.pieces > 1) {
         const int threads = attnpool::cuda::merge_threads(cut.pieces);
         launch(
@@ -183,36 +174,31 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
             B * Q * attnpool::cuda::merge_blocks_per_row(H, n),
             threads,
             attnpool::cuda::merge_shared_bytes<acc_t>(threads),
-            f);
+            f.params);
       }
-      const auto grads = attnpool::detail::prepare_gradients(
-          grad_out, in.x, e.u, e.out, e.lse, /*full_width=*/false, prepared.acc_dtype);
-      attnpool::BackwardParams g{};
-      static_cast<attnpool::PoolInputs&>(g) = prepared.params;
-      g.cut = cut;
-      g.grad_out = grads.grad_out.const_data_ptr();
-      g.out = const_cast<void*>(grads.out.const_data_ptr());
-      g.lse = const_cast<void*>(grads.lse.const_data_ptr());
-      g.dx = e.dx.mutable_data_ptr();
-      g.du_partials = du_partials.mutable_data_ptr();
+      auto g = attnpool::detail::prepare_backward(
+          grad_out, in.x, e.u, mask, e.out, e.lse, default_scale(c), false);
+      g.params.cut = cut;
+      g.params.du_partials = du_partials.mutable_data_ptr();
       launch(
           &attnpool::cuda::backward_kernel<scalar_t, V, C>,
           B * cut.pieces,
           c.threads,
           attnpool::cuda::backward_shared_bytes<acc_t>(c.threads / 32, n, num_scores),
-          g);
+          g.params);
+      launch(
+          &attnpool::cuda::reduce_partials_kernel<acc_t>,
+          (num_scores * H + attnpool::cuda::kStripeColumns - 1) / attnpool::cuda::kStripeColumns,
+          64,
+          attnpool::cuda::reduce_shared_bytes<acc_t>(64),
+          du_partials.const_data_ptr<acc_t>(),
+          g.du.mutable_data_ptr<acc_t>(),
+          B * cut.pieces,
+          num_scores * H);
+      e.dx = g.dx;
+      e.du = g.du.view(e.u.sizes());
     });
-    launch(
-        &attnpool::cuda::reduce_partials_kernel<acc_t>,
-        (num_scores * H + attnpool::cuda::kStripeColumns - 1) / attnpool::cuda::kStripeColumns,
-        64,
-        attnpool::cuda::reduce_shared_bytes<acc_t>(64),
-        du_partials.const_data_ptr<acc_t>(),
-        du.mutable_data_ptr<acc_t>(),
-        B * cut.pieces,
-        num_scores * H);
   });
-  e.du = du.view(e.u.sizes());
   return e;
 }
 

@@ -91,27 +91,19 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width) {
-  const auto prepared = detail::prepare_pool(x, u, mask, scale, full_width);
-  // out stays in the accumulation dtype: the backward's delta = G . out
-  // needs it unrounded (folded_attention_pool() rounds it to x's dtype).
-  const auto acc_options = x.options().dtype(prepared.acc_dtype);
-  auto out = at::empty(prepared.out_shape, acc_options);
-  auto lse = at::empty(prepared.lse_shape, acc_options);
-  if (lse.numel() == 0) {
-    return {out, lse};
+  auto f = detail::prepare_forward(x, u, mask, scale, full_width);
+  if (f.lse.numel() == 0) {
+    return {f.out, f.lse};
   }
-  ForwardParams p{};
-  static_cast<PoolInputs&>(p) = prepared.params;
+  ForwardParams& p = f.params;
   p.cut = forward_cut(p);
-  p.out = out.mutable_data_ptr();
-  p.lse = lse.mutable_data_ptr();
   at::Tensor partials;
   if (p.cut.pieces > 1) {
-    partials = at::empty({p.batch * p.cut.pieces, softmax_state_size(p)}, acc_options);
+    partials = at::empty({p.batch * p.cut.pieces, softmax_state_size(p)}, f.out.options());
     p.partials = partials.mutable_data_ptr();
   }
   selected_kernels().forward(p, x.scalar_type());
-  return {out, lse};
+  return {f.out, f.lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cpu(
@@ -123,28 +115,17 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& lse,
     double scale,
     bool full_width) {
-  const auto prepared = detail::prepare_pool(x, u, mask, scale, full_width);
-  const auto grads =
-      detail::prepare_gradients(grad_out, x, u, out, lse, full_width, prepared.acc_dtype);
-  const auto acc_options = x.options().dtype(prepared.acc_dtype);
-  auto dx = at::empty(x.sizes(), x.options());
-
-  BackwardParams p{};
-  static_cast<PoolInputs&>(p) = prepared.params;
+  auto g = detail::prepare_backward(grad_out, x, u, mask, out, lse, scale, full_width);
+  BackwardParams& p = g.params;
+  const auto acc_options = g.du.options();
   p.flat_cut = backward_cut(p);
-  p.grad_out = grads.grad_out.const_data_ptr();
-  p.out = const_cast<void*>(grads.out.const_data_ptr());
-  p.lse = const_cast<void*>(grads.lse.const_data_ptr());
   auto delta = at::empty({p.batch, p.num_scores()}, acc_options);
   auto du_partials = at::empty({p.flat_cut.pieces, p.num_scores(), p.hidden}, acc_options);
-  auto du = at::empty({p.num_scores(), p.hidden}, acc_options);
   p.delta = delta.mutable_data_ptr();
-  p.dx = dx.mutable_data_ptr();
   p.du_partials = du_partials.mutable_data_ptr();
-  p.du = du.mutable_data_ptr();
-  p.stream_dx = stream_dx(dx);
+  p.stream_dx = stream_dx(g.dx);
   selected_kernels().backward(p, x.scalar_type());
-  return {dx, du.view(u.sizes()).to(u.scalar_type())};
+  return g.gradients(u);
 }
 
 }  // namespace

@@ -130,26 +130,18 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width) {
-  const auto prepared = detail::prepare_pool(x, u, mask, scale, full_width);
   const c10::cuda::CUDAGuard guard(x.device());
-  // out stays in the accumulation dtype: the backward's delta = G . out
-  // needs it unrounded (folded_attention_pool() rounds it to x's dtype).
-  const auto acc_options = x.options().dtype(prepared.acc_dtype);
-  auto out = at::empty(prepared.out_shape, acc_options);
-  auto lse = at::empty(prepared.lse_shape, acc_options);
-  if (lse.numel() == 0) {
-    return {out, lse};
+  auto f = detail::prepare_forward(x, u, mask, scale, full_width);
+  if (f.lse.numel() == 0) {
+    return {f.out, f.lse};
   }
-  ForwardParams a{};
-  static_cast<PoolInputs&>(a) = prepared.params;
+  ForwardParams& a = f.params;
   const int64_t n = a.num_heads;
   a.cut = cut_sequences(a.batch * a.num_queries, a.seq_len);
-  a.out = out.mutable_data_ptr();
-  a.lse = lse.mutable_data_ptr();
   at::Tensor partials;
   if (a.cut.pieces > 1) {
     partials =
-        at::empty({a.batch * a.num_queries * a.cut.pieces, 1 + 2 * n + a.hidden}, acc_options);
+        at::empty({a.batch * a.num_queries * a.cut.pieces, 1 + 2 * n + a.hidden}, f.out.options());
     a.partials = partials.mutable_data_ptr();
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -157,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "folded_attention_pool_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const int vec = vector_width<scalar_t>(prepared.rows);
+        const int vec = vector_width<scalar_t>(f.pool.rows);
         const auto shape = launch_shape(a.hidden, vec);
         const int64_t shared = forward_shared_bytes<acc_t>(shape.threads / 32, n);
         with_layout<scalar_t>(vec, shape.chunks, [&](auto vec_c, auto chunks_c) {
@@ -176,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       });
-  return {out, lse};
+  return {f.out, f.lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cuda(
@@ -188,33 +180,24 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& lse,
     double scale,
     bool full_width) {
-  const auto prepared = detail::prepare_pool(x, u, mask, scale, full_width);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto grads =
-      detail::prepare_gradients(grad_out, x, u, out, lse, full_width, prepared.acc_dtype);
-  const auto acc_options = x.options().dtype(prepared.acc_dtype);
-  BackwardParams a{};
-  static_cast<PoolInputs&>(a) = prepared.params;
+  auto g = detail::prepare_backward(grad_out, x, u, mask, out, lse, scale, full_width);
+  BackwardParams& a = g.params;
   const int64_t num_scores = a.num_scores();
-  auto dx = at::empty(x.sizes(), x.options());
-  auto du = at::zeros({num_scores, a.hidden}, acc_options);
-  if (dx.numel() == 0 || num_scores == 0) {
-    dx.zero_();
-    return {dx, du.view(u.sizes()).to(u.scalar_type())};
+  if (g.dx.numel() == 0 || num_scores == 0) {
+    g.dx.zero_();
+    g.du.zero_();
+    return g.gradients(u);
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
   a.cut = cut_sequences(a.batch, a.seq_len);
-  a.grad_out = grads.grad_out.const_data_ptr();
-  a.out = const_cast<void*>(grads.out.const_data_ptr());
-  a.lse = const_cast<void*>(grads.lse.const_data_ptr());
-  a.dx = dx.mutable_data_ptr();
-  auto du_partials = at::empty({a.batch * a.cut.pieces, num_scores, a.hidden}, acc_options);
+  auto du_partials = at::empty({a.batch * a.cut.pieces, num_scores, a.hidden}, g.du.options());
   a.du_partials = du_partials.mutable_data_ptr();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "folded_attention_pool_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const int vec = vector_width<scalar_t>(prepared.rows);
+        const int vec = vector_width<scalar_t>(g.pool.rows);
         const auto shape = launch_shape(a.hidden, vec);
         const int64_t shared =
             backward_shared_bytes<acc_t>(shape.threads / 32, a.num_heads, num_scores);
@@ -233,12 +216,12 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
                reduce_shared_bytes<acc_t>(kReduceThreads),
                stream>>>(
                 du_partials.const_data_ptr<acc_t>(),
-                du.mutable_data_ptr<acc_t>(),
+                g.du.mutable_data_ptr<acc_t>(),
                 a.batch * a.cut.pieces,
                 width);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-  return {dx, du.view(u.sizes()).to(u.scalar_type())};
+  return g.gradients(u);
 }
 
 }  // namespace

@@ -2,13 +2,7 @@
 
 // The backward of folded_attention_pool on the CPU: one pass over x that
 // recomputes the softmax from the saved log-sum-exp and writes dx and du.
-// Compiled once per instruction set, through isa/kernels.h (see
-// ops/cpu/README.md); everything here is in an anonymous namespace inside
-// CPU_CAPABILITY, so each instruction set's copy stays its own.
-
-#ifndef CPU_CAPABILITY
-#error "include ops/cpu/isa/kernels.h from an isa/kernels_<isa>.cpp file"
-#endif
+// Per instruction set, like every file in isa/ (ops/cpu/README.md).
 
 #include "ops/cpu/isa/vec_helpers.h"
 #include "ops/cpu/kernel_set.h"

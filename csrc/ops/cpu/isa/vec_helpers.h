@@ -6,6 +6,7 @@
 // ops/cpu/README.md); everything here is in an anonymous namespace inside
 // CPU_CAPABILITY, so each instruction set's copy stays its own.
 
+// The guard of every file in isa/: each includes this one first.
 #ifndef CPU_CAPABILITY
 #error "include ops/cpu/isa/kernels.h from an isa/kernels_<isa>.cpp file"
 #endif
