@@ -44,7 +44,8 @@ struct AttentionPoolingOptions {
 //   k_proj.weight  [embed_dim, embed_dim], bias-free torch::nn::Linear, its default init
 //
 // forward(x, mask) takes x [B, L, embed_dim] and an optional mask [B, L]
-// (nonzero or true = attend; an undefined tensor means none) and returns
+// (nonzero or true = attend, the opposite of MultiheadAttention's
+// key_padding_mask; an undefined tensor means none) and returns
 // [B, embed_dim] for one query, [B, num_queries, embed_dim] otherwise, in x's
 // dtype. Move it with ->to(device, dtype) as any LibTorch module; x may be
 // float16/bfloat16 while the parameters stay float32.

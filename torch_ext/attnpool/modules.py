@@ -26,6 +26,8 @@ class AttentionPooling(nn.Module):
     ``forward(x, mask=None)`` returns ``[B, embed_dim]`` when ``num_queries == 1``
     and ``[B, num_queries, embed_dim]`` otherwise, in ``x``'s dtype. ``x`` may be
     float16/bfloat16 while the parameters stay float32 (mixed precision).
+    ``mask`` (``[B, L]``): ``True`` (nonzero) means attend, the opposite of
+    ``nn.MultiheadAttention``'s ``key_padding_mask``; pass ``~key_padding_mask``.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class WeightedPooling(nn.Module):
     ``weight`` (``[max_len]``, zeros at init, so it starts as mean pooling) are
     logits; the pooling weights are their softmax over the unmasked positions of
     each sequence. Sequences may be shorter than ``max_len``, not longer.
+    ``mask`` (``[B, L]``): ``True`` means attend, as in :class:`AttentionPooling`.
     """
 
     def __init__(self, max_len: int, *, device=None, dtype=None) -> None:
