@@ -61,7 +61,7 @@ def test_long_sequences_split_across_threads_match_reference(device, seq_len, hi
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "mask_dtype", [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.float64]
+    "mask_dtype", [torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64]
 )
 def test_mask_nonzero_means_attend(device, mask_dtype):
     inputs = make_inputs(3, 7, 8, mask="random", device=device)

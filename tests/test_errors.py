@@ -136,7 +136,21 @@ BAD_TYPES = [
     (
         "mask-complex",
         dict(mask=torch.ones(2, 5, dtype=torch.complex64)),
-        r"mask must be bool, integer or floating-point, got ComplexFloat",
+        r"mask must be bool or an integer dtype \(nonzero = attend\), got ComplexFloat",
+    ),
+    *(
+        (
+            f"mask-{dtype_name}",
+            dict(mask=torch.zeros(2, 5, dtype=getattr(torch, dtype_name))),
+            rf"mask must be bool or an integer dtype \(nonzero = attend\), got {dtype_name}\. A "
+            r"floating-point mask is refused because SDPA-style additive masks mean the "
+            r"opposite \(0 = attend, -inf = masked\)",
+        )
+        for dtype_name, kind in (
+            ("float32", "Float"),
+            ("float64", "Double"),
+            ("bfloat16", "BFloat16"),
+        )
     ),
 ]
 
@@ -239,7 +253,7 @@ NON_CONTIGUOUS_BAD = [
     ),
     (
         "mask-strided-wrong-shape",
-        dict(mask=torch.ones(2, 12)[:, ::2]),
+        dict(mask=torch.ones(2, 12, dtype=torch.bool)[:, ::2]),
         r"mask must have shape \[B, L\] = \[2, 5\], got \[2, 6\]",
     ),
     (
@@ -297,13 +311,15 @@ def test_shape_error_is_not_hidden_by_a_dynamic_compile():
         mask = torch.ones(2, 5, dtype=torch.bool)
         torch.testing.assert_close(compiled(mask=mask), call(mask=mask))
         x = torch.randn(3, 7, 8)
-        torch.testing.assert_close(compiled(x=x, mask=torch.ones(3, 7)), call(x=x))
+        torch.testing.assert_close(
+            compiled(x=x, mask=torch.ones(3, 7, dtype=torch.bool)), call(x=x)
+        )
         with pytest.raises(
             # Traced with symbolic sizes, the message shows them as symbols (s0, s1).
             Exception,
             match=r"mask must have shape \[B, L\] = \[\w+, \w+\], got \[\w+, \w+\]",
         ):
-            compiled(x=x, mask=torch.ones(3, 6))
+            compiled(x=x, mask=torch.ones(3, 6, dtype=torch.bool))
     finally:
         torch._dynamo.reset()
 
@@ -355,6 +371,11 @@ FOLDED_BAD_TYPES = [
         r"u must have x's dtype \(float32\) or float32 when x is float16/bfloat16, got float64",
     ),
     ("u-half-x-float", dict(u=U.half()), r"u must have x's dtype \(float32\).*got float16"),
+    (
+        "mask-float",
+        dict(mask=torch.zeros(2, 5)),
+        r"folded_attention_pool: mask must be bool or an integer dtype .* got float32\. A floating",
+    ),
 ]
 
 
@@ -477,6 +498,85 @@ def test_fold_query_bad_argument_raises(kwargs, error, message):
         call_fold(**kwargs)
 
 
+# --- Python argument types, every op -------------------------------------------------
+
+U2 = torch.randn(1, 2, 8)
+WRONG_PYTHON_TYPES = [
+    (
+        "num_heads-float",
+        lambda: call(num_heads=2.0),
+        r"attention_pool: num_heads must be an int, got float",
+    ),
+    (
+        "num_heads-bool",
+        lambda: call(num_heads=True),
+        r"attention_pool: num_heads must be an int, got bool",
+    ),
+    (
+        "query-none",
+        lambda: call(query=None),
+        r"attention_pool: query must be a Tensor, got NoneType",
+    ),
+    ("x-list", lambda: call(x=[[1.0]]), r"attention_pool: x must be a Tensor, got list"),
+    (
+        "mask-list",
+        lambda: call(mask=[[True] * 5] * 2),
+        r"attention_pool: mask must be a Tensor, got list",
+    ),
+    ("scale-string", lambda: call(scale="0.5"), r"attention_pool: scale must be a float, got str"),
+    (
+        "folded-u-none",
+        lambda: attnpool.folded_attention_pool(X, None),
+        r"folded_attention_pool: u must be a Tensor, got NoneType",
+    ),
+    (
+        "folded-full-width-int",
+        lambda: attnpool.folded_attention_pool(X, U2, full_width=1),
+        r"folded_attention_pool: full_width must be a bool, got int",
+    ),
+    (
+        "fold-num-heads-float",
+        lambda: attnpool.fold_query(Q, W, W, 1.0),
+        r"fold_query: num_heads must be an int, got float",
+    ),
+    (
+        "fold-q-bias-number",
+        lambda: attnpool.fold_query(Q, W, W, 1, 0.0),
+        r"fold_query: q_bias must be a Tensor, got float",
+    ),
+    (
+        "module-num-heads-float",
+        lambda: attnpool.AttentionPooling(8, 2.0),
+        r"AttentionPooling: num_heads must be an int, got float",
+    ),
+    (
+        "module-embed-dim-string",
+        lambda: attnpool.AttentionPooling("8"),
+        r"AttentionPooling: embed_dim must be an int, got str",
+    ),
+    (
+        "module-scale-string",
+        lambda: attnpool.AttentionPooling(8, scale="1"),
+        r"AttentionPooling: scale must be a float, got str",
+    ),
+    (
+        "weighted-max-len-float",
+        lambda: attnpool.WeightedPooling(5.0),
+        r"WeightedPooling: max_len must be an int, got float",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "make_call, message",
+    [c[1:] for c in WRONG_PYTHON_TYPES],
+    ids=[c[0] for c in WRONG_PYTHON_TYPES],
+)
+def test_wrong_python_type_raises_type_error_naming_the_argument(make_call, message):
+    with pytest.raises(TypeError, match=message):
+        make_call()
+
+
 # --- modules ----------------------------------------------------------------------
 
 
@@ -501,3 +601,43 @@ def test_module_arguments_are_checked():
         attnpool.WeightedPooling(5)(torch.randn(2, 6, 3))
     with pytest.raises(ValueError, match=r"mask must have shape \[B, L\] = \[2, 4\], got \[2, 5\]"):
         attnpool.WeightedPooling(5)(torch.randn(2, 4, 3), torch.ones(2, 5))
+
+
+WEIGHTED_POOLING_BAD_INPUTS = [
+    (
+        "x-int",
+        dict(x=torch.ones(2, 4, 3, dtype=torch.long)),
+        TypeError,
+        r"x must be float64, float32, float16 or bfloat16, got int64",
+    ),
+    (
+        "x-other-device",
+        dict(x=torch.ones(2, 4, 3, device="meta")),
+        ValueError,
+        r"x must be on the module's device \(cpu\), got meta",
+    ),
+    (
+        "mask-float",
+        dict(mask=torch.ones(2, 4)),
+        TypeError,
+        r"mask must be bool or an integer dtype \(nonzero = attend\), got float32",
+    ),
+    (
+        "mask-other-device",
+        dict(mask=torch.ones(2, 4, dtype=torch.bool, device="meta")),
+        ValueError,
+        r"mask must be on the same device as x \(cpu\), got meta",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [c[1:] for c in WEIGHTED_POOLING_BAD_INPUTS],
+    ids=[c[0] for c in WEIGHTED_POOLING_BAD_INPUTS],
+)
+def test_weighted_pooling_checks_dtypes_and_devices(kwargs, error, message):
+    args = dict(x=torch.randn(2, 4, 3), mask=None)
+    args.update(kwargs)
+    with pytest.raises(error, match="WeightedPooling: " + message):
+        attnpool.WeightedPooling(5)(**args)

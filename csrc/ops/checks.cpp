@@ -118,11 +118,21 @@ void check_mask(const char* op, const at::Tensor& x, const at::Tensor& mask) {
       "], got ",
       mask.sym_sizes());
   check_same_device(op, mask, "mask", x, "x");
+  // A floating-point mask is ambiguous: SDPA's additive masks use 0 for
+  // "attend" and -inf for "masked", which nonzero-means-attend would invert.
+  const auto dtype = mask.scalar_type();
   TORCH_CHECK_TYPE(
-      !at::isComplexType(mask.scalar_type()),
+      !at::isFloatingType(dtype),
       op,
-      ": mask must be bool, integer or floating-point, got ",
-      dtype_name(mask.scalar_type()));
+      ": mask must be bool or an integer dtype (nonzero = attend), got ",
+      dtype_name(dtype),
+      ". A floating-point mask is refused because SDPA-style additive masks mean the opposite "
+      "(0 = attend, -inf = masked): pass a bool mask, e.g. mask = (additive_mask == 0)");
+  TORCH_CHECK_TYPE(
+      dtype == at::kBool || at::isIntegralType(dtype, /*includeBool=*/false),
+      op,
+      ": mask must be bool or an integer dtype (nonzero = attend), got ",
+      dtype_name(dtype));
 }
 
 void check_square_weight(const at::Tensor& w, const c10::SymInt& hidden, const char* name) {

@@ -244,6 +244,10 @@ TEST(AttentionPoolErrors, NameTheArgumentAndTheValue) {
       [&] { attention_pool(x, q, w, w, torch::ones({2, 4})); },
       "mask must have shape [B, L] = [2, 5], got [2, 4]");
   expect_error(
+      [&] { attention_pool(x, q, w, w, torch::zeros({2, 5})); },
+      "mask must be bool or an integer dtype (nonzero = attend), got float32. A floating-point "
+      "mask is refused");
+  expect_error(
       [&] { attention_pool(x, q, w, w, torch::ones({2, 5}, torch::kBool).to(torch::kMeta)); },
       "mask must be on the same device as x (cpu), got meta");
   expect_error(

@@ -9,6 +9,43 @@ from torch import Tensor, nn
 from attnpool import reference
 from attnpool.ops import attention_pool
 
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_int(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__}")
+
+
+def _check_plain_linear(module: nn.Module, name: str) -> None:
+    """Refuses what would be silently ignored: the op reads ``<name>.weight``
+    and never calls the Linear, so its hooks would not run and a changed
+    forward (LoRA, adapters) would not apply. Parametrizations change the
+    weight itself and work."""
+    owner = type(module).__name__
+    linear = getattr(module, name)
+    if not isinstance(linear, nn.Linear) or type(linear).forward is not nn.Linear.forward:
+        raise TypeError(
+            f"{owner}: {name} must be a plain nn.Linear (parametrizations are fine), got "
+            f"{type(linear).__name__} with a forward of its own: {owner} folds {name}.weight into "
+            f"the query and never calls {name}, so the changed forward would be ignored; merge "
+            "it into the weight, or use torch.nn.utils.parametrize"
+        )
+    hooked = (
+        linear._forward_pre_hooks
+        or linear._forward_hooks
+        or linear._backward_hooks
+        or linear._backward_pre_hooks
+    )
+    if hooked:
+        raise ValueError(
+            f"{owner}: {name} has module hooks (torch.nn.utils.prune, the old weight_norm or "
+            f"spectral_norm, or hooks of your own), which would never run: {owner} reads "
+            f"{name}.weight and never calls {name}. Use torch.nn.utils.parametrize instead "
+            "(torch.nn.utils.parametrizations.weight_norm / spectral_norm / custom "
+            "parametrizations, pruning as a parametrization), or remove the hooks"
+        )
+
 
 class AttentionPooling(nn.Module):
     """Pools ``[B, L, embed_dim]`` sequences with learned queries (SPEC.md §1).
@@ -41,6 +78,12 @@ class AttentionPooling(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        for name, value in (
+            ("embed_dim", embed_dim),
+            ("num_heads", num_heads),
+            ("num_queries", num_queries),
+        ):
+            _check_int("AttentionPooling", name, value)
         if embed_dim < 1:
             raise ValueError(f"AttentionPooling: embed_dim must be >= 1, got {embed_dim}")
         if num_heads < 1 or embed_dim % num_heads != 0:
@@ -50,10 +93,16 @@ class AttentionPooling(nn.Module):
             )
         if num_queries < 1:
             raise ValueError(f"AttentionPooling: num_queries must be >= 1, got {num_queries}")
-        if scale is not None and not (math.isfinite(scale) and scale > 0):
-            raise ValueError(
-                f"AttentionPooling: scale must be a finite positive number, got {scale}"
-            )
+        if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+                raise TypeError(
+                    f"AttentionPooling: scale must be a float, got {type(scale).__name__}"
+                )
+            if not (math.isfinite(scale) and scale > 0):
+                raise ValueError(
+                    f"AttentionPooling: scale must be a finite positive number, got {scale}"
+                )
+            scale = float(scale)
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -75,6 +124,9 @@ class AttentionPooling(nn.Module):
                 f"AttentionPooling: x must have shape [B, L, embed_dim = {self.embed_dim}], "
                 f"got {list(x.shape)}"
             )
+        if not torch.jit.is_scripting():
+            _check_plain_linear(self, "q_proj")
+            _check_plain_linear(self, "k_proj")
         query = self.query[0] if self.num_queries == 1 else self.query
         return attention_pool(
             x, query, self.q_proj.weight, self.k_proj.weight, mask, self.num_heads, self.scale
@@ -83,6 +135,42 @@ class AttentionPooling(nn.Module):
     def extra_repr(self) -> str:
         text = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_queries={self.num_queries}"
         return text if self.scale is None else f"{text}, scale={self.scale}"
+
+
+def _check_weighted_pool_inputs(x: Tensor, mask: Optional[Tensor], weight: Tensor, max_len: int):
+    """WeightedPooling's argument checks, as the op's: shapes and devices
+    (ValueError), dtypes (TypeError)."""
+    if x.dim() != 3:
+        raise ValueError(f"WeightedPooling: x must have shape [B, L, H], got {list(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            "WeightedPooling: x must be float64, float32, float16 or bfloat16, "
+            f"got {str(x.dtype).replace('torch.', '')}"
+        )
+    if x.device != weight.device:
+        raise ValueError(
+            f"WeightedPooling: x must be on the module's device ({weight.device}), got {x.device}"
+        )
+    if x.shape[1] > max_len:
+        raise ValueError(
+            f"WeightedPooling: sequence length {x.shape[1]} exceeds max_len = {max_len}"
+        )
+    if mask is not None:
+        if mask.shape != x.shape[:2]:
+            raise ValueError(
+                f"WeightedPooling: mask must have shape [B, L] = {list(x.shape[:2])}, "
+                f"got {list(mask.shape)}"
+            )
+        if mask.device != x.device:
+            raise ValueError(
+                f"WeightedPooling: mask must be on the same device as x ({x.device}), "
+                f"got {mask.device}"
+            )
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(
+                "WeightedPooling: mask must be bool or an integer dtype (nonzero = attend), "
+                f"got {str(mask.dtype).replace('torch.', '')}"
+            )
 
 
 class WeightedPooling(nn.Module):
@@ -96,6 +184,7 @@ class WeightedPooling(nn.Module):
 
     def __init__(self, max_len: int, *, device=None, dtype=None) -> None:
         super().__init__()
+        _check_int("WeightedPooling", "max_len", max_len)
         if max_len < 1:
             raise ValueError(f"WeightedPooling: max_len must be >= 1, got {max_len}")
         self.max_len = max_len
@@ -106,16 +195,8 @@ class WeightedPooling(nn.Module):
         nn.init.zeros_(self.weight)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"WeightedPooling: x must have shape [B, L, H], got {list(x.shape)}")
-        if x.shape[1] > self.max_len:
-            raise ValueError(
-                f"WeightedPooling: sequence length {x.shape[1]} exceeds max_len = {self.max_len}"
-            )
-        if mask is not None and mask.shape != x.shape[:2]:
-            raise ValueError(
-                f"WeightedPooling: mask must have shape [B, L] = {list(x.shape[:2])}, got {list(mask.shape)}"
-            )
+        if not torch.jit.is_scripting():
+            _check_weighted_pool_inputs(x, mask, self.weight, self.max_len)
         return reference.weighted_pool(x, self.weight, mask)
 
     def extra_repr(self) -> str:

@@ -6,6 +6,27 @@ import torch
 from torch import Tensor
 
 
+def _check_tensor(op: str, name: str, value) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(value).__name__}")
+
+
+def _check_optional_tensor(op: str, name: str, value) -> None:
+    if value is not None:
+        _check_tensor(op, name, value)
+
+
+def _check_int(op: str, name: str, value) -> None:
+    # bool is an int in Python, but num_heads=True is a mistake.
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+
+
+def _check_number(op: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymFloat)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
+
+
 def attention_pool(
     x: Tensor,
     query: Tensor,
@@ -43,9 +64,19 @@ def attention_pool(
 
     Raises:
         ValueError: wrong shapes, devices, ``num_heads`` or ``scale``.
-        TypeError: unsupported dtypes.
+        TypeError: unsupported dtypes, or an argument of the wrong Python type.
     """
-    return torch.ops.attnpool.attention_pool.default(x, query, w_q, w_k, mask, num_heads, scale)
+    if not torch.jit.is_scripting():
+        op = "attention_pool"
+        for name, value in (("x", x), ("query", query), ("w_q", w_q), ("w_k", w_k)):
+            _check_tensor(op, name, value)
+        _check_optional_tensor(op, "mask", mask)
+        _check_int(op, "num_heads", num_heads)
+        if scale is not None:
+            _check_number(op, "scale", scale)
+        return torch.ops.attnpool.attention_pool.default(x, query, w_q, w_k, mask, num_heads, scale)
+    # TorchScript resolves the overload itself (it cannot call .default).
+    return torch.ops.attnpool.attention_pool(x, query, w_q, w_k, mask, num_heads, scale)
 
 
 def fold_query(
@@ -72,7 +103,14 @@ def fold_query(
         ``u``: ``[Q, num_heads, Hx]`` (``[num_heads, Hx]`` for a 1-D query), in
         float64 for float64 weights, else float32. Differentiable in every tensor.
     """
-    return torch.ops.attnpool.fold_query.default(query, w_q, w_k, num_heads, q_bias)
+    if not torch.jit.is_scripting():
+        for name, value in (("query", query), ("w_q", w_q), ("w_k", w_k)):
+            _check_tensor("fold_query", name, value)
+        _check_optional_tensor("fold_query", "q_bias", q_bias)
+        _check_int("fold_query", "num_heads", num_heads)
+        return torch.ops.attnpool.fold_query.default(query, w_q, w_k, num_heads, q_bias)
+    # TorchScript resolves the overload itself (it cannot call .default).
+    return torch.ops.attnpool.fold_query(query, w_q, w_k, num_heads, q_bias)
 
 
 def folded_attention_pool(
@@ -106,4 +144,14 @@ def folded_attention_pool(
         The pooled vectors in ``x``'s dtype; zeros for a sequence with nothing
         to attend. Differentiable in ``x`` and ``u``.
     """
-    return torch.ops.attnpool.folded_attention_pool.default(x, u, mask, scale, full_width)
+    if not torch.jit.is_scripting():
+        op = "folded_attention_pool"
+        _check_tensor(op, "x", x)
+        _check_tensor(op, "u", u)
+        _check_optional_tensor(op, "mask", mask)
+        _check_number(op, "scale", scale)
+        if not isinstance(full_width, bool):
+            raise TypeError(f"{op}: full_width must be a bool, got {type(full_width).__name__}")
+        return torch.ops.attnpool.folded_attention_pool.default(x, u, mask, scale, full_width)
+    # TorchScript resolves the overload itself (it cannot call .default).
+    return torch.ops.attnpool.folded_attention_pool(x, u, mask, scale, full_width)

@@ -16,6 +16,16 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _keep(mask: Tensor) -> Tensor:
+    """Where a mask attends: nonzero. Floating-point masks are refused (SPEC §2)."""
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(
+            f"mask must be bool or an integer dtype (nonzero = attend), got {mask.dtype}: "
+            "SDPA-style additive masks mean the opposite (0 = attend, -inf = masked)"
+        )
+    return mask != 0
+
+
 def attention_pool(
     x: Tensor,
     query: Tensor,
@@ -36,7 +46,7 @@ def attention_pool(
     if mask is None:
         keep = torch.ones(batch, seq_len, dtype=torch.bool, device=x.device)
     else:
-        keep = mask != 0
+        keep = _keep(mask)
     # Masked positions never reach the output, even when they hold NaN or Inf.
     xs = x.to(acc).masked_fill(~keep[..., None], 0)
 
@@ -93,7 +103,7 @@ def folded_attention_pool(
     if mask is None:
         keep = torch.ones(batch, seq_len, dtype=torch.bool, device=x.device)
     else:
-        keep = mask != 0
+        keep = _keep(mask)
     xs = x.to(acc).masked_fill(~keep[..., None], 0)
     scores = scale * torch.einsum("blh,qnh->bqnl", xs, us)
     scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
@@ -114,7 +124,9 @@ def weighted_pool(x: Tensor, logits: Tensor, mask: Optional[Tensor] = None) -> T
     """Learned per-position weights ``softmax(logits[:L])`` over the unmasked positions."""
     batch, seq_len, _ = x.shape
     keep = (
-        torch.ones(batch, seq_len, dtype=torch.bool, device=x.device) if mask is None else mask != 0
+        torch.ones(batch, seq_len, dtype=torch.bool, device=x.device)
+        if mask is None
+        else _keep(mask)
     )
     scores = logits[:seq_len].to(x.dtype).expand(batch, seq_len).masked_fill(~keep, float("-inf"))
     weights = torch.where(keep.any(dim=1, keepdim=True), torch.softmax(scores, dim=-1), 0.0)
@@ -125,5 +137,5 @@ def mean_pool(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Mean over the unmasked positions; zeros for a sequence with none."""
     if mask is None:
         return x.mean(dim=1) if x.shape[1] > 0 else x.sum(dim=1)
-    keep = (mask != 0).to(x.dtype)[..., None]
+    keep = _keep(mask).to(x.dtype)[..., None]
     return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)

@@ -5,6 +5,7 @@
 #include <attnpool/attention_pool.h>
 
 #include "ops/attention_pool.h"
+#include "ops/autograd/forward_ad.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -23,6 +24,7 @@ at::Tensor attention_pool_autograd(
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
     std::optional<double> scale) {
+  detail::refuse_forward_ad("attention_pool", {&x, &query, &w_q, &w_k});
   const bool needs_grad =
       at::GradMode::is_enabled() &&
       (x.requires_grad() || query.requires_grad() || w_q.requires_grad() || w_k.requires_grad());

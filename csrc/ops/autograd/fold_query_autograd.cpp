@@ -4,6 +4,7 @@
 
 #include <attnpool/attention_pool.h>
 
+#include "ops/autograd/forward_ad.h"
 #include "ops/fold_query.h"
 
 #include <torch/autograd.h>
@@ -55,6 +56,7 @@ at::Tensor fold_query_autograd(
     const at::Tensor& w_k,
     int64_t num_heads,
     const std::optional<at::Tensor>& q_bias) {
+  detail::refuse_forward_ad("fold_query", {&query, &w_q, &w_k}, q_bias);
   const bool bias_grad = q_bias.has_value() && q_bias->defined() && q_bias->requires_grad();
   const bool needs_grad =
       at::GradMode::is_enabled() &&

@@ -4,6 +4,7 @@
 
 #include <attnpool/attention_pool.h>
 
+#include "ops/autograd/forward_ad.h"
 #include "ops/folded_attention_pool.h"
 
 #include <torch/autograd.h>
@@ -61,6 +62,7 @@ at::Tensor folded_attention_pool_autograd(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width) {
+  detail::refuse_forward_ad("folded_attention_pool", {&x, &u});
   const bool needs_grad = at::GradMode::is_enabled() && (x.requires_grad() || u.requires_grad());
   if (!needs_grad) {
     // Inference: the plain kernel, nothing saved.
