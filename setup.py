@@ -39,6 +39,13 @@ ISA_FLAGS = {
 }
 
 
+# Every kernel file also gets -ffp-contract=off: scalar steps such as
+# scale * score - lse must round the same in the forward and the backward
+# (csrc/ops/cpu/isa/vec_helpers.h, [Note: one order for every score]); the
+# vector code writes its fused multiply-adds out.
+KERNEL_FLAGS = ["-ffp-contract=off"]
+
+
 def target_isas():
     is_x86 = platform.machine().lower() in ("x86_64", "amd64")
     return list(ISA_FLAGS) if is_x86 else ["default"]
@@ -105,7 +112,7 @@ class BuildExtensionWithIsaKernels(BuildExtension):
                 output_dir=self.build_temp,
                 macros=ext.define_macros,
                 include_dirs=ext.include_dirs,
-                extra_postargs={"cxx": base_flags + ISA_FLAGS[isa], "nvcc": []},
+                extra_postargs={"cxx": base_flags + KERNEL_FLAGS + ISA_FLAGS[isa], "nvcc": []},
                 depends=ext.depends,
             )
         ext.extra_objects = objects + list(ext.extra_objects or [])

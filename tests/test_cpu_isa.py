@@ -15,26 +15,57 @@ import attnpool
 SCRIPT = r"""
 import json, torch, attnpool
 from attnpool import reference
-torch.manual_seed(0)
-errors = {}
-# The last case, bfloat16 with 2 heads of 32, takes the forward's paired-widening path.
-for dtype, heads, queries, length, hidden in [(torch.float64, 2, 3, 37, 40), (torch.float32, 1, 1, 4000, 40), (torch.bfloat16, 4, 2, 50, 40), (torch.bfloat16, 2, 1, 70, 64)]:
-    x = torch.randn(3, length, hidden, dtype=torch.float64)
-    q = torch.randn(queries, hidden, dtype=torch.float64)
-    wq, wk = torch.randn(2, hidden, hidden, dtype=torch.float64) / 6
-    mask = torch.rand(3, length) > 0.2
-    xd = x.to(dtype).requires_grad_()
-    out = attnpool.attention_pool(xd, q.to(dtype), wq.to(dtype), wk.to(dtype), mask, heads)
-    xr = xd.detach().double().requires_grad_()
-    ref = reference.attention_pool(xr, q.to(dtype).double(), wq.to(dtype).double(), wk.to(dtype).double(), mask, heads)
-    g = torch.randn_like(ref)
-    (out.double() * g).sum().backward()
-    (ref * g).sum().backward()
-    errors[f"{dtype}/{hidden}"] = [(out.double() - ref).abs().max().item(), (xd.grad.double() - xr.grad).abs().max().item()]
-print(json.dumps({"isa": attnpool._C.cpu_kernel_isa(), "errors": errors}))
+
+def errors(dtype, batch, length, hidden, heads, queries, x_scale=1.0):
+    gen = torch.Generator().manual_seed(hidden * 7 + heads)
+    x = torch.randn(batch, length, hidden, generator=gen, dtype=torch.float64) * x_scale
+    q = torch.randn((hidden,) if queries is None else (queries, hidden), generator=gen, dtype=torch.float64)
+    wq, wk = torch.randn(2, hidden, hidden, generator=gen, dtype=torch.float64) / max(hidden, 1) ** 0.5
+    mask = torch.rand(batch, length, generator=gen) > 0.2
+    params = [t.to(dtype) for t in (q, wq, wk)]
+    grad = None
+    result = {}
+    for name, function, cast in (
+        ("exact", reference.attention_pool, torch.float64),
+        ("reference", reference.attention_pool, dtype),
+        ("op", attnpool.attention_pool, dtype),
+    ):
+        xd = x.to(dtype).to(cast).requires_grad_()
+        out = function(xd, *[t.to(cast) for t in params], mask, heads)
+        if grad is None:
+            grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        (out.double() * grad).sum().backward()
+        result[name] = (out.detach().double(), xd.grad.double())
+    exact_out, exact_dx = result["exact"]
+    # [op's out error, op's dx error, the same-dtype reference's two errors], relative
+    def rel(a, b):
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    return [rel(result[k][i], (exact_out, exact_dx)[i]) for k in ("op", "reference") for i in (0, 1)]
+
+report = {}
+dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# Odd widths hit every vector tail; 64 and 128 take bfloat16's paired read.
+for dtype in dtypes:
+    for hidden in (1, 3, 17, 41, 42, 64, 100, 128):
+        for heads, queries in ((1, None), (2 if hidden % 2 == 0 else 1, 3)):
+            report[f"{dtype}/H={hidden}/n={heads}/Q={queries}"] = errors(dtype, 2, 37, hidden, heads, queries)
+# A long sequence (cut into pieces) and large scores (one order for every score).
+report["torch.float32/long"] = errors(torch.float32, 1, 4000, 40, 1, None)
+report["torch.float32/scores-1e6"] = errors(torch.float32, 3, 41, 48, 2, 3, x_scale=1e6)
+report["torch.bfloat16/scores-1e6"] = errors(torch.bfloat16, 3, 41, 64, 1, None, x_scale=1e6)
+print(json.dumps({"isa": attnpool._C.cpu_kernel_isa(), "errors": report}))
 """
 
-TOLERANCE = {"torch.float64": 1e-10, "torch.float32": 1e-4, "torch.bfloat16": 5e-2}
+# The op may be a few times less accurate than the reference computed in the
+# same dtype (which also accumulates in float32), never more: a kernel that
+# drops an element of a vector tail is off by about its share of the sum.
+FACTOR = 4
+FLOOR = {
+    "torch.float64": 1e-13,
+    "torch.float32": 1e-6,
+    "torch.float16": 1e-4,
+    "torch.bfloat16": 1e-3,
+}
 
 
 def _supported_isas():
@@ -53,11 +84,13 @@ def test_each_instruction_set_matches_reference(isa):
     )
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["isa"] == isa
-    assert len(report["errors"]) == 4
-    for dtype, (value_error, grad_error) in report["errors"].items():
-        tolerance = TOLERANCE[dtype.split("/")[0]]
-        assert value_error < tolerance, (dtype, value_error)
-        assert grad_error < tolerance, (dtype, grad_error)
+    assert len(report["errors"]) == 4 * 8 * 2 + 3
+    for case, (out_error, dx_error, reference_out_error, reference_dx_error) in report[
+        "errors"
+    ].items():
+        floor = FLOOR[case.split("/")[0]]
+        assert out_error <= FACTOR * reference_out_error + floor, (case, "out")
+        assert dx_error <= FACTOR * reference_dx_error + floor, (case, "dx")
 
 
 def test_in_process_kernels_are_the_best_the_cpu_allows():

@@ -174,3 +174,55 @@ def test_peaked_softmax_gradients_are_as_accurate_as_the_reference(device, dtype
             f"gradient of {name}: error {error:.3g} of {e.abs().max().item():.3g}; "
             f"the reference at {dtype} is off by {reference_error:.3g}"
         )
+
+
+# --- large scores: the backward's softmax is the forward's -------------------------
+
+LARGE_SCORES = [
+    # (id, dtype, x scale, score scale, heads, queries, hidden)
+    ("fp32-1e6-one-score", torch.float32, 1e6, None, 1, None, 48),
+    ("fp32-1e10-one-score", torch.float32, 1e10, None, 1, None, 48),
+    ("fp32-1e6-heads", torch.float32, 1e6, None, 2, 3, 48),
+    ("fp32-1e10-heads", torch.float32, 1e10, None, 2, 3, 40),
+    ("bf16-paired-1e6-one-score", torch.bfloat16, 1e6, None, 1, None, 64),
+    ("bf16-paired-1e6-heads", torch.bfloat16, 1e6, None, 2, 2, 128),
+    ("bf16-1e6-odd-width", torch.bfloat16, 1e6, None, 1, 2, 41),
+    ("fp64-scale-1e30", torch.float64, 1.0, 1e30, 2, 3, 40),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dtype, x_scale, scale, heads, queries, hidden",
+    [c[1:] for c in LARGE_SCORES],
+    ids=[c[0] for c in LARGE_SCORES],
+)
+def test_large_score_gradients_match_the_reference(
+    device, dtype, x_scale, scale, heads, queries, hidden
+):
+    # The backward recomputes p = exp(score - lse); summed in another order
+    # than the forward's, a large score differs by more than 1 and p exceeds
+    # 1 (dx off by percents at 1e6, NaN at 1e10). dx = sum p * G + ... must
+    # match the float64 reference on the same rounded inputs: to 1e-3 in
+    # float32, to bfloat16's own rounding of dx in bfloat16.
+    inputs = make_inputs(
+        3, 41, hidden, queries, mask="random", dtype=dtype, device=device, x_scale=x_scale
+    )
+    grad_out = torch.randn(
+        reference_in_float64(inputs, heads, scale).shape, generator=torch.Generator().manual_seed(1)
+    ).to(device)
+
+    def gradients(function, leaves):
+        out = function(*leaves.args(), num_heads=heads, scale=scale)
+        (out.double() * grad_out.double()).sum().backward()
+        return [getattr(leaves, name).grad for name in ("x", "query", "w_q", "w_k")]
+
+    got = gradients(attnpool.attention_pool, inputs.requiring_grad())
+    want = gradients(
+        attnpool.reference.attention_pool, inputs.to(dtype=torch.float64).requiring_grad()
+    )
+    for name, g, w in zip(("x", "query", "w_q", "w_k"), got, want, strict=True):
+        assert g.isfinite().all() == w.isfinite().all(), name
+    dx, want_dx = got[0].double(), want[0]
+    tolerance = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    assert ((dx - want_dx).norm() / want_dx.norm()).item() < tolerance

@@ -50,6 +50,15 @@ __device__ inline double attnpool_fma(double a, double b, double c) {
   return __fma_rn(a, b, c);
 }
 
+// a * b rounded on its own, never fused with a following add: the backward's
+// scale * score must round as the forward's did (see the backward kernel).
+__device__ inline float attnpool_mul_rn(float a, float b) {
+  return __fmul_rn(a, b);
+}
+__device__ inline double attnpool_mul_rn(double a, double b) {
+  return __dmul_rn(a, b);
+}
+
 template <typename T>
 __host__ __device__ constexpr T attnpool_infinity() {
   return std::numeric_limits<T>::infinity();

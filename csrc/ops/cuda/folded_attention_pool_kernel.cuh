@@ -241,7 +241,7 @@ ATTNPOOL_GLOBAL void forward_kernel(ForwardParams a) {
           for (int v = 0; v < VEC; ++v) {
             const acc_t uv = u[h * H + col + v];
             for (int r = 0; r < R; ++r) {
-              part[r] += xs[r][j][v] * uv;
+              part[r] = attnpool_fma(xs[r][j][v], uv, part[r]);
             }
           }
         }
@@ -569,7 +569,7 @@ ATTNPOOL_GLOBAL void backward_kernel(BackwardParams a) {
               const acc_t uv = uk[col + v];
               const acc_t gv = (col + v) / d == h ? g[col + v] : acc_t(0);
               for (int r = 0; r < R; ++r) {
-                part_score[r] += xs[r][j][v] * uv;
+                part_score[r] = attnpool_fma(xs[r][j][v], uv, part_score[r]);
                 part_dprob[r] = attnpool_fma(xs[r][j][v], gv, part_dprob[r]);
               }
             }
@@ -585,7 +585,12 @@ ATTNPOOL_GLOBAL void backward_kernel(BackwardParams a) {
         const acc_t score = sum_over_warps(partial, num_warps, 2 * n * R, idx);
         const acc_t dprob = sum_over_warps(partial + n * R, num_warps, 2 * n * R, idx);
         const int64_t k = i * n + h;
-        const acc_t p = present[r] ? attnpool_exp(scale * score - lse[k]) : acc_t(0);
+        // The forward summed this score in the same order (same columns per
+        // thread, same reductions) and rounded scale * score on its own; so
+        // p <= 1 however large the scores (the CPU's [Note: one order for
+        // every score]).
+        const acc_t p =
+            present[r] ? attnpool_exp(attnpool_mul_rn(scale, score) - lse[k]) : acc_t(0);
         probs[idx] = p;
         dscores[idx] = scale * p * (dprob - delta[k]);
       }

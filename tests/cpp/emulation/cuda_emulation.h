@@ -140,6 +140,11 @@ T attnpool_fma(T a, T b, T c) {
 }
 
 template <typename T>
+T attnpool_mul_rn(T a, T b) {
+  return a * b;
+}
+
+template <typename T>
 constexpr T attnpool_infinity() {
   return std::numeric_limits<T>::infinity();
 }

@@ -13,9 +13,10 @@ namespace attnpool::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// scores[r] = rows[r] . u and dprobs[r] = rows[r] . g in one pass over the rows.
-// (No prefetch here: the backward's second pass writes dx, which keeps the
-// memory busy; prefetching the next tile measured slower.)
+// scores[r] = rows[r] . u and dprobs[r] = rows[r] . g in one pass over the
+// rows, both summed as score_dot_rows sums ([Note: one order for every
+// score], [Note: delta as G . x]). (No prefetch here: the backward's second pass writes dx,
+// which keeps the memory busy; prefetching the next tile measured slower.)
 template <int R, typename T, typename A>
 void dot2_rows(const T* const* rows, const A* u, const A* g, int64_t n, A* scores, A* dprobs) {
   using Vec = Vectorized<A>;
@@ -46,6 +47,26 @@ void dot2_rows(const T* const* rows, const A* u, const A* g, int64_t n, A* score
     scores[r] = tu;
     dprobs[r] = tg;
   }
+}
+
+// The scores of R rows in the order the forward summed them: natural, or for
+// bfloat16 rows that the forward read in pairs, paired against u_paired (4
+// rows at a time: 8 would take more registers than AVX2 has; each row's sum
+// is the same either way).
+template <int R, typename T, typename A>
+void forward_order_scores(
+    const T* const* rows, const A* u, const A* u_paired, int64_t n, A* scores) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (u_paired != nullptr) {
+      if constexpr (R <= 4) {
+        return paired_score_dot_rows<R>(rows, u_paired, n, scores);
+      } else {
+        paired_score_dot_rows<4>(rows, u_paired, n, scores);
+        return forward_order_scores<R - 4>(rows + 4, u, u_paired, n, scores + 4);
+      }
+    }
+  }
+  score_dot_rows<R>(rows, u, n, scores);
 }
 
 // dx[r] = p[r] * g + ds[r] * u and du += sum_r ds[r] * rows[r], in one pass.
@@ -116,6 +137,13 @@ void dx_du_rows(
 }
 
 // delta[b, s] = grad_out[b, s] . out[b, s] over score s's head_dim columns.
+// [Note: delta as G . x] ds = scale * p * (G . x - delta). When the softmax
+// puts all its weight on one row, out is that row exactly and ds must be 0;
+// summed in another order than G . x, the two differ by an ulp of |G||x|,
+// which times a large scale was a large wrong gradient (|x| ~ 1e10, or
+// scale = 1e30). So every G . x of the backward (dot2_rows, score_dot_rows)
+// and delta are summed alike: one accumulator over whole vectors, its lanes,
+// then the tail in order.
 template <typename acc_t>
 void compute_delta(const BackwardParams& p, acc_t* delta) {
   const auto* g = static_cast<const acc_t*>(p.grad_out);
@@ -124,7 +152,10 @@ void compute_delta(const BackwardParams& p, acc_t* delta) {
     for (int64_t i = 0; i < p.num_queries; ++i) {
       for (int64_t h = 0; h < p.num_heads; ++h) {
         const int64_t offset = (b * p.num_queries + i) * p.hidden + h * p.head_dim;
-        delta[b * p.num_scores() + i * p.num_heads + h] = dot(g + offset, o + offset, p.head_dim);
+        // Summed as the backward sums G . x ([Note: delta as G . x]).
+        const acc_t* out_row[1] = {o + offset};
+        score_dot_rows<1>(
+            out_row, g + offset, p.head_dim, delta + b * p.num_scores() + i * p.num_heads + h);
       }
     }
   }
@@ -139,6 +170,7 @@ void backward_rows_one_score(
     const scalar_t* const* rows,
     scalar_t* const* dx_rows,
     const acc_t* u,
+    const acc_t* u_paired,
     const acc_t* g,
     const acc_t* lse,
     const acc_t* delta,
@@ -151,7 +183,12 @@ void backward_rows_one_score(
   acc_t dprobs[R];
   acc_t probs[R];
   acc_t dscores[R];
-  dot2_rows<R>(rows, u, g0, H, scores, dprobs);
+  if (u_paired != nullptr) {
+    forward_order_scores<R>(rows, u, u_paired, H, scores);
+    score_dot_rows<R>(rows, g0, H, dprobs);
+  } else {
+    dot2_rows<R>(rows, u, g0, H, scores, dprobs);
+  }
   for (int j = 0; j < R; ++j) {
     probs[j] = std::exp(scale * scores[j] - lse[b]);
     dscores[j] = scale * probs[j] * (dprobs[j] - delta[b]);
@@ -174,6 +211,7 @@ void backward_rows(
     const scalar_t* const* rows,
     acc_t* const* dx_rows,
     const acc_t* u,
+    const acc_t* u_paired,
     const acc_t* g,
     const acc_t* lse,
     const acc_t* delta,
@@ -193,9 +231,10 @@ void backward_rows(
     const acc_t* gi = g + (b * s.num_queries + i) * H;
     for (int64_t h = 0; h < n; ++h) {
       const int64_t k = i * n + h;
-      dot_rows<R>(rows, u + k * H, H, scores);
+      forward_order_scores<R>(
+          rows, u + k * H, u_paired == nullptr ? nullptr : u_paired + k * H, H, scores);
       offset_rows<R>(rows, h * d, segments);
-      dot_rows<R>(segments, gi + h * d, d, dprobs);
+      score_dot_rows<R>(segments, gi + h * d, d, dprobs);
       for (int j = 0; j < R; ++j) {
         const acc_t prob = std::exp(scale * scores[j] - lse[b * num_scores + k]);
         probs[k * R + j] = prob;
@@ -248,6 +287,15 @@ void backward_impl(const BackwardParams& p) {
   auto* du_partials = static_cast<acc_t*>(p.du_partials);
   const auto scale = static_cast<acc_t>(p.scale);
   const int64_t rows = p.batch * p.seq_len;
+  // u in the order the forward read bfloat16 rows in, if it read them in pairs.
+  std::vector<acc_t> u_paired_buffer;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (reads_pairs<scalar_t>(p)) {
+      u_paired_buffer.resize(num_scores * H);
+      to_paired_order(u, u_paired_buffer.data(), num_scores * H);
+    }
+  }
+  const acc_t* u_paired = u_paired_buffer.empty() ? nullptr : u_paired_buffer.data();
 
   const int64_t grain = parallel_grain(p.flat_cut, H);
   at::parallel_for(0, p.flat_cut.pieces, grain, [&](int64_t begin, int64_t end) {
@@ -264,7 +312,18 @@ void backward_impl(const BackwardParams& p) {
         if (num_scores == 1) {
           with_tile_size<kTile>(count, [&](auto size) {
             backward_rows_one_score<decltype(size)::value>(
-                p, tile_batch, tile.rows(), dx_out, u, g, lse, delta, scale, du, p.stream_dx);
+                p,
+                tile_batch,
+                tile.rows(),
+                dx_out,
+                u,
+                u_paired,
+                g,
+                lse,
+                delta,
+                scale,
+                du,
+                p.stream_dx);
           });
           tile.clear();
           return;
@@ -284,6 +343,7 @@ void backward_impl(const BackwardParams& p) {
               tile.rows(),
               dx_rows,
               u,
+              u_paired,
               g,
               lse,
               delta,

@@ -41,7 +41,9 @@ struct ChunkReader {
 };
 
 // scores[r] = rows[r] . v for R rows and y += sum_p w[p] * prev[p] for P
-// other rows, in one pass; either count may be 0. The forward scores a tile
+// other rows, in one pass; either count may be 0. The scores are summed as
+// score_dot_rows and paired_score_dot_rows sum them ([Note: one order for
+// every score]). The forward scores a tile
 // from memory while it adds the tile before it, still in L1: as a pass of
 // its own, that accumulation left the memory idle. kPaired: bfloat16 rows
 // against v and y in paired order, n a multiple of kPairWidth.
@@ -118,17 +120,21 @@ void score_and_accumulate_rows(
   }
 }
 
-// The forward's two passes over a tile, each on its own: dot_rows and
-// axpy_rows, or score_and_accumulate_rows in paired order for bfloat16 rows.
-template <int R, typename T, typename A>
+// The forward's two passes over a tile, each on its own: the scores of S
+// consecutive vectors of v (n apart), out[s * R + r], and the accumulation
+// (axpy_rows); for bfloat16 rows in paired order, score_and_accumulate_rows.
+template <int R, int S, typename T, typename A>
 void score_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead, bool paired) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (paired) {
-      return score_and_accumulate_rows<R, 0, true, T, A>(
-          rows, v, n, out, ahead, nullptr, nullptr, nullptr);
+      for (int s = 0; s < S; ++s) {
+        score_and_accumulate_rows<R, 0, true, T, A>(
+            rows, v + s * n, n, out + s * R, s == 0 ? ahead : 0, nullptr, nullptr, nullptr);
+      }
+      return;
     }
   }
-  dot_rows<R>(rows, v, n, out, ahead);
+  score_dot_rows<R, S>(rows, v, n, out, ahead);
 }
 
 template <int R, typename T, typename A>
@@ -176,26 +182,25 @@ class SoftmaxState {
     std::fill_n(sum(), shape_.num_scores() + shape_.num_scores() * shape_.head_dim, acc_t(0));
   }
 
-  // Adds a tile of R unmasked rows of x with score vectors u.
+  // Adds a tile of R unmasked rows of x with score vectors u. The scores go
+  // two at a time: one score's R sums alone wait on each other's latency.
+  // The first pass over the tile brings in the next tile; the others read
+  // this tile again, from L1.
   template <int R, typename scalar_t>
   void add_rows(const scalar_t* const* rows, const acc_t* u, acc_t scale) {
     const int64_t H = shape_.hidden;
-    const int64_t n = shape_.num_heads;
-    const int64_t d = shape_.head_dim;
+    const int64_t num_scores = shape_.num_scores();
     data_[0] = acc_t(1);
-    acc_t scores[R];
-    acc_t weights[R];
-    const scalar_t* segments[R];
-    for (int64_t i = 0; i < shape_.num_queries; ++i) {
-      for (int64_t h = 0; h < n; ++h) {
-        const int64_t score = i * n + h;
-        acc_t* acc = weighted() + i * H + h * d;
-        // The first head's score pass brings in the next tile; the other
-        // heads read this tile again, from L1.
-        score_rows<R>(rows, u + score * H, H, scores, score == 0 ? R * x_seq_stride_ : 0, paired_);
-        weigh_rows<R>(score, scale, scores, weights, acc, d);
-        offset_rows<R>(rows, h * d, segments);
-        accumulate_rows<R>(weights, segments, acc, d, paired_);
+    acc_t scores[2 * R];
+    for (int64_t score = 0; score < num_scores; score += 2) {
+      const int64_t ahead = score == 0 ? R * x_seq_stride_ : 0;
+      if (score + 1 < num_scores) {
+        score_rows<R, 2>(rows, u + score * H, H, scores, ahead, paired_);
+        add_scored_rows<R>(score, scale, rows, scores);
+        add_scored_rows<R>(score + 1, scale, rows, scores + R);
+      } else {
+        score_rows<R, 1>(rows, u + score * H, H, scores, ahead, paired_);
+        add_scored_rows<R>(score, scale, rows, scores);
       }
     }
   }
@@ -292,6 +297,19 @@ class SoftmaxState {
   }
 
  private:
+  // Adds R rows scored for one score: head h = score % num_heads adds its
+  // slice of each row to the score's weighted sum.
+  template <int R, typename scalar_t>
+  void add_scored_rows(int64_t score, acc_t scale, const scalar_t* const* rows, acc_t* scores) {
+    const int64_t d = shape_.head_dim;
+    acc_t* acc = weighted() + score * d;
+    acc_t weights[R];
+    const scalar_t* segments[R];
+    weigh_rows<R>(score, scale, scores, weights, acc, d);
+    offset_rows<R>(rows, (score % shape_.num_heads) * d, segments);
+    accumulate_rows<R>(weights, segments, acc, d, paired_);
+  }
+
   // Scales score score of R rows, moves its running max (rescaling its sum and
   // its weighted sum acc, d wide) and sets weights[r] = exp(score - max).
   template <int R>
@@ -341,8 +359,7 @@ void forward_impl(const ForwardParams& p) {
   const auto scale = static_cast<acc_t>(p.scale);
   const bool in_pieces = p.cut.pieces > 1;
   const bool pipelined = num_scores == 1;
-  const bool paired =
-      std::is_same_v<scalar_t, at::BFloat16> && p.head_dim > 0 && p.head_dim % kPairWidth == 0;
+  const bool paired = reads_pairs<scalar_t>(p);
   std::vector<acc_t> u_paired;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (paired) {

@@ -151,6 +151,59 @@ void dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead
   }
 }
 
+// [Note: one order for every score] The backward recomputes p = exp(score -
+// lse) from the forward's lse. A score summed in another order differs by an
+// ulp or so, and at large scores an ulp is large: p then exceeded 1 by
+// exp(ulp), and the gradients were off by percents at |x| ~ 1e6 and NaN at
+// 1e10. So every score, forward and backward, is summed in one order: one
+// accumulator per row over whole vectors, its lanes (reduce_add), then the
+// tail in order; for bfloat16 rows in paired order (the forward's fast read),
+// an even and an odd accumulator, added before reduce_add. The kernels are
+// compiled with -ffp-contract=off, so that scalar steps such as
+// scale * score - lse round alike wherever they are written. A score then
+// never exceeds the running max the forward saw, and p <= 1.
+
+// out[s * R + r] = rows[r] . v[s * n : (s + 1) * n] for S consecutive vectors
+// of v, each summed in the one order of the note above. Several vectors at a
+// time give S * R independent sums, enough to keep the FMA units busy when
+// R alone is not; each sum is the same whatever S and R.
+template <int R, int S = 1, typename T, typename A>
+void score_dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead = 0) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  Vec acc[S][R];
+  for (int s = 0; s < S; ++s) {
+    for (int r = 0; r < R; ++r) {
+      acc[s][r] = Vec(A(0));
+    }
+  }
+  int64_t e = 0;
+  for (; e + W <= n; e += W) {
+    Vec shared[S];
+    for (int s = 0; s < S; ++s) {
+      shared[s] = Vec::loadu(v + s * n + e);
+    }
+    for (int r = 0; r < R; ++r) {
+      if (ahead != 0) {
+        prefetch(rows[r] + e, ahead);
+      }
+      const Vec xv = load_acc(rows[r] + e);
+      for (int s = 0; s < S; ++s) {
+        acc[s][r] = at::vec::fmadd(xv, shared[s], acc[s][r]);
+      }
+    }
+  }
+  for (int s = 0; s < S; ++s) {
+    for (int r = 0; r < R; ++r) {
+      A total = reduce_add(acc[s][r]);
+      for (int64_t t = e; t < n; ++t) {
+        total += static_cast<A>(rows[r][t]) * v[s * n + t];
+      }
+      out[s * R + r] = total;
+    }
+  }
+}
+
 // y += sum_r w[r] * rows[r]
 template <int R, typename T, typename A>
 void axpy_rows(const A* w, const T* const* rows, A* y, int64_t n) {
@@ -186,6 +239,13 @@ void axpy_rows(const A* w, const T* const* rows, A* y, int64_t n) {
 // the W at even positions first, then the W at odd positions.
 constexpr int64_t kPairWidth = 2 * Vectorized<float>::size();
 
+// Whether the kernels read rows of x in pairs: bfloat16 rows whose head
+// slices are whole groups of kPairWidth.
+template <typename T>
+bool reads_pairs(const PoolShape& s) {
+  return std::is_same_v<T, at::BFloat16> && s.head_dim > 0 && s.head_dim % kPairWidth == 0;
+}
+
 struct WidenedPairs {
   Vectorized<float> even;
   Vectorized<float> odd;
@@ -217,6 +277,32 @@ inline void to_natural_order(const float* src, float* dst, int64_t n) {
       dst[group + 2 * j] = src[group + j];
       dst[group + 2 * j + 1] = src[group + W + j];
     }
+  }
+}
+
+// score_dot_rows for bfloat16 rows read in pairs, against v in paired order
+// (n a multiple of kPairWidth): the order of the forward's paired read.
+template <int R>
+void paired_score_dot_rows(const at::BFloat16* const* rows, const float* v, int64_t n, float* out) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  Vec even[R];
+  Vec odd[R];
+  for (int r = 0; r < R; ++r) {
+    even[r] = Vec(0.f);
+    odd[r] = Vec(0.f);
+  }
+  for (int64_t e = 0; e + kPairWidth <= n; e += kPairWidth) {
+    const Vec v_even = Vec::loadu(v + e);
+    const Vec v_odd = Vec::loadu(v + e + W);
+    for (int r = 0; r < R; ++r) {
+      const WidenedPairs xv = load_pairs(rows[r] + e);
+      even[r] = at::vec::fmadd(xv.even, v_even, even[r]);
+      odd[r] = at::vec::fmadd(xv.odd, v_odd, odd[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    out[r] = reduce_add(even[r] + odd[r]);
   }
 }
 
