@@ -7,14 +7,9 @@ import torch
 from torch import Tensor, nn
 
 from attnpool import reference
-from attnpool.ops import attention_pool
+from attnpool.ops import _check_int, _check_number, attention_pool
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check_int(owner: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__}")
 
 
 def _check_plain_linear(module: nn.Module, name: str) -> None:
@@ -94,10 +89,7 @@ class AttentionPooling(nn.Module):
         if num_queries < 1:
             raise ValueError(f"AttentionPooling: num_queries must be >= 1, got {num_queries}")
         if scale is not None:
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-                raise TypeError(
-                    f"AttentionPooling: scale must be a float, got {type(scale).__name__}"
-                )
+            _check_number("AttentionPooling", "scale", scale)
             if not (math.isfinite(scale) and scale > 0):
                 raise ValueError(
                     f"AttentionPooling: scale must be a finite positive number, got {scale}"

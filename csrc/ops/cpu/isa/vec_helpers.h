@@ -98,59 +98,6 @@ A dot(const T* a, const A* b, int64_t n) {
   return reduce_add((s0 + s1) + (s2 + s3)) + tail;
 }
 
-// out[r] = rows[r] . v for the R rows of a tile. The rows come from memory,
-// and the tile's second pass (the accumulation) then runs from L1 with the
-// memory idle, unless this pass also asks for the rows `ahead` elements on
-// (the next tile's) in time; ahead = 0 asks for nothing.
-template <int R, typename T, typename A>
-void dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead = 0) {
-  if constexpr (R == 1) {
-    out[0] = dot(rows[0], v, n);
-  } else {
-    using Vec = Vectorized<A>;
-    constexpr int64_t W = Vec::size();
-    // Two accumulators per row for small tiles: 2R chains of dependent FMAs
-    // keep both FMA units busy. Larger tiles have enough chains already (and
-    // more would not fit in the 16 registers of AVX2).
-    constexpr int kChains = R <= 4 ? 2 : 1;
-    Vec acc[kChains][R];
-    for (int c = 0; c < kChains; ++c) {
-      for (int r = 0; r < R; ++r) {
-        acc[c][r] = Vec(A(0));
-      }
-    }
-    int64_t e = 0;
-    for (; e + kChains * W <= n; e += kChains * W) {
-      for (int c = 0; c < kChains; ++c) {
-        const Vec shared = Vec::loadu(v + e + c * W);
-        for (int r = 0; r < R; ++r) {
-          if (ahead != 0) {
-            prefetch(rows[r] + e + c * W, ahead);
-          }
-          acc[c][r] = at::vec::fmadd(load_acc(rows[r] + e + c * W), shared, acc[c][r]);
-        }
-      }
-    }
-    for (; e + W <= n; e += W) {
-      const Vec shared = Vec::loadu(v + e);
-      for (int r = 0; r < R; ++r) {
-        acc[0][r] = at::vec::fmadd(load_acc(rows[r] + e), shared, acc[0][r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      Vec sum = acc[0][r];
-      if constexpr (kChains == 2) {
-        sum = sum + acc[1][r];
-      }
-      A total = reduce_add(sum);
-      for (int64_t t = e; t < n; ++t) {
-        total += static_cast<A>(rows[r][t]) * v[t];
-      }
-      out[r] = total;
-    }
-  }
-}
-
 // [Note: one order for every score] The backward recomputes p = exp(score -
 // lse) from the forward's lse. A score summed in another order differs by an
 // ulp or so, and at large scores an ulp is large: p then exceeded 1 by
