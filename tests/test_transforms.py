@@ -3,11 +3,13 @@ changes to the modules' Linears (parametrizations, pruning, hooks, wrappers).
 Each gives the right answer or a clear error, never a silently wrong one.
 (torch.compile and torch.export have their own files.)"""
 
+import warnings
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.utils.prune
-from helpers import make_inputs
+from helpers import TOLERANCES, make_inputs
 from torch import nn
 
 import attnpool
@@ -17,85 +19,254 @@ from attnpool import reference
 # calls it inside); the warning says nothing about attnpool.
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 
-FORWARD_AD_REFUSED = r"attnpool::\w+: forward-mode AD .* is not implemented"
+ARGS = ("x", "query", "w_q", "w_k")
 
 
-def _folded(inputs):
+def _pool_inputs(num_queries=2, dtype=torch.float64):
+    """Inputs with a random mask (one sequence fully masked) and NaN where masked."""
+    inputs = make_inputs(3, 5, 8, num_queries=num_queries, mask="random", dtype=dtype)
+    inputs.x[~inputs.mask] = float("nan")
+    return inputs
+
+
+def _attention_pool(module, inputs, num_heads=2):
+    """module.attention_pool as a function of (x, query, w_q, w_k)."""
+
+    def pool(x, query, w_q, w_k):
+        return module.attention_pool(x, query, w_q, w_k, inputs.mask, num_heads)
+
+    return pool
+
+
+def _folded_pool(module, mask, full_width):
+    def pool(x, u):
+        return module.folded_attention_pool(x, u, mask, 0.7, full_width)
+
+    return pool
+
+
+def _fold(module, num_heads=2):
+    def fold(query, w_q, w_k, q_bias):
+        return module.fold_query(query, w_q, w_k, num_heads, q_bias)
+
+    return fold
+
+
+def _tangents(primals, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in primals)
+
+
+# --- forward-mode AD: the reference's tangent ---------------------------------------
+
+
+@pytest.mark.parametrize("tangent_of", [*ARGS, "all"])
+def test_dual_tensors_give_the_reference_tangent(tangent_of):
+    inputs = _pool_inputs()
+    primals = tuple(getattr(inputs, name) for name in ARGS)
+    tangents = tuple(
+        t if tangent_of in ("all", name) else torch.zeros_like(t)
+        for name, t in zip(ARGS, _tangents(primals), strict=True)
+    )
+    _, want = torch.func.jvp(_attention_pool(reference, inputs), primals, tangents)
+    with fwAD.dual_level():
+        duals = [
+            fwAD.make_dual(p, t) if tangent_of in ("all", name) else p
+            for name, p, t in zip(ARGS, primals, tangents, strict=True)
+        ]
+        got = fwAD.unpack_dual(_attention_pool(attnpool, inputs)(*duals)).tangent
+    assert got is not None
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("full_width", [False, True], ids=["head_slices", "full_width"])
+@pytest.mark.parametrize("num_queries", [None, 3], ids=["u_2d", "u_3d"])
+def test_func_jvp_of_folded_attention_pool_matches_the_reference(full_width, num_queries):
+    inputs = _pool_inputs(num_queries)
+    u = reference.fold_query(inputs.query, inputs.w_q, inputs.w_k, 2)
+    primals = (inputs.x, u)
+    tangents = _tangents(primals)
+    got = torch.func.jvp(_folded_pool(attnpool, inputs.mask, full_width), primals, tangents)
+    want = torch.func.jvp(_folded_pool(reference, inputs.mask, full_width), primals, tangents)
+    assert not want[1].isnan().any()
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("num_queries", [None, 3], ids=["query_1d", "query_2d"])
+def test_func_jvp_of_fold_query_matches_the_reference(num_queries):
+    inputs = make_inputs(1, 1, 8, num_queries=num_queries)
+    primals = (inputs.query, inputs.w_q, inputs.w_k, torch.randn(8, dtype=torch.float64))
+    tangents = _tangents(primals)
+    got = torch.func.jvp(_fold(attnpool), primals, tangents)
+    want = torch.func.jvp(_fold(reference), primals, tangents)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_func_jvp_in_reduced_precision_is_close_to_float64(dtype):
+    inputs = _pool_inputs(dtype=dtype)
     u = attnpool.fold_query(inputs.query, inputs.w_q, inputs.w_k, 2)
-    return inputs.x, u
+    tangents = (torch.randn_like(inputs.x), torch.randn_like(u))
+    out, tangent = torch.func.jvp(
+        _folded_pool(attnpool, inputs.mask, False), (inputs.x, u), tangents
+    )
+    assert out.dtype == tangent.dtype == dtype
+    want = torch.func.jvp(
+        _folded_pool(reference, inputs.mask, False),
+        (inputs.x.double(), u.double()),
+        tuple(t.double() for t in tangents),
+    )[1]
+    torch.testing.assert_close(tangent.double(), want, **TOLERANCES[dtype])
 
 
-# --- forward-mode AD: refused, never a zero tangent ---------------------------------
+def test_func_jacfwd_equals_jacrev():
+    inputs = _pool_inputs()
+    primals = tuple(getattr(inputs, name) for name in ARGS)
+    pool = _attention_pool(attnpool, inputs)
+    forward = torch.func.jacfwd(pool, argnums=(0, 1, 2, 3))(*primals)
+    reverse = torch.func.jacrev(pool, argnums=(0, 1, 2, 3))(*primals)
+    torch.testing.assert_close(forward, reverse, atol=1e-12, rtol=1e-10)
+    assert all(j.abs().sum() > 0 for j in forward)
 
 
-@pytest.mark.parametrize("tangent_of", ["x", "query", "w_q", "w_k"])
-def test_dual_tensor_input_is_refused(tangent_of):
-    inputs = make_inputs(2, 5, 8)
-    args = dict(x=inputs.x, query=inputs.query, w_q=inputs.w_q, w_k=inputs.w_k)
-    with fwAD.dual_level():
-        args[tangent_of] = fwAD.make_dual(args[tangent_of], torch.ones_like(args[tangent_of]))
-        with pytest.raises(NotImplementedError, match=FORWARD_AD_REFUSED):
-            attnpool.attention_pool(**args)
+def test_gradcheck_in_both_modes_and_batched():
+    inputs = _pool_inputs().requiring_grad()
+    inputs.x.data[~inputs.mask] = 0  # gradcheck perturbs every element, NaN included
+    checks = dict(check_forward_ad=True, check_batched_grad=True, check_batched_forward_grad=True)
+    assert torch.autograd.gradcheck(
+        _attention_pool(attnpool, inputs), tuple(getattr(inputs, n) for n in ARGS), **checks
+    )
+    u = attnpool.fold_query(inputs.query, inputs.w_q, inputs.w_k, 2).detach().requires_grad_()
+    for full_width in (False, True):
+        pool = _folded_pool(attnpool, inputs.mask, full_width)
+        assert torch.autograd.gradcheck(pool, (inputs.x, u), **checks)
+    bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    fold_inputs = (inputs.query, inputs.w_q, inputs.w_k, bias)
+    assert torch.autograd.gradcheck(_fold(attnpool), fold_inputs, **checks)
 
 
-def test_dual_tensors_are_refused_by_each_part():
-    inputs = make_inputs(2, 5, 8, num_queries=2)
-    x, u = _folded(inputs)
-    with fwAD.dual_level():
-        dual_u = fwAD.make_dual(u, torch.ones_like(u))
-        with pytest.raises(NotImplementedError, match=r"folded_attention_pool: forward-mode"):
-            attnpool.folded_attention_pool(x, dual_u)
-        dual_query = fwAD.make_dual(inputs.query, torch.ones_like(inputs.query))
-        with pytest.raises(NotImplementedError, match=r"fold_query: forward-mode"):
-            attnpool.fold_query(dual_query, inputs.w_q, inputs.w_k)
+# --- torch.func: reverse mode, vmap, and what stays refused ---------------------------
 
 
-def test_func_jvp_and_jacfwd_are_refused():
-    inputs = make_inputs(2, 5, 8)
+class _NoFallbackWarning(warnings.catch_warnings):
+    """vmap warns when it falls back to a per-sample loop (no batching rule); here that fails."""
 
-    def pool(x):
-        return attnpool.attention_pool(x, inputs.query, inputs.w_q, inputs.w_k)
-
-    with pytest.raises(NotImplementedError, match=FORWARD_AD_REFUSED):
-        torch.func.jvp(pool, (inputs.x,), (torch.ones_like(inputs.x),))
-    with pytest.raises(NotImplementedError, match=FORWARD_AD_REFUSED):
-        torch.func.jacfwd(pool)(inputs.x)
+    def __enter__(self):
+        entered = super().__enter__()
+        warnings.filterwarnings("error", message=".*batching rule.*")
+        return entered
 
 
-def test_gradcheck_with_forward_ad_reports_not_implemented():
-    inputs = make_inputs(1, 3, 4).requiring_grad()
-    with pytest.raises(NotImplementedError, match=FORWARD_AD_REFUSED):
-        torch.autograd.gradcheck(
-            lambda x: attnpool.attention_pool(x, inputs.query, inputs.w_q, inputs.w_k),
-            (inputs.x,),
-            check_forward_ad=True,
-            check_backward_ad=False,
-            check_batched_grad=False,
-        )
+def test_func_grad_vjp_and_jacrev_match_the_reference():
+    inputs = _pool_inputs()
+    primals = tuple(getattr(inputs, name) for name in ARGS)
+
+    def loss(module):
+        return lambda *args: _attention_pool(module, inputs)(*args).pow(2).sum()
+
+    argnums = (0, 1, 2, 3)
+    got = torch.func.grad(loss(attnpool), argnums=argnums)(*primals)
+    torch.testing.assert_close(got, torch.func.grad(loss(reference), argnums=argnums)(*primals))
+    out, pullback = torch.func.vjp(_attention_pool(attnpool, inputs), *primals)
+    want_out, want_pullback = torch.func.vjp(_attention_pool(reference, inputs), *primals)
+    cotangent = torch.randn_like(out)
+    torch.testing.assert_close(pullback(cotangent), want_pullback(cotangent))
+    jacobians = torch.func.jacrev(_attention_pool(attnpool, inputs), argnums=argnums)(*primals)
+    want = torch.func.jacrev(_attention_pool(reference, inputs), argnums=argnums)(*primals)
+    torch.testing.assert_close(jacobians, want)
 
 
-# --- torch.func: an error or the right values, for now -----------------------------
+@pytest.mark.parametrize("batched", ["x", "mask", "x_and_mask", "u", "u_of_a_1d_query", "x_and_u"])
+def test_func_vmap_of_folded_attention_pool_equals_a_loop(batched):
+    inputs = _pool_inputs()
+    samples = 4
+    gen = torch.Generator().manual_seed(2)
+    u = attnpool.fold_query(inputs.query, inputs.w_q, inputs.w_k, 2)
+    if batched == "u_of_a_1d_query":
+        u = u[0]
+    # (No NaN in x: the batched masks attend where inputs.mask does not.)
+    args = {"x": inputs.x.nan_to_num(0.0), "u": u, "mask": inputs.mask}
+    in_dims = {}
+    for name in ("x", "u", "mask"):
+        if name in batched:
+            arg = args[name]
+            if name == "mask":
+                args[name] = torch.rand(samples, *arg.shape, generator=gen) > 0.3
+            else:
+                args[name] = torch.randn(samples, *arg.shape, generator=gen, dtype=arg.dtype)
+            in_dims[name] = 0
+    dims = tuple(in_dims.get(name) for name in ("x", "u", "mask"))
+
+    def pool(x, u, mask):
+        return attnpool.folded_attention_pool(x, u, mask, 0.7)
+
+    with _NoFallbackWarning():
+        got = torch.func.vmap(pool, in_dims=dims)(args["x"], args["u"], args["mask"])
+    pick = [
+        tuple(args[n][i] if in_dims.get(n) == 0 else args[n] for n in ("x", "u", "mask"))
+        for i in range(samples)
+    ]
+    want = torch.stack([pool(*sample) for sample in pick])
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
 
 
-def test_func_grad_raises_instead_of_a_wrong_gradient():
-    inputs = make_inputs(2, 5, 8)
+@pytest.mark.parametrize("batched", ["query", "w_k"])
+def test_func_vmap_of_attention_pool_equals_a_loop(batched):
+    inputs = _pool_inputs()
+    stacked = torch.stack([getattr(inputs, batched), 2 * getattr(inputs, batched)])
+    pool = _attention_pool(attnpool, inputs)
+
+    def with_one(value):
+        args = {name: getattr(inputs, name) for name in ARGS}
+        args[batched] = value
+        return pool(*(args[name] for name in ARGS))
+
+    with _NoFallbackWarning():
+        got = torch.func.vmap(with_one)(stacked)
+    torch.testing.assert_close(got, torch.stack([with_one(v) for v in stacked]))
+
+
+def test_per_sample_gradients_of_the_module_equal_a_loop():
+    torch.manual_seed(0)
+    module = attnpool.AttentionPooling(8, num_heads=2, num_queries=2).double()
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    x = torch.randn(4, 6, 8, dtype=torch.float64)
+    mask = torch.rand(4, 6) > 0.3
+
+    def loss(params, x, mask):
+        return torch.func.functional_call(module, params, (x[None], mask[None])).pow(2).sum()
+
+    with _NoFallbackWarning():
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, mask)
+    for name, param in module.named_parameters():
+        loop = [
+            torch.autograd.grad(module(x[i : i + 1], mask[i : i + 1]).pow(2).sum(), param)[0]
+            for i in range(len(x))
+        ]
+        torch.testing.assert_close(per_sample[name], torch.stack(loop), atol=1e-12, rtol=1e-10)
+
+
+def test_second_order_is_a_clear_error():
+    inputs = _pool_inputs(num_queries=None)
+    pool = _attention_pool(attnpool, inputs)
 
     def loss(x):
-        return attnpool.attention_pool(x, inputs.query, inputs.w_q, inputs.w_k).sum()
+        return pool(x, inputs.query, inputs.w_q, inputs.w_k).sum()
 
-    with pytest.raises(RuntimeError, match="functorch transforms"):
-        torch.func.grad(loss)(inputs.x)
+    x = inputs.x.nan_to_num()
+    with pytest.raises(NotImplementedError, match=r"attnpool::_folded_attention_pool_backward"):
+        torch.func.hessian(loss)(x)
+    with pytest.raises(
+        RuntimeError, match=r"attnpool::_folded_attention_pool_backward .*not implemented"
+    ):
+        torch.func.grad(lambda x: torch.func.grad(loss)(x).sum())(x)
 
 
-def test_func_vmap_of_the_forward_matches_the_batched_op():
-    inputs = make_inputs(4, 5, 8, num_queries=2)
-
-    def pool_one(x):
-        return attnpool.attention_pool(x[None], inputs.query, inputs.w_q, inputs.w_k, None, 2)[0]
-
-    got = torch.func.vmap(pool_one)(inputs.x)
-    want = attnpool.attention_pool(inputs.x, inputs.query, inputs.w_q, inputs.w_k, None, 2)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+def test_func_functionalize_matches_eager():
+    inputs = _pool_inputs()
+    pool = _attention_pool(attnpool, inputs)
+    args = tuple(getattr(inputs, name) for name in ARGS)
+    torch.testing.assert_close(torch.func.functionalize(pool)(*args), pool(*args), rtol=0, atol=0)
 
 
 # --- TorchScript ---------------------------------------------------------------------

@@ -31,7 +31,7 @@ at::Tensor attention_pool(
 
 namespace detail {
 
-at::Tensor compose_attention_pool(
+double checked_attention_pool_scale(
     const at::Tensor& x,
     const at::Tensor& query,
     const at::Tensor& w_q,
@@ -42,10 +42,21 @@ at::Tensor compose_attention_pool(
   check_attention_pool_args(x, query, w_q, w_k, mask, num_heads, scale);
   // The default scale needs the head size as a number: under torch.compile
   // with dynamic shapes this specialises on H.
-  const double resolved =
-      scale.has_value()
-          ? *scale
-          : resolve_scale(std::nullopt, (x.sym_size(2) / num_heads).guard_int(__FILE__, __LINE__));
+  return scale.has_value()
+             ? *scale
+             : resolve_scale(
+                   std::nullopt, (x.sym_size(2) / num_heads).guard_int(__FILE__, __LINE__));
+}
+
+at::Tensor compose_attention_pool(
+    const at::Tensor& x,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    const std::optional<at::Tensor>& mask,
+    int64_t num_heads,
+    std::optional<double> scale) {
+  const double resolved = checked_attention_pool_scale(x, query, w_q, w_k, mask, num_heads, scale);
   const auto u = attnpool::fold_query(query, w_q, w_k, num_heads, std::nullopt);
   return attnpool::folded_attention_pool(x, u, mask, resolved, /*full_width=*/false);
 }

@@ -10,8 +10,20 @@
 
 namespace attnpool::detail {
 
+// attention_pool's checks, then the scale it pools with: the given one, or
+// 1/sqrt(H / num_heads). (The Python package composes the parts itself under
+// torch.func transforms, and asks this for the scale; attnpool/_transforms.py.)
+double checked_attention_pool_scale(
+    const at::Tensor& x,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    const std::optional<at::Tensor>& mask,
+    int64_t num_heads,
+    std::optional<double> scale);
+
 // folded_attention_pool(x, fold_query(query, w_q, w_k, num_heads), mask,
-// scale or 1/sqrt(H / num_heads)), after attention_pool's own checks.
+// checked_attention_pool_scale(...)).
 at::Tensor compose_attention_pool(
     const at::Tensor& x,
     const at::Tensor& query,

@@ -190,6 +190,11 @@ TORCH_LIBRARY_FRAGMENT(attnpool, m) {
       "_fold_query_backward(Tensor grad_u, Tensor query, Tensor w_q, Tensor w_k, "
       "Tensor projected, int num_heads) -> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // fold_query for inputs with a tangent: its kernel comes from the Python
+  // package (autograd/forward_ad.h).
+  m.def(
+      "_fold_query_forward_ad(Tensor query, Tensor w_q, Tensor w_k, int num_heads=1, "
+      "Tensor? q_bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(attnpool, CompositeExplicitAutograd, m) {

@@ -247,6 +247,11 @@ TORCH_LIBRARY_FRAGMENT(attnpool, m) {
       "_folded_attention_pool_backward(Tensor grad_out, Tensor x, Tensor u, Tensor? mask, "
       "Tensor out, Tensor lse, float scale, bool full_width) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // folded_attention_pool for inputs with a tangent: its kernel comes from the
+  // Python package (autograd/forward_ad.h).
+  m.def(
+      "_folded_attention_pool_forward_ad(Tensor x, Tensor u, Tensor? mask=None, "
+      "float scale=1.0, bool full_width=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(attnpool, CompositeExplicitAutograd, m) {

@@ -4,6 +4,8 @@
 
 #include <attnpool/attnpool.h>
 
+#include "ops/attention_pool.h"
+
 #include <torch/extension.h>
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -13,6 +15,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "cpu_kernel_isa",
       &attnpool::cpu_kernel_isa,
       "Instruction set the CPU kernels run with: AVX512, AVX2 or DEFAULT.");
+  m.def(
+      "_checked_attention_pool_scale",
+      &attnpool::detail::checked_attention_pool_scale,
+      "attention_pool's argument checks, then its scale (given, or 1/sqrt(H / num_heads)).");
 #ifdef ATTNPOOL_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

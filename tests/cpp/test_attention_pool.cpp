@@ -6,6 +6,7 @@
 #include <attnpool/attnpool.h>
 
 #include <gtest/gtest.h>
+#include <torch/csrc/autograd/forward_grad.h>
 #include <torch/torch.h>
 
 #include <cmath>
@@ -13,6 +14,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -197,6 +199,34 @@ TEST(AttentionPool, DifferentiatingTheGradientIsRefused) {
         }
       },
       c10::Error);
+}
+
+// Forward-mode AD is implemented in the Python package; without it a tangent
+// must raise, never be dropped (a zero Jacobian, silently).
+TEST(AttentionPool, ForwardModeWithoutThePythonPackageIsRefused) {
+  const auto level = torch::autograd::ForwardADLevel::get_next_idx();
+  const auto x = torch::randn({2, 3, 4}, kF64);
+  const auto dual = at::_make_dual(x, torch::ones_like(x), static_cast<int64_t>(level));
+  const auto w = torch::randn({4, 4}, kF64);
+  const auto query = torch::randn({4}, kF64);
+  for (const auto& call : std::vector<std::function<void()>>{
+           [&] { attnpool::attention_pool(dual, query, w, w); },
+           [&] { attnpool::folded_attention_pool(dual, torch::randn({1, 4}, kF64)); },
+           [&] { attnpool::fold_query(at::_make_dual(query, query, level), w, w); }}) {
+    EXPECT_THROW(
+        {
+          try {
+            call();
+          } catch (const c10::NotImplementedError& e) {
+            EXPECT_NE(
+                std::string(e.what()).find("implemented in the Python package"), std::string::npos)
+                << e.what();
+            throw;
+          }
+        },
+        c10::NotImplementedError);
+  }
+  torch::autograd::ForwardADLevel::release_idx(level);
 }
 
 TEST(AttentionPool, ReportsTheCpuInstructionSet) {

@@ -4,9 +4,11 @@ from attnpool._loader import load_native_library
 
 _C = load_native_library()
 
-from attnpool import reference  # noqa: E402
+from attnpool import _transforms, reference  # noqa: E402
 from attnpool.modules import AttentionPooling, WeightedPooling  # noqa: E402
 from attnpool.ops import attention_pool, fold_query, folded_attention_pool  # noqa: E402
+
+_transforms.register()
 
 __version__ = _C.__version__
 

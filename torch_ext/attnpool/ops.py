@@ -60,7 +60,8 @@ def attention_pool(
 
     Returns:
         ``[B, H]`` for a 1-D ``query``, ``[B, Q, H]`` otherwise, in ``x``'s dtype.
-        Differentiable in ``x``, ``query``, ``w_q`` and ``w_k`` (first order).
+        Differentiable in ``x``, ``query``, ``w_q`` and ``w_k``, in reverse and
+        forward mode and under ``torch.func`` (first order).
 
     Raises:
         ValueError: wrong shapes, devices, ``num_heads`` or ``scale``.

@@ -24,11 +24,11 @@ at::Tensor attention_pool_autograd(
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
     std::optional<double> scale) {
-  detail::refuse_forward_ad("attention_pool", {&x, &query, &w_q, &w_k});
   const bool needs_grad =
       at::GradMode::is_enabled() &&
       (x.requires_grad() || query.requires_grad() || w_q.requires_grad() || w_k.requires_grad());
-  if (!needs_grad) {
+  // A tangent goes through the parts, which have forward-mode AD.
+  if (!needs_grad && !detail::any_tangent({&x, &query, &w_q, &w_k})) {
     // Inference: one op below autograd. This also keeps attention_pool as one
     // node when torch.export decomposes for inference.
     at::AutoDispatchBelowADInplaceOrView guard;

@@ -56,7 +56,10 @@ at::Tensor fold_query_autograd(
     const at::Tensor& w_k,
     int64_t num_heads,
     const std::optional<at::Tensor>& q_bias) {
-  detail::refuse_forward_ad("fold_query", {&query, &w_q, &w_k}, q_bias);
+  if (detail::any_tangent({&query, &w_q, &w_k}, q_bias)) {
+    return detail::forward_ad_operator<decltype(fold_query_autograd)>("fold_query")
+        .call(query, w_q, w_k, num_heads, q_bias);
+  }
   const bool bias_grad = q_bias.has_value() && q_bias->defined() && q_bias->requires_grad();
   const bool needs_grad =
       at::GradMode::is_enabled() &&

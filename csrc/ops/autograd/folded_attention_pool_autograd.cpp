@@ -62,7 +62,11 @@ at::Tensor folded_attention_pool_autograd(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width) {
-  detail::refuse_forward_ad("folded_attention_pool", {&x, &u});
+  if (detail::any_tangent({&x, &u})) {
+    return detail::forward_ad_operator<decltype(folded_attention_pool_autograd)>(
+               "folded_attention_pool")
+        .call(x, u, mask, scale, full_width);
+  }
   const bool needs_grad = at::GradMode::is_enabled() && (x.requires_grad() || u.requires_grad());
   if (!needs_grad) {
     // Inference: the plain kernel, nothing saved.

@@ -1,0 +1,352 @@
+"""Forward-mode AD and torch.func transforms for the attnpool operators.
+
+The operators' autograd is C++ (``torch::autograd::Function``): it serves
+``backward()`` from Python and from C++ alike, but it has no jvp and cannot
+run under torch.func transforms. Here each operator gets a Python
+``torch.autograd.Function`` with the same forward and backward (the private
+``_<op>_forward`` / ``_<op>_backward`` operators) plus a jvp, registered
+where only those cases dispatch:
+
+- at ``FuncTorchDynamicLayerFrontMode``, which every call made under a
+  torch.func transform (grad, vjp, jacrev, jvp, jacfwd, vmap, functionalize)
+  reaches first;
+- as the kernel of the private ``_<op>_forward_ad`` operators, which the C++
+  autograd kernels call for inputs with a tangent (dual tensors, gradcheck's
+  ``check_forward_ad``; see ``csrc/ops/autograd/forward_ad.h``).
+
+Batching rules for the private operators let vmap run without torch's
+per-sample fallback. Calls outside these cases never reach Python.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch._C._functorch import TransformType, peek_interpreter_stack
+
+from attnpool.reference import accumulate_dtype
+
+_ops = torch.ops.attnpool
+
+
+# --- folded_attention_pool -------------------------------------------------------------
+
+
+# Products are written with matmul, not einsum: gradcheck's batched forward-AD
+# check runs the jvp under torch's legacy vmap, which has no rule for einsum.
+
+
+def _scores(rows: Tensor, us: Tensor) -> Tensor:
+    """``rows[b, l] . us[i, h]`` as [B, Q, n, L]."""
+    num_queries, num_heads, hidden = us.shape
+    flat = us.reshape(num_queries * num_heads, hidden) @ rows.transpose(1, 2)
+    return flat.reshape(rows.shape[0], num_queries, num_heads, rows.shape[1])
+
+
+def _weighted_rows(weights: Tensor, rows: Tensor, full_width: bool) -> Tensor:
+    """``sum_l weights[b, i, h, l] * rows[b, l]``: each head's slice of the
+    width, or the whole width, as ``folded_attention_pool`` outputs it."""
+    batch, num_queries, num_heads, seq_len = weights.shape
+    hidden = rows.shape[2]
+    if full_width:
+        out = weights.reshape(batch, num_queries * num_heads, seq_len) @ rows
+        return out.reshape(batch, num_queries, num_heads, hidden)
+    sliced = rows.reshape(batch, seq_len, num_heads, hidden // num_heads).transpose(1, 2)
+    out = weights.transpose(1, 2) @ sliced  # [B, n, Q, d]
+    return out.transpose(1, 2).reshape(batch, num_queries, hidden)
+
+
+def _pool_tangent(
+    x: Tensor,
+    u: Tensor,
+    mask: Optional[Tensor],
+    lse: Tensor,
+    scale: float,
+    full_width: bool,
+    x_tangent: Optional[Tensor],
+    u_tangent: Optional[Tensor],
+) -> Tensor:
+    """The tangent of the (unrounded) output, per query and head:
+    ``sum_l p_l (ds_l - sum_k p_k ds_k) x_l + sum_l p_l dx_l``, where
+    ``ds_l = scale (dx_l . u + x_l . du)`` is the tangent of the score and
+    ``p = exp(s - lse)`` the forward's softmax (SPEC.md §5)."""
+    acc = accumulate_dtype(x.dtype)
+    batch, seq_len, hidden = x.shape
+    us = u.reshape(-1, u.shape[-2], hidden).to(acc)  # [Q, n, H]
+    keep = torch.ones(batch, seq_len, dtype=torch.bool, device=x.device)
+    if mask is not None:
+        keep = mask != 0
+    # Masked positions never reach the output or its tangent, even if NaN.
+    rows = x.to(acc).masked_fill(~keep[..., None], 0)
+    scores = scale * _scores(rows, us)
+    log_norm = lse.reshape(batch, us.shape[0], us.shape[1], 1)
+    probs = torch.where(keep[:, None, None, :], torch.exp(scores - log_norm), 0.0)
+
+    score_tangent = torch.zeros_like(scores)
+    if x_tangent is not None:
+        row_tangents = x_tangent.to(acc).masked_fill(~keep[..., None], 0)
+        score_tangent = score_tangent + _scores(row_tangents, us)
+    if u_tangent is not None:
+        u_tangents = u_tangent.reshape(us.shape).to(acc)
+        score_tangent = score_tangent + _scores(rows, u_tangents)
+    score_tangent = scale * score_tangent
+    centred = score_tangent - (probs * score_tangent).sum(-1, keepdim=True)
+
+    out_tangent = _weighted_rows(probs * centred, rows, full_width)
+    if x_tangent is not None:
+        out_tangent = out_tangent + _weighted_rows(probs, row_tangents, full_width)
+    return out_tangent[:, 0] if u.dim() == 2 else out_tangent
+
+
+class _FoldedAttentionPool(torch.autograd.Function):
+    """(out, lse) = the private forward; out is unrounded, in the accumulation
+    dtype, as the backward's ``G . out`` needs it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, u, mask, scale, full_width):
+        return _ops._folded_attention_pool_forward.default(x, u, mask, scale, full_width)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, u, mask, scale, full_width = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(x, u, mask, out, lse)
+        ctx.save_for_forward(x, u, mask, out, lse)
+        ctx.scale = scale
+        ctx.full_width = full_width
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        x, u, mask, out, lse = ctx.saved_tensors
+        grad_x, grad_u = _ops._folded_attention_pool_backward.default(
+            grad_out, x, u, mask, out, lse, ctx.scale, ctx.full_width
+        )
+        return grad_x, grad_u, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, u_tangent, _mask, _scale, _full_width):
+        x, u, mask, _out, lse = ctx.saved_tensors
+        tangent = _pool_tangent(x, u, mask, lse, ctx.scale, ctx.full_width, x_tangent, u_tangent)
+        return tangent, None
+
+
+def _functionalizing() -> bool:
+    """Whether the innermost transform is torch.func.functionalize, which has
+    no rule for autograd.Function yet; the ops mutate nothing, so it needs none."""
+    interpreter = peek_interpreter_stack()
+    return interpreter is not None and interpreter.key() == TransformType.Functionalize
+
+
+def _folded_attention_pool(
+    x: Tensor,
+    u: Tensor,
+    mask: Optional[Tensor] = None,
+    scale: float = 1.0,
+    full_width: bool = False,
+) -> Tensor:
+    if _functionalizing():
+        out, _ = _FoldedAttentionPool.forward(x, u, mask, scale, full_width)
+    else:
+        out, _ = _FoldedAttentionPool.apply(x, u, mask, scale, full_width)
+    return out.to(x.dtype)
+
+
+# --- fold_query ------------------------------------------------------------------------
+
+
+def _fold(projected: Tensor, w_k: Tensor, num_heads: int) -> Tensor:
+    """``u[i, h] = w_k[D_h].T @ projected[i, D_h]``: [Q, n, Hx]."""
+    proj_dim, x_dim = w_k.shape
+    head_dim = proj_dim // num_heads
+    heads = projected.reshape(-1, num_heads, head_dim).transpose(0, 1)  # [n, Q, d]
+    u = heads @ w_k.reshape(num_heads, head_dim, x_dim)  # [n, Q, Hx]
+    return u.transpose(0, 1)
+
+
+class _FoldQuery(torch.autograd.Function):
+    """(u, projected) = the private forward; projected = w_q @ query + q_bias
+    is what the backward multiplies with."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(query, w_q, w_k, num_heads, q_bias):
+        return _ops._fold_query_forward.default(query, w_q, w_k, num_heads, q_bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        query, w_q, w_k, num_heads, q_bias = inputs
+        _u, projected = output
+        ctx.mark_non_differentiable(projected)
+        ctx.save_for_backward(query, w_q, w_k, projected)
+        ctx.save_for_forward(query, w_q, w_k, projected)
+        ctx.num_heads = num_heads
+        ctx.has_bias = q_bias is not None
+
+    @staticmethod
+    def backward(ctx, grad_u, _grad_projected):
+        query, w_q, w_k, projected = ctx.saved_tensors
+        grad_query, grad_w_q, grad_w_k, grad_q_bias = _ops._fold_query_backward.default(
+            grad_u, query, w_q, w_k, projected, ctx.num_heads
+        )
+        return grad_query, grad_w_q, grad_w_k, None, grad_q_bias if ctx.has_bias else None
+
+    @staticmethod
+    def jvp(ctx, query_tangent, w_q_tangent, w_k_tangent, _num_heads, q_bias_tangent):
+        # u is bilinear in (projected, w_k), projected linear in (query, w_q, q_bias).
+        query, w_q, w_k, projected = ctx.saved_tensors
+        acc = projected.dtype
+        queries = query.reshape(projected.shape[0], -1).to(acc)
+        projected_tangent = torch.zeros_like(projected)
+        if query_tangent is not None:
+            projected_tangent = (
+                projected_tangent + query_tangent.reshape(queries.shape).to(acc) @ w_q.to(acc).T
+            )
+        if w_q_tangent is not None:
+            projected_tangent = projected_tangent + queries @ w_q_tangent.to(acc).T
+        if q_bias_tangent is not None:
+            projected_tangent = projected_tangent + q_bias_tangent.to(acc)
+        u_tangent = _fold(projected_tangent, w_k.to(acc), ctx.num_heads)
+        if w_k_tangent is not None:
+            u_tangent = u_tangent + _fold(projected, w_k_tangent.to(acc), ctx.num_heads)
+        return (u_tangent[0] if query.dim() == 1 else u_tangent), None
+
+
+def _fold_query(
+    query: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    num_heads: int = 1,
+    q_bias: Optional[Tensor] = None,
+) -> Tensor:
+    if _functionalizing():
+        u, _ = _FoldQuery.forward(query, w_q, w_k, num_heads, q_bias)
+    else:
+        u, _ = _FoldQuery.apply(query, w_q, w_k, num_heads, q_bias)
+    return u
+
+
+# --- attention_pool: the two parts, each with its own rules ---------------------------
+
+
+def _attention_pool(
+    x: Tensor,
+    query: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    mask: Optional[Tensor] = None,
+    num_heads: int = 1,
+    scale: Optional[float] = None,
+) -> Tensor:
+    from attnpool import _C
+
+    # attention_pool's own checks (errors name it, not its parts), then the scale.
+    resolved = _C._checked_attention_pool_scale(x, query, w_q, w_k, mask, num_heads, scale)
+    u = _ops.fold_query.default(query, w_q, w_k, num_heads, None)
+    return _ops.folded_attention_pool.default(x, u, mask, resolved, False)
+
+
+# --- batching rules --------------------------------------------------------------------
+
+
+def _moved(tensor: Optional[Tensor], dim: Optional[int]) -> Optional[Tensor]:
+    return tensor if tensor is None or dim is None else tensor.movedim(dim, 0)
+
+
+def _per_sample(op, info, in_dims, *args):
+    """The rule for any batched input: one call per sample, stacked. (The
+    backward ops sum dx over queries and du over the batch, so a batch dimension
+    cannot fold into either without mixing samples.)"""
+    args = [
+        _moved(arg, dim) if isinstance(arg, Tensor) else arg
+        for arg, dim in zip(args, in_dims, strict=True)
+    ]
+    results = []
+    for sample in range(info.batch_size):
+        picked = [
+            arg[sample] if isinstance(arg, Tensor) and dim is not None else arg
+            for arg, dim in zip(args, in_dims, strict=True)
+        ]
+        results.append(op(*picked))
+    outputs = tuple(torch.stack(parts) for parts in zip(*results, strict=True))
+    return outputs, (0,) * len(outputs)
+
+
+def _pool_forward_vmap(info, in_dims, x, u, mask=None, scale=1.0, full_width=False):
+    """A batch dimension of x (and mask) folds into B; one of u alone into Q."""
+    # (The dispatcher leaves out arguments equal to their defaults.)
+    in_dims = (*in_dims, None, None, None)[:5]
+    op = _ops._folded_attention_pool_forward.default
+    x_dim, u_dim, mask_dim = in_dims[:3]
+    samples = info.batch_size
+    xs, masks = _moved(x, x_dim), _moved(mask, mask_dim)
+    # (Shapes the op would refuse go one sample at a time, for its own error.)
+    mask_fits = masks is None or masks.shape[-2:] == xs.shape[-3:-1]
+    if x_dim is not None and u_dim is None and x.dim() == 4 and mask_fits:
+        if masks is not None:
+            masks = masks.expand(samples, *xs.shape[1:3]).reshape(-1, xs.shape[2])
+        out, lse = op(xs.reshape(-1, *xs.shape[2:]), u, masks, scale, full_width)
+        unfold = (samples, xs.shape[1])
+        return (out.reshape(*unfold, *out.shape[1:]), lse.reshape(*unfold, *lse.shape[1:])), (0, 0)
+    if x_dim is None and mask_dim is None and u_dim is not None and u.dim() in (3, 4):
+        us = _moved(u, u_dim)  # [samples, (Q,) n, H]
+        out, lse = op(x, us.reshape(-1, *us.shape[-2:]), mask, scale, full_width)
+        unfold = (x.shape[0], samples, *us.shape[1:-2])
+        return (out.reshape(*unfold, *out.shape[2:]), lse.reshape(*unfold, *lse.shape[2:])), (1, 1)
+    return _per_sample(op, info, in_dims, x, u, mask, scale, full_width)
+
+
+def _fold_forward_vmap(info, in_dims, query, w_q, w_k, num_heads=1, q_bias=None):
+    """A batch dimension of the query alone folds into Q."""
+    in_dims = (*in_dims, None, None)[:5]
+    op = _ops._fold_query_forward.default
+    query_dim = in_dims[0]
+    weights_batched = any(dim is not None for dim in in_dims[1:])
+    if query_dim is None or weights_batched or query.dim() not in (2, 3):
+        return _per_sample(op, info, in_dims, query, w_q, w_k, num_heads, q_bias)
+    queries = _moved(query, query_dim)
+    u, projected = op(queries.reshape(-1, queries.shape[-1]), w_q, w_k, num_heads, q_bias)
+    if queries.dim() == 2:  # each sample's query is 1-D: u [n, Hx], projected [1, E]
+        return (u, projected[:, None]), (0, 0)
+    samples = info.batch_size
+    return (
+        u.reshape(samples, -1, *u.shape[1:]),
+        projected.reshape(samples, -1, projected.shape[-1]),
+    ), (0, 0)
+
+
+def _rule(op):
+    def rule(info, in_dims, *args):
+        return _per_sample(op, info, in_dims, *args)
+
+    return rule
+
+
+# --- registration ----------------------------------------------------------------------
+
+# Registrations last as long as this object.
+_library = torch.library.Library("attnpool", "IMPL")
+
+
+def register() -> None:
+    """Called once, when attnpool is imported."""
+    for name, kernel in (
+        ("attention_pool", _attention_pool),
+        ("fold_query", _fold_query),
+        ("folded_attention_pool", _folded_attention_pool),
+    ):
+        _library.impl(name, kernel, "FuncTorchDynamicLayerFrontMode")
+    _library.impl("_fold_query_forward_ad", _fold_query, "CompositeImplicitAutograd")
+    _library.impl(
+        "_folded_attention_pool_forward_ad", _folded_attention_pool, "CompositeImplicitAutograd"
+    )
+    for name, rule in (
+        ("_folded_attention_pool_forward", _pool_forward_vmap),
+        ("_folded_attention_pool_backward", _rule(_ops._folded_attention_pool_backward.default)),
+        ("_fold_query_forward", _fold_forward_vmap),
+        ("_fold_query_backward", _rule(_ops._fold_query_backward.default)),
+    ):
+        torch.library.register_vmap(f"attnpool::{name}", rule, lib=_library)
