@@ -5,7 +5,11 @@ from attnpool._loader import load_native_library
 _C = load_native_library()
 
 from attnpool import _transforms, reference  # noqa: E402
-from attnpool.modules import AttentionPooling, WeightedPooling  # noqa: E402
+from attnpool.modules import (  # noqa: E402
+    AttentionPooling,
+    MultiheadAttentionPooling,
+    WeightedPooling,
+)
 from attnpool.ops import attention_pool, fold_query, folded_attention_pool  # noqa: E402
 
 _transforms.register()
@@ -14,6 +18,7 @@ __version__ = _C.__version__
 
 __all__ = [
     "AttentionPooling",
+    "MultiheadAttentionPooling",
     "WeightedPooling",
     "attention_pool",
     "fold_query",

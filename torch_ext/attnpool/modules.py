@@ -1,4 +1,5 @@
-"""nn.Module front ends: AttentionPooling (the fused op) and WeightedPooling."""
+"""nn.Module front ends: AttentionPooling (the fused op), MultiheadAttentionPooling
+(a MAP head: the op plus value and output projections) and WeightedPooling."""
 
 import math
 from typing import Optional
@@ -7,7 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from attnpool import reference
-from attnpool.ops import _check_int, _check_number, attention_pool
+from attnpool.ops import (
+    _check_int,
+    _check_number,
+    attention_pool,
+    fold_query,
+    folded_attention_pool,
+)
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -127,6 +134,155 @@ class AttentionPooling(nn.Module):
     def extra_repr(self) -> str:
         text = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_queries={self.num_queries}"
         return text if self.scale is None else f"{text}, scale={self.scale}"
+
+
+class MultiheadAttentionPooling(nn.Module):
+    """Multi-head attention pooling with learned queries (a "MAP head", SPEC.md §7).
+
+    Computes exactly ``nn.MultiheadAttention(embed_dim, num_heads, kdim=kdim,
+    vdim=kdim, bias=bias, batch_first=True)(query.expand(B, Q, E), x, x,
+    key_padding_mask=~mask)[0]``, with that module's parameter names
+    (``in_proj_weight`` when ``kdim == embed_dim``, else ``q_proj_weight``,
+    ``k_proj_weight``, ``v_proj_weight``; ``in_proj_bias``, ``out_proj``) plus
+    ``query`` (``[num_queries, embed_dim]``), so the state_dict of an
+    ``nn.MultiheadAttention`` plus a ``query`` loads strictly, and the
+    initialisation is that module's.
+
+    It never projects a key or a value: the query is folded through the query
+    and key projections (the key bias cancels in the softmax), each head pools
+    ``x`` over its full width, and the value projection runs on the pooled
+    vectors. Per element of ``x`` that is ``2 * num_queries * num_heads``
+    multiply-adds instead of about ``2 * embed_dim``, and the backward saves only
+    the pooled vectors.
+
+    ``forward(x, mask=None)``: ``x`` ``[B, L, kdim]``, ``mask`` ``[B, L]`` with
+    ``True`` (nonzero) = attend (pass ``~key_padding_mask``). Returns ``[B, E]``
+    for one query, ``[B, Q, E]`` otherwise. A row with nothing to attend gives
+    ``out_proj.bias`` (``nn.MultiheadAttention`` gives NaN) and zero gradient to
+    ``x``. ``x`` may be float16/bfloat16 with float32 parameters; the projections
+    then run in the parameters' dtype and the output is in ``x``'s.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_queries: int = 1,
+        *,
+        kdim: Optional[int] = None,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        owner = "MultiheadAttentionPooling"
+        for name, value in (
+            ("embed_dim", embed_dim),
+            ("num_heads", num_heads),
+            ("num_queries", num_queries),
+        ):
+            _check_int(owner, name, value)
+        if kdim is not None:
+            _check_int(owner, "kdim", kdim)
+        if not isinstance(bias, bool):
+            raise TypeError(f"{owner}: bias must be a bool, got {type(bias).__name__}")
+        kdim = embed_dim if kdim is None else kdim
+        for name, value in (("embed_dim", embed_dim), ("kdim", kdim), ("num_queries", num_queries)):
+            if value < 1:
+                raise ValueError(f"{owner}: {name} must be >= 1, got {value}")
+        if num_heads < 1 or embed_dim % num_heads != 0:
+            raise ValueError(
+                f"{owner}: num_heads must be >= 1 and divide embed_dim = {embed_dim}, "
+                f"got num_heads = {num_heads}"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = kdim
+        self.vdim = kdim
+        self.num_heads = num_heads
+        self.num_queries = num_queries
+        self.head_dim = embed_dim // num_heads
+        self.batch_first = True
+        # nn.MultiheadAttention's layout: one packed weight when every width is
+        # embed_dim, three otherwise.
+        self._qkv_same_embed_dim = kdim == embed_dim
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, kdim, **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.query = nn.Parameter(torch.empty(num_queries, embed_dim, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.MultiheadAttention's init, and AttentionPooling's for the query.
+        if self._qkv_same_embed_dim:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            nn.init.xavier_uniform_(self.q_proj_weight)
+            nn.init.xavier_uniform_(self.k_proj_weight)
+            nn.init.xavier_uniform_(self.v_proj_weight)
+        self.out_proj.reset_parameters()
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+        nn.init.normal_(self.query, std=self.embed_dim**-0.5)
+
+    def _projection_weights(self):
+        """(W_q [E, E], W_k [E, kdim], W_v [E, kdim])."""
+        if self.in_proj_weight is not None:
+            return self.in_proj_weight.chunk(3)
+        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.kdim:
+            raise ValueError(
+                f"MultiheadAttentionPooling: x must have shape [B, L, kdim = {self.kdim}], "
+                f"got {list(x.shape)}"
+            )
+        w_q, w_k, w_v = self._projection_weights()
+        b_q = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, _, b_v = self.in_proj_bias.chunk(3)
+        heads, head_dim = self.num_heads, self.head_dim
+        u = fold_query(self.query, w_q, w_k, heads, b_q)  # [Q, n, kdim]
+        pooled = folded_attention_pool(x, u, mask, head_dim**-0.5, True)  # [B, Q, n, kdim]
+        pooled = pooled.to(w_v.dtype)
+        # Per head: o[D_h] = W_v[D_h] @ pooled[h] (+ b_v[D_h] where a row attends).
+        values = torch.einsum(
+            "bqnk,ndk->bqnd", pooled, w_v.reshape(heads, head_dim, self.kdim)
+        ).reshape(x.shape[0], self.num_queries, self.embed_dim)
+        if b_v is not None:
+            attends = _attends(x, mask).to(values.dtype)
+            values = values + attends[:, None, None] * b_v
+        out = self.out_proj(values).to(x.dtype)
+        return out[:, 0] if self.num_queries == 1 else out
+
+    def extra_repr(self) -> str:
+        text = (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"num_queries={self.num_queries}"
+        )
+        if self.kdim != self.embed_dim:
+            text += f", kdim={self.kdim}"
+        return text if self.in_proj_bias is not None else f"{text}, bias=False"
+
+
+def _attends(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """[B] bool: whether each row has a position to attend."""
+    if mask is None:
+        return torch.full((x.shape[0],), x.shape[1] > 0, dtype=torch.bool, device=x.device)
+    return (mask != 0).any(dim=1)
 
 
 def _check_weighted_pool_inputs(x: Tensor, mask: Optional[Tensor], weight: Tensor, max_len: int):

@@ -1,0 +1,143 @@
+"""MultiheadAttentionPooling (SPEC.md §7) against nn.MultiheadAttention itself,
+random init and random biases: values, gradients, state_dict, edge cases, errors."""
+
+import pytest
+import torch
+from helpers import TOLERANCES
+from torch import nn
+
+import attnpool
+
+EMBED_DIM, NUM_HEADS, BATCH, SEQ_LEN = 16, 4, 5, 7
+EMPTY_ROW = 2  # fully masked in every test batch
+
+
+def _pair(num_queries, kdim, bias, dtype=torch.float64, seed=0):
+    """The module and an nn.MultiheadAttention holding the same weights, biases random."""
+    torch.manual_seed(seed)
+    module = attnpool.MultiheadAttentionPooling(
+        EMBED_DIM, NUM_HEADS, num_queries, kdim=kdim, bias=bias
+    ).to(dtype)
+    peer = nn.MultiheadAttention(
+        EMBED_DIM, NUM_HEADS, kdim=kdim, vdim=kdim, bias=bias, batch_first=True
+    ).to(dtype)
+    with torch.no_grad():
+        for param in peer.parameters():
+            param.copy_(torch.randn_like(param) / EMBED_DIM**0.5)
+    state = peer.state_dict()
+    module.load_state_dict({**state, "query": module.query.detach()}, strict=True)
+    return module, peer
+
+
+def _batch(kdim, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, SEQ_LEN, kdim or EMBED_DIM, generator=gen, dtype=dtype)
+    mask = torch.rand(BATCH, SEQ_LEN, generator=gen) > 0.4
+    mask[:, 0] = True
+    mask[EMPTY_ROW] = False
+    return x, mask
+
+
+def _peer_output(module, peer, x, mask):
+    queries = module.query.expand(x.shape[0], -1, -1)
+    out = peer(queries, x, x, key_padding_mask=~mask, need_weights=False)[0]
+    return out[:, 0] if module.num_queries == 1 else out
+
+
+CASES = [
+    pytest.param(q, kdim, bias, id=f"q{q}-kdim{kdim}-{'bias' if bias else 'nobias'}")
+    for q in (1, 3)
+    for kdim in (None, 12)
+    for bias in (True, False)
+]
+
+
+@pytest.mark.parametrize("num_queries,kdim,bias", CASES)
+def test_values_and_gradients_equal_nn_multihead_attention(num_queries, kdim, bias):
+    module, peer = _pair(num_queries, kdim, bias)
+    x, mask = _batch(kdim)
+    attending = [b for b in range(BATCH) if b != EMPTY_ROW]  # the peer gives NaN there
+    x_module = x.clone().requires_grad_()
+    x_peer = x.clone().requires_grad_()
+    got = module(x_module, mask)[attending]
+    want = _peer_output(module, peer, x_peer[attending], mask[attending])
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+    grad_out = torch.randn_like(got)
+    got.backward(grad_out)
+    want.backward(grad_out)
+    torch.testing.assert_close(x_module.grad[attending], x_peer.grad[attending])
+    for name, param in peer.named_parameters():
+        torch.testing.assert_close(
+            module.get_parameter(name).grad, param.grad, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    assert module.query.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_row_with_nothing_to_attend_gives_the_output_bias(bias):
+    module, _ = _pair(2, None, bias)
+    x, mask = _batch(None)
+    x.requires_grad_()
+    out = module(x, mask)
+    want = module.out_proj.bias if bias else torch.zeros(EMBED_DIM, dtype=x.dtype)
+    torch.testing.assert_close(out[EMPTY_ROW], want.expand(2, -1), rtol=0, atol=0)
+    out.sum().backward()
+    assert torch.equal(x.grad[EMPTY_ROW], torch.zeros_like(x[EMPTY_ROW]))
+    assert not x.grad.isnan().any()
+    empty = module(x[:, :0], mask[:, :0])
+    torch.testing.assert_close(empty, want.expand(BATCH, 2, -1), rtol=0, atol=0)
+
+
+def test_state_dict_round_trips_with_nn_multihead_attention():
+    module, peer = _pair(3, 12, True)
+    names = set(module.state_dict())
+    assert names == set(peer.state_dict()) | {"query"}
+    fresh = nn.MultiheadAttention(EMBED_DIM, NUM_HEADS, kdim=12, vdim=12, batch_first=True)
+    state = {k: v for k, v in module.state_dict().items() if k != "query"}
+    fresh.double().load_state_dict(state, strict=True)
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, peer.state_dict()[name]), name
+
+
+def test_gradcheck():
+    module, _ = _pair(2, 12, True)
+    x, mask = _batch(12)
+    x = x[:, :4].clone().requires_grad_()
+    params = tuple(module.parameters())
+
+    def run(x, *values):
+        named = dict(zip((n for n, _ in module.named_parameters()), values, strict=True))
+        return torch.func.functional_call(module, named, (x, mask[:, :4]))
+
+    assert torch.autograd.gradcheck(run, (x, *params))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reduced_precision_input_with_float32_parameters(dtype):
+    module, _ = _pair(2, None, True, dtype=torch.float32)
+    x, mask = _batch(None, dtype=dtype)
+    out = module(x, mask)
+    assert out.dtype == dtype
+    want = module.double()(x.double(), mask)
+    torch.testing.assert_close(out.double(), want, **TOLERANCES[dtype])
+
+
+def test_constructor_and_forward_errors_name_the_argument():
+    build = attnpool.MultiheadAttentionPooling
+    with pytest.raises(TypeError, match="num_heads must be an int"):
+        build(16, 2.0)
+    with pytest.raises(TypeError, match="kdim must be an int"):
+        build(16, 2, kdim="8")
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        build(16, 2, bias=None)
+    with pytest.raises(ValueError, match="num_heads must be >= 1 and divide embed_dim = 16"):
+        build(16, 3)
+    with pytest.raises(ValueError, match="num_queries must be >= 1"):
+        build(16, 2, 0)
+    with pytest.raises(ValueError, match="kdim must be >= 1"):
+        build(16, 2, kdim=0)
+    module = build(16, 2, kdim=8)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, L, kdim = 8\]"):
+        module(torch.randn(2, 3, 16))
+    with pytest.raises(TypeError, match="mask must be bool"):
+        module(torch.randn(2, 3, 8), torch.zeros(2, 3))
