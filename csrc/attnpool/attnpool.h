@@ -5,4 +5,5 @@
 
 #include <attnpool/attention_pool.h>
 #include <attnpool/attention_pooling.h>
+#include <attnpool/multihead_attention_pooling.h>
 #include <attnpool/version.h>
