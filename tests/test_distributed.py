@@ -7,6 +7,7 @@ gets their results back through files in pytest's tmp_path.
 """
 
 import datetime
+import gc
 import os
 import socket
 import time
@@ -79,6 +80,13 @@ def _worker(rank, port, out_dir):
         shard = slice(rank * per_rank, (rank + 1) * per_rank)
         grads, params = _train(model, _global_batches(), shard)
         torch.save({"grads": grads, "params": params}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Teardown in a fixed order: no rank closes its connections while the
+        # other still communicates, and DDP's reducer (which holds the process
+        # group and its gloo threads) goes before the group, not at interpreter
+        # exit, where destroying it can abort the process.
+        dist.barrier()
+        del model
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
