@@ -8,6 +8,7 @@
 #include <torch/nn/init.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 
 namespace attnpool {
@@ -92,7 +93,8 @@ void MultiheadAttentionPoolingImpl::pretty_print(std::ostream& stream) const {
   stream << ")";
 }
 
-at::Tensor MultiheadAttentionPoolingImpl::forward(const at::Tensor& x, const at::Tensor& mask) {
+at::Tensor MultiheadAttentionPoolingImpl::forward(
+    const at::Tensor& x, const at::Tensor& mask, const at::Tensor& attn_bias) {
   const int64_t embed_dim = options.embed_dim();
   const int64_t kdim = key_width(options);
   const int64_t heads = options.num_heads();
@@ -109,12 +111,18 @@ at::Tensor MultiheadAttentionPoolingImpl::forward(const at::Tensor& x, const at:
   const auto biases = in_proj_bias.defined() ? in_proj_bias.chunk(3) : std::vector<at::Tensor>{};
   const auto q_bias = biases.empty() ? std::nullopt : std::optional<at::Tensor>(biases[0]);
   const auto maybe_mask = mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt;
+  const auto maybe_bias = attn_bias.defined() ? std::optional<at::Tensor>(attn_bias) : std::nullopt;
 
   // The key bias cancels in the softmax; the value projection runs on the
   // pooled vectors, per head (SPEC.md §7).
   const auto u = fold_query(query, weights[0], weights[1], heads, q_bias);  // [Q, n, kdim]
   const auto pooled = folded_attention_pool(
-      x, u, maybe_mask, 1.0 / std::sqrt(static_cast<double>(head_dim)), /*full_width=*/true);
+      x,
+      u,
+      maybe_mask,
+      1.0 / std::sqrt(static_cast<double>(head_dim)),
+      /*full_width=*/true,
+      maybe_bias);
   const auto& w_v = weights[2];
   auto values =
       at::einsum(
@@ -122,9 +130,14 @@ at::Tensor MultiheadAttentionPoolingImpl::forward(const at::Tensor& x, const at:
           .reshape({x.size(0), options.num_queries(), embed_dim});
   if (!biases.empty()) {
     // A row with nothing to attend pooled nothing, so it gets no value bias.
-    const auto attends = maybe_mask
-                             ? (*maybe_mask != 0).any(1)
-                             : at::full({x.size(0)}, x.size(1) > 0, x.options().dtype(at::kBool));
+    auto keep = at::ones({x.size(0), x.size(1)}, x.options().dtype(at::kBool));
+    if (maybe_mask) {
+      keep = keep.logical_and(*maybe_mask != 0);
+    }
+    if (maybe_bias) {
+      keep = keep.logical_and(maybe_bias->ne(-std::numeric_limits<double>::infinity()));
+    }
+    const auto attends = keep.any(1);
     values = values + attends.to(values.scalar_type()).view({-1, 1, 1}) * biases[2];
   }
   const auto out = out_proj->forward(values).to(x.scalar_type());

@@ -22,11 +22,12 @@ at::Tensor attention_pool(
     const at::Tensor& w_k,
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
-    std::optional<double> scale) {
+    std::optional<double> scale,
+    const std::optional<at::Tensor>& attn_bias) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("attnpool::attention_pool", "")
                              .typed<decltype(attention_pool)>();
-  return op.call(x, query, w_q, w_k, mask, num_heads, scale);
+  return op.call(x, query, w_q, w_k, mask, num_heads, scale, attn_bias);
 }
 
 namespace detail {
@@ -38,8 +39,9 @@ double checked_attention_pool_scale(
     const at::Tensor& w_k,
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
-    std::optional<double> scale) {
-  check_attention_pool_args(x, query, w_q, w_k, mask, num_heads, scale);
+    std::optional<double> scale,
+    const std::optional<at::Tensor>& attn_bias) {
+  check_attention_pool_args(x, query, w_q, w_k, mask, num_heads, scale, attn_bias);
   // The default scale needs the head size as a number: under torch.compile
   // with dynamic shapes this specialises on H.
   return scale.has_value()
@@ -55,10 +57,12 @@ at::Tensor compose_attention_pool(
     const at::Tensor& w_k,
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
-    std::optional<double> scale) {
-  const double resolved = checked_attention_pool_scale(x, query, w_q, w_k, mask, num_heads, scale);
+    std::optional<double> scale,
+    const std::optional<at::Tensor>& attn_bias) {
+  const double resolved =
+      checked_attention_pool_scale(x, query, w_q, w_k, mask, num_heads, scale, attn_bias);
   const auto u = attnpool::fold_query(query, w_q, w_k, num_heads, std::nullopt);
-  return attnpool::folded_attention_pool(x, u, mask, resolved, /*full_width=*/false);
+  return attnpool::folded_attention_pool(x, u, mask, resolved, /*full_width=*/false, attn_bias);
 }
 
 }  // namespace detail
@@ -66,7 +70,7 @@ at::Tensor compose_attention_pool(
 TORCH_LIBRARY_FRAGMENT(attnpool, m) {
   m.def(
       "attention_pool(Tensor x, Tensor query, Tensor w_q, Tensor w_k, Tensor? mask=None, "
-      "int num_heads=1, float? scale=None) -> Tensor",
+      "int num_heads=1, float? scale=None, Tensor? attn_bias=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 }
 

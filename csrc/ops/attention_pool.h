@@ -20,7 +20,8 @@ double checked_attention_pool_scale(
     const at::Tensor& w_k,
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
-    std::optional<double> scale);
+    std::optional<double> scale,
+    const std::optional<at::Tensor>& attn_bias);
 
 // folded_attention_pool(x, fold_query(query, w_q, w_k, num_heads), mask,
 // checked_attention_pool_scale(...)).
@@ -31,6 +32,7 @@ at::Tensor compose_attention_pool(
     const at::Tensor& w_k,
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
-    std::optional<double> scale);
+    std::optional<double> scale,
+    const std::optional<at::Tensor>& attn_bias);
 
 }  // namespace attnpool::detail

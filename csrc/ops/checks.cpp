@@ -127,12 +127,34 @@ void check_mask(const char* op, const at::Tensor& x, const at::Tensor& mask) {
       ": mask must be bool or an integer dtype (nonzero = attend), got ",
       dtype_name(dtype),
       ". A floating-point mask is refused because SDPA-style additive masks mean the opposite "
-      "(0 = attend, -inf = masked): pass a bool mask, e.g. mask = (additive_mask == 0)");
+      "(0 = attend, -inf = masked): pass a bool mask, e.g. mask = (additive_mask == 0), or "
+      "the additive mask itself as attn_bias");
   TORCH_CHECK_TYPE(
       dtype == at::kBool || at::isIntegralType(dtype, /*includeBool=*/false),
       op,
       ": mask must be bool or an integer dtype (nonzero = attend), got ",
       dtype_name(dtype));
+}
+
+void check_attn_bias(const char* op, const at::Tensor& x, const at::Tensor& attn_bias) {
+  check_strided(op, attn_bias, "attn_bias");
+  TORCH_CHECK_VALUE(
+      attn_bias.dim() == 2 && attn_bias.sym_size(0) == x.sym_size(0) &&
+          attn_bias.sym_size(1) == x.sym_size(1),
+      op,
+      ": attn_bias must have shape [B, L] = [",
+      x.sym_size(0),
+      ", ",
+      x.sym_size(1),
+      "], got ",
+      attn_bias.sym_sizes());
+  check_same_device(op, attn_bias, "attn_bias", x, "x");
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(attn_bias.scalar_type()),
+      op,
+      ": attn_bias must be a floating-point tensor (added to the scores; -inf = masked), got ",
+      dtype_name(attn_bias.scalar_type()),
+      "; a bool or integer mask goes in mask");
 }
 
 void check_square_weight(const at::Tensor& w, const c10::SymInt& hidden, const char* name) {
@@ -162,7 +184,8 @@ void check_attention_pool_args(
     const at::Tensor& w_k,
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
-    std::optional<double> scale) {
+    std::optional<double> scale,
+    const std::optional<at::Tensor>& attn_bias) {
   constexpr const char* op = "attention_pool";
   check_strided(op, x, "x");
   check_strided(op, query, "query");
@@ -205,6 +228,9 @@ void check_attention_pool_args(
       dtype_name(dtype));
   if (defined(mask)) {
     check_mask(op, x, *mask);
+  }
+  if (defined(attn_bias)) {
+    check_attn_bias(op, x, *attn_bias);
   }
 }
 
@@ -299,7 +325,8 @@ void check_folded_attention_pool_args(
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
     double scale,
-    bool full_width) {
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias) {
   constexpr const char* op = "folded_attention_pool";
   check_strided(op, x, "x");
   check_strided(op, u, "u");
@@ -334,6 +361,9 @@ void check_folded_attention_pool_args(
       dtype_name(u.scalar_type()));
   if (defined(mask)) {
     check_mask(op, x, *mask);
+  }
+  if (defined(attn_bias)) {
+    check_attn_bias(op, x, *attn_bias);
   }
 }
 

@@ -20,7 +20,8 @@ void check_attention_pool_args(
     const at::Tensor& w_k,
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
-    std::optional<double> scale);
+    std::optional<double> scale,
+    const std::optional<at::Tensor>& attn_bias);
 
 void check_fold_query_args(
     const at::Tensor& query,
@@ -43,7 +44,8 @@ void check_folded_attention_pool_args(
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
     double scale,
-    bool full_width);
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias);
 
 // The backward's extra inputs: grad_out, out and lse with the shapes the
 // forward op produced for these arguments.

@@ -18,6 +18,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -28,11 +29,12 @@ at::Tensor folded_attention_pool(
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
     double scale,
-    bool full_width) {
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("attnpool::folded_attention_pool", "")
                              .typed<decltype(folded_attention_pool)>();
-  return op.call(x, u, mask, scale, full_width);
+  return op.call(x, u, mask, scale, full_width, attn_bias);
 }
 
 namespace {
@@ -74,9 +76,10 @@ at::Tensor folded_attention_pool_composite(
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
     double scale,
-    bool full_width) {
-  const auto out =
-      std::get<0>(detail::call_folded_attention_pool_forward(x, u, mask, scale, full_width));
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias) {
+  const auto out = std::get<0>(
+      detail::call_folded_attention_pool_forward(x, u, mask, scale, full_width, attn_bias));
   return out.to(x.scalar_type());
 }
 
@@ -85,8 +88,9 @@ std::tuple<at::Tensor, at::Tensor> forward_meta(
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
     double scale,
-    bool full_width) {
-  detail::check_folded_attention_pool_args(x, u, mask, scale, full_width);
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias) {
+  detail::check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias);
   const auto acc_options = x.options().dtype(detail::accumulate_dtype(x.scalar_type()));
   return {
       at::empty_symint(out_sym_shape(x, u, full_width), acc_options),
@@ -101,8 +105,9 @@ std::tuple<at::Tensor, at::Tensor> backward_meta(
     const at::Tensor& out,
     const at::Tensor& lse,
     double scale,
-    bool full_width) {
-  detail::check_folded_attention_pool_args(x, u, mask, scale, full_width);
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias) {
+  detail::check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias);
   detail::check_folded_attention_pool_backward_args(grad_out, x, u, out, lse, full_width);
   return {
       at::empty_symint(x.sym_sizes(), x.options()), at::empty_symint(u.sym_sizes(), u.options())};
@@ -117,11 +122,12 @@ std::tuple<at::Tensor, at::Tensor> call_folded_attention_pool_forward(
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
     double scale,
-    bool full_width) {
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("attnpool::_folded_attention_pool_forward", "")
                              .typed<decltype(call_folded_attention_pool_forward)>();
-  return op.call(x, u, mask, scale, full_width);
+  return op.call(x, u, mask, scale, full_width, attn_bias);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_folded_attention_pool_backward(
@@ -132,11 +138,12 @@ std::tuple<at::Tensor, at::Tensor> call_folded_attention_pool_backward(
     const at::Tensor& out,
     const at::Tensor& lse,
     double scale,
-    bool full_width) {
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("attnpool::_folded_attention_pool_backward", "")
                              .typed<decltype(call_folded_attention_pool_backward)>();
-  return op.call(grad_out, x, u, mask, out, lse, scale, full_width);
+  return op.call(grad_out, x, u, mask, out, lse, scale, full_width, attn_bias);
 }
 
 PreparedPool prepare_pool(
@@ -144,8 +151,9 @@ PreparedPool prepare_pool(
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
     double scale,
-    bool full_width) {
-  check_folded_attention_pool_args(x, u, mask, scale, full_width);
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias) {
+  check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias);
   PreparedPool prepared;
   PoolInputs& p = prepared.params;
   p = PoolInputs{};
@@ -162,6 +170,13 @@ PreparedPool prepare_pool(
   prepared.acc_dtype = accumulate_dtype(x.scalar_type());
   prepared.rows = with_contiguous_rows(x);
   prepared.keep = bool_mask(mask);
+  if (attn_bias.has_value() && attn_bias->defined()) {
+    prepared.bias = attn_bias->to(prepared.acc_dtype).contiguous();
+    // A -inf bias gives its position weight 0 in every score, as the mask
+    // does; the kernels skip such rows, so NaN there cannot reach the output.
+    const auto finite = prepared.bias.ne(-std::numeric_limits<double>::infinity());
+    prepared.keep = prepared.keep.defined() ? prepared.keep.logical_and(finite) : finite;
+  }
   prepared.u = u.to(prepared.acc_dtype).reshape({p.num_scores(), p.hidden}).contiguous();
   prepared.out_shape = concrete(out_sym_shape(x, u, full_width));
   prepared.lse_shape = concrete(lse_sym_shape(x, u));
@@ -174,6 +189,7 @@ PreparedPool prepare_pool(
   p.mask_batch_stride = masked ? prepared.keep.stride(0) : 0;
   p.mask_seq_stride = masked ? prepared.keep.stride(1) : 0;
   p.u = prepared.u.const_data_ptr();
+  p.bias = prepared.bias.defined() ? prepared.bias.const_data_ptr() : nullptr;
   return prepared;
 }
 
@@ -182,9 +198,10 @@ PreparedForward prepare_forward(
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
     double scale,
-    bool full_width) {
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias) {
   PreparedForward f;
-  f.pool = prepare_pool(x, u, mask, scale, full_width);
+  f.pool = prepare_pool(x, u, mask, scale, full_width, attn_bias);
   const auto acc_options = x.options().dtype(f.pool.acc_dtype);
   f.out = at::empty(f.pool.out_shape, acc_options);
   f.lse = at::empty(f.pool.lse_shape, acc_options);
@@ -203,9 +220,10 @@ PreparedBackward prepare_backward(
     const at::Tensor& out,
     const at::Tensor& lse,
     double scale,
-    bool full_width) {
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias) {
   PreparedBackward g;
-  g.pool = prepare_pool(x, u, mask, scale, full_width);
+  g.pool = prepare_pool(x, u, mask, scale, full_width, attn_bias);
   check_folded_attention_pool_backward_args(grad_out, x, u, out, lse, full_width);
   const auto acc_dtype = g.pool.acc_dtype;
   g.grad_out = grad_out.to(acc_dtype).contiguous();
@@ -233,25 +251,26 @@ std::tuple<at::Tensor, at::Tensor> PreparedBackward::gradients(const at::Tensor&
 TORCH_LIBRARY_FRAGMENT(attnpool, m) {
   m.def(
       "folded_attention_pool(Tensor x, Tensor u, Tensor? mask=None, float scale=1.0, "
-      "bool full_width=False) -> Tensor",
+      "bool full_width=False, Tensor? attn_bias=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   // Forward for training: the output in the accumulation dtype (float32, or
   // float64 for float64 x) and the log-sum-exp [B, (Q,) n] that the backward
   // recomputes the softmax from.
   m.def(
       "_folded_attention_pool_forward(Tensor x, Tensor u, Tensor? mask=None, float scale=1.0, "
-      "bool full_width=False) -> (Tensor, Tensor)",
+      "bool full_width=False, Tensor? attn_bias=None) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // Returns the gradients of (x, u).
   m.def(
       "_folded_attention_pool_backward(Tensor grad_out, Tensor x, Tensor u, Tensor? mask, "
-      "Tensor out, Tensor lse, float scale, bool full_width) -> (Tensor, Tensor)",
+      "Tensor out, Tensor lse, float scale, bool full_width, Tensor? attn_bias=None) -> "
+      "(Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // folded_attention_pool for inputs with a tangent: its kernel comes from the
   // Python package (autograd/forward_ad.h).
   m.def(
       "_folded_attention_pool_forward_ad(Tensor x, Tensor u, Tensor? mask=None, "
-      "float scale=1.0, bool full_width=False) -> Tensor");
+      "float scale=1.0, bool full_width=False, Tensor? attn_bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(attnpool, CompositeExplicitAutograd, m) {

@@ -22,7 +22,8 @@ std::tuple<at::Tensor, at::Tensor> call_folded_attention_pool_forward(
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
     double scale,
-    bool full_width);
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias);
 std::tuple<at::Tensor, at::Tensor> call_folded_attention_pool_backward(
     const at::Tensor& grad_out,
     const at::Tensor& x,
@@ -31,7 +32,8 @@ std::tuple<at::Tensor, at::Tensor> call_folded_attention_pool_backward(
     const at::Tensor& out,
     const at::Tensor& lse,
     double scale,
-    bool full_width);
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias);
 
 // The arguments of one call, checked. `params` points into the tensors held
 // here, so it lives only as long as this struct.
@@ -39,7 +41,8 @@ struct PreparedPool {
   PoolInputs params;               // shape as the kernels see it, pointers set
   at::ScalarType acc_dtype;        // float64 for float64 x, else float32
   at::Tensor rows;                 // x with contiguous rows
-  at::Tensor keep;                 // the mask as bool, or undefined
+  at::Tensor keep;                 // the mask (and attn_bias != -inf) as bool, or undefined
+  at::Tensor bias;                 // attn_bias [B, L] contiguous, accumulation dtype, or undefined
   at::Tensor u;                    // [num_scores, H] contiguous, accumulation dtype
   std::vector<int64_t> out_shape;  // the op's output shape
   std::vector<int64_t> lse_shape;  // [B, *u.shape[:-1]]
@@ -49,7 +52,8 @@ PreparedPool prepare_pool(
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
     double scale,
-    bool full_width);
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias);
 
 // A forward call prepared: out and lse allocated in the accumulation dtype
 // (out stays unrounded: the backward's delta = G . out needs it), params
@@ -65,7 +69,8 @@ PreparedForward prepare_forward(
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
     double scale,
-    bool full_width);
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias);
 
 // A backward call prepared: what it reads besides the inputs, checked and
 // contiguous in the accumulation dtype; dx (x's dtype) and du ([num_scores,
@@ -91,6 +96,7 @@ PreparedBackward prepare_backward(
     const at::Tensor& out,
     const at::Tensor& lse,
     double scale,
-    bool full_width);
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias);
 
 }  // namespace attnpool::detail

@@ -76,7 +76,10 @@ struct PoolShape {
 
 // Where the inputs are. x: [B, L, H] with contiguous rows (strides in
 // elements); mask: [B, L] bool (true = attend) or null; u: [num_scores, H]
-// contiguous, in the accumulation dtype.
+// contiguous, in the accumulation dtype; bias: [B, L] contiguous, in the
+// accumulation dtype, or null. A row's score is scale * (x . u) + bias,
+// rounded after the product and after the sum, in the forward and the
+// backward alike. (A -inf bias is folded into the mask by the entry points.)
 struct PoolInputs : PoolShape {
   const void* x;
   int64_t x_batch_stride;
@@ -86,6 +89,7 @@ struct PoolInputs : PoolShape {
   int64_t mask_seq_stride;
   const void* u;
   double scale;
+  const void* bias;
 
   ATTNPOOL_PARAMS_FN bool attends(int64_t b, int64_t l) const {
     return mask == nullptr || mask[b * mask_batch_stride + l * mask_seq_stride];

@@ -1,7 +1,7 @@
 // The CUDA kernels of folded_attention_pool (ops/cuda/folded_attention_pool_kernel.cuh)
 // run on the CPU through tests/cpp/emulation/cuda_emulation.h, against the
 // CPU operators: every launch layout (vector width, chunks per thread, block
-// size), sequences cut into pieces and their merge, masks, heads, queries,
+// size), sequences cut into pieces and their merge, masks and attn_bias, heads, queries,
 // dtypes; and the CUDA fold (matrix products) against the CPU fold kernels.
 // This checks the device code's logic where no GPU is available; the real
 // GPU runs are in the Python tests (parametrised over devices).
@@ -14,6 +14,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <string>
 #include <tuple>
 
@@ -40,7 +41,7 @@ std::string case_name(const ::testing::TestParamInfo<Case>& info) {
 }
 
 struct Inputs {
-  torch::Tensor x, query, w_q, w_k, mask;
+  torch::Tensor x, query, w_q, w_k, mask, attn_bias;
 };
 
 Inputs make_inputs(const Case& c) {
@@ -59,12 +60,15 @@ Inputs make_inputs(const Case& c) {
     if (c.batch > 1) {
       in.mask[1] = false;
     }
+    // Masked cases also add a bias, -inf at some positions.
+    in.attn_bias = torch::randn({c.batch, c.seq_len}, f64).to(param_dtype);
+    in.attn_bias.masked_fill_(torch::rand({c.batch, c.seq_len}) > 0.8, -INFINITY);
   }
   return in;
 }
 
-std::optional<torch::Tensor> optional_mask(const Inputs& in) {
-  return in.mask.defined() ? std::optional<torch::Tensor>(in.mask) : std::nullopt;
+std::optional<torch::Tensor> optional(const torch::Tensor& t) {
+  return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt;
 }
 
 // Calls f(std::integral_constant VEC, std::integral_constant CHUNKS).
@@ -101,7 +105,12 @@ double tolerance(torch::ScalarType dtype) {
 }
 
 using ForwardOp = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, bool);
+    const at::Tensor&,
+    const at::Tensor&,
+    const std::optional<at::Tensor>&,
+    double,
+    bool,
+    const std::optional<at::Tensor>&);
 using BackwardOp = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&,
     const at::Tensor&,
@@ -110,7 +119,8 @@ using BackwardOp = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&,
     const at::Tensor&,
     double,
-    bool);
+    bool,
+    const std::optional<at::Tensor>&);
 using FoldBackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&,
     const at::Tensor&,
@@ -140,12 +150,13 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
   const int64_t B = c.batch, L = c.seq_len, H = c.hidden, n = c.num_heads;
   const int64_t Q = std::max<int64_t>(c.num_queries, 1);
   const int64_t num_scores = Q * n;
-  const auto mask = optional_mask(in);
+  const auto mask = optional(in.mask);
+  const auto attn_bias = optional(in.attn_bias);
   Emulated e{};
   std::tie(e.u, e.projected) =
       attnpool::detail::fold_query_by_matmul(in.query, in.w_q, in.w_k, n, std::nullopt);
   // The inputs as the CUDA entry points prepare them.
-  auto f = attnpool::detail::prepare_forward(in.x, e.u, mask, default_scale(c), false);
+  auto f = attnpool::detail::prepare_forward(in.x, e.u, mask, default_scale(c), false, attn_bias);
   const auto acc_options = f.out.options();
   const auto cut = attnpool::PieceCut::into(L, c.pieces);
   auto partials = torch::empty({B * Q * cut.pieces, 1 + 2 * n + H}, acc_options);
@@ -177,7 +188,7 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
             f.params);
       }
       auto g = attnpool::detail::prepare_backward(
-          grad_out, in.x, e.u, mask, e.out, e.lse, default_scale(c), false);
+          grad_out, in.x, e.u, mask, e.out, e.lse, default_scale(c), false, attn_bias);
       g.params.cut = cut;
       g.params.du_partials = du_partials.mutable_data_ptr();
       launch(
@@ -212,17 +223,18 @@ TEST_P(EmulatedCudaKernels, ForwardAndBackwardMatchTheCpuOperators) {
   const Case& c = GetParam();
   const auto in = make_inputs(c);
   const int64_t n = c.num_heads;
-  const auto mask = optional_mask(in);
+  const auto mask = optional(in.mask);
+  const auto attn_bias = optional(in.attn_bias);
   const double scale = default_scale(c);
   const auto [want_u, want_projected] =
       cpu_op<decltype(attnpool::detail::fold_query_by_matmul)>("attnpool::_fold_query_forward")
           .call(in.query, in.w_q, in.w_k, n, std::nullopt);
   const auto [want_out, want_lse] = cpu_op<ForwardOp>("attnpool::_folded_attention_pool_forward")
-                                        .call(in.x, want_u, mask, scale, false);
+                                        .call(in.x, want_u, mask, scale, false, attn_bias);
   const auto grad_out = random_grad_out(c, want_out.sizes());
   const auto [want_dx, want_du] =
       cpu_op<BackwardOp>("attnpool::_folded_attention_pool_backward")
-          .call(grad_out, in.x, want_u, mask, want_out, want_lse, scale, false);
+          .call(grad_out, in.x, want_u, mask, want_out, want_lse, scale, false, attn_bias);
   const auto want_fold_grads = cpu_op<FoldBackwardOp>("attnpool::_fold_query_backward")
                                    .call(want_du, in.query, in.w_q, in.w_k, want_projected, n);
 
@@ -252,6 +264,7 @@ TEST(EmulatedCudaKernelsSingleRow, ScoreGradientIsExactlyZero) {
     if (masked) {
       in.mask = torch::zeros({c.batch, c.seq_len}, torch::kBool);
       in.mask.select(1, 4).fill_(true);
+      in.attn_bias = torch::Tensor();  // row 4 alone, whatever the bias would exclude
     }
     in.x = in.x * 3;  // scores far from 0, so that exp() is not trivially 1
     const auto grad_out = random_grad_out(c, {c.batch, c.num_queries, c.hidden});

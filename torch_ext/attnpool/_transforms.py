@@ -28,6 +28,11 @@ from attnpool.reference import accumulate_dtype
 
 _ops = torch.ops.attnpool
 
+_NO_BIAS_GRADIENT = (
+    "attnpool: attn_bias has no gradient in reverse mode (it is an additive mask); "
+    "pass attn_bias.detach()"
+)
+
 
 # --- folded_attention_pool -------------------------------------------------------------
 
@@ -60,15 +65,17 @@ def _pool_tangent(
     x: Tensor,
     u: Tensor,
     mask: Optional[Tensor],
+    attn_bias: Optional[Tensor],
     lse: Tensor,
     scale: float,
     full_width: bool,
     x_tangent: Optional[Tensor],
     u_tangent: Optional[Tensor],
+    bias_tangent: Optional[Tensor] = None,
 ) -> Tensor:
     """The tangent of the (unrounded) output, per query and head:
     ``sum_l p_l (ds_l - sum_k p_k ds_k) x_l + sum_l p_l dx_l``, where
-    ``ds_l = scale (dx_l . u + x_l . du)`` is the tangent of the score and
+    ``ds_l = scale (dx_l . u + x_l . du) + dbias_l`` is the tangent of the score and
     ``p = exp(s - lse)`` the forward's softmax (SPEC.md §5)."""
     acc = accumulate_dtype(x.dtype)
     batch, seq_len, hidden = x.shape
@@ -76,9 +83,13 @@ def _pool_tangent(
     keep = torch.ones(batch, seq_len, dtype=torch.bool, device=x.device)
     if mask is not None:
         keep = mask != 0
+    if attn_bias is not None:
+        keep = keep & (attn_bias != float("-inf"))
     # Masked positions never reach the output or its tangent, even if NaN.
     rows = x.to(acc).masked_fill(~keep[..., None], 0)
     scores = scale * _scores(rows, us)
+    if attn_bias is not None:
+        scores = scores + attn_bias.to(acc)[:, None, None, :]
     log_norm = lse.reshape(batch, us.shape[0], us.shape[1], 1)
     probs = torch.where(keep[:, None, None, :], torch.exp(scores - log_norm), 0.0)
 
@@ -90,6 +101,8 @@ def _pool_tangent(
         u_tangents = u_tangent.reshape(us.shape).to(acc)
         score_tangent = score_tangent + _scores(rows, u_tangents)
     score_tangent = scale * score_tangent
+    if bias_tangent is not None:
+        score_tangent = score_tangent + bias_tangent.to(acc)[:, None, None, :]
     centred = score_tangent - (probs * score_tangent).sum(-1, keepdim=True)
 
     out_tangent = _weighted_rows(probs * centred, rows, full_width)
@@ -105,31 +118,45 @@ class _FoldedAttentionPool(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, u, mask, scale, full_width):
-        return _ops._folded_attention_pool_forward.default(x, u, mask, scale, full_width)
+    def forward(x, u, mask, scale, full_width, attn_bias):
+        return _ops._folded_attention_pool_forward.default(x, u, mask, scale, full_width, attn_bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, u, mask, scale, full_width = inputs
+        x, u, mask, scale, full_width, attn_bias = inputs
         out, lse = output
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(x, u, mask, out, lse)
-        ctx.save_for_forward(x, u, mask, out, lse)
+        ctx.save_for_backward(x, u, mask, out, lse, attn_bias)
+        ctx.save_for_forward(x, u, mask, out, lse, attn_bias)
         ctx.scale = scale
         ctx.full_width = full_width
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        x, u, mask, out, lse = ctx.saved_tensors
+        if ctx.needs_input_grad[5]:
+            raise NotImplementedError(_NO_BIAS_GRADIENT)
+        x, u, mask, out, lse, attn_bias = ctx.saved_tensors
         grad_x, grad_u = _ops._folded_attention_pool_backward.default(
-            grad_out, x, u, mask, out, lse, ctx.scale, ctx.full_width
+            grad_out, x, u, mask, out, lse, ctx.scale, ctx.full_width, attn_bias
         )
-        return grad_x, grad_u, None, None, None
+        return grad_x, grad_u, None, None, None, None
 
     @staticmethod
-    def jvp(ctx, x_tangent, u_tangent, _mask, _scale, _full_width):
-        x, u, mask, _out, lse = ctx.saved_tensors
-        tangent = _pool_tangent(x, u, mask, lse, ctx.scale, ctx.full_width, x_tangent, u_tangent)
+    def jvp(ctx, x_tangent, u_tangent, _mask, _scale, _full_width, bias_tangent):
+        # (Forward mode covers attn_bias too: its tangent just adds to the scores'.)
+        x, u, mask, _out, lse, attn_bias = ctx.saved_tensors
+        tangent = _pool_tangent(
+            x,
+            u,
+            mask,
+            attn_bias,
+            lse,
+            ctx.scale,
+            ctx.full_width,
+            x_tangent,
+            u_tangent,
+            bias_tangent,
+        )
         return tangent, None
 
 
@@ -146,11 +173,12 @@ def _folded_attention_pool(
     mask: Optional[Tensor] = None,
     scale: float = 1.0,
     full_width: bool = False,
+    attn_bias: Optional[Tensor] = None,
 ) -> Tensor:
     if _functionalizing():
-        out, _ = _FoldedAttentionPool.forward(x, u, mask, scale, full_width)
+        out, _ = _FoldedAttentionPool.forward(x, u, mask, scale, full_width, attn_bias)
     else:
-        out, _ = _FoldedAttentionPool.apply(x, u, mask, scale, full_width)
+        out, _ = _FoldedAttentionPool.apply(x, u, mask, scale, full_width, attn_bias)
     return out.to(x.dtype)
 
 
@@ -240,13 +268,16 @@ def _attention_pool(
     mask: Optional[Tensor] = None,
     num_heads: int = 1,
     scale: Optional[float] = None,
+    attn_bias: Optional[Tensor] = None,
 ) -> Tensor:
     from attnpool import _C
 
     # attention_pool's own checks (errors name it, not its parts), then the scale.
-    resolved = _C._checked_attention_pool_scale(x, query, w_q, w_k, mask, num_heads, scale)
+    resolved = _C._checked_attention_pool_scale(
+        x, query, w_q, w_k, mask, num_heads, scale, attn_bias
+    )
     u = _ops.fold_query.default(query, w_q, w_k, num_heads, None)
-    return _ops.folded_attention_pool.default(x, u, mask, resolved, False)
+    return _ops.folded_attention_pool.default(x, u, mask, resolved, False, attn_bias)
 
 
 # --- batching rules --------------------------------------------------------------------
@@ -275,28 +306,33 @@ def _per_sample(op, info, in_dims, *args):
     return outputs, (0,) * len(outputs)
 
 
-def _pool_forward_vmap(info, in_dims, x, u, mask=None, scale=1.0, full_width=False):
-    """A batch dimension of x (and mask) folds into B; one of u alone into Q."""
-    # (The dispatcher leaves out arguments equal to their defaults.)
-    in_dims = (*in_dims, None, None, None)[:5]
+def _pool_forward_vmap(info, in_dims, x, u, mask=None, scale=1.0, full_width=False, attn_bias=None):
+    """A batch dimension of x (and mask, attn_bias) folds into B; one of u alone into Q."""
+    # (The dispatcher leaves out trailing arguments equal to their defaults.)
+    in_dims = (*in_dims, None, None, None, None)[:6]
     op = _ops._folded_attention_pool_forward.default
-    x_dim, u_dim, mask_dim = in_dims[:3]
+    x_dim, u_dim, mask_dim, bias_dim = in_dims[0], in_dims[1], in_dims[2], in_dims[5]
+    args = (x, u, mask, scale, full_width, attn_bias)
     samples = info.batch_size
-    xs, masks = _moved(x, x_dim), _moved(mask, mask_dim)
+    xs = _moved(x, x_dim)
+    per_row = (_moved(mask, mask_dim), _moved(attn_bias, bias_dim))
     # (Shapes the op would refuse go one sample at a time, for its own error.)
-    mask_fits = masks is None or masks.shape[-2:] == xs.shape[-3:-1]
-    if x_dim is not None and u_dim is None and x.dim() == 4 and mask_fits:
-        if masks is not None:
-            masks = masks.expand(samples, *xs.shape[1:3]).reshape(-1, xs.shape[2])
-        out, lse = op(xs.reshape(-1, *xs.shape[2:]), u, masks, scale, full_width)
+    rows_fit = all(t is None or t.shape[-2:] == xs.shape[-3:-1] for t in per_row)
+    if x_dim is not None and u_dim is None and x.dim() == 4 and rows_fit:
+        masks, biases = (
+            None if t is None else t.expand(samples, *xs.shape[1:3]).reshape(-1, xs.shape[2])
+            for t in per_row
+        )
+        out, lse = op(xs.reshape(-1, *xs.shape[2:]), u, masks, scale, full_width, biases)
         unfold = (samples, xs.shape[1])
         return (out.reshape(*unfold, *out.shape[1:]), lse.reshape(*unfold, *lse.shape[1:])), (0, 0)
-    if x_dim is None and mask_dim is None and u_dim is not None and u.dim() in (3, 4):
+    rows_batched = x_dim is not None or mask_dim is not None or bias_dim is not None
+    if not rows_batched and u_dim is not None and u.dim() in (3, 4):
         us = _moved(u, u_dim)  # [samples, (Q,) n, H]
-        out, lse = op(x, us.reshape(-1, *us.shape[-2:]), mask, scale, full_width)
+        out, lse = op(x, us.reshape(-1, *us.shape[-2:]), mask, scale, full_width, attn_bias)
         unfold = (x.shape[0], samples, *us.shape[1:-2])
         return (out.reshape(*unfold, *out.shape[2:]), lse.reshape(*unfold, *lse.shape[2:])), (1, 1)
-    return _per_sample(op, info, in_dims, x, u, mask, scale, full_width)
+    return _per_sample(op, info, in_dims, *args)
 
 
 def _fold_forward_vmap(info, in_dims, query, w_q, w_k, num_heads=1, q_bias=None):

@@ -49,6 +49,26 @@ def _check_plain_linear(module: nn.Module, name: str) -> None:
         )
 
 
+def _check_sizes(owner: str, embed_dim: int, num_heads: int, num_queries: int) -> None:
+    """The constructor checks the attention modules share, with the op's kinds of
+    error: TypeError for a non-int, ValueError for a bad value."""
+    for name, value in (
+        ("embed_dim", embed_dim),
+        ("num_heads", num_heads),
+        ("num_queries", num_queries),
+    ):
+        _check_int(owner, name, value)
+    if embed_dim < 1:
+        raise ValueError(f"{owner}: embed_dim must be >= 1, got {embed_dim}")
+    if num_heads < 1 or embed_dim % num_heads != 0:
+        raise ValueError(
+            f"{owner}: num_heads must be >= 1 and divide embed_dim = {embed_dim}, "
+            f"got num_heads = {num_heads}"
+        )
+    if num_queries < 1:
+        raise ValueError(f"{owner}: num_queries must be >= 1, got {num_queries}")
+
+
 class AttentionPooling(nn.Module):
     """Pools ``[B, L, embed_dim]`` sequences with learned queries (SPEC.md §1).
 
@@ -80,21 +100,7 @@ class AttentionPooling(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("embed_dim", embed_dim),
-            ("num_heads", num_heads),
-            ("num_queries", num_queries),
-        ):
-            _check_int("AttentionPooling", name, value)
-        if embed_dim < 1:
-            raise ValueError(f"AttentionPooling: embed_dim must be >= 1, got {embed_dim}")
-        if num_heads < 1 or embed_dim % num_heads != 0:
-            raise ValueError(
-                f"AttentionPooling: num_heads must be >= 1 and divide embed_dim = {embed_dim}, "
-                f"got num_heads = {num_heads}"
-            )
-        if num_queries < 1:
-            raise ValueError(f"AttentionPooling: num_queries must be >= 1, got {num_queries}")
+        _check_sizes("AttentionPooling", embed_dim, num_heads, num_queries)
         if scale is not None:
             _check_number("AttentionPooling", "scale", scale)
             if not (math.isfinite(scale) and scale > 0):
@@ -155,11 +161,12 @@ class MultiheadAttentionPooling(nn.Module):
     multiply-adds instead of about ``2 * embed_dim``, and the backward saves only
     the pooled vectors.
 
-    ``forward(x, mask=None)``: ``x`` ``[B, L, kdim]``, ``mask`` ``[B, L]`` with
-    ``True`` (nonzero) = attend (pass ``~key_padding_mask``). Returns ``[B, E]``
-    for one query, ``[B, Q, E]`` otherwise. A row with nothing to attend gives
-    ``out_proj.bias`` (``nn.MultiheadAttention`` gives NaN) and zero gradient to
-    ``x``. ``x`` may be float16/bfloat16 with float32 parameters; the projections
+    ``forward(x, mask=None, attn_bias=None)``: ``x`` ``[B, L, kdim]``, ``mask``
+    ``[B, L]`` with ``True`` (nonzero) = attend (pass ``~key_padding_mask``),
+    ``attn_bias`` ``[B, L]`` added to every score (a float ``attn_mask``; -inf
+    excludes a position). Returns ``[B, E]`` for one query, ``[B, Q, E]``
+    otherwise. A row with nothing to attend gives ``out_proj.bias``
+    (``nn.MultiheadAttention`` gives NaN) and zero gradient to ``x``. ``x`` may be float16/bfloat16 with float32 parameters; the projections
     then run in the parameters' dtype and the output is in ``x``'s.
     """
 
@@ -176,25 +183,14 @@ class MultiheadAttentionPooling(nn.Module):
     ) -> None:
         super().__init__()
         owner = "MultiheadAttentionPooling"
-        for name, value in (
-            ("embed_dim", embed_dim),
-            ("num_heads", num_heads),
-            ("num_queries", num_queries),
-        ):
-            _check_int(owner, name, value)
+        _check_sizes(owner, embed_dim, num_heads, num_queries)
         if kdim is not None:
             _check_int(owner, "kdim", kdim)
+            if kdim < 1:
+                raise ValueError(f"{owner}: kdim must be >= 1, got {kdim}")
         if not isinstance(bias, bool):
             raise TypeError(f"{owner}: bias must be a bool, got {type(bias).__name__}")
         kdim = embed_dim if kdim is None else kdim
-        for name, value in (("embed_dim", embed_dim), ("kdim", kdim), ("num_queries", num_queries)):
-            if value < 1:
-                raise ValueError(f"{owner}: {name} must be >= 1, got {value}")
-        if num_heads < 1 or embed_dim % num_heads != 0:
-            raise ValueError(
-                f"{owner}: num_heads must be >= 1 and divide embed_dim = {embed_dim}, "
-                f"got num_heads = {num_heads}"
-            )
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kdim = kdim
@@ -244,7 +240,9 @@ class MultiheadAttentionPooling(nn.Module):
             return self.in_proj_weight.chunk(3)
         return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Optional[Tensor] = None, attn_bias: Optional[Tensor] = None
+    ) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.kdim:
             raise ValueError(
                 f"MultiheadAttentionPooling: x must have shape [B, L, kdim = {self.kdim}], "
@@ -256,14 +254,16 @@ class MultiheadAttentionPooling(nn.Module):
             b_q, _, b_v = self.in_proj_bias.chunk(3)
         heads, head_dim = self.num_heads, self.head_dim
         u = fold_query(self.query, w_q, w_k, heads, b_q)  # [Q, n, kdim]
-        pooled = folded_attention_pool(x, u, mask, head_dim**-0.5, True)  # [B, Q, n, kdim]
+        pooled = folded_attention_pool(
+            x, u, mask, head_dim**-0.5, True, attn_bias
+        )  # [B, Q, n, kdim]
         pooled = pooled.to(w_v.dtype)
         # Per head: o[D_h] = W_v[D_h] @ pooled[h] (+ b_v[D_h] where a row attends).
         values = torch.einsum(
             "bqnk,ndk->bqnd", pooled, w_v.reshape(heads, head_dim, self.kdim)
         ).reshape(x.shape[0], self.num_queries, self.embed_dim)
         if b_v is not None:
-            attends = _attends(x, mask).to(values.dtype)
+            attends = _attends(x, mask, attn_bias).to(values.dtype)
             values = values + attends[:, None, None] * b_v
         out = self.out_proj(values).to(x.dtype)
         return out[:, 0] if self.num_queries == 1 else out
@@ -278,11 +278,14 @@ class MultiheadAttentionPooling(nn.Module):
         return text if self.in_proj_bias is not None else f"{text}, bias=False"
 
 
-def _attends(x: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """[B] bool: whether each row has a position to attend."""
-    if mask is None:
-        return torch.full((x.shape[0],), x.shape[1] > 0, dtype=torch.bool, device=x.device)
-    return (mask != 0).any(dim=1)
+def _attends(x: Tensor, mask: Optional[Tensor], attn_bias: Optional[Tensor]) -> Tensor:
+    """[B] bool: whether each row has a position to attend (a -inf bias excludes one)."""
+    keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    if mask is not None:
+        keep = keep & (mask != 0)
+    if attn_bias is not None:
+        keep = keep & (attn_bias != float("-inf"))
+    return keep.any(dim=1)
 
 
 def _check_weighted_pool_inputs(x: Tensor, mask: Optional[Tensor], weight: Tensor, max_len: int):

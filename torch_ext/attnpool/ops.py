@@ -35,6 +35,7 @@ def attention_pool(
     mask: Optional[Tensor] = None,
     num_heads: int = 1,
     scale: Optional[float] = None,
+    attn_bias: Optional[Tensor] = None,
 ) -> Tensor:
     """Pools each sequence of ``x`` into one vector per query (SPEC.md §1).
 
@@ -57,6 +58,12 @@ def attention_pool(
             with zero gradients. Masked positions never reach the output, even if NaN.
         num_heads: number of heads; must divide ``H``.
         scale: score scale, finite and positive; defaults to ``1/sqrt(H / num_heads)``.
+        attn_bias: optional ``[B, L]`` floating point, added to every score (in
+            float32, float64 for float64 ``x``): an SDPA-style additive mask or a
+            position bias. ``-inf`` excludes a position as the mask does; a
+            sequence whose every position is excluded pools to zeros. No
+            gradient in reverse mode (asking for one is an error); forward
+            mode covers it.
 
     Returns:
         ``[B, H]`` for a 1-D ``query``, ``[B, Q, H]`` otherwise, in ``x``'s dtype.
@@ -75,9 +82,12 @@ def attention_pool(
         _check_int(op, "num_heads", num_heads)
         if scale is not None:
             _check_number(op, "scale", scale)
-        return torch.ops.attnpool.attention_pool.default(x, query, w_q, w_k, mask, num_heads, scale)
+        _check_optional_tensor(op, "attn_bias", attn_bias)
+        return torch.ops.attnpool.attention_pool.default(
+            x, query, w_q, w_k, mask, num_heads, scale, attn_bias
+        )
     # TorchScript resolves the overload itself (it cannot call .default).
-    return torch.ops.attnpool.attention_pool(x, query, w_q, w_k, mask, num_heads, scale)
+    return torch.ops.attnpool.attention_pool(x, query, w_q, w_k, mask, num_heads, scale, attn_bias)
 
 
 def fold_query(
@@ -120,6 +130,7 @@ def folded_attention_pool(
     mask: Optional[Tensor] = None,
     scale: float = 1.0,
     full_width: bool = False,
+    attn_bias: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention pooling on a folded query ``u`` (SPEC.md §5).
 
@@ -140,6 +151,8 @@ def folded_attention_pool(
             ``nn.MultiheadAttention``'s ``key_padding_mask``).
         scale: score scale, finite and positive.
         full_width: see above; without it ``num_heads`` must divide ``H``.
+        attn_bias: optional ``[B, L]``, added to every score, as in
+            :func:`attention_pool`.
 
     Returns:
         The pooled vectors in ``x``'s dtype; zeros for a sequence with nothing
@@ -153,6 +166,9 @@ def folded_attention_pool(
         _check_number(op, "scale", scale)
         if not isinstance(full_width, bool):
             raise TypeError(f"{op}: full_width must be a bool, got {type(full_width).__name__}")
-        return torch.ops.attnpool.folded_attention_pool.default(x, u, mask, scale, full_width)
+        _check_optional_tensor(op, "attn_bias", attn_bias)
+        return torch.ops.attnpool.folded_attention_pool.default(
+            x, u, mask, scale, full_width, attn_bias
+        )
     # TorchScript resolves the overload itself (it cannot call .default).
-    return torch.ops.attnpool.folded_attention_pool(x, u, mask, scale, full_width)
+    return torch.ops.attnpool.folded_attention_pool(x, u, mask, scale, full_width, attn_bias)

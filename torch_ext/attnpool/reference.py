@@ -21,9 +21,28 @@ def _keep(mask: Tensor) -> Tensor:
     if mask.is_floating_point() or mask.is_complex():
         raise TypeError(
             f"mask must be bool or an integer dtype (nonzero = attend), got {mask.dtype}: "
-            "SDPA-style additive masks mean the opposite (0 = attend, -inf = masked)"
+            "SDPA-style additive masks mean the opposite (0 = attend, -inf = masked); "
+            "pass them as attn_bias"
         )
     return mask != 0
+
+
+def _attended(x: Tensor, mask: Optional[Tensor], attn_bias: Optional[Tensor]) -> Tensor:
+    """[B, L] bool: positions that count. A -inf bias excludes its position like
+    the mask does, so a NaN row there cannot reach the output."""
+    keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    if mask is not None:
+        keep = _keep(mask)
+    if attn_bias is not None:
+        keep = keep & (attn_bias != float("-inf"))
+    return keep
+
+
+def _biased(scores: Tensor, attn_bias: Optional[Tensor]) -> Tensor:
+    """scores [B, Q, n, L] plus attn_bias [B, L] in the scores' dtype."""
+    if attn_bias is None:
+        return scores
+    return scores + attn_bias.to(scores.dtype)[:, None, None, :]
 
 
 def attention_pool(
@@ -34,6 +53,7 @@ def attention_pool(
     mask: Optional[Tensor] = None,
     num_heads: int = 1,
     scale: Optional[float] = None,
+    attn_bias: Optional[Tensor] = None,
 ) -> Tensor:
     """Same signature and semantics as :func:`attnpool.attention_pool`."""
     batch, seq_len, hidden = x.shape
@@ -43,10 +63,7 @@ def attention_pool(
     acc = accumulate_dtype(x.dtype)
     num_queries = 1 if query.dim() == 1 else query.shape[0]
     queries = query.reshape(num_queries, hidden).to(acc)
-    if mask is None:
-        keep = torch.ones(batch, seq_len, dtype=torch.bool, device=x.device)
-    else:
-        keep = _keep(mask)
+    keep = _attended(x, mask, attn_bias)
     # Masked positions never reach the output, even when they hold NaN or Inf.
     xs = x.to(acc).masked_fill(~keep[..., None], 0)
 
@@ -57,7 +74,7 @@ def attention_pool(
         keys.view(batch, seq_len, num_heads, head_dim),
         projected_query.view(num_queries, num_heads, head_dim),
     )
-    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    scores = _biased(scores, attn_bias).masked_fill(~keep[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     # A sequence with nothing to attend pools to zeros instead of NaN.
     probs = torch.where(keep.any(dim=1)[:, None, None, None], probs, 0.0)
@@ -94,19 +111,17 @@ def folded_attention_pool(
     mask: Optional[Tensor] = None,
     scale: float = 1.0,
     full_width: bool = False,
+    attn_bias: Optional[Tensor] = None,
 ) -> Tensor:
     """Same signature and semantics as :func:`attnpool.folded_attention_pool`."""
     batch, seq_len, hidden = x.shape
     acc = accumulate_dtype(x.dtype)
     us = u.reshape(-1, u.shape[-2], hidden).to(acc)  # [Q, n, H]
     num_queries, num_heads = us.shape[:2]
-    if mask is None:
-        keep = torch.ones(batch, seq_len, dtype=torch.bool, device=x.device)
-    else:
-        keep = _keep(mask)
+    keep = _attended(x, mask, attn_bias)
     xs = x.to(acc).masked_fill(~keep[..., None], 0)
     scores = scale * torch.einsum("blh,qnh->bqnl", xs, us)
-    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    scores = _biased(scores, attn_bias).masked_fill(~keep[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.where(keep.any(dim=1)[:, None, None, None], probs, 0.0)
     if full_width:

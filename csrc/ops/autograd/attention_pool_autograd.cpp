@@ -5,6 +5,7 @@
 #include <attnpool/attention_pool.h>
 
 #include "ops/attention_pool.h"
+#include "ops/autograd/attn_bias.h"
 #include "ops/autograd/forward_ad.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -23,18 +24,20 @@ at::Tensor attention_pool_autograd(
     const at::Tensor& w_k,
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
-    std::optional<double> scale) {
+    std::optional<double> scale,
+    const std::optional<at::Tensor>& attn_bias) {
+  detail::refuse_attn_bias_gradient("attention_pool", attn_bias);
   const bool needs_grad =
       at::GradMode::is_enabled() &&
       (x.requires_grad() || query.requires_grad() || w_q.requires_grad() || w_k.requires_grad());
   // A tangent goes through the parts, which have forward-mode AD.
-  if (!needs_grad && !detail::any_tangent({&x, &query, &w_q, &w_k})) {
+  if (!needs_grad && !detail::any_tangent({&x, &query, &w_q, &w_k}, attn_bias)) {
     // Inference: one op below autograd. This also keeps attention_pool as one
     // node when torch.export decomposes for inference.
     at::AutoDispatchBelowADInplaceOrView guard;
-    return attnpool::attention_pool(x, query, w_q, w_k, mask, num_heads, scale);
+    return attnpool::attention_pool(x, query, w_q, w_k, mask, num_heads, scale, attn_bias);
   }
-  return detail::compose_attention_pool(x, query, w_q, w_k, mask, num_heads, scale);
+  return detail::compose_attention_pool(x, query, w_q, w_k, mask, num_heads, scale, attn_bias);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include <attnpool/attention_pool.h>
 
+#include "ops/autograd/attn_bias.h"
 #include "ops/autograd/forward_ad.h"
 #include "ops/folded_attention_pool.h"
 
@@ -25,11 +26,14 @@ class FoldedAttentionPoolFunction : public torch::autograd::Function<FoldedAtten
       const at::Tensor& u,
       const std::optional<at::Tensor>& mask,
       double scale,
-      bool full_width) {
+      bool full_width,
+      const std::optional<at::Tensor>& attn_bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
     // The backward gets the unrounded (accumulation dtype) output.
-    auto [out, lse] = detail::call_folded_attention_pool_forward(x, u, mask, scale, full_width);
-    ctx->save_for_backward({x, u, mask.value_or(at::Tensor()), out, lse});
+    auto [out, lse] =
+        detail::call_folded_attention_pool_forward(x, u, mask, scale, full_width, attn_bias);
+    ctx->save_for_backward(
+        {x, u, mask.value_or(at::Tensor()), out, lse, attn_bias.value_or(at::Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["full_width"] = full_width;
     // (Not out.to(...) when the dtypes agree: that would return its input,
@@ -42,17 +46,20 @@ class FoldedAttentionPoolFunction : public torch::autograd::Function<FoldedAtten
   static torch::autograd::variable_list backward(
       torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const auto& mask = saved[2];
+    const auto optional = [](const at::Tensor& t) {
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
     auto [dx, du] = detail::call_folded_attention_pool_backward(
         grad_outputs[0],
         saved[0],
         saved[1],
-        mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt,
+        optional(saved[2]),
         saved[3],
         saved[4],
         ctx->saved_data["scale"].toDouble(),
-        ctx->saved_data["full_width"].toBool());
-    return {dx, du, at::Tensor(), at::Tensor(), at::Tensor()};
+        ctx->saved_data["full_width"].toBool(),
+        optional(saved[5]));
+    return {dx, du, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -61,19 +68,21 @@ at::Tensor folded_attention_pool_autograd(
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
     double scale,
-    bool full_width) {
-  if (detail::any_tangent({&x, &u})) {
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias) {
+  detail::refuse_attn_bias_gradient("folded_attention_pool", attn_bias);
+  if (detail::any_tangent({&x, &u}, attn_bias)) {
     return detail::forward_ad_operator<decltype(folded_attention_pool_autograd)>(
                "folded_attention_pool")
-        .call(x, u, mask, scale, full_width);
+        .call(x, u, mask, scale, full_width, attn_bias);
   }
   const bool needs_grad = at::GradMode::is_enabled() && (x.requires_grad() || u.requires_grad());
   if (!needs_grad) {
     // Inference: the plain kernel, nothing saved.
     at::AutoDispatchBelowADInplaceOrView guard;
-    return attnpool::folded_attention_pool(x, u, mask, scale, full_width);
+    return attnpool::folded_attention_pool(x, u, mask, scale, full_width, attn_bias);
   }
-  return FoldedAttentionPoolFunction::apply(x, u, mask, scale, full_width);
+  return FoldedAttentionPoolFunction::apply(x, u, mask, scale, full_width, attn_bias);
 }
 
 }  // namespace

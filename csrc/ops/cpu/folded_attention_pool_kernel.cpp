@@ -90,8 +90,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
     double scale,
-    bool full_width) {
-  auto f = detail::prepare_forward(x, u, mask, scale, full_width);
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias) {
+  auto f = detail::prepare_forward(x, u, mask, scale, full_width, attn_bias);
   if (f.lse.numel() == 0) {
     return {f.out, f.lse};
   }
@@ -114,8 +115,9 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& out,
     const at::Tensor& lse,
     double scale,
-    bool full_width) {
-  auto g = detail::prepare_backward(grad_out, x, u, mask, out, lse, scale, full_width);
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias) {
+  auto g = detail::prepare_backward(grad_out, x, u, mask, out, lse, scale, full_width, attn_bias);
   BackwardParams& p = g.params;
   const auto acc_options = g.du.options();
   p.flat_cut = backward_cut(p);

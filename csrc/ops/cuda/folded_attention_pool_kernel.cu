@@ -129,9 +129,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
     double scale,
-    bool full_width) {
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias) {
   const c10::cuda::CUDAGuard guard(x.device());
-  auto f = detail::prepare_forward(x, u, mask, scale, full_width);
+  auto f = detail::prepare_forward(x, u, mask, scale, full_width, attn_bias);
   if (f.lse.numel() == 0) {
     return {f.out, f.lse};
   }
@@ -179,9 +180,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& out,
     const at::Tensor& lse,
     double scale,
-    bool full_width) {
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias) {
   const c10::cuda::CUDAGuard guard(x.device());
-  auto g = detail::prepare_backward(grad_out, x, u, mask, out, lse, scale, full_width);
+  auto g = detail::prepare_backward(grad_out, x, u, mask, out, lse, scale, full_width, attn_bias);
   BackwardParams& a = g.params;
   const int64_t num_scores = a.num_scores();
   if (g.dx.numel() == 0 || num_scores == 0) {

@@ -172,6 +172,15 @@ ATTNPOOL_DEVICE inline void widen_tile(
   }
 }
 
+// Row l's score as the forward and the backward both make it: scale * sum
+// rounded on its own (never fused into an FMA), then the bias of row l added
+// when there is one (bias points at sequence b's [L] biases, or is null).
+template <typename acc_t>
+ATTNPOOL_DEVICE inline acc_t biased_score(acc_t scale, acc_t sum, const acc_t* bias, int64_t l) {
+  const acc_t scaled = attnpool_mul_rn(scale, sum);
+  return bias == nullptr ? scaled : scaled + bias[l];
+}
+
 // One (sequence b, query i, piece of the sequence) per block. Threads split
 // the columns; a tile of kTileRows rows is scored with one block reduction
 // per head, then folded into the online softmax (running max, sum, and the
@@ -191,6 +200,8 @@ ATTNPOOL_GLOBAL void forward_kernel(ForwardParams a) {
   const auto* x = static_cast<const scalar_t*>(a.x) + b * a.x_batch_stride;
   const auto* u = static_cast<const acc_t*>(a.u) + i * n * H;
   const acc_t scale = static_cast<acc_t>(a.scale);
+  const auto* bias =
+      a.bias == nullptr ? nullptr : static_cast<const acc_t*>(a.bias) + b * a.seq_len;
 
   ATTNPOOL_DYNAMIC_SHARED(acc_t, shared);
   acc_t* partial_scores = shared;                      // [num_warps][n][R]
@@ -250,7 +261,10 @@ ATTNPOOL_GLOBAL void forward_kernel(ForwardParams a) {
     }
     attnpool_syncthreads();
     for (int64_t idx = tid; idx < n * R; idx += blockDim.x) {
-      scores[idx] = scale * sum_over_warps(partial_scores, num_warps, n * R, idx);
+      const int r = static_cast<int>(idx % R);
+      const acc_t sum = sum_over_warps(partial_scores, num_warps, n * R, idx);
+      // (Rows not present are never weighed; their bias may lie past L.)
+      scores[idx] = biased_score(scale, sum, present[r] ? bias : nullptr, tile + r);
     }
     attnpool_syncthreads();
     // One thread per head updates that head's running max and sum, exactly
@@ -519,6 +533,8 @@ ATTNPOOL_GLOBAL void backward_kernel(BackwardParams a) {
   auto* dx = static_cast<scalar_t*>(a.dx) + b * a.seq_len * H;
   acc_t* du = static_cast<acc_t*>(a.du_partials) + block * num_scores * H;
   const acc_t scale = static_cast<acc_t>(a.scale);
+  const auto* bias =
+      a.bias == nullptr ? nullptr : static_cast<const acc_t*>(a.bias) + b * a.seq_len;
 
   ATTNPOOL_DYNAMIC_SHARED(acc_t, shared);
   acc_t* partial = shared;                         // [num_warps][2][n][R]
@@ -586,11 +602,12 @@ ATTNPOOL_GLOBAL void backward_kernel(BackwardParams a) {
         const acc_t dprob = sum_over_warps(partial + n * R, num_warps, 2 * n * R, idx);
         const int64_t k = i * n + h;
         // The forward summed this score in the same order (same columns per
-        // thread, same reductions) and rounded scale * score on its own; so
-        // p <= 1 however large the scores (the CPU's [Note: one order for
-        // every score]).
-        const acc_t p =
-            present[r] ? attnpool_exp(attnpool_mul_rn(scale, score) - lse[k]) : acc_t(0);
+        // thread, same reductions) and rounded it the same way
+        // (biased_score); so p <= 1 however large the scores (the CPU's
+        // [Note: one order for every score]).
+        const acc_t p = present[r]
+                            ? attnpool_exp(biased_score(scale, score, bias, tile + r) - lse[k])
+                            : acc_t(0);
         probs[idx] = p;
         dscores[idx] = scale * p * (dprob - delta[k]);
       }

@@ -137,6 +137,15 @@ void dx_du_rows(
 }
 
 // delta[b, s] = grad_out[b, s] . out[b, s] over score s's head_dim columns.
+// The score exactly as the forward made it: the product rounded, then the
+// bias added (SoftmaxState::weigh_rows), so that p never exceeds what the
+// forward's softmax used.
+template <typename acc_t>
+inline acc_t biased_score(acc_t scale, acc_t score, const acc_t* bias, int j) {
+  const acc_t scaled = scale * score;
+  return bias == nullptr ? scaled : scaled + bias[j];
+}
+
 // [Note: delta as G . x] ds = scale * p * (G . x - delta). When the softmax
 // puts all its weight on one row, out is that row exactly and ds must be 0;
 // summed in another order than G . x, the two differ by an ulp of |G||x|,
@@ -175,6 +184,7 @@ void backward_rows_one_score(
     const acc_t* lse,
     const acc_t* delta,
     acc_t scale,
+    const acc_t* bias,
     acc_t* du,
     bool stream_dx) {
   const int64_t H = s.hidden;
@@ -190,7 +200,7 @@ void backward_rows_one_score(
     dot2_rows<R>(rows, u, g0, H, scores, dprobs);
   }
   for (int j = 0; j < R; ++j) {
-    probs[j] = std::exp(scale * scores[j] - lse[b]);
+    probs[j] = std::exp(biased_score(scale, scores[j], bias, j) - lse[b]);
     dscores[j] = scale * probs[j] * (dprobs[j] - delta[b]);
   }
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -216,6 +226,7 @@ void backward_rows(
     const acc_t* lse,
     const acc_t* delta,
     acc_t scale,
+    const acc_t* bias,
     acc_t* probs,    // [num_scores][R] scratch
     acc_t* dscores,  // [num_scores][R] scratch
     acc_t* du) {
@@ -236,7 +247,8 @@ void backward_rows(
       offset_rows<R>(rows, h * d, segments);
       score_dot_rows<R>(segments, gi + h * d, d, dprobs);
       for (int j = 0; j < R; ++j) {
-        const acc_t prob = std::exp(scale * scores[j] - lse[b * num_scores + k]);
+        const acc_t prob =
+            std::exp(biased_score(scale, scores[j], bias, j) - lse[b * num_scores + k]);
         probs[k * R + j] = prob;
         dscores[k * R + j] = scale * prob * (dprobs[j] - delta[b * num_scores + k]);
       }
@@ -286,6 +298,7 @@ void backward_impl(const BackwardParams& p) {
   auto* dx = static_cast<scalar_t*>(p.dx);
   auto* du_partials = static_cast<acc_t*>(p.du_partials);
   const auto scale = static_cast<acc_t>(p.scale);
+  const auto* bias = static_cast<const acc_t*>(p.bias);
   const int64_t rows = p.batch * p.seq_len;
   // u in the order the forward read bfloat16 rows in, if it read them in pairs.
   std::vector<acc_t> u_paired_buffer;
@@ -303,6 +316,8 @@ void backward_impl(const BackwardParams& p) {
     std::vector<acc_t> dx_buffer(kDxInPlace || num_scores == 1 ? 0 : kTile * H);
     std::vector<acc_t> scratch(2 * num_scores * kTile);
     scalar_t* dx_out[kTile] = {};
+    acc_t tile_bias[kTile] = {};
+    const acc_t* biases = bias == nullptr ? nullptr : tile_bias;
     int64_t tile_batch = 0;
     for (int64_t piece = begin; piece < end; ++piece) {
       acc_t* du = du_partials + piece * num_scores * H;
@@ -322,6 +337,7 @@ void backward_impl(const BackwardParams& p) {
                 lse,
                 delta,
                 scale,
+                biases,
                 du,
                 p.stream_dx);
           });
@@ -348,6 +364,7 @@ void backward_impl(const BackwardParams& p) {
               lse,
               delta,
               scale,
+              biases,
               scratch.data(),
               scratch.data() + num_scores * kTile,
               du);
@@ -371,6 +388,9 @@ void backward_impl(const BackwardParams& p) {
           continue;
         }
         dx_out[tile.count()] = dx + row * H;
+        if (bias != nullptr) {
+          tile_bias[tile.count()] = bias[row];
+        }
         tile_batch = b;
         tile.add(x + p.row_offset(b, l));
         if (tile.full()) {

@@ -182,12 +182,13 @@ class SoftmaxState {
     std::fill_n(sum(), shape_.num_scores() + shape_.num_scores() * shape_.head_dim, acc_t(0));
   }
 
-  // Adds a tile of R unmasked rows of x with score vectors u. The scores go
+  // Adds a tile of R unmasked rows of x with score vectors u (and bias[r]
+  // added to each score of row r, when bias is not null). The scores go
   // two at a time: one score's R sums alone wait on each other's latency.
   // The first pass over the tile brings in the next tile; the others read
   // this tile again, from L1.
   template <int R, typename scalar_t>
-  void add_rows(const scalar_t* const* rows, const acc_t* u, acc_t scale) {
+  void add_rows(const scalar_t* const* rows, const acc_t* u, acc_t scale, const acc_t* bias) {
     const int64_t H = shape_.hidden;
     const int64_t num_scores = shape_.num_scores();
     data_[0] = acc_t(1);
@@ -196,11 +197,11 @@ class SoftmaxState {
       const int64_t ahead = score == 0 ? R * x_seq_stride_ : 0;
       if (score + 1 < num_scores) {
         score_rows<R, 2>(rows, u + score * H, H, scores, ahead, paired_);
-        add_scored_rows<R>(score, scale, rows, scores);
-        add_scored_rows<R>(score + 1, scale, rows, scores + R);
+        add_scored_rows<R>(score, scale, bias, rows, scores);
+        add_scored_rows<R>(score + 1, scale, bias, rows, scores + R);
       } else {
         score_rows<R, 1>(rows, u + score * H, H, scores, ahead, paired_);
-        add_scored_rows<R>(score, scale, rows, scores);
+        add_scored_rows<R>(score, scale, bias, rows, scores);
       }
     }
   }
@@ -214,6 +215,7 @@ class SoftmaxState {
       const scalar_t* const* rows,
       const acc_t* u,
       acc_t scale,
+      const acc_t* bias,
       const scalar_t* const* prev,
       const acc_t* prev_weights,
       acc_t* weights) {
@@ -225,12 +227,12 @@ class SoftmaxState {
       if (paired_) {
         score_and_accumulate_rows<R, P, true>(
             rows, u, H, scores, ahead, prev_weights, prev, weighted());
-        return weigh_rows<R>(0, scale, scores, weights, weighted(), H);
+        return weigh_rows<R>(0, scale, bias, scores, weights, weighted(), H);
       }
     }
     score_and_accumulate_rows<R, P, false>(
         rows, u, H, scores, ahead, prev_weights, prev, weighted());
-    weigh_rows<R>(0, scale, scores, weights, weighted(), H);
+    weigh_rows<R>(0, scale, bias, scores, weights, weighted(), H);
   }
 
   template <int P, typename scalar_t>
@@ -300,24 +302,35 @@ class SoftmaxState {
   // Adds R rows scored for one score: head h = score % num_heads adds its
   // slice of each row to the score's weighted sum.
   template <int R, typename scalar_t>
-  void add_scored_rows(int64_t score, acc_t scale, const scalar_t* const* rows, acc_t* scores) {
+  void add_scored_rows(
+      int64_t score, acc_t scale, const acc_t* bias, const scalar_t* const* rows, acc_t* scores) {
     const int64_t d = shape_.head_dim;
     acc_t* acc = weighted() + score * d;
     acc_t weights[R];
     const scalar_t* segments[R];
-    weigh_rows<R>(score, scale, scores, weights, acc, d);
+    weigh_rows<R>(score, scale, bias, scores, weights, acc, d);
     offset_rows<R>(rows, (score % shape_.num_heads) * d, segments);
     accumulate_rows<R>(weights, segments, acc, d, paired_);
   }
 
-  // Scales score score of R rows, moves its running max (rescaling its sum and
-  // its weighted sum acc, d wide) and sets weights[r] = exp(score - max).
+  // Scales score `score` of R rows (and adds the bias), moves its running
+  // max (rescaling its sum and its weighted sum acc, d wide) and sets
+  // weights[r] = exp(score - max).
   template <int R>
   void weigh_rows(
-      int64_t score, acc_t scale, acc_t* scores, acc_t* weights, acc_t* acc, int64_t d) {
+      int64_t score,
+      acc_t scale,
+      const acc_t* bias,
+      acc_t* scores,
+      acc_t* weights,
+      acc_t* acc,
+      int64_t d) {
     acc_t tile_max = kNegInf<acc_t>;
     for (int r = 0; r < R; ++r) {
       scores[r] *= scale;
+      if (bias != nullptr) {
+        scores[r] += bias[r];
+      }
       tile_max = scores[r] > tile_max ? scores[r] : tile_max;
     }
     if (tile_max > max()[score]) {
@@ -357,6 +370,7 @@ void forward_impl(const ForwardParams& p) {
   auto* lse = static_cast<acc_t*>(p.lse);
   auto* partials = static_cast<acc_t*>(p.partials);
   const auto scale = static_cast<acc_t>(p.scale);
+  const auto* bias = static_cast<const acc_t*>(p.bias);
   const bool in_pieces = p.cut.pieces > 1;
   const bool pipelined = num_scores == 1;
   const bool paired = reads_pairs<scalar_t>(p);
@@ -376,6 +390,8 @@ void forward_impl(const ForwardParams& p) {
     // the next one is scored (SoftmaxState::add_rows_pipelined).
     RowTile<scalar_t, kForwardTileRows> previous;
     acc_t previous_weights[kForwardTileRows] = {};
+    acc_t tile_bias[kForwardTileRows] = {};
+    const acc_t* biases = bias == nullptr ? nullptr : tile_bias;
     std::vector<acc_t> local(in_pieces ? 0 : state_size);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / p.cut.pieces;
@@ -385,7 +401,7 @@ void forward_impl(const ForwardParams& p) {
       auto flush = [&] {
         if (!pipelined) {
           with_tile_size<kForwardTileRows>(tile.count(), [&](auto size) {
-            state.template add_rows<decltype(size)::value>(tile.rows(), u, scale);
+            state.template add_rows<decltype(size)::value>(tile.rows(), u, scale, biases);
           });
           tile.clear();
           return;
@@ -397,10 +413,10 @@ void forward_impl(const ForwardParams& p) {
           constexpr int R = decltype(size)::value;
           if (previous.count() == 0) {
             state.template add_rows_pipelined<R, 0>(
-                tile.rows(), u, scale, previous.rows(), previous_weights, weights);
+                tile.rows(), u, scale, biases, previous.rows(), previous_weights, weights);
           } else {
             state.template add_rows_pipelined<R, kForwardTileRows>(
-                tile.rows(), u, scale, previous.rows(), previous_weights, weights);
+                tile.rows(), u, scale, biases, previous.rows(), previous_weights, weights);
           }
         });
         previous = tile;
@@ -409,6 +425,9 @@ void forward_impl(const ForwardParams& p) {
       };
       for (int64_t l = rows.begin; l < rows.end; ++l) {
         if (p.attends(b, l)) {
+          if (bias != nullptr) {
+            tile_bias[tile.count()] = bias[b * p.seq_len + l];
+          }
           tile.add(x + p.row_offset(b, l));
           if (tile.full()) {
             flush();
