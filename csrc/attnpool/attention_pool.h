@@ -17,12 +17,15 @@ namespace attnpool {
 //                     of nn.MultiheadAttention's key_padding_mask)
 //   attn_bias: [B, L] optional, floating point, added to every score; -inf
 //                     excludes a position
+//   lengths: [B]      optional, integer, for right-padded batches: position l
+//                     of sequence b counts iff l < lengths[b], and the rows
+//                     past it are never read. At most one of mask and lengths.
 //
 // Returns [B, H] for a 1-D query and [B, Q, H] otherwise, in x's dtype: the
 // same as folded_attention_pool(x, fold_query(query, w_q, w_k, num_heads),
-// mask, scale or 1/sqrt(H / num_heads), false, attn_bias). Calls the `attnpool::attention_pool`
-// operator through the dispatcher, so it is differentiable with respect to x,
-// query, w_q and w_k from C++ as well.
+// mask, scale or 1/sqrt(H / num_heads), false, attn_bias, lengths). Calls the
+// `attnpool::attention_pool` operator through the dispatcher, so it is differentiable with respect
+// to x, query, w_q and w_k from C++ as well.
 at::Tensor attention_pool(
     const at::Tensor& x,
     const at::Tensor& query,
@@ -31,7 +34,8 @@ at::Tensor attention_pool(
     const std::optional<at::Tensor>& mask = std::nullopt,
     int64_t num_heads = 1,
     std::optional<double> scale = std::nullopt,
-    const std::optional<at::Tensor>& attn_bias = std::nullopt);
+    const std::optional<at::Tensor>& attn_bias = std::nullopt,
+    const std::optional<at::Tensor>& lengths = std::nullopt);
 
 // The query folded through both projections (SPEC.md §5): for each query i
 // and head h, u[i, h] = w_k[D_h, :].T @ (w_q @ query[i] + q_bias)[D_h], where
@@ -60,7 +64,8 @@ at::Tensor fold_query(
 // [Q, n, H] or [n, H] in x's dtype or, for float16/bfloat16 x, float32; mask:
 // [B, L], nonzero = attend (the opposite of nn.MultiheadAttention's
 // key_padding_mask); attn_bias: [B, L] floating point, added to every score
-// (in the accumulation dtype; -inf excludes a position, like the mask). Without
+// (in the accumulation dtype; -inf excludes a position, like the mask);
+// lengths: [B], as in attention_pool. Without
 // full_width, n must divide H. A sequence with nothing to attend pools to
 // zeros. Differentiable in x and u (attn_bias: no reverse-mode gradient).
 at::Tensor folded_attention_pool(
@@ -69,7 +74,8 @@ at::Tensor folded_attention_pool(
     const std::optional<at::Tensor>& mask = std::nullopt,
     double scale = 1.0,
     bool full_width = false,
-    const std::optional<at::Tensor>& attn_bias = std::nullopt);
+    const std::optional<at::Tensor>& attn_bias = std::nullopt,
+    const std::optional<at::Tensor>& lengths = std::nullopt);
 
 // The CPU instruction set the CPU kernels run with in this process
 // ("AVX512", "AVX2" or "DEFAULT"), chosen once at run time from the CPU and

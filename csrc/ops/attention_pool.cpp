@@ -23,11 +23,12 @@ at::Tensor attention_pool(
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
     std::optional<double> scale,
-    const std::optional<at::Tensor>& attn_bias) {
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("attnpool::attention_pool", "")
                              .typed<decltype(attention_pool)>();
-  return op.call(x, query, w_q, w_k, mask, num_heads, scale, attn_bias);
+  return op.call(x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths);
 }
 
 namespace detail {
@@ -40,8 +41,9 @@ double checked_attention_pool_scale(
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
     std::optional<double> scale,
-    const std::optional<at::Tensor>& attn_bias) {
-  check_attention_pool_args(x, query, w_q, w_k, mask, num_heads, scale, attn_bias);
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
+  check_attention_pool_args(x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths);
   // The default scale needs the head size as a number: under torch.compile
   // with dynamic shapes this specialises on H.
   return scale.has_value()
@@ -58,11 +60,13 @@ at::Tensor compose_attention_pool(
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
     std::optional<double> scale,
-    const std::optional<at::Tensor>& attn_bias) {
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
   const double resolved =
-      checked_attention_pool_scale(x, query, w_q, w_k, mask, num_heads, scale, attn_bias);
+      checked_attention_pool_scale(x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths);
   const auto u = attnpool::fold_query(query, w_q, w_k, num_heads, std::nullopt);
-  return attnpool::folded_attention_pool(x, u, mask, resolved, /*full_width=*/false, attn_bias);
+  return attnpool::folded_attention_pool(
+      x, u, mask, resolved, /*full_width=*/false, attn_bias, lengths);
 }
 
 }  // namespace detail
@@ -70,7 +74,7 @@ at::Tensor compose_attention_pool(
 TORCH_LIBRARY_FRAGMENT(attnpool, m) {
   m.def(
       "attention_pool(Tensor x, Tensor query, Tensor w_q, Tensor w_k, Tensor? mask=None, "
-      "int num_heads=1, float? scale=None, Tensor? attn_bias=None) -> Tensor",
+      "int num_heads=1, float? scale=None, Tensor? attn_bias=None, Tensor? lengths=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 }
 

@@ -21,7 +21,8 @@ double checked_attention_pool_scale(
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
     std::optional<double> scale,
-    const std::optional<at::Tensor>& attn_bias);
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths);
 
 // folded_attention_pool(x, fold_query(query, w_q, w_k, num_heads), mask,
 // checked_attention_pool_scale(...)).
@@ -33,6 +34,7 @@ at::Tensor compose_attention_pool(
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
     std::optional<double> scale,
-    const std::optional<at::Tensor>& attn_bias);
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths);
 
 }  // namespace attnpool::detail

@@ -157,6 +157,31 @@ void check_attn_bias(const char* op, const at::Tensor& x, const at::Tensor& attn
       "; a bool or integer mask goes in mask");
 }
 
+void check_lengths(
+    const char* op,
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& mask,
+    const at::Tensor& lengths) {
+  check_strided(op, lengths, "lengths");
+  TORCH_CHECK_VALUE(
+      !defined(mask),
+      op,
+      ": pass at most one of mask and lengths (lengths [B] means mask[b, l] = l < lengths[b])");
+  TORCH_CHECK_VALUE(
+      lengths.dim() == 1 && lengths.sym_size(0) == x.sym_size(0),
+      op,
+      ": lengths must have shape [B] = [",
+      x.sym_size(0),
+      "], got ",
+      lengths.sym_sizes());
+  check_same_device(op, lengths, "lengths", x, "x");
+  TORCH_CHECK_TYPE(
+      at::isIntegralType(lengths.scalar_type(), /*includeBool=*/false),
+      op,
+      ": lengths must be an integer tensor (valid positions per sequence), got ",
+      dtype_name(lengths.scalar_type()));
+}
+
 void check_square_weight(const at::Tensor& w, const c10::SymInt& hidden, const char* name) {
   TORCH_CHECK_VALUE(
       w.dim() == 2 && w.sym_size(0) == hidden && w.sym_size(1) == hidden,
@@ -185,7 +210,8 @@ void check_attention_pool_args(
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
     std::optional<double> scale,
-    const std::optional<at::Tensor>& attn_bias) {
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
   constexpr const char* op = "attention_pool";
   check_strided(op, x, "x");
   check_strided(op, query, "query");
@@ -231,6 +257,9 @@ void check_attention_pool_args(
   }
   if (defined(attn_bias)) {
     check_attn_bias(op, x, *attn_bias);
+  }
+  if (defined(lengths)) {
+    check_lengths(op, x, mask, *lengths);
   }
 }
 
@@ -326,7 +355,8 @@ void check_folded_attention_pool_args(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias) {
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
   constexpr const char* op = "folded_attention_pool";
   check_strided(op, x, "x");
   check_strided(op, u, "u");
@@ -364,6 +394,9 @@ void check_folded_attention_pool_args(
   }
   if (defined(attn_bias)) {
     check_attn_bias(op, x, *attn_bias);
+  }
+  if (defined(lengths)) {
+    check_lengths(op, x, mask, *lengths);
   }
 }
 

@@ -21,7 +21,8 @@ void check_attention_pool_args(
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
     std::optional<double> scale,
-    const std::optional<at::Tensor>& attn_bias);
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths);
 
 void check_fold_query_args(
     const at::Tensor& query,
@@ -45,7 +46,8 @@ void check_folded_attention_pool_args(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias);
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths);
 
 // The backward's extra inputs: grad_out, out and lse with the shapes the
 // forward op produced for these arguments.

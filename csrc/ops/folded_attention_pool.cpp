@@ -30,11 +30,12 @@ at::Tensor folded_attention_pool(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias) {
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("attnpool::folded_attention_pool", "")
                              .typed<decltype(folded_attention_pool)>();
-  return op.call(x, u, mask, scale, full_width, attn_bias);
+  return op.call(x, u, mask, scale, full_width, attn_bias, lengths);
 }
 
 namespace {
@@ -77,9 +78,10 @@ at::Tensor folded_attention_pool_composite(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias) {
-  const auto out = std::get<0>(
-      detail::call_folded_attention_pool_forward(x, u, mask, scale, full_width, attn_bias));
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
+  const auto out = std::get<0>(detail::call_folded_attention_pool_forward(
+      x, u, mask, scale, full_width, attn_bias, lengths));
   return out.to(x.scalar_type());
 }
 
@@ -89,8 +91,9 @@ std::tuple<at::Tensor, at::Tensor> forward_meta(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias) {
-  detail::check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias);
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
+  detail::check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias, lengths);
   const auto acc_options = x.options().dtype(detail::accumulate_dtype(x.scalar_type()));
   return {
       at::empty_symint(out_sym_shape(x, u, full_width), acc_options),
@@ -106,8 +109,9 @@ std::tuple<at::Tensor, at::Tensor> backward_meta(
     const at::Tensor& lse,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias) {
-  detail::check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias);
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
+  detail::check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias, lengths);
   detail::check_folded_attention_pool_backward_args(grad_out, x, u, out, lse, full_width);
   return {
       at::empty_symint(x.sym_sizes(), x.options()), at::empty_symint(u.sym_sizes(), u.options())};
@@ -123,11 +127,12 @@ std::tuple<at::Tensor, at::Tensor> call_folded_attention_pool_forward(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias) {
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("attnpool::_folded_attention_pool_forward", "")
                              .typed<decltype(call_folded_attention_pool_forward)>();
-  return op.call(x, u, mask, scale, full_width, attn_bias);
+  return op.call(x, u, mask, scale, full_width, attn_bias, lengths);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_folded_attention_pool_backward(
@@ -139,11 +144,12 @@ std::tuple<at::Tensor, at::Tensor> call_folded_attention_pool_backward(
     const at::Tensor& lse,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias) {
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("attnpool::_folded_attention_pool_backward", "")
                              .typed<decltype(call_folded_attention_pool_backward)>();
-  return op.call(grad_out, x, u, mask, out, lse, scale, full_width, attn_bias);
+  return op.call(grad_out, x, u, mask, out, lse, scale, full_width, attn_bias, lengths);
 }
 
 PreparedPool prepare_pool(
@@ -152,8 +158,9 @@ PreparedPool prepare_pool(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias) {
-  check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias);
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
+  check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias, lengths);
   PreparedPool prepared;
   PoolInputs& p = prepared.params;
   p = PoolInputs{};
@@ -177,6 +184,13 @@ PreparedPool prepare_pool(
     const auto finite = prepared.bias.ne(-std::numeric_limits<double>::infinity());
     prepared.keep = prepared.keep.defined() ? prepared.keep.logical_and(finite) : finite;
   }
+  if (lengths.has_value() && lengths->defined()) {
+    // Right padding as a mask: the kernels never load a masked row, so the
+    // rows past a length are never read, and their dx rows are zeros.
+    const auto positions = at::arange(p.seq_len, lengths->options());
+    const auto within = positions.unsqueeze(0) < lengths->unsqueeze(1);
+    prepared.keep = prepared.keep.defined() ? prepared.keep.logical_and(within) : within;
+  }
   prepared.u = u.to(prepared.acc_dtype).reshape({p.num_scores(), p.hidden}).contiguous();
   prepared.out_shape = concrete(out_sym_shape(x, u, full_width));
   prepared.lse_shape = concrete(lse_sym_shape(x, u));
@@ -199,9 +213,10 @@ PreparedForward prepare_forward(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias) {
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
   PreparedForward f;
-  f.pool = prepare_pool(x, u, mask, scale, full_width, attn_bias);
+  f.pool = prepare_pool(x, u, mask, scale, full_width, attn_bias, lengths);
   const auto acc_options = x.options().dtype(f.pool.acc_dtype);
   f.out = at::empty(f.pool.out_shape, acc_options);
   f.lse = at::empty(f.pool.lse_shape, acc_options);
@@ -221,9 +236,10 @@ PreparedBackward prepare_backward(
     const at::Tensor& lse,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias) {
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
   PreparedBackward g;
-  g.pool = prepare_pool(x, u, mask, scale, full_width, attn_bias);
+  g.pool = prepare_pool(x, u, mask, scale, full_width, attn_bias, lengths);
   check_folded_attention_pool_backward_args(grad_out, x, u, out, lse, full_width);
   const auto acc_dtype = g.pool.acc_dtype;
   g.grad_out = grad_out.to(acc_dtype).contiguous();
@@ -251,26 +267,28 @@ std::tuple<at::Tensor, at::Tensor> PreparedBackward::gradients(const at::Tensor&
 TORCH_LIBRARY_FRAGMENT(attnpool, m) {
   m.def(
       "folded_attention_pool(Tensor x, Tensor u, Tensor? mask=None, float scale=1.0, "
-      "bool full_width=False, Tensor? attn_bias=None) -> Tensor",
+      "bool full_width=False, Tensor? attn_bias=None, Tensor? lengths=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   // Forward for training: the output in the accumulation dtype (float32, or
   // float64 for float64 x) and the log-sum-exp [B, (Q,) n] that the backward
   // recomputes the softmax from.
   m.def(
       "_folded_attention_pool_forward(Tensor x, Tensor u, Tensor? mask=None, float scale=1.0, "
-      "bool full_width=False, Tensor? attn_bias=None) -> (Tensor, Tensor)",
+      "bool full_width=False, Tensor? attn_bias=None, Tensor? lengths=None) -> "
+      "(Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // Returns the gradients of (x, u).
   m.def(
       "_folded_attention_pool_backward(Tensor grad_out, Tensor x, Tensor u, Tensor? mask, "
-      "Tensor out, Tensor lse, float scale, bool full_width, Tensor? attn_bias=None) -> "
-      "(Tensor, Tensor)",
+      "Tensor out, Tensor lse, float scale, bool full_width, Tensor? attn_bias=None, "
+      "Tensor? lengths=None) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // folded_attention_pool for inputs with a tangent: its kernel comes from the
   // Python package (autograd/forward_ad.h).
   m.def(
       "_folded_attention_pool_forward_ad(Tensor x, Tensor u, Tensor? mask=None, "
-      "float scale=1.0, bool full_width=False, Tensor? attn_bias=None) -> Tensor");
+      "float scale=1.0, bool full_width=False, Tensor? attn_bias=None, Tensor? lengths=None) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(attnpool, CompositeExplicitAutograd, m) {

@@ -23,7 +23,8 @@ std::tuple<at::Tensor, at::Tensor> call_folded_attention_pool_forward(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias);
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths);
 std::tuple<at::Tensor, at::Tensor> call_folded_attention_pool_backward(
     const at::Tensor& grad_out,
     const at::Tensor& x,
@@ -33,7 +34,8 @@ std::tuple<at::Tensor, at::Tensor> call_folded_attention_pool_backward(
     const at::Tensor& lse,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias);
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths);
 
 // The arguments of one call, checked. `params` points into the tensors held
 // here, so it lives only as long as this struct.
@@ -53,7 +55,8 @@ PreparedPool prepare_pool(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias);
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths);
 
 // A forward call prepared: out and lse allocated in the accumulation dtype
 // (out stays unrounded: the backward's delta = G . out needs it), params
@@ -70,7 +73,8 @@ PreparedForward prepare_forward(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias);
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths);
 
 // A backward call prepared: what it reads besides the inputs, checked and
 // contiguous in the accumulation dtype; dx (x's dtype) and du ([num_scores,
@@ -97,6 +101,7 @@ PreparedBackward prepare_backward(
     const at::Tensor& lse,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias);
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths);
 
 }  // namespace attnpool::detail

@@ -110,6 +110,7 @@ using ForwardOp = std::tuple<at::Tensor, at::Tensor>(
     const std::optional<at::Tensor>&,
     double,
     bool,
+    const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&);
 using BackwardOp = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&,
@@ -120,6 +121,7 @@ using BackwardOp = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&,
     double,
     bool,
+    const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&);
 using FoldBackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&,
@@ -156,7 +158,8 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
   std::tie(e.u, e.projected) =
       attnpool::detail::fold_query_by_matmul(in.query, in.w_q, in.w_k, n, std::nullopt);
   // The inputs as the CUDA entry points prepare them.
-  auto f = attnpool::detail::prepare_forward(in.x, e.u, mask, default_scale(c), false, attn_bias);
+  auto f = attnpool::detail::prepare_forward(
+      in.x, e.u, mask, default_scale(c), false, attn_bias, std::nullopt);
   const auto acc_options = f.out.options();
   const auto cut = attnpool::PieceCut::into(L, c.pieces);
   auto partials = torch::empty({B * Q * cut.pieces, 1 + 2 * n + H}, acc_options);
@@ -188,7 +191,16 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
             f.params);
       }
       auto g = attnpool::detail::prepare_backward(
-          grad_out, in.x, e.u, mask, e.out, e.lse, default_scale(c), false, attn_bias);
+          grad_out,
+          in.x,
+          e.u,
+          mask,
+          e.out,
+          e.lse,
+          default_scale(c),
+          false,
+          attn_bias,
+          std::nullopt);
       g.params.cut = cut;
       g.params.du_partials = du_partials.mutable_data_ptr();
       launch(
@@ -229,12 +241,22 @@ TEST_P(EmulatedCudaKernels, ForwardAndBackwardMatchTheCpuOperators) {
   const auto [want_u, want_projected] =
       cpu_op<decltype(attnpool::detail::fold_query_by_matmul)>("attnpool::_fold_query_forward")
           .call(in.query, in.w_q, in.w_k, n, std::nullopt);
-  const auto [want_out, want_lse] = cpu_op<ForwardOp>("attnpool::_folded_attention_pool_forward")
-                                        .call(in.x, want_u, mask, scale, false, attn_bias);
+  const auto [want_out, want_lse] =
+      cpu_op<ForwardOp>("attnpool::_folded_attention_pool_forward")
+          .call(in.x, want_u, mask, scale, false, attn_bias, std::nullopt);
   const auto grad_out = random_grad_out(c, want_out.sizes());
-  const auto [want_dx, want_du] =
-      cpu_op<BackwardOp>("attnpool::_folded_attention_pool_backward")
-          .call(grad_out, in.x, want_u, mask, want_out, want_lse, scale, false, attn_bias);
+  const auto [want_dx, want_du] = cpu_op<BackwardOp>("attnpool::_folded_attention_pool_backward")
+                                      .call(
+                                          grad_out,
+                                          in.x,
+                                          want_u,
+                                          mask,
+                                          want_out,
+                                          want_lse,
+                                          scale,
+                                          false,
+                                          attn_bias,
+                                          std::nullopt);
   const auto want_fold_grads = cpu_op<FoldBackwardOp>("attnpool::_fold_query_backward")
                                    .call(want_du, in.query, in.w_q, in.w_k, want_projected, n);
 

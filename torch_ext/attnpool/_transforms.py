@@ -66,6 +66,7 @@ def _pool_tangent(
     u: Tensor,
     mask: Optional[Tensor],
     attn_bias: Optional[Tensor],
+    lengths: Optional[Tensor],
     lse: Tensor,
     scale: float,
     full_width: bool,
@@ -85,6 +86,8 @@ def _pool_tangent(
         keep = mask != 0
     if attn_bias is not None:
         keep = keep & (attn_bias != float("-inf"))
+    if lengths is not None:
+        keep = keep & (torch.arange(seq_len, device=x.device) < lengths[:, None])
     # Masked positions never reach the output or its tangent, even if NaN.
     rows = x.to(acc).masked_fill(~keep[..., None], 0)
     scores = scale * _scores(rows, us)
@@ -118,16 +121,18 @@ class _FoldedAttentionPool(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, u, mask, scale, full_width, attn_bias):
-        return _ops._folded_attention_pool_forward.default(x, u, mask, scale, full_width, attn_bias)
+    def forward(x, u, mask, scale, full_width, attn_bias, lengths):
+        return _ops._folded_attention_pool_forward.default(
+            x, u, mask, scale, full_width, attn_bias, lengths
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, u, mask, scale, full_width, attn_bias = inputs
+        x, u, mask, scale, full_width, attn_bias, lengths = inputs
         out, lse = output
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(x, u, mask, out, lse, attn_bias)
-        ctx.save_for_forward(x, u, mask, out, lse, attn_bias)
+        ctx.save_for_backward(x, u, mask, out, lse, attn_bias, lengths)
+        ctx.save_for_forward(x, u, mask, out, lse, attn_bias, lengths)
         ctx.scale = scale
         ctx.full_width = full_width
 
@@ -135,21 +140,22 @@ class _FoldedAttentionPool(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_lse):
         if ctx.needs_input_grad[5]:
             raise NotImplementedError(_NO_BIAS_GRADIENT)
-        x, u, mask, out, lse, attn_bias = ctx.saved_tensors
+        x, u, mask, out, lse, attn_bias, lengths = ctx.saved_tensors
         grad_x, grad_u = _ops._folded_attention_pool_backward.default(
-            grad_out, x, u, mask, out, lse, ctx.scale, ctx.full_width, attn_bias
+            grad_out, x, u, mask, out, lse, ctx.scale, ctx.full_width, attn_bias, lengths
         )
-        return grad_x, grad_u, None, None, None, None
+        return grad_x, grad_u, None, None, None, None, None
 
     @staticmethod
-    def jvp(ctx, x_tangent, u_tangent, _mask, _scale, _full_width, bias_tangent):
+    def jvp(ctx, x_tangent, u_tangent, _mask, _scale, _full_width, bias_tangent, _lengths):
         # (Forward mode covers attn_bias too: its tangent just adds to the scores'.)
-        x, u, mask, _out, lse, attn_bias = ctx.saved_tensors
+        x, u, mask, _out, lse, attn_bias, lengths = ctx.saved_tensors
         tangent = _pool_tangent(
             x,
             u,
             mask,
             attn_bias,
+            lengths,
             lse,
             ctx.scale,
             ctx.full_width,
@@ -174,11 +180,13 @@ def _folded_attention_pool(
     scale: float = 1.0,
     full_width: bool = False,
     attn_bias: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
 ) -> Tensor:
+    args = (x, u, mask, scale, full_width, attn_bias, lengths)
     if _functionalizing():
-        out, _ = _FoldedAttentionPool.forward(x, u, mask, scale, full_width, attn_bias)
+        out, _ = _FoldedAttentionPool.forward(*args)
     else:
-        out, _ = _FoldedAttentionPool.apply(x, u, mask, scale, full_width, attn_bias)
+        out, _ = _FoldedAttentionPool.apply(*args)
     return out.to(x.dtype)
 
 
@@ -269,15 +277,16 @@ def _attention_pool(
     num_heads: int = 1,
     scale: Optional[float] = None,
     attn_bias: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
 ) -> Tensor:
     from attnpool import _C
 
     # attention_pool's own checks (errors name it, not its parts), then the scale.
     resolved = _C._checked_attention_pool_scale(
-        x, query, w_q, w_k, mask, num_heads, scale, attn_bias
+        x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths
     )
     u = _ops.fold_query.default(query, w_q, w_k, num_heads, None)
-    return _ops.folded_attention_pool.default(x, u, mask, resolved, False, attn_bias)
+    return _ops.folded_attention_pool.default(x, u, mask, resolved, False, attn_bias, lengths)
 
 
 # --- batching rules --------------------------------------------------------------------
@@ -306,30 +315,39 @@ def _per_sample(op, info, in_dims, *args):
     return outputs, (0,) * len(outputs)
 
 
-def _pool_forward_vmap(info, in_dims, x, u, mask=None, scale=1.0, full_width=False, attn_bias=None):
-    """A batch dimension of x (and mask, attn_bias) folds into B; one of u alone into Q."""
+def _pool_forward_vmap(
+    info, in_dims, x, u, mask=None, scale=1.0, full_width=False, attn_bias=None, lengths=None
+):
+    """A batch dimension of x (and of mask, attn_bias, lengths) folds into B; one
+    of u alone into Q."""
     # (The dispatcher leaves out trailing arguments equal to their defaults.)
-    in_dims = (*in_dims, None, None, None, None)[:6]
+    in_dims = (*in_dims, None, None, None, None, None)[:7]
     op = _ops._folded_attention_pool_forward.default
-    x_dim, u_dim, mask_dim, bias_dim = in_dims[0], in_dims[1], in_dims[2], in_dims[5]
-    args = (x, u, mask, scale, full_width, attn_bias)
+    x_dim, u_dim, mask_dim, bias_dim, lengths_dim = (in_dims[i] for i in (0, 1, 2, 5, 6))
+    args = (x, u, mask, scale, full_width, attn_bias, lengths)
     samples = info.batch_size
     xs = _moved(x, x_dim)
     per_row = (_moved(mask, mask_dim), _moved(attn_bias, bias_dim))
+    per_sequence = _moved(lengths, lengths_dim)
     # (Shapes the op would refuse go one sample at a time, for its own error.)
     rows_fit = all(t is None or t.shape[-2:] == xs.shape[-3:-1] for t in per_row)
+    rows_fit = rows_fit and (per_sequence is None or per_sequence.shape[-1:] == xs.shape[-3:-2])
     if x_dim is not None and u_dim is None and x.dim() == 4 and rows_fit:
         masks, biases = (
             None if t is None else t.expand(samples, *xs.shape[1:3]).reshape(-1, xs.shape[2])
             for t in per_row
         )
-        out, lse = op(xs.reshape(-1, *xs.shape[2:]), u, masks, scale, full_width, biases)
+        if per_sequence is not None:
+            per_sequence = per_sequence.expand(samples, xs.shape[1]).reshape(-1)
+        flat = xs.reshape(-1, *xs.shape[2:])
+        out, lse = op(flat, u, masks, scale, full_width, biases, per_sequence)
         unfold = (samples, xs.shape[1])
         return (out.reshape(*unfold, *out.shape[1:]), lse.reshape(*unfold, *lse.shape[1:])), (0, 0)
-    rows_batched = x_dim is not None or mask_dim is not None or bias_dim is not None
+    rows_batched = any(dim is not None for dim in (x_dim, mask_dim, bias_dim, lengths_dim))
     if not rows_batched and u_dim is not None and u.dim() in (3, 4):
         us = _moved(u, u_dim)  # [samples, (Q,) n, H]
-        out, lse = op(x, us.reshape(-1, *us.shape[-2:]), mask, scale, full_width, attn_bias)
+        flat = us.reshape(-1, *us.shape[-2:])
+        out, lse = op(x, flat, mask, scale, full_width, attn_bias, lengths)
         unfold = (x.shape[0], samples, *us.shape[1:-2])
         return (out.reshape(*unfold, *out.shape[2:]), lse.reshape(*unfold, *lse.shape[2:])), (1, 1)
     return _per_sample(op, info, in_dims, *args)

@@ -82,7 +82,7 @@ class AttentionPooling(nn.Module):
     With this init the scores start small, so an untrained module pools close
     to the mean of the unmasked positions, and learns where to look from there.
 
-    ``forward(x, mask=None)`` returns ``[B, embed_dim]`` when ``num_queries == 1``
+    ``forward(x, mask=None, lengths=None)`` returns ``[B, embed_dim]`` when ``num_queries == 1``
     and ``[B, num_queries, embed_dim]`` otherwise, in ``x``'s dtype. ``x`` may be
     float16/bfloat16 while the parameters stay float32 (mixed precision).
     ``mask`` (``[B, L]``): ``True`` (nonzero) means attend, the opposite of
@@ -123,7 +123,10 @@ class AttentionPooling(nn.Module):
         self.q_proj.reset_parameters()
         self.k_proj.reset_parameters()
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None
+    ) -> Tensor:
+        # (lengths is not keyword-only: TorchScript refuses keyword-only arguments.)
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(
                 f"AttentionPooling: x must have shape [B, L, embed_dim = {self.embed_dim}], "
@@ -134,7 +137,15 @@ class AttentionPooling(nn.Module):
             _check_plain_linear(self, "k_proj")
         query = self.query[0] if self.num_queries == 1 else self.query
         return attention_pool(
-            x, query, self.q_proj.weight, self.k_proj.weight, mask, self.num_heads, self.scale
+            x,
+            query,
+            self.q_proj.weight,
+            self.k_proj.weight,
+            mask,
+            self.num_heads,
+            self.scale,
+            None,
+            lengths,
         )
 
     def extra_repr(self) -> str:
@@ -161,7 +172,7 @@ class MultiheadAttentionPooling(nn.Module):
     multiply-adds instead of about ``2 * embed_dim``, and the backward saves only
     the pooled vectors.
 
-    ``forward(x, mask=None, attn_bias=None)``: ``x`` ``[B, L, kdim]``, ``mask``
+    ``forward(x, mask=None, attn_bias=None, lengths=None)``: ``x`` ``[B, L, kdim]``, ``mask``
     ``[B, L]`` with ``True`` (nonzero) = attend (pass ``~key_padding_mask``),
     ``attn_bias`` ``[B, L]`` added to every score (a float ``attn_mask``; -inf
     excludes a position). Returns ``[B, E]`` for one query, ``[B, Q, E]``
@@ -241,7 +252,11 @@ class MultiheadAttentionPooling(nn.Module):
         return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
     def forward(
-        self, x: Tensor, mask: Optional[Tensor] = None, attn_bias: Optional[Tensor] = None
+        self,
+        x: Tensor,
+        mask: Optional[Tensor] = None,
+        attn_bias: Optional[Tensor] = None,
+        lengths: Optional[Tensor] = None,
     ) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.kdim:
             raise ValueError(
@@ -254,16 +269,17 @@ class MultiheadAttentionPooling(nn.Module):
             b_q, _, b_v = self.in_proj_bias.chunk(3)
         heads, head_dim = self.num_heads, self.head_dim
         u = fold_query(self.query, w_q, w_k, heads, b_q)  # [Q, n, kdim]
-        pooled = folded_attention_pool(
-            x, u, mask, head_dim**-0.5, True, attn_bias
-        )  # [B, Q, n, kdim]
+        # [B, Q, n, kdim]
+        pooled = folded_attention_pool(x, u, mask, head_dim**-0.5, True, attn_bias, lengths)
         pooled = pooled.to(w_v.dtype)
         # Per head: o[D_h] = W_v[D_h] @ pooled[h] (+ b_v[D_h] where a row attends).
         values = torch.einsum(
             "bqnk,ndk->bqnd", pooled, w_v.reshape(heads, head_dim, self.kdim)
         ).reshape(x.shape[0], self.num_queries, self.embed_dim)
         if b_v is not None:
-            attends = _attends(x, mask, attn_bias).to(values.dtype)
+            # (The positions that count, as the op saw them.)
+            attends = reference._attended(x, mask, attn_bias, lengths).any(dim=1)
+            attends = attends.to(values.dtype)
             values = values + attends[:, None, None] * b_v
         out = self.out_proj(values).to(x.dtype)
         return out[:, 0] if self.num_queries == 1 else out
@@ -276,16 +292,6 @@ class MultiheadAttentionPooling(nn.Module):
         if self.kdim != self.embed_dim:
             text += f", kdim={self.kdim}"
         return text if self.in_proj_bias is not None else f"{text}, bias=False"
-
-
-def _attends(x: Tensor, mask: Optional[Tensor], attn_bias: Optional[Tensor]) -> Tensor:
-    """[B] bool: whether each row has a position to attend (a -inf bias excludes one)."""
-    keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-    if mask is not None:
-        keep = keep & (mask != 0)
-    if attn_bias is not None:
-        keep = keep & (attn_bias != float("-inf"))
-    return keep.any(dim=1)
 
 
 def _check_weighted_pool_inputs(x: Tensor, mask: Optional[Tensor], weight: Tensor, max_len: int):

@@ -36,6 +36,7 @@ def attention_pool(
     num_heads: int = 1,
     scale: Optional[float] = None,
     attn_bias: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
 ) -> Tensor:
     """Pools each sequence of ``x`` into one vector per query (SPEC.md §1).
 
@@ -64,6 +65,10 @@ def attention_pool(
             sequence whose every position is excluded pools to zeros. No
             gradient in reverse mode (asking for one is an error); forward
             mode covers it.
+        lengths: optional ``[B]`` integer, for right-padded batches: position
+            ``l`` of sequence ``b`` counts iff ``l < lengths[b]``; the rows past
+            it are never read (they may hold anything, NaN included) and get
+            zero gradients. At most one of ``mask`` and ``lengths``.
 
     Returns:
         ``[B, H]`` for a 1-D ``query``, ``[B, Q, H]`` otherwise, in ``x``'s dtype.
@@ -83,11 +88,14 @@ def attention_pool(
         if scale is not None:
             _check_number(op, "scale", scale)
         _check_optional_tensor(op, "attn_bias", attn_bias)
+        _check_optional_tensor(op, "lengths", lengths)
         return torch.ops.attnpool.attention_pool.default(
-            x, query, w_q, w_k, mask, num_heads, scale, attn_bias
+            x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths
         )
     # TorchScript resolves the overload itself (it cannot call .default).
-    return torch.ops.attnpool.attention_pool(x, query, w_q, w_k, mask, num_heads, scale, attn_bias)
+    return torch.ops.attnpool.attention_pool(
+        x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths
+    )
 
 
 def fold_query(
@@ -131,6 +139,7 @@ def folded_attention_pool(
     scale: float = 1.0,
     full_width: bool = False,
     attn_bias: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention pooling on a folded query ``u`` (SPEC.md §5).
 
@@ -153,6 +162,8 @@ def folded_attention_pool(
         full_width: see above; without it ``num_heads`` must divide ``H``.
         attn_bias: optional ``[B, L]``, added to every score, as in
             :func:`attention_pool`.
+        lengths: optional ``[B]`` for right-padded batches, as in
+            :func:`attention_pool`.
 
     Returns:
         The pooled vectors in ``x``'s dtype; zeros for a sequence with nothing
@@ -167,8 +178,11 @@ def folded_attention_pool(
         if not isinstance(full_width, bool):
             raise TypeError(f"{op}: full_width must be a bool, got {type(full_width).__name__}")
         _check_optional_tensor(op, "attn_bias", attn_bias)
+        _check_optional_tensor(op, "lengths", lengths)
         return torch.ops.attnpool.folded_attention_pool.default(
-            x, u, mask, scale, full_width, attn_bias
+            x, u, mask, scale, full_width, attn_bias, lengths
         )
     # TorchScript resolves the overload itself (it cannot call .default).
-    return torch.ops.attnpool.folded_attention_pool(x, u, mask, scale, full_width, attn_bias)
+    return torch.ops.attnpool.folded_attention_pool(
+        x, u, mask, scale, full_width, attn_bias, lengths
+    )

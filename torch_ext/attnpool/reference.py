@@ -27,12 +27,22 @@ def _keep(mask: Tensor) -> Tensor:
     return mask != 0
 
 
-def _attended(x: Tensor, mask: Optional[Tensor], attn_bias: Optional[Tensor]) -> Tensor:
+def _attended(
+    x: Tensor,
+    mask: Optional[Tensor],
+    attn_bias: Optional[Tensor],
+    lengths: Optional[Tensor] = None,
+) -> Tensor:
     """[B, L] bool: positions that count. A -inf bias excludes its position like
-    the mask does, so a NaN row there cannot reach the output."""
+    the mask does, so a NaN row there cannot reach the output; lengths [B] keeps
+    l < lengths[b] (SPEC §6)."""
     keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     if mask is not None:
         keep = _keep(mask)
+    if lengths is not None:
+        if mask is not None:
+            raise ValueError("pass at most one of mask and lengths")
+        keep = torch.arange(x.shape[1], device=x.device) < lengths[:, None]
     if attn_bias is not None:
         keep = keep & (attn_bias != float("-inf"))
     return keep
@@ -54,6 +64,7 @@ def attention_pool(
     num_heads: int = 1,
     scale: Optional[float] = None,
     attn_bias: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
 ) -> Tensor:
     """Same signature and semantics as :func:`attnpool.attention_pool`."""
     batch, seq_len, hidden = x.shape
@@ -63,7 +74,7 @@ def attention_pool(
     acc = accumulate_dtype(x.dtype)
     num_queries = 1 if query.dim() == 1 else query.shape[0]
     queries = query.reshape(num_queries, hidden).to(acc)
-    keep = _attended(x, mask, attn_bias)
+    keep = _attended(x, mask, attn_bias, lengths)
     # Masked positions never reach the output, even when they hold NaN or Inf.
     xs = x.to(acc).masked_fill(~keep[..., None], 0)
 
@@ -112,13 +123,14 @@ def folded_attention_pool(
     scale: float = 1.0,
     full_width: bool = False,
     attn_bias: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
 ) -> Tensor:
     """Same signature and semantics as :func:`attnpool.folded_attention_pool`."""
     batch, seq_len, hidden = x.shape
     acc = accumulate_dtype(x.dtype)
     us = u.reshape(-1, u.shape[-2], hidden).to(acc)  # [Q, n, H]
     num_queries, num_heads = us.shape[:2]
-    keep = _attended(x, mask, attn_bias)
+    keep = _attended(x, mask, attn_bias, lengths)
     xs = x.to(acc).masked_fill(~keep[..., None], 0)
     scores = scale * torch.einsum("blh,qnh->bqnl", xs, us)
     scores = _biased(scores, attn_bias).masked_fill(~keep[:, None, None, :], float("-inf"))

@@ -25,7 +25,8 @@ at::Tensor attention_pool_autograd(
     const std::optional<at::Tensor>& mask,
     int64_t num_heads,
     std::optional<double> scale,
-    const std::optional<at::Tensor>& attn_bias) {
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
   detail::refuse_attn_bias_gradient("attention_pool", attn_bias);
   const bool needs_grad =
       at::GradMode::is_enabled() &&
@@ -35,9 +36,10 @@ at::Tensor attention_pool_autograd(
     // Inference: one op below autograd. This also keeps attention_pool as one
     // node when torch.export decomposes for inference.
     at::AutoDispatchBelowADInplaceOrView guard;
-    return attnpool::attention_pool(x, query, w_q, w_k, mask, num_heads, scale, attn_bias);
+    return attnpool::attention_pool(x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths);
   }
-  return detail::compose_attention_pool(x, query, w_q, w_k, mask, num_heads, scale, attn_bias);
+  return detail::compose_attention_pool(
+      x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths);
 }
 
 }  // namespace

@@ -27,13 +27,20 @@ class FoldedAttentionPoolFunction : public torch::autograd::Function<FoldedAtten
       const std::optional<at::Tensor>& mask,
       double scale,
       bool full_width,
-      const std::optional<at::Tensor>& attn_bias) {
+      const std::optional<at::Tensor>& attn_bias,
+      const std::optional<at::Tensor>& lengths) {
     at::AutoDispatchBelowADInplaceOrView guard;
     // The backward gets the unrounded (accumulation dtype) output.
-    auto [out, lse] =
-        detail::call_folded_attention_pool_forward(x, u, mask, scale, full_width, attn_bias);
+    auto [out, lse] = detail::call_folded_attention_pool_forward(
+        x, u, mask, scale, full_width, attn_bias, lengths);
     ctx->save_for_backward(
-        {x, u, mask.value_or(at::Tensor()), out, lse, attn_bias.value_or(at::Tensor())});
+        {x,
+         u,
+         mask.value_or(at::Tensor()),
+         out,
+         lse,
+         attn_bias.value_or(at::Tensor()),
+         lengths.value_or(at::Tensor())});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["full_width"] = full_width;
     // (Not out.to(...) when the dtypes agree: that would return its input,
@@ -58,8 +65,9 @@ class FoldedAttentionPoolFunction : public torch::autograd::Function<FoldedAtten
         saved[4],
         ctx->saved_data["scale"].toDouble(),
         ctx->saved_data["full_width"].toBool(),
-        optional(saved[5]));
-    return {dx, du, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+        optional(saved[5]),
+        optional(saved[6]));
+    return {dx, du, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -69,20 +77,21 @@ at::Tensor folded_attention_pool_autograd(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias) {
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
   detail::refuse_attn_bias_gradient("folded_attention_pool", attn_bias);
   if (detail::any_tangent({&x, &u}, attn_bias)) {
     return detail::forward_ad_operator<decltype(folded_attention_pool_autograd)>(
                "folded_attention_pool")
-        .call(x, u, mask, scale, full_width, attn_bias);
+        .call(x, u, mask, scale, full_width, attn_bias, lengths);
   }
   const bool needs_grad = at::GradMode::is_enabled() && (x.requires_grad() || u.requires_grad());
   if (!needs_grad) {
     // Inference: the plain kernel, nothing saved.
     at::AutoDispatchBelowADInplaceOrView guard;
-    return attnpool::folded_attention_pool(x, u, mask, scale, full_width, attn_bias);
+    return attnpool::folded_attention_pool(x, u, mask, scale, full_width, attn_bias, lengths);
   }
-  return FoldedAttentionPoolFunction::apply(x, u, mask, scale, full_width, attn_bias);
+  return FoldedAttentionPoolFunction::apply(x, u, mask, scale, full_width, attn_bias, lengths);
 }
 
 }  // namespace

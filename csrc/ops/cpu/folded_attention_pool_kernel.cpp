@@ -91,8 +91,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias) {
-  auto f = detail::prepare_forward(x, u, mask, scale, full_width, attn_bias);
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
+  auto f = detail::prepare_forward(x, u, mask, scale, full_width, attn_bias, lengths);
   if (f.lse.numel() == 0) {
     return {f.out, f.lse};
   }
@@ -116,8 +117,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& lse,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias) {
-  auto g = detail::prepare_backward(grad_out, x, u, mask, out, lse, scale, full_width, attn_bias);
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
+  auto g = detail::prepare_backward(
+      grad_out, x, u, mask, out, lse, scale, full_width, attn_bias, lengths);
   BackwardParams& p = g.params;
   const auto acc_options = g.du.options();
   p.flat_cut = backward_cut(p);

@@ -130,9 +130,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
     const std::optional<at::Tensor>& mask,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias) {
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
   const c10::cuda::CUDAGuard guard(x.device());
-  auto f = detail::prepare_forward(x, u, mask, scale, full_width, attn_bias);
+  auto f = detail::prepare_forward(x, u, mask, scale, full_width, attn_bias, lengths);
   if (f.lse.numel() == 0) {
     return {f.out, f.lse};
   }
@@ -181,9 +182,11 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& lse,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& attn_bias) {
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
   const c10::cuda::CUDAGuard guard(x.device());
-  auto g = detail::prepare_backward(grad_out, x, u, mask, out, lse, scale, full_width, attn_bias);
+  auto g = detail::prepare_backward(
+      grad_out, x, u, mask, out, lse, scale, full_width, attn_bias, lengths);
   BackwardParams& a = g.params;
   const int64_t num_scores = a.num_scores();
   if (g.dx.numel() == 0 || num_scores == 0) {
