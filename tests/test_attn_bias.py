@@ -120,6 +120,27 @@ def test_finfo_min_masks_as_the_peers_do(dtype):
     )
 
 
+@pytest.mark.parametrize("full_width", [False, True], ids=["slices", "full-width"])
+def test_gradients_of_a_row_biased_to_the_lowest_float(full_width):
+    """Every score of row 1 rounds to finfo.min: a uniform softmax, as in the
+    peers. Its backward needs p = 1/L exactly, which max + log(sum) would lose
+    to rounding (so the kernels keep the two apart)."""
+    x, u, _, _ = _case(3, 9, 8, 2, 2, masked=False)
+    x, u = x.nan_to_num(0.0).float(), u.float()
+    bias = torch.zeros(3, 9)
+    bias[1] = torch.finfo(torch.float32).min
+    bias[2, 4:] = torch.finfo(torch.float32).min
+
+    def grads(module):
+        xs, us = x.clone().requires_grad_(), u.clone().requires_grad_()
+        out = module.folded_attention_pool(xs, us, None, 0.7, full_width, bias)
+        out.backward(torch.ones_like(out))
+        return out, xs.grad, us.grad
+
+    got, want = grads(attnpool), grads(reference)
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+
+
 def test_reverse_mode_refuses_the_bias_and_forward_mode_covers_it():
     x, u, mask, bias = _case(2, 5, 8, 2, 2)
     x = x.nan_to_num(0.0)

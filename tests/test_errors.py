@@ -404,7 +404,7 @@ def test_backward_op_checks_grad_out_shape():
         ValueError, match=r"grad_out must have the output's shape \[2, 8\], got \[2, 7\]"
     ):
         backward(torch.ones(2, 7), inputs.x, u, None, out, lse, 1.0, False)
-    with pytest.raises(ValueError, match=r"lse must have shape \[B, \*u.shape\[:-1\]\]"):
+    with pytest.raises(ValueError, match=r"lse must have shape \[B, \*u.shape\[:-1\], 2\]"):
         backward(out, inputs.x, u, None, out, lse[..., 0], 1.0, False)
 
 

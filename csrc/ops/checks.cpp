@@ -419,7 +419,8 @@ void check_folded_attention_pool_backward_args(
   const int64_t out_dim = u.dim() + (full_width ? 1 : 0);
   bool out_ok =
       out.dim() == out_dim && out.sym_size(0) == x.sym_size(0) && out.sym_size(-1) == x.sym_size(2);
-  bool lse_ok = lse.dim() == u.dim() && lse.sym_size(0) == x.sym_size(0);
+  bool lse_ok =
+      lse.dim() == u.dim() + 1 && lse.sym_size(0) == x.sym_size(0) && lse.sym_size(-1) == 2;
   for (int64_t dim = 0; dim + 1 < u.dim(); ++dim) {
     lse_ok = lse_ok && lse.sym_size(dim + 1) == u.sym_size(dim);
     if (full_width || dim + 2 < u.dim()) {
@@ -431,7 +432,8 @@ void check_folded_attention_pool_backward_args(
   TORCH_CHECK_VALUE(
       lse_ok,
       op,
-      ": lse must have shape [B, *u.shape[:-1]] = [B, Q, num_heads] or [B, num_heads], got ",
+      ": lse must have shape [B, *u.shape[:-1], 2] = [B, Q, num_heads, 2] or [B, num_heads, "
+      "2], got ",
       lse.sym_sizes());
   const auto acc = accumulate_dtype(x.scalar_type());
   TORCH_CHECK_TYPE(

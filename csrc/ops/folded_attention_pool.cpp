@@ -53,12 +53,13 @@ std::vector<c10::SymInt> out_sym_shape(const at::Tensor& x, const at::Tensor& u,
   return shape;
 }
 
-// [B, (Q,) n]
+// [B, (Q,) n, 2]: the log-sum-exp as (max, log(sum)), see pool_params.h.
 std::vector<c10::SymInt> lse_sym_shape(const at::Tensor& x, const at::Tensor& u) {
   std::vector<c10::SymInt> shape{x.sym_size(0)};
   for (int64_t dim = 0; dim + 1 < u.dim(); ++dim) {
     shape.push_back(u.sym_size(dim));
   }
+  shape.push_back(2);
   return shape;
 }
 

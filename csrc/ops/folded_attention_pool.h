@@ -47,7 +47,7 @@ struct PreparedPool {
   at::Tensor bias;                 // attn_bias [B, L] contiguous, accumulation dtype, or undefined
   at::Tensor u;                    // [num_scores, H] contiguous, accumulation dtype
   std::vector<int64_t> out_shape;  // the op's output shape
-  std::vector<int64_t> lse_shape;  // [B, *u.shape[:-1]]
+  std::vector<int64_t> lse_shape;  // [B, *u.shape[:-1], 2]
 };
 PreparedPool prepare_pool(
     const at::Tensor& x,

@@ -100,7 +100,11 @@ struct PoolInputs : PoolShape {
 };
 
 // The forward, in the accumulation dtype: out [B, num_scores, head_dim] (the
-// op's [B, Q, H]), lse [B, num_scores]. `cut` cuts each sequence into pieces
+// op's [B, Q, H]), lse [B, num_scores, 2]: the log-sum-exp of each score's
+// softmax in two parts, the running max and log(sum of exp(score - max)).
+// Kept apart because max + log(sum) rounds to max when the max is huge (a
+// row whose every score got attn_bias = finfo.min), and the backward's p
+// would then be 1 instead of 1/sum. `cut` cuts each sequence into pieces
 // that run in parallel; with more than one piece each piece's online-softmax
 // state goes to `partials` and the pieces are merged in order afterwards
 // (flash-decoding). The CPU keeps one state per (sequence, piece), the CUDA

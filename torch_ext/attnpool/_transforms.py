@@ -77,7 +77,8 @@ def _pool_tangent(
     """The tangent of the (unrounded) output, per query and head:
     ``sum_l p_l (ds_l - sum_k p_k ds_k) x_l + sum_l p_l dx_l``, where
     ``ds_l = scale (dx_l . u + x_l . du) + dbias_l`` is the tangent of the score and
-    ``p = exp(s - lse)`` the forward's softmax (SPEC.md §5)."""
+    ``p = exp(s - max - log(sum))`` the forward's softmax, from its log-sum-exp
+    in two parts ``lse[..., 0] = max``, ``lse[..., 1] = log(sum)`` (SPEC.md §5)."""
     acc = accumulate_dtype(x.dtype)
     batch, seq_len, hidden = x.shape
     us = u.reshape(-1, u.shape[-2], hidden).to(acc)  # [Q, n, H]
@@ -93,8 +94,9 @@ def _pool_tangent(
     scores = scale * _scores(rows, us)
     if attn_bias is not None:
         scores = scores + attn_bias.to(acc)[:, None, None, :]
-    log_norm = lse.reshape(batch, us.shape[0], us.shape[1], 1)
-    probs = torch.where(keep[:, None, None, :], torch.exp(scores - log_norm), 0.0)
+    parts = lse.reshape(batch, us.shape[0], us.shape[1], 2)
+    shifted = (scores - parts[..., :1]) - parts[..., 1:]
+    probs = torch.where(keep[:, None, None, :], torch.exp(shifted), 0.0)
 
     score_tangent = torch.zeros_like(scores)
     if x_tangent is not None:

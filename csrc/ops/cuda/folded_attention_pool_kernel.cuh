@@ -327,9 +327,10 @@ ATTNPOOL_GLOBAL void forward_kernel(ForwardParams a) {
         }
       }
     }
-    auto* lse = static_cast<acc_t*>(a.lse) + (b * a.num_queries + i) * n;
+    auto* lse = static_cast<acc_t*>(a.lse) + 2 * (b * a.num_queries + i) * n;
     for (int64_t h = tid; h < n; h += blockDim.x) {
-      lse[h] = valid ? run_max[h] + attnpool_log(run_sum[h]) : -attnpool_infinity<acc_t>();
+      lse[2 * h] = valid ? run_max[h] : -attnpool_infinity<acc_t>();
+      lse[2 * h + 1] = valid ? attnpool_log(run_sum[h]) : acc_t(0);
     }
     return;
   }
@@ -373,11 +374,11 @@ ATTNPOOL_DEVICE inline StripePlace stripe_place() {
 }
 
 // Merging the pieces of each (b, i): out and lse. Column c < H is out's, H + h
-// head h's lse. A CUDA block takes kStripeColumns columns of one (b, i); its
-// threads form merge_threads(pieces) / kStripeColumns stripes, and stripe t reads
-// pieces t, t + stripes, ... so that a long sequence cut into a thousand pieces
-// is not merged one piece after another. Stripes are combined in stripe order:
-// the launch depends on the shape only, so the result is bitwise repeatable.
+// head h's two parts of the log-sum-exp. A CUDA block takes kStripeColumns columns of one (b, i);
+// its threads form merge_threads(pieces) / kStripeColumns stripes, and stripe t reads pieces t, t +
+// stripes, ... so that a long sequence cut into a thousand pieces is not merged one piece after
+// another. Stripes are combined in stripe order: the launch depends on the shape only, so the
+// result is bitwise repeatable.
 constexpr int kMaxMergeStripes = 32;
 
 ATTNPOOL_HOST_DEVICE inline int64_t merge_blocks_per_row(int64_t hidden, int64_t num_heads) {
@@ -465,8 +466,9 @@ ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardParams a) {
   if (c < H) {
     static_cast<acc_t*>(a.out)[bi * H + c] = any ? value / sum : acc_t(0);
   } else {
-    static_cast<acc_t*>(a.lse)[bi * n + h] =
-        any ? m + attnpool_log(sum) : -attnpool_infinity<acc_t>();
+    acc_t* lse = static_cast<acc_t*>(a.lse) + 2 * (bi * n + h);
+    lse[0] = any ? m : -attnpool_infinity<acc_t>();
+    lse[1] = any ? attnpool_log(sum) : acc_t(0);
   }
 }
 
@@ -529,7 +531,7 @@ ATTNPOOL_GLOBAL void backward_kernel(BackwardParams a) {
   const int64_t block = blockIdx.x;
   const auto* x = static_cast<const scalar_t*>(a.x) + b * a.x_batch_stride;
   const auto* u = static_cast<const acc_t*>(a.u);
-  const auto* lse = static_cast<const acc_t*>(a.lse) + b * num_scores;
+  const auto* lse = static_cast<const acc_t*>(a.lse) + 2 * b * num_scores;
   auto* dx = static_cast<scalar_t*>(a.dx) + b * a.seq_len * H;
   acc_t* du = static_cast<acc_t*>(a.du_partials) + block * num_scores * H;
   const acc_t scale = static_cast<acc_t>(a.scale);
@@ -605,9 +607,11 @@ ATTNPOOL_GLOBAL void backward_kernel(BackwardParams a) {
         // thread, same reductions) and rounded it the same way
         // (biased_score); so p <= 1 however large the scores (the CPU's
         // [Note: one order for every score]).
-        const acc_t p = present[r]
-                            ? attnpool_exp(biased_score(scale, score, bias, tile + r) - lse[k])
-                            : acc_t(0);
+        const acc_t p =
+            present[r]
+                ? attnpool_exp(
+                      (biased_score(scale, score, bias, tile + r) - lse[2 * k]) - lse[2 * k + 1])
+                : acc_t(0);
         probs[idx] = p;
         dscores[idx] = scale * p * (dprob - delta[k]);
       }

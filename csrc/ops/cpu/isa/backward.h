@@ -146,6 +146,15 @@ inline acc_t biased_score(acc_t scale, acc_t score, const acc_t* bias, int j) {
   return bias == nullptr ? scaled : scaled + bias[j];
 }
 
+// p = exp(score - max - log(sum)) from the forward's two parts of the
+// log-sum-exp (pool_params.h). Kept apart, so that a score equal to the max
+// gives exactly 1/sum even when the max is so large that max + log(sum)
+// would round to max (e.g. a row whose every score got attn_bias = finfo.min).
+template <typename acc_t>
+inline acc_t probability(acc_t score, const acc_t* lse) {
+  return std::exp((score - lse[0]) - lse[1]);
+}
+
 // [Note: delta as G . x] ds = scale * p * (G . x - delta). When the softmax
 // puts all its weight on one row, out is that row exactly and ds must be 0;
 // summed in another order than G . x, the two differ by an ulp of |G||x|,
@@ -200,7 +209,7 @@ void backward_rows_one_score(
     dot2_rows<R>(rows, u, g0, H, scores, dprobs);
   }
   for (int j = 0; j < R; ++j) {
-    probs[j] = std::exp(biased_score(scale, scores[j], bias, j) - lse[b]);
+    probs[j] = probability(biased_score(scale, scores[j], bias, j), lse + 2 * b);
     dscores[j] = scale * probs[j] * (dprobs[j] - delta[b]);
   }
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -248,7 +257,7 @@ void backward_rows(
       score_dot_rows<R>(segments, gi + h * d, d, dprobs);
       for (int j = 0; j < R; ++j) {
         const acc_t prob =
-            std::exp(biased_score(scale, scores[j], bias, j) - lse[b * num_scores + k]);
+            probability(biased_score(scale, scores[j], bias, j), lse + 2 * (b * num_scores + k));
         probs[k * R + j] = prob;
         dscores[k * R + j] = scale * prob * (dprobs[j] - delta[b * num_scores + k]);
       }

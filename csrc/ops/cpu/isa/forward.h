@@ -270,8 +270,9 @@ class SoftmaxState {
     }
   }
 
-  // out[i, D_h] = weighted / sum and lse = max + log(sum); a sequence with
-  // no unmasked position gives zeros and lse = -inf.
+  // out[i, D_h] = weighted / sum and the log-sum-exp as its two parts,
+  // lse[2 s] = max and lse[2 s + 1] = log(sum) (see pool_params.h); a
+  // sequence with no unmasked position gives zeros and (-inf, 0).
   void finish(acc_t* out, acc_t* lse) {
     const int64_t H = shape_.hidden;
     const int64_t n = shape_.num_heads;
@@ -282,10 +283,12 @@ class SoftmaxState {
         acc_t* acc = weighted() + i * H + h * d;
         if (any_valid()) {
           scale_in_place(acc_t(1) / sum()[score], acc, d);
-          lse[score] = max()[score] + std::log(sum()[score]);
+          lse[2 * score] = max()[score];
+          lse[2 * score + 1] = std::log(sum()[score]);
         } else {
           std::fill_n(acc, d, acc_t(0));
-          lse[score] = kNegInf<acc_t>;
+          lse[2 * score] = kNegInf<acc_t>;
+          lse[2 * score + 1] = acc_t(0);
         }
         if constexpr (std::is_same_v<acc_t, float>) {
           if (paired_) {
@@ -354,7 +357,7 @@ class SoftmaxState {
 };
 
 // x: [B, L, H] rows contiguous; u: [num_scores, H]; out: [B, num_scores,
-// head_dim] and lse: [B, num_scores], both in the accumulation dtype.
+// head_dim] and lse: [B, num_scores, 2], both in the accumulation dtype.
 // One pass over x. Work item = (sequence b, piece of its rows); a sequence
 // cut into several pieces keeps each piece's state in `partials` and the
 // pieces are merged in order afterwards (flash-decoding on the CPU).
@@ -445,7 +448,7 @@ void forward_impl(const ForwardParams& p) {
         previous.clear();
       }
       if (!in_pieces) {
-        state.finish(out + b * out_size, lse + b * num_scores);
+        state.finish(out + b * out_size, lse + 2 * b * num_scores);
       }
     }
   });
@@ -461,7 +464,7 @@ void forward_impl(const ForwardParams& p) {
         state.merge(
             SoftmaxState<acc_t>(partials + (b * p.cut.pieces + piece) * state_size, p, paired));
       }
-      state.finish(out + b * out_size, lse + b * num_scores);
+      state.finish(out + b * out_size, lse + 2 * b * num_scores);
     }
   });
 }
