@@ -195,6 +195,32 @@ def test_cpp_module_init_draws_what_python_draws(cpp, tmp_path):
         assert torch.equal(got, python.state_dict()[name]), name
 
 
+@pytest.mark.parametrize("kdim", [32, 48], ids=["kdim=embed_dim", "kdim=48"])
+def test_cpp_map_head_loads_python_weights_and_draws_python_init(cpp, tmp_path, kdim):
+    exported = load(cpp.export / "inputs.pt")
+    features, mask = exported["features"][..., :kdim].contiguous(), exported["mask"]
+    torch.save({"features": features, "mask": mask}, tmp_path / "inputs.pt")
+    torch.manual_seed(1)
+    head = attnpool.MultiheadAttentionPooling(32, 4, 2, kdim=kdim)
+    with torch.no_grad():
+        head.in_proj_bias.normal_()
+        head.out_proj.bias.normal_()
+    torch.save(dict(head.state_dict()), tmp_path / "head.pt")
+    program = cpp.consumer.parent / "map_head_consumer"
+    args = [program, tmp_path / "head.pt", tmp_path / "inputs.pt", 32, 4, 2, tmp_path / "out.pt"]
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    pooled, *fresh = load(tmp_path / "out.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(pooled, head(features, mask), rtol=0, atol=TOLERANCE)
+    torch.manual_seed(0)
+    python = attnpool.MultiheadAttentionPooling(32, 4, 2, kdim=kdim)
+    names = [line.split()[1] for line in result.stdout.splitlines()]
+    assert names == [name for name, _ in python.named_parameters()]
+    for name, got in zip(names, fresh, strict=True):
+        assert torch.equal(got, python.get_parameter(name)), name
+
+
 def test_cpp_load_state_dict_explains_an_ordered_dict(cpp, tmp_path):
     # torch.save(module.state_dict()) pickles an OrderedDict, which C++ cannot read.
     pooling = tmp_path / "ordered.pt"

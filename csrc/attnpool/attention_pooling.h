@@ -43,9 +43,10 @@ struct AttentionPoolingOptions {
 //   q_proj.weight  [embed_dim, embed_dim], bias-free torch::nn::Linear, its default init
 //   k_proj.weight  [embed_dim, embed_dim], bias-free torch::nn::Linear, its default init
 //
-// forward(x, mask) takes x [B, L, embed_dim] and an optional mask [B, L]
-// (nonzero or true = attend, the opposite of MultiheadAttention's
-// key_padding_mask; an undefined tensor means none) and returns
+// forward(x, mask, lengths) takes x [B, L, embed_dim], an optional mask
+// [B, L] (nonzero or true = attend, the opposite of MultiheadAttention's
+// key_padding_mask) or optional lengths [B] for a right-padded batch (rows
+// past a length are never read); undefined tensors mean none. It returns
 // [B, embed_dim] for one query, [B, num_queries, embed_dim] otherwise, in x's
 // dtype. Move it with ->to(device, dtype) as any LibTorch module; x may be
 // float16/bfloat16 while the parameters stay float32.
@@ -61,7 +62,8 @@ class AttentionPoolingImpl : public torch::nn::Cloneable<AttentionPoolingImpl> {
 
   void pretty_print(std::ostream& stream) const override;
 
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& mask = {});
+  at::Tensor forward(
+      const at::Tensor& x, const at::Tensor& mask = {}, const at::Tensor& lengths = {});
 
   AttentionPoolingOptions options;
   at::Tensor query;
@@ -70,7 +72,8 @@ class AttentionPoolingImpl : public torch::nn::Cloneable<AttentionPoolingImpl> {
 
  protected:
   // Lets torch::nn::Sequential and AnyModule call forward(x) without a mask.
-  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(at::Tensor())})
+  FORWARD_HAS_DEFAULT_ARGS(
+      {1, torch::nn::AnyValue(at::Tensor())}, {2, torch::nn::AnyValue(at::Tensor())})
 };
 
 TORCH_MODULE(AttentionPooling);

@@ -50,9 +50,10 @@ struct MultiheadAttentionPoolingOptions {
 //   in_proj_bias [3E] (zeros), out_proj.weight [E, E], out_proj.bias [E] (zeros);
 //   query [num_queries, E], init N(0, 1/E).
 //
-// forward(x, mask, attn_bias) takes x [B, L, kdim], an optional mask [B, L]
-// (true = attend) and an optional attn_bias [B, L] added to every score (-inf
-// excludes a position); undefined tensors mean none. A row with nothing to
+// forward(x, mask, attn_bias, lengths) takes x [B, L, kdim], an optional mask
+// [B, L] (true = attend), an optional attn_bias [B, L] added to every score
+// (-inf excludes a position) and optional lengths [B] for a right-padded batch;
+// undefined tensors mean none. A row with nothing to
 // attend gives out_proj.bias and zero gradient to x. The output is in x's dtype.
 class MultiheadAttentionPoolingImpl : public torch::nn::Cloneable<MultiheadAttentionPoolingImpl> {
  public:
@@ -63,7 +64,10 @@ class MultiheadAttentionPoolingImpl : public torch::nn::Cloneable<MultiheadAtten
   void pretty_print(std::ostream& stream) const override;
 
   at::Tensor forward(
-      const at::Tensor& x, const at::Tensor& mask = {}, const at::Tensor& attn_bias = {});
+      const at::Tensor& x,
+      const at::Tensor& mask = {},
+      const at::Tensor& attn_bias = {},
+      const at::Tensor& lengths = {});
 
   MultiheadAttentionPoolingOptions options;
   // Defined as in nn.MultiheadAttention: in_proj_weight when kdim == embed_dim,
@@ -75,7 +79,9 @@ class MultiheadAttentionPoolingImpl : public torch::nn::Cloneable<MultiheadAtten
 
  protected:
   FORWARD_HAS_DEFAULT_ARGS(
-      {1, torch::nn::AnyValue(at::Tensor())}, {2, torch::nn::AnyValue(at::Tensor())})
+      {1, torch::nn::AnyValue(at::Tensor())},
+      {2, torch::nn::AnyValue(at::Tensor())},
+      {3, torch::nn::AnyValue(at::Tensor())})
 };
 
 TORCH_MODULE(MultiheadAttentionPooling);

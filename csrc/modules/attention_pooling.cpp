@@ -70,7 +70,8 @@ void AttentionPoolingImpl::pretty_print(std::ostream& stream) const {
   stream << ")";
 }
 
-at::Tensor AttentionPoolingImpl::forward(const at::Tensor& x, const at::Tensor& mask) {
+at::Tensor AttentionPoolingImpl::forward(
+    const at::Tensor& x, const at::Tensor& mask, const at::Tensor& lengths) {
   TORCH_CHECK_VALUE(
       x.dim() == 3 && x.size(2) == options.embed_dim(),
       "AttentionPooling: x must have shape [B, L, embed_dim = ",
@@ -86,7 +87,9 @@ at::Tensor AttentionPoolingImpl::forward(const at::Tensor& x, const at::Tensor& 
       k_proj->weight,
       mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt,
       options.num_heads(),
-      options.scale());
+      options.scale(),
+      /*attn_bias=*/std::nullopt,
+      lengths.defined() ? std::optional<at::Tensor>(lengths) : std::nullopt);
 }
 
 namespace {

@@ -94,7 +94,10 @@ void MultiheadAttentionPoolingImpl::pretty_print(std::ostream& stream) const {
 }
 
 at::Tensor MultiheadAttentionPoolingImpl::forward(
-    const at::Tensor& x, const at::Tensor& mask, const at::Tensor& attn_bias) {
+    const at::Tensor& x,
+    const at::Tensor& mask,
+    const at::Tensor& attn_bias,
+    const at::Tensor& lengths) {
   const int64_t embed_dim = options.embed_dim();
   const int64_t kdim = key_width(options);
   const int64_t heads = options.num_heads();
@@ -112,6 +115,7 @@ at::Tensor MultiheadAttentionPoolingImpl::forward(
   const auto q_bias = biases.empty() ? std::nullopt : std::optional<at::Tensor>(biases[0]);
   const auto maybe_mask = mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt;
   const auto maybe_bias = attn_bias.defined() ? std::optional<at::Tensor>(attn_bias) : std::nullopt;
+  const auto maybe_lengths = lengths.defined() ? std::optional<at::Tensor>(lengths) : std::nullopt;
 
   // The key bias cancels in the softmax; the value projection runs on the
   // pooled vectors, per head (SPEC.md §7).
@@ -122,7 +126,8 @@ at::Tensor MultiheadAttentionPoolingImpl::forward(
       maybe_mask,
       1.0 / std::sqrt(static_cast<double>(head_dim)),
       /*full_width=*/true,
-      maybe_bias);
+      maybe_bias,
+      maybe_lengths);
   const auto& w_v = weights[2];
   auto values =
       at::einsum(
@@ -136,6 +141,11 @@ at::Tensor MultiheadAttentionPoolingImpl::forward(
     }
     if (maybe_bias) {
       keep = keep.logical_and(maybe_bias->ne(-std::numeric_limits<double>::infinity()));
+    }
+    if (maybe_lengths) {
+      keep = keep.logical_and(
+          at::arange(x.size(1), maybe_lengths->options()).unsqueeze(0) <
+          maybe_lengths->unsqueeze(1));
     }
     const auto attends = keep.any(1);
     values = values + attends.to(values.scalar_type()).view({-1, 1, 1}) * biases[2];

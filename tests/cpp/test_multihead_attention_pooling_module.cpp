@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <limits>
 #include <set>
 #include <string>
 #include <tuple>
@@ -125,6 +126,27 @@ TEST(MultiheadAttentionPooling, ErrorsNameTheArgument) {
   attnpool::MultiheadAttentionPooling head(Options(16, 2).kdim(8));
   expect_error(
       [&] { head->forward(torch::randn({2, 3, 16})); }, "x must have shape [B, L, kdim = 8]");
+}
+
+}  // namespace
+
+namespace {
+
+// lengths [B] is the mask l < lengths[b], and the padding is never read.
+TEST(ModulesTakeLengths, EqualToTheMaskAndBlindToThePadding) {
+  const auto lengths = torch::tensor({3, 0, 5});
+  const auto mask = torch::arange(5).unsqueeze(0) < lengths.unsqueeze(1);
+  auto x = torch::randn({3, 5, kEmbed});
+  x.masked_fill_(~mask.unsqueeze(2), std::numeric_limits<float>::quiet_NaN());
+  attnpool::AttentionPooling pool(attnpool::AttentionPoolingOptions(kEmbed).num_heads(kHeads));
+  const auto pooled = pool->forward(x, at::Tensor(), lengths);
+  EXPECT_TRUE(torch::equal(pooled, pool(x, mask)));
+  EXPECT_FALSE(pooled.isnan().any().item<bool>());
+  attnpool::MultiheadAttentionPooling head(
+      attnpool::MultiheadAttentionPoolingOptions(kEmbed, kHeads).num_queries(2));
+  const auto out = head->forward(x, at::Tensor(), at::Tensor(), lengths);
+  EXPECT_TRUE(torch::equal(out, head(x, mask)));
+  EXPECT_FALSE(out.isnan().any().item<bool>());
 }
 
 }  // namespace
