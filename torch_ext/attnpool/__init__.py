@@ -5,6 +5,7 @@ from attnpool._loader import load_native_library
 _C = load_native_library()
 
 from attnpool import _transforms, reference  # noqa: E402
+from attnpool.heads import convert_pooling_head, swap_pooling_heads  # noqa: E402
 from attnpool.modules import (  # noqa: E402
     AttentionPooling,
     MultiheadAttentionPooling,
@@ -21,8 +22,10 @@ __all__ = [
     "MultiheadAttentionPooling",
     "WeightedPooling",
     "attention_pool",
+    "convert_pooling_head",
     "fold_query",
     "folded_attention_pool",
     "reference",
+    "swap_pooling_heads",
     "__version__",
 ]

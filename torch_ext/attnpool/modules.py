@@ -245,12 +245,6 @@ class MultiheadAttentionPooling(nn.Module):
             nn.init.zeros_(self.out_proj.bias)
         nn.init.normal_(self.query, std=self.embed_dim**-0.5)
 
-    def _projection_weights(self):
-        """(W_q [E, E], W_k [E, kdim], W_v [E, kdim])."""
-        if self.in_proj_weight is not None:
-            return self.in_proj_weight.chunk(3)
-        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-
     def forward(
         self,
         x: Tensor,
@@ -263,25 +257,7 @@ class MultiheadAttentionPooling(nn.Module):
                 f"MultiheadAttentionPooling: x must have shape [B, L, kdim = {self.kdim}], "
                 f"got {list(x.shape)}"
             )
-        w_q, w_k, w_v = self._projection_weights()
-        b_q = b_v = None
-        if self.in_proj_bias is not None:
-            b_q, _, b_v = self.in_proj_bias.chunk(3)
-        heads, head_dim = self.num_heads, self.head_dim
-        u = fold_query(self.query, w_q, w_k, heads, b_q)  # [Q, n, kdim]
-        # [B, Q, n, kdim]
-        pooled = folded_attention_pool(x, u, mask, head_dim**-0.5, True, attn_bias, lengths)
-        pooled = pooled.to(w_v.dtype)
-        # Per head: o[D_h] = W_v[D_h] @ pooled[h] (+ b_v[D_h] where a row attends).
-        values = torch.einsum(
-            "bqnk,ndk->bqnd", pooled, w_v.reshape(heads, head_dim, self.kdim)
-        ).reshape(x.shape[0], self.num_queries, self.embed_dim)
-        if b_v is not None:
-            # (The positions that count, as the op saw them.)
-            attends = reference._attended(x, mask, attn_bias, lengths).any(dim=1)
-            attends = attends.to(values.dtype)
-            values = values + attends[:, None, None] * b_v
-        out = self.out_proj(values).to(x.dtype)
+        out = pool_with_projections(self, x, self.query, mask, attn_bias, lengths)
         return out[:, 0] if self.num_queries == 1 else out
 
     def extra_repr(self) -> str:
@@ -292,6 +268,46 @@ class MultiheadAttentionPooling(nn.Module):
         if self.kdim != self.embed_dim:
             text += f", kdim={self.kdim}"
         return text if self.in_proj_bias is not None else f"{text}, bias=False"
+
+
+def pool_with_projections(
+    attention: nn.Module,
+    x: Tensor,
+    query: Tensor,
+    mask: Optional[Tensor] = None,
+    attn_bias: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> Tensor:
+    """``attention(query.expand(B, Q, E), x, x)[0]`` ([B, Q, E], x's dtype) for an
+    ``nn.MultiheadAttention``-like ``attention`` (its parameters: ``in_proj_weight``
+    or ``q/k/v_proj_weight``, ``in_proj_bias``, ``out_proj``; ``num_heads``),
+    without projecting a key or a value (SPEC.md §7): the query is folded
+    through the query and key projections (the key bias cancels in the
+    softmax), each head pools x over its full width, and the value projection
+    runs on the pooled vectors. A row with nothing to attend gives out_proj's
+    bias. Shared by MultiheadAttentionPooling and the converted peer heads."""
+    if attention.in_proj_weight is not None:
+        w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight
+    b_q = b_v = None
+    if attention.in_proj_bias is not None:
+        b_q, _, b_v = attention.in_proj_bias.chunk(3)
+    heads = attention.num_heads
+    embed_dim, kdim = w_v.shape
+    head_dim = embed_dim // heads
+    u = fold_query(query, w_q, w_k, heads, b_q)  # [Q, n, kdim]
+    # [B, Q, n, kdim]
+    pooled = folded_attention_pool(x, u, mask, head_dim**-0.5, True, attn_bias, lengths)
+    pooled = pooled.to(w_v.dtype)
+    # Per head: o[D_h] = W_v[D_h] @ pooled[h] (+ b_v[D_h] where a row attends).
+    values = torch.einsum("bqnk,ndk->bqnd", pooled, w_v.reshape(heads, head_dim, kdim))
+    values = values.reshape(x.shape[0], query.shape[0], embed_dim)
+    if b_v is not None:
+        # (The positions that count, as the op saw them.)
+        attends = reference._attended(x, mask, attn_bias, lengths).any(dim=1)
+        values = values + attends.to(values.dtype)[:, None, None] * b_v
+    return attention.out_proj(values).to(x.dtype)
 
 
 def _check_weighted_pool_inputs(x: Tensor, mask: Optional[Tensor], weight: Tensor, max_len: int):
