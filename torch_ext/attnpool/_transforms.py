@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch._C._functorch import TransformType, peek_interpreter_stack
 
+from attnpool import reference
 from attnpool.reference import accumulate_dtype
 
 _ops = torch.ops.attnpool
@@ -82,13 +83,7 @@ def _pool_tangent(
     acc = accumulate_dtype(x.dtype)
     batch, seq_len, hidden = x.shape
     us = u.reshape(-1, u.shape[-2], hidden).to(acc)  # [Q, n, H]
-    keep = torch.ones(batch, seq_len, dtype=torch.bool, device=x.device)
-    if mask is not None:
-        keep = mask != 0
-    if attn_bias is not None:
-        keep = keep & (attn_bias != float("-inf"))
-    if lengths is not None:
-        keep = keep & (torch.arange(seq_len, device=x.device) < lengths[:, None])
+    keep = reference._attended(x, mask, attn_bias, lengths)
     # Masked positions never reach the output or its tangent, even if NaN.
     rows = x.to(acc).masked_fill(~keep[..., None], 0)
     scores = scale * _scores(rows, us)
