@@ -53,7 +53,7 @@ BAD_VALUES = [
     (
         "query-hidden",
         dict(query=torch.randn(6)),
-        r"query must have shape \[H\] or \[Q, H\] with H = 8 \(x.shape\[2\]\), got \[6\]",
+        r"query must have shape \[H\] or \[Q, H\] with H = 8 \(x.shape\[-1\]\), got \[6\]",
     ),
     (
         "query-rank-3",
@@ -214,7 +214,7 @@ NON_CONTIGUOUS_BAD = [
     (
         "x-transposed-wrong-hidden",
         dict(x=torch.randn(2, 6, 5).transpose(1, 2)),
-        r"query must have shape \[H\] or \[Q, H\] with H = 6 \(x.shape\[2\]\), got \[8\]",
+        r"query must have shape \[H\] or \[Q, H\] with H = 6 \(x.shape\[-1\]\), got \[8\]",
     ),
     (
         "x-sliced-rank-2",
@@ -229,7 +229,7 @@ NON_CONTIGUOUS_BAD = [
     (
         "query-strided-wrong-hidden",
         dict(query=torch.randn(2, 12)[:, ::2]),
-        r"query must have shape \[H\] or \[Q, H\] with H = 8 \(x.shape\[2\]\), got \[2, 6\]",
+        r"query must have shape \[H\] or \[Q, H\] with H = 8 \(x.shape\[-1\]\), got \[2, 6\]",
     ),
     (
         "w_q-transposed-wrong-shape",
@@ -264,7 +264,7 @@ NON_CONTIGUOUS_BAD = [
     (
         "query-0-d",
         dict(query=torch.tensor(1.0)),
-        r"query must have shape \[H\] or \[Q, H\] with H = 8 \(x.shape\[2\]\), got \[\]",
+        r"query must have shape \[H\] or \[Q, H\] with H = 8 \(x.shape\[-1\]\), got \[\]",
     ),
     (
         "heads-huge",
@@ -339,7 +339,7 @@ FOLDED_BAD_VALUES = [
     (
         "u-width",
         dict(u=torch.randn(2, 6)),
-        r"u must have shape \[Q, num_heads, H\] or \[num_heads, H\] with H = 8 \(x.shape\[2\]\), "
+        r"u must have shape \[Q, num_heads, H\] or \[num_heads, H\] with H = 8 \(x.shape\[-1\]\), "
         r"got \[2, 6\]",
     ),
     ("u-rank", dict(u=torch.randn(8)), r"u must have shape \[Q, num_heads, H\]"),

@@ -77,6 +77,33 @@ at::Tensor folded_attention_pool(
     const std::optional<at::Tensor>& attn_bias = std::nullopt,
     const std::optional<at::Tensor>& lengths = std::nullopt);
 
+// Attention pooling of a ragged batch (SPEC.md §6): x [T, H] holds the rows
+// of B sequences one after another, sequence b being rows cu_seqlens[b] ..
+// cu_seqlens[b + 1] - 1 (flash-attn's cu_seqlens, a nested tensor's
+// offsets(), PyG's ptr). cu_seqlens: [B + 1], int32 or int64, on x's device,
+// starting at 0, non-decreasing, ending at T (checked on the CPU; on a GPU
+// checked asynchronously, since reading it would wait for the device).
+// Returns [B, H] for a 1-D query, else [B, Q, H]; an empty sequence pools to
+// zeros. Equal to attention_pool on the same sequences padded, with a mask.
+at::Tensor attention_pool_varlen(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    int64_t num_heads = 1,
+    std::optional<double> scale = std::nullopt);
+
+// folded_attention_pool of a ragged batch: x [T, H], cu_seqlens [B + 1] as
+// in attention_pool_varlen, u as in folded_attention_pool. Returns [B, (Q,)
+// H], or full width [B, (Q,) n, H]. Differentiable in x and u (reverse mode).
+at::Tensor folded_attention_pool_varlen(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& u,
+    double scale = 1.0,
+    bool full_width = false);
+
 // The CPU instruction set the CPU kernels run with in this process
 // ("AVX512", "AVX2" or "DEFAULT"), chosen once at run time from the CPU and
 // the ATEN_CPU_CAPABILITY environment variable.

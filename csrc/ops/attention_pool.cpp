@@ -31,6 +31,45 @@ at::Tensor attention_pool(
   return op.call(x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths);
 }
 
+at::Tensor attention_pool_varlen(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    int64_t num_heads,
+    std::optional<double> scale) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("attnpool::attention_pool_varlen", "")
+                             .typed<decltype(attention_pool_varlen)>();
+  return op.call(x, cu_seqlens, query, w_q, w_k, num_heads, scale);
+}
+
+namespace {
+
+// The fold, then pooling of the ragged batch on the folded query. Composite
+// at CompositeImplicitAutograd: the parts bring their own autograd, Meta and
+// device kernels.
+at::Tensor compose_attention_pool_varlen(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    int64_t num_heads,
+    std::optional<double> scale) {
+  detail::check_attention_pool_varlen_args(x, cu_seqlens, query, w_q, w_k, num_heads, scale);
+  const double resolved =
+      scale.has_value()
+          ? *scale
+          : detail::resolve_scale(
+                std::nullopt, (x.sym_size(1) / num_heads).guard_int(__FILE__, __LINE__));
+  const auto u = attnpool::fold_query(query, w_q, w_k, num_heads, std::nullopt);
+  return attnpool::folded_attention_pool_varlen(x, cu_seqlens, u, resolved, /*full_width=*/false);
+}
+
+}  // namespace
+
 namespace detail {
 
 double checked_attention_pool_scale(
@@ -76,6 +115,14 @@ TORCH_LIBRARY_FRAGMENT(attnpool, m) {
       "attention_pool(Tensor x, Tensor query, Tensor w_q, Tensor w_k, Tensor? mask=None, "
       "int num_heads=1, float? scale=None, Tensor? attn_bias=None, Tensor? lengths=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  m.def(
+      "attention_pool_varlen(Tensor x, Tensor cu_seqlens, Tensor query, Tensor w_q, Tensor w_k, "
+      "int num_heads=1, float? scale=None) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(attnpool, CompositeImplicitAutograd, m) {
+  m.impl("attention_pool_varlen", &compose_attention_pool_varlen);
 }
 
 // Meta is named as well: fake tensors look for a kernel registered at Meta itself.

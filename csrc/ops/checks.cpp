@@ -69,11 +69,13 @@ void check_same_device(
       t.device());
 }
 
-void check_float_x(const char* op, const at::Tensor& x) {
+// x as [B, L, H] (dense batches) or [T, H] (ragged batches, SPEC.md §6).
+void check_float_x(const char* op, const at::Tensor& x, bool ragged = false) {
   TORCH_CHECK_VALUE(
-      x.dim() == 3,
+      x.dim() == (ragged ? 2 : 3),
       op,
-      ": x must have shape [B, L, H], got a ",
+      ragged ? ": x must have shape [T, H] (the rows of all sequences), got a "
+             : ": x must have shape [B, L, H], got a ",
       x.dim(),
       "-D tensor of shape ",
       x.sym_sizes());
@@ -182,10 +184,12 @@ void check_lengths(
       dtype_name(lengths.scalar_type()));
 }
 
-void check_square_weight(const at::Tensor& w, const c10::SymInt& hidden, const char* name) {
+void check_square_weight(
+    const char* op, const at::Tensor& w, const c10::SymInt& hidden, const char* name) {
   TORCH_CHECK_VALUE(
       w.dim() == 2 && w.sym_size(0) == hidden && w.sym_size(1) == hidden,
-      "attention_pool: ",
+      op,
+      ": ",
       name,
       " must have shape [H, H] = [",
       hidden,
@@ -198,6 +202,113 @@ void check_square_weight(const at::Tensor& w, const c10::SymInt& hidden, const c
 // x's dtype, or float32 for float16/bfloat16 x (mixed precision).
 bool pairs_with_x(at::ScalarType dtype, at::ScalarType x_dtype) {
   return dtype == x_dtype || (is_reduced_float(x_dtype) && dtype == at::kFloat);
+}
+
+// query, w_q, w_k, num_heads and scale of attention_pool(_varlen), against
+// the width H of x's rows.
+void check_query_and_weights(
+    const char* op,
+    const at::Tensor& x,
+    const c10::SymInt& hidden,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    int64_t num_heads,
+    std::optional<double> scale) {
+  check_strided(op, query, "query");
+  check_strided(op, w_q, "w_q");
+  check_strided(op, w_k, "w_k");
+  TORCH_CHECK_VALUE(
+      (query.dim() == 1 || query.dim() == 2) && query.sym_size(-1) == hidden,
+      op,
+      ": query must have shape [H] or [Q, H] with H = ",
+      hidden,
+      " (x.shape[-1]), got ",
+      query.sym_sizes());
+  check_square_weight(op, w_q, hidden, "w_q");
+  check_square_weight(op, w_k, hidden, "w_k");
+  check_num_heads(op, num_heads, hidden, "H");
+  if (scale.has_value()) {
+    check_scale(op, *scale);
+  }
+  check_same_device(op, query, "query", x, "x");
+  check_same_device(op, w_q, "w_q", x, "x");
+  check_same_device(op, w_k, "w_k", x, "x");
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK_TYPE(
+      w_q.scalar_type() == dtype && w_k.scalar_type() == dtype,
+      op,
+      ": query, w_q and w_k must share one dtype, got ",
+      dtype_name(dtype),
+      ", ",
+      dtype_name(w_q.scalar_type()),
+      " and ",
+      dtype_name(w_k.scalar_type()));
+  TORCH_CHECK_TYPE(
+      pairs_with_x(dtype, x.scalar_type()),
+      op,
+      ": query, w_q and w_k must have x's dtype (",
+      dtype_name(x.scalar_type()),
+      ") or float32 when x is float16/bfloat16, got ",
+      dtype_name(dtype));
+}
+
+// u of folded_attention_pool(_varlen), against the width H of x's rows.
+void check_folded_query(
+    const char* op,
+    const at::Tensor& x,
+    const c10::SymInt& hidden,
+    const at::Tensor& u,
+    bool full_width) {
+  check_strided(op, u, "u");
+  TORCH_CHECK_VALUE(
+      (u.dim() == 2 || u.dim() == 3) && u.sym_size(-1) == hidden,
+      op,
+      ": u must have shape [Q, num_heads, H] or [num_heads, H] with H = ",
+      hidden,
+      " (x.shape[-1]), got ",
+      u.sym_sizes());
+  TORCH_CHECK_VALUE(
+      u.sym_size(-2) >= 1,
+      op,
+      ": u must have at least one head (u.shape[-2] >= 1), got ",
+      u.sym_sizes());
+  if (!full_width) {
+    TORCH_CHECK_VALUE(
+        hidden % u.sym_size(-2) == 0,
+        op,
+        ": the number of heads u.shape[-2] = ",
+        u.sym_size(-2),
+        " must divide H = ",
+        hidden,
+        " unless full_width=True");
+  }
+  check_same_device(op, u, "u", x, "x");
+  TORCH_CHECK_TYPE(
+      pairs_with_x(u.scalar_type(), x.scalar_type()),
+      op,
+      ": u must have x's dtype (",
+      dtype_name(x.scalar_type()),
+      ") or float32 when x is float16/bfloat16, got ",
+      dtype_name(u.scalar_type()));
+}
+
+// The shape, dtype and device of cu_seqlens; its values are checked by
+// check_cu_seqlens_values where that needs no host synchronisation.
+void check_cu_seqlens(const char* op, const at::Tensor& x, const at::Tensor& cu_seqlens) {
+  check_strided(op, cu_seqlens, "cu_seqlens");
+  TORCH_CHECK_VALUE(
+      cu_seqlens.dim() == 1 && cu_seqlens.sym_size(0) >= 1,
+      op,
+      ": cu_seqlens must have shape [B + 1] (offsets of the sequences' rows in x, from 0 to T), "
+      "got ",
+      cu_seqlens.sym_sizes());
+  TORCH_CHECK_TYPE(
+      cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong,
+      op,
+      ": cu_seqlens must be int32 or int64, got ",
+      dtype_name(cu_seqlens.scalar_type()));
+  check_same_device(op, cu_seqlens, "cu_seqlens", x, "x");
 }
 
 }  // namespace
@@ -214,44 +325,11 @@ void check_attention_pool_args(
     const std::optional<at::Tensor>& lengths) {
   constexpr const char* op = "attention_pool";
   check_strided(op, x, "x");
-  check_strided(op, query, "query");
-  check_strided(op, w_q, "w_q");
-  check_strided(op, w_k, "w_k");
   if (defined(mask)) {
     check_strided(op, *mask, "mask");
   }
   check_float_x(op, x);
-  const c10::SymInt& hidden = x.sym_size(2);
-  TORCH_CHECK_VALUE(
-      (query.dim() == 1 || query.dim() == 2) && query.sym_size(-1) == hidden,
-      "attention_pool: query must have shape [H] or [Q, H] with H = ",
-      hidden,
-      " (x.shape[2]), got ",
-      query.sym_sizes());
-  check_square_weight(w_q, hidden, "w_q");
-  check_square_weight(w_k, hidden, "w_k");
-  check_num_heads(op, num_heads, hidden, "H");
-  if (scale.has_value()) {
-    check_scale(op, *scale);
-  }
-  check_same_device(op, query, "query", x, "x");
-  check_same_device(op, w_q, "w_q", x, "x");
-  check_same_device(op, w_k, "w_k", x, "x");
-  const auto dtype = query.scalar_type();
-  TORCH_CHECK_TYPE(
-      w_q.scalar_type() == dtype && w_k.scalar_type() == dtype,
-      "attention_pool: query, w_q and w_k must share one dtype, got ",
-      dtype_name(dtype),
-      ", ",
-      dtype_name(w_q.scalar_type()),
-      " and ",
-      dtype_name(w_k.scalar_type()));
-  TORCH_CHECK_TYPE(
-      pairs_with_x(dtype, x.scalar_type()),
-      "attention_pool: query, w_q and w_k must have x's dtype (",
-      dtype_name(x.scalar_type()),
-      ") or float32 when x is float16/bfloat16, got ",
-      dtype_name(dtype));
+  check_query_and_weights(op, x, x.sym_size(2), query, w_q, w_k, num_heads, scale);
   if (defined(mask)) {
     check_mask(op, x, *mask);
   }
@@ -261,6 +339,21 @@ void check_attention_pool_args(
   if (defined(lengths)) {
     check_lengths(op, x, mask, *lengths);
   }
+}
+
+void check_attention_pool_varlen_args(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    int64_t num_heads,
+    std::optional<double> scale) {
+  constexpr const char* op = "attention_pool_varlen";
+  check_strided(op, x, "x");
+  check_float_x(op, x, /*ragged=*/true);
+  check_cu_seqlens(op, x, cu_seqlens);
+  check_query_and_weights(op, x, x.sym_size(1), query, w_q, w_k, num_heads, scale);
 }
 
 void check_fold_query_args(
@@ -359,36 +452,9 @@ void check_folded_attention_pool_args(
     const std::optional<at::Tensor>& lengths) {
   constexpr const char* op = "folded_attention_pool";
   check_strided(op, x, "x");
-  check_strided(op, u, "u");
   check_float_x(op, x);
-  const c10::SymInt& hidden = x.sym_size(2);
-  TORCH_CHECK_VALUE(
-      (u.dim() == 2 || u.dim() == 3) && u.sym_size(-1) == hidden,
-      "folded_attention_pool: u must have shape [Q, num_heads, H] or [num_heads, H] with H = ",
-      hidden,
-      " (x.shape[2]), got ",
-      u.sym_sizes());
-  TORCH_CHECK_VALUE(
-      u.sym_size(-2) >= 1,
-      "folded_attention_pool: u must have at least one head (u.shape[-2] >= 1), got ",
-      u.sym_sizes());
-  if (!full_width) {
-    TORCH_CHECK_VALUE(
-        hidden % u.sym_size(-2) == 0,
-        "folded_attention_pool: the number of heads u.shape[-2] = ",
-        u.sym_size(-2),
-        " must divide H = ",
-        hidden,
-        " unless full_width=True");
-  }
+  check_folded_query(op, x, x.sym_size(2), u, full_width);
   check_scale(op, scale);
-  check_same_device(op, u, "u", x, "x");
-  TORCH_CHECK_TYPE(
-      pairs_with_x(u.scalar_type(), x.scalar_type()),
-      "folded_attention_pool: u must have x's dtype (",
-      dtype_name(x.scalar_type()),
-      ") or float32 when x is float16/bfloat16, got ",
-      dtype_name(u.scalar_type()));
   if (defined(mask)) {
     check_mask(op, x, *mask);
   }
@@ -400,14 +466,54 @@ void check_folded_attention_pool_args(
   }
 }
 
+void check_folded_attention_pool_varlen_args(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& u,
+    double scale,
+    bool full_width) {
+  constexpr const char* op = "folded_attention_pool_varlen";
+  check_strided(op, x, "x");
+  check_float_x(op, x, /*ragged=*/true);
+  check_cu_seqlens(op, x, cu_seqlens);
+  check_folded_query(op, x, x.sym_size(1), u, full_width);
+  check_scale(op, scale);
+}
+
+void check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens, int64_t rows) {
+  const auto offsets = cu_seqlens.to(at::kLong).contiguous();
+  const int64_t* o = offsets.const_data_ptr<int64_t>();
+  const int64_t batch = offsets.numel() - 1;
+  TORCH_CHECK_VALUE(o[0] == 0, op, ": cu_seqlens[0] must be 0, got ", o[0]);
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK_VALUE(
+        o[b + 1] >= o[b],
+        op,
+        ": cu_seqlens must be non-decreasing, got cu_seqlens[",
+        b + 1,
+        "] = ",
+        o[b + 1],
+        " < cu_seqlens[",
+        b,
+        "] = ",
+        o[b]);
+  }
+  TORCH_CHECK_VALUE(
+      o[batch] == rows, op, ": cu_seqlens[-1] must be T = x.shape[0] = ", rows, ", got ", o[batch]);
+}
+
 void check_folded_attention_pool_backward_args(
     const at::Tensor& grad_out,
     const at::Tensor& x,
     const at::Tensor& u,
     const at::Tensor& out,
     const at::Tensor& lse,
-    bool full_width) {
+    bool full_width,
+    const std::optional<at::Tensor>& cu_seqlens) {
   constexpr const char* op = "folded_attention_pool backward";
+  // B and H of a dense [B, L, H] or a ragged [T, H] batch.
+  const c10::SymInt batch = cu_seqlens.has_value() ? cu_seqlens->sym_size(0) - 1 : x.sym_size(0);
+  const c10::SymInt& hidden = x.sym_size(-1);
   TORCH_CHECK_VALUE(
       grad_out.sym_sizes() == out.sym_sizes(),
       op,
@@ -417,10 +523,8 @@ void check_folded_attention_pool_backward_args(
       grad_out.sym_sizes());
   // out: [B, (Q,) H] or, full width, [B, (Q,) n, H]; lse: [B, (Q,) n].
   const int64_t out_dim = u.dim() + (full_width ? 1 : 0);
-  bool out_ok =
-      out.dim() == out_dim && out.sym_size(0) == x.sym_size(0) && out.sym_size(-1) == x.sym_size(2);
-  bool lse_ok =
-      lse.dim() == u.dim() + 1 && lse.sym_size(0) == x.sym_size(0) && lse.sym_size(-1) == 2;
+  bool out_ok = out.dim() == out_dim && out.sym_size(0) == batch && out.sym_size(-1) == hidden;
+  bool lse_ok = lse.dim() == u.dim() + 1 && lse.sym_size(0) == batch && lse.sym_size(-1) == 2;
   for (int64_t dim = 0; dim + 1 < u.dim(); ++dim) {
     lse_ok = lse_ok && lse.sym_size(dim + 1) == u.sym_size(dim);
     if (full_width || dim + 2 < u.dim()) {

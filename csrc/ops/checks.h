@@ -24,6 +24,17 @@ void check_attention_pool_args(
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths);
 
+// attention_pool_varlen: x [T, H] and cu_seqlens [B + 1] (shape, dtype and
+// device; check_cu_seqlens_values checks the values).
+void check_attention_pool_varlen_args(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    int64_t num_heads,
+    std::optional<double> scale);
+
 void check_fold_query_args(
     const at::Tensor& query,
     const at::Tensor& w_q,
@@ -49,15 +60,27 @@ void check_folded_attention_pool_args(
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths);
 
+void check_folded_attention_pool_varlen_args(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& u,
+    double scale,
+    bool full_width);
+
+// cu_seqlens[0] = 0, non-decreasing, cu_seqlens[B] = rows (SPEC.md §6). Reads
+// the values, so only where that costs no host synchronisation (a CPU tensor).
+void check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens, int64_t rows);
+
 // The backward's extra inputs: grad_out, out and lse with the shapes the
-// forward op produced for these arguments.
+// forward op produced for these arguments (B from cu_seqlens for a ragged x).
 void check_folded_attention_pool_backward_args(
     const at::Tensor& grad_out,
     const at::Tensor& x,
     const at::Tensor& u,
     const at::Tensor& out,
     const at::Tensor& lse,
-    bool full_width);
+    bool full_width,
+    const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
 
 // 1/sqrt(head_dim) unless the caller gave a scale.
 double resolve_scale(std::optional<double> scale, int64_t head_dim);

@@ -20,6 +20,7 @@
 
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace attnpool {
@@ -38,24 +39,23 @@ at::Tensor folded_attention_pool(
   return op.call(x, u, mask, scale, full_width, attn_bias, lengths);
 }
 
-namespace {
+namespace detail {
 
-// [B, (Q,) H], or full width [B, (Q,) n, H].
-std::vector<c10::SymInt> out_sym_shape(const at::Tensor& x, const at::Tensor& u, bool full_width) {
-  std::vector<c10::SymInt> shape{x.sym_size(0)};
+std::vector<c10::SymInt> out_sym_shape(
+    const c10::SymInt& batch, const c10::SymInt& hidden, const at::Tensor& u, bool full_width) {
+  std::vector<c10::SymInt> shape{batch};
   if (u.dim() == 3) {
     shape.push_back(u.sym_size(0));
   }
   if (full_width) {
     shape.push_back(u.sym_size(-2));
   }
-  shape.push_back(x.sym_size(2));
+  shape.push_back(hidden);
   return shape;
 }
 
-// [B, (Q,) n, 2]: the log-sum-exp as (max, log(sum)), see pool_params.h.
-std::vector<c10::SymInt> lse_sym_shape(const at::Tensor& x, const at::Tensor& u) {
-  std::vector<c10::SymInt> shape{x.sym_size(0)};
+std::vector<c10::SymInt> lse_sym_shape(const c10::SymInt& batch, const at::Tensor& u) {
+  std::vector<c10::SymInt> shape{batch};
   for (int64_t dim = 0; dim + 1 < u.dim(); ++dim) {
     shape.push_back(u.sym_size(dim));
   }
@@ -71,6 +71,33 @@ std::vector<int64_t> concrete(const std::vector<c10::SymInt>& shape) {
   }
   return sizes;
 }
+
+void set_query(
+    PreparedPool& prepared,
+    const at::Tensor& x,
+    int64_t batch,
+    const at::Tensor& u,
+    double scale,
+    bool full_width) {
+  PoolInputs& p = prepared.params;
+  const int64_t num_heads = u.size(-2);
+  const int64_t num_queries = u.dim() == 3 ? u.size(0) : 1;
+  p.batch = batch;
+  p.hidden = x.size(-1);
+  p.num_queries = full_width ? num_queries * num_heads : num_queries;
+  p.num_heads = full_width ? 1 : num_heads;
+  p.head_dim = p.hidden / p.num_heads;
+  p.scale = scale;
+  prepared.acc_dtype = accumulate_dtype(x.scalar_type());
+  prepared.u = u.to(prepared.acc_dtype).reshape({p.num_scores(), p.hidden}).contiguous();
+  p.u = prepared.u.const_data_ptr();
+  prepared.out_shape = concrete(out_sym_shape(batch, x.sym_size(-1), u, full_width));
+  prepared.lse_shape = concrete(lse_sym_shape(batch, u));
+}
+
+}  // namespace detail
+
+namespace {
 
 // Every backend: the forward op, its output rounded to x's dtype.
 at::Tensor folded_attention_pool_composite(
@@ -97,8 +124,9 @@ std::tuple<at::Tensor, at::Tensor> forward_meta(
   detail::check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias, lengths);
   const auto acc_options = x.options().dtype(detail::accumulate_dtype(x.scalar_type()));
   return {
-      at::empty_symint(out_sym_shape(x, u, full_width), acc_options),
-      at::empty_symint(lse_sym_shape(x, u), acc_options)};
+      at::empty_symint(
+          detail::out_sym_shape(x.sym_size(0), x.sym_size(2), u, full_width), acc_options),
+      at::empty_symint(detail::lse_sym_shape(x.sym_size(0), u), acc_options)};
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_meta(
@@ -165,17 +193,8 @@ PreparedPool prepare_pool(
   PreparedPool prepared;
   PoolInputs& p = prepared.params;
   p = PoolInputs{};
-  const int64_t num_heads = u.size(-2);
-  const int64_t num_queries = u.dim() == 3 ? u.size(0) : 1;
-  p.batch = x.size(0);
+  set_query(prepared, x, x.size(0), u, scale, full_width);
   p.seq_len = x.size(1);
-  p.hidden = x.size(2);
-  p.num_queries = full_width ? num_queries * num_heads : num_queries;
-  p.num_heads = full_width ? 1 : num_heads;
-  p.head_dim = p.hidden / p.num_heads;
-  p.scale = scale;
-
-  prepared.acc_dtype = accumulate_dtype(x.scalar_type());
   prepared.rows = with_contiguous_rows(x);
   prepared.keep = bool_mask(mask);
   if (attn_bias.has_value() && attn_bias->defined()) {
@@ -192,9 +211,6 @@ PreparedPool prepare_pool(
     const auto within = positions.unsqueeze(0) < lengths->unsqueeze(1);
     prepared.keep = prepared.keep.defined() ? prepared.keep.logical_and(within) : within;
   }
-  prepared.u = u.to(prepared.acc_dtype).reshape({p.num_scores(), p.hidden}).contiguous();
-  prepared.out_shape = concrete(out_sym_shape(x, u, full_width));
-  prepared.lse_shape = concrete(lse_sym_shape(x, u));
 
   p.x = prepared.rows.const_data_ptr();
   p.x_batch_stride = prepared.rows.stride(0);
@@ -203,21 +219,13 @@ PreparedPool prepare_pool(
   p.mask = masked ? prepared.keep.const_data_ptr<bool>() : nullptr;
   p.mask_batch_stride = masked ? prepared.keep.stride(0) : 0;
   p.mask_seq_stride = masked ? prepared.keep.stride(1) : 0;
-  p.u = prepared.u.const_data_ptr();
   p.bias = prepared.bias.defined() ? prepared.bias.const_data_ptr() : nullptr;
   return prepared;
 }
 
-PreparedForward prepare_forward(
-    const at::Tensor& x,
-    const at::Tensor& u,
-    const std::optional<at::Tensor>& mask,
-    double scale,
-    bool full_width,
-    const std::optional<at::Tensor>& attn_bias,
-    const std::optional<at::Tensor>& lengths) {
+PreparedForward forward_from(PreparedPool pool, const at::Tensor& x) {
   PreparedForward f;
-  f.pool = prepare_pool(x, u, mask, scale, full_width, attn_bias, lengths);
+  f.pool = std::move(pool);
   const auto acc_options = x.options().dtype(f.pool.acc_dtype);
   f.out = at::empty(f.pool.out_shape, acc_options);
   f.lse = at::empty(f.pool.lse_shape, acc_options);
@@ -228,20 +236,25 @@ PreparedForward prepare_forward(
   return f;
 }
 
-PreparedBackward prepare_backward(
-    const at::Tensor& grad_out,
+PreparedForward prepare_forward(
     const at::Tensor& x,
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
-    const at::Tensor& out,
-    const at::Tensor& lse,
     double scale,
     bool full_width,
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths) {
+  return forward_from(prepare_pool(x, u, mask, scale, full_width, attn_bias, lengths), x);
+}
+
+PreparedBackward backward_from(
+    PreparedPool pool,
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& out,
+    const at::Tensor& lse) {
   PreparedBackward g;
-  g.pool = prepare_pool(x, u, mask, scale, full_width, attn_bias, lengths);
-  check_folded_attention_pool_backward_args(grad_out, x, u, out, lse, full_width);
+  g.pool = std::move(pool);
   const auto acc_dtype = g.pool.acc_dtype;
   g.grad_out = grad_out.to(acc_dtype).contiguous();
   g.out = out.to(acc_dtype).contiguous();
@@ -257,6 +270,22 @@ PreparedBackward prepare_backward(
   g.params.dx = g.dx.mutable_data_ptr();
   g.params.du = g.du.mutable_data_ptr();
   return g;
+}
+
+PreparedBackward prepare_backward(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    double scale,
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
+  auto pool = prepare_pool(x, u, mask, scale, full_width, attn_bias, lengths);
+  check_folded_attention_pool_backward_args(grad_out, x, u, out, lse, full_width);
+  return backward_from(std::move(pool), grad_out, x, out, lse);
 }
 
 std::tuple<at::Tensor, at::Tensor> PreparedBackward::gradients(const at::Tensor& u) const {

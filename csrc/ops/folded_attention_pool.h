@@ -6,6 +6,7 @@
 #include "ops/pool_params.h"
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/SymInt.h>
 
 #include <cstdint>
 #include <optional>
@@ -46,6 +47,7 @@ struct PreparedPool {
   at::Tensor keep;                 // the mask (and attn_bias != -inf) as bool, or undefined
   at::Tensor bias;                 // attn_bias [B, L] contiguous, accumulation dtype, or undefined
   at::Tensor u;                    // [num_scores, H] contiguous, accumulation dtype
+  at::Tensor offsets;              // ragged: cu_seqlens as int64 [B + 1], else undefined
   std::vector<int64_t> out_shape;  // the op's output shape
   std::vector<int64_t> lse_shape;  // [B, *u.shape[:-1], 2]
 };
@@ -58,6 +60,23 @@ PreparedPool prepare_pool(
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths);
 
+// The op's output shape [B, (Q,) H], or full width [B, (Q,) n, H], and the
+// log-sum-exp's [B, (Q,) n, 2], for x's batch and row width.
+std::vector<c10::SymInt> out_sym_shape(
+    const c10::SymInt& batch, const c10::SymInt& hidden, const at::Tensor& u, bool full_width);
+std::vector<c10::SymInt> lse_sym_shape(const c10::SymInt& batch, const at::Tensor& u);
+
+// Sets what prepare_pool derives from u (checked) and x's rows alone: the
+// shape but seq_len, the scale, u in the accumulation dtype, out_shape and
+// lse_shape.
+void set_query(
+    PreparedPool& prepared,
+    const at::Tensor& x,
+    int64_t batch,
+    const at::Tensor& u,
+    double scale,
+    bool full_width);
+
 // A forward call prepared: out and lse allocated in the accumulation dtype
 // (out stays unrounded: the backward's delta = G . out needs it), params
 // pointing at the inputs and outputs. The backend sets the cut and partials.
@@ -67,6 +86,7 @@ struct PreparedForward {
   at::Tensor lse;
   ForwardParams params;
 };
+PreparedForward forward_from(PreparedPool pool, const at::Tensor& x);
 PreparedForward prepare_forward(
     const at::Tensor& x,
     const at::Tensor& u,
@@ -92,6 +112,12 @@ struct PreparedBackward {
   // (dx, du) as the op returns them: du shaped like u, in u's dtype.
   std::tuple<at::Tensor, at::Tensor> gradients(const at::Tensor& u) const;
 };
+PreparedBackward backward_from(
+    PreparedPool pool,
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& out,
+    const at::Tensor& lse);
 PreparedBackward prepare_backward(
     const at::Tensor& grad_out,
     const at::Tensor& x,
@@ -103,5 +129,45 @@ PreparedBackward prepare_backward(
     bool full_width,
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths);
+
+// The same for a ragged batch (SPEC.md §6): x [T, H], cu_seqlens [B + 1].
+// Offsets are checked on the CPU; on a GPU reading them would synchronise
+// with the host, so there they are only clamped into [0, T] (the kernels
+// never read outside x) and checked asynchronously.
+std::tuple<at::Tensor, at::Tensor> call_folded_attention_pool_varlen_forward(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& u,
+    double scale,
+    bool full_width);
+std::tuple<at::Tensor, at::Tensor> call_folded_attention_pool_varlen_backward(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& u,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    double scale,
+    bool full_width);
+PreparedForward prepare_varlen_forward(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& u,
+    double scale,
+    bool full_width);
+PreparedBackward prepare_varlen_backward(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& u,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    double scale,
+    bool full_width);
+
+// first_piece [B + 1] of a ragged forward (ForwardParams): sequence b gets
+// max(1, ceil(length / rows_per_piece)) pieces. Tensor ops on the offsets'
+// device, so no host synchronisation.
+at::Tensor ragged_first_piece(const at::Tensor& offsets, int64_t rows_per_piece);
 
 }  // namespace attnpool::detail

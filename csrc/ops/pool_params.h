@@ -80,6 +80,12 @@ struct PoolShape {
 // accumulation dtype, or null. A row's score is scale * (x . u) + bias,
 // rounded after the product and after the sum, in the forward and the
 // backward alike. (A -inf bias is folded into the mask by the entry points.)
+//
+// A ragged batch (SPEC.md §6) has x [T, H] and seq_offsets [B + 1] (int64,
+// cu_seqlens): sequence b is rows seq_offsets[b] .. seq_offsets[b + 1] - 1,
+// seq_len is T, and there is no mask or bias. seq_offsets is null for a
+// dense batch. The kernels reach rows through rows_of, row_offset and
+// flat_row only, so they serve both.
 struct PoolInputs : PoolShape {
   const void* x;
   int64_t x_batch_stride;
@@ -90,12 +96,40 @@ struct PoolInputs : PoolShape {
   const void* u;
   double scale;
   const void* bias;
+  const int64_t* seq_offsets;
 
+  ATTNPOOL_PARAMS_FN bool ragged() const {
+    return seq_offsets != nullptr;
+  }
+  // Rows in sequence b: L, or its own length.
+  ATTNPOOL_PARAMS_FN int64_t rows_of(int64_t b) const {
+    return ragged() ? seq_offsets[b + 1] - seq_offsets[b] : seq_len;
+  }
   ATTNPOOL_PARAMS_FN bool attends(int64_t b, int64_t l) const {
     return mask == nullptr || mask[b * mask_batch_stride + l * mask_seq_stride];
   }
+  // Where row l of sequence b starts in x, in elements.
   ATTNPOOL_PARAMS_FN int64_t row_offset(int64_t b, int64_t l) const {
-    return b * x_batch_stride + l * x_seq_stride;
+    return ragged() ? (seq_offsets[b] + l) * x_seq_stride : b * x_batch_stride + l * x_seq_stride;
+  }
+  // The index of row l of sequence b among all B * L (or T) rows, as in dx.
+  ATTNPOOL_PARAMS_FN int64_t flat_row(int64_t b, int64_t l) const {
+    return ragged() ? seq_offsets[b] + l : b * seq_len + l;
+  }
+  // The sequence that flat row `row` (< B * L, or < T) belongs to.
+  ATTNPOOL_PARAMS_FN int64_t sequence_of(int64_t row) const {
+    if (!ragged()) {
+      return row / seq_len;
+    }
+    // The last b with seq_offsets[b] <= row: sequences before it end at or
+    // before row, and empty ones are skipped.
+    int64_t lo = 0;
+    int64_t hi = batch;
+    while (hi - lo > 1) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      (seq_offsets[mid] <= row ? lo : hi) = mid;
+    }
+    return lo;
   }
 };
 
@@ -109,11 +143,51 @@ struct PoolInputs : PoolShape {
 // state goes to `partials` and the pieces are merged in order afterwards
 // (flash-decoding). The CPU keeps one state per (sequence, piece), the CUDA
 // kernels one per (sequence, query, piece); each device's entry point sizes it.
+//
+// A ragged batch cuts each sequence into pieces of cut.rows_per_piece rows
+// (cut.pieces is unused): sequence b's pieces are the work items
+// first_piece[b] .. first_piece[b + 1] - 1 ([B + 1], at least one each, so
+// an empty sequence still gets its zeros). Sequences of any length then make
+// work items of about one size: one long sequence among short ones spreads
+// over many threads instead of serialising on one.
+struct SequencePiece {
+  int64_t b;
+  int64_t piece;  // of sequence b
+  RowRange rows;  // of sequence b
+};
+
 struct ForwardParams : PoolInputs {
   PieceCut cut;
+  const int64_t* first_piece;  // ragged only
   void* out;
   void* lse;
   void* partials;
+
+  ATTNPOOL_PARAMS_FN int64_t pieces_of(int64_t b) const {
+    return ragged() ? first_piece[b + 1] - first_piece[b] : cut.pieces;
+  }
+  // Work items: one per piece of every sequence.
+  ATTNPOOL_PARAMS_FN int64_t work_items() const {
+    return ragged() ? first_piece[batch] : batch * cut.pieces;
+  }
+  ATTNPOOL_PARAMS_FN int64_t item_of(int64_t b, int64_t piece) const {
+    return ragged() ? first_piece[b] + piece : b * cut.pieces + piece;
+  }
+  ATTNPOOL_PARAMS_FN SequencePiece work_item(int64_t item) const {
+    int64_t b = 0;
+    if (!ragged()) {
+      b = item / cut.pieces;
+    } else {
+      // The last b with first_piece[b] <= item (every sequence has a piece).
+      int64_t hi = batch;
+      while (hi - b > 1) {
+        const int64_t mid = b + (hi - b) / 2;
+        (first_piece[mid] <= item ? b : hi) = mid;
+      }
+    }
+    const int64_t piece = item - item_of(b, 0);
+    return {b, piece, cut.piece(piece, rows_of(b))};
+  }
 };
 
 // The backward reads grad_out [B, num_scores, head_dim] and the forward's out

@@ -11,7 +11,14 @@ from attnpool.modules import (  # noqa: E402
     MultiheadAttentionPooling,
     WeightedPooling,
 )
-from attnpool.ops import attention_pool, fold_query, folded_attention_pool  # noqa: E402
+from attnpool.ops import (  # noqa: E402
+    attention_pool,
+    attention_pool_varlen,
+    fold_query,
+    folded_attention_pool,
+    folded_attention_pool_varlen,
+    segment_offsets,
+)
 
 _transforms.register()
 
@@ -22,10 +29,13 @@ __all__ = [
     "MultiheadAttentionPooling",
     "WeightedPooling",
     "attention_pool",
+    "attention_pool_varlen",
     "convert_pooling_head",
     "fold_query",
     "folded_attention_pool",
+    "folded_attention_pool_varlen",
     "reference",
+    "segment_offsets",
     "swap_pooling_heads",
     "__version__",
 ]

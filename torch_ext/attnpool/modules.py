@@ -83,7 +83,9 @@ class AttentionPooling(nn.Module):
     to the mean of the unmasked positions, and learns where to look from there.
 
     ``forward(x, mask=None, lengths=None)`` returns ``[B, embed_dim]`` when ``num_queries == 1``
-    and ``[B, num_queries, embed_dim]`` otherwise, in ``x``'s dtype. ``x`` may be
+    and ``[B, num_queries, embed_dim]`` otherwise, in ``x``'s dtype. ``x`` is
+    ``[B, L, embed_dim]``, or a jagged nested tensor ``[B, j, embed_dim]``
+    (``layout=torch.jagged``), pooled without padding. ``x`` may be
     float16/bfloat16 while the parameters stay float32 (mixed precision).
     ``mask`` (``[B, L]``): ``True`` (nonzero) means attend, the opposite of
     ``nn.MultiheadAttention``'s ``key_padding_mask``; pass ``~key_padding_mask``.
@@ -136,6 +138,7 @@ class AttentionPooling(nn.Module):
             _check_plain_linear(self, "q_proj")
             _check_plain_linear(self, "k_proj")
         query = self.query[0] if self.num_queries == 1 else self.query
+        # A jagged nested x pools as a ragged batch (attention_pool does it).
         return attention_pool(
             x,
             query,

@@ -27,6 +27,24 @@ def _check_number(op: str, name: str, value) -> None:
         raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
 
 
+def _jagged_parts(op: str, x: Tensor, **dense_only: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The rows ``[T, H]`` and offsets ``[B + 1]`` of a jagged nested tensor
+    ``x`` (``[B, j, H]``), which pools as a ragged batch (SPEC.md §6)."""
+    if x.layout != torch.jagged:
+        raise ValueError(
+            f"{op}: a nested x must have layout=torch.jagged (its rows and offsets are "
+            f"pooled in place), got {x.layout}"
+        )
+    for name, value in dense_only.items():
+        if value is not None:
+            raise ValueError(
+                f"{op}: {name} is for padded [B, L, H] batches; a nested x has no padding"
+            )
+    if x.dim() != 3 or x._ragged_idx != 1:
+        raise ValueError(f"{op}: a nested x must have shape [B, j, H] (ragged in dim 1)")
+    return x.values(), x.offsets()
+
+
 def attention_pool(
     x: Tensor,
     query: Tensor,
@@ -49,7 +67,9 @@ def attention_pool(
 
     Args:
         x: ``[B, L, H]`` float64/float32/float16/bfloat16. Any strides; rows
-            whose last dimension is not contiguous are copied first.
+            whose last dimension is not contiguous are copied first. A jagged
+            nested tensor (``layout=torch.jagged``, ``[B, j, H]``) pools as a
+            ragged batch (:func:`attention_pool_varlen`), without padding.
         query: ``[H]`` or ``[Q, H]``.
         w_q, w_k: ``[H, H]`` projection weights in ``nn.Linear`` layout (out, in).
             Same dtype as ``x``, or float32 when ``x`` is float16/bfloat16.
@@ -89,6 +109,11 @@ def attention_pool(
             _check_number(op, "scale", scale)
         _check_optional_tensor(op, "attn_bias", attn_bias)
         _check_optional_tensor(op, "lengths", lengths)
+        if x.is_nested:
+            rows, offsets = _jagged_parts(op, x, mask=mask, attn_bias=attn_bias, lengths=lengths)
+            return torch.ops.attnpool.attention_pool_varlen.default(
+                rows, offsets, query, w_q, w_k, num_heads, scale
+            )
         return torch.ops.attnpool.attention_pool.default(
             x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths
         )
@@ -186,3 +211,128 @@ def folded_attention_pool(
     return torch.ops.attnpool.folded_attention_pool(
         x, u, mask, scale, full_width, attn_bias, lengths
     )
+
+
+def segment_offsets(index: Tensor, num_segments: Optional[int] = None) -> Tensor:
+    """``cu_seqlens [B + 1]`` from PyG's sorted segment index ``[T]`` (SPEC.md §6).
+
+    ``cu_seqlens[b]`` is the number of rows with ``index < b``, computed on
+    ``index``'s device. ``num_segments`` (``B``) keeps it free of host
+    synchronisation (and of recompiles under ``torch.compile``); without it,
+    ``B = index.max() + 1`` is read from the device. Segments with no rows
+    are empty sequences. ``index`` must be sorted: that is checked on the
+    CPU, and asynchronously (a device-side assertion) on a GPU.
+    """
+    op = "attention_pool_varlen"
+    _check_tensor(op, "index", index)
+    if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"{op}: index must be a 1-D int32/int64 tensor (the segment of each row), got "
+            f"{index.dtype} of shape {list(index.shape)}"
+        )
+    if num_segments is None:
+        num_segments = int(index.max()) + 1 if index.numel() > 0 else 0
+    else:
+        _check_int(op, "num_segments", num_segments)
+        if num_segments < 0:
+            raise ValueError(f"{op}: num_segments must be >= 0, got {num_segments}")
+    if not torch.compiler.is_compiling() and index.numel() > 0:
+        in_order = (index.diff() >= 0).all() & (index[0] >= 0) & (index[-1] < num_segments)
+        message = f"{op}: index must be sorted, with values in [0, num_segments = {num_segments})"
+        if index.device.type == "cpu":
+            if not bool(in_order):
+                raise ValueError(message)
+        else:
+            torch._assert_async(in_order, message)
+    segments = torch.arange(num_segments + 1, device=index.device, dtype=index.dtype)
+    return torch.searchsorted(index, segments).to(index.dtype)
+
+
+def _ragged_offsets(
+    op: str,
+    cu_seqlens: Optional[Tensor],
+    index: Optional[Tensor],
+    num_segments: Optional[int],
+) -> Tensor:
+    """cu_seqlens as given, or from PyG's (index, num_segments)."""
+    if (cu_seqlens is None) == (index is None):
+        raise ValueError(f"{op}: pass exactly one of cu_seqlens and index")
+    if cu_seqlens is not None:
+        _check_tensor(op, "cu_seqlens", cu_seqlens)
+        if num_segments is not None:
+            raise ValueError(f"{op}: num_segments goes with index, not with cu_seqlens")
+        return cu_seqlens
+    return segment_offsets(index, num_segments)
+
+
+def attention_pool_varlen(
+    x: Tensor,
+    query: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    *,
+    cu_seqlens: Optional[Tensor] = None,
+    index: Optional[Tensor] = None,
+    num_segments: Optional[int] = None,
+    num_heads: int = 1,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """:func:`attention_pool` of a ragged batch: packed sequences or graphs (SPEC.md §6).
+
+    ``x`` holds the rows of ``B`` sequences one after another, without
+    padding. Say where each sequence starts with either
+
+    - ``cu_seqlens``: ``[B + 1]`` int32/int64 offsets, from 0 to ``T``
+      (flash-attn's ``cu_seqlens``, a jagged nested tensor's ``offsets()``,
+      PyG's ``ptr``): sequence ``b`` is rows ``cu_seqlens[b]:cu_seqlens[b + 1]``;
+    - ``index``: PyG's sorted batch vector ``[T]`` (the sequence of each row),
+      with ``num_segments = B`` (see :func:`segment_offsets`).
+
+    One pass over ``x`` forward and one backward, the work split over rows,
+    so one long sequence among short ones does not run on one thread. The
+    same result as padding the sequences and passing ``lengths`` (or a mask)
+    to :func:`attention_pool`; an empty sequence pools to zeros.
+
+    Args:
+        x: ``[T, H]`` float64/float32/float16/bfloat16.
+        query, w_q, w_k, num_heads, scale: as in :func:`attention_pool`.
+
+    Returns:
+        ``[B, H]`` for a 1-D ``query``, ``[B, Q, H]`` otherwise, in ``x``'s dtype.
+        Differentiable in ``x``, ``query``, ``w_q`` and ``w_k`` (reverse mode).
+    """
+    op = "attention_pool_varlen"
+    for name, value in (("x", x), ("query", query), ("w_q", w_q), ("w_k", w_k)):
+        _check_tensor(op, name, value)
+    _check_int(op, "num_heads", num_heads)
+    if scale is not None:
+        _check_number(op, "scale", scale)
+    offsets = _ragged_offsets(op, cu_seqlens, index, num_segments)
+    return torch.ops.attnpool.attention_pool_varlen.default(
+        x, offsets, query, w_q, w_k, num_heads, scale
+    )
+
+
+def folded_attention_pool_varlen(
+    x: Tensor,
+    u: Tensor,
+    *,
+    cu_seqlens: Optional[Tensor] = None,
+    index: Optional[Tensor] = None,
+    num_segments: Optional[int] = None,
+    scale: float = 1.0,
+    full_width: bool = False,
+) -> Tensor:
+    """:func:`folded_attention_pool` of a ragged batch ``x [T, H]``, its
+    sequences given by ``cu_seqlens`` or ``index`` as in
+    :func:`attention_pool_varlen`. Returns ``[B, (Q,) H]``, or full width
+    ``[B, (Q,) num_heads, H]``; differentiable in ``x`` and ``u`` (reverse mode).
+    """
+    op = "folded_attention_pool_varlen"
+    _check_tensor(op, "x", x)
+    _check_tensor(op, "u", u)
+    _check_number(op, "scale", scale)
+    if not isinstance(full_width, bool):
+        raise TypeError(f"{op}: full_width must be a bool, got {type(full_width).__name__}")
+    offsets = _ragged_offsets(op, cu_seqlens, index, num_segments)
+    return torch.ops.attnpool.folded_attention_pool_varlen.default(x, offsets, u, scale, full_width)

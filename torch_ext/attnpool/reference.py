@@ -147,6 +147,45 @@ def folded_attention_pool(
     return out[:, 0] if u.dim() == 2 else out
 
 
+def padded(x: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+    """A ragged batch (x ``[T, H]``, ``cu_seqlens [B + 1]``, SPEC §6) as a
+    right-padded ``[B, L, H]`` batch and its ``lengths [B]``, ``L`` the longest."""
+    offsets = cu_seqlens.tolist()
+    spans = list(zip(offsets[:-1], offsets[1:], strict=True))
+    lengths = [end - begin for begin, end in spans]
+    batch = x.new_zeros(len(spans), max(lengths, default=0), x.shape[-1])
+    for b, (begin, end) in enumerate(spans):
+        batch[b, : end - begin] = x[begin:end]
+    return batch, torch.tensor(lengths, dtype=torch.int64, device=x.device)
+
+
+def attention_pool_varlen(
+    x: Tensor,
+    cu_seqlens: Tensor,
+    query: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    num_heads: int = 1,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Same semantics as ``torch.ops.attnpool.attention_pool_varlen``: the
+    sequences padded, then :func:`attention_pool` with ``lengths``."""
+    batch, lengths = padded(x, cu_seqlens)
+    return attention_pool(batch, query, w_q, w_k, None, num_heads, scale, lengths=lengths)
+
+
+def folded_attention_pool_varlen(
+    x: Tensor,
+    cu_seqlens: Tensor,
+    u: Tensor,
+    scale: float = 1.0,
+    full_width: bool = False,
+) -> Tensor:
+    """Same semantics as ``torch.ops.attnpool.folded_attention_pool_varlen``."""
+    batch, lengths = padded(x, cu_seqlens)
+    return folded_attention_pool(batch, u, None, scale, full_width, lengths=lengths)
+
+
 def weighted_pool(x: Tensor, logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Learned per-position weights ``softmax(logits[:L])`` over the unmasked positions."""
     batch, seq_len, _ = x.shape

@@ -36,9 +36,20 @@ PieceCut forward_cut(const PoolShape& s) {
   return PieceCut::into(s.seq_len, std::min(wanted, most));
 }
 
-// Pieces of all B * L rows for the backward, each with its own du partial.
-PieceCut backward_cut(const PoolShape& s) {
-  const int64_t rows = s.batch * s.seq_len;
+// A ragged batch: pieces of one size for sequences of any length, about
+// kForwardTargetPieces of them over all T rows (ForwardParams::first_piece).
+PieceCut ragged_forward_cut(const PoolShape& s) {
+  const int64_t row_elems = std::max<int64_t>(s.hidden, 1);
+  const int64_t rows = s.seq_len;
+  const int64_t per_piece =
+      std::max(at::ceil_div(rows, kForwardTargetPieces), at::ceil_div(kMinPieceElems, row_elems));
+  return {std::max<int64_t>(1, at::ceil_div(rows, per_piece)), per_piece};
+}
+
+// Pieces of all B * L (or T) rows for the backward, each with its own du
+// partial.
+PieceCut backward_cut(const PoolInputs& s) {
+  const int64_t rows = s.ragged() ? s.seq_len : s.batch * s.seq_len;
   const int64_t elems = rows * std::max<int64_t>(s.hidden, 1);
   return PieceCut::into(rows, std::clamp<int64_t>(elems / kMinPieceElems, 1, kMaxBackwardPieces));
 }
@@ -73,7 +84,7 @@ bool pages_backed(void* data, size_t bytes) {
 // not; see pages_backed).
 bool stream_dx(const at::Tensor& dx) {
   const auto dtype = dx.scalar_type();
-  const int64_t row_bytes = dx.size(2) * static_cast<int64_t>(dx.element_size());
+  const int64_t row_bytes = dx.size(-1) * static_cast<int64_t>(dx.element_size());
   return (dtype == at::kFloat || dtype == at::kDouble) && dx.numel() > 0 &&
          reinterpret_cast<uintptr_t>(dx.const_data_ptr()) % 64 == 0 && row_bytes % 64 == 0 &&
          pages_backed(dx.mutable_data_ptr(), dx.nbytes());
@@ -85,6 +96,44 @@ int64_t softmax_state_size(const PoolShape& s) {
   return 1 + 2 * s.num_scores() + s.num_scores() * s.head_dim;
 }
 
+// Cuts the work (ForwardParams), runs the forward kernel, returns (out, lse).
+std::tuple<at::Tensor, at::Tensor> run_forward(detail::PreparedForward& f, at::ScalarType dtype) {
+  if (f.lse.numel() == 0) {
+    return {f.out, f.lse};
+  }
+  ForwardParams& p = f.params;
+  at::Tensor first_piece;
+  if (p.ragged()) {
+    p.cut = ragged_forward_cut(p);
+    first_piece = detail::ragged_first_piece(f.pool.offsets, p.cut.rows_per_piece);
+    p.first_piece = first_piece.const_data_ptr<int64_t>();
+  } else {
+    p.cut = forward_cut(p);
+  }
+  at::Tensor partials;
+  if (p.work_items() > p.batch) {
+    partials = at::empty({p.work_items(), softmax_state_size(p)}, f.out.options());
+    p.partials = partials.mutable_data_ptr();
+  }
+  selected_kernels().forward(p, dtype);
+  return {f.out, f.lse};
+}
+
+// Cuts the work (BackwardParams), runs the backward kernel, returns (dx, du).
+std::tuple<at::Tensor, at::Tensor> run_backward(
+    detail::PreparedBackward& g, const at::Tensor& u, at::ScalarType dtype) {
+  BackwardParams& p = g.params;
+  const auto acc_options = g.du.options();
+  p.flat_cut = backward_cut(p);
+  auto delta = at::empty({p.batch, p.num_scores()}, acc_options);
+  auto du_partials = at::empty({p.flat_cut.pieces, p.num_scores(), p.hidden}, acc_options);
+  p.delta = delta.mutable_data_ptr();
+  p.du_partials = du_partials.mutable_data_ptr();
+  p.stream_dx = stream_dx(g.dx);
+  selected_kernels().backward(p, dtype);
+  return g.gradients(u);
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& x,
     const at::Tensor& u,
@@ -94,18 +143,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths) {
   auto f = detail::prepare_forward(x, u, mask, scale, full_width, attn_bias, lengths);
-  if (f.lse.numel() == 0) {
-    return {f.out, f.lse};
-  }
-  ForwardParams& p = f.params;
-  p.cut = forward_cut(p);
-  at::Tensor partials;
-  if (p.cut.pieces > 1) {
-    partials = at::empty({p.batch * p.cut.pieces, softmax_state_size(p)}, f.out.options());
-    p.partials = partials.mutable_data_ptr();
-  }
-  selected_kernels().forward(p, x.scalar_type());
-  return {f.out, f.lse};
+  return run_forward(f, x.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cpu(
@@ -121,16 +159,30 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(
     const std::optional<at::Tensor>& lengths) {
   auto g = detail::prepare_backward(
       grad_out, x, u, mask, out, lse, scale, full_width, attn_bias, lengths);
-  BackwardParams& p = g.params;
-  const auto acc_options = g.du.options();
-  p.flat_cut = backward_cut(p);
-  auto delta = at::empty({p.batch, p.num_scores()}, acc_options);
-  auto du_partials = at::empty({p.flat_cut.pieces, p.num_scores(), p.hidden}, acc_options);
-  p.delta = delta.mutable_data_ptr();
-  p.du_partials = du_partials.mutable_data_ptr();
-  p.stream_dx = stream_dx(g.dx);
-  selected_kernels().backward(p, x.scalar_type());
-  return g.gradients(u);
+  return run_backward(g, u, x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_forward_cpu(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& u,
+    double scale,
+    bool full_width) {
+  auto f = detail::prepare_varlen_forward(x, cu_seqlens, u, scale, full_width);
+  return run_forward(f, x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_backward_cpu(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& u,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    double scale,
+    bool full_width) {
+  auto g = detail::prepare_varlen_backward(grad_out, x, cu_seqlens, u, out, lse, scale, full_width);
+  return run_backward(g, u, x.scalar_type());
 }
 
 }  // namespace
@@ -138,6 +190,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(
 TORCH_LIBRARY_IMPL(attnpool, CPU, m) {
   m.impl("_folded_attention_pool_forward", &forward_cpu);
   m.impl("_folded_attention_pool_backward", &backward_cpu);
+  m.impl("_folded_attention_pool_varlen_forward", &varlen_forward_cpu);
+  m.impl("_folded_attention_pool_varlen_backward", &varlen_backward_cpu);
 }
 
 }  // namespace attnpool::cpu

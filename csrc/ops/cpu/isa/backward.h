@@ -288,10 +288,10 @@ void backward_rows(
   }
 }
 
-// x: [B, L, H]; grad_out, out: [B, num_scores, head_dim]; lse, delta: [B,
-// num_scores]; u: [num_scores, H]. One pass over x writing dx; each piece of
-// the flattened [B * L] rows accumulates its own du partial, summed
-// afterwards in piece order.
+// x: [B, L, H] (or ragged [T, H]); grad_out, out: [B, num_scores,
+// head_dim]; lse, delta: [B, num_scores]; u: [num_scores, H]. One pass over
+// x writing dx; each piece of the flattened B * L (or T) rows accumulates
+// its own du partial, summed afterwards in piece order.
 template <typename scalar_t>
 void backward_impl(const BackwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -308,7 +308,7 @@ void backward_impl(const BackwardParams& p) {
   auto* du_partials = static_cast<acc_t*>(p.du_partials);
   const auto scale = static_cast<acc_t>(p.scale);
   const auto* bias = static_cast<const acc_t*>(p.bias);
-  const int64_t rows = p.batch * p.seq_len;
+  const int64_t rows = p.ragged() ? p.seq_len : p.batch * p.seq_len;
   // u in the order the forward read bfloat16 rows in, if it read them in pairs.
   std::vector<acc_t> u_paired_buffer;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
@@ -386,9 +386,12 @@ void backward_impl(const BackwardParams& p) {
         tile.clear();
       };
       const RowRange range = p.flat_cut.piece(piece, rows);
+      int64_t b = range.empty() ? 0 : p.sequence_of(range.begin);
       for (int64_t row = range.begin; row < range.end; ++row) {
-        const int64_t b = row / p.seq_len;
-        const int64_t l = row % p.seq_len;
+        while (p.flat_row(b, p.rows_of(b)) <= row) {
+          ++b;  // the rows of sequence b end before this one
+        }
+        const int64_t l = row - p.flat_row(b, 0);
         if (tile.count() > 0 && b != tile_batch) {
           flush();
         }

@@ -356,11 +356,12 @@ class SoftmaxState {
   bool paired_;
 };
 
-// x: [B, L, H] rows contiguous; u: [num_scores, H]; out: [B, num_scores,
-// head_dim] and lse: [B, num_scores, 2], both in the accumulation dtype.
-// One pass over x. Work item = (sequence b, piece of its rows); a sequence
-// cut into several pieces keeps each piece's state in `partials` and the
-// pieces are merged in order afterwards (flash-decoding on the CPU).
+// x: [B, L, H] (or ragged [T, H]) rows contiguous; u: [num_scores, H]; out:
+// [B, num_scores, head_dim] and lse: [B, num_scores, 2], both in the
+// accumulation dtype. One pass over x. Work item = (sequence b, piece of its
+// rows); when any sequence has several pieces, each piece's state goes to
+// `partials` and the pieces are merged in order afterwards (flash-decoding
+// on the CPU).
 template <typename scalar_t>
 void forward_impl(const ForwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -374,7 +375,8 @@ void forward_impl(const ForwardParams& p) {
   auto* partials = static_cast<acc_t*>(p.partials);
   const auto scale = static_cast<acc_t>(p.scale);
   const auto* bias = static_cast<const acc_t*>(p.bias);
-  const bool in_pieces = p.cut.pieces > 1;
+  const int64_t items = p.work_items();
+  const bool in_pieces = items > p.batch;
   const bool pipelined = num_scores == 1;
   const bool paired = reads_pairs<scalar_t>(p);
   std::vector<acc_t> u_paired;
@@ -387,7 +389,7 @@ void forward_impl(const ForwardParams& p) {
   }
 
   const int64_t grain = parallel_grain(p.cut, p.hidden);
-  at::parallel_for(0, p.batch * p.cut.pieces, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     RowTile<scalar_t, kForwardTileRows> tile;
     // With one score per row, each tile is added to the weighted sum while
     // the next one is scored (SoftmaxState::add_rows_pipelined).
@@ -397,8 +399,7 @@ void forward_impl(const ForwardParams& p) {
     const acc_t* biases = bias == nullptr ? nullptr : tile_bias;
     std::vector<acc_t> local(in_pieces ? 0 : state_size);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / p.cut.pieces;
-      const RowRange rows = p.cut.piece(item % p.cut.pieces, p.seq_len);
+      const auto [b, piece, rows] = p.work_item(item);
       SoftmaxState<acc_t> state(in_pieces ? partials + item * state_size : local.data(), p, paired);
       state.reset();
       auto flush = [&] {
@@ -460,9 +461,8 @@ void forward_impl(const ForwardParams& p) {
     for (int64_t b = begin; b < end; ++b) {
       SoftmaxState<acc_t> state(merged.data(), p, paired);
       state.reset();
-      for (int64_t piece = 0; piece < p.cut.pieces; ++piece) {
-        state.merge(
-            SoftmaxState<acc_t>(partials + (b * p.cut.pieces + piece) * state_size, p, paired));
+      for (int64_t piece = 0; piece < p.pieces_of(b); ++piece) {
+        state.merge(SoftmaxState<acc_t>(partials + p.item_of(b, piece) * state_size, p, paired));
       }
       state.finish(out + b * out_size, lse + 2 * b * num_scores);
     }

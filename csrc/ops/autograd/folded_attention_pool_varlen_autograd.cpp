@@ -1,0 +1,81 @@
+// Autograd of folded_attention_pool_varlen, registered at the Autograd key
+// so that gradients work from Python and from C++ alike: as for the dense op,
+// the forward saves the log-sum-exp and the backward is one more pass over x.
+
+#include <attnpool/attention_pool.h>
+
+#include "ops/autograd/forward_ad.h"
+#include "ops/folded_attention_pool.h"
+
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+namespace attnpool {
+namespace {
+
+class FoldedAttentionPoolVarlenFunction
+    : public torch::autograd::Function<FoldedAttentionPoolVarlenFunction> {
+ public:
+  static at::Tensor forward(
+      torch::autograd::AutogradContext* ctx,
+      const at::Tensor& x,
+      const at::Tensor& cu_seqlens,
+      const at::Tensor& u,
+      double scale,
+      bool full_width) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse] =
+        detail::call_folded_attention_pool_varlen_forward(x, cu_seqlens, u, scale, full_width);
+    ctx->save_for_backward({x, cu_seqlens, u, out, lse});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["full_width"] = full_width;
+    return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+  }
+
+  static torch::autograd::variable_list backward(
+      torch::autograd::AutogradContext* ctx, torch::autograd::variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    auto [dx, du] = detail::call_folded_attention_pool_varlen_backward(
+        grad_outputs[0],
+        saved[0],
+        saved[1],
+        saved[2],
+        saved[3],
+        saved[4],
+        ctx->saved_data["scale"].toDouble(),
+        ctx->saved_data["full_width"].toBool());
+    return {dx, at::Tensor(), du, at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor folded_attention_pool_varlen_autograd(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& u,
+    double scale,
+    bool full_width) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !detail::any_tangent({&x, &u}),
+      "attnpool::folded_attention_pool_varlen: forward-mode AD (torch.func.jvp, jacfwd, dual "
+      "tensors) is not implemented for ragged batches; use reverse mode, or the padded "
+      "folded_attention_pool with lengths, which has it");
+  const bool needs_grad = at::GradMode::is_enabled() && (x.requires_grad() || u.requires_grad());
+  if (!needs_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return attnpool::folded_attention_pool_varlen(x, cu_seqlens, u, scale, full_width);
+  }
+  return FoldedAttentionPoolVarlenFunction::apply(x, cu_seqlens, u, scale, full_width);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnpool, Autograd, m) {
+  m.impl("folded_attention_pool_varlen", &folded_attention_pool_varlen_autograd);
+  m.impl(
+      "_folded_attention_pool_varlen_forward", torch::autograd::autogradNotImplementedFallback());
+  m.impl(
+      "_folded_attention_pool_varlen_backward", torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace attnpool
