@@ -298,6 +298,119 @@ TEST(EmulatedCudaKernelsSingleRow, ScoreGradientIsExactlyZero) {
   }
 }
 
+// A ragged batch (x [T, H], cu_seqlens) through the CUDA kernels as the CUDA
+// entry points launch them: pieces of rows_per_piece rows from the piece
+// table, a grid sized for the most pieces T rows can make (blocks past the
+// last piece get no rows), the merge, and du's partials summed over the
+// whole grid. Against the CPU varlen operators.
+using VarlenForwardOp = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, double, bool);
+using VarlenBackwardOp = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    double,
+    bool);
+
+template <typename scalar_t, int V, int C>
+void run_emulated_varlen(
+    const torch::Tensor& x,
+    const torch::Tensor& cu_seqlens,
+    const torch::Tensor& u,
+    bool full_width,
+    int64_t rows_per_piece,
+    int threads,
+    const torch::Tensor& grad_out,
+    torch::Tensor (&got)[4]) {
+  using acc_t = at::opmath_type<scalar_t>;
+  namespace cuda = attnpool::cuda;
+  auto f = attnpool::detail::prepare_varlen_forward(x, cu_seqlens, u, 0.5, full_width);
+  const int64_t B = f.params.batch, T = f.params.seq_len, H = f.params.hidden;
+  const int64_t Q = f.params.num_queries, n = f.params.num_heads;
+  const int64_t most_items = B + (T + rows_per_piece - 1) / rows_per_piece;
+  const auto first_piece = attnpool::detail::ragged_first_piece(f.pool.offsets, rows_per_piece);
+  f.params.cut = {(T + rows_per_piece - 1) / rows_per_piece + 1, rows_per_piece};
+  f.params.first_piece = first_piece.const_data_ptr<int64_t>();
+  auto partials = torch::empty({most_items * Q, 1 + 2 * n + H}, f.out.options());
+  f.params.partials = partials.mutable_data_ptr();
+  launch(
+      &cuda::forward_kernel<scalar_t, V, C>,
+      most_items * Q,
+      threads,
+      cuda::forward_shared_bytes<acc_t>(threads / 32, n),
+      f.params);
+  const int merge_threads = cuda::merge_threads(f.params.cut.pieces);
+  launch(
+      &cuda::merge_pieces_kernel<scalar_t>,
+      B * Q * cuda::merge_blocks_per_row(H, n),
+      merge_threads,
+      cuda::merge_shared_bytes<acc_t>(merge_threads),
+      f.params);
+  auto g = attnpool::detail::prepare_varlen_backward(
+      grad_out, x, cu_seqlens, u, f.out, f.lse, 0.5, full_width);
+  g.params.cut = f.params.cut;
+  g.params.first_piece = first_piece.const_data_ptr<int64_t>();
+  const int64_t num_scores = Q * n;
+  auto du_partials = torch::empty({most_items, num_scores, H}, f.out.options());
+  g.params.du_partials = du_partials.mutable_data_ptr();
+  launch(
+      &cuda::backward_kernel<scalar_t, V, C>,
+      most_items,
+      threads,
+      cuda::backward_shared_bytes<acc_t>(threads / 32, n, num_scores),
+      g.params);
+  launch(
+      &cuda::reduce_partials_kernel<acc_t>,
+      (num_scores * H + cuda::kStripeColumns - 1) / cuda::kStripeColumns,
+      64,
+      cuda::reduce_shared_bytes<acc_t>(64),
+      du_partials.const_data_ptr<acc_t>(),
+      g.du.mutable_data_ptr<acc_t>(),
+      most_items,
+      num_scores * H);
+  got[0] = f.out;
+  got[1] = f.lse;
+  got[2] = g.dx;
+  got[3] = g.du.view(u.sizes());
+}
+
+TEST(EmulatedCudaKernelsRagged, VarlenMatchesTheCpuOperators) {
+  // Empty sequences first, in the middle and last; one long one in pieces.
+  const auto cu_seqlens = torch::tensor({0, 0, 3, 3, 45, 46, 58, 58}, torch::kInt32);
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  // (Each emulated run takes seconds: two cover both output modes and both
+  // layouts of a thread's columns.)
+  for (const bool full_width : {false, true}) {
+    for (const auto dtype : {full_width ? torch::kBFloat16 : torch::kFloat64}) {
+      torch::manual_seed(full_width ? 1 : 2);
+      const auto x = torch::randn({58, 64}, f64).to(dtype);
+      const auto acc = dtype == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+      const auto u = (torch::randn({2, 2, 64}, f64) / 8).to(acc);
+      const auto [want_out, want_lse] =
+          cpu_op<VarlenForwardOp>("attnpool::_folded_attention_pool_varlen_forward")
+              .call(x, cu_seqlens, u, 0.5, full_width);
+      const auto grad_out = torch::randn(want_out.sizes(), f64).to(acc);
+      const auto [want_dx, want_du] =
+          cpu_op<VarlenBackwardOp>("attnpool::_folded_attention_pool_varlen_backward")
+              .call(grad_out, x, cu_seqlens, u, want_out, want_lse, 0.5, full_width);
+      torch::Tensor got[4];
+      if (dtype == torch::kFloat64) {
+        run_emulated_varlen<double, 1, 2>(x, cu_seqlens, u, full_width, 8, 32, grad_out, got);
+      } else {
+        run_emulated_varlen<at::BFloat16, 8, 1>(x, cu_seqlens, u, full_width, 8, 32, grad_out, got);
+      }
+      const double tol = tolerance(dtype);
+      expect_close(got[0], want_out, tol, "out");
+      expect_close(got[1], want_lse, tol, "lse");
+      expect_close(got[2], want_dx, tol, "dx");
+      expect_close(got[3], want_du, tol, "du");
+    }
+  }
+}
+
 // {B, L, H, Q, heads, masked, dtype, threads, vec, chunks, pieces}
 INSTANTIATE_TEST_SUITE_P(
     Layouts,

@@ -36,13 +36,15 @@ int device_attribute(cudaDeviceAttr attribute) {
 
 // Columns per thread are chunks of VEC elements; 16-byte vectors when the
 // rows allow it (H a multiple of VEC and 16-byte aligned rows), else scalars.
+// rows: x as the kernels read it, [B, L, H] or ragged [T, H].
 template <typename scalar_t>
 int vector_width(const at::Tensor& rows) {
   constexpr int kWide = 16 / sizeof(scalar_t);
-  const int64_t H = rows.size(2);
-  const bool aligned = reinterpret_cast<uintptr_t>(rows.const_data_ptr()) % 16 == 0 &&
-                       (rows.size(0) <= 1 || rows.stride(0) % kWide == 0) &&
-                       (rows.size(1) <= 1 || rows.stride(1) % kWide == 0);
+  const int64_t H = rows.size(-1);
+  bool aligned = reinterpret_cast<uintptr_t>(rows.const_data_ptr()) % 16 == 0;
+  for (int64_t dim = 0; dim + 1 < rows.dim(); ++dim) {
+    aligned = aligned && (rows.size(dim) <= 1 || rows.stride(dim) % kWide == 0);
+  }
   return H % kWide == 0 && aligned ? kWide : 1;
 }
 
@@ -124,6 +126,138 @@ PieceCut cut_sequences(int64_t sequences, int64_t seq_len) {
   return PieceCut::into(seq_len, pieces_per_sequence(sequences, seq_len));
 }
 
+// A ragged batch (ForwardParams::first_piece): pieces of one size for every
+// sequence, about 8 blocks per SM over all T rows when each piece runs
+// `groups` blocks (one per query in the forward), none shorter than
+// kMinTilesPerPiece tiles. The piece table is made on the device and the
+// grid sized for the most pieces the rows can make (at most one short piece
+// per sequence besides the full ones): no host synchronisation.
+struct RaggedCut {
+  PieceCut cut;
+  at::Tensor first_piece;
+  int64_t most_items;
+};
+
+RaggedCut cut_ragged(const detail::PreparedPool& pool, int64_t groups) {
+  const PoolInputs& p = pool.params;
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  const int64_t wanted = std::max<int64_t>(1, at::ceil_div(8 * sms, std::max<int64_t>(groups, 1)));
+  const int64_t per_piece = std::max(
+      kMinTilesPerPiece * kTileRows, at::ceil_div(std::max<int64_t>(p.seq_len, 1), wanted));
+  RaggedCut ragged;
+  ragged.cut = {at::ceil_div(p.seq_len, per_piece) + 1, per_piece};
+  ragged.first_piece = detail::ragged_first_piece(pool.offsets, per_piece);
+  ragged.most_items = p.batch + at::ceil_div(p.seq_len, per_piece);
+  return ragged;
+}
+
+// Cuts the work (ForwardParams), launches the forward and, for sequences in
+// several pieces, the merge; returns (out, lse).
+std::tuple<at::Tensor, at::Tensor> run_forward(detail::PreparedForward& f, at::ScalarType dtype) {
+  if (f.lse.numel() == 0) {
+    return {f.out, f.lse};
+  }
+  ForwardParams& a = f.params;
+  const int64_t n = a.num_heads;
+  int64_t blocks = 0;
+  int64_t merged_pieces = 1;  // the most pieces one (b, i) merges
+  RaggedCut ragged;
+  if (a.ragged()) {
+    ragged = cut_ragged(f.pool, a.num_queries);
+    a.cut = ragged.cut;
+    a.first_piece = ragged.first_piece.const_data_ptr<int64_t>();
+    blocks = ragged.most_items * a.num_queries;
+    merged_pieces = ragged.cut.pieces;
+  } else {
+    a.cut = cut_sequences(a.batch * a.num_queries, a.seq_len);
+    blocks = a.batch * a.num_queries * a.cut.pieces;
+    merged_pieces = a.cut.pieces;
+  }
+  const bool merge = a.ragged() || a.cut.pieces > 1;
+  at::Tensor partials;
+  if (merge) {
+    partials = at::empty({blocks, 1 + 2 * n + a.hidden}, f.out.options());
+    a.partials = partials.mutable_data_ptr();
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, dtype, "folded_attention_pool_forward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const int vec = vector_width<scalar_t>(f.pool.rows);
+        const auto shape = launch_shape(a.hidden, vec);
+        const int64_t shared = forward_shared_bytes<acc_t>(shape.threads / 32, n);
+        with_layout<scalar_t>(vec, shape.chunks, [&](auto vec_c, auto chunks_c) {
+          auto* kernel =
+              &forward_kernel<scalar_t, decltype(vec_c)::value, decltype(chunks_c)::value>;
+          set_shared_limit<acc_t>(reinterpret_cast<const void*>(kernel), shared);
+          kernel<<<blocks, shape.threads, shared, stream>>>(a);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        if (merge) {
+          const int threads = merge_threads(merged_pieces);
+          const int64_t merge_blocks = a.batch * a.num_queries * merge_blocks_per_row(a.hidden, n);
+          merge_pieces_kernel<scalar_t>
+              <<<merge_blocks, threads, merge_shared_bytes<acc_t>(threads), stream>>>(a);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+  return {f.out, f.lse};
+}
+
+// Cuts the work (BackwardParams), launches the backward and the sum of the
+// du partials in order; returns (dx, du).
+std::tuple<at::Tensor, at::Tensor> run_backward(
+    detail::PreparedBackward& g, const at::Tensor& u, at::ScalarType dtype) {
+  BackwardParams& a = g.params;
+  const int64_t num_scores = a.num_scores();
+  if (g.dx.numel() == 0 || num_scores == 0) {
+    g.dx.zero_();
+    g.du.zero_();
+    return g.gradients(u);
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  int64_t blocks = 0;
+  RaggedCut ragged;
+  if (a.ragged()) {
+    ragged = cut_ragged(g.pool, 1);
+    a.cut = ragged.cut;
+    a.first_piece = ragged.first_piece.const_data_ptr<int64_t>();
+    blocks = ragged.most_items;
+  } else {
+    a.cut = cut_sequences(a.batch, a.seq_len);
+    blocks = a.batch * a.cut.pieces;
+  }
+  auto du_partials = at::empty({blocks, num_scores, a.hidden}, g.du.options());
+  a.du_partials = du_partials.mutable_data_ptr();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, dtype, "folded_attention_pool_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const int vec = vector_width<scalar_t>(g.pool.rows);
+        const auto shape = launch_shape(a.hidden, vec);
+        const int64_t shared =
+            backward_shared_bytes<acc_t>(shape.threads / 32, a.num_heads, num_scores);
+        with_layout<scalar_t>(vec, shape.chunks, [&](auto vec_c, auto chunks_c) {
+          auto* kernel =
+              &backward_kernel<scalar_t, decltype(vec_c)::value, decltype(chunks_c)::value>;
+          set_shared_limit<acc_t>(reinterpret_cast<const void*>(kernel), shared);
+          kernel<<<blocks, shape.threads, shared, stream>>>(a);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        const int64_t width = num_scores * a.hidden;
+        constexpr int kReduceThreads = 256;
+        reduce_partials_kernel<acc_t>
+            <<<at::ceil_div(width, int64_t{kStripeColumns}),
+               kReduceThreads,
+               reduce_shared_bytes<acc_t>(kReduceThreads),
+               stream>>>(
+                du_partials.const_data_ptr<acc_t>(), g.du.mutable_data_ptr<acc_t>(), blocks, width);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return g.gradients(u);
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& x,
     const at::Tensor& u,
@@ -134,43 +268,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
     const std::optional<at::Tensor>& lengths) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto f = detail::prepare_forward(x, u, mask, scale, full_width, attn_bias, lengths);
-  if (f.lse.numel() == 0) {
-    return {f.out, f.lse};
-  }
-  ForwardParams& a = f.params;
-  const int64_t n = a.num_heads;
-  a.cut = cut_sequences(a.batch * a.num_queries, a.seq_len);
-  at::Tensor partials;
-  if (a.cut.pieces > 1) {
-    partials =
-        at::empty({a.batch * a.num_queries * a.cut.pieces, 1 + 2 * n + a.hidden}, f.out.options());
-    a.partials = partials.mutable_data_ptr();
-  }
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "folded_attention_pool_forward_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const int vec = vector_width<scalar_t>(f.pool.rows);
-        const auto shape = launch_shape(a.hidden, vec);
-        const int64_t shared = forward_shared_bytes<acc_t>(shape.threads / 32, n);
-        with_layout<scalar_t>(vec, shape.chunks, [&](auto vec_c, auto chunks_c) {
-          auto* kernel =
-              &forward_kernel<scalar_t, decltype(vec_c)::value, decltype(chunks_c)::value>;
-          set_shared_limit<acc_t>(reinterpret_cast<const void*>(kernel), shared);
-          const int64_t blocks = a.batch * a.num_queries * a.cut.pieces;
-          kernel<<<blocks, shape.threads, shared, stream>>>(a);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-        if (a.cut.pieces > 1) {
-          const int threads = merge_threads(a.cut.pieces);
-          const int64_t blocks = a.batch * a.num_queries * merge_blocks_per_row(a.hidden, n);
-          merge_pieces_kernel<scalar_t>
-              <<<blocks, threads, merge_shared_bytes<acc_t>(threads), stream>>>(a);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
-      });
-  return {f.out, f.lse};
+  return run_forward(f, x.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cuda(
@@ -187,46 +285,32 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   auto g = detail::prepare_backward(
       grad_out, x, u, mask, out, lse, scale, full_width, attn_bias, lengths);
-  BackwardParams& a = g.params;
-  const int64_t num_scores = a.num_scores();
-  if (g.dx.numel() == 0 || num_scores == 0) {
-    g.dx.zero_();
-    g.du.zero_();
-    return g.gradients(u);
-  }
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  a.cut = cut_sequences(a.batch, a.seq_len);
-  auto du_partials = at::empty({a.batch * a.cut.pieces, num_scores, a.hidden}, g.du.options());
-  a.du_partials = du_partials.mutable_data_ptr();
+  return run_backward(g, u, x.scalar_type());
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "folded_attention_pool_backward_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const int vec = vector_width<scalar_t>(g.pool.rows);
-        const auto shape = launch_shape(a.hidden, vec);
-        const int64_t shared =
-            backward_shared_bytes<acc_t>(shape.threads / 32, a.num_heads, num_scores);
-        with_layout<scalar_t>(vec, shape.chunks, [&](auto vec_c, auto chunks_c) {
-          auto* kernel =
-              &backward_kernel<scalar_t, decltype(vec_c)::value, decltype(chunks_c)::value>;
-          set_shared_limit<acc_t>(reinterpret_cast<const void*>(kernel), shared);
-          kernel<<<a.batch * a.cut.pieces, shape.threads, shared, stream>>>(a);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-        const int64_t width = num_scores * a.hidden;
-        constexpr int kReduceThreads = 256;
-        reduce_partials_kernel<acc_t>
-            <<<at::ceil_div(width, int64_t{kStripeColumns}),
-               kReduceThreads,
-               reduce_shared_bytes<acc_t>(kReduceThreads),
-               stream>>>(
-                du_partials.const_data_ptr<acc_t>(),
-                g.du.mutable_data_ptr<acc_t>(),
-                a.batch * a.cut.pieces,
-                width);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-  return g.gradients(u);
+std::tuple<at::Tensor, at::Tensor> varlen_forward_cuda(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& u,
+    double scale,
+    bool full_width) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto f = detail::prepare_varlen_forward(x, cu_seqlens, u, scale, full_width);
+  return run_forward(f, x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_backward_cuda(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& u,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    double scale,
+    bool full_width) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto g = detail::prepare_varlen_backward(grad_out, x, cu_seqlens, u, out, lse, scale, full_width);
+  return run_backward(g, u, x.scalar_type());
 }
 
 }  // namespace
@@ -234,6 +318,8 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(
 TORCH_LIBRARY_IMPL(attnpool, CUDA, m) {
   m.impl("_folded_attention_pool_forward", &forward_cuda);
   m.impl("_folded_attention_pool_backward", &backward_cuda);
+  m.impl("_folded_attention_pool_varlen_forward", &varlen_forward_cuda);
+  m.impl("_folded_attention_pool_varlen_backward", &varlen_backward_cuda);
   m.impl("_fold_query_forward", &detail::fold_query_by_matmul);
   m.impl("_fold_query_backward", &detail::fold_query_backward_by_matmul);
 }

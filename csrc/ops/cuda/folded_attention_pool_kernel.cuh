@@ -62,6 +62,10 @@ ATTNPOOL_DEVICE inline int64_t chunk_column(int j) {
 // Where a CUDA block works, from blockIdx.x: block = (b * groups + group) *
 // pieces + piece, the rows of piece `piece` of sequence b (`cut` of each
 // sequence). The forward has one group per query, the backward one group.
+// A ragged batch has block = item * groups + group for its work items
+// (ForwardParams::first_piece); the grid is sized for the most items its T
+// rows can make, and a block past the last item gets no rows (it stores an
+// empty state or a zero du partial, which nothing or only the sum reads).
 // Also this thread's place in its warp.
 struct BlockInfo {
   int64_t b;
@@ -76,11 +80,23 @@ struct BlockInfo {
 template <typename Params>
 ATTNPOOL_DEVICE inline BlockInfo block_info(const Params& a, int64_t groups) {
   const int64_t block = blockIdx.x;
-  const int64_t sequence_group = block / a.cut.pieces;
   BlockInfo info;
-  info.b = sequence_group / groups;
-  info.group = sequence_group % groups;
-  info.rows = a.cut.piece(block % a.cut.pieces, a.seq_len);
+  if (a.ragged()) {
+    const int64_t item = block / groups;
+    info.group = block % groups;
+    info.b = 0;
+    info.rows = RowRange{0, 0};
+    if (item < a.work_items()) {
+      const SequencePiece work = a.work_item(item);
+      info.b = work.b;
+      info.rows = work.rows;
+    }
+  } else {
+    const int64_t sequence_group = block / a.cut.pieces;
+    info.b = sequence_group / groups;
+    info.group = sequence_group % groups;
+    info.rows = a.cut.piece(block % a.cut.pieces, a.seq_len);
+  }
   info.tid = threadIdx.x;
   info.lane = info.tid % 32;
   info.warp = info.tid / 32;
@@ -197,7 +213,7 @@ ATTNPOOL_GLOBAL void forward_kernel(ForwardParams a) {
   const int64_t n = a.num_heads;
   const int64_t d = a.head_dim;
   const int64_t block = blockIdx.x;
-  const auto* x = static_cast<const scalar_t*>(a.x) + b * a.x_batch_stride;
+  const auto* x = static_cast<const scalar_t*>(a.x) + a.row_offset(b, 0);
   const auto* u = static_cast<const acc_t*>(a.u) + i * n * H;
   const acc_t scale = static_cast<acc_t>(a.scale);
   const auto* bias =
@@ -316,7 +332,7 @@ ATTNPOOL_GLOBAL void forward_kernel(ForwardParams a) {
   attnpool_syncthreads();
 
   const bool valid = any_valid[0] != acc_t(0);
-  if (a.cut.pieces == 1) {
+  if (!a.ragged() && a.cut.pieces == 1) {
     auto* out = static_cast<acc_t*>(a.out) + (b * a.num_queries + i) * H;
     for (int j = 0; j < CHUNKS; ++j) {
       const int64_t col = chunk_column<VEC>(j);
@@ -334,7 +350,8 @@ ATTNPOOL_GLOBAL void forward_kernel(ForwardParams a) {
     }
     return;
   }
-  // Several pieces: store this one's state, merged later in piece order.
+  // Several pieces (or a ragged batch): store this one's state, merged later
+  // in piece order (merge_pieces_kernel finds it at merge_slots).
   const int64_t record = 1 + 2 * n + H;
   acc_t* state = static_cast<acc_t*>(a.partials) + block * record;
   if (tid == 0) {
@@ -394,6 +411,22 @@ ATTNPOOL_HOST_DEVICE inline int64_t merge_shared_bytes(int64_t threads) {
   return static_cast<int64_t>(sizeof(acc_t)) * 2 * threads;
 }
 
+// Where the forward blocks of (sequence b, query i) stored their states: the
+// first slot of partials, the distance between two pieces in slots, and how
+// many pieces (the block index is the slot, see block_info).
+struct MergeSlots {
+  int64_t first;
+  int64_t stride;
+  int64_t pieces;
+};
+
+ATTNPOOL_DEVICE inline MergeSlots merge_slots(const ForwardParams& a, int64_t b, int64_t i) {
+  if (a.ragged()) {
+    return {a.item_of(b, 0) * a.num_queries + i, a.num_queries, a.pieces_of(b)};
+  }
+  return {(b * a.num_queries + i) * a.cut.pieces, 1, a.cut.pieces};
+}
+
 template <typename scalar_t>
 ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardParams a) {
   using acc_t = attnpool_opmath_t<scalar_t>;
@@ -406,7 +439,9 @@ ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardParams a) {
   const bool active = c < H + n;
   const int64_t h = !active ? 0 : c < H ? c / a.head_dim : c - H;
   const int64_t record = 1 + 2 * n + H;
-  const acc_t* pieces = static_cast<const acc_t*>(a.partials) + bi * a.cut.pieces * record;
+  const MergeSlots slots = merge_slots(a, bi / a.num_queries, bi % a.num_queries);
+  const acc_t* pieces = static_cast<const acc_t*>(a.partials) + slots.first * record;
+  const int64_t piece_stride = slots.stride * record;
   // Two values per thread, [2][stripes][kStripeColumns]; stripe t's value of this
   // column at firsts[t * kStripeColumns] and seconds[t * kStripeColumns].
   ATTNPOOL_DYNAMIC_SHARED(acc_t, scratch);
@@ -417,8 +452,8 @@ ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardParams a) {
   // The largest running max of head h over the pieces with a row present.
   acc_t m = -attnpool_infinity<acc_t>();
   acc_t valid = acc_t(0);
-  for (int64_t s = stripe; active && s < a.cut.pieces; s += stripes) {
-    const acc_t* piece = pieces + s * record;
+  for (int64_t s = stripe; active && s < slots.pieces; s += stripes) {
+    const acc_t* piece = pieces + s * piece_stride;
     if (piece[0] != acc_t(0)) {
       valid = acc_t(1);
       m = piece[1 + h] > m ? piece[1 + h] : m;
@@ -439,8 +474,8 @@ ATTNPOOL_GLOBAL void merge_pieces_kernel(ForwardParams a) {
   const bool none_finite = m == -attnpool_infinity<acc_t>();
   acc_t sum = acc_t(0);
   acc_t value = acc_t(0);
-  for (int64_t s = stripe; active && s < a.cut.pieces; s += stripes) {
-    const acc_t* piece = pieces + s * record;
+  for (int64_t s = stripe; active && s < slots.pieces; s += stripes) {
+    const acc_t* piece = pieces + s * piece_stride;
     if (piece[0] == acc_t(0)) {
       continue;
     }
@@ -529,10 +564,10 @@ ATTNPOOL_GLOBAL void backward_kernel(BackwardParams a) {
   const int64_t d = a.head_dim;
   const int64_t num_scores = a.num_scores();
   const int64_t block = blockIdx.x;
-  const auto* x = static_cast<const scalar_t*>(a.x) + b * a.x_batch_stride;
+  const auto* x = static_cast<const scalar_t*>(a.x) + a.row_offset(b, 0);
   const auto* u = static_cast<const acc_t*>(a.u);
   const auto* lse = static_cast<const acc_t*>(a.lse) + 2 * b * num_scores;
-  auto* dx = static_cast<scalar_t*>(a.dx) + b * a.seq_len * H;
+  auto* dx = static_cast<scalar_t*>(a.dx) + a.flat_row(b, 0) * H;
   acc_t* du = static_cast<acc_t*>(a.du_partials) + block * num_scores * H;
   const acc_t scale = static_cast<acc_t>(a.scale);
   const auto* bias =
