@@ -236,6 +236,74 @@ TEST(AttentionPool, ReportsTheCpuInstructionSet) {
 
 using attnpool_test::expect_error;
 
+// Ragged batches (SPEC.md §6) from C++: the packed rows pool as the padded
+// batch with lengths does, with the same gradients, empty sequences included.
+TEST(AttentionPoolVarlen, EqualsThePaddedBatchWithLengths) {
+  torch::manual_seed(4);
+  const std::vector<int64_t> lengths{3, 0, 9, 1};
+  const auto cu_seqlens = torch::tensor({0, 3, 3, 12, 13}, torch::kInt32);
+  auto x = torch::randn({13, 8}, kF64).requires_grad_(true);
+  auto query = torch::randn({2, 8}, kF64).requires_grad_(true);
+  auto w_q = torch::randn({8, 8}, kF64).requires_grad_(true);
+  auto w_k = torch::randn({8, 8}, kF64).requires_grad_(true);
+  const auto out = attnpool::attention_pool_varlen(x, cu_seqlens, query, w_q, w_k, 2);
+  ASSERT_EQ(out.sizes(), (std::vector<int64_t>{4, 2, 8}));
+
+  auto padded = torch::zeros({4, 9, 8}, kF64);
+  for (int64_t b = 0, row = 0; b < 4; row += lengths[b], ++b) {
+    padded[b].narrow(0, 0, lengths[b]).copy_(x.detach().narrow(0, row, lengths[b]));
+  }
+  padded.requires_grad_(true);
+  auto dense_params = std::vector<torch::Tensor>{query, w_q, w_k};
+  for (auto& t : dense_params) {
+    t = t.detach().clone().requires_grad_(true);
+  }
+  const auto want = attnpool::attention_pool(
+      padded,
+      dense_params[0],
+      dense_params[1],
+      dense_params[2],
+      std::nullopt,
+      2,
+      std::nullopt,
+      std::nullopt,
+      torch::tensor(lengths));
+  EXPECT_TRUE(torch::allclose(out, want, 1e-12, 1e-12));
+  EXPECT_TRUE(torch::equal(out[1], torch::zeros({2, 8}, kF64)));
+  out.pow(2).sum().backward();
+  want.pow(2).sum().backward();
+  EXPECT_TRUE(torch::allclose(query.grad(), dense_params[0].grad(), 1e-12, 1e-12));
+  EXPECT_TRUE(torch::allclose(w_q.grad(), dense_params[1].grad(), 1e-12, 1e-12));
+  EXPECT_TRUE(torch::allclose(w_k.grad(), dense_params[2].grad(), 1e-12, 1e-12));
+  EXPECT_TRUE(torch::allclose(x.grad().narrow(0, 3, 9), padded.grad()[2], 1e-12, 1e-12));
+
+  // The folded form, full width: one head's pooled vector over the whole row.
+  const auto u = attnpool::fold_query(query.detach(), w_q.detach(), w_k.detach(), 2);
+  const auto full = attnpool::folded_attention_pool_varlen(x.detach(), cu_seqlens, u, 0.5, true);
+  const auto full_want = attnpool::folded_attention_pool(
+      padded.detach(), u, std::nullopt, 0.5, true, std::nullopt, torch::tensor(lengths));
+  EXPECT_TRUE(torch::allclose(full, full_want, 1e-12, 1e-12));
+}
+
+TEST(AttentionPoolVarlen, BadOffsetsAreNamed) {
+  const auto x = torch::randn({5, 8});
+  const auto q = torch::randn({8});
+  const auto w = torch::randn({8, 8});
+  using attnpool::attention_pool_varlen;
+  expect_error(
+      [&] { attention_pool_varlen(x, torch::tensor({0, 3, 2, 5}), q, w, w); },
+      "cu_seqlens must be non-decreasing, got cu_seqlens[2] = 2 < cu_seqlens[1] = 3");
+  expect_error(
+      [&] { attention_pool_varlen(x, torch::tensor({0, 4}), q, w, w); },
+      "cu_seqlens[-1] must be T = x.shape[0] = 5, got 4");
+  expect_error(
+      [&] { attention_pool_varlen(x, torch::tensor({0.0, 5.0}), q, w, w); },
+      "cu_seqlens must be int32 or int64, got float32");
+  expect_error(
+      [&] { attention_pool_varlen(x.view({1, 5, 8}), torch::tensor({0, 5}), q, w, w); },
+      "attention_pool_varlen: x must have shape [T, H] (the rows of all sequences)");
+}
+
 TEST(AttentionPoolErrors, NameTheArgumentAndTheValue) {
   const auto x = torch::randn({2, 5, 8});
   const auto q = torch::randn({8});
