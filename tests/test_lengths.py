@@ -123,3 +123,27 @@ def test_errors_name_lengths():
         pool(inputs.x, u, None, 1.0, False, None, LENGTHS)
     with pytest.raises(ValueError, match="attention_pool: pass at most one of mask and lengths"):
         attnpool.attention_pool(*inputs.args()[:4], mask, 2, None, None, lengths)
+
+
+def test_large_padded_gradient_is_exact_on_zero_pages():
+    # A dx of 42 MB, 85% padding: the CPU backward maps it as zero pages
+    # and writes only the attended rows ([Note: dx on zero pages]). It must
+    # still be an ordinary tensor: zeros past each length, the packed
+    # gradient elsewhere, and usable by what comes next (in place, twice).
+    torch.manual_seed(0)
+    lengths = torch.tensor([700, 0, 1, 1750])
+    x = torch.randn(4, 4096, 640).requires_grad_()
+    query, w_q, w_k = torch.randn(640), torch.randn(640, 640) / 25, torch.randn(640, 640) / 25
+    for _ in range(2):  # the second backward accumulates into x.grad
+        attnpool.attention_pool(x, query, w_q, w_k, lengths=lengths).pow(2).sum().backward()
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    rows = torch.cat([x.detach()[b, : lengths[b]] for b in range(4)])
+    packed = rows.requires_grad_()
+    attnpool.attention_pool_varlen(packed, query, w_q, w_k, cu_seqlens=offsets).pow(
+        2
+    ).sum().backward()
+    padding = torch.arange(4096)[None, :] >= lengths[:, None]
+    assert torch.equal(x.grad[padding], torch.zeros_like(x.grad[padding]))
+    torch.testing.assert_close(x.grad[~padding], 2 * packed.grad, **TOLERANCES[torch.float32])
+    x.grad.mul_(0.5).add_(1.0)
+    assert x.grad[padding].eq(1.0).all()

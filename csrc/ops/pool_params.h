@@ -202,12 +202,14 @@ struct BackwardParams : ForwardParams {
   void* dx;
   void* du_partials;
   void* du;
-  // CPU only: delta [B, num_scores] workspace, the flat cut, and whether dx
+  // CPU only: delta [B, num_scores] workspace, the flat cut, whether dx
   // is written with non-temporal stores (float32/float64 dx whose rows are
-  // 64-byte aligned and whose pages are already backed).
+  // 64-byte aligned and whose pages are already backed), and whether dx
+  // starts as zeros (then rows that are not attended are not written).
   void* delta;
   PieceCut flat_cut;
   bool stream_dx;
+  bool dx_zeroed;
 };
 
 // Sizes of the fold u[i, h] = w_k[D_h].T @ (w_q @ query[i] + q_bias)[D_h]

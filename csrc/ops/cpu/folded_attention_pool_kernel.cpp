@@ -90,6 +90,52 @@ bool stream_dx(const at::Tensor& dx) {
          pages_backed(dx.mutable_data_ptr(), dx.nbytes());
 }
 
+// [Note: dx on zero pages] A padded batch's dx is mostly rows of zeros (a
+// batch padded to its longest sequence can be 90% padding). Written, they
+// cost what the whole backward costs without them: on Linux a large dx is
+// fresh memory, and every page faults and is zeroed by the kernel before
+// the kernel's zeros are written over it (measured: 134 ms of a 180 ms
+// forward+backward of 64 x 2048 x 768 float32 with 9% of the rows valid).
+// So a large dx with rows to skip, whose memory is fresh anyway, is mapped
+// anonymous memory instead, which the OS guarantees to read as zeros: the
+// rows not attended are never written, and pages holding only such rows are
+// never touched. Memory that is already backed (an allocator that reuses
+// freed blocks: jemalloc, tcmalloc, glibc's mallopt) is kept: there writing
+// zeros costs less than faulting the attended rows' pages in afresh.
+constexpr int64_t kZeroPagesMinBytes = int64_t{32} << 20;
+
+// dx with its pages mapped as zeros, or an undefined tensor where that is
+// not possible (then the caller keeps its own dx).
+at::Tensor zero_pages_like(const at::Tensor& dx) {
+#if defined(__linux__)
+  const auto bytes = static_cast<size_t>(dx.nbytes());
+  void* data = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (data == MAP_FAILED) {
+    return {};
+  }
+  return at::from_blob(data, dx.sizes(), [bytes](void* p) { munmap(p, bytes); }, dx.options());
+#else
+  (void)dx;
+  return {};
+#endif
+}
+
+// Gives a backward with rows to skip (a mask, lengths or -inf bias) a dx on
+// zero pages when dx is large ([Note: dx on zero pages]).
+void use_zero_pages(detail::PreparedBackward& g) {
+  BackwardParams& p = g.params;
+  if (p.mask == nullptr || g.dx.nbytes() < static_cast<size_t>(kZeroPagesMinBytes) ||
+      pages_backed(g.dx.mutable_data_ptr(), g.dx.nbytes())) {
+    return;
+  }
+  auto zeroed = zero_pages_like(g.dx);
+  if (zeroed.defined()) {
+    g.dx = zeroed;
+    p.dx = g.dx.mutable_data_ptr();
+    p.dx_zeroed = true;
+  }
+}
+
 // One state per (sequence, piece): [any row attended, running max per score,
 // running sum per score, weighted sums (num_scores * head_dim)].
 int64_t softmax_state_size(const PoolShape& s) {
@@ -122,6 +168,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(detail::PreparedForward& f, at::S
 // Cuts the work (BackwardParams), runs the backward kernel, returns (dx, du).
 std::tuple<at::Tensor, at::Tensor> run_backward(
     detail::PreparedBackward& g, const at::Tensor& u, at::ScalarType dtype) {
+  use_zero_pages(g);
   BackwardParams& p = g.params;
   const auto acc_options = g.du.options();
   p.flat_cut = backward_cut(p);

@@ -288,6 +288,25 @@ void backward_rows(
   }
 }
 
+// dx[row] = 0 for a row no score attends, with non-temporal stores when dx
+// is streamed: a padded batch's dx can be mostly such rows, and plain
+// stores would read each line before writing it ([Note: non-temporal dx]).
+template <typename scalar_t>
+void zero_row(scalar_t* row, int64_t n, bool stream) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    if (stream) {
+      using Vec = Vectorized<scalar_t>;
+      int64_t e = 0;
+      for (; e + Vec::size() <= n; e += Vec::size()) {
+        store<true>(Vec(scalar_t(0)), row + e);
+      }
+      std::fill_n(row + e, n - e, scalar_t(0));
+      return;
+    }
+  }
+  std::fill_n(row, n, scalar_t(0));
+}
+
 // x: [B, L, H] (or ragged [T, H]); grad_out, out: [B, num_scores,
 // head_dim]; lse, delta: [B, num_scores]; u: [num_scores, H]. One pass over
 // x writing dx; each piece of the flattened B * L (or T) rows accumulates
@@ -396,7 +415,9 @@ void backward_impl(const BackwardParams& p) {
           flush();
         }
         if (!p.attends(b, l)) {
-          std::fill_n(dx + row * H, H, scalar_t(0));
+          if (!p.dx_zeroed) {
+            zero_row(dx + row * H, H, p.stream_dx);
+          }
           continue;
         }
         dx_out[tile.count()] = dx + row * H;
