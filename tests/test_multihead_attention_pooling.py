@@ -44,9 +44,11 @@ def _peer_output(module, peer, x, mask):
     return out[:, 0] if module.num_queries == 1 else out
 
 
+# With 8 queries, the fold costs more than projecting the keys and values,
+# and the module projects them (modules._fold_is_cheaper): both paths here.
 CASES = [
     pytest.param(q, kdim, bias, id=f"q{q}-kdim{kdim}-{'bias' if bias else 'nobias'}")
-    for q in (1, 3)
+    for q in (1, 3, 8)
     for kdim in (None, 12)
     for bias in (True, False)
 ]
@@ -73,19 +75,38 @@ def test_values_and_gradients_equal_nn_multihead_attention(num_queries, kdim, bi
     assert module.query.grad.abs().sum() > 0
 
 
+def test_many_queries_project_instead_of_folding_with_the_same_conventions():
+    from attnpool.modules import _fold_is_cheaper
+
+    module, _ = _pair(8, None, True)
+    x, _ = _batch(None)
+    w_v = module.in_proj_weight.chunk(3)[2]
+    assert not _fold_is_cheaper(x, module.query, w_v, NUM_HEADS)
+    assert _fold_is_cheaper(x, module.query[:1], w_v, NUM_HEADS)
+    # lengths: the padding is never read (NaN there), as on the fold's path.
+    lengths = torch.tensor([7, 3, 0, 1, 5])
+    padded = x.clone()
+    padded[torch.arange(SEQ_LEN)[None, :] >= lengths[:, None]] = float("nan")
+    got = module(padded, None, None, lengths)
+    want = module(x, torch.arange(SEQ_LEN)[None, :] < lengths[:, None])
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+    assert not got.isnan().any()
+
+
+@pytest.mark.parametrize("num_queries", [2, 8])
 @pytest.mark.parametrize("bias", [True, False])
-def test_a_row_with_nothing_to_attend_gives_the_output_bias(bias):
-    module, _ = _pair(2, None, bias)
+def test_a_row_with_nothing_to_attend_gives_the_output_bias(bias, num_queries):
+    module, _ = _pair(num_queries, None, bias)
     x, mask = _batch(None)
     x.requires_grad_()
     out = module(x, mask)
     want = module.out_proj.bias if bias else torch.zeros(EMBED_DIM, dtype=x.dtype)
-    torch.testing.assert_close(out[EMPTY_ROW], want.expand(2, -1), rtol=0, atol=0)
+    torch.testing.assert_close(out[EMPTY_ROW], want.expand(num_queries, -1), rtol=0, atol=0)
     out.sum().backward()
     assert torch.equal(x.grad[EMPTY_ROW], torch.zeros_like(x[EMPTY_ROW]))
     assert not x.grad.isnan().any()
     empty = module(x[:, :0], mask[:, :0])
-    torch.testing.assert_close(empty, want.expand(BATCH, 2, -1), rtol=0, atol=0)
+    torch.testing.assert_close(empty, want.expand(BATCH, num_queries, -1), rtol=0, atol=0)
 
 
 def test_state_dict_round_trips_with_nn_multihead_attention():

@@ -5,6 +5,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnpool import reference
@@ -284,11 +285,8 @@ def pool_with_projections(
     """``attention(query.expand(B, Q, E), x, x)[0]`` ([B, Q, E], x's dtype) for an
     ``nn.MultiheadAttention``-like ``attention`` (its parameters: ``in_proj_weight``
     or ``q/k/v_proj_weight``, ``in_proj_bias``, ``out_proj``; ``num_heads``),
-    without projecting a key or a value (SPEC.md §7): the query is folded
-    through the query and key projections (the key bias cancels in the
-    softmax), each head pools x over its full width, and the value projection
-    runs on the pooled vectors. A row with nothing to attend gives out_proj's
-    bias. Shared by MultiheadAttentionPooling and the converted peer heads."""
+    without projecting a key or a value (SPEC.md §7): see :func:`pool_projected`.
+    Shared by MultiheadAttentionPooling and the converted peer heads."""
     if attention.in_proj_weight is not None:
         w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
     else:
@@ -296,21 +294,114 @@ def pool_with_projections(
     b_q = b_v = None
     if attention.in_proj_bias is not None:
         b_q, _, b_v = attention.in_proj_bias.chunk(3)
-    heads = attention.num_heads
-    embed_dim, kdim = w_v.shape
-    head_dim = embed_dim // heads
-    u = fold_query(query, w_q, w_k, heads, b_q)  # [Q, n, kdim]
+    projected = pool_projected(
+        x, query, w_q, b_q, w_k, w_v, b_v, attention.num_heads, mask, attn_bias, lengths
+    )
+    return attention.out_proj(projected).to(x.dtype)
+
+
+def pool_projected(
+    x: Tensor,
+    query: Tensor,
+    w_q: Tensor,
+    b_q: Optional[Tensor],
+    w_k: Tensor,
+    w_v: Tensor,
+    b_v: Optional[Tensor],
+    num_heads: int,
+    mask: Optional[Tensor] = None,
+    attn_bias: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> Tensor:
+    """Multi-head attention of ``query [Q, Eq]`` over ``x [B, L, kdim]`` with query,
+    key and value projections ``w_q [E, Eq]`` (+ ``b_q``), ``w_k``, ``w_v [E, kdim]``
+    (+ ``b_v``; a key bias cancels in the softmax), before any output projection:
+    ``[B, Q, E]`` in the weights' dtype. Computed without projecting a key or a
+    value: the query is folded through ``w_q`` and ``w_k``, each head pools
+    ``x`` over its full width, and ``w_v`` runs on the pooled vectors (SPEC.md
+    §7). A row with nothing to attend gives 0 (``b_v`` is added where a row
+    attends, as the softmax weights it).
+
+    When many queries and heads make the fold cost more than projecting the
+    keys and values (CoCa's 256 queries x 8 heads), this projects them
+    instead (:func:`_pool_by_projection`), the same result: see
+    :func:`_fold_is_cheaper`."""
+    if not _fold_is_cheaper(x, query, w_v, num_heads):
+        return _pool_by_projection(
+            x, query, w_q, b_q, w_k, w_v, b_v, num_heads, mask, attn_bias, lengths
+        )
+    head_dim = w_v.shape[0] // num_heads
+    u = fold_query(query, w_q, w_k, num_heads, b_q)  # [Q, n, kdim]
     # [B, Q, n, kdim]
     pooled = folded_attention_pool(x, u, mask, head_dim**-0.5, True, attn_bias, lengths)
     pooled = pooled.to(w_v.dtype)
+    embed_dim, kdim = w_v.shape
     # Per head: o[D_h] = W_v[D_h] @ pooled[h] (+ b_v[D_h] where a row attends).
-    values = torch.einsum("bqnk,ndk->bqnd", pooled, w_v.reshape(heads, head_dim, kdim))
+    values = torch.einsum("bqnk,ndk->bqnd", pooled, w_v.reshape(num_heads, head_dim, kdim))
     values = values.reshape(x.shape[0], query.shape[0], embed_dim)
     if b_v is not None:
         # (The positions that count, as the op saw them.)
         attends = reference._attended(x, mask, attn_bias, lengths).any(dim=1)
         values = values + attends.to(values.dtype)[:, None, None] * b_v
-    return attention.out_proj(values).to(x.dtype)
+    return values
+
+
+def _fold_is_cheaper(x: Tensor, query: Tensor, w_v: Tensor, num_heads: int) -> bool:
+    """Multiply-adds per element of x [B, L, kdim] (SPEC.md §5): the fold scores
+    and sums Q·n times (2·Q·n), and its value projection runs on B·Q·n pooled
+    rows (Q·E/L); projecting costs 2·E for the keys and values, then Q·E·2/kdim
+    for the attention itself."""
+    num_queries, seq_len = query.shape[0], max(x.shape[1], 1)
+    embed_dim, kdim = w_v.shape
+    fold = 2 * num_queries * num_heads + num_queries * embed_dim / seq_len
+    project = 2 * embed_dim + 2 * num_queries * embed_dim / kdim
+    return fold <= project
+
+
+def _pool_by_projection(
+    x: Tensor,
+    query: Tensor,
+    w_q: Tensor,
+    b_q: Optional[Tensor],
+    w_k: Tensor,
+    w_v: Tensor,
+    b_v: Optional[Tensor],
+    num_heads: int,
+    mask: Optional[Tensor],
+    attn_bias: Optional[Tensor],
+    lengths: Optional[Tensor],
+) -> Tensor:
+    """What :func:`pool_projected` computes, by projecting every key and value
+    and calling ``scaled_dot_product_attention``, with the same conventions:
+    positions that do not count are never read (zeroed first, so NaN padding
+    stays out), and a row with nothing to attend gives 0 with zero gradients."""
+    batch, seq_len, _ = x.shape
+    embed_dim = w_v.shape[0]
+    head_dim = embed_dim // num_heads
+    dtype = w_v.dtype
+    xs = x.to(dtype)
+    scores_mask = any_kept = None
+    if mask is not None or attn_bias is not None or lengths is not None:
+        keep = reference._attended(x, mask, attn_bias, lengths)  # [B, L]
+        any_kept = keep.any(dim=1)
+        xs = xs.masked_fill(~keep[..., None], 0)
+        bias = torch.zeros(keep.shape, dtype=dtype, device=x.device)
+        if attn_bias is not None:
+            bias = bias + attn_bias.to(dtype)
+        # A row with nothing to attend attends everywhere (no NaN, forward or
+        # backward) and is zeroed below.
+        bias = bias.masked_fill(~keep & any_kept[:, None], float("-inf"))
+        scores_mask = bias.masked_fill(~any_kept[:, None], 0.0)[:, None, None, :]
+
+    def heads(t: Tensor) -> Tensor:  # [.., N, E] -> [.., n, N, d]
+        return t.unflatten(-1, (num_heads, head_dim)).transpose(-3, -2)
+
+    q = heads(F.linear(query, w_q, b_q)).unsqueeze(0).expand(batch, -1, -1, -1)  # [B, n, Q, d]
+    k = heads(F.linear(xs, w_k))  # [B, n, L, d]; a key bias cancels
+    v = heads(F.linear(xs, w_v, b_v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_mask)
+    out = out.transpose(1, 2).reshape(batch, query.shape[0], embed_dim)
+    return out if any_kept is None else torch.where(any_kept[:, None, None], out, 0.0)
 
 
 def _check_weighted_pool_inputs(x: Tensor, mask: Optional[Tensor], weight: Tensor, max_len: int):
