@@ -3,6 +3,8 @@ on x [T, H] with cu_seqlens [B + 1], PyG's (index, num_segments), and jagged nes
 tensors. Each is checked against the padded float64 reference: values and gradients,
 empty sequences, heads, queries, both output modes, sequences cut into pieces."""
 
+import warnings
+
 import pytest
 import torch
 from helpers import DEVICES, TOLERANCES
@@ -334,12 +336,40 @@ def test_bad_offsets_and_arguments_raise_clear_errors():
     _error(ValueError, "layout=torch.jagged", attnpool.attention_pool, strided, query, w_q, w_k)
 
 
+def test_torch_func_reverse_mode_and_vmap_without_the_fallback():
+    x, cu_seqlens = _ragged([2, 0, 5], hidden=8)
+    query, w_q, w_k = _weights(2, 8)
+
+    def loss(query, x):
+        out = attnpool.attention_pool_varlen(x, query, w_q, w_k, cu_seqlens=cu_seqlens, num_heads=2)
+        return out.pow(2).sum()
+
+    leaf = query.clone().requires_grad_()
+    loss(leaf, x).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's per-sample fallback warns
+        assert torch.equal(torch.func.grad(loss)(query, x), leaf.grad)
+        xs = torch.stack([x, 2 * x, -x])
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(query, xs)
+        for sample in range(3):
+            torch.testing.assert_close(per_sample[sample], torch.func.grad(loss)(query, xs[sample]))
+        jacobian = torch.func.jacrev(
+            lambda x: attnpool.folded_attention_pool_varlen(x, w_q[:1], cu_seqlens=cu_seqlens)
+        )(x)
+    assert jacobian.shape == (3, 8, 7, 8)
+    assert torch.equal(jacobian[1], torch.zeros_like(jacobian[1]))  # the empty sequence
+
+
 def test_forward_mode_ad_is_refused_not_silently_zero():
     x, cu_seqlens = _ragged([2, 3], hidden=8)
     u = _folded_query(None, 1, hidden=8)
+
+    def pool(x):
+        return attnpool.folded_attention_pool_varlen(x, u, cu_seqlens=cu_seqlens)
+
     with pytest.raises(NotImplementedError, match="forward-mode AD .* ragged"):
-        torch.func.jvp(
-            lambda x: attnpool.folded_attention_pool_varlen(x, u, cu_seqlens=cu_seqlens),
-            (x,),
-            (torch.ones_like(x),),
-        )
+        torch.func.jvp(pool, (x,), (torch.ones_like(x),))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match="forward-mode AD .* ragged"):
+            pool(dual)

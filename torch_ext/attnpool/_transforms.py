@@ -187,6 +187,60 @@ def _folded_attention_pool(
     return out.to(x.dtype)
 
 
+# --- folded_attention_pool_varlen -------------------------------------------------------
+
+_NO_RAGGED_JVP = (
+    "attnpool::folded_attention_pool_varlen: forward-mode AD (torch.func.jvp, jacfwd, dual "
+    "tensors) is not implemented for ragged batches; use reverse mode, or the padded "
+    "folded_attention_pool with lengths, which has it"
+)
+
+
+class _FoldedAttentionPoolVarlen(torch.autograd.Function):
+    """(out, lse) = the private varlen forward, as _FoldedAttentionPool; reverse
+    mode only."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, cu_seqlens, u, scale, full_width):
+        return _ops._folded_attention_pool_varlen_forward.default(
+            x, cu_seqlens, u, scale, full_width
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, cu_seqlens, u, scale, full_width = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(x, cu_seqlens, u, out, lse)
+        ctx.scale = scale
+        ctx.full_width = full_width
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        x, cu_seqlens, u, out, lse = ctx.saved_tensors
+        grad_x, grad_u = _ops._folded_attention_pool_varlen_backward.default(
+            grad_out, x, cu_seqlens, u, out, lse, ctx.scale, ctx.full_width
+        )
+        return grad_x, None, grad_u, None, None
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(_NO_RAGGED_JVP)
+
+
+def _folded_attention_pool_varlen(
+    x: Tensor, cu_seqlens: Tensor, u: Tensor, scale: float = 1.0, full_width: bool = False
+) -> Tensor:
+    args = (x, cu_seqlens, u, scale, full_width)
+    if _functionalizing():
+        out, _ = _FoldedAttentionPoolVarlen.forward(*args)
+    else:
+        out, _ = _FoldedAttentionPoolVarlen.apply(*args)
+    return out.to(x.dtype)
+
+
 # --- fold_query ------------------------------------------------------------------------
 
 
@@ -284,6 +338,22 @@ def _attention_pool(
     )
     u = _ops.fold_query.default(query, w_q, w_k, num_heads, None)
     return _ops.folded_attention_pool.default(x, u, mask, resolved, False, attn_bias, lengths)
+
+
+def _attention_pool_varlen(
+    x: Tensor,
+    cu_seqlens: Tensor,
+    query: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    num_heads: int = 1,
+    scale: Optional[float] = None,
+) -> Tensor:
+    # (Under a transform the parts check their own arguments.)
+    if scale is None:
+        scale = (x.shape[-1] // max(num_heads, 1)) ** -0.5
+    u = _ops.fold_query.default(query, w_q, w_k, num_heads, None)
+    return _ops.folded_attention_pool_varlen.default(x, cu_seqlens, u, scale, False)
 
 
 # --- batching rules --------------------------------------------------------------------
@@ -388,6 +458,8 @@ def register() -> None:
         ("attention_pool", _attention_pool),
         ("fold_query", _fold_query),
         ("folded_attention_pool", _folded_attention_pool),
+        ("folded_attention_pool_varlen", _folded_attention_pool_varlen),
+        ("attention_pool_varlen", _attention_pool_varlen),
     ):
         _library.impl(name, kernel, "FuncTorchDynamicLayerFrontMode")
     _library.impl("_fold_query_forward_ad", _fold_query, "CompositeImplicitAutograd")
@@ -399,5 +471,13 @@ def register() -> None:
         ("_folded_attention_pool_backward", _rule(_ops._folded_attention_pool_backward.default)),
         ("_fold_query_forward", _fold_forward_vmap),
         ("_fold_query_backward", _rule(_ops._fold_query_backward.default)),
+        (
+            "_folded_attention_pool_varlen_forward",
+            _rule(_ops._folded_attention_pool_varlen_forward.default),
+        ),
+        (
+            "_folded_attention_pool_varlen_backward",
+            _rule(_ops._folded_attention_pool_varlen_backward.default),
+        ),
     ):
         torch.library.register_vmap(f"attnpool::{name}", rule, lib=_library)
