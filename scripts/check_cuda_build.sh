@@ -52,6 +52,8 @@ assert module.with_cuda, "built without ATTNPOOL_WITH_CUDA"
 for op in (
     "_folded_attention_pool_forward",
     "_folded_attention_pool_backward",
+    "_folded_attention_pool_varlen_forward",
+    "_folded_attention_pool_varlen_backward",
     "_fold_query_forward",
     "_fold_query_backward",
 ):

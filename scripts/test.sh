@@ -28,3 +28,6 @@ PYTHON=.venv/bin/python bash scripts/sanitize.sh
 
 echo "== CUDA build (compile only; see scripts/check_cuda_build.sh)"
 bash scripts/check_cuda_build.sh
+
+echo "== Peer heads: timm and open_clip, in .venv-cuda (see scripts/test_peer_heads.sh)"
+bash scripts/test_peer_heads.sh

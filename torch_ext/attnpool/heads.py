@@ -9,8 +9,10 @@ the original and back. ``swap_pooling_heads(model)`` converts every such head
 inside a model in place.
 
 Converted today: Hugging Face ``SiglipMultiheadAttentionPoolingHead`` and
-``Siglip2MultiheadAttentionPoolingHead`` (with its ``attention_mask``). The
-classes are recognised by name, so transformers is never imported here.
+``Siglip2MultiheadAttentionPoolingHead`` (with its ``attention_mask``), timm's
+``AttentionPoolLatent`` (the ``global_pool='map'`` head of its ViTs) and
+open_clip's ``AttentionalPooler`` (CoCa's). The classes are recognised by
+module and name, so no peer library is ever imported here.
 """
 
 import sys
@@ -19,14 +21,21 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from attnpool.modules import pool_with_projections
+from attnpool.modules import pool_projected, pool_with_projections
 
 _HF_MAP_HEADS = ("SiglipMultiheadAttentionPoolingHead", "Siglip2MultiheadAttentionPoolingHead")
+# Every head convert_pooling_head knows, as (package, class name).
+_KNOWN_HEADS = tuple(("transformers", name) for name in _HF_MAP_HEADS) + (
+    ("timm", "AttentionPoolLatent"),
+    ("open_clip", "AttentionalPooler"),
+)
 
 
-def _is_hf_map_head(module: nn.Module) -> bool:
+def _kind(module: nn.Module) -> Optional[str]:
+    """The name of the known head class `module` is, or None."""
     cls = type(module)
-    return cls.__module__.startswith("transformers.") and cls.__name__ in _HF_MAP_HEADS
+    package = cls.__module__.split(".")[0]
+    return cls.__name__ if (package, cls.__name__) in _KNOWN_HEADS else None
 
 
 def _check_exact(attention: nn.Module, owner: str) -> None:
@@ -116,27 +125,133 @@ class FusedSiglipPoolingHead(nn.Module):
         return f"converted_from={self.converted_from}"
 
 
+def _score_mask(attn_mask: Tensor, x: Tensor, owner: str):
+    """(mask, attn_bias) [B, L] from an SDPA ``attn_mask`` that is the same for
+    every head and query (``[B, 1, 1, L]``, ``[B, L]`` and the like): True
+    attends in a boolean one, a float one is added to the scores."""
+    batch, length = x.shape[0], x.shape[1]
+    shape = list(attn_mask.shape)
+    if (
+        not shape
+        or shape[-1] != length
+        or any(size != 1 for size in shape[1:-1])
+        or (len(shape) > 1 and shape[0] not in (1, batch))
+    ):
+        raise ValueError(
+            f"{owner}: the fused head takes an attn_mask that is the same for every head and "
+            f"query ([B, 1, 1, L] = [{batch}, 1, 1, {length}]), got {shape}"
+        )
+    flat = attn_mask.reshape(-1 if len(shape) > 1 else 1, length).expand(batch, length)
+    if flat.dtype == torch.bool:
+        return flat, None
+    return None, flat
+
+
+class FusedAttentionPoolLatent(nn.Module):
+    """timm's ``AttentionPoolLatent`` (the ``global_pool='map'`` head of its
+    ViTs), fused: ``latent``, ``q``, ``kv``, ``q_norm``, ``k_norm``, ``proj``,
+    ``proj_drop``, ``norm``, ``mlp`` and ``pos_embed`` are the original head's
+    own; ``kv`` is never called, its weights are read (no key or value is
+    projected). ``forward(x, attn_mask=None)`` as timm's, for an ``attn_mask``
+    that is the same for every head and query.
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        owner = type(head).__name__
+        if not (isinstance(head.q_norm, nn.Identity) and isinstance(head.k_norm, nn.Identity)):
+            raise ValueError(
+                f"convert_pooling_head: {owner} has qk_norm=True, which normalises every "
+                "projected key: the fused head never projects one, so it cannot reproduce it"
+            )
+        for name in ("latent", "q", "kv", "q_norm", "k_norm", "proj", "proj_drop", "norm", "mlp"):
+            setattr(self, name, getattr(head, name))
+        self.pos_embed = head.pos_embed
+        self.num_heads = head.num_heads
+        self.pool = head.pool
+        self.out_features = head.out_features
+        self.converted_from = owner
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.unsqueeze(0).to(x.dtype)
+        mask = attn_bias = None
+        if attn_mask is not None:
+            mask, attn_bias = _score_mask(attn_mask, x, self.converted_from)
+        embed_dim = self.kv.out_features // 2
+        w_k, w_v = self.kv.weight[:embed_dim], self.kv.weight[embed_dim:]
+        b_v = None if self.kv.bias is None else self.kv.bias[embed_dim:]
+        query = self.latent[0]
+        if isinstance(self.q, nn.Linear):
+            w_q, b_q = self.q.weight, self.q.bias
+        else:  # q_proj=False: the latent is the query
+            w_q, b_q = torch.eye(embed_dim, dtype=w_k.dtype, device=w_k.device), None
+        out = pool_projected(x, query, w_q, b_q, w_k, w_v, b_v, self.num_heads, mask, attn_bias).to(
+            x.dtype
+        )  # [B, latent_len, E]
+        out = self.proj_drop(self.proj(out))
+        if self.mlp is not None:
+            out = out + self.mlp(self.norm(out))
+        if self.pool == "token":
+            return out[:, 0]
+        if self.pool == "avg":
+            return out.mean(1)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"converted_from={self.converted_from}"
+
+
+class FusedAttentionalPooler(nn.Module):
+    """open_clip's ``AttentionalPooler`` (CoCa's, 1 query or many), fused:
+    ``query``, ``attn``, ``ln_q`` and ``ln_k`` are the original's own; ``attn``
+    is never called, its parameters are read. ``ln_k`` runs on ``x`` as a pass
+    of its own before the pooling pass."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        owner = type(head).__name__
+        _check_exact(head.attn, owner)
+        self.query = head.query
+        self.attn = head.attn
+        self.ln_q = head.ln_q
+        self.ln_k = head.ln_k
+        self.converted_from = owner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pool_with_projections(self.attn, self.ln_k(x), self.ln_q(self.query))
+
+    def extra_repr(self) -> str:
+        return f"converted_from={self.converted_from}"
+
+
 def convert_pooling_head(head: nn.Module) -> nn.Module:
     """A fused module computing exactly what ``head`` computes (same call
     signature, outputs and gradients, same parameter names), sharing its
     parameters. Raises ``TypeError`` for a head it does not know and
     ``ValueError`` for an option it cannot reproduce exactly."""
-    if _is_hf_map_head(head):
+    kind = _kind(head)
+    if kind in _HF_MAP_HEADS:
         return FusedSiglipPoolingHead(head)
+    if kind == "AttentionPoolLatent":
+        return FusedAttentionPoolLatent(head)
+    if kind == "AttentionalPooler":
+        return FusedAttentionalPooler(head)
+    known = ", ".join(f"{package}'s {name}" for package, name in _KNOWN_HEADS)
     raise TypeError(
         f"convert_pooling_head: no fused version of {type(head).__module__}."
-        f"{type(head).__name__}; known: transformers' {', '.join(_HF_MAP_HEADS)}"
+        f"{type(head).__name__}; known: {known}"
     )
 
 
 def swap_pooling_heads(model: nn.Module) -> int:
     """Replaces every pooling head :func:`convert_pooling_head` knows inside
     ``model`` by its fused version, in place; returns how many it replaced."""
-    if _is_hf_map_head(model):
+    if _kind(model) is not None:
         raise TypeError(
             "swap_pooling_heads: model is itself a pooling head; use convert_pooling_head"
         )
-    found = [name for name, module in model.named_modules() if _is_hf_map_head(module)]
+    found = [name for name, module in model.named_modules() if _kind(module) is not None]
     for name in found:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

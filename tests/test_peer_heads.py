@@ -1,0 +1,138 @@
+"""convert_pooling_head and swap_pooling_heads on timm's AttentionPoolLatent and
+open_clip's AttentionalPooler (SPEC.md §7), against the peers' own modules with
+random init: outputs and the gradients of the input and of every parameter.
+
+timm and open_clip need torchvision, which imports beside the CUDA build of
+torch 2.14.1 only: `make test` runs this file in .venv-cuda
+(scripts/test_peer_heads.sh); elsewhere it is skipped."""
+
+import pytest
+import torch
+from torch import nn
+
+timm_layers = pytest.importorskip("timm.layers")
+open_clip_transformer = pytest.importorskip("open_clip.transformer")
+
+import timm  # noqa: E402
+from helpers import TOLERANCES  # noqa: E402
+
+import attnpool  # noqa: E402
+
+TOL = TOLERANCES[torch.float64]
+
+
+def _outputs_and_grads(module, x, *args):
+    """module(x, *args) and the gradients of x and of every parameter."""
+    module.zero_grad()
+    leaf = x.detach().clone().requires_grad_()
+    out = module(leaf, *args)
+    out.backward(torch.ones_like(out).cumsum(-1))  # not a uniform gradient
+    grads = {name: p.grad.clone() for name, p in module.named_parameters()}
+    return out.detach(), leaf.grad, grads
+
+
+def _assert_same(head, fused, x, *args):
+    want = _outputs_and_grads(head, x, *args)
+    got = _outputs_and_grads(fused, x, *args)
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    torch.testing.assert_close(got[1], want[1], **TOL)
+    assert got[2].keys() == want[2].keys()
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], **TOL, msg=name)
+
+
+TIMM_CASES = {
+    "siglip-like": dict(latent_len=1, pool_type="token", norm_layer=nn.LayerNorm),
+    "4-latents-avg": dict(latent_len=4, pool_type="avg", num_heads=2),
+    "3-latents-no-pool-pos-embed": dict(latent_len=3, pool_type="", pos_embed="abs", feat_size=7),
+    "no-q-proj": dict(q_proj=False, num_heads=8),
+    "pre-logits": dict(out_features=0, latent_len=2, pool_type="avg"),
+    "no-qkv-bias": dict(qkv_bias=False),
+}
+
+
+@pytest.mark.parametrize("case", TIMM_CASES.values(), ids=TIMM_CASES.keys())
+def test_timm_attention_pool_latent(case):
+    torch.manual_seed(0)
+    head = timm_layers.AttentionPoolLatent(32, **{"num_heads": 4, **case}).double()
+    fused = attnpool.convert_pooling_head(head)
+    assert fused.state_dict().keys() == head.state_dict().keys()
+    _assert_same(head, fused, torch.randn(3, 7, 32, dtype=torch.float64))
+
+
+def test_timm_attention_pool_latent_with_attn_mask():
+    torch.manual_seed(0)
+    head = timm_layers.AttentionPoolLatent(32, num_heads=4, latent_len=2, pool_type="avg").double()
+    fused = attnpool.convert_pooling_head(head)
+    x = torch.randn(3, 7, 32, dtype=torch.float64)
+    keep = torch.rand(3, 1, 1, 7) > 0.3
+    keep[..., 0] = True
+    _assert_same(head, fused, x, keep)
+    bias = torch.randn(3, 1, 1, 7, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    _assert_same(head, fused, x, bias)
+    with pytest.raises(ValueError, match="same for every head and query"):
+        fused(x, torch.ones(3, 4, 1, 7, dtype=torch.bool))
+
+
+def test_timm_qk_norm_is_refused_by_name():
+    head = timm_layers.AttentionPoolLatent(32, num_heads=4, qk_norm=True)
+    with pytest.raises(ValueError, match="qk_norm=True"):
+        attnpool.convert_pooling_head(head)
+
+
+def test_swap_in_a_timm_vit_with_a_map_head():
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        global_pool="map",
+        img_size=32,
+        patch_size=8,
+        depth=1,
+        num_classes=5,
+    ).double()
+    model.eval()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    want = model(images)
+    state = model.state_dict()
+    assert attnpool.swap_pooling_heads(model) == 1
+    assert type(model.attn_pool).__name__ == "FusedAttentionPoolLatent"
+    torch.testing.assert_close(model(images), want, **TOL)
+    # A checkpoint of the swapped model loads into the original and back.
+    assert model.state_dict().keys() == state.keys()
+    model.load_state_dict(state, strict=True)
+
+
+@pytest.mark.parametrize("n_queries", [1, 6])
+def test_open_clip_attentional_pooler(n_queries):
+    torch.manual_seed(0)
+    head = open_clip_transformer.AttentionalPooler(
+        d_model=32, context_dim=24, n_head=4, n_queries=n_queries
+    ).double()
+    fused = attnpool.convert_pooling_head(head)
+    assert fused.state_dict().keys() == head.state_dict().keys()
+    _assert_same(head, fused, torch.randn(3, 9, 24, dtype=torch.float64))
+
+
+def test_swap_in_an_open_clip_coca_vision_tower():
+    torch.manual_seed(0)
+    tower = open_clip_transformer.VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        width=32,
+        layers=1,
+        heads=4,
+        mlp_ratio=2.0,
+        attentional_pool=True,  # open_clip's CoCa setup: one pooler, many queries
+        attn_pooler_queries=8,
+        attn_pooler_heads=4,
+        output_dim=16,
+        output_tokens=True,
+    ).double()
+    tower.eval()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    want = tower(images)  # (pooled, tokens)
+    assert attnpool.swap_pooling_heads(tower) == 1
+    assert type(tower.attn_pool).__name__ == "FusedAttentionalPooler"
+    for got, expected in zip(tower(images), want, strict=True):
+        torch.testing.assert_close(got, expected, **TOL)
