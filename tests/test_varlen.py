@@ -360,16 +360,35 @@ def test_torch_func_reverse_mode_and_vmap_without_the_fallback():
     assert torch.equal(jacobian[1], torch.zeros_like(jacobian[1]))  # the empty sequence
 
 
-def test_forward_mode_ad_is_refused_not_silently_zero():
-    x, cu_seqlens = _ragged([2, 3], hidden=8)
-    u = _folded_query(None, 1, hidden=8)
+@pytest.mark.parametrize("full_width", [False, True], ids=["slices", "full-width"])
+def test_forward_mode_ad_equals_the_reference(full_width):
+    x, cu_seqlens = _ragged([2, 0, 5], hidden=8)
+    u = _folded_query(2, 2, hidden=8)
+    tangents = (torch.randn_like(x), torch.randn_like(u))
 
-    def pool(x):
-        return attnpool.folded_attention_pool_varlen(x, u, cu_seqlens=cu_seqlens)
+    def pool(x, u):
+        return attnpool.folded_attention_pool_varlen(
+            x, u, cu_seqlens=cu_seqlens, scale=0.7, full_width=full_width
+        )
 
-    with pytest.raises(NotImplementedError, match="forward-mode AD .* ragged"):
-        torch.func.jvp(pool, (x,), (torch.ones_like(x),))
+    def want(x, u):
+        return reference.folded_attention_pool_varlen(x, cu_seqlens, u, 0.7, full_width)
+
+    _, got = torch.func.jvp(pool, (x, u), tangents)
+    _, expected = torch.func.jvp(want, (x, u), tangents)
+    torch.testing.assert_close(got, expected, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(
+        torch.func.jacfwd(pool)(x, u), torch.func.jacrev(pool)(x, u), **TOLERANCES[torch.float64]
+    )
     with torch.autograd.forward_ad.dual_level():
-        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
-        with pytest.raises(NotImplementedError, match="forward-mode AD .* ragged"):
-            pool(dual)
+        dual = torch.autograd.forward_ad.make_dual(x, tangents[0])
+        tangent = torch.autograd.forward_ad.unpack_dual(pool(dual, u)).tangent
+    _, expected = torch.func.jvp(lambda x: want(x, u), (x,), tangents[:1])
+    torch.testing.assert_close(tangent, expected, **TOLERANCES[torch.float64])
+    assert torch.autograd.gradcheck(
+        pool,
+        _leaves(x, u),
+        check_forward_ad=True,
+        check_batched_grad=True,
+        check_batched_forward_grad=True,
+    )

@@ -96,7 +96,8 @@ at::Tensor attention_pool_varlen(
 
 // folded_attention_pool of a ragged batch: x [T, H], cu_seqlens [B + 1] as
 // in attention_pool_varlen, u as in folded_attention_pool. Returns [B, (Q,)
-// H], or full width [B, (Q,) n, H]. Differentiable in x and u (reverse mode).
+// H], or full width [B, (Q,) n, H]. Differentiable in x and u (forward mode
+// needs the Python package, as for folded_attention_pool).
 at::Tensor folded_attention_pool_varlen(
     const at::Tensor& x,
     const at::Tensor& cu_seqlens,

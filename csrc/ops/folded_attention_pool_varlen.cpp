@@ -202,6 +202,11 @@ TORCH_LIBRARY_FRAGMENT(attnpool, m) {
       "_folded_attention_pool_varlen_backward(Tensor grad_out, Tensor x, Tensor cu_seqlens, "
       "Tensor u, Tensor out, Tensor lse, float scale, bool full_width) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // For inputs with a tangent: its kernel comes from the Python package
+  // (autograd/forward_ad.h).
+  m.def(
+      "_folded_attention_pool_varlen_forward_ad(Tensor x, Tensor cu_seqlens, Tensor u, "
+      "float scale=1.0, bool full_width=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(attnpool, CompositeExplicitAutograd, m) {

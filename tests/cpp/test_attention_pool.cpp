@@ -212,7 +212,11 @@ TEST(AttentionPool, ForwardModeWithoutThePythonPackageIsRefused) {
   for (const auto& call : std::vector<std::function<void()>>{
            [&] { attnpool::attention_pool(dual, query, w, w); },
            [&] { attnpool::folded_attention_pool(dual, torch::randn({1, 4}, kF64)); },
-           [&] { attnpool::fold_query(at::_make_dual(query, query, level), w, w); }}) {
+           [&] { attnpool::fold_query(at::_make_dual(query, query, level), w, w); },
+           [&] {
+             attnpool::folded_attention_pool_varlen(
+                 dual.view({6, 4}), torch::tensor({0, 6}), torch::randn({1, 4}, kF64));
+           }}) {
     EXPECT_THROW(
         {
           try {

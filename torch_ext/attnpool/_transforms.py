@@ -189,16 +189,22 @@ def _folded_attention_pool(
 
 # --- folded_attention_pool_varlen -------------------------------------------------------
 
-_NO_RAGGED_JVP = (
-    "attnpool::folded_attention_pool_varlen: forward-mode AD (torch.func.jvp, jacfwd, dual "
-    "tensors) is not implemented for ragged batches; use reverse mode, or the padded "
-    "folded_attention_pool with lengths, which has it"
-)
+
+def _padded(rows: Tensor, offsets: Tensor, longest: int) -> Tensor:
+    """A ragged batch's rows [T, H] as [B, longest, H], zeros past each length."""
+    lengths = offsets.diff()
+    total = rows.shape[0]
+    device = rows.device
+    sequence = torch.repeat_interleave(
+        torch.arange(lengths.shape[0], device=device), lengths, output_size=total
+    )
+    position = torch.arange(total, device=device) - offsets[sequence]
+    padded = rows.new_zeros(lengths.shape[0], longest, rows.shape[-1])
+    return padded.index_put((sequence, position), rows)
 
 
 class _FoldedAttentionPoolVarlen(torch.autograd.Function):
-    """(out, lse) = the private varlen forward, as _FoldedAttentionPool; reverse
-    mode only."""
+    """(out, lse) = the private varlen forward, as _FoldedAttentionPool."""
 
     generate_vmap_rule = True
 
@@ -214,6 +220,7 @@ class _FoldedAttentionPoolVarlen(torch.autograd.Function):
         out, lse = output
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(x, cu_seqlens, u, out, lse)
+        ctx.save_for_forward(x, cu_seqlens, u, out, lse)
         ctx.scale = scale
         ctx.full_width = full_width
 
@@ -226,8 +233,29 @@ class _FoldedAttentionPoolVarlen(torch.autograd.Function):
         return grad_x, None, grad_u, None, None
 
     @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(_NO_RAGGED_JVP)
+    def jvp(ctx, x_tangent, _cu_seqlens, u_tangent, _scale, _full_width):
+        # The dense tangent on the sequences padded to the longest (whose
+        # length is read from the device: like the dense jvp, exact, not fused).
+        x, cu_seqlens, u, _out, lse = ctx.saved_tensors
+        offsets = cu_seqlens.long()
+        lengths = offsets.diff()
+        longest = int(lengths.max()) if lengths.numel() > 0 else 0
+        padded_tangent = None
+        if x_tangent is not None:
+            padded_tangent = _padded(x_tangent, offsets, longest)
+        tangent = _pool_tangent(
+            _padded(x, offsets, longest),
+            u,
+            None,
+            None,
+            lengths,
+            lse,
+            ctx.scale,
+            ctx.full_width,
+            padded_tangent,
+            u_tangent,
+        )
+        return tangent, None
 
 
 def _folded_attention_pool_varlen(
@@ -465,6 +493,11 @@ def register() -> None:
     _library.impl("_fold_query_forward_ad", _fold_query, "CompositeImplicitAutograd")
     _library.impl(
         "_folded_attention_pool_forward_ad", _folded_attention_pool, "CompositeImplicitAutograd"
+    )
+    _library.impl(
+        "_folded_attention_pool_varlen_forward_ad",
+        _folded_attention_pool_varlen,
+        "CompositeImplicitAutograd",
     )
     for name, rule in (
         ("_folded_attention_pool_forward", _pool_forward_vmap),

@@ -299,7 +299,8 @@ def attention_pool_varlen(
 
     Returns:
         ``[B, H]`` for a 1-D ``query``, ``[B, Q, H]`` otherwise, in ``x``'s dtype.
-        Differentiable in ``x``, ``query``, ``w_q`` and ``w_k`` (reverse mode).
+        Differentiable in ``x``, ``query``, ``w_q`` and ``w_k``, in reverse and
+        forward mode and under ``torch.func`` (first order).
     """
     op = "attention_pool_varlen"
     for name, value in (("x", x), ("query", query), ("w_q", w_q), ("w_k", w_k)):
@@ -326,7 +327,8 @@ def folded_attention_pool_varlen(
     """:func:`folded_attention_pool` of a ragged batch ``x [T, H]``, its
     sequences given by ``cu_seqlens`` or ``index`` as in
     :func:`attention_pool_varlen`. Returns ``[B, (Q,) H]``, or full width
-    ``[B, (Q,) num_heads, H]``; differentiable in ``x`` and ``u`` (reverse mode).
+    ``[B, (Q,) num_heads, H]``; differentiable in ``x`` and ``u``, in reverse and
+    forward mode and under ``torch.func`` (first order).
     """
     op = "folded_attention_pool_varlen"
     _check_tensor(op, "x", x)

@@ -1,6 +1,7 @@
 // Autograd of folded_attention_pool_varlen, registered at the Autograd key
 // so that gradients work from Python and from C++ alike: as for the dense op,
 // the forward saves the log-sum-exp and the backward is one more pass over x.
+// Inputs with a tangent go to the Python package's jvp, as the dense op's do.
 
 #include <attnpool/attention_pool.h>
 
@@ -55,11 +56,11 @@ at::Tensor folded_attention_pool_varlen_autograd(
     const at::Tensor& u,
     double scale,
     bool full_width) {
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !detail::any_tangent({&x, &u}),
-      "attnpool::folded_attention_pool_varlen: forward-mode AD (torch.func.jvp, jacfwd, dual "
-      "tensors) is not implemented for ragged batches; use reverse mode, or the padded "
-      "folded_attention_pool with lengths, which has it");
+  if (detail::any_tangent({&x, &u})) {
+    return detail::forward_ad_operator<decltype(folded_attention_pool_varlen_autograd)>(
+               "folded_attention_pool_varlen")
+        .call(x, cu_seqlens, u, scale, full_width);
+  }
   const bool needs_grad = at::GradMode::is_enabled() && (x.requires_grad() || u.requires_grad());
   if (!needs_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
