@@ -358,6 +358,13 @@ def test_torch_func_reverse_mode_and_vmap_without_the_fallback():
         )(x)
     assert jacobian.shape == (3, 8, 7, 8)
     assert torch.equal(jacobian[1], torch.zeros_like(jacobian[1]))  # the empty sequence
+    # Under a transform the op still checks its own arguments, in its own name.
+    with pytest.raises(ValueError, match="attention_pool_varlen: num_heads must divide H = 8"):
+        torch.func.grad(
+            lambda q: attnpool.attention_pool_varlen(
+                x, q, w_q, w_k, cu_seqlens=cu_seqlens, num_heads=3
+            ).sum()
+        )(query)
 
 
 @pytest.mark.parametrize("full_width", [False, True], ids=["slices", "full-width"])

@@ -58,12 +58,8 @@ at::Tensor compose_attention_pool_varlen(
     const at::Tensor& w_k,
     int64_t num_heads,
     std::optional<double> scale) {
-  detail::check_attention_pool_varlen_args(x, cu_seqlens, query, w_q, w_k, num_heads, scale);
   const double resolved =
-      scale.has_value()
-          ? *scale
-          : detail::resolve_scale(
-                std::nullopt, (x.sym_size(1) / num_heads).guard_int(__FILE__, __LINE__));
+      detail::checked_attention_pool_varlen_scale(x, cu_seqlens, query, w_q, w_k, num_heads, scale);
   const auto u = attnpool::fold_query(query, w_q, w_k, num_heads, std::nullopt);
   return attnpool::folded_attention_pool_varlen(x, cu_seqlens, u, resolved, /*full_width=*/false);
 }
@@ -71,6 +67,18 @@ at::Tensor compose_attention_pool_varlen(
 }  // namespace
 
 namespace detail {
+namespace {
+
+// The given scale, or 1/sqrt(hidden / num_heads). The default needs the head
+// size as a number: under torch.compile with dynamic shapes this specialises
+// on H.
+double scale_for_heads(const c10::SymInt& hidden, int64_t num_heads, std::optional<double> scale) {
+  return scale.has_value()
+             ? *scale
+             : resolve_scale(std::nullopt, (hidden / num_heads).guard_int(__FILE__, __LINE__));
+}
+
+}  // namespace
 
 double checked_attention_pool_scale(
     const at::Tensor& x,
@@ -83,12 +91,19 @@ double checked_attention_pool_scale(
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths) {
   check_attention_pool_args(x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths);
-  // The default scale needs the head size as a number: under torch.compile
-  // with dynamic shapes this specialises on H.
-  return scale.has_value()
-             ? *scale
-             : resolve_scale(
-                   std::nullopt, (x.sym_size(2) / num_heads).guard_int(__FILE__, __LINE__));
+  return scale_for_heads(x.sym_size(2), num_heads, scale);
+}
+
+double checked_attention_pool_varlen_scale(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    int64_t num_heads,
+    std::optional<double> scale) {
+  check_attention_pool_varlen_args(x, cu_seqlens, query, w_q, w_k, num_heads, scale);
+  return scale_for_heads(x.sym_size(1), num_heads, scale);
 }
 
 at::Tensor compose_attention_pool(

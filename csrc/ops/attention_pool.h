@@ -24,6 +24,16 @@ double checked_attention_pool_scale(
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths);
 
+// The same for attention_pool_varlen (x [T, H], cu_seqlens [B + 1]).
+double checked_attention_pool_varlen_scale(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    int64_t num_heads,
+    std::optional<double> scale);
+
 // folded_attention_pool(x, fold_query(query, w_q, w_k, num_heads), mask,
 // checked_attention_pool_scale(...)).
 at::Tensor compose_attention_pool(

@@ -19,6 +19,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "_checked_attention_pool_scale",
       &attnpool::detail::checked_attention_pool_scale,
       "attention_pool's argument checks, then its scale (given, or 1/sqrt(H / num_heads)).");
+  m.def(
+      "_checked_attention_pool_varlen_scale",
+      &attnpool::detail::checked_attention_pool_varlen_scale,
+      "attention_pool_varlen's argument checks, then its scale.");
 #ifdef ATTNPOOL_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -377,11 +377,14 @@ def _attention_pool_varlen(
     num_heads: int = 1,
     scale: Optional[float] = None,
 ) -> Tensor:
-    # (Under a transform the parts check their own arguments.)
-    if scale is None:
-        scale = (x.shape[-1] // max(num_heads, 1)) ** -0.5
+    from attnpool import _C
+
+    # attention_pool_varlen's own checks (errors name it, not its parts), then the scale.
+    resolved = _C._checked_attention_pool_varlen_scale(
+        x, cu_seqlens, query, w_q, w_k, num_heads, scale
+    )
     u = _ops.fold_query.default(query, w_q, w_k, num_heads, None)
-    return _ops.folded_attention_pool_varlen.default(x, cu_seqlens, u, scale, False)
+    return _ops.folded_attention_pool_varlen.default(x, cu_seqlens, u, resolved, False)
 
 
 # --- batching rules --------------------------------------------------------------------
