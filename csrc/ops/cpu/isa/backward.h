@@ -180,7 +180,7 @@ void compute_delta(const BackwardParams& p, acc_t* delta) {
 }
 
 // backward_rows for one query and one head: two passes over the rows instead
-// of five, and dx written in x's dtype directly.
+// of four (scores, G . x, dx, du).
 template <int R, typename scalar_t, typename acc_t>
 void backward_rows_one_score(
     const PoolShape& s,
@@ -220,15 +220,152 @@ void backward_rows_one_score(
   dx_du_rows<R, false>(probs, dscores, g0, u, rows, dx_rows, du, H);
 }
 
+// dx[r][e] for the columns [e, end) of head h, C vectors at a time:
+//   sum_i p[i, h][r] * G_i[e]  +  sum_k ds[k][r] * u_k[e]
+// with the R rows' sums in registers, so that each element of dx is
+// written once, in x's dtype, and each vector of G and u loaded serves R
+// rows. Returns where it stopped (the columns left are under C vectors).
+template <int R, int C, bool kStream, typename A, typename D>
+int64_t dx_columns(
+    const PoolShape& s,
+    int64_t h,
+    int64_t e,
+    int64_t end,
+    const A* probs,
+    const A* dscores,
+    const A* g,
+    const A* u,
+    D* const* dx) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  constexpr bool kNarrow = !std::is_same_v<D, A>;
+  static_assert(!kNarrow || !kStream, "non-temporal stores are for float and double dx");
+  const int64_t H = s.hidden;
+  const int64_t n = s.num_heads;
+  const int64_t num_scores = s.num_scores();
+  for (; e + C * W <= end; e += C * W) {
+    Vec acc[R][C];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+      for (int c = 0; c < C; ++c) {
+        acc[r][c] = Vec(A(0));
+      }
+    }
+    auto add = [&](const A* weights, const A* v) {
+      Vec shared[C];
+#pragma GCC unroll 2
+      for (int c = 0; c < C; ++c) {
+        shared[c] = Vec::loadu(v + e + c * W);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const Vec weight(weights[r]);
+#pragma GCC unroll 2
+        for (int c = 0; c < C; ++c) {
+          acc[r][c] = at::vec::fmadd(weight, shared[c], acc[r][c]);
+        }
+      }
+    };
+    for (int64_t i = 0; i < s.num_queries; ++i) {
+      add(probs + (i * n + h) * R, g + i * H);
+    }
+    for (int64_t k = 0; k < num_scores; ++k) {
+      add(dscores + k * R, u + k * H);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if constexpr (kNarrow) {
+        if constexpr (C == 2) {
+          at::vec::convert_from_float<D>(acc[r][0], acc[r][1]).store(dx[r] + e);
+        } else {
+          at::vec::convert_from_float<D>(acc[r][0], Vec(A(0))).store(dx[r] + e, W);
+        }
+      } else {
+#pragma GCC unroll 2
+        for (int c = 0; c < C; ++c) {
+          store<kStream>(acc[r][c], dx[r] + e + c * W);
+        }
+      }
+    }
+  }
+  return e;
+}
+
+// dx of a tile for every score (dx_columns), head slice by head slice;
+// columns left over by whole vectors are summed one by one, in the same
+// order.
+template <int R, bool kStream, typename A, typename D>
+void dx_rows_all_scores(
+    const PoolShape& s, const A* probs, const A* dscores, const A* g, const A* u, D* const* dx) {
+  constexpr int64_t W = Vectorized<A>::size();
+  // Two vectors of columns where the registers hold 2 * R sums; a narrow dx
+  // needs two float vectors per stored vector.
+  constexpr int kC = 2 * R + 4 <= kVectorRegisters ? 2 : 1;
+  const int64_t H = s.hidden;
+  const int64_t n = s.num_heads;
+  const int64_t d = s.head_dim;
+  const int64_t num_scores = s.num_scores();
+  // Non-temporal stores need every vector aligned: whole vectors per slice.
+  const bool aligned = d % W == 0;
+  for (int64_t h = 0; h < n; ++h) {
+    const int64_t end = (h + 1) * d;
+    int64_t e = h * d;
+    bool streamed = false;
+    if constexpr (kStream) {
+      if (aligned) {
+        e = dx_columns<R, kC, true>(s, h, e, end, probs, dscores, g, u, dx);
+        e = dx_columns<R, 1, true>(s, h, e, end, probs, dscores, g, u, dx);
+        streamed = true;
+      }
+    }
+    if (!streamed) {
+      e = dx_columns<R, kC, false>(s, h, e, end, probs, dscores, g, u, dx);
+      e = dx_columns<R, 1, false>(s, h, e, end, probs, dscores, g, u, dx);
+    }
+    for (; e < end; ++e) {
+      for (int r = 0; r < R; ++r) {
+        A total(0);
+        for (int64_t i = 0; i < s.num_queries; ++i) {
+          total += probs[(i * n + h) * R + r] * g[i * H + e];
+        }
+        for (int64_t k = 0; k < num_scores; ++k) {
+          total += dscores[k * R + r] * u[k * H + e];
+        }
+        dx[r][e] = static_cast<D>(total);
+      }
+    }
+  }
+}
+
+// du_k += sum_r ds[k][r] * rows[r] for every score k, kSumsPerPass scores
+// per pass over the rows.
+template <int R, typename T, typename A>
+void du_rows_all_scores(
+    const T* const* rows, const A* dscores, int64_t num_scores, int64_t H, A* du) {
+  for (int64_t k = 0; k < num_scores; k += kSumsPerPass) {
+    const int count = static_cast<int>(std::min<int64_t>(kSumsPerPass, num_scores - k));
+    A* sums[kSumsPerPass];
+    for (int j = 0; j < count; ++j) {
+      sums[j] = du + (k + j) * H;
+    }
+    with_tile_size<kSumsPerPass>(count, [&](auto size) {
+      accumulate_rows_into<R, decltype(size)::value, false>(dscores + k * R, rows, sums, H);
+    });
+  }
+}
+
 // Backward of one tile of R unmasked rows of sequence b:
 //   p = exp(scale * x.u_k - lse), ds = scale * p * (G_i[D_h].x[D_h] - delta)
 //   dx = sum_k p * G_i[D_h] + ds * u_k,   du_k += ds * x
+// in three steps: the scores and G . x of every score, then dx (written
+// once, in x's dtype), then du.
 template <int R, typename scalar_t, typename acc_t>
 void backward_rows(
     const PoolShape& s,
     int64_t b,
     const scalar_t* const* rows,
-    acc_t* const* dx_rows,
+    scalar_t* const* dx_rows,
     const acc_t* u,
     const acc_t* u_paired,
     const acc_t* g,
@@ -238,54 +375,49 @@ void backward_rows(
     const acc_t* bias,
     acc_t* probs,    // [num_scores][R] scratch
     acc_t* dscores,  // [num_scores][R] scratch
-    acc_t* du) {
+    acc_t* du,
+    bool stream_dx) {
   const int64_t H = s.hidden;
   const int64_t n = s.num_heads;
   const int64_t d = s.head_dim;
   const int64_t num_scores = s.num_scores();
-  const scalar_t* segments[R];
-  acc_t* dx_segments[R];
-  acc_t scores[R];
-  acc_t dprobs[R];
-  for (int64_t i = 0; i < s.num_queries; ++i) {
-    const acc_t* gi = g + (b * s.num_queries + i) * H;
+  const acc_t* g_b = g + b * s.num_queries * H;
+  // The scores into probs and G . x into dscores, overwritten below.
+  if (u_paired != nullptr) {
+    for (int64_t k = 0; k < num_scores; ++k) {
+      forward_order_scores<R>(rows, u + k * H, u_paired + k * H, H, probs + k * R);
+    }
+  } else {
+    score_dot_rows_each<R>(rows, u, H, num_scores, probs);
+  }
+  if (n == 1) {
+    score_dot_rows_each<R>(rows, g_b, H, num_scores, dscores);
+  } else {
+    const scalar_t* segments[R];
     for (int64_t h = 0; h < n; ++h) {
-      const int64_t k = i * n + h;
-      forward_order_scores<R>(
-          rows, u + k * H, u_paired == nullptr ? nullptr : u_paired + k * H, H, scores);
       offset_rows<R>(rows, h * d, segments);
-      score_dot_rows<R>(segments, gi + h * d, d, dprobs);
-      for (int j = 0; j < R; ++j) {
-        const acc_t prob =
-            probability(biased_score(scale, scores[j], bias, j), lse + 2 * (b * num_scores + k));
-        probs[k * R + j] = prob;
-        dscores[k * R + j] = scale * prob * (dprobs[j] - delta[b * num_scores + k]);
-      }
-    }
-  }
-  if (s.num_queries == 0) {
-    for (int j = 0; j < R; ++j) {
-      std::fill_n(dx_rows[j], H, acc_t(0));
-    }
-  }
-  for (int64_t i = 0; i < s.num_queries; ++i) {
-    const acc_t* gi = g + (b * s.num_queries + i) * H;
-    for (int64_t h = 0; h < n; ++h) {
-      for (int j = 0; j < R; ++j) {
-        dx_segments[j] = dx_rows[j] + h * d;
-      }
-      const acc_t* weights = probs + (i * n + h) * R;
-      if (i == 0) {
-        scaled_into_rows<R, false>(weights, gi + h * d, dx_segments, d);
-      } else {
-        scaled_into_rows<R, true>(weights, gi + h * d, dx_segments, d);
+      for (int64_t i = 0; i < s.num_queries; ++i) {
+        score_dot_rows<R>(segments, g_b + i * H + h * d, d, dscores + (i * n + h) * R);
       }
     }
   }
   for (int64_t k = 0; k < num_scores; ++k) {
-    scaled_into_rows<R, true>(dscores + k * R, u + k * H, dx_rows, H);
-    axpy_rows<R>(dscores + k * R, rows, du + k * H, H);
+    const acc_t* lse_k = lse + 2 * (b * num_scores + k);
+    const acc_t delta_k = delta[b * num_scores + k];
+    for (int j = 0; j < R; ++j) {
+      const acc_t prob = probability(biased_score(scale, probs[k * R + j], bias, j), lse_k);
+      probs[k * R + j] = prob;
+      dscores[k * R + j] = scale * prob * (dscores[k * R + j] - delta_k);
+    }
   }
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (stream_dx) {
+      dx_rows_all_scores<R, true>(s, probs, dscores, g_b, u, dx_rows);
+      return du_rows_all_scores<R>(rows, dscores, num_scores, H, du);
+    }
+  }
+  dx_rows_all_scores<R, false>(s, probs, dscores, g_b, u, dx_rows);
+  du_rows_all_scores<R>(rows, dscores, num_scores, H, du);
 }
 
 // dx[row] = 0 for a row no score attends, with non-temporal stores when dx
@@ -314,7 +446,6 @@ void zero_row(scalar_t* row, int64_t n, bool stream) {
 template <typename scalar_t>
 void backward_impl(const BackwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kDxInPlace = std::is_same_v<scalar_t, acc_t>;
   constexpr int kTile = kBackwardTileRows;
   const int64_t H = p.hidden;
   const int64_t num_scores = p.num_scores();
@@ -341,7 +472,6 @@ void backward_impl(const BackwardParams& p) {
   const int64_t grain = parallel_grain(p.flat_cut, H);
   at::parallel_for(0, p.flat_cut.pieces, grain, [&](int64_t begin, int64_t end) {
     RowTile<scalar_t, kTile> tile;
-    std::vector<acc_t> dx_buffer(kDxInPlace || num_scores == 1 ? 0 : kTile * H);
     std::vector<acc_t> scratch(2 * num_scores * kTile);
     scalar_t* dx_out[kTile] = {};
     acc_t tile_bias[kTile] = {};
@@ -372,20 +502,12 @@ void backward_impl(const BackwardParams& p) {
           tile.clear();
           return;
         }
-        acc_t* dx_rows[kTile];
-        for (int j = 0; j < count; ++j) {
-          if constexpr (kDxInPlace) {
-            dx_rows[j] = dx_out[j];
-          } else {
-            dx_rows[j] = dx_buffer.data() + j * H;
-          }
-        }
         with_tile_size<kTile>(count, [&](auto size) {
           backward_rows<decltype(size)::value>(
               p,
               tile_batch,
               tile.rows(),
-              dx_rows,
+              dx_out,
               u,
               u_paired,
               g,
@@ -395,13 +517,9 @@ void backward_impl(const BackwardParams& p) {
               biases,
               scratch.data(),
               scratch.data() + num_scores * kTile,
-              du);
+              du,
+              p.stream_dx);
         });
-        if constexpr (!kDxInPlace) {
-          for (int j = 0; j < count; ++j) {
-            at::vec::convert(dx_rows[j], dx_out[j], H);
-          }
-        }
         tile.clear();
       };
       const RowRange range = p.flat_cut.piece(piece, rows);

@@ -15,31 +15,6 @@ namespace attnpool::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// How the forward reads a row in vectors of the accumulation dtype: one
-// vector per chunk of W elements or, for bfloat16 in paired order, two (even
-// and odd positions) per chunk of 2W.
-template <typename T, bool kPaired>
-struct ChunkReader {
-  using Vec = Vectorized<at::opmath_type<T>>;
-  static constexpr int64_t kWidth = (kPaired ? 2 : 1) * Vec::size();
-
-  // Returned by value, not written through a pointer: that kept the callers'
-  // accumulators in registers (through a pointer, GCC spilled them).
-  struct Chunk {
-    Vec first;
-    Vec second;  // paired only
-  };
-
-  static Chunk load(const T* p) {
-    if constexpr (kPaired) {
-      const WidenedPairs xv = load_pairs(p);
-      return {xv.even, xv.odd};
-    } else {
-      return {load_acc(p), Vec()};
-    }
-  }
-};
-
 // scores[r] = rows[r] . v for R rows and y += sum_p w[p] * prev[p] for P
 // other rows, in one pass; either count may be 0. The scores are summed as
 // score_dot_rows and paired_score_dot_rows sum them ([Note: one order for
@@ -120,21 +95,29 @@ void score_and_accumulate_rows(
   }
 }
 
-// The forward's two passes over a tile, each on its own: the scores of S
-// consecutive vectors of v (n apart), out[s * R + r], and the accumulation
-// (axpy_rows); for bfloat16 rows in paired order, score_and_accumulate_rows.
-template <int R, int S, typename T, typename A>
-void score_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead, bool paired) {
+// The forward's two passes over a tile, each on its own: the scores
+// out[k * R + r] of `count` consecutive vectors of v (n apart), and the
+// accumulation (axpy_rows); for bfloat16 rows in paired order,
+// score_and_accumulate_rows.
+template <int R, typename T, typename A>
+void score_rows(
+    const T* const* rows,
+    const A* v,
+    int64_t n,
+    int64_t count,
+    A* out,
+    int64_t ahead,
+    bool paired) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (paired) {
-      for (int s = 0; s < S; ++s) {
+      for (int64_t k = 0; k < count; ++k) {
         score_and_accumulate_rows<R, 0, true, T, A>(
-            rows, v + s * n, n, out + s * R, s == 0 ? ahead : 0, nullptr, nullptr, nullptr);
+            rows, v + k * n, n, out + k * R, k == 0 ? ahead : 0, nullptr, nullptr, nullptr);
       }
       return;
     }
   }
-  score_dot_rows<R, S>(rows, v, n, out, ahead);
+  score_dot_rows_each<R>(rows, v, n, count, out, ahead);
 }
 
 template <int R, typename T, typename A>
@@ -183,29 +166,28 @@ class SoftmaxState {
   }
 
   // Adds a tile of R unmasked rows of x with score vectors u (and bias[r]
-  // added to each score of row r, when bias is not null). The scores go
-  // two at a time: one score's R sums alone wait on each other's latency.
-  // The first pass over the tile brings in the next tile; the others read
-  // this tile again, from L1.
+  // added to each score of row r, when bias is not null), in three steps:
+  // every score of the tile (several at a time, score_dot_rows_each), the
+  // softmax step of each score, then the
+  // weighted sums, kSumsPerPass of those that read the same slice of the
+  // rows at a time. The first pass over the tile brings in the next tile;
+  // the others read this tile again, from L1. scratch: 2 * R * num_scores.
   template <int R, typename scalar_t>
-  void add_rows(const scalar_t* const* rows, const acc_t* u, acc_t scale, const acc_t* bias) {
+  void add_rows(
+      const scalar_t* const* rows, const acc_t* u, acc_t scale, const acc_t* bias, acc_t* scratch) {
     const int64_t H = shape_.hidden;
     const int64_t num_scores = shape_.num_scores();
+    acc_t* scores = scratch;
+    acc_t* weights = scratch + num_scores * R;
     data_[0] = acc_t(1);
-    acc_t scores[2 * R];
-    for (int64_t score = 0; score < num_scores; score += 2) {
-      const int64_t ahead = score == 0 ? R * x_seq_stride_ : 0;
-      if (score + 1 < num_scores) {
-        score_rows<R, 2>(rows, u + score * H, H, scores, ahead, paired_);
-        add_scored_rows<R>(score, scale, bias, rows, scores);
-        add_scored_rows<R>(score + 1, scale, bias, rows, scores + R);
-      } else {
-        score_rows<R, 1>(rows, u + score * H, H, scores, ahead, paired_);
-        add_scored_rows<R>(score, scale, bias, rows, scores);
-      }
+    score_rows<R>(rows, u, H, num_scores, scores, R * x_seq_stride_, paired_);
+    const int64_t d = shape_.head_dim;
+    for (int64_t score = 0; score < num_scores; ++score) {
+      weigh_rows<R>(
+          score, scale, bias, scores + score * R, weights + score * R, weighted() + score * d, d);
     }
+    add_weighted_rows<R>(rows, weights);
   }
-
   // add_rows for one query and one head, a tile behind: scores this tile's
   // R rows while adding the previous tile's P rows (prev, with the weights
   // the previous call returned) to the weighted sum. This tile's weights
@@ -302,18 +284,30 @@ class SoftmaxState {
   }
 
  private:
-  // Adds R rows scored for one score: head h = score % num_heads adds its
-  // slice of each row to the score's weighted sum.
+  // Adds R rows weighted for every score (weights[score * R + r]) to the
+  // scores' weighted sums: score (i, h) adds the slice of head h.
   template <int R, typename scalar_t>
-  void add_scored_rows(
-      int64_t score, acc_t scale, const acc_t* bias, const scalar_t* const* rows, acc_t* scores) {
+  void add_weighted_rows(const scalar_t* const* rows, const acc_t* weights) {
+    const int64_t n = shape_.num_heads;
     const int64_t d = shape_.head_dim;
-    acc_t* acc = weighted() + score * d;
-    acc_t weights[R];
-    const scalar_t* segments[R];
-    weigh_rows<R>(score, scale, bias, scores, weights, acc, d);
-    offset_rows<R>(rows, (score % shape_.num_heads) * d, segments);
-    accumulate_rows<R>(weights, segments, acc, d, paired_);
+    const int64_t num_queries = shape_.num_queries;
+    for (int64_t h = 0; h < n; ++h) {
+      const scalar_t* segments[R];
+      offset_rows<R>(rows, h * d, segments);
+      for (int64_t i = 0; i < num_queries; i += kSumsPerPass) {
+        const int count = static_cast<int>(std::min<int64_t>(kSumsPerPass, num_queries - i));
+        acc_t group_weights[kSumsPerPass * R];
+        acc_t* sums[kSumsPerPass];
+        for (int g = 0; g < count; ++g) {
+          const int64_t score = (i + g) * n + h;
+          std::copy_n(weights + score * R, R, group_weights + g * R);
+          sums[g] = weighted() + score * d;
+        }
+        with_tile_size<kSumsPerPass>(count, [&](auto size) {
+          accumulate_rows_into<R, decltype(size)::value>(group_weights, segments, sums, d, paired_);
+        });
+      }
+    }
   }
 
   // Scales score `score` of R rows (and adds the bias), moves its running
@@ -398,6 +392,7 @@ void forward_impl(const ForwardParams& p) {
     acc_t tile_bias[kForwardTileRows] = {};
     const acc_t* biases = bias == nullptr ? nullptr : tile_bias;
     std::vector<acc_t> local(in_pieces ? 0 : state_size);
+    std::vector<acc_t> scratch(pipelined ? 0 : 2 * num_scores * kForwardTileRows);
     for (int64_t item = begin; item < end; ++item) {
       const auto [b, piece, rows] = p.work_item(item);
       SoftmaxState<acc_t> state(in_pieces ? partials + item * state_size : local.data(), p, paired);
@@ -405,7 +400,8 @@ void forward_impl(const ForwardParams& p) {
       auto flush = [&] {
         if (!pipelined) {
           with_tile_size<kForwardTileRows>(tile.count(), [&](auto size) {
-            state.template add_rows<decltype(size)::value>(tile.rows(), u, scale, biases);
+            state.template add_rows<decltype(size)::value>(
+                tile.rows(), u, scale, biases, scratch.data());
           });
           tile.clear();
           return;

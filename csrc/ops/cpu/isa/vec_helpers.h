@@ -43,6 +43,14 @@ constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 constexpr int kForwardTileRows = 4;
 constexpr int kBackwardTileRows = 8;
 
+// Vector registers of this instruction set: kernels that keep a block of
+// sums in registers size it by this, so that AVX2 does not spill.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorRegisters = 16;
+#endif
+
 template <typename T>
 T reduce_add(const Vectorized<T>& v) {
   return at::vec::vec_reduce_all<T>([](Vectorized<T>& a, Vectorized<T>& b) { return a + b; }, v);
@@ -110,12 +118,11 @@ A dot(const T* a, const A* b, int64_t n) {
 // scale * score - lse round alike wherever they are written. A score then
 // never exceeds the running max the forward saw, and p <= 1.
 
-// out[s * R + r] = rows[r] . v[s * n : (s + 1) * n] for S consecutive vectors
-// of v, each summed in the one order of the note above. Several vectors at a
-// time give S * R independent sums, enough to keep the FMA units busy when
-// R alone is not; each sum is the same whatever S and R.
-template <int R, int S = 1, typename T, typename A>
-void score_dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead = 0) {
+// score_dot_rows, below. kPrefetch is a template argument: a test of `ahead` inside the loop made
+// GCC keep acc in memory, each FMA waiting on a store and a reload (the
+// forward at 16 scores took twice as long).
+template <int R, int S, bool kPrefetch, typename T, typename A>
+void score_dot_rows_impl(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
   Vec acc[S][R];
@@ -131,7 +138,7 @@ void score_dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t
       shared[s] = Vec::loadu(v + s * n + e);
     }
     for (int r = 0; r < R; ++r) {
-      if (ahead != 0) {
+      if constexpr (kPrefetch) {
         prefetch(rows[r] + e, ahead);
       }
       const Vec xv = load_acc(rows[r] + e);
@@ -148,6 +155,42 @@ void score_dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t
       }
       out[s * R + r] = total;
     }
+  }
+}
+
+// out[s * R + r] = rows[r] . v[s * n : (s + 1) * n] for S consecutive vectors
+// of v, each summed in the one order of the note above. Several vectors at a
+// time give S * R independent sums, enough to keep the FMA units busy when
+// R alone is not; each sum is the same whatever S and R. ahead != 0: the
+// rows `ahead` elements further are prefetched.
+template <int R, int S = 1, typename T, typename A>
+void score_dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead = 0) {
+  if (ahead != 0) {
+    return score_dot_rows_impl<R, S, true>(rows, v, n, out, ahead);
+  }
+  score_dot_rows_impl<R, S, false>(rows, v, n, out, ahead);
+}
+
+// out[k * R + r] = rows[r] . v[k * n : (k + 1) * n] for `count`
+// consecutive vectors of v, as many at a time as the registers hold: one
+// load of a row then serves up to four scores. score_dot_rows sums each
+// score alike however many it is given. ahead: see score_dot_rows (the
+// first pass over the rows only).
+template <int R, typename T, typename A>
+void score_dot_rows_each(
+    const T* const* rows, const A* v, int64_t n, int64_t count, A* out, int64_t ahead = 0) {
+  constexpr int kAtOnce = 4 * R + 5 <= kVectorRegisters ? 4 : 2 * R + 3 <= kVectorRegisters ? 2 : 1;
+  int64_t k = 0;
+  for (; k + kAtOnce <= count; k += kAtOnce) {
+    score_dot_rows<R, kAtOnce>(rows, v + k * n, n, out + k * R, k == 0 ? ahead : 0);
+  }
+  if constexpr (kAtOnce > 2) {
+    for (; k + 2 <= count; k += 2) {
+      score_dot_rows<R, 2>(rows, v + k * n, n, out + k * R, k == 0 ? ahead : 0);
+    }
+  }
+  for (; k < count; ++k) {
+    score_dot_rows<R>(rows, v + k * n, n, out + k * R, k == 0 ? ahead : 0);
   }
 }
 
@@ -252,6 +295,102 @@ void paired_score_dot_rows(const at::BFloat16* const* rows, const float* v, int6
     out[r] = reduce_add(even[r] + odd[r]);
   }
 }
+
+// How the kernels read a row in vectors of the accumulation dtype: one
+// vector per chunk of W elements or, for bfloat16 in paired order, two (even
+// and odd positions) per chunk of 2W.
+template <typename T, bool kPaired>
+struct ChunkReader {
+  using Vec = Vectorized<at::opmath_type<T>>;
+  static constexpr int64_t kWidth = (kPaired ? 2 : 1) * Vec::size();
+
+  // Returned by value, not written through a pointer: that kept the callers'
+  // accumulators in registers (through a pointer, GCC spilled them).
+  struct Chunk {
+    Vec first;
+    Vec second;  // paired only
+  };
+
+  static Chunk load(const T* p) {
+    if constexpr (kPaired) {
+      const WidenedPairs xv = load_pairs(p);
+      return {xv.even, xv.odd};
+    } else {
+      return {load_acc(p), Vec()};
+    }
+  }
+};
+
+// ys[g] += sum_r w[g * R + r] * rows[r] for G weighted sums of the same R
+// rows (the queries of one head slice, or every score at full width): each
+// chunk of the rows is loaded once for all G sums. Every element is summed
+// in the order of axpy_rows (of the forward's paired accumulation, for
+// kPaired: bfloat16 rows and ys in paired order), so the result is the same
+// as G passes of it.
+template <int R, int G, bool kPaired, typename T, typename A>
+void accumulate_rows_into(const A* w, const T* const* rows, A* const* ys, int64_t n) {
+  using Reader = ChunkReader<T, kPaired>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  const T* xr[R];
+  A* out[G];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    xr[r] = rows[r];
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g) {
+    out[g] = ys[g];
+  }
+  int64_t e = 0;
+  for (; e + Reader::kWidth <= n; e += Reader::kWidth) {
+    typename Reader::Chunk xv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      xv[r] = Reader::load(xr[r] + e);
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      Vec first = Vec::loadu(out[g] + e);
+      Vec second = kPaired ? Vec::loadu(out[g] + e + W) : Vec();
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const Vec weight(w[g * R + r]);
+        first = at::vec::fmadd(weight, xv[r].first, first);
+        if constexpr (kPaired) {
+          second = at::vec::fmadd(weight, xv[r].second, second);
+        }
+      }
+      first.store(out[g] + e);
+      if constexpr (kPaired) {
+        second.store(out[g] + e + W);
+      }
+    }
+  }
+  for (; e < n; ++e) {
+    for (int g = 0; g < G; ++g) {
+      for (int r = 0; r < R; ++r) {
+        out[g][e] += w[g * R + r] * static_cast<A>(xr[r][e]);
+      }
+    }
+  }
+}
+
+// accumulate_rows_into with the paired read chosen at run time.
+template <int R, int G, typename T, typename A>
+void accumulate_rows_into(const A* w, const T* const* rows, A* const* ys, int64_t n, bool paired) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (paired) {
+      return accumulate_rows_into<R, G, true>(w, rows, ys, n);
+    }
+  }
+  accumulate_rows_into<R, G, false>(w, rows, ys, n);
+}
+
+// The number of weighted sums accumulate_rows_into adds at once: enough that
+// a load of x serves several FMAs, few enough that the sums, the rows and
+// the weights stay in registers.
+constexpr int kSumsPerPass = 4;
 
 // v.store(p), or with kStream a non-temporal store (p aligned to the vector)
 // where this instruction set has one; store_fence() then orders them.
