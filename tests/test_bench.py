@@ -12,7 +12,7 @@ import torch
 from helpers import CUDA_SKIP_REASON
 
 import attnpool
-from attnpool import bench
+from attnpool import bench, bench_grid
 
 
 def test_quick_benchmark_writes_table_json_and_plot(tmp_path, capsys):
@@ -114,3 +114,42 @@ def test_quick_cuda_benchmark_runs_every_method_on_the_gpu(tmp_path):
     for row in report["results"]:
         assert row["device"] == "cuda"
         assert all(seconds > 0 for seconds in row["seconds"].values())
+
+
+def test_quick_grid_reports_each_point_against_its_roofline(tmp_path, capsys):
+    out = tmp_path / "grid"
+    argv = ["--quick", "--rounds", "1", "--dtypes", "float32", "--malloc", "system"]
+    assert bench_grid.main(argv + ["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "G multiply-adds/s" in printed and "targets:" in printed
+    report = json.loads((out / "grid.json").read_text())
+    assert [r["point"] for r in report["results"]] == list(bench_grid.QUICK_POINTS)
+    for row in report["results"]:
+        for mode in ("forward", "forward+backward"):
+            assert {"attnpool", "eager", "read"} <= set(row[mode])
+            assert all(seconds > 0 for seconds in row[mode].values())
+        # The roofline is one read of x or the multiply-adds at the matmul rate.
+        floor = max(row["forward"]["read"], row["multiply_adds"] / row["matmul_rate"])
+        assert row["roofline"] == pytest.approx(floor)
+    assert {t["target"].split(":")[0] for t in report["targets"]} == {
+        f"{name} float32" for name in bench_grid.QUICK_POINTS
+    }
+
+
+def test_grid_rejects_an_unknown_point(capsys):
+    with pytest.raises(SystemExit):
+        bench_grid.main(["--points", "1x1,7x7"])
+    assert "unknown --points ['7x7']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("full_width", [False, True])
+def test_grid_compositions_compute_the_op(full_width):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 11, 16, generator=gen, dtype=torch.float64)
+    queries = torch.randn(2, 4, 4, generator=gen, dtype=torch.float64)
+    w_k = torch.randn(16, 16, generator=gen, dtype=torch.float64) / 4
+    u = torch.einsum("qnd,ndh->qnh", queries, w_k.view(4, 4, 16))
+    want = attnpool.folded_attention_pool(x, u, scale=0.5, full_width=full_width)
+    torch.testing.assert_close(bench_grid.eager_pool(x, u, 0.5, full_width), want)
+    if not full_width:
+        torch.testing.assert_close(bench_grid.projected_pool(x, queries, w_k, 0.5), want)
