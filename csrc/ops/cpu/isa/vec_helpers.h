@@ -118,9 +118,11 @@ A dot(const T* a, const A* b, int64_t n) {
 // scale * score - lse round alike wherever they are written. A score then
 // never exceeds the running max the forward saw, and p <= 1.
 
-// score_dot_rows, below. kPrefetch is a template argument: a test of `ahead` inside the loop made
-// GCC keep acc in memory, each FMA waiting on a store and a reload (the
-// forward at 16 scores took twice as long).
+// score_dot_rows, below. acc must stay in registers; GCC kept it in memory,
+// each FMA waiting on a store and a reload (the forward at 16 scores took
+// twice as long), when a run-time test of `ahead` sat inside the loop (so
+// kPrefetch is a template argument) or when the last loop over acc was not
+// unrolled (at 16 sums; hence the pragmas).
 template <int R, int S, bool kPrefetch, typename T, typename A>
 void score_dot_rows_impl(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead) {
   using Vec = Vectorized<A>;
@@ -147,7 +149,9 @@ void score_dot_rows_impl(const T* const* rows, const A* v, int64_t n, A* out, in
       }
     }
   }
+#pragma GCC unroll 16
   for (int s = 0; s < S; ++s) {
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       A total = reduce_add(acc[s][r]);
       for (int64_t t = e; t < n; ++t) {
@@ -230,10 +234,14 @@ void axpy_rows(const A* w, const T* const* rows, A* y, int64_t n) {
 constexpr int64_t kPairWidth = 2 * Vectorized<float>::size();
 
 // Whether the kernels read rows of x in pairs: bfloat16 rows whose head
-// slices are whole groups of kPairWidth.
+// slices are whole groups of kPairWidth, with one score. With several, each
+// widened vector serves several scores (score_dot_rows_each,
+// accumulate_rows_into), which the paired read, one score at a time, does
+// not: 1.4x slower at 12 heads.
 template <typename T>
 bool reads_pairs(const PoolShape& s) {
-  return std::is_same_v<T, at::BFloat16> && s.head_dim > 0 && s.head_dim % kPairWidth == 0;
+  return std::is_same_v<T, at::BFloat16> && s.num_scores() == 1 && s.head_dim > 0 &&
+         s.head_dim % kPairWidth == 0;
 }
 
 struct WidenedPairs {
