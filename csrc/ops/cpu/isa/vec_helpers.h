@@ -123,8 +123,10 @@ A dot(const T* a, const A* b, int64_t n) {
 // twice as long), when a run-time test of `ahead` sat inside the loop (so
 // kPrefetch is a template argument) or when the last loop over acc was not
 // unrolled (at 16 sums; hence the pragmas).
-template <int R, int S, bool kPrefetch, typename T, typename A>
-void score_dot_rows_impl(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead) {
+// ahead: one distance for every row, or with kPerRow one per row.
+template <int R, int S, bool kPrefetch, bool kPerRow = false, typename T, typename A>
+void score_dot_rows_impl(
+    const T* const* rows, const A* v, int64_t n, A* out, const int64_t* ahead) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
   Vec acc[S][R];
@@ -141,7 +143,7 @@ void score_dot_rows_impl(const T* const* rows, const A* v, int64_t n, A* out, in
     }
     for (int r = 0; r < R; ++r) {
       if constexpr (kPrefetch) {
-        prefetch(rows[r] + e, ahead);
+        prefetch(rows[r] + e, kPerRow ? ahead[r] : ahead[0]);
       }
       const Vec xv = load_acc(rows[r] + e);
       for (int s = 0; s < S; ++s) {
@@ -170,31 +172,56 @@ void score_dot_rows_impl(const T* const* rows, const A* v, int64_t n, A* out, in
 template <int R, int S = 1, typename T, typename A>
 void score_dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t ahead = 0) {
   if (ahead != 0) {
-    return score_dot_rows_impl<R, S, true>(rows, v, n, out, ahead);
+    return score_dot_rows_impl<R, S, true>(rows, v, n, out, &ahead);
   }
-  score_dot_rows_impl<R, S, false>(rows, v, n, out, ahead);
+  score_dot_rows_impl<R, S, false>(rows, v, n, out, nullptr);
 }
 
 // out[k * R + r] = rows[r] . v[k * n : (k + 1) * n] for `count`
 // consecutive vectors of v, as many at a time as the registers hold: one
 // load of a row then serves up to four scores. score_dot_rows sums each
-// score alike however many it is given. ahead: see score_dot_rows (the
-// first pass over the rows only).
+// score alike however many it is given. ahead != 0: the rows `ahead`
+// elements further (the next tile) are prefetched. For float and double,
+// row r during pass r % passes, so that the misses are spread over the
+// passes instead of all waiting on free miss buffers in the first (the
+// other rows prefetch lines they are reading: hits, no memory traffic):
+// 1.3-1.7x faster forwards at 12-16 scores. For bfloat16 rows all in the
+// first pass: per-row distances there made GCC spill the sums.
 template <int R, typename T, typename A>
 void score_dot_rows_each(
     const T* const* rows, const A* v, int64_t n, int64_t count, A* out, int64_t ahead = 0) {
   constexpr int kAtOnce = 4 * R + 5 <= kVectorRegisters ? 4 : 2 * R + 3 <= kVectorRegisters ? 2 : 1;
+  const int64_t rest = count % kAtOnce;
+  const int64_t passes = count / kAtOnce + (kAtOnce > 2 ? rest / 2 + rest % 2 : rest);
+  int64_t pass = 0;
+  auto score = [&](auto at_once, int64_t k) {
+    constexpr int kScores = decltype(at_once)::value;
+    if (ahead == 0) {
+      return score_dot_rows_impl<R, kScores, false>(rows, v + k * n, n, out + k * R, nullptr);
+    }
+    if constexpr (at::is_reduced_floating_point_v<T>) {
+      if (pass == 0) {
+        return score_dot_rows_impl<R, kScores, true>(rows, v + k * n, n, out + k * R, &ahead);
+      }
+      return score_dot_rows_impl<R, kScores, false>(rows, v + k * n, n, out + k * R, nullptr);
+    }
+    int64_t aheads[R];
+    for (int r = 0; r < R; ++r) {
+      aheads[r] = r % passes == pass ? ahead : 0;
+    }
+    score_dot_rows_impl<R, kScores, true, true>(rows, v + k * n, n, out + k * R, aheads);
+  };
   int64_t k = 0;
-  for (; k + kAtOnce <= count; k += kAtOnce) {
-    score_dot_rows<R, kAtOnce>(rows, v + k * n, n, out + k * R, k == 0 ? ahead : 0);
+  for (; k + kAtOnce <= count; k += kAtOnce, ++pass) {
+    score(std::integral_constant<int, kAtOnce>{}, k);
   }
   if constexpr (kAtOnce > 2) {
-    for (; k + 2 <= count; k += 2) {
-      score_dot_rows<R, 2>(rows, v + k * n, n, out + k * R, k == 0 ? ahead : 0);
+    for (; k + 2 <= count; k += 2, ++pass) {
+      score(std::integral_constant<int, 2>{}, k);
     }
   }
-  for (; k < count; ++k) {
-    score_dot_rows<R>(rows, v + k * n, n, out + k * R, k == 0 ? ahead : 0);
+  for (; k < count; ++k, ++pass) {
+    score(std::integral_constant<int, 1>{}, k);
   }
 }
 
