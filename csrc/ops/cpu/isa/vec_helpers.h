@@ -181,12 +181,11 @@ void score_dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t
 // consecutive vectors of v, as many at a time as the registers hold: one
 // load of a row then serves up to four scores. score_dot_rows sums each
 // score alike however many it is given. ahead != 0: the rows `ahead`
-// elements further (the next tile) are prefetched. For float and double,
-// row r during pass r % passes, so that the misses are spread over the
-// passes instead of all waiting on free miss buffers in the first (the
-// other rows prefetch lines they are reading: hits, no memory traffic):
-// 1.3-1.7x faster forwards at 12-16 scores. For bfloat16 rows all in the
-// first pass: per-row distances there made GCC spill the sums.
+// elements further (the next tile) are prefetched, row r during pass
+// r % passes, so that the misses are spread over the passes instead of
+// all waiting on free miss buffers in the first (the other rows prefetch
+// lines they are reading: hits, no memory traffic): 1.3-1.7x faster
+// forwards at 12-16 scores.
 template <int R, typename T, typename A>
 void score_dot_rows_each(
     const T* const* rows, const A* v, int64_t n, int64_t count, A* out, int64_t ahead = 0) {
@@ -199,15 +198,16 @@ void score_dot_rows_each(
     if (ahead == 0) {
       return score_dot_rows_impl<R, kScores, false>(rows, v + k * n, n, out + k * R, nullptr);
     }
-    if constexpr (at::is_reduced_floating_point_v<T>) {
-      if (pass == 0) {
-        return score_dot_rows_impl<R, kScores, true>(rows, v + k * n, n, out + k * R, &ahead);
-      }
-      return score_dot_rows_impl<R, kScores, false>(rows, v + k * n, n, out + k * R, nullptr);
-    }
     int64_t aheads[R];
     for (int r = 0; r < R; ++r) {
       aheads[r] = r % passes == pass ? ahead : 0;
+    }
+    if constexpr (at::is_reduced_floating_point_v<T> && kScores > 2) {
+      // Two scores in the prefetching part: with four, GCC spilled the
+      // sums of the widening loop.
+      score_dot_rows_impl<R, 2, true, true>(rows, v + k * n, n, out + k * R, aheads);
+      return score_dot_rows_impl<R, kScores - 2, false>(
+          rows, v + (k + 2) * n, n, out + (k + 2) * R, nullptr);
     }
     score_dot_rows_impl<R, kScores, true, true>(rows, v + k * n, n, out + k * R, aheads);
   };
