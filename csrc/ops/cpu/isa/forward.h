@@ -167,11 +167,11 @@ class SoftmaxState {
 
   // Adds a tile of R unmasked rows of x with score vectors u (and bias[r]
   // added to each score of row r, when bias is not null), in three steps:
-  // every score of the tile (several at a time, score_dot_rows_each), the
-  // softmax step of each score, then the
-  // weighted sums, kSumsPerPass of those that read the same slice of the
-  // rows at a time. The first pass over the tile brings in the next tile;
-  // the others read this tile again, from L1. scratch: 2 * R * num_scores.
+  // every score of the tile (several at a time, score_dot_rows_each, whose
+  // passes also bring in the next tile), the softmax step of each score,
+  // then the weighted sums, kSumsPerPass of those that read the same slice
+  // of the rows at a time. All but the first pass read the tile from L1.
+  // scratch: 2 * R * num_scores.
   template <int R, typename scalar_t>
   void add_rows(
       const scalar_t* const* rows, const acc_t* u, acc_t scale, const acc_t* bias, acc_t* scratch) {
@@ -188,6 +188,7 @@ class SoftmaxState {
     }
     add_weighted_rows<R>(rows, weights);
   }
+
   // add_rows for one query and one head, a tile behind: scores this tile's
   // R rows while adding the previous tile's P rows (prev, with the weights
   // the previous call returned) to the weighted sum. This tile's weights
