@@ -167,11 +167,11 @@ class SoftmaxState {
 
   // Adds a tile of R unmasked rows of x with score vectors u (and bias[r]
   // added to each score of row r, when bias is not null), in three steps:
-  // every score of the tile (several at a time, score_dot_rows_each, whose
-  // passes also bring in the next tile), the softmax step of each score,
-  // then the weighted sums, kSumsPerPass of those that read the same slice
-  // of the rows at a time. All but the first pass read the tile from L1.
-  // scratch: 2 * R * num_scores.
+  // every score of the tile (score_tile, whose passes also bring in the
+  // next tile), the softmax step of each score, then the weighted sums,
+  // kSumsPerPass of those that read the same slice of the rows at a time.
+  // All but the first pass read the tile from cache. scratch: 2 * R *
+  // num_scores.
   template <int R, typename scalar_t>
   void add_rows(
       const scalar_t* const* rows, const acc_t* u, acc_t scale, const acc_t* bias, acc_t* scratch) {
@@ -180,13 +180,36 @@ class SoftmaxState {
     acc_t* scores = scratch;
     acc_t* weights = scratch + num_scores * R;
     data_[0] = acc_t(1);
-    score_rows<R>(rows, u, H, num_scores, scores, R * x_seq_stride_, paired_);
+    score_tile<R>(rows, u, scores, weights);
     const int64_t d = shape_.head_dim;
     for (int64_t score = 0; score < num_scores; ++score) {
       weigh_rows<R>(
           score, scale, bias, scores + score * R, weights + score * R, weighted() + score * d, d);
     }
     add_weighted_rows<R>(rows, weights);
+  }
+
+  // scores[score * R + r] for every score of R rows, R up to
+  // kWideTileRows: blocks of kForwardTileRows rows, whose register-blocked
+  // sums (score_dot_rows_each) would spill at more rows, each prefetching its
+  // rows of the next tile. block: num_scores * kForwardTileRows of scratch.
+  template <int R, typename scalar_t>
+  void score_tile(const scalar_t* const* rows, const acc_t* u, acc_t* scores, acc_t* block) {
+    const int64_t H = shape_.hidden;
+    const int64_t num_scores = shape_.num_scores();
+    const int64_t ahead = R * x_seq_stride_;
+    if constexpr (R <= kForwardTileRows) {
+      score_rows<R>(rows, u, H, num_scores, scores, ahead, paired_);
+    } else {
+      static_assert(R % kForwardTileRows == 0);
+      constexpr int B = kForwardTileRows;
+      for (int first = 0; first < R; first += B) {
+        score_rows<B>(rows + first, u, H, num_scores, block, ahead, paired_);
+        for (int64_t score = 0; score < num_scores; ++score) {
+          std::copy_n(block + score * B, B, scores + score * R + first);
+        }
+      }
+    }
   }
 
   // add_rows for one query and one head, a tile behind: scores this tile's
@@ -286,27 +309,34 @@ class SoftmaxState {
 
  private:
   // Adds R rows weighted for every score (weights[score * R + r]) to the
-  // scores' weighted sums: score (i, h) adds the slice of head h.
+  // scores' weighted sums: score (i, h) adds the slice of head h. A wide
+  // slice goes kColumnBlock columns at a time through all its sums, so that
+  // those columns of the rows stay in L1 from one group of sums to the next
+  // (at 16 full-width sums, the rows and the sums together overflow L1).
   template <int R, typename scalar_t>
   void add_weighted_rows(const scalar_t* const* rows, const acc_t* weights) {
     const int64_t n = shape_.num_heads;
     const int64_t d = shape_.head_dim;
     const int64_t num_queries = shape_.num_queries;
     for (int64_t h = 0; h < n; ++h) {
-      const scalar_t* segments[R];
-      offset_rows<R>(rows, h * d, segments);
-      for (int64_t i = 0; i < num_queries; i += kSumsPerPass) {
-        const int count = static_cast<int>(std::min<int64_t>(kSumsPerPass, num_queries - i));
-        acc_t group_weights[kSumsPerPass * R];
-        acc_t* sums[kSumsPerPass];
-        for (int g = 0; g < count; ++g) {
-          const int64_t score = (i + g) * n + h;
-          std::copy_n(weights + score * R, R, group_weights + g * R);
-          sums[g] = weighted() + score * d;
+      for (int64_t column = 0; column < d; column += kColumnBlock) {
+        const int64_t width = std::min(kColumnBlock, d - column);
+        const scalar_t* segments[R];
+        offset_rows<R>(rows, h * d + column, segments);
+        for (int64_t i = 0; i < num_queries; i += kSumsPerPass) {
+          const int count = static_cast<int>(std::min<int64_t>(kSumsPerPass, num_queries - i));
+          acc_t group_weights[kSumsPerPass * R];
+          acc_t* sums[kSumsPerPass];
+          for (int g = 0; g < count; ++g) {
+            const int64_t score = (i + g) * n + h;
+            std::copy_n(weights + score * R, R, group_weights + g * R);
+            sums[g] = weighted() + score * d + column;
+          }
+          with_tile_size<kSumsPerPass>(count, [&](auto size) {
+            accumulate_rows_into<R, decltype(size)::value>(
+                group_weights, segments, sums, width, paired_);
+          });
         }
-        with_tile_size<kSumsPerPass>(count, [&](auto size) {
-          accumulate_rows_into<R, decltype(size)::value>(group_weights, segments, sums, d, paired_);
-        });
       }
     }
   }
@@ -385,30 +415,46 @@ void forward_impl(const ForwardParams& p) {
 
   const int64_t grain = parallel_grain(p.cut, p.hidden);
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    RowTile<scalar_t, kForwardTileRows> tile;
+    // Tiles of kForwardTileRows rows with one score per row, kWideTileRows
+    // with several.
+    const int tile_rows = pipelined ? kForwardTileRows : kWideTileRows;
+    RowTile<scalar_t, kWideTileRows> tile;
     // With one score per row, each tile is added to the weighted sum while
     // the next one is scored (SoftmaxState::add_rows_pipelined).
-    RowTile<scalar_t, kForwardTileRows> previous;
+    RowTile<scalar_t, kWideTileRows> previous;
     acc_t previous_weights[kForwardTileRows] = {};
-    acc_t tile_bias[kForwardTileRows] = {};
+    acc_t tile_bias[kWideTileRows] = {};
     const acc_t* biases = bias == nullptr ? nullptr : tile_bias;
     std::vector<acc_t> local(in_pieces ? 0 : state_size);
-    std::vector<acc_t> scratch(pipelined ? 0 : 2 * num_scores * kForwardTileRows);
+    std::vector<acc_t> scratch(pipelined ? 0 : 2 * num_scores * kWideTileRows);
     for (int64_t item = begin; item < end; ++item) {
       const auto [b, piece, rows] = p.work_item(item);
       SoftmaxState<acc_t> state(in_pieces ? partials + item * state_size : local.data(), p, paired);
       state.reset();
       auto flush = [&] {
         if (!pipelined) {
-          with_tile_size<kForwardTileRows>(tile.count(), [&](auto size) {
-            state.template add_rows<decltype(size)::value>(
-                tile.rows(), u, scale, biases, scratch.data());
-          });
+          if (tile.count() == kWideTileRows) {
+            state.template add_rows<kWideTileRows>(tile.rows(), u, scale, biases, scratch.data());
+          } else {
+            // A piece's last tile, short: in tiles of kForwardTileRows.
+            for (int first = 0; first < tile.count(); first += kForwardTileRows) {
+              const int count = std::min(kForwardTileRows, tile.count() - first);
+              with_tile_size<kForwardTileRows>(count, [&](auto size) {
+                state.template add_rows<decltype(size)::value>(
+                    tile.rows() + first,
+                    u,
+                    scale,
+                    biases == nullptr ? nullptr : biases + first,
+                    scratch.data());
+              });
+            }
+          }
           tile.clear();
           return;
         }
         // Only a piece's last tile can be short, so the previous one is full.
-        TORCH_INTERNAL_ASSERT_DEBUG_ONLY(previous.count() == 0 || previous.full());
+        TORCH_INTERNAL_ASSERT_DEBUG_ONLY(
+            previous.count() == 0 || previous.count() == kForwardTileRows);
         acc_t weights[kForwardTileRows];
         with_tile_size<kForwardTileRows>(tile.count(), [&](auto size) {
           constexpr int R = decltype(size)::value;
@@ -430,7 +476,7 @@ void forward_impl(const ForwardParams& p) {
             tile_bias[tile.count()] = bias[b * p.seq_len + l];
           }
           tile.add(x + p.row_offset(b, l));
-          if (tile.full()) {
+          if (tile.count() == tile_rows) {
             flush();
           }
         }

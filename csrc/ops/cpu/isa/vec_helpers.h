@@ -51,6 +51,13 @@ constexpr int kVectorRegisters = 32;
 constexpr int kVectorRegisters = 16;
 #endif
 
+// The forward with several scores per row scores a tile kForwardTileRows
+// rows at a time but adds it to its weighted sums this many rows at a time:
+// each sum is loaded and stored once per tile, and at 12-16 sums that
+// traffic, more than the FMAs, bounded it at 4 rows (8: 5-15% faster on a
+// 2-core EPYC; 16 was slower, its rows no longer all in registers).
+constexpr int kWideTileRows = 8;
+
 template <typename T>
 T reduce_add(const Vectorized<T>& v) {
   return at::vec::vec_reduce_all<T>([](Vectorized<T>& a, Vectorized<T>& b) { return a + b; }, v);
@@ -426,6 +433,13 @@ void accumulate_rows_into(const A* w, const T* const* rows, A* const* ys, int64_
 // a load of x serves several FMAs, few enough that the sums, the rows and
 // the weights stay in registers.
 constexpr int kSumsPerPass = 4;
+
+// Columns of a tile's rows that the forward adds to all its weighted sums
+// before it moves on (SoftmaxState::add_weighted_rows): a multiple of the
+// paired read's width, so that every sum is added in the same order. 8 rows
+// and 16 sums of 256 columns take 24 KB of L1.
+constexpr int64_t kColumnBlock = 256;
+static_assert(kColumnBlock % kPairWidth == 0);
 
 // v.store(p), or with kStream a non-temporal store (p aligned to the vector)
 // where this instruction set has one; store_fence() then orders them.
