@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs tests/test_peer_heads.py against timm and open_clip, which need
-# torchvision: PyPI's torchvision does not import beside torch 2.13.0, so
-# this runs in .venv-cuda (torch 2.14.1 with torchvision 0.29.1, a CUDA build
-# that runs on the CPU), with the attnpool that scripts/check_cuda_build.sh
-# built there. Run it after that script.
+# torchvision, and transformers: PyPI's torchvision does not import beside
+# torch 2.13.0, so this runs in .venv-cuda (torch 2.14.1 with torchvision
+# 0.29.1, a CUDA build that runs on the CPU), with the attnpool that
+# scripts/check_cuda_build.sh built there. Run it after that script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +13,7 @@ if [ -z "$LIB" ]; then
   exit 0
 fi
 .venv-cuda/bin/python -m pip install --quiet --disable-pip-version-check \
-  torchvision==0.29.1 timm==1.0.31 open_clip_torch==3.3.0 pytest==9.2.0
+  torchvision==0.29.1 timm==1.0.31 open_clip_torch==3.3.0 transformers==5.24.0 pytest==9.2.0
 
 # The package as it would be installed: its Python files and that library.
 PKG=build/cuda/pkg

@@ -1,10 +1,17 @@
 """convert_pooling_head and swap_pooling_heads on timm's AttentionPoolLatent and
 open_clip's AttentionalPooler (SPEC.md §7), against the peers' own modules with
-random init: outputs and the gradients of the input and of every parameter.
+random init: outputs and the gradients of the input and of every parameter;
+then smoke runs of benchmarks/peer_heads.py and examples/swap_pooling_heads.py.
 
 timm and open_clip need torchvision, which imports beside the CUDA build of
 torch 2.14.1 only: `make test` runs this file in .venv-cuda
 (scripts/test_peer_heads.sh); elsewhere it is skipped."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +143,82 @@ def test_swap_in_an_open_clip_coca_vision_tower():
     assert type(tower.attn_pool).__name__ == "FusedAttentionalPooler"
     for got, expected in zip(tower(images), want, strict=True):
         torch.testing.assert_close(got, expected, **TOL)
+
+
+# benchmarks/peer_heads.py and examples/swap_pooling_heads.py, run --quick as
+# a user would: with this interpreter and the attnpool this process imports.
+ROOT = Path(__file__).resolve().parents[1]
+TIMM_AND_OPEN_CLIP_ROWS = {
+    ("siglip-b16", "timm AttentionPoolLatent"),
+    ("siglip-so400m", "timm AttentionPoolLatent"),
+    ("coca", "open_clip AttentionalPooler"),
+}
+HF_ROWS = {
+    ("siglip-b16", "HF SiglipMultiheadAttentionPoolingHead"),
+    ("siglip-so400m", "HF SiglipMultiheadAttentionPoolingHead"),
+}
+
+
+def _run_script(script, *args):
+    package_dir = str(Path(attnpool.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (package_dir, os.environ.get("PYTHONPATH")) if p)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+@pytest.fixture(scope="module")
+def benchmark_rows(tmp_path_factory):
+    figures = tmp_path_factory.mktemp("peer_heads") / "figures.json"
+    _run_script("benchmarks/peer_heads.py", "--quick", "--json", str(figures))
+    report = json.loads(figures.read_text())
+    return {(row["shape"], row["peer"]): row for row in report["rows"]}
+
+
+@pytest.fixture(scope="module")
+def example_output():
+    timm_part, _, hf_part = _run_script("examples/swap_pooling_heads.py", "--quick").partition(
+        "Hugging Face SiglipVisionModel"
+    )
+    return {"timm": timm_part, "transformers": hf_part}
+
+
+def _check_rows(rows, expected):
+    assert expected <= rows.keys()
+    for key in expected:
+        row = rows[key]
+        assert row["attnpool_matches_peer"], key
+        for figures in (row["forward_ms"], row["forward_backward_ms"], row["saved_bytes"]):
+            assert all(value > 0 for value in figures.values()), (key, figures)
+        # The fused head saves no projected key or value for the backward.
+        assert row["ratios"]["saved bytes peer/attnpool"] > 1, (key, row["saved_bytes"])
+
+
+def test_peer_heads_benchmark_times_timm_and_open_clip(benchmark_rows):
+    _check_rows(benchmark_rows, TIMM_AND_OPEN_CLIP_ROWS)
+
+
+def test_peer_heads_benchmark_times_hf_siglip(benchmark_rows):
+    pytest.importorskip("transformers")
+    _check_rows(benchmark_rows, HF_ROWS)
+
+
+@pytest.mark.parametrize(
+    "library, converted",
+    [
+        ("timm", "AttentionPoolLatent -> FusedAttentionPoolLatent"),
+        ("transformers", "SiglipMultiheadAttentionPoolingHead -> FusedSiglipPoolingHead"),
+    ],
+)
+def test_swap_example_replaces_one_head_and_keeps_the_outputs(example_output, library, converted):
+    pytest.importorskip(library)
+    output = example_output[library]
+    assert f"swap_pooling_heads replaced 1 head: {converted}" in output, output
+    assert "same pooled features" in output, output
+    assert "skipped" not in output, output

@@ -1,0 +1,355 @@
+"""Times the peers' own pooling heads against attnpool.convert_pooling_head of
+each (the same head, its parameters shared) and against the folded eager
+composition: plain PyTorch that folds the query through the query and key
+projections per head, pools x with the softmax weights, runs the value
+projection on the pooled vectors, then the head's output projection and the
+rest of the head (SPEC.md §7). The composition is checked against the peer's
+output (to 1e-4) before anything is timed. Shapes and peers:
+
+- siglip-b16: SigLIP B/16's head (E=768, 12 heads, MLP 3072), x [32, 196, 768];
+- siglip-so400m: SigLIP-so400m's head (E=1152, 16 heads, MLP 4304), x [16, 729, 1152];
+  both as timm's AttentionPoolLatent and as Hugging Face's
+  SiglipMultiheadAttentionPoolingHead;
+- coca: open_clip's AttentionalPooler(d_model=512, context_dim=768, n_head=8,
+  n_queries=256), CoCa's, x [8, 257, 768].
+
+Each figure: forward (under no_grad); forward+backward (x requires grad,
+out.sum().backward(), the parameters' gradients included); the bytes saved
+for the backward (the distinct storages autograd packs in one forward with
+grad, not counting the head's parameters, views of them included, nor x).
+
+timm and open_clip need torchvision, which imports beside torch 2.14.1 only:
+run this in .venv-cuda with the package scripts/test_peer_heads.sh assembles,
+
+    PYTHONPATH=build/cuda/pkg .venv-cuda/bin/python benchmarks/peer_heads.py \\
+        [--threads 2] [--repeats 5] [--malloc reuse|system] [--quick] [--json PATH]
+
+A peer whose library is not installed is skipped with a line saying so. Calls
+are interleaved round by round after a warm-up round; each figure is the
+median over rounds. --malloc as in varlen.py; --quick runs tiny shapes once
+(a smoke run for the tests).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attnpool
+from attnpool.bench import configure_malloc
+
+SAVED_BYTES_COUNT = (
+    "saved for backward: bytes of the distinct storages autograd packs during one forward "
+    "with grad, not counting the head's parameters (or views of them) nor the input x"
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """x is [batch, seq_len, width]; the attention's embed_dim is width, or
+    d_model for CoCa's pooler (queries of d_model, keys and values of width)."""
+
+    batch: int
+    seq_len: int
+    width: int
+    heads: int
+    mlp_hidden: int = 0  # the SigLIP heads' MLP
+    d_model: int = 0
+    queries: int = 1
+
+
+SHAPES = {
+    "siglip-b16": Shape(32, 196, 768, 12, mlp_hidden=3072),
+    "siglip-so400m": Shape(16, 729, 1152, 16, mlp_hidden=4304),
+    "coca": Shape(8, 257, 768, 8, d_model=512, queries=256),
+}
+QUICK_SHAPES = {
+    "siglip-b16": Shape(2, 16, 64, 4, mlp_hidden=256),
+    "siglip-so400m": Shape(2, 9, 48, 4, mlp_hidden=172),
+    "coca": Shape(2, 17, 48, 4, d_model=32, queries=16),
+}
+
+
+def folded_composition(x, query, w_q, b_q, w_k, w_v, b_v, num_heads):
+    """Multi-head attention of query [Q, Eq] over x [B, L, C] before the output
+    projection, [B, Q, E], without projecting a key or a value: per head h,
+    u[h] = W_k[D_h]^T q[D_h] scores x, the softmax weights pool x over its full
+    width, and W_v[D_h] runs on the pooled vector. A key bias cancels."""
+    embed_dim, width = w_k.shape
+    head_dim = embed_dim // num_heads
+    q = F.linear(query, w_q, b_q).unflatten(-1, (num_heads, head_dim))  # [Q, n, d]
+    u = torch.einsum("qnd,ndc->qnc", q, w_k.unflatten(0, (num_heads, head_dim)))  # [Q, n, C]
+    scores = torch.einsum("blc,qnc->bqnl", x, u * head_dim**-0.5)
+    pooled = torch.einsum("bqnl,blc->bqnc", scores.softmax(-1), x)  # [B, Q, n, C]
+    values = torch.einsum("bqnc,ndc->bqnd", pooled, w_v.unflatten(0, (num_heads, head_dim)))
+    values = values.flatten(-2)
+    return values if b_v is None else values + b_v
+
+
+def mha_weights(attention: nn.MultiheadAttention):
+    """(w_q, b_q, w_k, w_v, b_v) of an nn.MultiheadAttention, packed or not."""
+    if attention.in_proj_weight is not None:
+        w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight
+    b_q = b_v = None
+    if attention.in_proj_bias is not None:
+        b_q, _, b_v = attention.in_proj_bias.chunk(3)
+    return w_q, b_q, w_k, w_v, b_v
+
+
+# Each peer: (library, builder); a builder returns the head and its folded
+# eager composition.
+
+
+def timm_head(shape: Shape):
+    from timm.layers import AttentionPoolLatent
+
+    head = AttentionPoolLatent(
+        shape.width,
+        num_heads=shape.heads,
+        mlp_ratio=shape.mlp_hidden / shape.width,
+        norm_layer=nn.LayerNorm,
+    )
+    assert head.mlp.fc1.out_features == shape.mlp_hidden
+
+    def eager(x):
+        w_k, w_v = head.kv.weight.chunk(2)
+        b_v = head.kv.bias.chunk(2)[1]
+        out = folded_composition(
+            x, head.latent[0], head.q.weight, head.q.bias, w_k, w_v, b_v, head.num_heads
+        )
+        out = head.proj(out)
+        return (out + head.mlp(head.norm(out)))[:, 0]
+
+    return head, eager
+
+
+def hf_head(shape: Shape):
+    from transformers import SiglipVisionConfig
+    from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
+
+    config = SiglipVisionConfig(
+        hidden_size=shape.width,
+        num_attention_heads=shape.heads,
+        intermediate_size=shape.mlp_hidden,
+    )
+    head = SiglipMultiheadAttentionPoolingHead(config)
+
+    def eager(x):
+        attention = head.attention
+        out = folded_composition(x, head.probe[0], *mha_weights(attention), attention.num_heads)
+        out = attention.out_proj(out)
+        return (out + head.mlp(head.layernorm(out)))[:, 0]
+
+    return head, eager
+
+
+def open_clip_head(shape: Shape):
+    from open_clip.transformer import AttentionalPooler
+
+    head = AttentionalPooler(
+        d_model=shape.d_model, context_dim=shape.width, n_head=shape.heads, n_queries=shape.queries
+    )
+
+    def eager(x):
+        attention = head.attn
+        query = head.ln_q(head.query)
+        out = folded_composition(head.ln_k(x), query, *mha_weights(attention), attention.num_heads)
+        return attention.out_proj(out)
+
+    return head, eager
+
+
+PEERS = {
+    "siglip-b16": {
+        "timm AttentionPoolLatent": ("timm", timm_head),
+        "HF SiglipMultiheadAttentionPoolingHead": ("transformers", hf_head),
+    },
+    "siglip-so400m": {
+        "timm AttentionPoolLatent": ("timm", timm_head),
+        "HF SiglipMultiheadAttentionPoolingHead": ("transformers", hf_head),
+    },
+    "coca": {"open_clip AttentionalPooler": ("open_clip", open_clip_head)},
+}
+
+
+def saved_bytes(head: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for the backward during
+    one forward of head(x) with grad, less the head's parameters and x."""
+    leaf = x.detach().requires_grad_()
+    excluded = {p.untyped_storage().data_ptr() for p in head.parameters()}
+    excluded.add(leaf.untyped_storage().data_ptr())
+    packed = {}  # data_ptr -> storage, kept alive so no address is reused
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            packed[storage.data_ptr()] = storage
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = head(leaf)
+    del out
+    return sum(storage.nbytes() for storage in packed.values())
+
+
+def fwd_bwd(x, run):
+    leaf = x.detach().requires_grad_()
+    run(leaf).sum().backward()
+
+
+def time_rounds(calls, repeats):
+    samples = {name: [] for name in calls}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            samples[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(times[1:]) for name, times in samples.items()}
+
+
+def describe(shape: Shape) -> str:
+    x = f"x [{shape.batch}, {shape.seq_len}, {shape.width}], {shape.heads} heads"
+    if shape.d_model:
+        return f"{x}, d_model {shape.d_model}, {shape.queries} queries"
+    return f"{x}, MLP {shape.mlp_hidden}"
+
+
+def bench_shape(name: str, shape: Shape, repeats: int):
+    """The rows of one shape (one per installed peer) and the skipped peers."""
+    torch.manual_seed(0)
+    x = torch.randn(shape.batch, shape.seq_len, shape.width)
+    heads, skipped = {}, []
+    for peer, (library, build) in PEERS[name].items():
+        try:
+            head, eager = build(shape)
+        except ImportError:
+            print(f"  ({library} is not installed: {peer} is not timed)")
+            skipped.append({"shape": name, "peer": peer, "missing": library})
+            continue
+        fused = attnpool.convert_pooling_head(head)
+        with torch.no_grad():
+            want = head(x)
+            got = {"attnpool": fused(x), "eager": eager(x)}
+        torch.testing.assert_close(got["eager"], want, atol=1e-4, rtol=1e-4)
+        heads[peer] = {
+            "peer": head,
+            "attnpool": fused,
+            "eager": eager,
+            "differences": {kind: (out - want).abs().max().item() for kind, out in got.items()},
+            # Reported, not asserted: main() prints every figure, then fails.
+            "matches": torch.allclose(got["attnpool"], want, atol=1e-4, rtol=1e-4),
+        }
+
+    forward, backward = {}, {}
+    for peer, runs in heads.items():
+        for kind in ("peer", "attnpool", "eager"):
+            forward[peer, kind] = lambda run=runs[kind]: run(x)
+        for kind in ("peer", "attnpool"):
+            backward[peer, kind] = lambda run=runs[kind]: fwd_bwd(x, run)
+    with torch.no_grad():
+        forward_ms = time_rounds(forward, repeats)
+    backward_ms = time_rounds(backward, repeats)
+
+    rows = []
+    for peer, runs in heads.items():
+        saved = {kind: saved_bytes(runs[kind], x) for kind in ("peer", "attnpool")}
+        fwd = {kind: forward_ms[peer, kind] for kind in ("peer", "attnpool", "eager")}
+        both = {kind: backward_ms[peer, kind] for kind in ("peer", "attnpool")}
+        rows.append(
+            {
+                "shape": name,
+                "peer": peer,
+                **asdict(shape),
+                "forward_ms": fwd,
+                "forward_backward_ms": both,
+                "saved_bytes": saved,
+                "ratios": {
+                    "forward peer/attnpool": fwd["peer"] / fwd["attnpool"],
+                    "forward+backward peer/attnpool": both["peer"] / both["attnpool"],
+                    "saved bytes peer/attnpool": saved["peer"] / max(saved["attnpool"], 1),
+                    "forward eager/attnpool": fwd["eager"] / fwd["attnpool"],
+                },
+                "max_abs_difference_to_peer": runs["differences"],
+                "attnpool_matches_peer": runs["matches"],
+            }
+        )
+    return rows, skipped
+
+
+def print_row(row):
+    fwd, both, saved = row["forward_ms"], row["forward_backward_ms"], row["saved_bytes"]
+    labels = {"peer": row["peer"], "attnpool": "attnpool (converted)", "eager": "folded eager"}
+    for kind, label in labels.items():
+        line = f"    {label:40s} forward {fwd[kind]:9.2f} ms"
+        if kind in both:
+            line += (
+                f"   forward+backward {both[kind]:9.2f} ms   saved {saved[kind] / 2**20:8.2f} MiB"
+            )
+        print(line)
+    ratios = row["ratios"]
+    print(
+        f"    peer / attnpool: forward {ratios['forward peer/attnpool']:.2f}x, "
+        f"forward+backward {ratios['forward+backward peer/attnpool']:.2f}x, "
+        f"saved bytes {ratios['saved bytes peer/attnpool']:.2f}x; "
+        f"eager / attnpool forward {ratios['forward eager/attnpool']:.2f}x"
+    )
+    differences = row["max_abs_difference_to_peer"]
+    verdict = "" if row["attnpool_matches_peer"] else "   MISMATCH: attnpool differs from the peer"
+    print(
+        f"    max |attnpool - peer| {differences['attnpool']:.2g}, "
+        f"max |eager - peer| {differences['eager']:.2g}{verdict}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--malloc", default="reuse", choices=["reuse", "system"])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures here")
+    args = parser.parse_args()
+    malloc = configure_malloc(args.malloc)
+    torch.set_num_threads(args.threads)
+    shapes, repeats = (QUICK_SHAPES, 1) if args.quick else (SHAPES, args.repeats)
+    print(
+        f"Peer pooling heads against attnpool.convert_pooling_head (parameters shared), "
+        f"float32, {args.threads} threads, median of {repeats} rounds; malloc: {malloc}; "
+        f"torch {torch.__version__}"
+    )
+    print(SAVED_BYTES_COUNT)
+    rows, skipped = [], []
+    for name, shape in shapes.items():
+        print(f"\n{name}: {describe(shape)}")
+        shape_rows, shape_skipped = bench_shape(name, shape, repeats)
+        for row in shape_rows:
+            print(f"  {row['peer']}")
+            print_row(row)
+        rows += shape_rows
+        skipped += shape_skipped
+    if args.json:
+        report = {
+            "threads": args.threads,
+            "repeats": repeats,
+            "malloc": malloc,
+            "torch": torch.__version__,
+            "saved_bytes_count": SAVED_BYTES_COUNT,
+            "rows": rows,
+            "skipped": skipped,
+        }
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    if not all(row["attnpool_matches_peer"] for row in rows):
+        sys.exit("a converted head differs from its peer (MISMATCH above)")
+
+
+if __name__ == "__main__":
+    main()
