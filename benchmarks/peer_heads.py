@@ -32,9 +32,7 @@ median over rounds. --malloc as in varlen.py; --quick runs tiny shapes once
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnpool
-from attnpool.bench import configure_malloc
+from attnpool.bench import configure_malloc, forward_backward, time_rounds
+from attnpool.modules import projection_weights
 
 SAVED_BYTES_COUNT = (
     "saved for backward: bytes of the distinct storages autograd packs during one forward "
@@ -92,18 +91,6 @@ def folded_composition(x, query, w_q, b_q, w_k, w_v, b_v, num_heads):
     return values if b_v is None else values + b_v
 
 
-def mha_weights(attention: nn.MultiheadAttention):
-    """(w_q, b_q, w_k, w_v, b_v) of an nn.MultiheadAttention, packed or not."""
-    if attention.in_proj_weight is not None:
-        w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
-    else:
-        w_q, w_k, w_v = attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight
-    b_q = b_v = None
-    if attention.in_proj_bias is not None:
-        b_q, _, b_v = attention.in_proj_bias.chunk(3)
-    return w_q, b_q, w_k, w_v, b_v
-
-
 # Each peer: (library, builder); a builder returns the head and its folded
 # eager composition.
 
@@ -144,7 +131,9 @@ def hf_head(shape: Shape):
 
     def eager(x):
         attention = head.attention
-        out = folded_composition(x, head.probe[0], *mha_weights(attention), attention.num_heads)
+        out = folded_composition(
+            x, head.probe[0], *projection_weights(attention), attention.num_heads
+        )
         out = attention.out_proj(out)
         return (out + head.mlp(head.layernorm(out)))[:, 0]
 
@@ -161,7 +150,9 @@ def open_clip_head(shape: Shape):
     def eager(x):
         attention = head.attn
         query = head.ln_q(head.query)
-        out = folded_composition(head.ln_k(x), query, *mha_weights(attention), attention.num_heads)
+        out = folded_composition(
+            head.ln_k(x), query, *projection_weights(attention), attention.num_heads
+        )
         return attention.out_proj(out)
 
     return head, eager
@@ -198,21 +189,6 @@ def saved_bytes(head: nn.Module, x: torch.Tensor) -> int:
         out = head(leaf)
     del out
     return sum(storage.nbytes() for storage in packed.values())
-
-
-def fwd_bwd(x, run):
-    leaf = x.detach().requires_grad_()
-    run(leaf).sum().backward()
-
-
-def time_rounds(calls, repeats):
-    samples = {name: [] for name in calls}
-    for _ in range(repeats + 1):  # the first round warms up
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            samples[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(times[1:]) for name, times in samples.items()}
 
 
 def describe(shape: Shape) -> str:
@@ -253,7 +229,7 @@ def bench_shape(name: str, shape: Shape, repeats: int):
         for kind in ("peer", "attnpool", "eager"):
             forward[peer, kind] = lambda run=runs[kind]: run(x)
         for kind in ("peer", "attnpool"):
-            backward[peer, kind] = lambda run=runs[kind]: fwd_bwd(x, run)
+            backward[peer, kind] = lambda run=runs[kind]: forward_backward(x, run)
     with torch.no_grad():
         forward_ms = time_rounds(forward, repeats)
     backward_ms = time_rounds(backward, repeats)

@@ -20,13 +20,11 @@ where every large tensor is fresh memory whose pages fault on first write.
 
 import argparse
 import math
-import statistics
-import time
 
 import torch
 
 import attnpool
-from attnpool.bench import configure_malloc
+from attnpool.bench import configure_malloc, forward_backward, time_rounds
 
 BATCH, LONGEST, HIDDEN, MEAN_LENGTH = 64, 2048, 768, 128
 
@@ -83,21 +81,6 @@ def contenders(dtype):
     return rows, pooling, floor
 
 
-def fwd_bwd(x, run):
-    leaf = x.detach().requires_grad_()
-    run(leaf).sum().backward()
-
-
-def time_rounds(calls, repeats):
-    samples = {name: [] for name in calls}
-    for _ in range(repeats + 1):  # the first round warms up
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            samples[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(times[1:]) for name, times in samples.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -117,7 +100,7 @@ def main() -> None:
         calls = dict(floor)
         for name, (x, run) in pooling.items():
             calls[f"forward: {name}"] = lambda x=x, run=run: run(x)
-            calls[f"forward+backward: {name}"] = lambda x=x, run=run: fwd_bwd(x, run)
+            calls[f"forward+backward: {name}"] = lambda x=x, run=run: forward_backward(x, run)
         with torch.no_grad():
             ms = time_rounds({k: c for k, c in calls.items() if "backward" not in k}, args.repeats)
         ms.update(time_rounds({k: c for k, c in calls.items() if "backward" in k}, args.repeats))

@@ -379,6 +379,55 @@ M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 
 
+def print_targets(checks) -> None:
+    """One PASS/FAIL line per (description, value, relation, limit, passed)."""
+    print("\ntargets:")
+    for description, value, relation, limit, passed in checks:
+        print(
+            f"  {'PASS' if passed else 'FAIL'}  {description} = {value:.2f} "
+            f"(target {relation} {limit})"
+        )
+
+
+def write_report(path: str, results, checks, **fields) -> None:
+    """results and checks as JSON at path, with the machine and torch; fields
+    (malloc, device, ...) go in beside them."""
+    with open(path, "w") as f:
+        json.dump(
+            dict(
+                cpu=cpu_model(),
+                isa=attnpool._C.cpu_kernel_isa(),
+                torch=torch.__version__,
+                **fields,
+                results=results,
+                targets=[
+                    dict(target=c[0], value=c[1], relation=c[2], limit=c[3], passed=c[4])
+                    for c in checks
+                ],
+            ),
+            f,
+            indent=1,
+        )
+
+
+def time_rounds(calls, repeats):
+    """Median ms of each call over `repeats` rounds, the calls interleaved
+    round by round, after one warm-up round."""
+    samples = {name: [] for name in calls}
+    for _ in range(repeats + 1):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            samples[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(times[1:]) for name, times in samples.items()}
+
+
+def forward_backward(x, run):
+    """run(x) and the backward of its sum, with x a fresh leaf requiring grad."""
+    leaf = x.detach().requires_grad_()
+    run(leaf).sum().backward()
+
+
 def configure_malloc(mode: str) -> str:
     """mode "reuse": have glibc serve blocks of up to 1 GiB from its heap and
     keep up to 2 GiB of freed memory there, instead of mapping (and faulting
@@ -447,30 +496,16 @@ def main(argv=None):
     )
     checks = check_targets(results) if args.device == "cpu" else []
     if checks:
-        print("\ntargets:")
-        for description, value, relation, limit, passed in checks:
-            print(
-                f"  {'PASS' if passed else 'FAIL'}  {description} = {value:.2f} (target {relation} {limit})"
-            )
+        print_targets(checks)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump(
-            dict(
-                cpu=cpu_model(),
-                device=args.device,
-                gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
-                isa=attnpool._C.cpu_kernel_isa(),
-                malloc=malloc,
-                torch=torch.__version__,
-                results=results,
-                targets=[
-                    dict(target=c[0], value=c[1], relation=c[2], limit=c[3], passed=c[4])
-                    for c in checks
-                ],
-            ),
-            f,
-            indent=1,
-        )
+    write_report(
+        os.path.join(args.out, "bench.json"),
+        results,
+        checks,
+        device=args.device,
+        gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
+        malloc=malloc,
+    )
     plot(results, os.path.join(args.out, "bench.png"))
     print(f"\nwrote {args.out}/bench.json and {args.out}/bench.png")
     return 0

@@ -25,7 +25,6 @@ The malloc is configured as in attnpool.bench (--malloc reuse by default).
 """
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -34,7 +33,13 @@ import torch
 import torch.nn.functional as F
 
 import attnpool
-from attnpool.bench import configure_malloc, cpu_model, time_interleaved
+from attnpool.bench import (
+    configure_malloc,
+    cpu_model,
+    print_targets,
+    time_interleaved,
+    write_report,
+)
 
 
 @dataclass(frozen=True)
@@ -306,29 +311,9 @@ def main(argv=None):
     )
     results = measure(points, dtypes, args.threads, rounds, min_seconds, print)
     checks = check_targets(results)
-    print("\ntargets:")
-    for description, value, relation, limit, passed in checks:
-        print(
-            f"  {'PASS' if passed else 'FAIL'}  {description} = {value:.2f} "
-            f"(target {relation} {limit})"
-        )
+    print_targets(checks)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "grid.json"), "w") as f:
-        json.dump(
-            dict(
-                cpu=cpu_model(),
-                isa=attnpool._C.cpu_kernel_isa(),
-                malloc=malloc,
-                torch=torch.__version__,
-                results=results,
-                targets=[
-                    dict(target=c[0], value=c[1], relation=c[2], limit=c[3], passed=c[4])
-                    for c in checks
-                ],
-            ),
-            f,
-            indent=1,
-        )
+    write_report(os.path.join(args.out, "grid.json"), results, checks, malloc=malloc)
     print(f"\nwrote {args.out}/grid.json")
     return 0
 

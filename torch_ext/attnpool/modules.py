@@ -287,6 +287,18 @@ def pool_with_projections(
     or ``q/k/v_proj_weight``, ``in_proj_bias``, ``out_proj``; ``num_heads``),
     without projecting a key or a value (SPEC.md §7): see :func:`pool_projected`.
     Shared by MultiheadAttentionPooling and the converted peer heads."""
+    w_q, b_q, w_k, w_v, b_v = projection_weights(attention)
+    projected = pool_projected(
+        x, query, w_q, b_q, w_k, w_v, b_v, attention.num_heads, mask, attn_bias, lengths
+    )
+    return attention.out_proj(projected).to(x.dtype)
+
+
+def projection_weights(attention: nn.Module):
+    """``(w_q, b_q, w_k, w_v, b_v)`` of an ``nn.MultiheadAttention``-like module,
+    its projection weights packed (``in_proj_weight``) or not; the biases are
+    None without ``in_proj_bias`` (the key bias is left out: it cancels in the
+    softmax)."""
     if attention.in_proj_weight is not None:
         w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
     else:
@@ -294,10 +306,7 @@ def pool_with_projections(
     b_q = b_v = None
     if attention.in_proj_bias is not None:
         b_q, _, b_v = attention.in_proj_bias.chunk(3)
-    projected = pool_projected(
-        x, query, w_q, b_q, w_k, w_v, b_v, attention.num_heads, mask, attn_bias, lengths
-    )
-    return attention.out_proj(projected).to(x.dtype)
+    return w_q, b_q, w_k, w_v, b_v
 
 
 def pool_projected(
