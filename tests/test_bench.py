@@ -6,6 +6,7 @@ import json
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from helpers import CUDA_SKIP_REASON
 
 import attnpool
 from attnpool import bench, bench_grid
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def test_quick_benchmark_writes_table_json_and_plot(tmp_path, capsys):
@@ -153,3 +156,16 @@ def test_grid_compositions_compute_the_op(full_width):
     torch.testing.assert_close(bench_grid.eager_pool(x, u, 0.5, full_width), want)
     if not full_width:
         torch.testing.assert_close(bench_grid.projected_pool(x, queries, w_k, 0.5), want)
+
+
+def test_quick_forward_mode_benchmark_times_each_shape():
+    # (Its own process: it sets glibc's malloc to keep freed blocks.)
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "forward_mode.py"), "--quick", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = [line for line in run.stdout.splitlines() if "eager jvp" in line]
+    assert len(rows) == 4, run.stdout  # two shapes, float32 and bfloat16
+    assert all("the read of x and dx" in row for row in rows)

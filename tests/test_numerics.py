@@ -226,3 +226,50 @@ def test_large_score_gradients_match_the_reference(
     dx, want_dx = got[0].double(), want[0]
     tolerance = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 1e-2}[dtype]
     assert ((dx - want_dx).norm() / want_dx.norm()).item() < tolerance
+
+
+# (torch.func calls the deprecated torch.jit.script inside; nothing to do with attnpool.)
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dtype, x_scale, scale, heads, queries, hidden",
+    [c[1:] for c in LARGE_SCORES],
+    ids=[c[0] for c in LARGE_SCORES],
+)
+def test_large_score_tangents_are_the_attended_rows_tangents(
+    device, dtype, x_scale, scale, heads, queries, hidden
+):
+    # At these scales every softmax is one-hot, so out is the top row's head
+    # slice and its tangent is that row's tangent: sum p dx = dx[top], while
+    # sum p (ds - sum p ds) x is 0 although each of its terms is about
+    # |ds| |x| (1e21 at |x| ~ 1e10). The float64 composition loses dx[top]
+    # there (its p is 1 only to an ulp of the score); the op keeps it.
+    inputs = make_inputs(
+        3, 41, hidden, queries, mask="random", dtype=dtype, device=device, x_scale=x_scale
+    )
+    scale = hidden**-0.5 if scale is None else scale
+    u = attnpool.reference.fold_query(
+        *(t.double() for t in (inputs.query, inputs.w_q, inputs.w_k)), heads
+    ).to(dtype)
+    gen = torch.Generator().manual_seed(2)
+    x_tangent = (torch.randn(inputs.x.shape, generator=gen) * x_scale).to(dtype).to(device)
+    u_tangent = torch.randn(u.shape, generator=gen).to(dtype).to(device)
+
+    def pool(x, u):
+        return attnpool.folded_attention_pool(x, u, inputs.mask, scale)
+
+    us = u.double().reshape(-1, heads, hidden)
+    scores = torch.einsum("blh,qnh->bqnl", inputs.x.double(), us)
+    top = scores.masked_fill(~inputs.mask[:, None, None], -math.inf).argmax(-1)  # [B, Q, n]
+    head_dim = hidden // heads
+    slices = x_tangent.double().reshape(3, 41, heads, head_dim)
+    want = torch.stack(
+        [slices[b, top[b, :, h], h] for b in range(3) for h in range(heads)], dim=1
+    )  # [Q, B * n, head_dim]
+    want = want.reshape(-1, 3, heads, head_dim).transpose(0, 1).reshape(3, -1, hidden)
+    want[~inputs.mask.any(-1)] = 0  # a sequence with nothing to attend
+    want = want[:, 0] if u.dim() == 2 else want
+    _, got = torch.func.jvp(pool, (inputs.x, u), (x_tangent, torch.zeros_like(u)))
+    torch.testing.assert_close(got.double(), want.to(got.dtype).double(), rtol=0, atol=0)
+    _, got = torch.func.jvp(pool, (inputs.x, u), (torch.zeros_like(inputs.x), u_tangent))
+    assert torch.equal(got, torch.zeros_like(got))

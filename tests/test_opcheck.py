@@ -88,6 +88,29 @@ def test_opcheck_forward_and_backward_ops(device, case, full_width):
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("full_width", [False, True], ids=["slices", "full-width"])
+def test_opcheck_jvp_ops(device, case, full_width):
+    x, u, mask = _folded(case, device)
+    bias = torch.randn(x.shape[:2], dtype=x.dtype, device=device)
+    ops = torch.ops.attnpool
+    out, lse = ops._folded_attention_pool_forward(x, u, mask, 0.5, full_width, bias)
+    tangents = (torch.randn_like(x), torch.randn_like(u), torch.randn_like(bias))
+    for chosen in (tangents, (tangents[0], None, None), (None, tangents[1], None)):
+        torch.library.opcheck(
+            ops._folded_attention_pool_jvp.default,
+            (x, u, mask, out, lse, 0.5, full_width, bias, None, *chosen),
+        )
+    rows = x.flatten(0, 1)
+    cu_seqlens = torch.arange(0, rows.shape[0] + 1, x.shape[1], device=device)
+    out, lse = ops._folded_attention_pool_varlen_forward(rows, cu_seqlens, u, 0.5, full_width)
+    torch.library.opcheck(
+        ops._folded_attention_pool_varlen_jvp.default,
+        (rows, cu_seqlens, u, out, lse, 0.5, full_width, torch.randn_like(rows), None),
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_reduced_precision(dtype):
     inputs = _inputs(CASES[1], "cpu", dtype=dtype, requires_grad=True)

@@ -11,6 +11,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.utils.prune
 from helpers import TOLERANCES, make_inputs
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnpool
 from attnpool import reference
@@ -123,7 +124,8 @@ def test_func_jacfwd_equals_jacrev():
     inputs = _pool_inputs()
     primals = tuple(getattr(inputs, name) for name in ARGS)
     pool = _attention_pool(attnpool, inputs)
-    forward = torch.func.jacfwd(pool, argnums=(0, 1, 2, 3))(*primals)
+    with _NoFallbackWarning():  # the tangents batched by jacfwd fold into one call
+        forward = torch.func.jacfwd(pool, argnums=(0, 1, 2, 3))(*primals)
     reverse = torch.func.jacrev(pool, argnums=(0, 1, 2, 3))(*primals)
     torch.testing.assert_close(forward, reverse, atol=1e-12, rtol=1e-10)
     assert all(j.abs().sum() > 0 for j in forward)
@@ -143,6 +145,121 @@ def test_gradcheck_in_both_modes_and_batched():
     bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
     fold_inputs = (inputs.query, inputs.w_q, inputs.w_k, bias)
     assert torch.autograd.gradcheck(_fold(attnpool), fold_inputs, **checks)
+
+
+# --- forward-mode AD: one pass over x and its tangent ---------------------------------
+
+JVP_CASES = [
+    # (id, batch, seq_len, hidden, heads, queries, full_width, rows left out by)
+    ("one-score-mask", 3, 5, 8, 1, None, False, "mask"),
+    ("heads-queries-lengths", 3, 9, 12, 3, 2, False, "lengths"),
+    ("full-width-bias", 2, 9, 12, 3, 2, True, "attn_bias"),
+    ("odd-width-full-width", 2, 37, 41, 1, 3, True, "mask"),
+    ("long-sequence-in-pieces", 1, 3000, 40, 2, 3, False, "mask"),
+]
+
+
+def _jvp_case(batch, seq_len, hidden, heads, queries, left_out_by):
+    """(x, u, keyword arguments) with NaN in x and in its tangent where a row is
+    left out (never read), and an attn_bias with -inf there when it leaves them out."""
+    gen = torch.Generator().manual_seed(seq_len)
+    x = torch.randn(batch, seq_len, hidden, generator=gen, dtype=torch.float64)
+    u_shape = (heads, hidden) if queries is None else (queries, heads, hidden)
+    u = torch.randn(u_shape, generator=gen, dtype=torch.float64) / hidden**0.5
+    attended = torch.rand(batch, seq_len, generator=gen) > 0.3
+    attended[-1] = False if batch > 1 else attended[-1]  # a sequence with nothing to attend
+    kwargs = {}
+    if left_out_by == "mask":
+        kwargs["mask"] = attended
+    elif left_out_by == "lengths":
+        lengths = torch.randint(0, seq_len + 1, (batch,), generator=gen)
+        lengths[-1] = 0
+        kwargs["lengths"] = lengths
+        attended = torch.arange(seq_len) < lengths[:, None]
+    else:
+        bias = torch.randn(batch, seq_len, generator=gen, dtype=torch.float64)
+        kwargs["attn_bias"] = bias.masked_fill(~attended, float("-inf"))
+    x[~attended] = float("nan")
+    return x, u, attended, kwargs
+
+
+@pytest.mark.parametrize("tangent_of", ["x", "u", "both"])
+@pytest.mark.parametrize("case", [c[1:] for c in JVP_CASES], ids=[c[0] for c in JVP_CASES])
+def test_jvp_kernel_gives_the_reference_tangent(case, tangent_of):
+    batch, seq_len, hidden, heads, queries, full_width, left_out_by = case
+    x, u, attended, kwargs = _jvp_case(batch, seq_len, hidden, heads, queries, left_out_by)
+    gen = torch.Generator().manual_seed(1)
+    x_tangent = torch.randn(x.shape, generator=gen, dtype=x.dtype).masked_fill(
+        ~attended[..., None], float("nan")
+    )
+    u_tangent = torch.randn(u.shape, generator=gen, dtype=u.dtype)
+    if tangent_of == "x":
+        u_tangent = torch.zeros_like(u)
+    if tangent_of == "u":
+        x_tangent = torch.zeros_like(x)
+
+    def pool(module):
+        return lambda x, u: module.folded_attention_pool(
+            x, u, scale=0.7, full_width=full_width, **kwargs
+        )
+
+    got = torch.func.jvp(pool(attnpool), (x, u), (x_tangent, u_tangent))
+    want = torch.func.jvp(pool(reference), (x, u), (x_tangent, u_tangent))
+    assert want[1].isfinite().all() and want[1].abs().sum() > 0
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+class _Calls(TorchDispatchMode):
+    """The operators called, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "ragged"])
+def test_jvp_is_one_kernel_over_x_and_its_tangent(varlen):
+    # One call of the jvp op after the forward: no products over x and its
+    # tangent composed in torch (before it, three passes over each, and the
+    # ragged batch padded to its longest sequence).
+    x = torch.randn(12, 16, dtype=torch.float64)
+    u = torch.randn(2, 4, 16, dtype=torch.float64)
+    cu_seqlens = torch.tensor([0, 5, 5, 12])
+    tangents = (torch.randn_like(x), torch.randn_like(u))
+
+    def pool(x, u):
+        if varlen:
+            return attnpool.folded_attention_pool_varlen(x, u, cu_seqlens=cu_seqlens)
+        return attnpool.folded_attention_pool(x.view(3, 4, 16), u)
+
+    with _Calls() as calls:
+        torch.func.jvp(pool, (x, u), tangents)
+    attnpool_calls = [name for name in calls.names if name.startswith("attnpool.")]
+    kind = "_varlen" if varlen else ""
+    assert attnpool_calls == [
+        f"attnpool._folded_attention_pool{kind}_forward.default",
+        f"attnpool._folded_attention_pool{kind}_jvp.default",
+    ]
+    assert not any(name.split(".")[1] in ("mm", "bmm", "exp", "matmul") for name in calls.names)
+
+
+def test_derivative_of_a_tangent_is_a_clear_error():
+    inputs = _pool_inputs()
+    x = inputs.x.nan_to_num()
+    u = attnpool.fold_query(inputs.query, inputs.w_q, inputs.w_k, 2)
+    tangents = (torch.randn_like(x), torch.randn_like(u))
+
+    def tangent(x):
+        return torch.func.jvp(_folded_pool(attnpool, inputs.mask, False), (x, u), tangents)[1]
+
+    with pytest.raises(
+        RuntimeError, match=r"attnpool::_folded_attention_pool_jvp is not implemented"
+    ):
+        torch.func.grad(lambda x: tangent(x).sum())(x)
 
 
 # --- torch.func: reverse mode, vmap, and what stays refused ---------------------------

@@ -146,6 +146,23 @@ std::tuple<at::Tensor, at::Tensor> backward_meta(
       at::empty_symint(x.sym_sizes(), x.options()), at::empty_symint(u.sym_sizes(), u.options())};
 }
 
+at::Tensor jvp_meta(
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
+    const at::Tensor& out,
+    const at::Tensor& /*lse*/,
+    double scale,
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& /*x_tangent*/,
+    const std::optional<at::Tensor>& /*u_tangent*/,
+    const std::optional<at::Tensor>& /*bias_tangent*/) {
+  detail::check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias, lengths);
+  return at::empty_like(out, at::MemoryFormat::Contiguous);
+}
+
 }  // namespace
 
 namespace detail {
@@ -313,6 +330,15 @@ TORCH_LIBRARY_FRAGMENT(attnpool, m) {
       "Tensor out, Tensor lse, float scale, bool full_width, Tensor? attn_bias=None, "
       "Tensor? lengths=None) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // Forward-mode AD: the tangent of the forward's (unrounded) output from its
+  // out and lse and the tangents of x, u and attn_bias (each optional), in one
+  // pass over x and x_tangent. CPU kernel here; other devices get the Python
+  // package's composition (attnpool/_transforms.py).
+  m.def(
+      "_folded_attention_pool_jvp(Tensor x, Tensor u, Tensor? mask, Tensor out, Tensor lse, "
+      "float scale, bool full_width, Tensor? attn_bias, Tensor? lengths, Tensor? x_tangent, "
+      "Tensor? u_tangent, Tensor? bias_tangent) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
   // folded_attention_pool for inputs with a tangent: its kernel comes from the
   // Python package (autograd/forward_ad.h).
   m.def(
@@ -328,6 +354,7 @@ TORCH_LIBRARY_IMPL(attnpool, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(attnpool, Meta, m) {
   m.impl("_folded_attention_pool_forward", &forward_meta);
   m.impl("_folded_attention_pool_backward", &backward_meta);
+  m.impl("_folded_attention_pool_jvp", &jvp_meta);
 }
 
 }  // namespace attnpool

@@ -14,6 +14,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 #include <utility>
 
@@ -79,6 +80,20 @@ std::tuple<at::Tensor, at::Tensor> backward_meta(
       grad_out, x, u, out, lse, full_width, cu_seqlens);
   return {
       at::empty_symint(x.sym_sizes(), x.options()), at::empty_symint(u.sym_sizes(), u.options())};
+}
+
+at::Tensor jvp_meta(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& u,
+    const at::Tensor& out,
+    const at::Tensor& /*lse*/,
+    double scale,
+    bool full_width,
+    const std::optional<at::Tensor>& /*x_tangent*/,
+    const std::optional<at::Tensor>& /*u_tangent*/) {
+  detail::check_folded_attention_pool_varlen_args(x, cu_seqlens, u, scale, full_width);
+  return at::empty_like(out, at::MemoryFormat::Contiguous);
 }
 
 // cu_seqlens as the int64 offsets the kernels read. On the CPU the values
@@ -202,6 +217,11 @@ TORCH_LIBRARY_FRAGMENT(attnpool, m) {
       "_folded_attention_pool_varlen_backward(Tensor grad_out, Tensor x, Tensor cu_seqlens, "
       "Tensor u, Tensor out, Tensor lse, float scale, bool full_width) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // As _folded_attention_pool_jvp: the output's tangent in one pass.
+  m.def(
+      "_folded_attention_pool_varlen_jvp(Tensor x, Tensor cu_seqlens, Tensor u, Tensor out, "
+      "Tensor lse, float scale, bool full_width, Tensor? x_tangent, Tensor? u_tangent) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
   // For inputs with a tangent: its kernel comes from the Python package
   // (autograd/forward_ad.h).
   m.def(
@@ -216,6 +236,7 @@ TORCH_LIBRARY_IMPL(attnpool, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(attnpool, Meta, m) {
   m.impl("_folded_attention_pool_varlen_forward", &forward_meta);
   m.impl("_folded_attention_pool_varlen_backward", &backward_meta);
+  m.impl("_folded_attention_pool_varlen_jvp", &jvp_meta);
 }
 
 }  // namespace attnpool

@@ -6,6 +6,7 @@
 // flash-attention's flash.h does:
 //
 //   PoolShape -> PoolInputs -> ForwardParams -> BackwardParams   (pooling)
+//                                            -> JvpParams        (forward-mode AD)
 //   FoldShape -> FoldParams -> FoldBackwardParams                (the fold)
 //
 // The entry points (ops/cpu/*_kernel.cpp, ops/cuda/*_kernel.cu) fill them
@@ -210,6 +211,21 @@ struct BackwardParams : ForwardParams {
   PieceCut flat_cut;
   bool stream_dx;
   bool dx_zeroed;
+};
+
+// The forward-mode derivative (jvp) reads the forward's out and lse
+// (accumulation dtype, through the inherited pointers) and the tangents:
+// x_tangent laid out as x (same strides), u_tangent [num_scores, H] and
+// bias_tangent [B, L], both contiguous in the accumulation dtype; each may be
+// null. It writes the output's tangent [B, num_scores, head_dim]
+// (accumulation dtype). Work items and `partials` are the forward's, a
+// piece's partial being its weighted sums of x and of x_tangent and its
+// weight totals ([num_scores * (2 * head_dim + 1)]), added in piece order.
+struct JvpParams : ForwardParams {
+  const void* x_tangent;
+  const void* u_tangent;
+  const void* bias_tangent;
+  void* tangent;
 };
 
 // Sizes of the fold u[i, h] = w_k[D_h].T @ (w_q @ query[i] + q_bias)[D_h]

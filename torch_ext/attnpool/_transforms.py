@@ -4,7 +4,8 @@ The operators' autograd is C++ (``torch::autograd::Function``): it serves
 ``backward()`` from Python and from C++ alike, but it has no jvp and cannot
 run under torch.func transforms. Here each operator gets a Python
 ``torch.autograd.Function`` with the same forward and backward (the private
-``_<op>_forward`` / ``_<op>_backward`` operators) plus a jvp, registered
+``_<op>_forward`` / ``_<op>_backward`` operators) plus a jvp (the private
+``_<op>_jvp`` operators: one pass over x and its tangent), registered
 where only those cases dispatch:
 
 - at ``FuncTorchDynamicLayerFrontMode``, which every call made under a
@@ -22,7 +23,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch._C._functorch import TransformType, peek_interpreter_stack
+from torch._C._functorch import TransformType, get_interpreter_stack, peek_interpreter_stack
 
 from attnpool import reference
 from attnpool.reference import accumulate_dtype
@@ -128,6 +129,8 @@ class _FoldedAttentionPool(torch.autograd.Function):
         x, u, mask, scale, full_width, attn_bias, lengths = inputs
         out, lse = output
         ctx.mark_non_differentiable(lse)
+        # An input without a tangent reaches jvp as None, not as zeros to multiply by.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, u, mask, out, lse, attn_bias, lengths)
         ctx.save_for_forward(x, u, mask, out, lse, attn_bias, lengths)
         ctx.scale = scale
@@ -137,6 +140,8 @@ class _FoldedAttentionPool(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_lse):
         if ctx.needs_input_grad[5]:
             raise NotImplementedError(_NO_BIAS_GRADIENT)
+        if grad_out is None:
+            return (None,) * 7
         x, u, mask, out, lse, attn_bias, lengths = ctx.saved_tensors
         grad_x, grad_u = _ops._folded_attention_pool_backward.default(
             grad_out, x, u, mask, out, lse, ctx.scale, ctx.full_width, attn_bias, lengths
@@ -146,16 +151,19 @@ class _FoldedAttentionPool(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, x_tangent, u_tangent, _mask, _scale, _full_width, bias_tangent, _lengths):
         # (Forward mode covers attn_bias too: its tangent just adds to the scores'.)
-        x, u, mask, _out, lse, attn_bias, lengths = ctx.saved_tensors
-        tangent = _pool_tangent(
+        x, u, mask, out, lse, attn_bias, lengths = ctx.saved_tensors
+        tangent = _jvp(
+            _ops._folded_attention_pool_jvp.default,
+            _pool_jvp_composite,
             x,
             u,
             mask,
-            attn_bias,
-            lengths,
+            out,
             lse,
             ctx.scale,
             ctx.full_width,
+            attn_bias,
+            lengths,
             x_tangent,
             u_tangent,
             bias_tangent,
@@ -219,6 +227,8 @@ class _FoldedAttentionPoolVarlen(torch.autograd.Function):
         x, cu_seqlens, u, scale, full_width = inputs
         out, lse = output
         ctx.mark_non_differentiable(lse)
+        # An input without a tangent reaches jvp as None, not as zeros to multiply by.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, cu_seqlens, u, out, lse)
         ctx.save_for_forward(x, cu_seqlens, u, out, lse)
         ctx.scale = scale
@@ -226,6 +236,8 @@ class _FoldedAttentionPoolVarlen(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
+        if grad_out is None:
+            return (None,) * 5
         x, cu_seqlens, u, out, lse = ctx.saved_tensors
         grad_x, grad_u = _ops._folded_attention_pool_varlen_backward.default(
             grad_out, x, cu_seqlens, u, out, lse, ctx.scale, ctx.full_width
@@ -234,25 +246,18 @@ class _FoldedAttentionPoolVarlen(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_tangent, _cu_seqlens, u_tangent, _scale, _full_width):
-        # The dense tangent on the sequences padded to the longest (whose
-        # length is read from the device: like the dense jvp, exact, not fused).
-        x, cu_seqlens, u, _out, lse = ctx.saved_tensors
-        offsets = cu_seqlens.long()
-        lengths = offsets.diff()
-        longest = int(lengths.max()) if lengths.numel() > 0 else 0
-        padded_tangent = None
-        if x_tangent is not None:
-            padded_tangent = _padded(x_tangent, offsets, longest)
-        tangent = _pool_tangent(
-            _padded(x, offsets, longest),
+        x, cu_seqlens, u, out, lse = ctx.saved_tensors
+        tangent = _jvp(
+            _ops._folded_attention_pool_varlen_jvp.default,
+            _varlen_jvp_composite,
+            x,
+            cu_seqlens,
             u,
-            None,
-            None,
-            lengths,
+            out,
             lse,
             ctx.scale,
             ctx.full_width,
-            padded_tangent,
+            x_tangent,
             u_tangent,
         )
         return tangent, None
@@ -296,6 +301,8 @@ class _FoldQuery(torch.autograd.Function):
         query, w_q, w_k, num_heads, q_bias = inputs
         _u, projected = output
         ctx.mark_non_differentiable(projected)
+        # An input without a tangent reaches jvp as None, not as zeros to multiply by.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(query, w_q, w_k, projected)
         ctx.save_for_forward(query, w_q, w_k, projected)
         ctx.num_heads = num_heads
@@ -303,6 +310,8 @@ class _FoldQuery(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_u, _grad_projected):
+        if grad_u is None:
+            return (None,) * 5
         query, w_q, w_k, projected = ctx.saved_tensors
         grad_query, grad_w_q, grad_w_k, grad_q_bias = _ops._fold_query_backward.default(
             grad_u, query, w_q, w_k, projected, ctx.num_heads
@@ -385,6 +394,51 @@ def _attention_pool_varlen(
     )
     u = _ops.fold_query.default(query, w_q, w_k, num_heads, None)
     return _ops.folded_attention_pool_varlen.default(x, cu_seqlens, u, resolved, False)
+
+
+# --- the jvp ops as compositions ------------------------------------------------------
+# The private jvp ops have one-pass CPU kernels (csrc/ops/cpu/isa/jvp.h). These
+# compositions serve the other devices and calls under vmap (_jvp).
+
+
+def _pool_jvp_composite(
+    x, u, mask, _out, lse, scale, full_width, attn_bias, lengths, x_tangent, u_tangent, bias_tangent
+):
+    return _pool_tangent(
+        x, u, mask, attn_bias, lengths, lse, scale, full_width, x_tangent, u_tangent, bias_tangent
+    )
+
+
+def _varlen_jvp_composite(x, cu_seqlens, u, _out, lse, scale, full_width, x_tangent, u_tangent):
+    # The dense tangent on the sequences padded to the longest (whose length
+    # is read from the device).
+    offsets = cu_seqlens.long()
+    lengths = offsets.diff()
+    longest = int(lengths.max()) if lengths.numel() > 0 else 0
+    padded_tangent = None
+    if x_tangent is not None:
+        padded_tangent = _padded(x_tangent, offsets, longest)
+    return _pool_tangent(
+        _padded(x, offsets, longest),
+        u,
+        None,
+        None,
+        lengths,
+        lse,
+        scale,
+        full_width,
+        padded_tangent,
+        u_tangent,
+    )
+
+
+def _jvp(op, composite, *args) -> Tensor:
+    """The jvp op, or under vmap (jacfwd batches the tangents) its composition,
+    which vmap batches as any torch code: the op would run once per sample."""
+    stack = get_interpreter_stack() or ()
+    if any(interpreter.key() == TransformType.Vmap for interpreter in stack):
+        return composite(*args)
+    return op(*args)
 
 
 # --- batching rules --------------------------------------------------------------------
@@ -501,6 +555,10 @@ def register() -> None:
         "_folded_attention_pool_varlen_forward_ad",
         _folded_attention_pool_varlen,
         "CompositeImplicitAutograd",
+    )
+    _library.impl("_folded_attention_pool_jvp", _pool_jvp_composite, "CompositeExplicitAutograd")
+    _library.impl(
+        "_folded_attention_pool_varlen_jvp", _varlen_jvp_composite, "CompositeExplicitAutograd"
     )
     for name, rule in (
         ("_folded_attention_pool_forward", _pool_forward_vmap),

@@ -100,6 +100,7 @@ TORCH_LIBRARY_IMPL(attnpool, Autograd, m) {
   m.impl("folded_attention_pool", &folded_attention_pool_autograd);
   m.impl("_folded_attention_pool_forward", torch::autograd::autogradNotImplementedFallback());
   m.impl("_folded_attention_pool_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("_folded_attention_pool_jvp", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace attnpool

@@ -77,6 +77,7 @@ TORCH_LIBRARY_IMPL(attnpool, Autograd, m) {
       "_folded_attention_pool_varlen_forward", torch::autograd::autogradNotImplementedFallback());
   m.impl(
       "_folded_attention_pool_varlen_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("_folded_attention_pool_varlen_jvp", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace attnpool

@@ -1,6 +1,7 @@
-// CPU entry points of folded_attention_pool's forward and backward: check,
+// CPU entry points of folded_attention_pool's forward, backward and jvp: check,
 // allocate, cut the work, and hand plain params to the kernels built for the
-// best instruction set this CPU has (isa/forward.h, isa/backward.h).
+// best instruction set this CPU has (isa/forward.h, isa/backward.h,
+// isa/jvp.h).
 
 #include "ops/checks.h"
 #include "ops/cpu/kernel_set.h"
@@ -142,27 +143,125 @@ int64_t softmax_state_size(const PoolShape& s) {
   return 1 + 2 * s.num_scores() + s.num_scores() * s.head_dim;
 }
 
+// A jvp's partial per (sequence, piece): weighted sums of x and of its
+// tangent (num_scores * head_dim each) and weight totals (num_scores)
+// (isa/jvp.h).
+int64_t tangent_sums_size(const PoolShape& s) {
+  return s.num_scores() * (2 * s.head_dim + 1);
+}
+
+// The tensors that a cut's params point into.
+struct SequenceCut {
+  at::Tensor first_piece;  // ragged only
+  at::Tensor partials;     // when some sequence has several pieces
+};
+
+// Cuts the sequences into the forward's work items (ForwardParams::cut and
+// first_piece) and allocates `partials` of partial_size per item when a
+// sequence has several pieces. The forward and the jvp cut alike.
+SequenceCut cut_sequences(
+    ForwardParams& p,
+    const detail::PreparedPool& pool,
+    int64_t partial_size,
+    const at::TensorOptions& acc_options) {
+  SequenceCut cut;
+  if (p.ragged()) {
+    p.cut = ragged_forward_cut(p);
+    cut.first_piece = detail::ragged_first_piece(pool.offsets, p.cut.rows_per_piece);
+    p.first_piece = cut.first_piece.const_data_ptr<int64_t>();
+  } else {
+    p.cut = forward_cut(p);
+  }
+  if (p.work_items() > p.batch) {
+    cut.partials = at::empty({p.work_items(), partial_size}, acc_options);
+    p.partials = cut.partials.mutable_data_ptr();
+  }
+  return cut;
+}
+
 // Cuts the work (ForwardParams), runs the forward kernel, returns (out, lse).
 std::tuple<at::Tensor, at::Tensor> run_forward(detail::PreparedForward& f, at::ScalarType dtype) {
   if (f.lse.numel() == 0) {
     return {f.out, f.lse};
   }
   ForwardParams& p = f.params;
-  at::Tensor first_piece;
-  if (p.ragged()) {
-    p.cut = ragged_forward_cut(p);
-    first_piece = detail::ragged_first_piece(f.pool.offsets, p.cut.rows_per_piece);
-    p.first_piece = first_piece.const_data_ptr<int64_t>();
-  } else {
-    p.cut = forward_cut(p);
-  }
-  at::Tensor partials;
-  if (p.work_items() > p.batch) {
-    partials = at::empty({p.work_items(), softmax_state_size(p)}, f.out.options());
-    p.partials = partials.mutable_data_ptr();
-  }
+  const SequenceCut cut = cut_sequences(p, f.pool, softmax_state_size(p), f.out.options());
   selected_kernels().forward(p, dtype);
   return {f.out, f.lse};
+}
+
+// x's tangent with the strides of x's rows (the jvp kernel reads both at
+// the same offsets), in x's dtype.
+at::Tensor laid_out_as(const at::Tensor& tangent, const at::Tensor& rows) {
+  TORCH_CHECK(
+      tangent.sizes() == rows.sizes(),
+      "attnpool: the tangent of x must have x's shape ",
+      rows.sizes(),
+      ", got ",
+      tangent.sizes());
+  if (tangent.strides() == rows.strides() && tangent.scalar_type() == rows.scalar_type()) {
+    return tangent;
+  }
+  return at::empty_strided(rows.sizes(), rows.strides(), rows.options()).copy_(tangent);
+}
+
+// Runs the jvp kernel on a prepared forward call, with the forward's saved
+// out and lse and the tangents of x, u and attn_bias (each optional);
+// returns the output's tangent, shaped and typed like out.
+at::Tensor run_jvp(
+    detail::PreparedForward& f,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    const std::optional<at::Tensor>& x_tangent,
+    const std::optional<at::Tensor>& u_tangent,
+    const std::optional<at::Tensor>& bias_tangent,
+    at::ScalarType dtype) {
+  const detail::PreparedPool& pool = f.pool;
+  TORCH_CHECK(
+      out.sizes() == f.out.sizes() && lse.sizes() == f.lse.sizes(),
+      "attnpool: the jvp needs the forward's out ",
+      f.out.sizes(),
+      " and lse ",
+      f.lse.sizes(),
+      ", got ",
+      out.sizes(),
+      " and ",
+      lse.sizes());
+  const auto acc_options = f.out.options();
+  auto tangent = at::empty(f.out.sizes(), acc_options);
+  if (f.lse.numel() == 0) {
+    return tangent;
+  }
+  JvpParams p{};
+  static_cast<ForwardParams&>(p) = f.params;
+  const auto saved_out = out.to(pool.acc_dtype).contiguous();
+  const auto saved_lse = lse.to(pool.acc_dtype).contiguous();
+  p.out = const_cast<void*>(saved_out.const_data_ptr());
+  p.lse = const_cast<void*>(saved_lse.const_data_ptr());
+  p.tangent = tangent.mutable_data_ptr();
+  at::Tensor rows_tangent;
+  if (x_tangent.has_value() && x_tangent->defined()) {
+    rows_tangent = laid_out_as(*x_tangent, pool.rows);
+    p.x_tangent = rows_tangent.const_data_ptr();
+  }
+  at::Tensor query_tangent;
+  if (u_tangent.has_value() && u_tangent->defined()) {
+    TORCH_CHECK(
+        u_tangent->numel() == pool.u.numel(), "attnpool: the tangent of u must have u's shape");
+    query_tangent = u_tangent->to(pool.acc_dtype).reshape(pool.u.sizes()).contiguous();
+    p.u_tangent = query_tangent.const_data_ptr();
+  }
+  at::Tensor row_bias_tangent;
+  if (bias_tangent.has_value() && bias_tangent->defined()) {
+    TORCH_CHECK(
+        !p.ragged() && bias_tangent->sizes() == at::IntArrayRef({p.batch, p.seq_len}),
+        "attnpool: the tangent of attn_bias must have attn_bias's shape [B, L]");
+    row_bias_tangent = bias_tangent->to(pool.acc_dtype).contiguous();
+    p.bias_tangent = row_bias_tangent.const_data_ptr();
+  }
+  const SequenceCut cut = cut_sequences(p, pool, tangent_sums_size(p), acc_options);
+  selected_kernels().jvp(p, dtype);
+  return tangent;
 }
 
 // Cuts the work (BackwardParams), runs the backward kernel, returns (dx, du).
@@ -232,6 +331,37 @@ std::tuple<at::Tensor, at::Tensor> varlen_backward_cpu(
   return run_backward(g, u, x.scalar_type());
 }
 
+at::Tensor jvp_cpu(
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& mask,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    double scale,
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& x_tangent,
+    const std::optional<at::Tensor>& u_tangent,
+    const std::optional<at::Tensor>& bias_tangent) {
+  auto f = detail::prepare_forward(x, u, mask, scale, full_width, attn_bias, lengths);
+  return run_jvp(f, out, lse, x_tangent, u_tangent, bias_tangent, x.scalar_type());
+}
+
+at::Tensor varlen_jvp_cpu(
+    const at::Tensor& x,
+    const at::Tensor& cu_seqlens,
+    const at::Tensor& u,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    double scale,
+    bool full_width,
+    const std::optional<at::Tensor>& x_tangent,
+    const std::optional<at::Tensor>& u_tangent) {
+  auto f = detail::prepare_varlen_forward(x, cu_seqlens, u, scale, full_width);
+  return run_jvp(f, out, lse, x_tangent, u_tangent, std::nullopt, x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnpool, CPU, m) {
@@ -239,6 +369,8 @@ TORCH_LIBRARY_IMPL(attnpool, CPU, m) {
   m.impl("_folded_attention_pool_backward", &backward_cpu);
   m.impl("_folded_attention_pool_varlen_forward", &varlen_forward_cpu);
   m.impl("_folded_attention_pool_varlen_backward", &varlen_backward_cpu);
+  m.impl("_folded_attention_pool_jvp", &jvp_cpu);
+  m.impl("_folded_attention_pool_varlen_jvp", &varlen_jvp_cpu);
 }
 
 }  // namespace attnpool::cpu

@@ -14,10 +14,11 @@
 
 namespace attnpool::cpu {
 
-// Each kernel dispatches on a dtype: x's for pooling, the accumulation
+// Each kernel dispatches on a dtype: x's for pooling (and its jvp), the accumulation
 // dtype (float32 or float64) for the fold.
 using ForwardFn = void (*)(const ForwardParams&, c10::ScalarType);
 using BackwardFn = void (*)(const BackwardParams&, c10::ScalarType);
+using JvpFn = void (*)(const JvpParams&, c10::ScalarType);
 using FoldFn = void (*)(const FoldParams&, c10::ScalarType);
 using FoldBackwardFn = void (*)(const FoldBackwardParams&, c10::ScalarType);
 
@@ -38,6 +39,7 @@ struct KernelSet {
   const char* name;
   ForwardFn forward;
   BackwardFn backward;
+  JvpFn jvp;
   FoldFn fold;
   FoldBackwardFn fold_backward;
 };

@@ -4,6 +4,7 @@
 // recomputes the softmax from the saved log-sum-exp and writes dx and du.
 // Per instruction set, like every file in isa/ (ops/cpu/README.md).
 
+#include "ops/cpu/isa/recompute.h"
 #include "ops/cpu/isa/vec_helpers.h"
 #include "ops/cpu/kernel_set.h"
 
@@ -47,26 +48,6 @@ void dot2_rows(const T* const* rows, const A* u, const A* g, int64_t n, A* score
     scores[r] = tu;
     dprobs[r] = tg;
   }
-}
-
-// The scores of R rows in the order the forward summed them: natural, or for
-// bfloat16 rows that the forward read in pairs, paired against u_paired (4
-// rows at a time: 8 would take more registers than AVX2 has; each row's sum
-// is the same either way).
-template <int R, typename T, typename A>
-void forward_order_scores(
-    const T* const* rows, const A* u, const A* u_paired, int64_t n, A* scores) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    if (u_paired != nullptr) {
-      if constexpr (R <= 4) {
-        return paired_score_dot_rows<R>(rows, u_paired, n, scores);
-      } else {
-        paired_score_dot_rows<4>(rows, u_paired, n, scores);
-        return forward_order_scores<R - 4>(rows + 4, u, u_paired, n, scores + 4);
-      }
-    }
-  }
-  score_dot_rows<R>(rows, u, n, scores);
 }
 
 // dx[r] = p[r] * g + ds[r] * u and du += sum_r ds[r] * rows[r], in one pass.
@@ -137,24 +118,6 @@ void dx_du_rows(
 }
 
 // delta[b, s] = grad_out[b, s] . out[b, s] over score s's head_dim columns.
-// The score exactly as the forward made it: the product rounded, then the
-// bias added (SoftmaxState::weigh_rows), so that p never exceeds what the
-// forward's softmax used.
-template <typename acc_t>
-inline acc_t biased_score(acc_t scale, acc_t score, const acc_t* bias, int j) {
-  const acc_t scaled = scale * score;
-  return bias == nullptr ? scaled : scaled + bias[j];
-}
-
-// p = exp(score - max - log(sum)) from the forward's two parts of the
-// log-sum-exp (pool_params.h). Kept apart, so that a score equal to the max
-// gives exactly 1/sum even when the max is so large that max + log(sum)
-// would round to max (e.g. a row whose every score got attn_bias = finfo.min).
-template <typename acc_t>
-inline acc_t probability(acc_t score, const acc_t* lse) {
-  return std::exp((score - lse[0]) - lse[1]);
-}
-
 // [Note: delta as G . x] ds = scale * p * (G . x - delta). When the softmax
 // puts all its weight on one row, out is that row exactly and ds must be 0;
 // summed in another order than G . x, the two differ by an ulp of |G||x|,
@@ -383,13 +346,7 @@ void backward_rows(
   const int64_t num_scores = s.num_scores();
   const acc_t* g_b = g + b * s.num_queries * H;
   // The scores into probs and G . x into dscores, overwritten below.
-  if (u_paired != nullptr) {
-    for (int64_t k = 0; k < num_scores; ++k) {
-      forward_order_scores<R>(rows, u + k * H, u_paired + k * H, H, probs + k * R);
-    }
-  } else {
-    score_dot_rows_each<R>(rows, u, H, num_scores, probs);
-  }
+  forward_scores<R>(rows, u, u_paired, H, num_scores, probs);
   if (n == 1) {
     score_dot_rows_each<R>(rows, g_b, H, num_scores, dscores);
   } else {
@@ -459,14 +416,7 @@ void backward_impl(const BackwardParams& p) {
   const auto scale = static_cast<acc_t>(p.scale);
   const auto* bias = static_cast<const acc_t*>(p.bias);
   const int64_t rows = p.ragged() ? p.seq_len : p.batch * p.seq_len;
-  // u in the order the forward read bfloat16 rows in, if it read them in pairs.
-  std::vector<acc_t> u_paired_buffer;
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    if (reads_pairs<scalar_t>(p)) {
-      u_paired_buffer.resize(num_scores * H);
-      to_paired_order(u, u_paired_buffer.data(), num_scores * H);
-    }
-  }
+  const std::vector<acc_t> u_paired_buffer = u_in_paired_order<scalar_t>(p, u);
   const acc_t* u_paired = u_paired_buffer.empty() ? nullptr : u_paired_buffer.data();
 
   const int64_t grain = parallel_grain(p.flat_cut, H);

@@ -175,7 +175,6 @@ class SoftmaxState {
   template <int R, typename scalar_t>
   void add_rows(
       const scalar_t* const* rows, const acc_t* u, acc_t scale, const acc_t* bias, acc_t* scratch) {
-    const int64_t H = shape_.hidden;
     const int64_t num_scores = shape_.num_scores();
     acc_t* scores = scratch;
     acc_t* weights = scratch + num_scores * R;

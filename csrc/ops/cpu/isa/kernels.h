@@ -13,6 +13,7 @@
 #include "ops/cpu/isa/backward.h"
 #include "ops/cpu/isa/fold.h"
 #include "ops/cpu/isa/forward.h"
+#include "ops/cpu/isa/jvp.h"
 #include "ops/cpu/kernel_set.h"
 
 #include <ATen/Dispatch.h>
@@ -34,6 +35,11 @@ void backward(const BackwardParams& p, c10::ScalarType dtype) {
   });
 }
 
+void jvp(const JvpParams& p, c10::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, dtype, "attnpool_jvp", [&] { jvp_impl<scalar_t>(p); });
+}
+
 void fold(const FoldParams& p, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES(dtype, "attnpool_fold", [&] { fold_impl<scalar_t>(p); });
 }
@@ -51,6 +57,7 @@ void fold_backward(const FoldBackwardParams& p, c10::ScalarType dtype) {
      ATTNPOOL_STRINGIFY(CPU_CAPABILITY),
      &forward,
      &backward,
+     &jvp,
      &fold,
      &fold_backward});
 
