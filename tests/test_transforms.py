@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnpool
-from attnpool import reference
+from attnpool import _transforms, reference
 
 # torch.jit.script is deprecated, but serving code still uses it (and torch.func
 # calls it inside); the warning says nothing about attnpool.
@@ -207,6 +207,30 @@ def test_jvp_kernel_gives_the_reference_tangent(case, tangent_of):
     want = torch.func.jvp(pool(reference), (x, u), (x_tangent, u_tangent))
     assert want[1].isfinite().all() and want[1].abs().sum() > 0
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("case", [c[1:] for c in JVP_CASES[:4]], ids=[c[0] for c in JVP_CASES[:4]])
+def test_jvp_composition_for_other_devices_equals_the_kernel(case):
+    # Devices without a jvp kernel (and vmap) run the composition in torch ops;
+    # on the CPU both exist, and must agree.
+    batch, seq_len, hidden, heads, queries, full_width, left_out_by = case
+    x, u, attended, kwargs = _jvp_case(batch, seq_len, hidden, heads, queries, left_out_by)
+    mask, attn_bias, lengths = (kwargs.get(k) for k in ("mask", "attn_bias", "lengths"))
+    ops = torch.ops.attnpool
+    out, lse = ops._folded_attention_pool_forward(x, u, mask, 0.7, full_width, attn_bias, lengths)
+    gen = torch.Generator().manual_seed(3)
+    tangents = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in (x, u)]
+    bias_tangent = None if attn_bias is None else torch.randn(batch, seq_len, dtype=x.dtype)
+    args = (x, u, mask, out, lse, 0.7, full_width, attn_bias, lengths, *tangents, bias_tangent)
+    kernel = ops._folded_attention_pool_jvp(*args)
+    torch.testing.assert_close(kernel, _transforms._pool_jvp_composite(*args))
+    # The same rows as a ragged batch.
+    rows = x.nan_to_num().flatten(0, 1)
+    cu_seqlens = torch.arange(0, rows.shape[0] + 1, seq_len)
+    out, lse = ops._folded_attention_pool_varlen_forward(rows, cu_seqlens, u, 0.7, full_width)
+    args = (rows, cu_seqlens, u, out, lse, 0.7, full_width, tangents[0].flatten(0, 1), tangents[1])
+    kernel = ops._folded_attention_pool_varlen_jvp(*args)
+    torch.testing.assert_close(kernel, _transforms._varlen_jvp_composite(*args))
 
 
 class _Calls(TorchDispatchMode):
