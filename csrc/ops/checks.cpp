@@ -502,25 +502,17 @@ void check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens, int64
       o[batch] == rows, op, ": cu_seqlens[-1] must be T = x.shape[0] = ", rows, ", got ", o[batch]);
 }
 
-void check_folded_attention_pool_backward_args(
-    const at::Tensor& grad_out,
+void check_saved_forward(
+    const char* op,
     const at::Tensor& x,
     const at::Tensor& u,
     const at::Tensor& out,
     const at::Tensor& lse,
     bool full_width,
     const std::optional<at::Tensor>& cu_seqlens) {
-  constexpr const char* op = "folded_attention_pool backward";
   // B and H of a dense [B, L, H] or a ragged [T, H] batch.
   const c10::SymInt batch = cu_seqlens.has_value() ? cu_seqlens->sym_size(0) - 1 : x.sym_size(0);
   const c10::SymInt& hidden = x.sym_size(-1);
-  TORCH_CHECK_VALUE(
-      grad_out.sym_sizes() == out.sym_sizes(),
-      op,
-      ": grad_out must have the output's shape ",
-      out.sym_sizes(),
-      ", got ",
-      grad_out.sym_sizes());
   // out: [B, (Q,) H] or, full width, [B, (Q,) n, H]; lse: [B, (Q,) n].
   const int64_t out_dim = u.dim() + (full_width ? 1 : 0);
   bool out_ok = out.dim() == out_dim && out.sym_size(0) == batch && out.sym_size(-1) == hidden;
@@ -547,9 +539,28 @@ void check_folded_attention_pool_backward_args(
       dtype_name(acc),
       ", got ",
       dtype_name(lse.scalar_type()));
-  check_same_device(op, grad_out, "grad_out", x, "x");
   check_same_device(op, out, "out", x, "x");
   check_same_device(op, lse, "lse", x, "x");
+}
+
+void check_folded_attention_pool_backward_args(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    bool full_width,
+    const std::optional<at::Tensor>& cu_seqlens) {
+  constexpr const char* op = "folded_attention_pool backward";
+  TORCH_CHECK_VALUE(
+      grad_out.sym_sizes() == out.sym_sizes(),
+      op,
+      ": grad_out must have the output's shape ",
+      out.sym_sizes(),
+      ", got ",
+      grad_out.sym_sizes());
+  check_saved_forward(op, x, u, out, lse, full_width, cu_seqlens);
+  check_same_device(op, grad_out, "grad_out", x, "x");
 }
 
 double resolve_scale(std::optional<double> scale, int64_t head_dim) {

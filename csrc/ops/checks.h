@@ -71,8 +71,19 @@ void check_folded_attention_pool_varlen_args(
 // the values, so only where that costs no host synchronisation (a CPU tensor).
 void check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens, int64_t rows);
 
-// The backward's extra inputs: grad_out, out and lse with the shapes the
-// forward op produced for these arguments (B from cu_seqlens for a ragged x).
+// What the forward op saved, out and lse, with the shapes, dtype and device it
+// produced for these arguments (B from cu_seqlens for a ragged x); `op` names
+// the caller in the errors (the backward, the jvp).
+void check_saved_forward(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    bool full_width,
+    const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
+
+// The backward's extra inputs: grad_out of out's shape, and check_saved_forward.
 void check_folded_attention_pool_backward_args(
     const at::Tensor& grad_out,
     const at::Tensor& x,

@@ -151,7 +151,7 @@ at::Tensor jvp_meta(
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
     const at::Tensor& out,
-    const at::Tensor& /*lse*/,
+    const at::Tensor& lse,
     double scale,
     bool full_width,
     const std::optional<at::Tensor>& attn_bias,
@@ -160,6 +160,7 @@ at::Tensor jvp_meta(
     const std::optional<at::Tensor>& /*u_tangent*/,
     const std::optional<at::Tensor>& /*bias_tangent*/) {
   detail::check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias, lengths);
+  detail::check_saved_forward("folded_attention_pool jvp", x, u, out, lse, full_width);
   return at::empty_like(out, at::MemoryFormat::Contiguous);
 }
 

@@ -87,12 +87,13 @@ at::Tensor jvp_meta(
     const at::Tensor& cu_seqlens,
     const at::Tensor& u,
     const at::Tensor& out,
-    const at::Tensor& /*lse*/,
+    const at::Tensor& lse,
     double scale,
     bool full_width,
     const std::optional<at::Tensor>& /*x_tangent*/,
     const std::optional<at::Tensor>& /*u_tangent*/) {
   detail::check_folded_attention_pool_varlen_args(x, cu_seqlens, u, scale, full_width);
+  detail::check_saved_forward("folded_attention_pool jvp", x, u, out, lse, full_width, cu_seqlens);
   return at::empty_like(out, at::MemoryFormat::Contiguous);
 }
 

@@ -206,8 +206,8 @@ at::Tensor laid_out_as(const at::Tensor& tangent, const at::Tensor& rows) {
 }
 
 // Runs the jvp kernel on a prepared forward call, with the forward's saved
-// out and lse and the tangents of x, u and attn_bias (each optional);
-// returns the output's tangent, shaped and typed like out.
+// out and lse (checked: detail::check_saved_forward) and the tangents of x, u and attn_bias (each
+// optional); returns the output's tangent, shaped and typed like out.
 at::Tensor run_jvp(
     detail::PreparedForward& f,
     const at::Tensor& out,
@@ -217,16 +217,6 @@ at::Tensor run_jvp(
     const std::optional<at::Tensor>& bias_tangent,
     at::ScalarType dtype) {
   const detail::PreparedPool& pool = f.pool;
-  TORCH_CHECK(
-      out.sizes() == f.out.sizes() && lse.sizes() == f.lse.sizes(),
-      "attnpool: the jvp needs the forward's out ",
-      f.out.sizes(),
-      " and lse ",
-      f.lse.sizes(),
-      ", got ",
-      out.sizes(),
-      " and ",
-      lse.sizes());
   const auto acc_options = f.out.options();
   auto tangent = at::empty(f.out.sizes(), acc_options);
   if (f.lse.numel() == 0) {
@@ -331,6 +321,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_backward_cpu(
   return run_backward(g, u, x.scalar_type());
 }
 
+constexpr const char* kJvp = "folded_attention_pool jvp";
+
 at::Tensor jvp_cpu(
     const at::Tensor& x,
     const at::Tensor& u,
@@ -345,6 +337,7 @@ at::Tensor jvp_cpu(
     const std::optional<at::Tensor>& u_tangent,
     const std::optional<at::Tensor>& bias_tangent) {
   auto f = detail::prepare_forward(x, u, mask, scale, full_width, attn_bias, lengths);
+  detail::check_saved_forward(kJvp, x, u, out, lse, full_width);
   return run_jvp(f, out, lse, x_tangent, u_tangent, bias_tangent, x.scalar_type());
 }
 
@@ -359,6 +352,7 @@ at::Tensor varlen_jvp_cpu(
     const std::optional<at::Tensor>& x_tangent,
     const std::optional<at::Tensor>& u_tangent) {
   auto f = detail::prepare_varlen_forward(x, cu_seqlens, u, scale, full_width);
+  detail::check_saved_forward(kJvp, x, u, out, lse, full_width, cu_seqlens);
   return run_jvp(f, out, lse, x_tangent, u_tangent, std::nullopt, x.scalar_type());
 }
 

@@ -260,13 +260,9 @@ void jvp_impl(const JvpParams& p) {
   at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> merged(state_size);
     for (int64_t b = begin; b < end; ++b) {
-      std::fill(merged.begin(), merged.end(), acc_t(0));
-      for (int64_t piece = 0; piece < p.pieces_of(b); ++piece) {
-        const acc_t* part = partials + p.item_of(b, piece) * state_size;
-        for (int64_t j = 0; j < state_size; ++j) {
-          merged[j] += part[j];
-        }
-      }
+      // A sequence's pieces are consecutive work items.
+      const acc_t* parts = partials + p.item_of(b, 0) * state_size;
+      sum_parts_in_order(parts, p.pieces_of(b), state_size, merged.data());
       finish_tangent(p, b, TangentSums<acc_t>(merged.data(), p));
     }
   });
