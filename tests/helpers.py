@@ -11,6 +11,7 @@ from typing import Optional
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnpool
 
@@ -204,3 +205,15 @@ def concurrent_job(index, device="cpu"):
     batch, seq_len, hidden, queries, heads, dtype, param_dtype = CONCURRENT_JOBS[index]
     inputs = make_inputs(batch, seq_len, hidden, queries, mask="random", seed=index, device=device)
     return inputs.to(dtype=dtype, param_dtype=param_dtype or dtype), heads
+
+
+class RecordedOps(TorchDispatchMode):
+    """The operators called while it is active, by name (``attnpool._fold_query_backward``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

@@ -4,8 +4,7 @@ attention_pool (the composition, u saved for the backward)."""
 
 import pytest
 import torch
-from helpers import DEVICES, TOLERANCES, make_inputs
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import DEVICES, TOLERANCES, RecordedOps, make_inputs
 
 import attnpool
 from attnpool import reference
@@ -123,20 +122,10 @@ def test_attention_pool_is_the_composition(device, dtype):
     assert torch.equal(attnpool.attention_pool(*inputs.args(), num_heads), composed)
 
 
-class _RecordedOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def test_backward_reads_the_saved_fold_instead_of_folding_again():
     inputs = make_inputs(2, 6, 8, 2, mask="random").requiring_grad()
     out = attnpool.attention_pool(*inputs.args(), 2)
-    with _RecordedOps() as recorded:
+    with RecordedOps() as recorded:
         out.sum().backward()
     attnpool_ops = [name for name in recorded.names if name.startswith("attnpool.")]
     assert "attnpool._folded_attention_pool_backward" in attnpool_ops

@@ -189,14 +189,15 @@ LARGE_SCORES = [
     ("bf16-1e6-odd-width", torch.bfloat16, 1e6, None, 1, 2, 41),
     ("fp64-scale-1e30", torch.float64, 1.0, 1e30, 2, 3, 40),
 ]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
+_each_large_score_case = pytest.mark.parametrize(
     "dtype, x_scale, scale, heads, queries, hidden",
     [c[1:] for c in LARGE_SCORES],
     ids=[c[0] for c in LARGE_SCORES],
 )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@_each_large_score_case
 def test_large_score_gradients_match_the_reference(
     device, dtype, x_scale, scale, heads, queries, hidden
 ):
@@ -231,11 +232,7 @@ def test_large_score_gradients_match_the_reference(
 # (torch.func calls the deprecated torch.jit.script inside; nothing to do with attnpool.)
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "dtype, x_scale, scale, heads, queries, hidden",
-    [c[1:] for c in LARGE_SCORES],
-    ids=[c[0] for c in LARGE_SCORES],
-)
+@_each_large_score_case
 def test_large_score_tangents_are_the_attended_rows_tangents(
     device, dtype, x_scale, scale, heads, queries, hidden
 ):

@@ -102,6 +102,10 @@ def test_opcheck_jvp_ops(device, case, full_width):
             ops._folded_attention_pool_jvp.default,
             (x, u, mask, out, lse, 0.5, full_width, bias, None, *chosen),
         )
+    with pytest.raises(ValueError, match="folded_attention_pool jvp: out has shape"):
+        ops._folded_attention_pool_jvp(
+            x, u, mask, out[:1], lse, 0.5, full_width, bias, None, *chosen
+        )
     rows = x.flatten(0, 1)
     cu_seqlens = torch.arange(0, rows.shape[0] + 1, x.shape[1], device=device)
     out, lse = ops._folded_attention_pool_varlen_forward(rows, cu_seqlens, u, 0.5, full_width)
