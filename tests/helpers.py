@@ -113,6 +113,21 @@ def reference_in_float64(inputs: Inputs, num_heads=1, scale=None) -> torch.Tenso
     return attnpool.reference.attention_pool(*x64.args(), num_heads=num_heads, scale=scale)
 
 
+def scored_u(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """u as the CPU kernels score x against it: rounded to bfloat16 where they
+    take bfloat16 products (AVX512_BF16 kernels, bfloat16 x, several scores per
+    row; [Note: bfloat16 products] in csrc/ops/cpu/isa/vec_helpers.h)."""
+    several_scores = u.dim() > 1 and u.shape[:-1].numel() > 1
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and several_scores
+        and attnpool._C.cpu_kernel_isa() == "AVX512_BF16"
+    ):
+        return u.to(torch.bfloat16).to(u.dtype)
+    return u
+
+
 def make_batch(batch, seq_len, hidden, *, device="cpu", seed=0, empty_row=0):
     """(x, mask) for a model: float32 x and a bool mask attending about 70% of
     positions, except sequence `empty_row`, which has nothing to attend."""

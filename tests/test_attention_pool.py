@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import DEVICES, TOLERANCES, make_inputs, reference_in_float64
+from helpers import DEVICES, TOLERANCES, make_inputs, reference_in_float64, scored_u
 
 import attnpool
 
@@ -160,8 +160,10 @@ def test_bfloat16_rows_read_in_pairs_match_float64(
 ):
     # Head sizes that are multiples of 32 take the CPU forward's bfloat16 path
     # that widens x two halves at a time and keeps u and the sums in paired
-    # order. Its float32 output must agree with float64 on the same rounded
-    # inputs to float32 precision: any slip in the pairing would be far off.
+    # order (one score), or the one that scores from bfloat16 products. Its
+    # float32 output must agree with float64 on the same rounded inputs (u as
+    # the kernels score against it) to float32 precision: any slip in the
+    # pairing would be far off.
     hidden = num_heads * head_dim
     inputs = make_inputs(batch, seq_len, hidden, num_queries, mask="random").to(
         dtype=torch.bfloat16, param_dtype=torch.float32
@@ -172,7 +174,9 @@ def test_bfloat16_rows_read_in_pairs_match_float64(
         inputs.x, u, inputs.mask, scale, False
     )
     assert out.dtype == torch.float32
-    expected = reference_in_float64(inputs, num_heads=num_heads)
+    expected = attnpool.reference.folded_attention_pool(
+        inputs.x.double(), scored_u(u, inputs.x).double(), inputs.mask, scale
+    )
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-4)
 
 
@@ -187,7 +191,7 @@ def test_half_precision_accumulates_in_float32():
 
 
 def test_reports_cpu_instruction_set():
-    assert attnpool._C.cpu_kernel_isa() in {"AVX512", "AVX2", "DEFAULT"}
+    assert attnpool._C.cpu_kernel_isa() in {"AVX512_BF16", "AVX512", "AVX2", "DEFAULT"}
 
 
 @pytest.mark.parametrize("device", DEVICES)

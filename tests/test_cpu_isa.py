@@ -1,6 +1,6 @@
 """Every instruction-set build of the CPU kernels is correct, and the one that
-runs follows the CPU and ATEN_CPU_CAPABILITY (read once per process, hence
-the subprocesses)."""
+runs follows the CPU, ATEN_CPU_CAPABILITY and ATTNPOOL_CPU_CAPABILITY (read
+once per process, hence the subprocesses)."""
 
 import json
 import os
@@ -67,7 +67,20 @@ for dtype in dtypes:
 report["torch.float32/long"] = errors(torch.float32, 1, 4000, 40, 1, None)
 report["torch.float32/scores-1e6"] = errors(torch.float32, 3, 41, 48, 2, 3, x_scale=1e6)
 report["torch.bfloat16/scores-1e6"] = errors(torch.bfloat16, 3, 41, 64, 1, None, x_scale=1e6)
-print(json.dumps({"isa": attnpool._C.cpu_kernel_isa(), "errors": report}))
+
+# Whether bfloat16 rows are scored against u rounded to bfloat16: the output
+# depends on u through the scores only, so it is then the same bit for bit.
+gen = torch.Generator().manual_seed(5)
+x = torch.randn(2, 45, 96, generator=gen).bfloat16()
+u = torch.randn(3, 2, 96, generator=gen) / 10
+rounds_u = {
+    name: torch.equal(
+        attnpool.folded_attention_pool(x, u, full_width=full_width),
+        attnpool.folded_attention_pool(x, u.bfloat16().float(), full_width=full_width),
+    )
+    for name, full_width in (("head slices", False), ("full width", True))
+}
+print(json.dumps({"isa": attnpool._C.cpu_kernel_isa(), "errors": report, "rounds_u": rounds_u}))
 """
 
 # The op may be a few times less accurate than the reference computed in the
@@ -82,22 +95,38 @@ FLOOR = {
 }
 
 
+ISAS = ["DEFAULT", "AVX2", "AVX512", "AVX512_BF16"]
+
+
 def _supported_isas():
     best = torch.backends.cpu.get_cpu_capability()
-    order = ["DEFAULT", "AVX2", "AVX512"]
-    return order[: order.index(best) + 1] if best in order else ["DEFAULT"]
+    if best == "AVX512" and torch.cpu._is_avx512_bf16_supported():
+        best = "AVX512_BF16"
+    return ISAS[: ISAS.index(best) + 1] if best in ISAS else ["DEFAULT"]
 
 
-@pytest.mark.parametrize("isa", ["DEFAULT", "AVX2", "AVX512"])
+def _run(script, isa=None, aten_isa=None):
+    """Runs script with attnpool's kernels lowered to isa, ATen's to aten_isa
+    (None: not lowered)."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_CPU_CAPABILITY")}
+    for name, value in (("ATTNPOOL_CPU_CAPABILITY", isa), ("ATEN_CPU_CAPABILITY", aten_isa)):
+        if value is not None:
+            env[name] = value.lower()
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_each_instruction_set_matches_reference(isa):
     if isa not in _supported_isas():
         pytest.skip(f"this CPU does not support {isa}")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": isa.lower()}
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True
-    )
+    result = _run(SCRIPT, isa)
+    assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["isa"] == isa
+    # [Note: bfloat16 products] (csrc/ops/cpu/isa/vec_helpers.h): only
+    # AVX512_BF16 scores bfloat16 rows against u rounded to bfloat16.
+    rounds_u = isa == "AVX512_BF16"
+    assert report["rounds_u"] == {"head slices": rounds_u, "full width": rounds_u}
     assert len(report["errors"]) == 4 * 8 * 2 + 3
     for case, errors in report["errors"].items():
         floor = FLOOR[case.split("/")[0]]
@@ -112,6 +141,33 @@ def test_each_instruction_set_matches_reference(isa):
 
 
 def test_in_process_kernels_are_the_best_the_cpu_allows():
-    assert (
-        attnpool._C.cpu_kernel_isa() == _supported_isas()[-1] or "ATEN_CPU_CAPABILITY" in os.environ
-    )
+    lowered = {"ATEN_CPU_CAPABILITY", "ATTNPOOL_CPU_CAPABILITY"} & set(os.environ)
+    assert attnpool._C.cpu_kernel_isa() == _supported_isas()[-1] or lowered
+
+
+PRINT_ISA = "import attnpool; print(attnpool._C.cpu_kernel_isa())"
+
+
+def test_attnpool_capability_only_lowers_the_level():
+    best = _supported_isas()[-1]
+    for requested in ISAS:
+        result = _run(PRINT_ISA, requested)
+        assert result.returncode == 0, result.stderr
+        want = requested if ISAS.index(requested) <= ISAS.index(best) else best
+        assert result.stdout.split()[-1] == want, requested
+
+
+@pytest.mark.parametrize("aten_isa", ["DEFAULT", "AVX2"])
+def test_aten_capability_lowers_the_level_too(aten_isa):
+    if aten_isa not in _supported_isas():
+        pytest.skip(f"this CPU does not support {aten_isa}")
+    result = _run(PRINT_ISA, aten_isa=aten_isa)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == aten_isa
+
+
+def test_unknown_attnpool_capability_is_a_clear_error():
+    result = _run(PRINT_ISA, "avx1024")
+    assert result.returncode != 0
+    assert "ATTNPOOL_CPU_CAPABILITY must be one of" in result.stderr
+    assert "avx1024" in result.stderr

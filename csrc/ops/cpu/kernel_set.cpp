@@ -1,5 +1,6 @@
 // The registry of the per-instruction-set CPU kernels and the choice among
-// them: the best that the CPU (and ATEN_CPU_CAPABILITY) allows.
+// them: the best that the CPU (and ATEN_CPU_CAPABILITY, then
+// ATTNPOOL_CPU_CAPABILITY) allows.
 
 #include "ops/cpu/kernel_set.h"
 
@@ -8,7 +9,12 @@
 #include <ATen/Version.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <array>
+#include <cctype>
+#include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace attnpool::cpu {
@@ -19,17 +25,61 @@ std::vector<KernelSet>& kernel_registry() {
   return registry;
 }
 
-// The instruction set ATen itself runs with: the CPU's best, lowered by the
-// ATEN_CPU_CAPABILITY environment variable.
-Isa cpu_capability() {
+constexpr std::array<std::pair<const char*, Isa>, 4> kIsaNames = {{
+    {"DEFAULT", Isa::DEFAULT},
+    {"AVX2", Isa::AVX2},
+    {"AVX512", Isa::AVX512},
+    {"AVX512_BF16", Isa::AVX512_BF16},
+}};
+
+// Whether the CPU (and the OS) can run AVX512-BF16, which ATen's capability
+// levels do not tell apart from AVX-512.
+bool has_avx512_bf16() {
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+// The instruction set ATen itself runs with (the CPU's best, lowered by the
+// ATEN_CPU_CAPABILITY environment variable), raised to AVX512_BF16 where
+// the CPU has it.
+Isa aten_capability() {
   const std::string capability = at::get_cpu_capability();
   if (capability == "AVX512") {
-    return Isa::AVX512;
+    return has_avx512_bf16() ? Isa::AVX512_BF16 : Isa::AVX512;
   }
   if (capability == "AVX2") {
     return Isa::AVX2;
   }
   return Isa::DEFAULT;
+}
+
+// aten_capability(), lowered by ATTNPOOL_CPU_CAPABILITY (default, avx2,
+// avx512 or avx512_bf16, any case): attnpool's own knob, since ATen's
+// variable has no level between AVX-512 and AVX512-BF16. It never raises
+// the level above what the CPU has.
+Isa cpu_capability() {
+  const Isa best = aten_capability();
+  const char* requested = std::getenv("ATTNPOOL_CPU_CAPABILITY");
+  if (requested == nullptr || *requested == '\0') {
+    return best;
+  }
+  std::string name(requested);
+  std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) {
+    return static_cast<char>(std::toupper(c));
+  });
+  for (const auto& [known, isa] : kIsaNames) {
+    if (name == known) {
+      return std::min(isa, best);
+    }
+  }
+  TORCH_CHECK(
+      false,
+      "attnpool: ATTNPOOL_CPU_CAPABILITY must be one of default, avx2, avx512, avx512_bf16; got '",
+      requested,
+      "'");
 }
 
 const KernelSet& choose_kernels() {

@@ -32,7 +32,7 @@ inline int64_t parallel_grain(const PieceCut& cut, int64_t hidden) {
   return piece_elems >= kMinPieceElems ? 1 : kMinPieceElems / piece_elems;
 }
 
-enum class Isa { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
+enum class Isa { DEFAULT = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };
 
 struct KernelSet {
   Isa isa;

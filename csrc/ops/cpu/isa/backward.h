@@ -331,6 +331,7 @@ void backward_rows(
     scalar_t* const* dx_rows,
     const acc_t* u,
     const acc_t* u_paired,
+    const at::BFloat16* u_bf16,
     const acc_t* g,
     const acc_t* lse,
     const acc_t* delta,
@@ -346,7 +347,7 @@ void backward_rows(
   const int64_t num_scores = s.num_scores();
   const acc_t* g_b = g + b * s.num_queries * H;
   // The scores into probs and G . x into dscores, overwritten below.
-  forward_scores<R>(rows, u, u_paired, H, num_scores, probs);
+  forward_scores<R>(rows, u, u_paired, u_bf16, H, num_scores, probs);
   if (n == 1) {
     score_dot_rows_each<R>(rows, g_b, H, num_scores, dscores);
   } else {
@@ -358,13 +359,11 @@ void backward_rows(
       }
     }
   }
+  probabilities<R>(scale, bias, lse + 2 * b * num_scores, num_scores, probs);
   for (int64_t k = 0; k < num_scores; ++k) {
-    const acc_t* lse_k = lse + 2 * (b * num_scores + k);
     const acc_t delta_k = delta[b * num_scores + k];
     for (int j = 0; j < R; ++j) {
-      const acc_t prob = probability(biased_score(scale, probs[k * R + j], bias, j), lse_k);
-      probs[k * R + j] = prob;
-      dscores[k * R + j] = scale * prob * (dscores[k * R + j] - delta_k);
+      dscores[k * R + j] = scale * probs[k * R + j] * (dscores[k * R + j] - delta_k);
     }
   }
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -418,6 +417,8 @@ void backward_impl(const BackwardParams& p) {
   const int64_t rows = p.ragged() ? p.seq_len : p.batch * p.seq_len;
   const std::vector<acc_t> u_paired_buffer = u_in_paired_order<scalar_t>(p, u);
   const acc_t* u_paired = u_paired_buffer.empty() ? nullptr : u_paired_buffer.data();
+  const std::vector<at::BFloat16> u_bf16_buffer = u_in_bf16<scalar_t>(p, u);
+  const at::BFloat16* u_bf16 = u_bf16_buffer.empty() ? nullptr : u_bf16_buffer.data();
 
   const int64_t grain = parallel_grain(p.flat_cut, H);
   at::parallel_for(0, p.flat_cut.pieces, grain, [&](int64_t begin, int64_t end) {
@@ -460,6 +461,7 @@ void backward_impl(const BackwardParams& p) {
               dx_out,
               u,
               u_paired,
+              u_bf16,
               g,
               lse,
               delta,

@@ -98,16 +98,23 @@ void score_and_accumulate_rows(
 // The forward's two passes over a tile, each on its own: the scores
 // out[k * R + r] of `count` consecutive vectors of v (n apart), and the
 // accumulation (axpy_rows); for bfloat16 rows in paired order,
-// score_and_accumulate_rows.
+// score_and_accumulate_rows. v_bf16: v rounded to bfloat16, when the
+// scores come from bfloat16 products ([Note: bfloat16 products]), or null.
 template <int R, typename T, typename A>
 void score_rows(
     const T* const* rows,
     const A* v,
+    const at::BFloat16* v_bf16,
     int64_t n,
     int64_t count,
     A* out,
     int64_t ahead,
     bool paired) {
+  if constexpr (std::is_same_v<T, at::BFloat16> && kBFloat16Products) {
+    if (v_bf16 != nullptr) {
+      return score_dot_rows_each<R>(rows, v_bf16, n, count, out, ahead);
+    }
+  }
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if (paired) {
       for (int64_t k = 0; k < count; ++k) {
@@ -143,8 +150,10 @@ class SoftmaxState {
   }
 
   // paired: the weighted sums are kept in paired order (see load_pairs).
-  SoftmaxState(acc_t* data, const PoolInputs& p, bool paired)
-      : data_(data), shape_(p), x_seq_stride_(p.x_seq_stride), paired_(paired) {}
+  // u_bf16: u rounded to bfloat16, if the scores come from bfloat16
+  // products (u_in_bf16), or null.
+  SoftmaxState(acc_t* data, const PoolInputs& p, bool paired, const at::BFloat16* u_bf16 = nullptr)
+      : data_(data), shape_(p), x_seq_stride_(p.x_seq_stride), paired_(paired), u_bf16_(u_bf16) {}
 
   acc_t* max() const {
     return data_ + 1;
@@ -180,11 +189,7 @@ class SoftmaxState {
     acc_t* weights = scratch + num_scores * R;
     data_[0] = acc_t(1);
     score_tile<R>(rows, u, scores, weights);
-    const int64_t d = shape_.head_dim;
-    for (int64_t score = 0; score < num_scores; ++score) {
-      weigh_rows<R>(
-          score, scale, bias, scores + score * R, weights + score * R, weighted() + score * d, d);
-    }
+    weigh_tile<R>(scale, bias, scores, weights);
     add_weighted_rows<R>(rows, weights);
   }
 
@@ -198,12 +203,14 @@ class SoftmaxState {
     const int64_t num_scores = shape_.num_scores();
     const int64_t ahead = R * x_seq_stride_;
     if constexpr (R <= kForwardTileRows) {
-      score_rows<R>(rows, u, H, num_scores, scores, ahead, paired_);
+      score_rows<R>(rows, u, u_bf16_, H, num_scores, scores, ahead, paired_);
+    } else if (u_bf16_ != nullptr) {
+      score_rows<R>(rows, u, u_bf16_, H, num_scores, scores, ahead, paired_);
     } else {
       static_assert(R % kForwardTileRows == 0);
       constexpr int B = kForwardTileRows;
       for (int first = 0; first < R; first += B) {
-        score_rows<B>(rows + first, u, H, num_scores, block, ahead, paired_);
+        score_rows<B>(rows + first, u, u_bf16_, H, num_scores, block, ahead, paired_);
         for (int64_t score = 0; score < num_scores; ++score) {
           std::copy_n(block + score * B, B, scores + score * R + first);
         }
@@ -340,18 +347,35 @@ class SoftmaxState {
     }
   }
 
-  // Scales score `score` of R rows (and adds the bias), moves its running
-  // max (rescaling its sum and its weighted sum acc, d wide) and sets
-  // weights[r] = exp(score - max).
+  // weigh_rows for every score of a tile, the exponentials of all of them
+  // in one vector pass: at 12-16 scores per row, one std::exp at a time
+  // took as long as the scores themselves (bfloat16, 16 x 12).
   template <int R>
-  void weigh_rows(
-      int64_t score,
-      acc_t scale,
-      const acc_t* bias,
-      acc_t* scores,
-      acc_t* weights,
-      acc_t* acc,
-      int64_t d) {
+  void weigh_tile(acc_t scale, const acc_t* bias, acc_t* scores, acc_t* weights) {
+    const int64_t num_scores = shape_.num_scores();
+    const int64_t d = shape_.head_dim;
+    for (int64_t score = 0; score < num_scores; ++score) {
+      acc_t* tile = scores + score * R;
+      const acc_t max = move_max<R>(score, scale, bias, tile, weighted() + score * d, d);
+      for (int r = 0; r < R; ++r) {
+        // exp(-inf) = 0: a -inf score weighs 0 even while max is still -inf.
+        weights[score * R + r] = tile[r] == kNegInf<acc_t> ? kNegInf<acc_t> : tile[r] - max;
+      }
+    }
+    at::vec::map([](Vectorized<acc_t> v) { return v.exp(); }, weights, weights, num_scores * R);
+    for (int64_t score = 0; score < num_scores; ++score) {
+      for (int r = 0; r < R; ++r) {
+        sum()[score] += weights[score * R + r];
+      }
+    }
+  }
+
+  // Scales score `score` of R rows (and adds the bias) and moves its running
+  // max to cover them, rescaling its sum and its weighted sum acc (d wide).
+  // Returns the new max.
+  template <int R>
+  acc_t move_max(
+      int64_t score, acc_t scale, const acc_t* bias, acc_t* scores, acc_t* acc, int64_t d) {
     acc_t tile_max = kNegInf<acc_t>;
     for (int r = 0; r < R; ++r) {
       scores[r] *= scale;
@@ -367,6 +391,22 @@ class SoftmaxState {
       scale_in_place(correction, acc, d);
       max()[score] = tile_max;
     }
+    return max()[score];
+  }
+
+  // Scales score `score` of R rows (and adds the bias), moves its running
+  // max (rescaling its sum and its weighted sum acc, d wide) and sets
+  // weights[r] = exp(score - max).
+  template <int R>
+  void weigh_rows(
+      int64_t score,
+      acc_t scale,
+      const acc_t* bias,
+      acc_t* scores,
+      acc_t* weights,
+      acc_t* acc,
+      int64_t d) {
+    move_max<R>(score, scale, bias, scores, acc, d);
     for (int r = 0; r < R; ++r) {
       // A -inf score weighs 0 even while the running max is still -inf.
       weights[r] = scores[r] == kNegInf<acc_t> ? acc_t(0) : std::exp(scores[r] - max()[score]);
@@ -378,6 +418,7 @@ class SoftmaxState {
   PoolShape shape_;
   int64_t x_seq_stride_;
   bool paired_;
+  const at::BFloat16* u_bf16_;
 };
 
 // x: [B, L, H] (or ragged [T, H]) rows contiguous; u: [num_scores, H]; out:
@@ -411,6 +452,7 @@ void forward_impl(const ForwardParams& p) {
       u = u_paired.data();
     }
   }
+  const std::vector<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
 
   const int64_t grain = parallel_grain(p.cut, p.hidden);
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
@@ -428,7 +470,11 @@ void forward_impl(const ForwardParams& p) {
     std::vector<acc_t> scratch(pipelined ? 0 : 2 * num_scores * kWideTileRows);
     for (int64_t item = begin; item < end; ++item) {
       const auto [b, piece, rows] = p.work_item(item);
-      SoftmaxState<acc_t> state(in_pieces ? partials + item * state_size : local.data(), p, paired);
+      SoftmaxState<acc_t> state(
+          in_pieces ? partials + item * state_size : local.data(),
+          p,
+          paired,
+          u_bf16.empty() ? nullptr : u_bf16.data());
       state.reset();
       auto flush = [&] {
         if (!pipelined) {

@@ -51,10 +51,22 @@ std::vector<acc_t> u_in_paired_order(const PoolShape& s, const acc_t* u) {
 }
 
 // scores[k * R + r] = rows[r] . u_k for every score k, each summed as the
-// forward summed it (forward_order_scores).
+// forward summed it (forward_order_scores; from u_bf16, u rounded to
+// bfloat16, if not null: [Note: bfloat16 products]).
 template <int R, typename T, typename A>
 void forward_scores(
-    const T* const* rows, const A* u, const A* u_paired, int64_t n, int64_t num_scores, A* scores) {
+    const T* const* rows,
+    const A* u,
+    const A* u_paired,
+    const at::BFloat16* u_bf16,
+    int64_t n,
+    int64_t num_scores,
+    A* scores) {
+  if constexpr (std::is_same_v<T, at::BFloat16> && kBFloat16Products) {
+    if (u_bf16 != nullptr) {
+      return score_dot_rows_each<R>(rows, u_bf16, n, num_scores, scores);
+    }
+  }
   if (u_paired == nullptr) {
     return score_dot_rows_each<R>(rows, u, n, num_scores, scores);
   }
@@ -79,6 +91,22 @@ inline acc_t biased_score(acc_t scale, acc_t score, const acc_t* bias, int j) {
 template <typename acc_t>
 inline acc_t probability(acc_t score, const acc_t* lse) {
   return std::exp((score - lse[0]) - lse[1]);
+}
+
+// scores[k * R + r] = probability(biased_score(...)) of every score k of R
+// rows in place, lse: [num_scores, 2] of their sequence. The exponentials
+// go in one vector pass: one std::exp at a time cost as much as the
+// recomputed scores at 12-16 scores per row.
+template <int R, typename acc_t>
+void probabilities(
+    acc_t scale, const acc_t* bias, const acc_t* lse, int64_t num_scores, acc_t* scores) {
+  for (int64_t k = 0; k < num_scores; ++k) {
+    for (int r = 0; r < R; ++r) {
+      const acc_t score = biased_score(scale, scores[k * R + r], bias, r);
+      scores[k * R + r] = (score - lse[2 * k]) - lse[2 * k + 1];
+    }
+  }
+  at::vec::map([](Vectorized<acc_t> v) { return v.exp(); }, scores, scores, num_scores * R);
 }
 
 }  // namespace

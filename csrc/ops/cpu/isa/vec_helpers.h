@@ -23,6 +23,7 @@
 #include <limits>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace attnpool::cpu {
 namespace CPU_CAPABILITY {
@@ -125,14 +126,9 @@ A dot(const T* a, const A* b, int64_t n) {
 // scale * score - lse round alike wherever they are written. A score then
 // never exceeds the running max the forward saw, and p <= 1.
 
-// score_dot_rows, below. acc must stay in registers; GCC kept it in memory,
-// each FMA waiting on a store and a reload (the forward at 16 scores took
-// twice as long), when a run-time test of `ahead` sat inside the loop (so
-// kPrefetch is a template argument) or when the last loop over acc was not
-// unrolled (at 16 sums; hence the pragmas).
-// ahead: one distance for every row, or with kPerRow one per row.
-template <int R, int S, bool kPrefetch, bool kPerRow = false, typename T, typename A>
-void score_dot_rows_impl(
+// score_dot_rows_impl in the accumulation dtype.
+template <int R, int S, bool kPrefetch, bool kPerRow, typename T, typename A>
+void score_dot_rows_float(
     const T* const* rows, const A* v, int64_t n, A* out, const int64_t* ahead) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
@@ -171,6 +167,122 @@ void score_dot_rows_impl(
   }
 }
 
+// [Note: bfloat16 products] On a CPU with AVX512-BF16, the scores of
+// bfloat16 rows against several vectors (num_scores > 1, where the scores,
+// not the read of x, bound the kernels) are summed from bfloat16 products:
+// u is rounded to bfloat16 once per call and each vdpbf16ps adds 32 exact
+// products of x and u into 16 float32 sums. That is twice the multiply-adds
+// per instruction of float32 FMAs, and x is never widened: the 16 x 12
+// forward ran 2x faster. u's rounding (2^-9 relative) is that of x itself,
+// and of the einsum in bfloat16 that the op replaces. The backward and the
+// jvp recompute the scores through the same function, so p stays the
+// forward's ([Note: one order for every score]).
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+constexpr bool kBFloat16Products = true;
+
+// 32 bfloat16 values from p; with kTail only the first `count` (< 32), the
+// others zero, so a vector tail needs no scalar loop.
+template <bool kTail>
+inline __m512bh load_bf16(const at::BFloat16* p, int64_t count) {
+  if constexpr (kTail) {
+    const auto mask = static_cast<__mmask32>((uint64_t{1} << count) - 1);
+    return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, p));
+  } else {
+    (void)count;
+    return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
+  }
+}
+
+// score_dot_rows_impl for bfloat16 rows against bfloat16 vectors.
+template <int R, int S, bool kPrefetch, bool kPerRow>
+void bf16_score_dot_rows_impl(
+    const at::BFloat16* const* rows,
+    const at::BFloat16* v,
+    int64_t n,
+    float* out,
+    const int64_t* ahead) {
+  constexpr int64_t W = 32;  // bfloat16 values per vector
+  __m512 acc[S][R];
+  for (int s = 0; s < S; ++s) {
+    for (int r = 0; r < R; ++r) {
+      acc[s][r] = _mm512_setzero_ps();
+    }
+  }
+  auto add_chunk = [&](int64_t e, auto tail) {
+    constexpr bool kTail = decltype(tail)::value;
+    __m512bh shared[S];
+    for (int s = 0; s < S; ++s) {
+      shared[s] = load_bf16<kTail>(v + s * n + e, n - e);
+    }
+    for (int r = 0; r < R; ++r) {
+      if constexpr (kPrefetch) {
+        prefetch(rows[r] + e, kPerRow ? ahead[r] : ahead[0]);
+      }
+      const __m512bh xv = load_bf16<kTail>(rows[r] + e, n - e);
+      for (int s = 0; s < S; ++s) {
+        acc[s][r] = _mm512_dpbf16_ps(acc[s][r], xv, shared[s]);
+      }
+    }
+  };
+  int64_t e = 0;
+  for (; e + W <= n; e += W) {
+    add_chunk(e, std::false_type{});
+  }
+  if (e < n) {
+    add_chunk(e, std::true_type{});
+  }
+#pragma GCC unroll 16
+  for (int s = 0; s < S; ++s) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      out[s * R + r] = reduce_add(Vectorized<float>(acc[s][r]));
+    }
+  }
+}
+#else
+constexpr bool kBFloat16Products = false;
+#endif
+
+// Whether this instruction set scores rows of T from bfloat16 products
+// ([Note: bfloat16 products]).
+template <typename T>
+bool scores_from_bf16_products(const PoolShape& s) {
+  return kBFloat16Products && std::is_same_v<T, at::BFloat16> && s.num_scores() > 1;
+}
+
+// u rounded to bfloat16 if the kernels score from bfloat16 products
+// (scores_from_bf16_products); empty otherwise.
+template <typename scalar_t, typename acc_t>
+std::vector<at::BFloat16> u_in_bf16(const PoolShape& s, const acc_t* u) {
+  std::vector<at::BFloat16> rounded;
+  if (scores_from_bf16_products<scalar_t>(s)) {
+    rounded.assign(u, u + s.num_scores() * s.hidden);
+  }
+  return rounded;
+}
+
+// score_dot_rows, below. acc must stay in registers; GCC kept it in memory,
+// each FMA waiting on a store and a reload (the forward at 16 scores took
+// twice as long), when a run-time test of `ahead` sat inside the loop (so
+// kPrefetch is a template argument) or when the last loop over acc was not
+// unrolled (at 16 sums; hence the pragmas).
+// ahead: one distance for every row, or with kPerRow one per row. v in
+// bfloat16: [Note: bfloat16 products].
+template <int R, int S, bool kPrefetch, bool kPerRow = false, typename T, typename V, typename A>
+void score_dot_rows_impl(
+    const T* const* rows, const V* v, int64_t n, A* out, const int64_t* ahead) {
+  if constexpr (std::is_same_v<V, at::BFloat16>) {
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+    static_assert(std::is_same_v<T, at::BFloat16> && std::is_same_v<A, float>);
+    return bf16_score_dot_rows_impl<R, S, kPrefetch, kPerRow>(rows, v, n, out, ahead);
+#else
+    static_assert(!std::is_same_v<V, V>, "bfloat16 products need AVX512-BF16");
+#endif
+  } else {
+    score_dot_rows_float<R, S, kPrefetch, kPerRow>(rows, v, n, out, ahead);
+  }
+}
+
 // out[s * R + r] = rows[r] . v[s * n : (s + 1) * n] for S consecutive vectors
 // of v, each summed in the one order of the note above. Several vectors at a
 // time give S * R independent sums, enough to keep the FMA units busy when
@@ -193,9 +305,9 @@ void score_dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t
 // all waiting on free miss buffers in the first (the other rows prefetch
 // lines they are reading: hits, no memory traffic): 1.3-1.7x faster
 // forwards at 12-16 scores.
-template <int R, typename T, typename A>
+template <int R, typename T, typename V, typename A>
 void score_dot_rows_each(
-    const T* const* rows, const A* v, int64_t n, int64_t count, A* out, int64_t ahead = 0) {
+    const T* const* rows, const V* v, int64_t n, int64_t count, A* out, int64_t ahead = 0) {
   constexpr int kAtOnce = 4 * R + 5 <= kVectorRegisters ? 4 : 2 * R + 3 <= kVectorRegisters ? 2 : 1;
   const int64_t rest = count % kAtOnce;
   const int64_t passes = count / kAtOnce + (kAtOnce > 2 ? rest / 2 + rest % 2 : rest);
@@ -209,7 +321,7 @@ void score_dot_rows_each(
     for (int r = 0; r < R; ++r) {
       aheads[r] = r % passes == pass ? ahead : 0;
     }
-    if constexpr (at::is_reduced_floating_point_v<T> && kScores > 2) {
+    if constexpr (at::is_reduced_floating_point_v<T> && !std::is_same_v<V, T> && kScores > 2) {
       // Two scores in the prefetching part: with four, GCC spilled the
       // sums of the widening loop.
       score_dot_rows_impl<R, 2, true, true>(rows, v + k * n, n, out + k * R, aheads);
