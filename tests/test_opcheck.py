@@ -11,8 +11,10 @@ CASES = [
     dict(shape=(2, 5, 8), num_queries=None, num_heads=1, mask=None, scale=None),
     dict(shape=(3, 7, 8), num_queries=2, num_heads=2, mask="random", scale=0.5),
     dict(shape=(2, 4, 12), num_queries=1, num_heads=3, mask="random", scale=None),
+    # Q·n > H + Q: attention_pool projects the keys (test_projection.py).
+    dict(shape=(2, 5, 8), num_queries=6, num_heads=4, mask="random", scale=None),
 ]
-IDS = ["1d-query", "heads-mask-scale", "q1-heads3"]
+IDS = ["1d-query", "heads-mask-scale", "q1-heads3", "projects"]
 
 
 def _inputs(case, device, dtype=torch.float64, requires_grad=False):

@@ -1,8 +1,8 @@
 // attention_pool (SPEC.md §1): its schema, the C++ API, and the kernel that
 // serves every backend (Meta included): the fold, then pooling on the folded
-// query. Its autograd kernel (autograd/attention_pool_autograd.cpp) runs the
-// same composition through the parts' own autograd, so the backward reads the
-// u the forward folded instead of folding again.
+// query, or, where that costs less, pooling on projected keys. Its autograd kernel
+// (autograd/attention_pool_autograd.cpp) runs the same composition through the parts' own autograd,
+// so the backward reads the u the forward folded instead of folding again.
 
 #include "ops/attention_pool.h"
 
@@ -115,15 +115,43 @@ at::Tensor compose_attention_pool(
     int64_t num_heads,
     std::optional<double> scale,
     const std::optional<at::Tensor>& attn_bias,
-    const std::optional<at::Tensor>& lengths) {
+    const std::optional<at::Tensor>& lengths,
+    bool with_tangents) {
   const double resolved =
       checked_attention_pool_scale(x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths);
+  const int64_t num_queries =
+      query.dim() == 1 ? 1 : query.sym_size(0).guard_int(__FILE__, __LINE__);
+  const bool empty = x.sym_numel() == 0;
+  if (!empty && projecting_keys_is_cheaper(
+                    num_queries, num_heads, x.sym_size(2).guard_int(__FILE__, __LINE__))) {
+    return pool_by_projection(
+        x, query, w_q, w_k, mask, num_heads, resolved, attn_bias, lengths, with_tangents);
+  }
   const auto u = attnpool::fold_query(query, w_q, w_k, num_heads, std::nullopt);
   return attnpool::folded_attention_pool(
       x, u, mask, resolved, /*full_width=*/false, attn_bias, lengths);
 }
 
 }  // namespace detail
+
+namespace {
+
+// The kernel of every backend: no tangent reaches below autograd.
+at::Tensor pool_attention(
+    const at::Tensor& x,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    const std::optional<at::Tensor>& mask,
+    int64_t num_heads,
+    std::optional<double> scale,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
+  return detail::compose_attention_pool(
+      x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths);
+}
+
+}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(attnpool, m) {
   m.def(
@@ -142,11 +170,11 @@ TORCH_LIBRARY_IMPL(attnpool, CompositeImplicitAutograd, m) {
 
 // Meta is named as well: fake tensors look for a kernel registered at Meta itself.
 TORCH_LIBRARY_IMPL(attnpool, CompositeExplicitAutograd, m) {
-  m.impl("attention_pool", &detail::compose_attention_pool);
+  m.impl("attention_pool", &pool_attention);
 }
 
 TORCH_LIBRARY_IMPL(attnpool, Meta, m) {
-  m.impl("attention_pool", &detail::compose_attention_pool);
+  m.impl("attention_pool", &pool_attention);
 }
 
 }  // namespace attnpool

@@ -35,7 +35,8 @@ double checked_attention_pool_varlen_scale(
     std::optional<double> scale);
 
 // folded_attention_pool(x, fold_query(query, w_q, w_k, num_heads), mask,
-// checked_attention_pool_scale(...)).
+// checked_attention_pool_scale(...)), or pool_by_projection where that is
+// cheaper (with_tangents: the call carries forward-mode tangents).
 at::Tensor compose_attention_pool(
     const at::Tensor& x,
     const at::Tensor& query,
@@ -45,6 +46,26 @@ at::Tensor compose_attention_pool(
     int64_t num_heads,
     std::optional<double> scale,
     const std::optional<at::Tensor>& attn_bias,
-    const std::optional<at::Tensor>& lengths);
+    const std::optional<at::Tensor>& lengths,
+    bool with_tangents = false);
+
+// Whether projecting every key costs fewer multiply-adds than the fold for Q
+// queries and n heads over width H (attention_pool_by_projection.cpp).
+bool projecting_keys_is_cheaper(int64_t num_queries, int64_t num_heads, int64_t hidden);
+
+// attention_pool by projecting the keys (checked inputs, the resolved
+// scale): SDPA over the projected keys with x's head slices as values, or,
+// with_tangents, the same product written in differentiable ATen ops.
+at::Tensor pool_by_projection(
+    const at::Tensor& x,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    const std::optional<at::Tensor>& mask,
+    int64_t num_heads,
+    double scale,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths,
+    bool with_tangents);
 
 }  // namespace attnpool::detail

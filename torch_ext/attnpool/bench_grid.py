@@ -6,7 +6,10 @@
 For each grid point (queries x heads on one x, or full width) and dtype it
 times, interleaved in one run (medians over rounds):
 
-  attnpool   folded_attention_pool on the folded query u [Q, n, H]
+  attnpool   folded_attention_pool on the folded query u [Q, n, H]; at the
+             CoCa point, attention_pool itself from the query and weights
+             (it projects the keys there, as Q * n > H + Q), and the
+             compositions from the same inputs
   eager      the same math in PyTorch: one matmul for the scores, softmax,
              one einsum for the weighted sums
   sdpa       the composition that projects the keys instead of folding the
@@ -49,6 +52,8 @@ class Point:
     num_queries: int
     num_heads: int
     full_width: bool = False
+    # Time attention_pool from (query, w_q, w_k) rather than the pooling on u.
+    from_weights: bool = False
 
     @property
     def num_scores(self):
@@ -72,7 +77,7 @@ POINTS = {
         Point("8x1", BERT, 8, 1),
         Point("16x12", BERT, 16, 12),
         Point("so400m-full", (16, 729, 1152), 1, 16, full_width=True),
-        Point("coca-256x8", (8, 256, 768), 256, 8),
+        Point("coca-256x8", (8, 256, 768), 256, 8, from_weights=True),
     ]
 }
 QUICK_POINTS = {
@@ -140,7 +145,28 @@ def make_methods(point: Point, dtype: torch.dtype, training: bool):
         ),
         "eager": lambda: eager_pool(x_in, u, scale, point.full_width),
     }
-    if point.num_scores >= SDPA_MIN_SCORES and not point.full_width:
+    if point.from_weights:
+        query = torch.randn(num_queries, hidden, generator=gen).requires_grad_(training)
+        w_q = (torch.randn(hidden, hidden, generator=gen) / hidden**0.5).requires_grad_(training)
+        w_k.requires_grad_(training)
+        leaves = [x_in, query, w_q, w_k]
+
+        def projected_query():
+            return (query @ w_q.T).view(num_queries, num_heads, head_dim)
+
+        def folded():
+            return torch.einsum(
+                "qnd,ndh->qnh", projected_query(), w_k.view(num_heads, head_dim, hidden)
+            )
+
+        forwards = {
+            "attnpool": lambda: attnpool.attention_pool(
+                x_in, query, w_q, w_k, num_heads=num_heads, scale=scale
+            ),
+            "eager": lambda: eager_pool(x_in, folded(), scale, False),
+            "sdpa": lambda: projected_pool(x_in, projected_query(), w_k, scale),
+        }
+    elif point.num_scores >= SDPA_MIN_SCORES and not point.full_width:
         w_k.requires_grad_(training)
         queries.requires_grad_(training)
         leaves += [w_k, queries]

@@ -63,7 +63,12 @@ def attention_pool(
     the sequence, and the values are ``x`` itself. The key projection is folded
     into the query (:func:`fold_query`), and the pooling runs on the folded
     query (:func:`folded_attention_pool`): one pass over ``x`` forward and one
-    backward, nothing of size ``[B, L, H]`` allocated in the forward.
+    backward, nothing of size ``[B, L, H]`` allocated in the forward. Where many
+    queries and heads make the fold dearer than projecting every key
+    (``Q * num_heads > H + Q``, e.g. CoCa's 256 queries x 8 heads), the op
+    projects the keys instead and runs ``scaled_dot_product_attention`` on
+    them with ``x``'s head slices as values: the same result up to rounding,
+    with the keys ``[B, L, H]`` allocated.
 
     Args:
         x: ``[B, L, H]`` float64/float32/float16/bfloat16. Any strides; rows

@@ -1,6 +1,7 @@
 // Autograd of attention_pool, registered at the Autograd key: the fold and
 // the pooling each record their own node, so the backward reads the u the
-// forward folded (SPEC.md §5) instead of folding again.
+// forward folded (SPEC.md §5) instead of folding again. Where projecting the
+// keys is cheaper, the ATen ops of that path record theirs.
 
 #include <attnpool/attention_pool.h>
 
@@ -32,14 +33,15 @@ at::Tensor attention_pool_autograd(
       at::GradMode::is_enabled() &&
       (x.requires_grad() || query.requires_grad() || w_q.requires_grad() || w_k.requires_grad());
   // A tangent goes through the parts, which have forward-mode AD.
-  if (!needs_grad && !detail::any_tangent({&x, &query, &w_q, &w_k}, attn_bias)) {
+  const bool with_tangents = detail::any_tangent({&x, &query, &w_q, &w_k}, attn_bias);
+  if (!needs_grad && !with_tangents) {
     // Inference: one op below autograd. This also keeps attention_pool as one
     // node when torch.export decomposes for inference.
     at::AutoDispatchBelowADInplaceOrView guard;
     return attnpool::attention_pool(x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths);
   }
   return detail::compose_attention_pool(
-      x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths);
+      x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths, with_tangents);
 }
 
 }  // namespace

@@ -1,0 +1,128 @@
+// attention_pool by projecting every key instead of folding the query
+// (issue 14, item 3): with many queries and heads (CoCa's 256 x 8) the fold's
+// Q·n multiply-adds per element of x cost more than the key projection's H.
+// Built from ATen ops, so every backend, autograd and Meta come with them.
+
+#include "ops/attention_pool.h"
+
+#include "ops/checks.h"
+
+#include <ATen/ATen.h>
+
+#include <limits>
+
+namespace attnpool::detail {
+namespace {
+
+// [..., N, H] -> [..., n, N, d]: each head's slice of the width.
+at::Tensor split_heads(const at::Tensor& t, int64_t num_heads) {
+  return t.unflatten_symint(-1, {num_heads, t.sym_size(-1) / num_heads}).transpose(-3, -2);
+}
+
+// [B, L] bool: the positions that count (SPEC.md §2, §6), as the fold's
+// kernels see them: mask (nonzero attends) or l < lengths[b], and a -inf
+// bias excludes its position.
+at::Tensor attended_positions(
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
+  at::Tensor keep;
+  if (mask.has_value()) {
+    keep = mask->scalar_type() == at::kBool ? *mask : *mask != 0;
+  } else if (lengths.has_value()) {
+    keep = at::arange(c10::Scalar(x.sym_size(1)), lengths->options()).unsqueeze(0) <
+           lengths->unsqueeze(1);
+  } else {
+    keep = at::ones_symint(x.sym_sizes().slice(0, 2), x.options().dtype(at::kBool));
+  }
+  if (attn_bias.has_value()) {
+    keep = keep & (*attn_bias != -std::numeric_limits<double>::infinity());
+  }
+  return keep;
+}
+
+}  // namespace
+
+bool projecting_keys_is_cheaper(int64_t num_queries, int64_t num_heads, int64_t hidden) {
+  // Multiply-adds per element of x (SPEC.md §5): the fold scores Q·n times
+  // and sums Q times; projecting costs H for the key, then Q for the scores
+  // (each query meets each head's d dims once) and Q for the sums.
+  return num_queries * num_heads > hidden + num_queries;
+}
+
+at::Tensor pool_by_projection(
+    const at::Tensor& x,
+    const at::Tensor& query,
+    const at::Tensor& w_q,
+    const at::Tensor& w_k,
+    const std::optional<at::Tensor>& mask,
+    int64_t num_heads,
+    double scale,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths,
+    bool with_tangents) {
+  // x: [B, L, H]; query: [H] or [Q, H]; w_q, w_k: [H, H]. Out: [B, (Q,) H].
+  const c10::SymInt batch = x.sym_size(0);
+  const auto queries = query.dim() == 1 ? query.unsqueeze(0) : query;
+  const c10::SymInt num_queries = queries.sym_size(0);
+  const auto acc = accumulate_dtype(x.scalar_type());
+  const bool masked = mask.has_value() || attn_bias.has_value() || lengths.has_value();
+  // SDPA has no forward-mode AD, and takes a bias in x's dtype, which would
+  // round a bias that the fold adds in float32.
+  const bool exact_scores = with_tangents || (attn_bias.has_value() && acc != x.scalar_type());
+
+  at::Tensor rows = x;
+  at::Tensor any_attended;  // [B] bool, when masked
+  at::Tensor additive;      // [B, 1, 1, L] in acc, when masked
+  if (masked) {
+    const auto keep = attended_positions(x, mask, attn_bias, lengths);
+    any_attended = keep.any(/*dim=*/1);
+    // Positions that do not count are never read: NaN there stays out.
+    rows = x.masked_fill(keep.logical_not().unsqueeze(-1), 0);
+    auto bias = attn_bias.has_value() ? attn_bias->to(acc)
+                                      : at::zeros_symint(keep.sym_sizes(), x.options().dtype(acc));
+    // A row with nothing to attend attends everywhere (finite forward and
+    // backward) and is zeroed at the end.
+    bias = bias.masked_fill(
+        keep.logical_not() & any_attended.unsqueeze(1), -std::numeric_limits<double>::infinity());
+    additive =
+        bias.masked_fill(any_attended.logical_not().unsqueeze(1), 0).unsqueeze(1).unsqueeze(1);
+  }
+
+  const auto projected = at::linear(queries, w_q);  // [Q, H]
+  const auto keys =
+      split_heads(at::linear(rows, w_k.to(x.scalar_type())), num_heads);  // [B, n, L, d]
+  const auto values = split_heads(rows, num_heads);                       // [B, n, L, d]
+  at::Tensor pooled;                                                      // [B, n, Q, d]
+  if (exact_scores) {
+    // Scores and softmax in acc (a bias added in float32, SPEC.md §2), and
+    // plain differentiable ops: forward-mode AD has them all.
+    auto scores =
+        at::matmul(split_heads(projected.to(acc), num_heads), keys.to(acc).transpose(-1, -2)) *
+        scale;  // [B, n, Q, L]
+    if (masked) {
+      scores = scores + additive;
+    }
+    pooled = at::matmul(at::softmax(scores, -1).to(x.scalar_type()), values);
+  } else {
+    const auto q = split_heads(projected.to(x.scalar_type()), num_heads)
+                       .unsqueeze(0)
+                       .expand_symint({batch, num_heads, num_queries, -1});
+    pooled = at::scaled_dot_product_attention(
+        q,
+        keys,
+        values,
+        masked ? std::optional<at::Tensor>(additive.to(x.scalar_type())) : std::nullopt,
+        /*dropout_p=*/0.0,
+        /*is_causal=*/false,
+        scale);
+  }
+  auto out = pooled.transpose(1, 2).reshape_symint({batch, num_queries, x.sym_size(2)});
+  if (masked) {
+    out = at::where(any_attended.unsqueeze(1).unsqueeze(2), out, at::zeros({}, out.options()));
+  }
+  return query.dim() == 1 ? out.squeeze(1) : out;
+}
+
+}  // namespace attnpool::detail
