@@ -297,6 +297,21 @@ void score_dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t
   score_dot_rows_impl<R, S, false>(rows, v, n, out, nullptr);
 }
 
+// How many scores score_dot_rows_each takes per pass over R rows: as many
+// as the registers hold, their sums and one vector of each score's v beside
+// a row. Four where that fits, else two; from bfloat16 products three (at
+// eight rows, 28 registers): 11 loads per 24 products instead of 10 per 16,
+// as the loads, not the products, bound the pass.
+template <int R, typename T, typename V>
+constexpr int at_once() {
+  if constexpr (std::is_same_v<V, at::BFloat16>) {
+    if (3 * R + 4 <= kVectorRegisters) {
+      return 3;
+    }
+  }
+  return 4 * R + 5 <= kVectorRegisters ? 4 : 2 * R + 3 <= kVectorRegisters ? 2 : 1;
+}
+
 // out[k * R + r] = rows[r] . v[k * n : (k + 1) * n] for `count`
 // consecutive vectors of v, as many at a time as the registers hold: one
 // load of a row then serves up to four scores. score_dot_rows sums each
@@ -309,13 +324,15 @@ void score_dot_rows(const T* const* rows, const A* v, int64_t n, A* out, int64_t
 template <int R, typename T, typename V, typename A>
 void score_dot_rows_each(
     const T* const* rows, const V* v, int64_t n, int64_t count, A* out, int64_t ahead = 0) {
-  constexpr int kAtOnce = 4 * R + 5 <= kVectorRegisters ? 4 : 2 * R + 3 <= kVectorRegisters ? 2 : 1;
+  constexpr int kAtOnce = at_once<R, T, V>();
   const int64_t rest = count % kAtOnce;
   const int64_t passes = count / kAtOnce + (kAtOnce > 2 ? rest / 2 + rest % 2 : rest);
   int64_t pass = 0;
   auto score = [&](auto at_once, int64_t k) {
     constexpr int kScores = decltype(at_once)::value;
-    if (ahead == 0) {
+    // Past the first R passes no row of the next tile is left to prefetch:
+    // those passes issue no prefetch, which would take a load slot per row.
+    if (ahead == 0 || pass >= R) {
       return score_dot_rows_impl<R, kScores, false>(rows, v + k * n, n, out + k * R, nullptr);
     }
     int64_t aheads[R];
