@@ -31,11 +31,14 @@ def errors(dtype, batch, length, hidden, heads, queries, x_scale=1.0):
         ("op", attnpool.attention_pool, dtype),
     ):
         xd = x.to(dtype).to(cast).requires_grad_()
-        out = function(xd, *[t.to(cast) for t in params], mask, heads)
+        # w_k's gradient comes from du, the kernels' other product.
+        qd, wqd, wkd = [t.to(cast) for t in params]
+        wkd = wkd.clone().requires_grad_()
+        out = function(xd, qd, wqd, wkd, mask, heads)
         if grad is None:
             grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
         (out.double() * grad).sum().backward()
-        result[name] = (out.detach().double(), xd.grad.double())
+        result[name] = (out.detach().double(), xd.grad.double(), wkd.grad.double())
     # The tangent of out for random tangents of x and the query (forward mode).
     x_tangent = torch.randn(x.shape, generator=gen, dtype=torch.float64)
     q_tangent = torch.randn(q.shape, generator=gen, dtype=torch.float64)
@@ -51,10 +54,10 @@ def errors(dtype, batch, length, hidden, heads, queries, x_scale=1.0):
             (x_tangent.to(dtype).to(cast), q_tangent.to(dtype).to(cast)),
         )
         result[name] += (tangent.double(),)
-    # [op's out, dx and tangent errors, the same-dtype reference's three], relative
+    # [op's out, dx, dw_k and tangent errors, the same-dtype reference's four], relative
     def rel(a, b):
         return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-    return [rel(result[k][i], result["exact"][i]) for k in ("op", "reference") for i in (0, 1, 2)]
+    return [rel(result[k][i], result["exact"][i]) for k in ("op", "reference") for i in range(4)]
 
 report = {}
 dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -131,7 +134,7 @@ def test_each_instruction_set_matches_reference(isa):
     for case, errors in report["errors"].items():
         floor = FLOOR[case.split("/")[0]]
         for what, error, reference_error in zip(
-            ("out", "dx", "tangent"), errors[:3], errors[3:], strict=True
+            ("out", "dx", "dw_k", "tangent"), errors[:4], errors[4:], strict=True
         ):
             if what == "tangent" and "scores" in case:
                 # The float64 composition is no exact tangent at such scores (see

@@ -4,6 +4,7 @@
 // recomputes the softmax from the saved log-sum-exp and writes dx and du.
 // Per instruction set, like every file in isa/ (ops/cpu/README.md).
 
+#include "ops/cpu/isa/backward_bf16.h"
 #include "ops/cpu/isa/recompute.h"
 #include "ops/cpu/isa/vec_helpers.h"
 #include "ops/cpu/kernel_set.h"
@@ -340,7 +341,8 @@ void backward_rows(
     acc_t* probs,    // [num_scores][R] scratch
     acc_t* dscores,  // [num_scores][R] scratch
     acc_t* du,
-    bool stream_dx) {
+    bool stream_dx,
+    const Bf16Products& products) {
   const int64_t H = s.hidden;
   const int64_t n = s.num_heads;
   const int64_t d = s.head_dim;
@@ -366,6 +368,13 @@ void backward_rows(
       dscores[k * R + j] = scale * probs[k * R + j] * (dscores[k * R + j] - delta_k);
     }
   }
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (products.u_pairs != nullptr) {
+      return dx_du_rows_bf16<R>(s, rows, dx_rows, probs, dscores, g_b, u_bf16, products, du);
+    }
+  }
+#endif
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (stream_dx) {
       dx_rows_all_scores<R, true>(s, probs, dscores, g_b, u, dx_rows);
@@ -419,11 +428,30 @@ void backward_impl(const BackwardParams& p) {
   const acc_t* u_paired = u_paired_buffer.empty() ? nullptr : u_paired_buffer.data();
   const std::vector<at::BFloat16> u_bf16_buffer = u_in_bf16<scalar_t>(p, u);
   const at::BFloat16* u_bf16 = u_bf16_buffer.empty() ? nullptr : u_bf16_buffer.data();
+  // dx and du from bfloat16 products where the scores come from them
+  // ([Note: bfloat16 products in the backward]).
+  std::vector<uint32_t> u_pairs;
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (u_bf16 != nullptr) {
+      u_pairs = u_in_score_pairs(num_scores, H, u);
+    }
+  }
+#endif
 
   const int64_t grain = parallel_grain(p.flat_cut, H);
   at::parallel_for(0, p.flat_cut.pieces, grain, [&](int64_t begin, int64_t end) {
     RowTile<scalar_t, kTile> tile;
     std::vector<acc_t> scratch(2 * num_scores * kTile);
+    std::vector<uint32_t> pair_scratch(
+        u_pairs.empty() ? 0 : ((num_scores + 1) / 2) * kTile + ((kTile + 1) / 2) * H);
+    Bf16Products products;
+    if (!u_pairs.empty()) {
+      products = {
+          u_pairs.data(),
+          pair_scratch.data(),
+          pair_scratch.data() + ((num_scores + 1) / 2) * kTile};
+    }
     scalar_t* dx_out[kTile] = {};
     acc_t tile_bias[kTile] = {};
     const acc_t* biases = bias == nullptr ? nullptr : tile_bias;
@@ -470,7 +498,8 @@ void backward_impl(const BackwardParams& p) {
               scratch.data(),
               scratch.data() + num_scores * kTile,
               du,
-              p.stream_dx);
+              p.stream_dx,
+              products);
         });
         tile.clear();
       };

@@ -1,0 +1,283 @@
+#pragma once
+
+// The backward's dx and du from bfloat16 products (AVX512-BF16 level only).
+//
+// [Note: bfloat16 products in the backward]
+// With bfloat16 rows and several scores per row, the forward scores from
+// vdpbf16ps against u rounded to bfloat16 ([Note: bfloat16 products]). The
+// backward's two large products take their products the same way:
+//   dx[r] = sum_i p * G_i  +  sum_k ds[k][r] * u_k     (num_scores terms)
+//   du_k += sum_r ds[k][r] * x[r]                       (per row)
+// with ds rounded to bfloat16 (the composition's bfloat16 matmuls round
+// their gradients too), u the forward's rounded u and x exact, every sum in
+// float32. The p * G part stays in float32. vdpbf16ps multiplies pairs of
+// bfloat16 in a 32-bit lane and adds both products to the lane's float32
+// sum, so each operand comes as pairs along the summed index: u and ds
+// paired by scores for dx, x and ds paired by rows for du.
+
+#include "ops/cpu/isa/vec_helpers.h"
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace attnpool::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// Scratch and the paired u of one backward call; null pointers where the
+// level or the dtype takes no bfloat16 products.
+struct Bf16Products {
+  const uint32_t* u_pairs = nullptr;  // [ceil(num_scores / 2)][H]
+  uint32_t* ds_pairs = nullptr;       // [ceil(num_scores / 2)][R], per tile
+  uint32_t* row_pairs = nullptr;      // [ceil(R / 2)][H], per tile
+};
+
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+
+// Two bfloat16 in one 32-bit lane: `first` in the low half, the first
+// element of a vdpbf16ps pair.
+inline uint32_t bf16_pair(float first, float second) {
+  return static_cast<uint32_t>(c10::BFloat16(first).x) |
+         (static_cast<uint32_t>(c10::BFloat16(second).x) << 16);
+}
+
+inline float bf16_rounded(float value) {
+  return static_cast<float>(c10::BFloat16(value));
+}
+
+// u_pairs[kp * H + e] = (u[2 kp][e], u[2 kp + 1][e]), 0 past the last score.
+inline std::vector<uint32_t> u_in_score_pairs(int64_t num_scores, int64_t H, const float* u) {
+  std::vector<uint32_t> pairs(((num_scores + 1) / 2) * H);
+  for (int64_t k = 0; k < num_scores; k += 2) {
+    for (int64_t e = 0; e < H; ++e) {
+      const float second = k + 1 < num_scores ? u[(k + 1) * H + e] : 0.0f;
+      pairs[(k / 2) * H + e] = bf16_pair(u[k * H + e], second);
+    }
+  }
+  return pairs;
+}
+
+// dx[r][e] for the columns [e, end) of head h, C vectors of 16 at a time:
+// sum_i p[i, h][r] * G_i[e] in float32 FMAs, then sum_k ds[k][r] * u_k[e]
+// from pairs of scores. Returns where it stopped.
+template <int R, int C>
+int64_t dx_columns_bf16(
+    const PoolShape& s,
+    int64_t h,
+    int64_t e,
+    int64_t end,
+    const float* probs,
+    const float* g,
+    const Bf16Products& products,
+    at::BFloat16* const* dx) {
+  constexpr int64_t W = 16;
+  const int64_t H = s.hidden;
+  const int64_t n = s.num_heads;
+  const int64_t score_pairs = (s.num_scores() + 1) / 2;
+  for (; e + C * W <= end; e += C * W) {
+    __m512 acc[R][C];
+    for (int r = 0; r < R; ++r) {
+      for (int c = 0; c < C; ++c) {
+        acc[r][c] = _mm512_setzero_ps();
+      }
+    }
+    for (int64_t i = 0; i < s.num_queries; ++i) {
+      __m512 gv[C];
+      for (int c = 0; c < C; ++c) {
+        gv[c] = _mm512_loadu_ps(g + i * H + e + c * W);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 weight = _mm512_set1_ps(probs[(i * n + h) * R + r]);
+        for (int c = 0; c < C; ++c) {
+          acc[r][c] = _mm512_fmadd_ps(weight, gv[c], acc[r][c]);
+        }
+      }
+    }
+    for (int64_t kp = 0; kp < score_pairs; ++kp) {
+      __m512bh uv[C];
+      for (int c = 0; c < C; ++c) {
+        uv[c] =
+            reinterpret_cast<__m512bh>(_mm512_loadu_si512(products.u_pairs + kp * H + e + c * W));
+      }
+      for (int r = 0; r < R; ++r) {
+        const auto weight = reinterpret_cast<__m512bh>(
+            _mm512_set1_epi32(static_cast<int>(products.ds_pairs[kp * R + r])));
+        for (int c = 0; c < C; ++c) {
+          acc[r][c] = _mm512_dpbf16_ps(acc[r][c], uv[c], weight);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      if constexpr (C == 2) {
+        at::vec::convert_from_float<at::BFloat16>(
+            Vectorized<float>(acc[r][0]), Vectorized<float>(acc[r][1]))
+            .store(dx[r] + e);
+      } else {
+        at::vec::convert_from_float<at::BFloat16>(
+            Vectorized<float>(acc[r][0]), Vectorized<float>(0.0f))
+            .store(dx[r] + e, W);
+      }
+    }
+  }
+  return e;
+}
+
+// dx of a tile for every score from bfloat16 products, head slice by head
+// slice; dscores already rounded to bfloat16. Columns left over by whole
+// vectors are summed one by one from the same rounded values.
+template <int R>
+void dx_rows_bf16(
+    const PoolShape& s,
+    const float* probs,
+    const float* dscores,
+    const float* g,
+    const at::BFloat16* u_bf16,
+    const Bf16Products& products,
+    at::BFloat16* const* dx) {
+  const int64_t H = s.hidden;
+  const int64_t n = s.num_heads;
+  const int64_t d = s.head_dim;
+  const int64_t num_scores = s.num_scores();
+  for (int64_t k = 0; k < num_scores; k += 2) {
+    for (int r = 0; r < R; ++r) {
+      const float second = k + 1 < num_scores ? dscores[(k + 1) * R + r] : 0.0f;
+      products.ds_pairs[(k / 2) * R + r] = bf16_pair(dscores[k * R + r], second);
+    }
+  }
+  for (int64_t h = 0; h < n; ++h) {
+    const int64_t end = (h + 1) * d;
+    int64_t e = dx_columns_bf16<R, 2>(s, h, h * d, end, probs, g, products, dx);
+    e = dx_columns_bf16<R, 1>(s, h, e, end, probs, g, products, dx);
+    for (; e < end; ++e) {
+      for (int r = 0; r < R; ++r) {
+        float total = 0.0f;
+        for (int64_t i = 0; i < s.num_queries; ++i) {
+          total += probs[(i * n + h) * R + r] * g[i * H + e];
+        }
+        for (int64_t k = 0; k < num_scores; ++k) {
+          total += dscores[k * R + r] * static_cast<float>(u_bf16[k * H + e]);
+        }
+        dx[r][e] = static_cast<at::BFloat16>(total);
+      }
+    }
+  }
+}
+
+// row_pairs[p * H + e] = (rows[2 p][e], rows[2 p + 1][e]), 0 past the last
+// row: the rows of a tile paired for du's products, in column order.
+template <int R>
+void pair_rows(const at::BFloat16* const* rows, int64_t H, uint32_t* row_pairs) {
+  constexpr int P = (R + 1) / 2;
+  for (int p = 0; p < P; ++p) {
+    const at::BFloat16* first = rows[2 * p];
+    const at::BFloat16* second = 2 * p + 1 < R ? rows[2 * p + 1] : nullptr;
+    uint32_t* out = row_pairs + p * H;
+    int64_t e = 0;
+    for (; e + 16 <= H; e += 16) {
+      const __m512i low =
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(first + e)));
+      const __m512i high = second == nullptr ? _mm512_setzero_si512()
+                                             : _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                                   reinterpret_cast<const __m256i*>(second + e)));
+      _mm512_storeu_si512(out + e, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+    }
+    for (; e < H; ++e) {
+      const uint32_t high = second == nullptr ? 0u : second[e].x;
+      out[e] = static_cast<uint32_t>(first[e].x) | (high << 16);
+    }
+  }
+}
+
+// du_k += sum_r ds[k][r] * rows[r] for S scores from k on, from the paired
+// rows; dscores already rounded to bfloat16.
+template <int R, int S>
+void du_scores_bf16(
+    const at::BFloat16* const* rows,
+    const float* dscores,
+    int64_t k,
+    int64_t H,
+    const uint32_t* row_pairs,
+    float* du) {
+  constexpr int P = (R + 1) / 2;
+  __m512bh weight[S][P];
+  for (int j = 0; j < S; ++j) {
+    const float* ds = dscores + (k + j) * R;
+    for (int p = 0; p < P; ++p) {
+      const float second = 2 * p + 1 < R ? ds[2 * p + 1] : 0.0f;
+      weight[j][p] = reinterpret_cast<__m512bh>(
+          _mm512_set1_epi32(static_cast<int>(bf16_pair(ds[2 * p], second))));
+    }
+  }
+  int64_t e = 0;
+  for (; e + 16 <= H; e += 16) {
+    __m512 acc[S];
+    for (int j = 0; j < S; ++j) {
+      acc[j] = _mm512_loadu_ps(du + (k + j) * H + e);
+    }
+    for (int p = 0; p < P; ++p) {
+      const auto xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(row_pairs + p * H + e));
+      for (int j = 0; j < S; ++j) {
+        acc[j] = _mm512_dpbf16_ps(acc[j], xv, weight[j][p]);
+      }
+    }
+    for (int j = 0; j < S; ++j) {
+      _mm512_storeu_ps(du + (k + j) * H + e, acc[j]);
+    }
+  }
+  for (; e < H; ++e) {
+    for (int j = 0; j < S; ++j) {
+      float total = du[(k + j) * H + e];
+      for (int r = 0; r < R; ++r) {
+        total += dscores[(k + j) * R + r] * static_cast<float>(rows[r][e]);
+      }
+      du[(k + j) * H + e] = total;
+    }
+  }
+}
+
+// du for every score of a tile, kSumsPerPass scores per pass over the
+// paired rows.
+template <int R>
+void du_rows_bf16(
+    const at::BFloat16* const* rows,
+    const float* dscores,
+    int64_t num_scores,
+    int64_t H,
+    const Bf16Products& products,
+    float* du) {
+  pair_rows<R>(rows, H, products.row_pairs);
+  for (int64_t k = 0; k < num_scores; k += kSumsPerPass) {
+    const int count = static_cast<int>(std::min<int64_t>(kSumsPerPass, num_scores - k));
+    with_tile_size<kSumsPerPass>(count, [&](auto size) {
+      du_scores_bf16<R, decltype(size)::value>(rows, dscores, k, H, products.row_pairs, du);
+    });
+  }
+}
+
+// dx and du of a tile from bfloat16 products, ds first rounded in place.
+template <int R>
+void dx_du_rows_bf16(
+    const PoolShape& s,
+    const at::BFloat16* const* rows,
+    at::BFloat16* const* dx,
+    const float* probs,
+    float* dscores,
+    const float* g,
+    const at::BFloat16* u_bf16,
+    const Bf16Products& products,
+    float* du) {
+  const int64_t num_scores = s.num_scores();
+  for (int64_t i = 0; i < num_scores * R; ++i) {
+    dscores[i] = bf16_rounded(dscores[i]);
+  }
+  dx_rows_bf16<R>(s, probs, dscores, g, u_bf16, products, dx);
+  du_rows_bf16<R>(rows, dscores, num_scores, s.hidden, products, du);
+}
+
+#endif  // CPU_CAPABILITY_AVX512_BF16
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace attnpool::cpu
