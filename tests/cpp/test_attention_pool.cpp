@@ -132,7 +132,10 @@ INSTANTIATE_TEST_SUITE_P(
         Case{2, 9, 16, 3, 4, true, false},
         Case{4, 6, 8, 2, 2, false, true},
         Case{1, 300, 64, 2, 4, true, false},
-        Case{1, 2000, 40, 0, 2, false, false}),
+        Case{1, 2000, 40, 0, 2, false, false},
+        // Q * n > H + Q: attention_pool projects the keys.
+        Case{3, 7, 8, 6, 4, true, false},
+        Case{2, 5, 8, 6, 4, false, true}),
     [](const ::testing::TestParamInfo<Case>& info) {
       const Case& c = info.param;
       return "B" + std::to_string(c.batch) + "_L" + std::to_string(c.seq_len) + "_H" +
