@@ -115,8 +115,7 @@ at::Tensor compose_attention_pool(
     int64_t num_heads,
     std::optional<double> scale,
     const std::optional<at::Tensor>& attn_bias,
-    const std::optional<at::Tensor>& lengths,
-    bool with_tangents) {
+    const std::optional<at::Tensor>& lengths) {
   const double resolved =
       checked_attention_pool_scale(x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths);
   const int64_t num_queries =
@@ -124,8 +123,7 @@ at::Tensor compose_attention_pool(
   const bool empty = x.sym_numel() == 0;
   if (!empty && projecting_keys_is_cheaper(
                     num_queries, num_heads, x.sym_size(2).guard_int(__FILE__, __LINE__))) {
-    return pool_by_projection(
-        x, query, w_q, w_k, mask, num_heads, resolved, attn_bias, lengths, with_tangents);
+    return pool_by_projection(x, query, w_q, w_k, mask, num_heads, resolved, attn_bias, lengths);
   }
   const auto u = attnpool::fold_query(query, w_q, w_k, num_heads, std::nullopt);
   return attnpool::folded_attention_pool(
@@ -133,25 +131,6 @@ at::Tensor compose_attention_pool(
 }
 
 }  // namespace detail
-
-namespace {
-
-// The kernel of every backend: no tangent reaches below autograd.
-at::Tensor pool_attention(
-    const at::Tensor& x,
-    const at::Tensor& query,
-    const at::Tensor& w_q,
-    const at::Tensor& w_k,
-    const std::optional<at::Tensor>& mask,
-    int64_t num_heads,
-    std::optional<double> scale,
-    const std::optional<at::Tensor>& attn_bias,
-    const std::optional<at::Tensor>& lengths) {
-  return detail::compose_attention_pool(
-      x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths);
-}
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(attnpool, m) {
   m.def(
@@ -170,11 +149,11 @@ TORCH_LIBRARY_IMPL(attnpool, CompositeImplicitAutograd, m) {
 
 // Meta is named as well: fake tensors look for a kernel registered at Meta itself.
 TORCH_LIBRARY_IMPL(attnpool, CompositeExplicitAutograd, m) {
-  m.impl("attention_pool", &pool_attention);
+  m.impl("attention_pool", &detail::compose_attention_pool);
 }
 
 TORCH_LIBRARY_IMPL(attnpool, Meta, m) {
-  m.impl("attention_pool", &pool_attention);
+  m.impl("attention_pool", &detail::compose_attention_pool);
 }
 
 }  // namespace attnpool

@@ -36,7 +36,7 @@ double checked_attention_pool_varlen_scale(
 
 // folded_attention_pool(x, fold_query(query, w_q, w_k, num_heads), mask,
 // checked_attention_pool_scale(...)), or pool_by_projection where that is
-// cheaper (with_tangents: the call carries forward-mode tangents).
+// cheaper.
 at::Tensor compose_attention_pool(
     const at::Tensor& x,
     const at::Tensor& query,
@@ -46,8 +46,7 @@ at::Tensor compose_attention_pool(
     int64_t num_heads,
     std::optional<double> scale,
     const std::optional<at::Tensor>& attn_bias,
-    const std::optional<at::Tensor>& lengths,
-    bool with_tangents = false);
+    const std::optional<at::Tensor>& lengths);
 
 // Whether projecting every key costs fewer multiply-adds than the fold for Q
 // queries and n heads over width H (attention_pool_by_projection.cpp).
@@ -55,7 +54,8 @@ bool projecting_keys_is_cheaper(int64_t num_queries, int64_t num_heads, int64_t 
 
 // attention_pool by projecting the keys (checked inputs, the resolved
 // scale): SDPA over the projected keys with x's head slices as values, or,
-// with_tangents, the same product written in differentiable ATen ops.
+// for inputs with a forward-mode tangent, the same product written in
+// differentiable ATen ops.
 at::Tensor pool_by_projection(
     const at::Tensor& x,
     const at::Tensor& query,
@@ -65,7 +65,6 @@ at::Tensor pool_by_projection(
     int64_t num_heads,
     double scale,
     const std::optional<at::Tensor>& attn_bias,
-    const std::optional<at::Tensor>& lengths,
-    bool with_tangents);
+    const std::optional<at::Tensor>& lengths);
 
 }  // namespace attnpool::detail

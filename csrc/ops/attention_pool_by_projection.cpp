@@ -5,6 +5,7 @@
 
 #include "ops/attention_pool.h"
 
+#include "ops/autograd/forward_ad.h"
 #include "ops/checks.h"
 
 #include <ATen/ATen.h>
@@ -60,16 +61,17 @@ at::Tensor pool_by_projection(
     int64_t num_heads,
     double scale,
     const std::optional<at::Tensor>& attn_bias,
-    const std::optional<at::Tensor>& lengths,
-    bool with_tangents) {
+    const std::optional<at::Tensor>& lengths) {
   // x: [B, L, H]; query: [H] or [Q, H]; w_q, w_k: [H, H]. Out: [B, (Q,) H].
   const c10::SymInt batch = x.sym_size(0);
   const auto queries = query.dim() == 1 ? query.unsqueeze(0) : query;
   const c10::SymInt num_queries = queries.sym_size(0);
   const auto acc = accumulate_dtype(x.scalar_type());
   const bool masked = mask.has_value() || attn_bias.has_value() || lengths.has_value();
-  // SDPA has no forward-mode AD, and takes a bias in x's dtype, which would
-  // round a bias that the fold adds in float32.
+  // SDPA has no forward-mode AD (a tangent reaches here only through the
+  // autograd kernel), and takes a bias in x's dtype, which would round a
+  // bias that the fold adds in float32.
+  const bool with_tangents = any_tangent({&x, &query, &w_q, &w_k}, attn_bias);
   const bool exact_scores = with_tangents || (attn_bias.has_value() && acc != x.scalar_type());
 
   at::Tensor rows = x;

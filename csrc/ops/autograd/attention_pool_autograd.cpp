@@ -33,15 +33,14 @@ at::Tensor attention_pool_autograd(
       at::GradMode::is_enabled() &&
       (x.requires_grad() || query.requires_grad() || w_q.requires_grad() || w_k.requires_grad());
   // A tangent goes through the parts, which have forward-mode AD.
-  const bool with_tangents = detail::any_tangent({&x, &query, &w_q, &w_k}, attn_bias);
-  if (!needs_grad && !with_tangents) {
+  if (!needs_grad && !detail::any_tangent({&x, &query, &w_q, &w_k}, attn_bias)) {
     // Inference: one op below autograd. This also keeps attention_pool as one
     // node when torch.export decomposes for inference.
     at::AutoDispatchBelowADInplaceOrView guard;
     return attnpool::attention_pool(x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths);
   }
   return detail::compose_attention_pool(
-      x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths, with_tangents);
+      x, query, w_q, w_k, mask, num_heads, scale, attn_bias, lengths);
 }
 
 }  // namespace
