@@ -188,8 +188,10 @@ void backward_rows_one_score(
 //   sum_i p[i, h][r] * G_i[e]  +  sum_k ds[k][r] * u_k[e]
 // with the R rows' sums in registers, so that each element of dx is
 // written once, in x's dtype, and each vector of G and u loaded serves R
-// rows. Returns where it stopped (the columns left are under C vectors).
-template <int R, int C, bool kStream, typename A, typename D>
+// rows. kProducts: the second sum from bfloat16 products of the paired ds
+// and u ([Note: bfloat16 products in the backward]). Returns where it
+// stopped (the columns left are under C vectors).
+template <int R, int C, bool kStream, bool kProducts, typename A, typename D>
 int64_t dx_columns(
     const PoolShape& s,
     int64_t h,
@@ -199,6 +201,7 @@ int64_t dx_columns(
     const A* dscores,
     const A* g,
     const A* u,
+    const Bf16Products& products,
     D* const* dx) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
@@ -234,8 +237,12 @@ int64_t dx_columns(
     for (int64_t i = 0; i < s.num_queries; ++i) {
       add(probs + (i * n + h) * R, g + i * H);
     }
-    for (int64_t k = 0; k < num_scores; ++k) {
-      add(dscores + k * R, u + k * H);
+    if constexpr (kProducts) {
+      add_score_pair_products<R, C>(acc, products, (num_scores + 1) / 2, H, e);
+    } else {
+      for (int64_t k = 0; k < num_scores; ++k) {
+        add(dscores + k * R, u + k * H);
+      }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -258,10 +265,17 @@ int64_t dx_columns(
 
 // dx of a tile for every score (dx_columns), head slice by head slice;
 // columns left over by whole vectors are summed one by one, in the same
-// order.
-template <int R, bool kStream, typename A, typename D>
+// order. kProducts: dscores already rounded to bfloat16, products paired
+// for dx_columns, u taken rounded as its pairs hold it.
+template <int R, bool kStream, bool kProducts, typename A, typename D>
 void dx_rows_all_scores(
-    const PoolShape& s, const A* probs, const A* dscores, const A* g, const A* u, D* const* dx) {
+    const PoolShape& s,
+    const A* probs,
+    const A* dscores,
+    const A* g,
+    const A* u,
+    const Bf16Products& products,
+    D* const* dx) {
   constexpr int64_t W = Vectorized<A>::size();
   // Two vectors of columns where the registers hold 2 * R sums; a narrow dx
   // needs two float vectors per stored vector.
@@ -278,14 +292,14 @@ void dx_rows_all_scores(
     bool streamed = false;
     if constexpr (kStream) {
       if (aligned) {
-        e = dx_columns<R, kC, true>(s, h, e, end, probs, dscores, g, u, dx);
-        e = dx_columns<R, 1, true>(s, h, e, end, probs, dscores, g, u, dx);
+        e = dx_columns<R, kC, true, kProducts>(s, h, e, end, probs, dscores, g, u, products, dx);
+        e = dx_columns<R, 1, true, kProducts>(s, h, e, end, probs, dscores, g, u, products, dx);
         streamed = true;
       }
     }
     if (!streamed) {
-      e = dx_columns<R, kC, false>(s, h, e, end, probs, dscores, g, u, dx);
-      e = dx_columns<R, 1, false>(s, h, e, end, probs, dscores, g, u, dx);
+      e = dx_columns<R, kC, false, kProducts>(s, h, e, end, probs, dscores, g, u, products, dx);
+      e = dx_columns<R, 1, false, kProducts>(s, h, e, end, probs, dscores, g, u, products, dx);
     }
     for (; e < end; ++e) {
       for (int r = 0; r < R; ++r) {
@@ -294,7 +308,8 @@ void dx_rows_all_scores(
           total += probs[(i * n + h) * R + r] * g[i * H + e];
         }
         for (int64_t k = 0; k < num_scores; ++k) {
-          total += dscores[k * R + r] * u[k * H + e];
+          const A u_k = kProducts ? bf16_rounded(u[k * H + e]) : u[k * H + e];
+          total += dscores[k * R + r] * u_k;
         }
         dx[r][e] = static_cast<D>(total);
       }
@@ -371,17 +386,22 @@ void backward_rows(
 #if defined(CPU_CAPABILITY_AVX512_BF16)
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (products.u_pairs != nullptr) {
-      return dx_du_rows_bf16<R>(s, rows, dx_rows, probs, dscores, g_b, u_bf16, products, du);
+      for (int64_t i = 0; i < num_scores * R; ++i) {
+        dscores[i] = bf16_rounded(dscores[i]);
+      }
+      pair_scores<R>(num_scores, dscores, products.ds_pairs);
+      dx_rows_all_scores<R, false, true>(s, probs, dscores, g_b, u, products, dx_rows);
+      return du_rows_bf16<R>(rows, dscores, num_scores, H, products, du);
     }
   }
 #endif
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (stream_dx) {
-      dx_rows_all_scores<R, true>(s, probs, dscores, g_b, u, dx_rows);
+      dx_rows_all_scores<R, true, false>(s, probs, dscores, g_b, u, products, dx_rows);
       return du_rows_all_scores<R>(rows, dscores, num_scores, H, du);
     }
   }
-  dx_rows_all_scores<R, false>(s, probs, dscores, g_b, u, dx_rows);
+  dx_rows_all_scores<R, false, false>(s, probs, dscores, g_b, u, products, dx_rows);
   du_rows_all_scores<R>(rows, dscores, num_scores, H, du);
 }
 

@@ -34,6 +34,20 @@ struct Bf16Products {
   uint32_t* row_pairs = nullptr;      // [ceil(R / 2)][H], per tile
 };
 
+inline float bf16_rounded(float value) {
+  return static_cast<float>(c10::BFloat16(value));
+}
+
+// acc[r][c] += sum over the pairs of scores of ds[k][r] * u_k[e + 16 c]
+// (dx_columns). Defined at the AVX512_BF16 level only.
+template <int R, int C>
+void add_score_pair_products(
+    Vectorized<float> (&acc)[R][C],
+    const Bf16Products& products,
+    int64_t score_pairs,
+    int64_t H,
+    int64_t e);
+
 #if defined(CPU_CAPABILITY_AVX512_BF16)
 
 // Two bfloat16 in one 32-bit lane: `first` in the low half, the first
@@ -41,10 +55,6 @@ struct Bf16Products {
 inline uint32_t bf16_pair(float first, float second) {
   return static_cast<uint32_t>(c10::BFloat16(first).x) |
          (static_cast<uint32_t>(c10::BFloat16(second).x) << 16);
-}
-
-inline float bf16_rounded(float value) {
-  return static_cast<float>(c10::BFloat16(value));
 }
 
 // u_pairs[kp * H + e] = (u[2 kp][e], u[2 kp + 1][e]), 0 past the last score.
@@ -59,108 +69,37 @@ inline std::vector<uint32_t> u_in_score_pairs(int64_t num_scores, int64_t H, con
   return pairs;
 }
 
-// dx[r][e] for the columns [e, end) of head h, C vectors of 16 at a time:
-// sum_i p[i, h][r] * G_i[e] in float32 FMAs, then sum_k ds[k][r] * u_k[e]
-// from pairs of scores. Returns where it stopped.
 template <int R, int C>
-int64_t dx_columns_bf16(
-    const PoolShape& s,
-    int64_t h,
-    int64_t e,
-    int64_t end,
-    const float* probs,
-    const float* g,
+void add_score_pair_products(
+    Vectorized<float> (&acc)[R][C],
     const Bf16Products& products,
-    at::BFloat16* const* dx) {
+    int64_t score_pairs,
+    int64_t H,
+    int64_t e) {
   constexpr int64_t W = 16;
-  const int64_t H = s.hidden;
-  const int64_t n = s.num_heads;
-  const int64_t score_pairs = (s.num_scores() + 1) / 2;
-  for (; e + C * W <= end; e += C * W) {
-    __m512 acc[R][C];
-    for (int r = 0; r < R; ++r) {
-      for (int c = 0; c < C; ++c) {
-        acc[r][c] = _mm512_setzero_ps();
-      }
-    }
-    for (int64_t i = 0; i < s.num_queries; ++i) {
-      __m512 gv[C];
-      for (int c = 0; c < C; ++c) {
-        gv[c] = _mm512_loadu_ps(g + i * H + e + c * W);
-      }
-      for (int r = 0; r < R; ++r) {
-        const __m512 weight = _mm512_set1_ps(probs[(i * n + h) * R + r]);
-        for (int c = 0; c < C; ++c) {
-          acc[r][c] = _mm512_fmadd_ps(weight, gv[c], acc[r][c]);
-        }
-      }
-    }
-    for (int64_t kp = 0; kp < score_pairs; ++kp) {
-      __m512bh uv[C];
-      for (int c = 0; c < C; ++c) {
-        uv[c] =
-            reinterpret_cast<__m512bh>(_mm512_loadu_si512(products.u_pairs + kp * H + e + c * W));
-      }
-      for (int r = 0; r < R; ++r) {
-        const auto weight = reinterpret_cast<__m512bh>(
-            _mm512_set1_epi32(static_cast<int>(products.ds_pairs[kp * R + r])));
-        for (int c = 0; c < C; ++c) {
-          acc[r][c] = _mm512_dpbf16_ps(acc[r][c], uv[c], weight);
-        }
-      }
+  for (int64_t kp = 0; kp < score_pairs; ++kp) {
+    __m512bh uv[C];
+    for (int c = 0; c < C; ++c) {
+      uv[c] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(products.u_pairs + kp * H + e + c * W));
     }
     for (int r = 0; r < R; ++r) {
-      if constexpr (C == 2) {
-        at::vec::convert_from_float<at::BFloat16>(
-            Vectorized<float>(acc[r][0]), Vectorized<float>(acc[r][1]))
-            .store(dx[r] + e);
-      } else {
-        at::vec::convert_from_float<at::BFloat16>(
-            Vectorized<float>(acc[r][0]), Vectorized<float>(0.0f))
-            .store(dx[r] + e, W);
+      const auto weight = reinterpret_cast<__m512bh>(
+          _mm512_set1_epi32(static_cast<int>(products.ds_pairs[kp * R + r])));
+      for (int c = 0; c < C; ++c) {
+        acc[r][c] = _mm512_dpbf16_ps(acc[r][c], uv[c], weight);
       }
     }
   }
-  return e;
 }
 
-// dx of a tile for every score from bfloat16 products, head slice by head
-// slice; dscores already rounded to bfloat16. Columns left over by whole
-// vectors are summed one by one from the same rounded values.
+// ds_pairs[kp * R + r] = (ds[2 kp][r], ds[2 kp + 1][r]), 0 past the last
+// score: a tile's ds paired by scores for dx's products.
 template <int R>
-void dx_rows_bf16(
-    const PoolShape& s,
-    const float* probs,
-    const float* dscores,
-    const float* g,
-    const at::BFloat16* u_bf16,
-    const Bf16Products& products,
-    at::BFloat16* const* dx) {
-  const int64_t H = s.hidden;
-  const int64_t n = s.num_heads;
-  const int64_t d = s.head_dim;
-  const int64_t num_scores = s.num_scores();
+void pair_scores(int64_t num_scores, const float* dscores, uint32_t* ds_pairs) {
   for (int64_t k = 0; k < num_scores; k += 2) {
     for (int r = 0; r < R; ++r) {
       const float second = k + 1 < num_scores ? dscores[(k + 1) * R + r] : 0.0f;
-      products.ds_pairs[(k / 2) * R + r] = bf16_pair(dscores[k * R + r], second);
-    }
-  }
-  for (int64_t h = 0; h < n; ++h) {
-    const int64_t end = (h + 1) * d;
-    int64_t e = dx_columns_bf16<R, 2>(s, h, h * d, end, probs, g, products, dx);
-    e = dx_columns_bf16<R, 1>(s, h, e, end, probs, g, products, dx);
-    for (; e < end; ++e) {
-      for (int r = 0; r < R; ++r) {
-        float total = 0.0f;
-        for (int64_t i = 0; i < s.num_queries; ++i) {
-          total += probs[(i * n + h) * R + r] * g[i * H + e];
-        }
-        for (int64_t k = 0; k < num_scores; ++k) {
-          total += dscores[k * R + r] * static_cast<float>(u_bf16[k * H + e]);
-        }
-        dx[r][e] = static_cast<at::BFloat16>(total);
-      }
+      ds_pairs[(k / 2) * R + r] = bf16_pair(dscores[k * R + r], second);
     }
   }
 }
@@ -254,26 +193,6 @@ void du_rows_bf16(
       du_scores_bf16<R, decltype(size)::value>(rows, dscores, k, H, products.row_pairs, du);
     });
   }
-}
-
-// dx and du of a tile from bfloat16 products, ds first rounded in place.
-template <int R>
-void dx_du_rows_bf16(
-    const PoolShape& s,
-    const at::BFloat16* const* rows,
-    at::BFloat16* const* dx,
-    const float* probs,
-    float* dscores,
-    const float* g,
-    const at::BFloat16* u_bf16,
-    const Bf16Products& products,
-    float* du) {
-  const int64_t num_scores = s.num_scores();
-  for (int64_t i = 0; i < num_scores * R; ++i) {
-    dscores[i] = bf16_rounded(dscores[i]);
-  }
-  dx_rows_bf16<R>(s, probs, dscores, g, u_bf16, products, dx);
-  du_rows_bf16<R>(rows, dscores, num_scores, s.hidden, products, du);
 }
 
 #endif  // CPU_CAPABILITY_AVX512_BF16
