@@ -29,9 +29,7 @@ void for_each_fold_task(const FoldShape& s, const F& f) {
 // Without it the fold read its two weights about 10% slower.
 template <typename T>
 void prefetch_weight_row(const T* w, int64_t j, int64_t width) {
-  for (int64_t e = 0; e < width; e += 64 / static_cast<int64_t>(sizeof(T))) {
-    prefetch(w + j * width + e, 2 * width);
-  }
+  prefetch_row(w + j * width, width, 2 * width);
 }
 
 // projected[i, j] = query[i] . w_q[j] + q_bias[j], and u[i*n + h] = sum over

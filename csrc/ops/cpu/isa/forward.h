@@ -235,6 +235,10 @@ class SoftmaxState {
     const int64_t ahead = R * x_seq_stride_;
     data_[0] = acc_t(1);
     acc_t scores[R];
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      score_and_accumulate_row_by_row<R, P>(rows, u, scores, prev_weights, prev);
+      return weigh_rows<R>(0, scale, bias, scores, weights, weighted(), H);
+    }
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       if (paired_) {
         score_and_accumulate_rows<R, P, true>(
@@ -245,6 +249,38 @@ class SoftmaxState {
     score_and_accumulate_rows<R, P, false>(
         rows, u, H, scores, ahead, prev_weights, prev, weighted());
     weigh_rows<R>(0, scale, bias, scores, weights, weighted(), H);
+  }
+
+  // score_and_accumulate_rows for rows read as they are (float32, float64),
+  // one row of each tile at a time: row r of this tile is scored while row
+  // r of the previous one is added, each row prefetched kRowByRowAhead rows
+  // ahead. Loads from all R rows of a tile at once (R streams) read memory
+  // at about 0.6x the speed of one stream on a 2-core EPYC (float32 1x1
+  // forward 1.4-1.7 -> 1.05-1.25 ms at 32x512x768); rows widened from 16
+  // bits were slower this way, their loads and conversions no longer shared.
+  // Each score and each weighted sum is summed in the same order as before.
+  template <int R, int P, typename scalar_t>
+  void score_and_accumulate_row_by_row(
+      const scalar_t* const* rows,
+      const acc_t* u,
+      acc_t* scores,
+      const acc_t* prev_weights,
+      const scalar_t* const* prev) {
+    const int64_t H = shape_.hidden;
+    const int64_t ahead = kRowByRowAhead * x_seq_stride_;
+    constexpr int kBoth = std::min(R, P);
+    for (int r = 0; r < kBoth; ++r) {
+      score_and_accumulate_rows<1, 1, false>(
+          rows + r, u, H, scores + r, ahead, prev_weights + r, prev + r, weighted());
+    }
+    for (int r = kBoth; r < R; ++r) {
+      score_and_accumulate_rows<1, 0, false, scalar_t, acc_t>(
+          rows + r, u, H, scores + r, ahead, nullptr, nullptr, nullptr);
+    }
+    for (int r = kBoth; r < P; ++r) {
+      score_and_accumulate_rows<0, 1, false, scalar_t, acc_t>(
+          nullptr, nullptr, H, nullptr, 0, prev_weights + r, prev + r, weighted());
+    }
   }
 
   template <int P, typename scalar_t>
