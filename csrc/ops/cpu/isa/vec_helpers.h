@@ -44,9 +44,10 @@ constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 constexpr int kForwardTileRows = 4;
 constexpr int kBackwardTileRows = 8;
 
-// How many rows ahead the one-score forward prefetches when it reads a
-// tile row by row (SoftmaxState::score_and_accumulate_row_by_row): 4, 8 and
-// 16 rows of 768 floats were alike on a 2-core EPYC, 2 slower.
+// How many rows ahead the one-score kernels prefetch when they read float
+// rows one at a time (the forward's score_and_accumulate_row_by_row, the
+// backward's backward_rows_one_score): 4, 8 and 16 rows of 768 floats were
+// alike on a 2-core EPYC, 2 slower.
 constexpr int kRowByRowAhead = 8;
 
 // Vector registers of this instruction set: kernels that keep a block of
