@@ -235,7 +235,7 @@ class SoftmaxState {
     const int64_t ahead = R * x_seq_stride_;
     data_[0] = acc_t(1);
     acc_t scores[R];
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if constexpr (kReadsRowByRow<scalar_t, acc_t>) {
       score_and_accumulate_row_by_row<R, P>(rows, u, scores, prev_weights, prev);
       return weigh_rows<R>(0, scale, bias, scores, weights, weighted(), H);
     }
@@ -251,14 +251,13 @@ class SoftmaxState {
     weigh_rows<R>(0, scale, bias, scores, weights, weighted(), H);
   }
 
-  // score_and_accumulate_rows for rows read as they are (float32, float64),
-  // one row of each tile at a time: row r of this tile is scored while row
-  // r of the previous one is added, each row prefetched kRowByRowAhead rows
-  // ahead. Loads from all R rows of a tile at once (R streams) read memory
-  // at about 0.6x the speed of one stream on a 2-core EPYC (float32 1x1
-  // forward 1.4-1.7 -> 1.05-1.25 ms at 32x512x768); rows widened from 16
-  // bits were slower this way, their loads and conversions no longer shared.
-  // Each score and each weighted sum is summed in the same order as before.
+  // score_and_accumulate_rows for rows read one at a time (kReadsRowByRow):
+  // row r of this tile is scored while row r of the previous one is added,
+  // each row prefetched kRowByRowAhead rows ahead. Loads from all R rows of
+  // a tile at once (R streams) read memory at about 0.6x the speed of one
+  // stream on a 2-core EPYC (float32 1x1 forward 1.4-1.7 -> 1.05-1.25 ms at
+  // 32x512x768). Each score and each weighted sum is summed in the same
+  // order as the tile would sum it.
   template <int R, int P, typename scalar_t>
   void score_and_accumulate_row_by_row(
       const scalar_t* const* rows,

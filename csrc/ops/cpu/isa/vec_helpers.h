@@ -50,6 +50,14 @@ constexpr int kBackwardTileRows = 8;
 // alike on a 2-core EPYC, 2 slower.
 constexpr int kRowByRowAhead = 8;
 
+// Whether the one-score kernels read rows of type T (summed in A) one at a
+// time: rows read as they are (float32, float64) do, as one stream of loads
+// reads memory faster than a tile's rows interleaved on a 2-core EPYC. Rows
+// widened from 16 bits keep the tile: its rows share the loads of u and of
+// the sums and the widening, and were slower one at a time.
+template <typename T, typename A>
+constexpr bool kReadsRowByRow = std::is_same_v<T, A>;
+
 // Vector registers of this instruction set: kernels that keep a block of
 // sums in registers size it by this, so that AVX2 does not spill.
 #if defined(CPU_CAPABILITY_AVX512)
