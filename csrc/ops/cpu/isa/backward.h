@@ -351,6 +351,32 @@ void du_rows_all_scores(
   }
 }
 
+// dscores[(i * n + h) * R + r] = G_i[D_h] . rows[r][D_h] for every query i,
+// as many queries per pass over the rows' slices as the registers hold (at
+// 16 queries, one query a pass widened each bfloat16 slice 16 times). Each
+// sum is summed as score_dot_rows sums it ([Note: delta as G . x]).
+template <int R, typename T, typename A>
+void head_slice_dots(const T* const* rows, const A* g, const PoolShape& s, int64_t h, A* dscores) {
+  constexpr int kAtOnce = std::min(at_once<R, T, A>(), 2);
+  const int64_t H = s.hidden;
+  const int64_t n = s.num_heads;
+  const int64_t d = s.head_dim;
+  const T* segments[R];
+  offset_rows<R>(rows, h * d, segments);
+  A sums[kAtOnce * R];
+  int64_t i = 0;
+  for (; i + kAtOnce <= s.num_queries; i += kAtOnce) {
+    score_dot_rows_float<R, kAtOnce, false, false>(
+        segments, g + i * H + h * d, d, sums, nullptr, H);
+    for (int q = 0; q < kAtOnce; ++q) {
+      std::copy_n(sums + q * R, R, dscores + ((i + q) * n + h) * R);
+    }
+  }
+  for (; i < s.num_queries; ++i) {
+    score_dot_rows<R>(segments, g + i * H + h * d, d, dscores + (i * n + h) * R);
+  }
+}
+
 // Backward of one tile of R unmasked rows of sequence b:
 //   p = exp(scale * x.u_k - lse), ds = scale * p * (G_i[D_h].x[D_h] - delta)
 //   dx = sum_k p * G_i[D_h] + ds * u_k,   du_k += ds * x
@@ -377,7 +403,6 @@ void backward_rows(
     const Bf16Products& products) {
   const int64_t H = s.hidden;
   const int64_t n = s.num_heads;
-  const int64_t d = s.head_dim;
   const int64_t num_scores = s.num_scores();
   const acc_t* g_b = g + b * s.num_queries * H;
   // The scores into probs and G . x into dscores, overwritten below.
@@ -385,12 +410,8 @@ void backward_rows(
   if (n == 1) {
     score_dot_rows_each<R>(rows, g_b, H, num_scores, dscores);
   } else {
-    const scalar_t* segments[R];
     for (int64_t h = 0; h < n; ++h) {
-      offset_rows<R>(rows, h * d, segments);
-      for (int64_t i = 0; i < s.num_queries; ++i) {
-        score_dot_rows<R>(segments, g_b + i * H + h * d, d, dscores + (i * n + h) * R);
-      }
+      head_slice_dots<R>(rows, g_b, s, h, dscores);
     }
   }
   probabilities<R>(scale, bias, lse + 2 * b * num_scores, num_scores, probs);

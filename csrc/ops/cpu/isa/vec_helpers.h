@@ -148,10 +148,20 @@ A dot(const T* a, const A* b, int64_t n) {
 // scale * score - lse round alike wherever they are written. A score then
 // never exceeds the running max the forward saw, and p <= 1.
 
-// score_dot_rows_impl in the accumulation dtype.
+// score_dot_rows_impl in the accumulation dtype. v_stride: how far apart
+// the S vectors of v are, when not n (the backward's G of several queries
+// against one head's slice of the rows).
 template <int R, int S, bool kPrefetch, bool kPerRow, typename T, typename A>
 void score_dot_rows_float(
-    const T* const* rows, const A* v, int64_t n, A* out, const int64_t* ahead) {
+    const T* const* rows,
+    const A* v,
+    int64_t n,
+    A* out,
+    const int64_t* ahead,
+    int64_t v_stride = 0) {
+  if (v_stride == 0) {
+    v_stride = n;
+  }
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
   Vec acc[S][R];
@@ -164,7 +174,7 @@ void score_dot_rows_float(
   for (; e + W <= n; e += W) {
     Vec shared[S];
     for (int s = 0; s < S; ++s) {
-      shared[s] = Vec::loadu(v + s * n + e);
+      shared[s] = Vec::loadu(v + s * v_stride + e);
     }
     for (int r = 0; r < R; ++r) {
       if constexpr (kPrefetch) {
@@ -182,7 +192,7 @@ void score_dot_rows_float(
     for (int r = 0; r < R; ++r) {
       A total = reduce_add(acc[s][r]);
       for (int64_t t = e; t < n; ++t) {
-        total += static_cast<A>(rows[r][t]) * v[s * n + t];
+        total += static_cast<A>(rows[r][t]) * v[s * v_stride + t];
       }
       out[s * R + r] = total;
     }
