@@ -109,6 +109,25 @@ def test_opcheck_with_lengths():
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+@pytest.mark.parametrize("num_queries", [1, 64], ids=["fold", "projection"])
+def test_narrow_integer_lengths_count_positions_past_their_range(dtype, num_queries):
+    # L = 300 > 255: positions counted in the lengths' own dtype would wrap.
+    seq_len, longest = 300, 200 if dtype == torch.uint8 else 100
+    inputs = make_inputs(2, seq_len, 8, num_queries)
+    lengths = torch.tensor([longest, 7])
+    inputs.x[torch.arange(seq_len) >= lengths[:, None]] = float("nan")
+    got = attnpool.attention_pool(*inputs.args()[:4], None, 2, None, None, lengths.to(dtype))
+    want = attnpool.attention_pool(*inputs.args()[:4], None, 2, None, None, lengths)
+    assert not got.isnan().any()
+    assert torch.equal(got, want)
+    u = attnpool.fold_query(inputs.query, inputs.w_q, inputs.w_k, 2)
+    got = attnpool.folded_attention_pool(inputs.x, u, None, 0.5, False, None, lengths.to(dtype))
+    assert torch.equal(
+        got, attnpool.folded_attention_pool(inputs.x, u, None, 0.5, False, None, lengths)
+    )
+
+
 def test_errors_name_lengths():
     inputs, lengths, mask = _padded()
     u = attnpool.fold_query(inputs.query, inputs.w_q, inputs.w_k, 2)

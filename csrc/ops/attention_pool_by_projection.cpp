@@ -32,8 +32,9 @@ at::Tensor attended_positions(
   if (mask.has_value()) {
     keep = mask->scalar_type() == at::kBool ? *mask : *mask != 0;
   } else if (lengths.has_value()) {
-    keep = at::arange(c10::Scalar(x.sym_size(1)), lengths->options()).unsqueeze(0) <
-           lengths->unsqueeze(1);
+    keep =
+        at::arange(c10::Scalar(x.sym_size(1)), lengths->options().dtype(at::kLong)).unsqueeze(0) <
+        lengths->unsqueeze(1);
   } else {
     keep = at::ones_symint(x.sym_sizes().slice(0, 2), x.options().dtype(at::kBool));
   }
