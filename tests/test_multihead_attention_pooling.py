@@ -93,6 +93,22 @@ def test_many_queries_project_instead_of_folding_with_the_same_conventions():
     assert not got.isnan().any()
 
 
+@pytest.mark.parametrize("num_queries", [1, 8], ids=["fold", "projection"])
+def test_both_paths_refuse_the_same_bad_input(num_queries):
+    module, _ = _pair(num_queries, None, True)
+    x, mask = _batch(None)
+    with pytest.raises(TypeError, match="x must be"):
+        module(x.long())
+    with pytest.raises(TypeError, match="attn_bias must be"):
+        module(x, attn_bias=mask)
+    with pytest.raises(ValueError, match="attn_bias must have shape"):
+        module(x, attn_bias=torch.zeros(x.shape[0], x.shape[1] + 1, dtype=x.dtype))
+    with pytest.raises(TypeError, match="lengths must be an integer tensor"):
+        module(x, lengths=torch.ones(x.shape[0]))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        module(x, mask[:2])
+
+
 @pytest.mark.parametrize("num_queries", [2, 8])
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_row_with_nothing_to_attend_gives_the_output_bias(bias, num_queries):

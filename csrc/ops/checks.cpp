@@ -442,6 +442,27 @@ void check_fold_query_backward_args(
   check_same_device("fold_query backward", projected, "projected", query, "query");
 }
 
+void check_pooled_positions(
+    const std::string& op,
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
+  const char* name = op.c_str();
+  check_strided(name, x, "x");
+  check_float_x(name, x);
+  if (defined(mask)) {
+    check_strided(name, *mask, "mask");
+    check_mask(name, x, *mask);
+  }
+  if (defined(attn_bias)) {
+    check_attn_bias(name, x, *attn_bias);
+  }
+  if (defined(lengths)) {
+    check_lengths(name, x, mask, *lengths);
+  }
+}
+
 void check_folded_attention_pool_args(
     const at::Tensor& x,
     const at::Tensor& u,

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
 namespace attnpool::detail {
 
@@ -50,6 +51,17 @@ void check_fold_query_backward_args(
     const at::Tensor& w_k,
     const at::Tensor& projected,
     int64_t num_heads);
+
+// The checks every pooling op makes of x [B, L, H] (strided, floating) and
+// of the positions it attends: mask, attn_bias and lengths against x. For
+// callers that pool without the ops (MultiheadAttentionPooling when it
+// projects the keys), so that they refuse what the ops refuse.
+void check_pooled_positions(
+    const std::string& op,
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths);
 
 void check_folded_attention_pool_args(
     const at::Tensor& x,
