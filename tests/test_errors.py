@@ -111,12 +111,12 @@ BAD_VALUES = [
 ]
 
 BAD_TYPES = [
-    ("x-int", dict(x=X.long()), r"x must be float64, float32, float16 or bfloat16, got Long"),
+    ("x-int", dict(x=X.long()), r"x must be float64, float32, float16 or bfloat16, got int64"),
     ("x-bool", dict(x=X > 0), r"x must be float64, float32, float16 or bfloat16, got bool"),
     (
         "x-complex",
         dict(x=X.to(torch.complex64)),
-        r"x must be float64, float32, float16 or bfloat16, got ComplexFloat",
+        r"x must be float64, float32, float16 or bfloat16, got complex64",
     ),
     (
         "params-disagree",
@@ -136,7 +136,7 @@ BAD_TYPES = [
     (
         "mask-complex",
         dict(mask=torch.ones(2, 5, dtype=torch.complex64)),
-        r"mask must be bool or an integer dtype \(nonzero = attend\), got ComplexFloat",
+        r"mask must be bool or an integer dtype \(nonzero = attend\), got complex64",
     ),
     *(
         (
@@ -479,7 +479,7 @@ FOLD_BAD_ARGS = [
         "query-int",
         dict(query=Q.long()),
         TypeError,
-        r"query must be float64, float32, float16 or bfloat16, got Long",
+        r"query must be float64, float32, float16 or bfloat16, got int64",
     ),
     (
         "w_q-device",

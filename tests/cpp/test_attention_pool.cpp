@@ -321,7 +321,7 @@ TEST(AttentionPoolErrors, NameTheArgumentAndTheValue) {
       "x must have shape [B, L, H], got a 2-D tensor");
   expect_error(
       [&] { attention_pool(x.to(torch::kInt64), q, w, w); },
-      "x must be float64, float32, float16 or bfloat16, got Long");
+      "x must be float64, float32, float16 or bfloat16, got int64");
   expect_error(
       [&] { attention_pool(x, torch::randn({6}), w, w); },
       "query must have shape [H] or [Q, H] with H = 8");

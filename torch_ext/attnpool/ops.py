@@ -233,7 +233,7 @@ def segment_offsets(index: Tensor, num_segments: Optional[int] = None) -> Tensor
     if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"{op}: index must be a 1-D int32/int64 tensor (the segment of each row), got "
-            f"{index.dtype} of shape {list(index.shape)}"
+            f"{str(index.dtype).removeprefix('torch.')} of shape {list(index.shape)}"
         )
     if num_segments is None:
         num_segments = int(index.max()) + 1 if index.numel() > 0 else 0
