@@ -577,6 +577,15 @@ def test_wrong_python_type_raises_type_error_naming_the_argument(make_call, mess
         make_call()
 
 
+def test_numpy_scalars_are_taken_as_the_operators_take_them():
+    np = pytest.importorskip("numpy")
+    want = torch.ops.attnpool.attention_pool(X, Q, W, W, None, 2, 0.5)
+    assert torch.equal(call(num_heads=np.int64(2), scale=np.float32(0.5)), want)
+    assert torch.equal(call(num_heads=np.int32(2), scale=np.float64(0.5)), want)
+    with pytest.raises(TypeError, match="num_heads must be an int, got bool"):
+        call(num_heads=np.bool_(True))
+
+
 # --- modules ----------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 """Python entry points of the attnpool operators (SPEC.md §3, §5)."""
 
+import numbers
 from typing import Optional
 
 import torch
@@ -17,13 +18,14 @@ def _check_optional_tensor(op: str, name: str, value) -> None:
 
 
 def _check_int(op: str, name: str, value) -> None:
-    # bool is an int in Python, but num_heads=True is a mistake.
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+    # bool is an int in Python, but num_heads=True is a mistake. numbers.Integral
+    # takes NumPy's integers too, as the operators do.
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
 
 
 def _check_number(op: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymFloat)):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
         raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
 
 
