@@ -293,6 +293,17 @@ def test_bad_offsets_and_arguments_raise_clear_errors():
     _error(ValueError, "index must be sorted", fold, x, u, index=index, num_segments=1)
     _error(
         ValueError,
+        r"index must have one entry per row of x, \[T\] = \[5\], got \[4\]",
+        attnpool.attention_pool_varlen,
+        x,
+        query,
+        w_q,
+        w_k,
+        index=index[:-1],
+        num_segments=2,
+    )
+    _error(
+        ValueError,
         "num_segments goes with index",
         fold,
         x,

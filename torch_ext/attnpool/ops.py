@@ -257,6 +257,7 @@ def segment_offsets(index: Tensor, num_segments: Optional[int] = None) -> Tensor
 
 def _ragged_offsets(
     op: str,
+    x: Tensor,
     cu_seqlens: Optional[Tensor],
     index: Optional[Tensor],
     num_segments: Optional[int],
@@ -269,6 +270,13 @@ def _ragged_offsets(
         if num_segments is not None:
             raise ValueError(f"{op}: num_segments goes with index, not with cu_seqlens")
         return cu_seqlens
+    _check_tensor(op, "index", index)
+    # Checked here, where the error can name index, not the offsets made from it.
+    if x.dim() == 2 and index.dim() == 1 and index.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{op}: index must have one entry per row of x, [T] = [{x.shape[0]}], "
+            f"got [{index.shape[0]}]"
+        )
     return segment_offsets(index, num_segments)
 
 
@@ -315,7 +323,7 @@ def attention_pool_varlen(
     _check_int(op, "num_heads", num_heads)
     if scale is not None:
         _check_number(op, "scale", scale)
-    offsets = _ragged_offsets(op, cu_seqlens, index, num_segments)
+    offsets = _ragged_offsets(op, x, cu_seqlens, index, num_segments)
     return torch.ops.attnpool.attention_pool_varlen.default(
         x, offsets, query, w_q, w_k, num_heads, scale
     )
@@ -343,5 +351,5 @@ def folded_attention_pool_varlen(
     _check_number(op, "scale", scale)
     if not isinstance(full_width, bool):
         raise TypeError(f"{op}: full_width must be a bool, got {type(full_width).__name__}")
-    offsets = _ragged_offsets(op, cu_seqlens, index, num_segments)
+    offsets = _ragged_offsets(op, x, cu_seqlens, index, num_segments)
     return torch.ops.attnpool.folded_attention_pool_varlen.default(x, offsets, u, scale, full_width)
