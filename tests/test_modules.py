@@ -127,3 +127,19 @@ def test_weighted_pooling_starts_as_mean_and_trains():
     pool(x).sum().backward()
     assert pool.weight.grad is not None and pool.weight.grad.shape == (7,)
     assert repr(pool) == "WeightedPooling(max_len=7)"
+
+
+def test_nested_input_errors_name_the_module_and_the_layout():
+    rows, offsets = torch.randn(7, 8), torch.tensor([0, 3, 7])
+    jagged = torch.nested.nested_tensor_from_jagged(rows, offsets)
+    strided = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(4, 8)])
+    # AttentionPooling takes a jagged x (a ragged batch); other layouts are refused.
+    assert attnpool.AttentionPooling(8)(jagged).shape == (2, 8)
+    with pytest.raises(
+        ValueError, match="attention_pool: a nested x must have layout=torch.jagged"
+    ):
+        attnpool.AttentionPooling(8)(strided)
+    with pytest.raises(TypeError, match="MultiheadAttentionPooling: x must be a dense"):
+        attnpool.MultiheadAttentionPooling(8, 2)(jagged)
+    with pytest.raises(TypeError, match="WeightedPooling: x must be a dense"):
+        attnpool.WeightedPooling(8)(jagged)

@@ -130,7 +130,8 @@ class AttentionPooling(nn.Module):
         self, x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None
     ) -> Tensor:
         # (lengths is not keyword-only: TorchScript refuses keyword-only arguments.)
-        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+        # A nested x is attention_pool's to check: its layout, then its width.
+        if not x.is_nested and (x.dim() != 3 or x.shape[-1] != self.embed_dim):
             raise ValueError(
                 f"AttentionPooling: x must have shape [B, L, embed_dim = {self.embed_dim}], "
                 f"got {list(x.shape)}"
@@ -256,6 +257,11 @@ class MultiheadAttentionPooling(nn.Module):
         attn_bias: Optional[Tensor] = None,
         lengths: Optional[Tensor] = None,
     ) -> Tensor:
+        if x.is_nested:
+            raise TypeError(
+                "MultiheadAttentionPooling: x must be a dense [B, L, kdim] tensor, got a nested "
+                "tensor (pad it and pass lengths)"
+            )
         if x.dim() != 3 or x.shape[-1] != self.kdim:
             raise ValueError(
                 f"MultiheadAttentionPooling: x must have shape [B, L, kdim = {self.kdim}], "
@@ -421,6 +427,11 @@ def _pool_by_projection(
 def _check_weighted_pool_inputs(x: Tensor, mask: Optional[Tensor], weight: Tensor, max_len: int):
     """WeightedPooling's argument checks, as the op's: shapes and devices
     (ValueError), dtypes (TypeError)."""
+    if x.is_nested:
+        raise TypeError(
+            "WeightedPooling: x must be a dense [B, L, H] tensor, got a nested tensor "
+            "(pad it and pass a mask)"
+        )
     if x.dim() != 3:
         raise ValueError(f"WeightedPooling: x must have shape [B, L, H], got {list(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
