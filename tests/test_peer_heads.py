@@ -121,6 +121,13 @@ def test_open_clip_attentional_pooler(n_queries):
     _assert_same(head, fused, torch.randn(3, 9, 24, dtype=torch.float64))
 
 
+def test_open_clip_attentional_pooler_refusal_names_its_attn():
+    head = open_clip_transformer.AttentionalPooler(d_model=32, context_dim=24, n_head=4)
+    head.attn.dropout = 0.1
+    with pytest.raises(ValueError, match=r"AttentionalPooler\.attn has dropout > 0"):
+        attnpool.convert_pooling_head(head)
+
+
 def test_swap_in_an_open_clip_coca_vision_tower():
     torch.manual_seed(0)
     tower = open_clip_transformer.VisionTransformer(

@@ -38,11 +38,12 @@ def _kind(module: nn.Module) -> Optional[str]:
     return cls.__name__ if (package, cls.__name__) in _KNOWN_HEADS else None
 
 
-def _check_exact(attention: nn.Module, owner: str) -> None:
-    """What pool_with_projections cannot reproduce exactly, named."""
+def _check_exact(attention: nn.Module, path: str) -> None:
+    """What pool_with_projections cannot reproduce exactly, named. ``path``:
+    where ``attention`` sits, as ``Head.attention``, for the messages."""
     if not isinstance(attention, nn.MultiheadAttention):
         raise TypeError(
-            f"convert_pooling_head: {owner}.attention must be an nn.MultiheadAttention, "
+            f"convert_pooling_head: {path} must be an nn.MultiheadAttention, "
             f"got {type(attention).__name__}"
         )
     refused = {
@@ -55,7 +56,7 @@ def _check_exact(attention: nn.Module, owner: str) -> None:
     for option, present in refused.items():
         if present:
             raise ValueError(
-                f"convert_pooling_head: {owner}.attention has {option}, which the fused head "
+                f"convert_pooling_head: {path} has {option}, which the fused head "
                 "cannot reproduce exactly"
             )
 
@@ -75,7 +76,7 @@ class FusedSiglipPoolingHead(nn.Module):
     def __init__(self, head: nn.Module) -> None:
         super().__init__()
         owner = type(head).__name__
-        _check_exact(head.attention, owner)
+        _check_exact(head.attention, f"{owner}.attention")
         self.probe = head.probe
         self.attention = head.attention
         self.layernorm = head.layernorm
@@ -211,7 +212,7 @@ class FusedAttentionalPooler(nn.Module):
     def __init__(self, head: nn.Module) -> None:
         super().__init__()
         owner = type(head).__name__
-        _check_exact(head.attn, owner)
+        _check_exact(head.attn, f"{owner}.attn")
         self.query = head.query
         self.attn = head.attn
         self.ln_q = head.ln_q
