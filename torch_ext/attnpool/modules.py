@@ -12,6 +12,7 @@ from attnpool import reference
 from attnpool.ops import (
     _check_int,
     _check_number,
+    _dtype_name,
     attention_pool,
     fold_query,
     folded_attention_pool,
@@ -437,7 +438,7 @@ def _check_weighted_pool_inputs(x: Tensor, mask: Optional[Tensor], weight: Tenso
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             "WeightedPooling: x must be float64, float32, float16 or bfloat16, "
-            f"got {str(x.dtype).replace('torch.', '')}"
+            f"got {_dtype_name(x.dtype)}"
         )
     if x.device != weight.device:
         raise ValueError(
@@ -461,7 +462,7 @@ def _check_weighted_pool_inputs(x: Tensor, mask: Optional[Tensor], weight: Tenso
         if mask.is_floating_point() or mask.is_complex():
             raise TypeError(
                 "WeightedPooling: mask must be bool or an integer dtype (nonzero = attend), "
-                f"got {str(mask.dtype).replace('torch.', '')}"
+                f"got {_dtype_name(mask.dtype)}"
             )
 
 

@@ -17,6 +17,11 @@ def _check_optional_tensor(op: str, name: str, value) -> None:
         _check_tensor(op, name, value)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as users write it in errors: float32, not torch.float32."""
+    return str(dtype).replace("torch.", "")
+
+
 def _check_int(op: str, name: str, value) -> None:
     # bool is an int in Python, but num_heads=True is a mistake. numbers.Integral
     # takes NumPy's integers too, as the operators do.
@@ -235,7 +240,7 @@ def segment_offsets(index: Tensor, num_segments: Optional[int] = None) -> Tensor
     if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"{op}: index must be a 1-D int32/int64 tensor (the segment of each row), got "
-            f"{str(index.dtype).removeprefix('torch.')} of shape {list(index.shape)}"
+            f"{_dtype_name(index.dtype)} of shape {list(index.shape)}"
         )
     if num_segments is None:
         num_segments = int(index.max()) + 1 if index.numel() > 0 else 0
@@ -270,14 +275,14 @@ def _ragged_offsets(
         if num_segments is not None:
             raise ValueError(f"{op}: num_segments goes with index, not with cu_seqlens")
         return cu_seqlens
-    _check_tensor(op, "index", index)
+    offsets = segment_offsets(index, num_segments)  # checks index: a sorted 1-D tensor
     # Checked here, where the error can name index, not the offsets made from it.
-    if x.dim() == 2 and index.dim() == 1 and index.shape[0] != x.shape[0]:
+    if x.dim() == 2 and index.shape[0] != x.shape[0]:
         raise ValueError(
             f"{op}: index must have one entry per row of x, [T] = [{x.shape[0]}], "
             f"got [{index.shape[0]}]"
         )
-    return segment_offsets(index, num_segments)
+    return offsets
 
 
 def attention_pool_varlen(
