@@ -30,11 +30,9 @@ at::Tensor attended_positions(
     const std::optional<at::Tensor>& lengths) {
   at::Tensor keep;
   if (mask.has_value()) {
-    keep = mask->scalar_type() == at::kBool ? *mask : *mask != 0;
+    keep = bool_mask(mask);
   } else if (lengths.has_value()) {
-    keep =
-        at::arange(c10::Scalar(x.sym_size(1)), lengths->options().dtype(at::kLong)).unsqueeze(0) <
-        lengths->unsqueeze(1);
+    keep = within_lengths(x.sym_size(1), *lengths);
   } else {
     keep = at::ones_symint(x.sym_sizes().slice(0, 2), x.options().dtype(at::kBool));
   }

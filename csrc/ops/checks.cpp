@@ -327,6 +327,24 @@ void check_cu_seqlens(const char* op, const at::Tensor& x, const at::Tensor& cu_
   check_same_device(op, cu_seqlens, "cu_seqlens", x, "x");
 }
 
+// mask, attn_bias and lengths, each where given, against x [B, L, H].
+void check_positions(
+    const char* op,
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
+  if (defined(mask)) {
+    check_mask(op, x, *mask);
+  }
+  if (defined(attn_bias)) {
+    check_attn_bias(op, x, *attn_bias);
+  }
+  if (defined(lengths)) {
+    check_lengths(op, x, mask, *lengths);
+  }
+}
+
 }  // namespace
 
 void check_attention_pool_args(
@@ -346,15 +364,7 @@ void check_attention_pool_args(
   }
   check_float_x(op, x);
   check_query_and_weights(op, x, x.sym_size(2), query, w_q, w_k, num_heads, scale);
-  if (defined(mask)) {
-    check_mask(op, x, *mask);
-  }
-  if (defined(attn_bias)) {
-    check_attn_bias(op, x, *attn_bias);
-  }
-  if (defined(lengths)) {
-    check_lengths(op, x, mask, *lengths);
-  }
+  check_positions(op, x, mask, attn_bias, lengths);
 }
 
 void check_attention_pool_varlen_args(
@@ -467,16 +477,7 @@ void check_pooled_positions(
   const char* name = op.c_str();
   check_strided(name, x, "x");
   check_float_x(name, x);
-  if (defined(mask)) {
-    check_strided(name, *mask, "mask");
-    check_mask(name, x, *mask);
-  }
-  if (defined(attn_bias)) {
-    check_attn_bias(name, x, *attn_bias);
-  }
-  if (defined(lengths)) {
-    check_lengths(name, x, mask, *lengths);
-  }
+  check_positions(name, x, mask, attn_bias, lengths);
 }
 
 void check_folded_attention_pool_args(
@@ -492,15 +493,7 @@ void check_folded_attention_pool_args(
   check_float_x(op, x);
   check_folded_query(op, x, x.sym_size(2), u, full_width);
   check_scale(op, scale);
-  if (defined(mask)) {
-    check_mask(op, x, *mask);
-  }
-  if (defined(attn_bias)) {
-    check_attn_bias(op, x, *attn_bias);
-  }
-  if (defined(lengths)) {
-    check_lengths(op, x, mask, *lengths);
-  }
+  check_positions(op, x, mask, attn_bias, lengths);
 }
 
 void check_folded_attention_pool_varlen_args(
@@ -617,6 +610,12 @@ at::Tensor bool_mask(const std::optional<at::Tensor>& mask) {
     return at::Tensor();
   }
   return mask->scalar_type() == at::kBool ? *mask : mask->ne(0);
+}
+
+at::Tensor within_lengths(const c10::SymInt& seq_len, const at::Tensor& lengths) {
+  // Positions in int64: in the lengths' own dtype they would wrap (uint8 at 256).
+  const auto positions = at::arange(c10::Scalar(seq_len), lengths.options().dtype(at::kLong));
+  return positions.unsqueeze(0) < lengths.unsqueeze(1);
 }
 
 at::Tensor with_contiguous_rows(const at::Tensor& x) {

@@ -114,6 +114,9 @@ at::ScalarType accumulate_dtype(at::ScalarType dtype);
 // The mask as a bool tensor (nonzero = attend), or an undefined tensor.
 at::Tensor bool_mask(const std::optional<at::Tensor>& mask);
 
+// lengths [B] as a [B, L] bool mask: l < lengths[b] (right padding).
+at::Tensor within_lengths(const c10::SymInt& seq_len, const at::Tensor& lengths);
+
 // x itself when its rows are contiguous (stride(-1) == 1), else a contiguous copy.
 at::Tensor with_contiguous_rows(const at::Tensor& x);
 

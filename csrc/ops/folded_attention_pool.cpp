@@ -225,9 +225,7 @@ PreparedPool prepare_pool(
   if (lengths.has_value() && lengths->defined()) {
     // Right padding as a mask: the kernels never load a masked row, so the
     // rows past a length are never read, and their dx rows are zeros.
-    // Positions in int64: in the lengths' own dtype they would wrap (uint8 at 256).
-    const auto positions = at::arange(p.seq_len, lengths->options().dtype(at::kLong));
-    const auto within = positions.unsqueeze(0) < lengths->unsqueeze(1);
+    const auto within = within_lengths(p.seq_len, *lengths);
     prepared.keep = prepared.keep.defined() ? prepared.keep.logical_and(within) : within;
   }
 

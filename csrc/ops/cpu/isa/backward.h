@@ -367,7 +367,7 @@ void head_slice_dots(const T* const* rows, const A* g, const PoolShape& s, int64
   int64_t i = 0;
   for (; i + kAtOnce <= s.num_queries; i += kAtOnce) {
     score_dot_rows_float<R, kAtOnce, false, false>(
-        segments, g + i * H + h * d, d, sums, nullptr, H);
+        segments, g + i * H + h * d, d, H, sums, nullptr);
     for (int q = 0; q < kAtOnce; ++q) {
       std::copy_n(sums + q * R, R, dscores + ((i + q) * n + h) * R);
     }

@@ -149,19 +149,11 @@ A dot(const T* a, const A* b, int64_t n) {
 // never exceeds the running max the forward saw, and p <= 1.
 
 // score_dot_rows_impl in the accumulation dtype. v_stride: how far apart
-// the S vectors of v are, when not n (the backward's G of several queries
-// against one head's slice of the rows).
+// the S vectors of v are (n where they follow one another; the backward's G
+// of several queries against one head's slice of the rows, H).
 template <int R, int S, bool kPrefetch, bool kPerRow, typename T, typename A>
 void score_dot_rows_float(
-    const T* const* rows,
-    const A* v,
-    int64_t n,
-    A* out,
-    const int64_t* ahead,
-    int64_t v_stride = 0) {
-  if (v_stride == 0) {
-    v_stride = n;
-  }
+    const T* const* rows, const A* v, int64_t n, int64_t v_stride, A* out, const int64_t* ahead) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
   Vec acc[S][R];
@@ -312,7 +304,7 @@ void score_dot_rows_impl(
     static_assert(!std::is_same_v<V, V>, "bfloat16 products need AVX512-BF16");
 #endif
   } else {
-    score_dot_rows_float<R, S, kPrefetch, kPerRow>(rows, v, n, out, ahead);
+    score_dot_rows_float<R, S, kPrefetch, kPerRow>(rows, v, n, n, out, ahead);
   }
 }
 
