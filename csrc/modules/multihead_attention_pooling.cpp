@@ -3,12 +3,13 @@
 #include <attnpool/attention_pool.h>
 #include <attnpool/multihead_attention_pooling.h>
 
+#include "ops/checks.h"
+
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/nn/init.h>
 
 #include <cmath>
-#include <limits>
 #include <optional>
 
 namespace attnpool {
@@ -135,19 +136,8 @@ at::Tensor MultiheadAttentionPoolingImpl::forward(
           .reshape({x.size(0), options.num_queries(), embed_dim});
   if (!biases.empty()) {
     // A row with nothing to attend pooled nothing, so it gets no value bias.
-    auto keep = at::ones({x.size(0), x.size(1)}, x.options().dtype(at::kBool));
-    if (maybe_mask) {
-      keep = keep.logical_and(*maybe_mask != 0);
-    }
-    if (maybe_bias) {
-      keep = keep.logical_and(maybe_bias->ne(-std::numeric_limits<double>::infinity()));
-    }
-    if (maybe_lengths) {
-      keep = keep.logical_and(
-          at::arange(x.size(1), maybe_lengths->options()).unsqueeze(0) <
-          maybe_lengths->unsqueeze(1));
-    }
-    const auto attends = keep.any(1);
+    const auto attends =
+        detail::attended_positions(x, maybe_mask, maybe_bias, maybe_lengths).any(1);
     values = values + attends.to(values.scalar_type()).view({-1, 1, 1}) * biases[2];
   }
   const auto out = out_proj->forward(values).to(x.scalar_type());

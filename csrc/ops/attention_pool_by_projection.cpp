@@ -20,28 +20,6 @@ at::Tensor split_heads(const at::Tensor& t, int64_t num_heads) {
   return t.unflatten_symint(-1, {num_heads, t.sym_size(-1) / num_heads}).transpose(-3, -2);
 }
 
-// [B, L] bool: the positions that count (SPEC.md §2, §6), as the fold's
-// kernels see them: mask (nonzero attends) or l < lengths[b], and a -inf
-// bias excludes its position.
-at::Tensor attended_positions(
-    const at::Tensor& x,
-    const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& attn_bias,
-    const std::optional<at::Tensor>& lengths) {
-  at::Tensor keep;
-  if (mask.has_value()) {
-    keep = bool_mask(mask);
-  } else if (lengths.has_value()) {
-    keep = within_lengths(x.sym_size(1), *lengths);
-  } else {
-    keep = at::ones_symint(x.sym_sizes().slice(0, 2), x.options().dtype(at::kBool));
-  }
-  if (attn_bias.has_value()) {
-    keep = keep & (*attn_bias != -std::numeric_limits<double>::infinity());
-  }
-  return keep;
-}
-
 }  // namespace
 
 bool projecting_keys_is_cheaper(int64_t num_queries, int64_t num_heads, int64_t hidden) {

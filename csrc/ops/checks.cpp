@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 namespace attnpool::detail {
@@ -616,6 +617,25 @@ at::Tensor within_lengths(const c10::SymInt& seq_len, const at::Tensor& lengths)
   // Positions in int64: in the lengths' own dtype they would wrap (uint8 at 256).
   const auto positions = at::arange(c10::Scalar(seq_len), lengths.options().dtype(at::kLong));
   return positions.unsqueeze(0) < lengths.unsqueeze(1);
+}
+
+at::Tensor attended_positions(
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
+  at::Tensor keep;
+  if (defined(mask)) {
+    keep = bool_mask(mask);
+  } else if (defined(lengths)) {
+    keep = within_lengths(x.sym_size(1), *lengths);
+  } else {
+    keep = at::ones_symint(x.sym_sizes().slice(0, 2), x.options().dtype(at::kBool));
+  }
+  if (defined(attn_bias)) {
+    keep = keep & (*attn_bias != -std::numeric_limits<double>::infinity());
+  }
+  return keep;
 }
 
 at::Tensor with_contiguous_rows(const at::Tensor& x) {

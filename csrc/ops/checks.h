@@ -117,6 +117,16 @@ at::Tensor bool_mask(const std::optional<at::Tensor>& mask);
 // lengths [B] as a [B, L] bool mask: l < lengths[b] (right padding).
 at::Tensor within_lengths(const c10::SymInt& seq_len, const at::Tensor& lengths);
 
+// [B, L] bool: the positions that count (SPEC.md §2, §6), as the fold's
+// kernels see them: mask (nonzero attends) or l < lengths[b], and a -inf
+// bias excludes its position. For the paths that pool without the kernels'
+// own mask (the key projection, a MAP head's value bias).
+at::Tensor attended_positions(
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths);
+
 // x itself when its rows are contiguous (stride(-1) == 1), else a contiguous copy.
 at::Tensor with_contiguous_rows(const at::Tensor& x);
 

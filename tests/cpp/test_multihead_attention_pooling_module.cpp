@@ -149,4 +149,25 @@ TEST(ModulesTakeLengths, EqualToTheMaskAndBlindToThePadding) {
   EXPECT_FALSE(out.isnan().any().item<bool>());
 }
 
+// The value bias goes to rows that attend, with positions counted in int64:
+// int8 lengths wrapped past 127, and an empty row of a long batch got it.
+TEST(ModulesTakeLengths, EmptyRowGetsNoValueBiasWhateverTheLengthsDtype) {
+  const int64_t seq_len = 200;
+  const auto lengths = torch::tensor({0, 100, 127});
+  const auto x = torch::randn({3, seq_len, kEmbed});
+  attnpool::MultiheadAttentionPooling head(
+      attnpool::MultiheadAttentionPoolingOptions(kEmbed, kHeads));
+  {
+    torch::NoGradGuard no_grad;
+    head->in_proj_bias.normal_();
+    head->out_proj->bias.normal_();
+  }
+  const auto expected = head->forward(x, at::Tensor(), at::Tensor(), lengths);
+  EXPECT_TRUE(torch::equal(expected[0], head->out_proj->bias));
+  for (const auto dtype : {torch::kInt8, torch::kUInt8, torch::kInt16, torch::kInt32}) {
+    const auto out = head->forward(x, at::Tensor(), at::Tensor(), lengths.to(dtype));
+    EXPECT_TRUE(torch::equal(out, expected)) << dtype;
+  }
+}
+
 }  // namespace
