@@ -8,9 +8,12 @@
 
 #include "ops/pool_params.h"
 
+#include <ATen/Parallel.h>
 #include <c10/core/ScalarType.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace attnpool::cpu {
 
@@ -30,6 +33,45 @@ constexpr int64_t kMinPieceElems = int64_t{1} << 15;
 inline int64_t parallel_grain(const PieceCut& cut, int64_t hidden) {
   const int64_t piece_elems = cut.rows_per_piece * (hidden > 0 ? hidden : 1);
   return piece_elems >= kMinPieceElems ? 1 : kMinPieceElems / piece_elems;
+}
+
+// Runs f(begin, end) over the forward's (or jvp's) work items, in parallel.
+// A ragged batch's items differ in size (a sequence shorter than a piece is
+// one short item, a long one several full ones), so a split by count can
+// leave one thread most of the rows: there each thread gets one contiguous
+// range of items holding about T / threads rows. Which thread runs an item
+// never changes what it computes.
+template <typename Params, typename F>
+void parallel_over_items(const Params& p, const F& f) {
+  const int64_t items = p.work_items();
+  const int64_t grain = parallel_grain(p.cut, p.hidden);
+  const int64_t ranges = std::min<int64_t>(at::get_num_threads(), items / grain);
+  if (!p.ragged() || ranges <= 1) {
+    at::parallel_for(0, items, grain, f);
+    return;
+  }
+  // first[r]: the first item starting at or after row T * r / ranges (items
+  // are in row order).
+  std::vector<int64_t> first(ranges + 1, items);
+  int64_t item = 0;
+  for (int64_t r = 0; r < ranges; ++r) {
+    const int64_t row = p.seq_len * r / ranges;
+    while (item < items) {
+      const SequencePiece work = p.work_item(item);
+      if (p.seq_offsets[work.b] + work.rows.begin >= row) {
+        break;
+      }
+      ++item;
+    }
+    first[r] = item;
+  }
+  at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (first[r] < first[r + 1]) {
+        f(first[r], first[r + 1]);
+      }
+    }
+  });
 }
 
 enum class Isa { DEFAULT = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };

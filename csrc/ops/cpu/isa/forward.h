@@ -569,8 +569,7 @@ void forward_impl(const ForwardParams& p) {
   }
   const std::vector<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
 
-  const int64_t grain = parallel_grain(p.cut, p.hidden);
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+  parallel_over_items(p, [&](int64_t begin, int64_t end) {
     // Tiles of kForwardTileRows rows with one score per row, kWideTileRows
     // with several.
     const int tile_rows = pipelined ? kForwardTileRows : kWideTileRows;

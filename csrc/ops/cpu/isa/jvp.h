@@ -201,8 +201,7 @@ void jvp_impl(const JvpParams& p) {
       static_cast<const acc_t*>(p.u_tangent),
       both.empty() ? nullptr : both.data()};
 
-  const int64_t grain = parallel_grain(p.cut, p.hidden);
-  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+  parallel_over_items(p, [&](int64_t begin, int64_t end) {
     RowTile<scalar_t, kTile> tile;
     RowTile<scalar_t, kTile> tangent_tile;
     acc_t tile_bias[kTile] = {};
