@@ -166,3 +166,40 @@ def test_large_padded_gradient_is_exact_on_zero_pages():
     torch.testing.assert_close(x.grad[~padding], 2 * packed.grad, **TOLERANCES[torch.float32])
     x.grad.mul_(0.5).add_(1.0)
     assert x.grad[padding].eq(1.0).all()
+
+
+def test_threads_split_a_padded_batch_by_rows_and_give_the_same_bits():
+    # Seven short sequences and one that fills L = 600 (64-wide rows: one
+    # work item each): the CPU forward hands threads runs of items holding
+    # about the same number of attended rows, here the seven short ones to
+    # one thread and the long one to another. Which thread runs an item must
+    # not change a bit, forward, backward or jvp.
+    lengths = torch.tensor([9, 3, 12, 0, 7, 5, 11, 600])
+    x = torch.randn(8, 600, 64)
+    u = torch.randn(2, 64)
+    tangents = (torch.randn_like(x), torch.randn_like(u))
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            x_leaf, u_leaf = x.clone().requires_grad_(), u.clone().requires_grad_()
+            out = attnpool.folded_attention_pool(x_leaf, u_leaf, None, 0.125, False, None, lengths)
+            out.pow(2).sum().backward()
+            _, tangent = torch.func.jvp(
+                lambda a, b: attnpool.folded_attention_pool(
+                    a, b, None, 0.125, False, None, lengths
+                ),
+                (x, u),
+                tangents,
+            )
+            results.append((out, x_leaf.grad, u_leaf.grad, tangent))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for got, want in zip(other, results[0], strict=True):
+            assert torch.equal(got, want)
+    want = reference.folded_attention_pool(
+        x.double(), u.double(), None, 0.125, False, None, lengths
+    )
+    torch.testing.assert_close(results[0][0].double(), want, **TOLERANCES[torch.float32])

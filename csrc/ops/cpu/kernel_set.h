@@ -35,35 +35,60 @@ inline int64_t parallel_grain(const PieceCut& cut, int64_t hidden) {
   return piece_elems >= kMinPieceElems ? 1 : kMinPieceElems / piece_elems;
 }
 
-// Runs f(begin, end) over the forward's (or jvp's) work items, in parallel.
-// A ragged batch's items differ in size (a sequence shorter than a piece is
-// one short item, a long one several full ones), so a split by count can
-// leave one thread most of the rows: there each thread gets one contiguous
-// range of items holding about T / threads rows. Which thread runs an item
-// never changes what it computes.
+// How many of sequence b's `rows` the mask keeps. (A contiguous mask is
+// summed as bytes, which the compiler vectorises: this runs before the
+// kernels, on one thread.)
+inline int64_t attended_rows(const PoolInputs& p, int64_t b, RowRange rows) {
+  const bool* keep = p.mask + b * p.mask_batch_stride;
+  int64_t count = 0;
+  if (p.mask_seq_stride == 1) {
+    const auto* bytes = reinterpret_cast<const uint8_t*>(keep);
+    for (int64_t l = rows.begin; l < rows.end; ++l) {
+      count += bytes[l];
+    }
+    return count;
+  }
+  for (int64_t l = rows.begin; l < rows.end; ++l) {
+    count += keep[l * p.mask_seq_stride] ? 1 : 0;
+  }
+  return count;
+}
+
+// Runs f(begin, end) over the forward's (or jvp's) work items, in parallel,
+// each thread taking one contiguous range of items that reads about the same
+// number of rows. Items can differ in size: a ragged batch's (a sequence
+// shorter than a piece is one short item, a long one several full ones) and
+// a masked batch's (its masked rows are skipped, never read), and a split by
+// count can then leave one thread most of the rows. Which thread runs an
+// item never changes what it computes.
 template <typename Params, typename F>
 void parallel_over_items(const Params& p, const F& f) {
   const int64_t items = p.work_items();
   const int64_t grain = parallel_grain(p.cut, p.hidden);
   const int64_t ranges = std::min<int64_t>(at::get_num_threads(), items / grain);
-  if (!p.ragged() || ranges <= 1) {
+  // A dense batch without a mask: items of one size.
+  if ((!p.ragged() && p.mask == nullptr) || ranges <= 1) {
     at::parallel_for(0, items, grain, f);
     return;
   }
-  // first[r]: the first item starting at or after row T * r / ranges (items
-  // are in row order).
-  std::vector<int64_t> first(ranges + 1, items);
-  int64_t item = 0;
-  for (int64_t r = 0; r < ranges; ++r) {
-    const int64_t row = p.seq_len * r / ranges;
-    while (item < items) {
-      const SequencePiece work = p.work_item(item);
-      if (p.seq_offsets[work.b] + work.rows.begin >= row) {
-        break;
-      }
-      ++item;
+  // rows_before[i]: the rows that items 0 .. i - 1 read.
+  std::vector<int64_t> rows_before(items + 1, 0);
+  for (int64_t item = 0; item < items; ++item) {
+    const SequencePiece work = p.work_item(item);
+    int64_t rows = work.rows.end - work.rows.begin;
+    if (p.mask != nullptr) {
+      rows = attended_rows(p, work.b, work.rows);
     }
-    first[r] = item;
+    rows_before[item + 1] = rows_before[item] + rows;
+  }
+  // first[r]: range r starts with the item that holds row
+  // rows_before[items] * r / ranges of the rows read.
+  std::vector<int64_t> first(ranges + 1, items);
+  first[0] = 0;
+  for (int64_t r = 1; r < ranges; ++r) {
+    const int64_t row = rows_before[items] * r / ranges;
+    first[r] = std::upper_bound(rows_before.begin() + 1, rows_before.end(), row) -
+               (rows_before.begin() + 1);
   }
   at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
