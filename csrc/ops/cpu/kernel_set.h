@@ -39,17 +39,16 @@ inline int64_t parallel_grain(const PieceCut& cut, int64_t hidden) {
 // summed as bytes, which the compiler vectorises: this runs before the
 // kernels, on one thread.)
 inline int64_t attended_rows(const PoolInputs& p, int64_t b, RowRange rows) {
-  const bool* keep = p.mask + b * p.mask_batch_stride;
   int64_t count = 0;
   if (p.mask_seq_stride == 1) {
-    const auto* bytes = reinterpret_cast<const uint8_t*>(keep);
+    const auto* bytes = reinterpret_cast<const uint8_t*>(p.mask + b * p.mask_batch_stride);
     for (int64_t l = rows.begin; l < rows.end; ++l) {
       count += bytes[l];
     }
     return count;
   }
   for (int64_t l = rows.begin; l < rows.end; ++l) {
-    count += keep[l * p.mask_seq_stride] ? 1 : 0;
+    count += p.attends(b, l) ? 1 : 0;
   }
   return count;
 }
@@ -75,10 +74,8 @@ void parallel_over_items(const Params& p, const F& f) {
   std::vector<int64_t> rows_before(items + 1, 0);
   for (int64_t item = 0; item < items; ++item) {
     const SequencePiece work = p.work_item(item);
-    int64_t rows = work.rows.end - work.rows.begin;
-    if (p.mask != nullptr) {
-      rows = attended_rows(p, work.b, work.rows);
-    }
+    const int64_t rows =
+        p.mask != nullptr ? attended_rows(p, work.b, work.rows) : work.rows.end - work.rows.begin;
     rows_before[item + 1] = rows_before[item] + rows;
   }
   // first[r]: range r starts with the item that holds row
