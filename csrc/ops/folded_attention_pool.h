@@ -166,8 +166,8 @@ PreparedBackward prepare_varlen_backward(
     bool full_width);
 
 // first_piece [B + 1] of a ragged forward (ForwardParams): sequence b gets
-// max(1, ceil(length / rows_per_piece)) pieces. Tensor ops on the offsets'
-// device, so no host synchronisation.
+// max(1, ceil(length / rows_per_piece)) pieces. On a GPU, tensor ops on the
+// offsets' device, so no host synchronisation; on the CPU, a loop.
 at::Tensor ragged_first_piece(const at::Tensor& offsets, int64_t rows_per_piece);
 
 }  // namespace attnpool::detail

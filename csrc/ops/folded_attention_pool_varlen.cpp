@@ -11,9 +11,11 @@
 #include "ops/folded_attention_pool.h"
 
 #include <ATen/ATen.h>
+#include <ATen/ceil_div.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -195,6 +197,20 @@ PreparedBackward prepare_varlen_backward(
 }
 
 at::Tensor ragged_first_piece(const at::Tensor& offsets, int64_t rows_per_piece) {
+  if (offsets.is_cpu()) {
+    // A loop, not the eight small tensor ops below: they took 15-25 us of a
+    // 0.6 ms forward of 64 sequences.
+    const int64_t batch = offsets.size(0) - 1;
+    auto first_piece = at::empty({batch + 1}, offsets.options());
+    const auto* offset = offsets.const_data_ptr<int64_t>();
+    auto* first = first_piece.mutable_data_ptr<int64_t>();
+    first[0] = 0;
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t length = offset[b + 1] - offset[b];
+      first[b + 1] = first[b] + std::max<int64_t>(1, at::ceil_div(length, rows_per_piece));
+    }
+    return first_piece;
+  }
   const auto lengths = offsets.diff();
   const auto pieces = lengths.add(rows_per_piece - 1).div(rows_per_piece, "floor").clamp_min(1);
   return at::cat({offsets.new_zeros({1}), pieces.cumsum(0)}).contiguous();
