@@ -78,6 +78,33 @@ def test_dynamic_fullgraph_compile_matches_eager_without_recompiling(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_queries", [2, 24], ids=["fold", "projection"])
+def test_multihead_attention_pooling_compiles_whole_on_either_path(device, num_queries):
+    """The MAP head folds the query for few queries and projects the keys for
+    many (CoCa's pooler): either way it traces into one graph, compiles once
+    across shapes, and its outputs and gradients equal eager."""
+    torch.manual_seed(2)
+    head = attnpool.MultiheadAttentionPooling(16, 4, num_queries=num_queries).to(device)
+    with torch.no_grad():
+        head.in_proj_bias.normal_()
+        head.out_proj.bias.normal_()
+    w_v = head.in_proj_weight.chunk(3)[2]
+    x, mask = make_batch(2, 5, 16, device=device)
+    folds = attnpool.modules._fold_is_cheaper(x, head.query, w_v, head.num_heads)
+    assert folds == (num_queries == 2)
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(head, backend=backend, fullgraph=True, dynamic=True)
+    for step, (batch, seq_len) in enumerate(DYNAMIC_SHAPES[:4]):
+        x, mask = make_batch(batch, seq_len, 16, device=device, seed=step)
+        _assert_same(
+            _loss_and_grads(compiled, x, mask),
+            _loss_and_grads(head, x, mask),
+            f"B={batch}, L={seq_len}",
+        )
+    assert backend.frame_count == 1, f"recompiled: {backend.frame_count} compiles"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_max_autotune_compile_matches_eager_for_training_and_inference(device):
     torch.manual_seed(1)
     model = attnpool.AttentionPooling(8, num_heads=2).to(device)

@@ -141,10 +141,20 @@ TORCH_LIBRARY_FRAGMENT(attnpool, m) {
       "attention_pool_varlen(Tensor x, Tensor cu_seqlens, Tensor query, Tensor w_q, Tensor w_k, "
       "int num_heads=1, float? scale=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // The ops' checks of x and of mask, attn_bias and lengths against it, for
+  // callers that pool without the ops (MultiheadAttentionPooling when it
+  // projects the keys); errors name `op`. An op, not a function of the
+  // Python module, so that torch.compile traces it (it reads sizes only)
+  // and TorchScript can call it.
+  m.def(
+      "_check_pooled_positions(str op, Tensor x, Tensor? mask=None, Tensor? attn_bias=None, "
+      "Tensor? lengths=None) -> ()",
+      {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(attnpool, CompositeImplicitAutograd, m) {
   m.impl("attention_pool_varlen", &compose_attention_pool_varlen);
+  m.impl("_check_pooled_positions", &detail::check_pooled_positions);
 }
 
 // Meta is named as well: fake tensors look for a kernel registered at Meta itself.

@@ -24,11 +24,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "_checked_attention_pool_varlen_scale",
       &attnpool::detail::checked_attention_pool_varlen_scale,
       "attention_pool_varlen's argument checks, then its scale.");
-  m.def(
-      "_check_pooled_positions",
-      &attnpool::detail::check_pooled_positions,
-      "The ops' checks of x [B, L, H] and of mask, attn_bias and lengths against it; errors "
-      "name the given op.");
 #ifdef ATTNPOOL_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

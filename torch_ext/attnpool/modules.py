@@ -345,9 +345,9 @@ def pool_projected(
     if not _fold_is_cheaper(x, query, w_v, num_heads):
         # The checks the ops make on the fold's path, so that both paths
         # refuse the same inputs.
-        from attnpool import _C
-
-        _C._check_pooled_positions("MultiheadAttentionPooling", x, mask, attn_bias, lengths)
+        torch.ops.attnpool._check_pooled_positions(
+            "MultiheadAttentionPooling", x, mask, attn_bias, lengths
+        )
         return _pool_by_projection(
             x, query, w_q, b_q, w_k, w_v, b_v, num_heads, mask, attn_bias, lengths
         )
