@@ -421,6 +421,30 @@ def test_torch_jit_script_of_weighted_pooling_matches_eager():
     torch.testing.assert_close(scripted(x, mask), module(x, mask), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kdim", [None, 6])
+@pytest.mark.parametrize("num_queries", [1, 24], ids=["fold", "projection"])
+def test_torch_jit_script_of_multihead_attention_pooling_matches_eager(num_queries, kdim):
+    """Both paths (the fold for few queries, the key projection for many), with
+    each way of giving the positions, and the scripted module still refuses
+    what the eager one refuses."""
+    torch.manual_seed(0)
+    module = attnpool.MultiheadAttentionPooling(8, 2, num_queries=num_queries, kdim=kdim).double()
+    with torch.no_grad():
+        module.in_proj_bias.normal_()
+        module.out_proj.bias.normal_()
+    scripted = torch.jit.script(module)
+    x = torch.randn(3, 6, kdim or 8, dtype=torch.float64)
+    mask = torch.rand(3, 6) > 0.3
+    mask[0] = False
+    attn_bias = torch.randn(3, 6, dtype=torch.float64)
+    attn_bias[1, :2] = float("-inf")
+    lengths = torch.tensor([0, 2, 6])
+    for positions in ({}, {"mask": mask}, {"attn_bias": attn_bias}, {"lengths": lengths}):
+        torch.testing.assert_close(scripted(x, **positions), module(x, **positions), rtol=0, atol=0)
+    with pytest.raises(Exception, match=r"mask must have shape \[B, L\] = \[3, 6\]"):
+        scripted(x, mask[:, :5])
+
+
 # --- what users do to q_proj and k_proj ---------------------------------------------
 
 

@@ -13,6 +13,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <string>
+
 namespace attnpool {
 
 at::Tensor attention_pool(
@@ -132,6 +135,20 @@ at::Tensor compose_attention_pool(
 
 }  // namespace detail
 
+namespace {
+
+at::Tensor checked_pooled_positions(
+    const std::string& op,
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
+  detail::check_pooled_positions(op, x, mask, attn_bias, lengths);
+  return x;
+}
+
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(attnpool, m) {
   m.def(
       "attention_pool(Tensor x, Tensor query, Tensor w_q, Tensor w_k, Tensor? mask=None, "
@@ -145,16 +162,17 @@ TORCH_LIBRARY_FRAGMENT(attnpool, m) {
   // callers that pool without the ops (MultiheadAttentionPooling when it
   // projects the keys); errors name `op`. An op, not a function of the
   // Python module, so that torch.compile traces it (it reads sizes only)
-  // and TorchScript can call it.
+  // and TorchScript can call it. Returns x: a call whose result nothing
+  // used, TorchScript would drop.
   m.def(
-      "_check_pooled_positions(str op, Tensor x, Tensor? mask=None, Tensor? attn_bias=None, "
-      "Tensor? lengths=None) -> ()",
+      "_check_pooled_positions(str op, Tensor(a) x, Tensor? mask=None, Tensor? attn_bias=None, "
+      "Tensor? lengths=None) -> Tensor(a)",
       {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(attnpool, CompositeImplicitAutograd, m) {
   m.impl("attention_pool_varlen", &compose_attention_pool_varlen);
-  m.impl("_check_pooled_positions", &detail::check_pooled_positions);
+  m.impl("_check_pooled_positions", &checked_pooled_positions);
 }
 
 // Meta is named as well: fake tensors look for a kernel registered at Meta itself.

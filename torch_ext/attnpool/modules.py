@@ -268,7 +268,17 @@ class MultiheadAttentionPooling(nn.Module):
                 f"MultiheadAttentionPooling: x must have shape [B, L, kdim = {self.kdim}], "
                 f"got {list(x.shape)}"
             )
-        out = pool_with_projections(self, x, self.query, mask, attn_bias, lengths)
+        w_q, b_q, w_k, w_v, b_v = split_projection_weights(
+            self.in_proj_weight,
+            self.q_proj_weight,
+            self.k_proj_weight,
+            self.v_proj_weight,
+            self.in_proj_bias,
+        )
+        projected = pool_projected(
+            x, self.query, w_q, b_q, w_k, w_v, b_v, self.num_heads, mask, attn_bias, lengths
+        )
+        out = self.out_proj(projected).to(x.dtype)
         return out[:, 0] if self.num_queries == 1 else out
 
     def extra_repr(self) -> str:
@@ -302,17 +312,38 @@ def pool_with_projections(
 
 
 def projection_weights(attention: nn.Module):
-    """``(w_q, b_q, w_k, w_v, b_v)`` of an ``nn.MultiheadAttention``-like module,
-    its projection weights packed (``in_proj_weight``) or not; the biases are
-    None without ``in_proj_bias`` (the key bias is left out: it cancels in the
-    softmax)."""
-    if attention.in_proj_weight is not None:
-        w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+    """``(w_q, b_q, w_k, w_v, b_v)`` of an ``nn.MultiheadAttention``-like module:
+    :func:`split_projection_weights` of its parameters."""
+    return split_projection_weights(
+        attention.in_proj_weight,
+        attention.q_proj_weight,
+        attention.k_proj_weight,
+        attention.v_proj_weight,
+        attention.in_proj_bias,
+    )
+
+
+def split_projection_weights(
+    in_proj_weight: Optional[Tensor],
+    q_proj_weight: Optional[Tensor],
+    k_proj_weight: Optional[Tensor],
+    v_proj_weight: Optional[Tensor],
+    in_proj_bias: Optional[Tensor],
+) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor, Optional[Tensor]]:
+    """``(w_q, b_q, w_k, w_v, b_v)`` from ``nn.MultiheadAttention``'s projection
+    parameters, packed (``in_proj_weight``) or not; the biases are None without
+    ``in_proj_bias`` (the key bias is left out: it cancels in the softmax).
+    Tensors in, so that TorchScript compiles it."""
+    if in_proj_weight is not None:
+        w_q, w_k, w_v = in_proj_weight.chunk(3)
     else:
-        w_q, w_k, w_v = attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight
-    b_q = b_v = None
-    if attention.in_proj_bias is not None:
-        b_q, _, b_v = attention.in_proj_bias.chunk(3)
+        assert q_proj_weight is not None and k_proj_weight is not None
+        assert v_proj_weight is not None
+        w_q, w_k, w_v = q_proj_weight, k_proj_weight, v_proj_weight
+    b_q: Optional[Tensor] = None
+    b_v: Optional[Tensor] = None
+    if in_proj_bias is not None:
+        b_q, _, b_v = in_proj_bias.chunk(3)
     return w_q, b_q, w_k, w_v, b_v
 
 
@@ -344,8 +375,8 @@ def pool_projected(
     :func:`_fold_is_cheaper`."""
     if not _fold_is_cheaper(x, query, w_v, num_heads):
         # The checks the ops make on the fold's path, so that both paths
-        # refuse the same inputs.
-        torch.ops.attnpool._check_pooled_positions(
+        # refuse the same inputs (x comes back as it went in).
+        x = torch.ops.attnpool._check_pooled_positions(
             "MultiheadAttentionPooling", x, mask, attn_bias, lengths
         )
         return _pool_by_projection(
@@ -398,10 +429,10 @@ def _pool_by_projection(
     stays out), and a row with nothing to attend gives 0 with zero gradients."""
     batch, seq_len, _ = x.shape
     embed_dim = w_v.shape[0]
-    head_dim = embed_dim // num_heads
     dtype = w_v.dtype
     xs = x.to(dtype)
-    scores_mask = any_kept = None
+    scores_mask: Optional[Tensor] = None
+    any_kept: Optional[Tensor] = None
     if mask is not None or attn_bias is not None or lengths is not None:
         keep = reference._attended(x, mask, attn_bias, lengths)  # [B, L]
         any_kept = keep.any(dim=1)
@@ -414,15 +445,18 @@ def _pool_by_projection(
         bias = bias.masked_fill(~keep & any_kept[:, None], float("-inf"))
         scores_mask = bias.masked_fill(~any_kept[:, None], 0.0)[:, None, None, :]
 
-    def heads(t: Tensor) -> Tensor:  # [.., N, E] -> [.., n, N, d]
-        return t.unflatten(-1, (num_heads, head_dim)).transpose(-3, -2)
-
-    q = heads(F.linear(query, w_q, b_q)).unsqueeze(0).expand(batch, -1, -1, -1)  # [B, n, Q, d]
-    k = heads(F.linear(xs, w_k))  # [B, n, L, d]; a key bias cancels
-    v = heads(F.linear(xs, w_v, b_v))
+    q = _split_heads(F.linear(query, w_q, b_q), num_heads)  # [n, Q, d]
+    q = q.unsqueeze(0).expand(batch, -1, -1, -1)  # [B, n, Q, d]
+    k = _split_heads(F.linear(xs, w_k), num_heads)  # [B, n, L, d]; a key bias cancels
+    v = _split_heads(F.linear(xs, w_v, b_v), num_heads)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_mask)
     out = out.transpose(1, 2).reshape(batch, query.shape[0], embed_dim)
     return out if any_kept is None else torch.where(any_kept[:, None, None], out, 0.0)
+
+
+def _split_heads(t: Tensor, num_heads: int) -> Tensor:
+    """[..., N, E] -> [..., n, N, E / n]: each head's slice of the width."""
+    return t.unflatten(-1, (num_heads, t.shape[-1] // num_heads)).transpose(-3, -2)
 
 
 def _check_weighted_pool_inputs(x: Tensor, mask: Optional[Tensor], weight: Tensor, max_len: int):
