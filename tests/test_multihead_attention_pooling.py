@@ -7,6 +7,7 @@ from helpers import TOLERANCES
 from torch import nn
 
 import attnpool
+from attnpool import reference
 
 EMBED_DIM, NUM_HEADS, BATCH, SEQ_LEN = 16, 4, 5, 7
 EMPTY_ROW = 2  # fully masked in every test batch
@@ -91,6 +92,40 @@ def test_many_queries_project_instead_of_folding_with_the_same_conventions():
     want = module(x, torch.arange(SEQ_LEN)[None, :] < lengths[:, None])
     torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
     assert not got.isnan().any()
+
+
+@pytest.mark.parametrize("num_queries", [1, 8], ids=["fold", "projection"])
+def test_a_row_biased_to_the_lowest_float_has_exact_gradients(num_queries):
+    """Peers pad with finfo.min (SPEC.md §7): such a row is a uniform average.
+    Against SPEC.md §7's recipe on the reference ops, in float64. On the
+    projection path SDPA's log-sum-exp of such a row rounded to finfo.min and
+    its backward took p = 1 instead of 1/L: gradients L times too large."""
+    from attnpool.modules import projection_weights
+
+    module, _ = _pair(num_queries, None, True)
+    x, _ = _batch(None)
+    bias = torch.zeros(BATCH, SEQ_LEN, dtype=torch.float64)
+    bias[1] = torch.finfo(torch.float32).min
+    bias[3, 2:] = torch.finfo(torch.float32).min
+    w_q, b_q, w_k, w_v, b_v = projection_weights(module)
+    head_dim = EMBED_DIM // NUM_HEADS
+
+    def recipe(x):
+        u = reference.fold_query(module.query, w_q, w_k, NUM_HEADS, b_q)
+        pooled = reference.folded_attention_pool(x, u, None, head_dim**-0.5, True, bias)
+        heads = w_v.reshape(NUM_HEADS, head_dim, EMBED_DIM)
+        values = torch.einsum("bqnk,ndk->bqnd", pooled, heads).flatten(2) + b_v
+        out = module.out_proj(values)
+        return out[:, 0] if num_queries == 1 else out
+
+    results = []
+    for pool in (lambda x: module(x, attn_bias=bias), recipe):
+        leaf = x.clone().requires_grad_()
+        out = pool(leaf)
+        grads = torch.autograd.grad(out, [leaf, *module.parameters()], torch.ones_like(out))
+        results.append((out, *grads))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
 
 
 @pytest.mark.parametrize("num_queries", [1, 8], ids=["fold", "projection"])

@@ -47,13 +47,19 @@ def _masking(kind, batch, seq_len, device):
         return dict(mask=mask.to(device))
     if kind == "lengths":
         return dict(lengths=torch.tensor([seq_len, 0, 3], device=device))
+    if kind == "lowest-float":
+        # As peers pad (SPEC.md §7): row 1 a uniform average, row 2 past 4.
+        bias = torch.zeros(batch, seq_len, dtype=torch.float64)
+        bias[1] = torch.finfo(torch.float32).min
+        bias[2, 4:] = torch.finfo(torch.float32).min
+        return dict(attn_bias=bias.to(device))
     bias = torch.randn(batch, seq_len, generator=gen, dtype=torch.float64)
     bias[0, 2] = float("-inf")
     bias[2] = float("-inf")  # a row whose every score is -inf
     return dict(attn_bias=bias.to(device))
 
 
-MASKINGS = ["none", "mask", "lengths", "attn_bias"]
+MASKINGS = ["none", "mask", "lengths", "attn_bias", "lowest-float"]
 
 
 @pytest.mark.parametrize("device", DEVICES)

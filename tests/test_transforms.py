@@ -374,6 +374,54 @@ def test_per_sample_gradients_of_the_module_equal_a_loop():
         torch.testing.assert_close(per_sample[name], torch.stack(loop), atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("masking", ["mask", "attn_bias"])
+@pytest.mark.parametrize("num_queries", [2, 24], ids=["fold", "projection"])
+def test_func_transforms_of_multihead_attention_pooling_on_either_path(num_queries, masking):
+    """Per-sample gradients (vmap of grad) equal a loop, and jvp equals the
+    reverse-mode jacobian times the tangent, on both of the head's paths. The
+    projection path runs SDPA, which has no forward-mode AD, and checks its
+    inputs with an op that vmap's fallback could not run."""
+    torch.manual_seed(0)
+    module = attnpool.MultiheadAttentionPooling(8, 2, num_queries=num_queries).double()
+    with torch.no_grad():
+        module.in_proj_bias.normal_()
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    x = torch.randn(3, 6, 8, dtype=torch.float64)
+    if masking == "mask":
+        positions = {"mask": torch.rand(3, 6) > 0.3}
+    else:
+        positions = {"attn_bias": torch.randn(3, 6, dtype=torch.float64)}
+
+    def loss(params, x, positions):
+        batched = {name: value[None] for name, value in positions.items()}
+        out = torch.func.functional_call(module, params, (x[None],), batched)
+        return out.pow(2).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, positions)
+    for name, param in module.named_parameters():
+        loop = [
+            torch.autograd.grad(
+                loss(
+                    dict(module.named_parameters()),
+                    x[i],
+                    {key: value[i] for key, value in positions.items()},
+                ),
+                param,
+            )[0]
+            for i in range(len(x))
+        ]
+        torch.testing.assert_close(per_sample[name], torch.stack(loop), atol=1e-12, rtol=1e-10)
+
+    def pool(x):
+        return module(x, **positions)
+
+    tangent = torch.randn_like(x)
+    _, got = torch.func.jvp(pool, (x,), (tangent,))
+    jacobian = torch.func.jacrev(pool)(x)  # [*out.shape, *x.shape]
+    want = (jacobian * tangent).flatten(-3).sum(-1)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
 def test_second_order_is_a_clear_error():
     inputs = _pool_inputs(num_queries=None)
     pool = _attention_pool(attnpool, inputs)

@@ -13,9 +13,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include <optional>
-#include <string>
-
 namespace attnpool {
 
 at::Tensor attention_pool(
@@ -135,20 +132,6 @@ at::Tensor compose_attention_pool(
 
 }  // namespace detail
 
-namespace {
-
-at::Tensor checked_pooled_positions(
-    const std::string& op,
-    const at::Tensor& x,
-    const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& attn_bias,
-    const std::optional<at::Tensor>& lengths) {
-  detail::check_pooled_positions(op, x, mask, attn_bias, lengths);
-  return x;
-}
-
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(attnpool, m) {
   m.def(
       "attention_pool(Tensor x, Tensor query, Tensor w_q, Tensor w_k, Tensor? mask=None, "
@@ -162,17 +145,25 @@ TORCH_LIBRARY_FRAGMENT(attnpool, m) {
   // callers that pool without the ops (MultiheadAttentionPooling when it
   // projects the keys); errors name `op`. An op, not a function of the
   // Python module, so that torch.compile traces it (it reads sizes only)
-  // and TorchScript can call it. Returns x: a call whose result nothing
-  // used, TorchScript would drop.
+  // and TorchScript can call it. Conservative alias analysis marks it as
+  // having side effects, so that TorchScript keeps a call with no result.
   m.def(
-      "_check_pooled_positions(str op, Tensor(a) x, Tensor? mask=None, Tensor? attn_bias=None, "
-      "Tensor? lengths=None) -> Tensor(a)",
+      torch::schema(
+          "_check_pooled_positions(str op, Tensor x, Tensor? mask=None, Tensor? attn_bias=None, "
+          "Tensor? lengths=None) -> ()",
+          c10::AliasAnalysisKind::CONSERVATIVE),
       {at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(attnpool, CompositeImplicitAutograd, m) {
   m.impl("attention_pool_varlen", &compose_attention_pool_varlen);
-  m.impl("_check_pooled_positions", &checked_pooled_positions);
+  m.impl("_check_pooled_positions", &detail::check_pooled_positions);
+}
+
+// Under vmap the checks see each sample's sizes (those of a batched tensor
+// are the logical ones); vmap's fallback runs no op without a result.
+TORCH_LIBRARY_IMPL(attnpool, FuncTorchBatched, m) {
+  m.impl("_check_pooled_positions", &detail::check_pooled_positions);
 }
 
 // Meta is named as well: fake tensors look for a kernel registered at Meta itself.

@@ -47,9 +47,13 @@ at::Tensor pool_by_projection(
   const bool masked = mask.has_value() || attn_bias.has_value() || lengths.has_value();
   // SDPA has no forward-mode AD (a tangent reaches here only through the
   // autograd kernel), and takes a bias in x's dtype, which would round a
-  // bias that the fold adds in float32.
+  // bias that the fold adds in float32. Nor does its backward take any
+  // bias exactly: it rebuilds p from a log-sum-exp, max + log(sum), which
+  // for a row whose every bias is finfo.min (as peers pad, a uniform
+  // average) rounds back to finfo.min, so p = 1 where the softmax gave 1/L
+  // (gradients L times too large). The softmax's own backward uses p.
   const bool with_tangents = any_tangent({&x, &query, &w_q, &w_k}, attn_bias);
-  const bool exact_scores = with_tangents || (attn_bias.has_value() && acc != x.scalar_type());
+  const bool exact_scores = with_tangents || attn_bias.has_value();
 
   at::Tensor rows = x;
   at::Tensor any_attended;  // [B] bool, when masked

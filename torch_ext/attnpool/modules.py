@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from attnpool import reference
 from attnpool.ops import (
@@ -176,7 +177,8 @@ class MultiheadAttentionPooling(nn.Module):
     ``x`` over its full width, and the value projection runs on the pooled
     vectors. Per element of ``x`` that is ``2 * num_queries * num_heads``
     multiply-adds instead of about ``2 * embed_dim``, and the backward saves only
-    the pooled vectors.
+    the pooled vectors. Only where that costs more (many queries and heads, as
+    in CoCa's pooler) does it project the keys and values instead.
 
     ``forward(x, mask=None, attn_bias=None, lengths=None)``: ``x`` ``[B, L, kdim]``, ``mask``
     ``[B, L]`` with ``True`` (nonzero) = attend (pass ``~key_padding_mask``),
@@ -375,8 +377,8 @@ def pool_projected(
     :func:`_fold_is_cheaper`."""
     if not _fold_is_cheaper(x, query, w_v, num_heads):
         # The checks the ops make on the fold's path, so that both paths
-        # refuse the same inputs (x comes back as it went in).
-        x = torch.ops.attnpool._check_pooled_positions(
+        # refuse the same inputs.
+        torch.ops.attnpool._check_pooled_positions(
             "MultiheadAttentionPooling", x, mask, attn_bias, lengths
         )
         return _pool_by_projection(
@@ -449,9 +451,30 @@ def _pool_by_projection(
     q = q.unsqueeze(0).expand(batch, -1, -1, -1)  # [B, n, Q, d]
     k = _split_heads(F.linear(xs, w_k), num_heads)  # [B, n, L, d]; a key bias cancels
     v = _split_heads(F.linear(xs, w_v, b_v), num_heads)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_mask)
+    # SDPA has no forward-mode AD, and its backward rebuilds p from a
+    # log-sum-exp, max + log(sum), which for a row whose every bias is
+    # finfo.min (as peers pad, a uniform average) rounds back to finfo.min:
+    # p = 1 where the softmax gave 1/L, gradients L times too large. The
+    # softmax's own backward uses p.
+    exact = attn_bias is not None
+    if not torch.jit.is_scripting():
+        exact = exact or _any_tangent([x, query, w_q, b_q, w_k, w_v, b_v])
+    if exact:
+        acc = reference.accumulate_dtype(dtype)
+        scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if scores_mask is not None:
+            scores = scores + scores_mask.to(acc)
+        out = torch.matmul(torch.softmax(scores, dim=-1).to(dtype), v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_mask)
     out = out.transpose(1, 2).reshape(batch, query.shape[0], embed_dim)
     return out if any_kept is None else torch.where(any_kept[:, None, None], out, 0.0)
+
+
+def _any_tangent(tensors: list[Optional[Tensor]]) -> bool:
+    """Whether forward-mode AD (torch.func.jvp, forward_ad) gives any of
+    these a tangent."""
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _split_heads(t: Tensor, num_heads: int) -> Tensor:
