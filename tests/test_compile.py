@@ -44,6 +44,23 @@ def _assert_same(compiled, eager, what):
         )
 
 
+def _compiles_once_and_matches_eager(model, backend_name, shapes, device):
+    """model (hidden 16, called as model(x, mask)) compiled with fullgraph=True
+    and dynamic=True: outputs and gradients equal eager at each (B, L) of
+    shapes, with one compile. Returns the backend, which holds the graph."""
+    backend = CompileCounterWithBackend(backend_name)
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
+    for step, (batch, seq_len) in enumerate(shapes):
+        x, mask = make_batch(batch, seq_len, 16, device=device, seed=step)
+        _assert_same(
+            _loss_and_grads(compiled, x, mask),
+            _loss_and_grads(model, x, mask),
+            f"B={batch}, L={seq_len}",
+        )
+    assert backend.frame_count == 1, f"recompiled: {backend.frame_count} compiles"
+    return backend
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
@@ -57,16 +74,7 @@ def test_dynamic_fullgraph_compile_matches_eager_without_recompiling(device):
     torch.manual_seed(0)
     # A position-wise layer, attention pooling and a linear head.
     model = PoolingModel(16, num_heads=2, num_queries=2, out_features=3).to(device)
-    backend = CompileCounterWithBackend("inductor")
-    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
-    for step, (batch, seq_len) in enumerate(DYNAMIC_SHAPES):
-        x, mask = make_batch(batch, seq_len, 16, device=device, seed=step)
-        _assert_same(
-            _loss_and_grads(compiled, x, mask),
-            _loss_and_grads(model, x, mask),
-            f"B={batch}, L={seq_len}",
-        )
-    assert backend.frame_count == 1, f"recompiled: {backend.frame_count} compiles"
+    backend = _compiles_once_and_matches_eager(model, "inductor", DYNAMIC_SHAPES, device)
     assert counters["stats"]["unique_graphs"] == 1
     (graph,) = backend.graphs
     pool_nodes = [
@@ -92,16 +100,7 @@ def test_multihead_attention_pooling_compiles_whole_on_either_path(device, num_q
     x, mask = make_batch(2, 5, 16, device=device)
     folds = attnpool.modules._fold_is_cheaper(x, head.query, w_v, head.num_heads)
     assert folds == (num_queries == 2)
-    backend = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(head, backend=backend, fullgraph=True, dynamic=True)
-    for step, (batch, seq_len) in enumerate(DYNAMIC_SHAPES[:4]):
-        x, mask = make_batch(batch, seq_len, 16, device=device, seed=step)
-        _assert_same(
-            _loss_and_grads(compiled, x, mask),
-            _loss_and_grads(head, x, mask),
-            f"B={batch}, L={seq_len}",
-        )
-    assert backend.frame_count == 1, f"recompiled: {backend.frame_count} compiles"
+    _compiles_once_and_matches_eager(head, "aot_eager", DYNAMIC_SHAPES[:4], device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
