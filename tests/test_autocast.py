@@ -66,14 +66,16 @@ def test_module_follows_the_dtype_policy_under_autocast(device, dtype):
 
 
 @pytest.mark.parametrize("device, dtype", CASES)
-def test_float32_input_under_autocast_stays_float32(device, dtype):
+# 16 queries x 4 heads > 32 + 16: attention_pool projects the keys.
+@pytest.mark.parametrize("num_heads, num_queries", [(2, 1), (4, 16)], ids=["fold", "projection"])
+def test_float32_input_under_autocast_stays_float32(device, dtype, num_heads, num_queries):
     torch.manual_seed(0)
-    pool = attnpool.AttentionPooling(32, num_heads=2).to(device)
+    pool = attnpool.AttentionPooling(32, num_heads=num_heads, num_queries=num_queries).to(device)
     x, mask = make_batch(3, 21, 32, device=device, seed=1, empty_row=1)
     with torch.autocast(device, dtype=dtype):
         out = pool(x, mask)
     assert out.dtype == torch.float32
-    want = reference_in_float64(_pool_inputs(pool, x, mask), num_heads=2)
+    want = reference_in_float64(_pool_inputs(pool, x, mask), num_heads=num_heads)
     torch.testing.assert_close(out.double(), want, **TOLERANCES[torch.float32])
 
 

@@ -9,6 +9,7 @@
 #include "ops/checks.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <limits>
 
@@ -40,6 +41,9 @@ at::Tensor pool_by_projection(
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths) {
   // x: [B, L, H]; query: [H] or [Q, H]; w_q, w_k: [H, H]. Out: [B, (Q,) H].
+  // Under autocast these products would run in float16/bfloat16 and return
+  // them; the op computes in x's dtype in any region, as the fold does.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const c10::SymInt batch = x.sym_size(0);
   const auto queries = query.dim() == 1 ? query.unsqueeze(0) : query;
   const c10::SymInt num_queries = queries.sym_size(0);
