@@ -230,6 +230,25 @@ def test_compiles_once_for_changing_rows_and_batch(device):
     torch._dynamo.reset()
 
 
+def test_an_unsorted_index_is_refused_in_a_compiled_graph():
+    """A compiled graph cannot read the check's verdict on the host; it
+    asserts it on the device instead of skipping it (an unsorted index once
+    gave a silent wrong answer there)."""
+    torch._dynamo.reset()
+    query, w_q, w_k = (t.float() for t in _weights(None, 8))
+    x = torch.randn(6, 8)
+
+    def pool(x, index):
+        return attnpool.attention_pool_varlen(x, query, w_q, w_k, index=index, num_segments=3)
+
+    compiled = torch.compile(pool, backend="aot_eager", fullgraph=True)
+    sorted_index = torch.tensor([0, 0, 1, 1, 2, 2])
+    torch.testing.assert_close(compiled(x, sorted_index), pool(x, sorted_index))
+    with pytest.raises(RuntimeError, match="index must be sorted"):
+        compiled(x, torch.tensor([0, 2, 1, 1, 0, 2]))
+    torch._dynamo.reset()
+
+
 def test_export_keeps_rows_and_batch_dynamic():
     query, w_q, w_k = (t.float() for t in _weights(None, 16))
 
