@@ -82,8 +82,8 @@ def test_many_queries_project_instead_of_folding_with_the_same_conventions():
     module, _ = _pair(8, None, True)
     x, _ = _batch(None)
     w_v = module.in_proj_weight.chunk(3)[2]
-    assert not _fold_is_cheaper(x, module.query, w_v, NUM_HEADS)
-    assert _fold_is_cheaper(x, module.query[:1], w_v, NUM_HEADS)
+    assert not _fold_is_cheaper(module.query, w_v, NUM_HEADS)
+    assert _fold_is_cheaper(module.query[:1], w_v, NUM_HEADS)
     # lengths: the padding is never read (NaN there), as on the fold's path.
     lengths = torch.tensor([7, 3, 0, 1, 5])
     padded = x.clone()

@@ -354,6 +354,32 @@ def test_func_vmap_of_attention_pool_equals_a_loop(batched):
     torch.testing.assert_close(got, torch.stack([with_one(v) for v in stacked]))
 
 
+def test_func_transforms_of_zero_samples_give_empty_results():
+    """vmap over zero samples, and jacrev of an empty batch (a vmap over the
+    output's zero elements), return empty tensors of the right shapes, as
+    torch's own ops do (they once failed to stack nothing)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    query, w_q, w_k = (
+        torch.randn(*shape, dtype=torch.float64) for shape in ((3, 8), (8, 8), (8, 8))
+    )
+
+    def pool(x, w_q):
+        return attnpool.attention_pool(x, query, w_q, w_k)
+
+    got = torch.func.vmap(pool, in_dims=(None, 0))(x, w_q.expand(0, 8, 8))
+    assert got.shape == (0, 2, 3, 8) and got.dtype == torch.float64
+    grads = torch.func.vmap(torch.func.grad(lambda w: pool(x, w).sum()))(w_q.expand(0, 8, 8))
+    assert grads.shape == (0, 8, 8)
+    jacobian = torch.func.jacrev(lambda q: attnpool.attention_pool(x[:0], q, w_q, w_k))(query)
+    assert jacobian.shape == (0, 3, 8, 3, 8)
+    rows, offsets = torch.randn(4, 8, dtype=torch.float64), torch.tensor([0, 1, 4])
+    ragged = torch.func.vmap(
+        lambda w: attnpool.attention_pool_varlen(rows, query, w, w_k, cu_seqlens=offsets)
+    )(w_q.expand(0, 8, 8))
+    assert ragged.shape == (0, 2, 3, 8)
+
+
 def test_per_sample_gradients_of_the_module_equal_a_loop():
     torch.manual_seed(0)
     module = attnpool.AttentionPooling(8, num_heads=2, num_queries=2).double()
@@ -467,6 +493,16 @@ def test_torch_jit_script_of_weighted_pooling_matches_eager():
     x = torch.randn(3, 5, 4)
     mask = torch.rand(3, 5) > 0.3
     torch.testing.assert_close(scripted(x, mask), module(x, mask), rtol=0, atol=0)
+    # The scripted module refuses what the eager one refuses (a [1, L] mask
+    # once broadcast silently).
+    for args, message in (
+        ((x, mask[:1]), r"mask must have shape \[B, L\] = \[3, 5\], got \[1, 5\]"),
+        ((x, mask.float()), "mask must be bool or an integer dtype"),
+        ((torch.randn(3, 7, 4),), "sequence length 7 exceeds max_len = 6"),
+        ((x.long(),), "x must be float64, float32, float16 or bfloat16"),
+    ):
+        with pytest.raises(Exception, match="WeightedPooling: " + message):
+            scripted(*args)
 
 
 @pytest.mark.parametrize("kdim", [None, 6])

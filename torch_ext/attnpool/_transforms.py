@@ -456,6 +456,8 @@ def _per_sample(op, info, in_dims, *args):
         _moved(arg, dim) if isinstance(arg, Tensor) else arg
         for arg, dim in zip(args, in_dims, strict=True)
     ]
+    if info.batch_size == 0:
+        return _no_samples(op, in_dims, args)
     results = []
     for sample in range(info.batch_size):
         picked = [
@@ -464,6 +466,24 @@ def _per_sample(op, info, in_dims, *args):
         ]
         results.append(op(*picked))
     outputs = tuple(torch.stack(parts) for parts in zip(*results, strict=True))
+    return outputs, (0,) * len(outputs)
+
+
+def _no_samples(op, in_dims, args):
+    """_per_sample's outputs for zero samples: empty, each shaped as one
+    sample's would be. The shapes come from the Meta kernels, which read no
+    data (a made-up sample could hold offsets the op refuses)."""
+    on_meta = [
+        arg
+        if not isinstance(arg, Tensor)
+        else arg.to("meta")
+        if dim is None
+        else arg.new_empty(arg.shape[1:], device="meta")
+        for arg, dim in zip(args, in_dims, strict=True)
+    ]
+    device = next(arg.device for arg in args if isinstance(arg, Tensor))
+    shapes = op(*on_meta)
+    outputs = tuple(torch.empty((0, *t.shape), dtype=t.dtype, device=device) for t in shapes)
     return outputs, (0,) * len(outputs)
 
 

@@ -375,7 +375,7 @@ def pool_projected(
     keys and values (CoCa's 256 queries x 8 heads), this projects them
     instead (:func:`_pool_by_projection`), the same result: see
     :func:`_fold_is_cheaper`."""
-    if not _fold_is_cheaper(x, query, w_v, num_heads):
+    if not _fold_is_cheaper(query, w_v, num_heads):
         # The checks the ops make on the fold's path, so that both paths
         # refuse the same inputs.
         torch.ops.attnpool._check_pooled_positions(
@@ -400,14 +400,16 @@ def pool_projected(
     return values
 
 
-def _fold_is_cheaper(x: Tensor, query: Tensor, w_v: Tensor, num_heads: int) -> bool:
+def _fold_is_cheaper(query: Tensor, w_v: Tensor, num_heads: int) -> bool:
     """Multiply-adds per element of x [B, L, kdim] (SPEC.md §5): the fold scores
-    and sums Q·n times (2·Q·n), and its value projection runs on B·Q·n pooled
-    rows (Q·E/L); projecting costs 2·E for the keys and values, then Q·E·2/kdim
-    for the attention itself."""
-    num_queries, seq_len = query.shape[0], max(x.shape[1], 1)
+    and sums Q·n times (2·Q·n); projecting costs 2·E for the keys and values,
+    then Q·E·2/kdim for the attention itself. The fold's value projection on
+    the B·Q·n pooled rows (Q·E/L per element) is left out: with it the choice
+    would depend on L, and torch.compile and torch.export would guard on L
+    (recompiling, or refusing a dynamic L) where the two costs cross."""
+    num_queries = query.shape[0]
     embed_dim, kdim = w_v.shape
-    fold = 2 * num_queries * num_heads + num_queries * embed_dim / seq_len
+    fold = 2 * num_queries * num_heads
     project = 2 * embed_dim + 2 * num_queries * embed_dim / kdim
     return fold <= project
 
@@ -482,8 +484,8 @@ def _split_heads(t: Tensor, num_heads: int) -> Tensor:
     return t.unflatten(-1, (num_heads, t.shape[-1] // num_heads)).transpose(-3, -2)
 
 
-def _check_weighted_pool_inputs(x: Tensor, mask: Optional[Tensor], weight: Tensor, max_len: int):
-    """WeightedPooling's argument checks, as the op's: shapes and devices
+def _check_weighted_pool_inputs(x: Tensor, mask: Optional[Tensor]):
+    """WeightedPooling's checks of x and mask, as the op's: shapes and devices
     (ValueError), dtypes (TypeError)."""
     if x.is_nested:
         raise TypeError(
@@ -496,14 +498,6 @@ def _check_weighted_pool_inputs(x: Tensor, mask: Optional[Tensor], weight: Tenso
         raise TypeError(
             "WeightedPooling: x must be float64, float32, float16 or bfloat16, "
             f"got {_dtype_name(x.dtype)}"
-        )
-    if x.device != weight.device:
-        raise ValueError(
-            f"WeightedPooling: x must be on the module's device ({weight.device}), got {x.device}"
-        )
-    if x.shape[1] > max_len:
-        raise ValueError(
-            f"WeightedPooling: sequence length {x.shape[1]} exceeds max_len = {max_len}"
         )
     if mask is not None:
         if mask.shape != x.shape[:2]:
@@ -521,6 +515,18 @@ def _check_weighted_pool_inputs(x: Tensor, mask: Optional[Tensor], weight: Tenso
                 "WeightedPooling: mask must be bool or an integer dtype (nonzero = attend), "
                 f"got {_dtype_name(mask.dtype)}"
             )
+
+
+def _check_weighted_pool_length(x: Tensor, weight: Tensor, max_len: int):
+    """WeightedPooling's checks of x against its weights (ValueError)."""
+    if x.device != weight.device:
+        raise ValueError(
+            f"WeightedPooling: x must be on the module's device ({weight.device}), got {x.device}"
+        )
+    if x.shape[1] > max_len:
+        raise ValueError(
+            f"WeightedPooling: sequence length {x.shape[1]} exceeds max_len = {max_len}"
+        )
 
 
 class WeightedPooling(nn.Module):
@@ -545,8 +551,13 @@ class WeightedPooling(nn.Module):
         nn.init.zeros_(self.weight)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        if not torch.jit.is_scripting():
-            _check_weighted_pool_inputs(x, mask, self.weight, self.max_len)
+        if torch.jit.is_scripting():
+            # TorchScript runs none of the Python checks of dtypes: the ops'
+            # checks of x and mask, with the same verdicts.
+            torch.ops.attnpool._check_pooled_positions("WeightedPooling", x, mask, None, None)
+        else:
+            _check_weighted_pool_inputs(x, mask)
+        _check_weighted_pool_length(x, self.weight, self.max_len)
         return reference.weighted_pool(x, self.weight, mask)
 
     def extra_repr(self) -> str:
