@@ -231,9 +231,10 @@ def segment_offsets(index: Tensor, num_segments: Optional[int] = None) -> Tensor
     ``cu_seqlens[b]`` is the number of rows with ``index < b``, computed on
     ``index``'s device. ``num_segments`` (``B``) keeps it free of host
     synchronisation (and of recompiles under ``torch.compile``); without it,
-    ``B = index.max() + 1`` is read from the device. Segments with no rows
-    are empty sequences. ``index`` must be sorted: that is checked on the
-    CPU, and asynchronously (a device-side assertion) on a GPU.
+    ``B = index.max() + 1`` is read from the device, which
+    ``torch.compile(fullgraph=True)`` refuses. Segments with no rows are empty
+    sequences. ``index`` must be sorted: that is checked on the CPU, and
+    asynchronously (a device-side assertion) on a GPU and in compiled graphs.
     """
     op = "attention_pool_varlen"
     _check_tensor(op, "index", index)
