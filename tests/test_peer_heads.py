@@ -121,6 +121,26 @@ def test_open_clip_attentional_pooler(n_queries):
     _assert_same(head, fused, torch.randn(3, 9, 24, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("n_queries", [1, 24], ids=["fold", "projection"])
+def test_converted_open_clip_pooler_compiles_whole(n_queries):
+    """With many queries (CoCa's pooler) the fused head projects the keys, a
+    path whose input check once broke torch.compile(fullgraph=True)."""
+    torch.manual_seed(0)
+    head = open_clip_transformer.AttentionalPooler(
+        d_model=32, context_dim=24, n_head=4, n_queries=n_queries
+    ).double()
+    fused = attnpool.convert_pooling_head(head)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch, length in ((3, 9), (2, 13)):
+        x = torch.randn(batch, length, 24, dtype=torch.float64)
+        want = _outputs_and_grads(fused, x)
+        got = _outputs_and_grads(compiled, x)
+        torch.testing.assert_close(got[0], want[0], **TOL)
+        torch.testing.assert_close(got[1], want[1], **TOL)
+        for got_grad, want_grad in zip(got[2].values(), want[2].values(), strict=True):
+            torch.testing.assert_close(got_grad, want_grad, **TOL)
+
+
 def test_open_clip_attentional_pooler_refusal_names_its_attn():
     head = open_clip_transformer.AttentionalPooler(d_model=32, context_dim=24, n_head=4)
     head.attn.dropout = 0.1
