@@ -108,9 +108,14 @@ class BuildExtensionWithIsaKernels(BuildExtension):
         base_flags = ext.extra_compile_args["cxx"]
         objects = []
         for isa in target_isas():
+            # A folder per instruction set: each compile call writes its own
+            # build.ninja and ninja dependency log there. In one shared folder
+            # each call's ninja dropped the others' header dependencies, and
+            # an incremental build then kept an instruction set's stale
+            # objects after a header changed (a crash at run time).
             objects += self.compiler.compile(
                 isa_sources(isa),
-                output_dir=self.build_temp,
+                output_dir=os.path.join(self.build_temp, "isa", isa),
                 macros=ext.define_macros,
                 include_dirs=ext.include_dirs,
                 extra_postargs={"cxx": base_flags + KERNEL_FLAGS + ISA_FLAGS[isa], "nvcc": []},
