@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <utility>
 
 namespace attnpool::detail {
 namespace {
@@ -495,6 +496,44 @@ void check_folded_attention_pool_args(
   check_folded_query(op, x, x.sym_size(2), u, full_width);
   check_scale(op, scale);
   check_positions(op, x, mask, attn_bias, lengths);
+}
+
+void check_layer_norm_args(
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& norm_weight,
+    const std::optional<at::Tensor>& norm_bias,
+    double norm_eps) {
+  constexpr const char* op = "layer_norm_folded_attention_pool";
+  for (const auto& [param, name] :
+       {std::pair{&norm_weight, "norm_weight"}, std::pair{&norm_bias, "norm_bias"}}) {
+    if (!defined(*param)) {
+      continue;
+    }
+    const at::Tensor& t = **param;
+    check_strided(op, t, name);
+    TORCH_CHECK_VALUE(
+        t.dim() == 1 && t.sym_size(0) == x.sym_size(-1),
+        op,
+        ": ",
+        name,
+        " must have shape [H] = [",
+        x.sym_size(-1),
+        "] (x.shape[-1]), got ",
+        t.sym_sizes());
+    check_same_device(op, t, name, x, "x");
+    TORCH_CHECK_TYPE(
+        is_supported_float(t.scalar_type()),
+        op,
+        ": ",
+        name,
+        " must be float64, float32, float16 or bfloat16, got ",
+        dtype_name(t.scalar_type()));
+  }
+  TORCH_CHECK_VALUE(
+      std::isfinite(norm_eps) && norm_eps > 0,
+      op,
+      ": norm_eps must be finite and > 0 (added to each row's variance), got ",
+      norm_eps);
 }
 
 void check_folded_attention_pool_varlen_args(

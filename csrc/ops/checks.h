@@ -72,6 +72,14 @@ void check_folded_attention_pool_args(
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths);
 
+// The layer norm of layer_norm_folded_attention_pool: weight and bias [H]
+// (each optional), eps finite and > 0.
+void check_layer_norm_args(
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& norm_weight,
+    const std::optional<at::Tensor>& norm_bias,
+    double norm_eps);
+
 void check_folded_attention_pool_varlen_args(
     const at::Tensor& x,
     const at::Tensor& cu_seqlens,

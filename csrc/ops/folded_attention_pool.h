@@ -50,11 +50,58 @@ struct PreparedPool {
   at::Tensor offsets;              // ragged: cu_seqlens as int64 [B + 1], else undefined
   std::vector<int64_t> out_shape;  // the op's output shape
   std::vector<int64_t> lse_shape;  // [B, *u.shape[:-1], 2]
+  at::Tensor norm_weight;          // with a layer norm (set_norm): [H], accumulation dtype
+  at::Tensor norm_bias;            // the same
 };
 PreparedPool prepare_pool(
     const at::Tensor& x,
     const at::Tensor& u,
     const std::optional<at::Tensor>& mask,
+    double scale,
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths);
+
+// Gives a prepared call the layer norm of _layer_norm_folded_attention_pool
+// (checked): weight (or ones) and bias (or zeros) in the accumulation dtype.
+void set_norm(
+    PreparedPool& prepared,
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& norm_weight,
+    const std::optional<at::Tensor>& norm_bias,
+    double norm_eps);
+
+// layer_norm(x) over the last dimension, computed in the accumulation dtype
+// and rounded to x's, as the fused kernels compute it.
+at::Tensor layer_norm_rows(
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& norm_weight,
+    const std::optional<at::Tensor>& norm_bias,
+    double norm_eps);
+
+// The private operators attnpool::_layer_norm_folded_attention_pool_forward
+// and _backward (ops/layer_norm_folded_attention_pool.cpp).
+std::tuple<at::Tensor, at::Tensor> call_layer_norm_pool_forward(
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& norm_weight,
+    const std::optional<at::Tensor>& norm_bias,
+    double norm_eps,
+    const std::optional<at::Tensor>& mask,
+    double scale,
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_layer_norm_pool_backward(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& norm_weight,
+    const std::optional<at::Tensor>& norm_bias,
+    double norm_eps,
+    const std::optional<at::Tensor>& mask,
+    const at::Tensor& out,
+    const at::Tensor& lse,
     double scale,
     bool full_width,
     const std::optional<at::Tensor>& attn_bias,
@@ -107,6 +154,7 @@ struct PreparedBackward {
   at::Tensor lse;
   at::Tensor dx;
   at::Tensor du;
+  at::Tensor norm_grads;  // with a layer norm: the gradients of its weight and bias [2, H]
   BackwardParams params;
 
   // (dx, du) as the op returns them: du shaped like u, in u's dtype.

@@ -87,6 +87,12 @@ struct PoolShape {
 // seq_len is T, and there is no mask or bias. seq_offsets is null for a
 // dense batch. The kernels reach rows through rows_of, row_offset and
 // flat_row only, so they serve both.
+//
+// norm_weight, norm_bias: [H] in the accumulation dtype, or both null. When
+// set, the kernels pool y = layer_norm(x) (mean and variance over each row,
+// norm_eps added to the variance, then weight and bias) in place of x,
+// rounded to x's dtype: open_clip's ln_k in the pooling pass (CPU only; see
+// ops/cpu/isa/layer_norm.h).
 struct PoolInputs : PoolShape {
   const void* x;
   int64_t x_batch_stride;
@@ -98,7 +104,13 @@ struct PoolInputs : PoolShape {
   double scale;
   const void* bias;
   const int64_t* seq_offsets;
+  const void* norm_weight;
+  const void* norm_bias;
+  double norm_eps;
 
+  ATTNPOOL_PARAMS_FN bool normalizes() const {
+    return norm_weight != nullptr;
+  }
   ATTNPOOL_PARAMS_FN bool ragged() const {
     return seq_offsets != nullptr;
   }
@@ -211,6 +223,11 @@ struct BackwardParams : ForwardParams {
   PieceCut flat_cut;
   bool stream_dx;
   bool dx_zeroed;
+  // With a norm (PoolInputs::normalizes): the gradients of its weight and
+  // bias [2, H], and their partials [flat_cut.pieces, 2, H], summed in piece
+  // order like du's.
+  void* norm_partials;
+  void* norm_grads;
 };
 
 // The forward-mode derivative (jvp) reads the forward's out and lse

@@ -195,6 +195,26 @@ def _folded_attention_pool(
     return out.to(x.dtype)
 
 
+def _layer_norm_folded_attention_pool(
+    x: Tensor,
+    u: Tensor,
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    norm_eps: float,
+    mask: Optional[Tensor] = None,
+    scale: float = 1.0,
+    full_width: bool = False,
+    attn_bias: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+) -> Tensor:
+    """The fused norm's op under torch.func: the norm, then
+    folded_attention_pool, each with its own rules."""
+    normalized = reference.layer_norm_rows(x, norm_weight, norm_bias, norm_eps)
+    return _ops.folded_attention_pool.default(
+        normalized, u, mask, scale, full_width, attn_bias, lengths
+    )
+
+
 # --- folded_attention_pool_varlen -------------------------------------------------------
 
 
@@ -565,6 +585,7 @@ def register() -> None:
         ("folded_attention_pool", _folded_attention_pool),
         ("folded_attention_pool_varlen", _folded_attention_pool_varlen),
         ("attention_pool_varlen", _attention_pool_varlen),
+        ("_layer_norm_folded_attention_pool", _layer_norm_folded_attention_pool),
     ):
         _library.impl(name, kernel, "FuncTorchDynamicLayerFrontMode")
     _library.impl("_fold_query_forward_ad", _fold_query, "CompositeImplicitAutograd")

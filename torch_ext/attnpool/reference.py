@@ -8,12 +8,25 @@ with it, and benchmarks time it as the "notebook" composition.
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def layer_norm_rows(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> Tensor:
+    """The layer norm a MAP head fuses into its pooling pass (open_clip's
+    ``ln_k``): over each row of ``x``, in the accumulation dtype, rounded to
+    ``x``'s dtype."""
+    acc = accumulate_dtype(x.dtype)
+    w = None if weight is None else weight.to(acc)
+    b = None if bias is None else bias.to(acc)
+    return F.layer_norm(x.to(acc), (x.shape[-1],), w, b, eps).to(x.dtype)
 
 
 def _keep(mask: Tensor) -> Tensor:

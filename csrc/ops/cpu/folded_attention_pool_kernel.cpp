@@ -265,6 +265,13 @@ std::tuple<at::Tensor, at::Tensor> run_backward(
   auto du_partials = at::empty({p.flat_cut.pieces, p.num_scores(), p.hidden}, acc_options);
   p.delta = delta.mutable_data_ptr();
   p.du_partials = du_partials.mutable_data_ptr();
+  at::Tensor norm_partials;
+  if (p.normalizes()) {
+    norm_partials = at::empty({p.flat_cut.pieces, 2, p.hidden}, acc_options);
+    g.norm_grads = at::empty({2, p.hidden}, acc_options);
+    p.norm_partials = norm_partials.mutable_data_ptr();
+    p.norm_grads = g.norm_grads.mutable_data_ptr();
+  }
   p.stream_dx = stream_dx(g.dx);
   selected_kernels().backward(p, dtype);
   return g.gradients(u);
@@ -321,6 +328,58 @@ std::tuple<at::Tensor, at::Tensor> varlen_backward_cpu(
   return run_backward(g, u, x.scalar_type());
 }
 
+std::tuple<at::Tensor, at::Tensor> layer_norm_forward_cpu(
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& norm_weight,
+    const std::optional<at::Tensor>& norm_bias,
+    double norm_eps,
+    const std::optional<at::Tensor>& mask,
+    double scale,
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
+  auto pool = detail::prepare_pool(x, u, mask, scale, full_width, attn_bias, lengths);
+  detail::set_norm(pool, x, norm_weight, norm_bias, norm_eps);
+  auto f = detail::forward_from(std::move(pool), x);
+  return run_forward(f, x.scalar_type());
+}
+
+// The gradient of a norm weight or bias as the op returns it: in the
+// parameter's dtype, or the accumulation dtype when it is absent; a tensor of
+// its own (grad is a row of norm_grads, which an output must not alias).
+at::Tensor norm_gradient(const at::Tensor& grad, const std::optional<at::Tensor>& param) {
+  const auto dtype =
+      param.has_value() && param->defined() ? param->scalar_type() : grad.scalar_type();
+  return grad.to(dtype, /*non_blocking=*/false, /*copy=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& norm_weight,
+    const std::optional<at::Tensor>& norm_bias,
+    double norm_eps,
+    const std::optional<at::Tensor>& mask,
+    const at::Tensor& out,
+    const at::Tensor& lse,
+    double scale,
+    bool full_width,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& lengths) {
+  auto pool = detail::prepare_pool(x, u, mask, scale, full_width, attn_bias, lengths);
+  detail::set_norm(pool, x, norm_weight, norm_bias, norm_eps);
+  detail::check_folded_attention_pool_backward_args(grad_out, x, u, out, lse, full_width);
+  auto g = detail::backward_from(std::move(pool), grad_out, x, out, lse);
+  auto [dx, du] = run_backward(g, u, x.scalar_type());
+  return {
+      dx,
+      du,
+      norm_gradient(g.norm_grads[0], norm_weight),
+      norm_gradient(g.norm_grads[1], norm_bias)};
+}
+
 constexpr const char* kJvp = "folded_attention_pool jvp";
 
 at::Tensor jvp_cpu(
@@ -365,6 +424,8 @@ TORCH_LIBRARY_IMPL(attnpool, CPU, m) {
   m.impl("_folded_attention_pool_varlen_backward", &varlen_backward_cpu);
   m.impl("_folded_attention_pool_jvp", &jvp_cpu);
   m.impl("_folded_attention_pool_varlen_jvp", &varlen_jvp_cpu);
+  m.impl("_layer_norm_folded_attention_pool_forward", &layer_norm_forward_cpu);
+  m.impl("_layer_norm_folded_attention_pool_backward", &layer_norm_backward_cpu);
 }
 
 }  // namespace attnpool::cpu

@@ -5,6 +5,7 @@
 // Per instruction set, like every file in isa/ (ops/cpu/README.md).
 
 #include "ops/cpu/isa/backward_bf16.h"
+#include "ops/cpu/isa/layer_norm.h"
 #include "ops/cpu/isa/recompute.h"
 #include "ops/cpu/isa/vec_helpers.h"
 #include "ops/cpu/kernel_set.h"
@@ -479,6 +480,7 @@ void backward_impl(const BackwardParams& p) {
   const auto* delta = static_cast<const acc_t*>(p.delta);
   auto* dx = static_cast<scalar_t*>(p.dx);
   auto* du_partials = static_cast<acc_t*>(p.du_partials);
+  auto* norm_partials = static_cast<acc_t*>(p.norm_partials);
   const auto scale = static_cast<acc_t>(p.scale);
   const auto* bias = static_cast<const acc_t*>(p.bias);
   const int64_t rows = p.ragged() ? p.seq_len : p.batch * p.seq_len;
@@ -514,9 +516,27 @@ void backward_impl(const BackwardParams& p) {
     acc_t tile_bias[kTile] = {};
     const acc_t* biases = bias == nullptr ? nullptr : tile_bias;
     int64_t tile_batch = 0;
+    // With a norm, the tile's rows are normalized (y) and the kernels write
+    // dy into dy_rows; each row's dx then comes from its dy (normalized_dx).
+    NormalizedRows<scalar_t> normalized(p, kTile);
+    // (dy stays in cache: plain stores; dx itself may stream.)
+    const bool stream_kernel_dx = p.stream_dx && !p.normalizes();
+    std::vector<scalar_t> dy_rows(p.normalizes() ? kTile * H : 0);
+    const scalar_t* x_rows[kTile] = {};
+    scalar_t* dx_rows[kTile] = {};
     for (int64_t piece = begin; piece < end; ++piece) {
       acc_t* du = du_partials + piece * num_scores * H;
       std::fill_n(du, num_scores * H, acc_t(0));
+      acc_t* norm_grads = p.normalizes() ? norm_partials + piece * 2 * H : nullptr;
+      if (norm_grads != nullptr) {
+        std::fill_n(norm_grads, 2 * H, acc_t(0));
+      }
+      auto normalized_dx = [&] {
+        for (int r = 0; r < tile.count(); ++r) {
+          normalized.backward(
+              x_rows[r], dx_out[r], dx_rows[r], norm_grads, norm_grads + H, p.stream_dx);
+        }
+      };
       auto flush = [&] {
         const int count = tile.count();
         if (num_scores == 1) {
@@ -534,8 +554,11 @@ void backward_impl(const BackwardParams& p) {
                 scale,
                 biases,
                 du,
-                p.stream_dx);
+                stream_kernel_dx);
           });
+          if (p.normalizes()) {
+            normalized_dx();
+          }
           tile.clear();
           return;
         }
@@ -556,9 +579,12 @@ void backward_impl(const BackwardParams& p) {
               scratch.data(),
               scratch.data() + num_scores * kTile,
               du,
-              p.stream_dx,
+              stream_kernel_dx,
               products);
         });
+        if (p.normalizes()) {
+          normalized_dx();
+        }
         tile.clear();
       };
       const RowRange range = p.flat_cut.piece(piece, rows);
@@ -577,12 +603,18 @@ void backward_impl(const BackwardParams& p) {
           }
           continue;
         }
-        dx_out[tile.count()] = dx + row * H;
+        if (p.normalizes()) {
+          x_rows[tile.count()] = x + p.row_offset(b, l);
+          dx_rows[tile.count()] = dx + row * H;
+          dx_out[tile.count()] = dy_rows.data() + tile.count() * H;
+        } else {
+          dx_out[tile.count()] = dx + row * H;
+        }
         if (bias != nullptr) {
           tile_bias[tile.count()] = bias[row];
         }
         tile_batch = b;
-        tile.add(x + p.row_offset(b, l));
+        tile.add(normalized(x + p.row_offset(b, l)));
         if (tile.full()) {
           flush();
         }
@@ -596,6 +628,9 @@ void backward_impl(const BackwardParams& p) {
     }
   });
   sum_parts_in_order(du_partials, p.flat_cut.pieces, num_scores * H, static_cast<acc_t*>(p.du));
+  if (p.normalizes()) {
+    sum_parts_in_order(norm_partials, p.flat_cut.pieces, 2 * H, static_cast<acc_t*>(p.norm_grads));
+  }
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 // online softmax per score (SPEC.md §5), tiles of rows scored and added.
 // Per instruction set, like every file in isa/ (ops/cpu/README.md).
 
+#include "ops/cpu/isa/layer_norm.h"
 #include "ops/cpu/isa/vec_helpers.h"
 #include "ops/cpu/kernel_set.h"
 
@@ -582,6 +583,9 @@ void forward_impl(const ForwardParams& p) {
     const acc_t* biases = bias == nullptr ? nullptr : tile_bias;
     std::vector<acc_t> local(in_pieces ? 0 : state_size);
     std::vector<acc_t> scratch(pipelined ? 0 : 2 * num_scores * kWideTileRows);
+    // With a norm, the tiles hold normalized rows: room for this tile and
+    // the previous one.
+    NormalizedRows<scalar_t> normalized(p, 2 * kWideTileRows);
     for (int64_t item = begin; item < end; ++item) {
       const auto [b, piece, rows] = p.work_item(item);
       SoftmaxState<acc_t> state(
@@ -634,7 +638,7 @@ void forward_impl(const ForwardParams& p) {
           if (bias != nullptr) {
             tile_bias[tile.count()] = bias[b * p.seq_len + l];
           }
-          tile.add(x + p.row_offset(b, l));
+          tile.add(normalized(x + p.row_offset(b, l)));
           if (tile.count() == tile_rows) {
             flush();
           }
