@@ -3,7 +3,7 @@ random init and random biases: values, gradients, state_dict, edge cases, errors
 
 import pytest
 import torch
-from helpers import TOLERANCES
+from helpers import TOLERANCES, RecordedOps
 from torch import nn
 
 import attnpool
@@ -213,3 +213,36 @@ def test_constructor_and_forward_errors_name_the_argument():
         module(torch.randn(2, 3, 16))
     with pytest.raises(TypeError, match="mask must be bool"):
         module(torch.randn(2, 3, 8), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("num_queries", [1, 8], ids=["fold", "projection"])
+def test_key_norm_equals_the_layer_norm_before_the_head(num_queries):
+    """pool_with_projections(key_norm=ln) (open_clip's ln_k) computes what the
+    head computes on ln(x), on both paths, gradients of ln's parameters
+    included; on the fold's path the norm runs in the pooling pass."""
+    module, peer = _pair(num_queries, None, True)
+    x, mask = _batch(None)
+    attending = [b for b in range(BATCH) if b != EMPTY_ROW]
+    norm = nn.LayerNorm(EMBED_DIM).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(EMBED_DIM))
+        norm.bias.copy_(torch.randn(EMBED_DIM))
+    x_fused = x.clone().requires_grad_()
+    with RecordedOps() as recorded:
+        got = attnpool.modules.pool_with_projections(
+            peer, x_fused, module.query, mask, key_norm=norm
+        )[attending]
+    fused = "attnpool._layer_norm_folded_attention_pool_forward" in recorded.names
+    assert fused == (num_queries == 1)
+    assert ("aten.native_layer_norm" in recorded.names) == (num_queries == 8)
+    fused_grads = torch.autograd.grad(got.sum(), (x_fused, norm.weight, norm.bias))
+    x_peer = x.clone().requires_grad_()
+    keys = norm(x_peer[attending])
+    queries = module.query.expand(len(attending), -1, -1)
+    want = peer(queries, keys, keys, key_padding_mask=~mask[attending], need_weights=False)[0]
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+    peer_grads = torch.autograd.grad(want.sum(), (x_peer, norm.weight, norm.bias))
+    torch.testing.assert_close(fused_grads[0][attending], peer_grads[0][attending])
+    assert fused_grads[0][EMPTY_ROW].eq(0).all()
+    for name, g, w in zip(("weight", "bias"), fused_grads[1:], peer_grads[1:], strict=True):
+        torch.testing.assert_close(g, w, msg=name)

@@ -21,7 +21,7 @@ timm_layers = pytest.importorskip("timm.layers")
 open_clip_transformer = pytest.importorskip("open_clip.transformer")
 
 import timm  # noqa: E402
-from helpers import TOLERANCES  # noqa: E402
+from helpers import TOLERANCES, RecordedOps  # noqa: E402
 
 import attnpool  # noqa: E402
 
@@ -110,15 +110,27 @@ def test_swap_in_a_timm_vit_with_a_map_head():
     model.load_state_dict(state, strict=True)
 
 
-@pytest.mark.parametrize("n_queries", [1, 6])
+@pytest.mark.parametrize("n_queries", [1, 6, 24])
 def test_open_clip_attentional_pooler(n_queries):
+    """Its ln_k, random weights, runs in the pooling pass where the head folds
+    (1 and 6 queries of 4 heads), and as a pass of its own where it projects
+    the keys (24)."""
     torch.manual_seed(0)
     head = open_clip_transformer.AttentionalPooler(
         d_model=32, context_dim=24, n_head=4, n_queries=n_queries
     ).double()
+    with torch.no_grad():
+        for norm in (head.ln_k, head.ln_q):
+            norm.weight.normal_()
+            norm.bias.normal_()
     fused = attnpool.convert_pooling_head(head)
     assert fused.state_dict().keys() == head.state_dict().keys()
-    _assert_same(head, fused, torch.randn(3, 9, 24, dtype=torch.float64))
+    x = torch.randn(3, 9, 24, dtype=torch.float64) * 3 + 1
+    _assert_same(head, fused, x)
+    with RecordedOps() as recorded:
+        fused(x)
+    in_the_pass = "attnpool._layer_norm_folded_attention_pool_forward" in recorded.names
+    assert in_the_pass == (n_queries != 24)
 
 
 @pytest.mark.parametrize("n_queries", [1, 24], ids=["fold", "projection"])
@@ -179,6 +191,7 @@ TIMM_AND_OPEN_CLIP_ROWS = {
     ("siglip-b16", "timm AttentionPoolLatent"),
     ("siglip-so400m", "timm AttentionPoolLatent"),
     ("coca", "open_clip AttentionalPooler"),
+    ("coca-contrastive", "open_clip AttentionalPooler"),
 }
 HF_ROWS = {
     ("siglip-b16", "HF SiglipMultiheadAttentionPoolingHead"),

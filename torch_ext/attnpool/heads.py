@@ -203,11 +203,34 @@ class FusedAttentionPoolLatent(nn.Module):
         return f"converted_from={self.converted_from}"
 
 
+# LayerNorms that compute F.layer_norm on x's rows and give x's dtype back,
+# as (package, class name): open_clip's own, besides nn.LayerNorm itself.
+_PLAIN_LAYER_NORMS = (("open_clip", "LayerNorm"), ("open_clip", "LayerNormFp32"))
+
+
+def _fusable_norm(norm: nn.Module, width: int) -> bool:
+    """Whether ``norm`` is a LayerNorm over rows of ``width`` that the pooling
+    pass can compute itself (attnpool.modules.pool_with_projections'
+    ``key_norm``); anything else runs as a module of its own."""
+    cls = type(norm)
+    plain = (
+        cls is nn.LayerNorm or (cls.__module__.split(".")[0], cls.__name__) in _PLAIN_LAYER_NORMS
+    )
+    return (
+        plain
+        and isinstance(norm, nn.LayerNorm)
+        and tuple(norm.normalized_shape) == (width,)
+        and norm.eps > 0
+    )
+
+
 class FusedAttentionalPooler(nn.Module):
     """open_clip's ``AttentionalPooler`` (CoCa's, 1 query or many), fused:
     ``query``, ``attn``, ``ln_q`` and ``ln_k`` are the original's own; ``attn``
-    is never called, its parameters are read. ``ln_k`` runs on ``x`` as a pass
-    of its own before the pooling pass."""
+    is never called, its parameters are read. ``ln_k``, a LayerNorm, runs in
+    the pooling pass where the head folds its queries (no normalized copy of
+    ``x`` is made or saved), and as a pass of its own where it projects the
+    keys (CoCa's 256 queries) or is some other module."""
 
     def __init__(self, head: nn.Module) -> None:
         super().__init__()
@@ -220,7 +243,10 @@ class FusedAttentionalPooler(nn.Module):
         self.converted_from = owner
 
     def forward(self, x: Tensor) -> Tensor:
-        return pool_with_projections(self.attn, self.ln_k(x), self.ln_q(self.query))
+        query = self.ln_q(self.query)
+        if _fusable_norm(self.ln_k, x.shape[-1]):
+            return pool_with_projections(self.attn, x, query, key_norm=self.ln_k)
+        return pool_with_projections(self.attn, self.ln_k(x), query)
 
     def extra_repr(self) -> str:
         return f"converted_from={self.converted_from}"

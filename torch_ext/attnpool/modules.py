@@ -300,15 +300,35 @@ def pool_with_projections(
     mask: Optional[Tensor] = None,
     attn_bias: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
+    key_norm: Optional[nn.LayerNorm] = None,
 ) -> Tensor:
     """``attention(query.expand(B, Q, E), x, x)[0]`` ([B, Q, E], x's dtype) for an
     ``nn.MultiheadAttention``-like ``attention`` (its parameters: ``in_proj_weight``
     or ``q/k/v_proj_weight``, ``in_proj_bias``, ``out_proj``; ``num_heads``),
     without projecting a key or a value (SPEC.md §7): see :func:`pool_projected`.
-    Shared by MultiheadAttentionPooling and the converted peer heads."""
+    Shared by MultiheadAttentionPooling and the converted peer heads. With
+    ``key_norm`` (a LayerNorm over x's rows, as open_clip's ``ln_k``), the
+    keys and values are those of ``key_norm(x)``, normalized in the pooling
+    pass (:func:`pool_projected`'s ``norm_eps``)."""
     w_q, b_q, w_k, w_v, b_v = projection_weights(attention)
+    norm_weight, norm_bias, norm_eps = None, None, None
+    if key_norm is not None:
+        norm_weight, norm_bias, norm_eps = key_norm.weight, key_norm.bias, key_norm.eps
     projected = pool_projected(
-        x, query, w_q, b_q, w_k, w_v, b_v, attention.num_heads, mask, attn_bias, lengths
+        x,
+        query,
+        w_q,
+        b_q,
+        w_k,
+        w_v,
+        b_v,
+        attention.num_heads,
+        mask,
+        attn_bias,
+        lengths,
+        norm_weight,
+        norm_bias,
+        norm_eps,
     )
     return attention.out_proj(projected).to(x.dtype)
 
@@ -361,6 +381,9 @@ def pool_projected(
     mask: Optional[Tensor] = None,
     attn_bias: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    norm_eps: Optional[float] = None,
 ) -> Tensor:
     """Multi-head attention of ``query [Q, Eq]`` over ``x [B, L, kdim]`` with query,
     key and value projections ``w_q [E, Eq]`` (+ ``b_q``), ``w_k``, ``w_v [E, kdim]``
@@ -374,20 +397,33 @@ def pool_projected(
     When many queries and heads make the fold cost more than projecting the
     keys and values (CoCa's 256 queries x 8 heads), this projects them
     instead (:func:`_pool_by_projection`), the same result: see
-    :func:`_fold_is_cheaper`."""
+    :func:`_fold_is_cheaper`.
+
+    With ``norm_eps``, the keys and values are those of
+    ``reference.layer_norm_rows(x, norm_weight, norm_bias, norm_eps)`` (open_clip's
+    ``ln_k``); on the fold's path the norm runs in the pooling pass, so no
+    normalized copy of ``x`` is made or saved."""
     if not _fold_is_cheaper(query, w_v, num_heads):
         # The checks the ops make on the fold's path, so that both paths
         # refuse the same inputs.
         torch.ops.attnpool._check_pooled_positions(
             "MultiheadAttentionPooling", x, mask, attn_bias, lengths
         )
+        if norm_eps is not None:
+            x = reference.layer_norm_rows(x, norm_weight, norm_bias, norm_eps)
         return _pool_by_projection(
             x, query, w_q, b_q, w_k, w_v, b_v, num_heads, mask, attn_bias, lengths
         )
     head_dim = w_v.shape[0] // num_heads
     u = fold_query(query, w_q, w_k, num_heads, b_q)  # [Q, n, kdim]
     # [B, Q, n, kdim]
-    pooled = folded_attention_pool(x, u, mask, head_dim**-0.5, True, attn_bias, lengths)
+    if norm_eps is None:
+        pooled = folded_attention_pool(x, u, mask, head_dim**-0.5, True, attn_bias, lengths)
+    else:
+        # The norm in the pooling pass (under torch.func: the two parts).
+        pooled = torch.ops.attnpool._layer_norm_folded_attention_pool(
+            x, u, norm_weight, norm_bias, norm_eps, mask, head_dim**-0.5, True, attn_bias, lengths
+        )
     pooled = pooled.to(w_v.dtype)
     embed_dim, kdim = w_v.shape
     # Per head: o[D_h] = W_v[D_h] @ pooled[h] (+ b_v[D_h] where a row attends).
