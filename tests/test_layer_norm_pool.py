@@ -272,3 +272,20 @@ def test_bad_norm_arguments_are_named(bad, error, message, device):
     bias = bad.get("bias", torch.zeros(8)).to(device)
     with pytest.raises(error, match=message):
         OP(x, u, weight, bias, bad.get("eps", EPS), None, 1.0, True)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_rows_of_no_element_are_refused(device):
+    x = torch.randn(2, 5, 0, device=device)
+    with pytest.raises(ValueError, match="at least one element to normalize"):
+        OP(x, torch.randn(1, 2, 0, device=device), None, None, EPS, None, 1.0, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_constant_row_normalizes_to_the_bias_exactly(dtype):
+    """Its mean must come out exact: an ulp off, times rstd = 1/sqrt(eps),
+    moved y by O(0.1) at eps = 1e-12 (BERT's)."""
+    x = torch.full((1, 1, 768), 0.7, dtype=dtype)
+    bias = torch.linspace(-1, 1, 768, dtype=dtype)
+    out = OP(x, torch.ones(1, 768, dtype=dtype), None, bias, 1e-12, None, 1.0, True)
+    assert torch.equal(out[0, 0], bias)

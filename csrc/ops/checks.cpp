@@ -504,6 +504,8 @@ void check_layer_norm_args(
     const std::optional<at::Tensor>& norm_bias,
     double norm_eps) {
   constexpr const char* op = "layer_norm_folded_attention_pool";
+  TORCH_CHECK_VALUE(
+      x.sym_size(-1) >= 1, op, ": x's rows must have at least one element to normalize, got H = 0");
   for (const auto& [param, name] :
        {std::pair{&norm_weight, "norm_weight"}, std::pair{&norm_bias, "norm_bias"}}) {
     if (!defined(*param)) {

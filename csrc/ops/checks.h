@@ -72,8 +72,9 @@ void check_folded_attention_pool_args(
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths);
 
-// The layer norm of layer_norm_folded_attention_pool: weight and bias [H]
-// (each optional), eps finite and > 0.
+// The layer norm of layer_norm_folded_attention_pool: H >= 1, weight and
+// bias [H] (each optional), eps finite and > 0. After the pooling checks,
+// which check x itself.
 void check_layer_norm_args(
     const at::Tensor& x,
     const std::optional<at::Tensor>& norm_weight,

@@ -150,6 +150,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_pool_forward_composite(
     bool full_width,
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths) {
+  detail::check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias, lengths);
   detail::check_layer_norm_args(x, norm_weight, norm_bias, norm_eps);
   return detail::call_folded_attention_pool_forward(
       detail::layer_norm_rows(x, norm_weight, norm_bias, norm_eps),
@@ -179,6 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_pool_backw
     bool full_width,
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths) {
+  detail::check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias, lengths);
   detail::check_layer_norm_args(x, norm_weight, norm_bias, norm_eps);
   const auto acc = detail::accumulate_dtype(x.scalar_type());
   const auto keep = detail::attended_positions(x, mask, attn_bias, lengths);
@@ -209,6 +211,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_pool_forward_meta(
     bool full_width,
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths) {
+  detail::check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias, lengths);
   detail::check_layer_norm_args(x, norm_weight, norm_bias, norm_eps);
   return detail::call_folded_attention_pool_forward(
       x, u, mask, scale, full_width, attn_bias, lengths);
@@ -237,6 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_pool_backw
     bool full_width,
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths) {
+  detail::check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias, lengths);
   detail::check_layer_norm_args(x, norm_weight, norm_bias, norm_eps);
   const auto [dx, du] = detail::call_folded_attention_pool_backward(
       grad_out, x, u, mask, out, lse, scale, full_width, attn_bias, lengths);

@@ -534,7 +534,13 @@ void backward_impl(const BackwardParams& p) {
       auto normalized_dx = [&] {
         for (int r = 0; r < tile.count(); ++r) {
           normalized.backward(
-              x_rows[r], dx_out[r], dx_rows[r], norm_grads, norm_grads + H, p.stream_dx);
+              tile.rows()[r],
+              x_rows[r],
+              dx_out[r],
+              dx_rows[r],
+              norm_grads,
+              norm_grads + H,
+              p.stream_dx);
         }
       };
       auto flush = [&] {

@@ -48,17 +48,50 @@ A row_sum(int64_t n, const F& f, const Tail& tail) {
   return total;
 }
 
+// row_sum of two functions at once, in one pass: {sum f, sum g}.
+template <typename A, typename F, typename G, typename FTail, typename GTail>
+std::pair<A, A> row_sums(
+    int64_t n, const F& f, const G& g, const FTail& f_tail, const GTail& g_tail) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  Vec f_chains[2] = {Vec(A(0)), Vec(A(0))};
+  Vec g_chains[2] = {Vec(A(0)), Vec(A(0))};
+  int64_t e = 0;
+  for (; e + 2 * W <= n; e += 2 * W) {
+    for (int c = 0; c < 2; ++c) {
+      f_chains[c] = f_chains[c] + f(e + c * W);
+      g_chains[c] = g_chains[c] + g(e + c * W);
+    }
+  }
+  for (; e + W <= n; e += W) {
+    f_chains[0] = f_chains[0] + f(e);
+    g_chains[0] = g_chains[0] + g(e);
+  }
+  A f_total = reduce_add(f_chains[0] + f_chains[1]);
+  A g_total = reduce_add(g_chains[0] + g_chains[1]);
+  for (; e < n; ++e) {
+    f_total += f_tail(e);
+    g_total += g_tail(e);
+  }
+  return {f_total, g_total};
+}
+
 // mean and rstd of a row of n elements, in the accumulation dtype: the mean
 // first, then the variance as the mean of squared deviations (two passes
 // over a row in L1; one-pass sums of squares lose digits on rows far from 0).
+// The mean is summed from the row's first element: x[0] + sum(x - x[0]) / n,
+// exact on a constant row, where an ulp off would come back times rstd
+// (~1e6 at eps = 1e-12) as y off by O(0.1) where it must be the bias.
 template <typename T, typename A>
 RowStats<A> row_stats(const T* x, int64_t n, A eps) {
   using Vec = Vectorized<A>;
-  const A mean = row_sum<A>(
-                     n,
-                     [&](int64_t e) { return load_acc(x + e); },
-                     [&](int64_t t) { return static_cast<A>(x[t]); }) /
-                 static_cast<A>(n);
+  const A first = static_cast<A>(x[0]);
+  const Vec firsts(first);
+  const A mean = first + row_sum<A>(
+                             n,
+                             [&](int64_t e) { return load_acc(x + e) - firsts; },
+                             [&](int64_t t) { return static_cast<A>(x[t]) - first; }) /
+                             static_cast<A>(n);
   const Vec means(mean);
   const A variance = row_sum<A>(
                          n,
@@ -125,10 +158,11 @@ void normalize_row_backward(
   auto g_at = [&](int64_t e) { return load_acc(dy + e) * Vec::loadu(weight + e); };
   auto z_of = [&](int64_t t) { return (static_cast<A>(x[t]) - stats.mean) * stats.rstd; };
   auto g_of = [&](int64_t t) { return static_cast<A>(dy[t]) * weight[t]; };
-  const A g_total = row_sum<A>(n, g_at, g_of);
-  const A gz_total = row_sum<A>(
+  const auto [g_total, gz_total] = row_sums<A>(
       n,
+      g_at,
       [&](int64_t e) { return g_at(e) * z_at(e); },
+      g_of,
       [&](int64_t t) { return g_of(t) * z_of(t); });
   int64_t e = 0;
   for (; e + W <= n; e += W) {
@@ -169,7 +203,8 @@ class NormalizedRows {
         hidden_(p.hidden),
         row_stride_(p.x_seq_stride),
         capacity_(capacity),
-        rows_(p.normalizes() ? capacity * p.hidden : 0) {}
+        rows_(p.normalizes() ? capacity * p.hidden : 0),
+        stats_(p.normalizes() ? capacity : 0) {}
 
   // row itself without a norm, else its y in the next buffer row.
   const T* operator()(const T* row) {
@@ -177,18 +212,21 @@ class NormalizedRows {
       return row;
     }
     T* y = rows_.data() + next_ * hidden_;
-    next_ = (next_ + 1) % capacity_;
     // The kernels' prefetches now reach y, not x: ask for the row that many
     // rows on here instead (the next rows of x are usually that far apart).
     prefetch_row(row, hidden_, kRowByRowAhead * row_stride_);
-    normalize_row(row, row_stats(row, hidden_, eps_), weight_, bias_, hidden_, y);
+    stats_[next_] = row_stats(row, hidden_, eps_);
+    normalize_row(row, stats_[next_], weight_, bias_, hidden_, y);
+    next_ = (next_ + 1) % capacity_;
     return y;
   }
 
-  // dx of a row from the gradient of its y (see normalize_row_backward);
-  // stream: dx is written with non-temporal stores ([Note: non-temporal dx]).
-  void backward(const T* row, const T* dy, T* dx, A* dweight, A* dbias, bool stream) const {
-    const RowStats<A> stats = row_stats(row, hidden_, eps_);
+  // dx of `row` from the gradient of its y (which operator() returned, and
+  // which is still in the buffer; see normalize_row_backward). stream: dx
+  // is written with non-temporal stores ([Note: non-temporal dx]).
+  void backward(
+      const T* y, const T* row, const T* dy, T* dx, A* dweight, A* dbias, bool stream) const {
+    const RowStats<A> stats = stats_[(y - rows_.data()) / hidden_];
     if (stream) {
       return normalize_row_backward<true>(row, dy, stats, weight_, hidden_, dx, dweight, dbias);
     }
@@ -204,6 +242,7 @@ class NormalizedRows {
   int capacity_;
   int next_ = 0;
   std::vector<T> rows_;
+  std::vector<RowStats<A>> stats_;  // of the row normalized into each buffer row
 };
 
 }  // namespace
