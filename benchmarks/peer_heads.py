@@ -11,7 +11,9 @@ output (to 1e-4) before anything is timed. Shapes and peers:
   both as timm's AttentionPoolLatent and as Hugging Face's
   SiglipMultiheadAttentionPoolingHead;
 - coca: open_clip's AttentionalPooler(d_model=512, context_dim=768, n_head=8,
-  n_queries=256), CoCa's, x [8, 257, 768].
+  n_queries=256), CoCa's, x [8, 257, 768] (the converted head projects the keys);
+- coca-contrastive: the same with n_queries=1, as CoCa's contrastive pooler
+  (the converted head folds, its ln_k normalizing x in the pooling pass).
 
 Each figure: forward (under no_grad); forward+backward (x requires grad,
 out.sum().backward(), the parameters' gradients included); the bytes saved
@@ -23,6 +25,7 @@ run this in .venv-cuda with the package scripts/test_peer_heads.sh assembles,
 
     PYTHONPATH=build/cuda/pkg .venv-cuda/bin/python benchmarks/peer_heads.py \\
         [--threads 2] [--repeats 5] [--malloc reuse|system] [--quick] [--json PATH]
+        [--shapes NAME ...]
 
 A peer whose library is not installed is skipped with a line saying so. Calls
 are interleaved round by round after a warm-up round; each figure is the
@@ -67,11 +70,13 @@ SHAPES = {
     "siglip-b16": Shape(32, 196, 768, 12, mlp_hidden=3072),
     "siglip-so400m": Shape(16, 729, 1152, 16, mlp_hidden=4304),
     "coca": Shape(8, 257, 768, 8, d_model=512, queries=256),
+    "coca-contrastive": Shape(8, 257, 768, 8, d_model=512, queries=1),
 }
 QUICK_SHAPES = {
     "siglip-b16": Shape(2, 16, 64, 4, mlp_hidden=256),
     "siglip-so400m": Shape(2, 9, 48, 4, mlp_hidden=172),
     "coca": Shape(2, 17, 48, 4, d_model=32, queries=16),
+    "coca-contrastive": Shape(2, 17, 48, 4, d_model=32, queries=1),
 }
 
 
@@ -168,6 +173,7 @@ PEERS = {
         "HF SiglipMultiheadAttentionPoolingHead": ("transformers", hf_head),
     },
     "coca": {"open_clip AttentionalPooler": ("open_clip", open_clip_head)},
+    "coca-contrastive": {"open_clip AttentionalPooler": ("open_clip", open_clip_head)},
 }
 
 
@@ -292,10 +298,15 @@ def main() -> None:
     parser.add_argument("--malloc", default="reuse", choices=["reuse", "system"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round")
     parser.add_argument("--json", metavar="PATH", help="also write the figures here")
+    parser.add_argument(
+        "--shapes", nargs="+", choices=list(SHAPES), help="only these shapes (default: all)"
+    )
     args = parser.parse_args()
     malloc = configure_malloc(args.malloc)
     torch.set_num_threads(args.threads)
     shapes, repeats = (QUICK_SHAPES, 1) if args.quick else (SHAPES, args.repeats)
+    if args.shapes:
+        shapes = {name: shapes[name] for name in args.shapes}
     print(
         f"Peer pooling heads against attnpool.convert_pooling_head (parameters shared), "
         f"float32, {args.threads} threads, median of {repeats} rounds; malloc: {malloc}; "
