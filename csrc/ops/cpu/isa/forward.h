@@ -583,9 +583,10 @@ void forward_impl(const ForwardParams& p) {
     const acc_t* biases = bias == nullptr ? nullptr : tile_bias;
     std::vector<acc_t> local(in_pieces ? 0 : state_size);
     std::vector<acc_t> scratch(pipelined ? 0 : 2 * num_scores * kWideTileRows);
-    // With a norm, the tiles hold normalized rows: room for this tile and
-    // the previous one.
-    NormalizedRows<scalar_t> normalized(p, 2 * kWideTileRows);
+    // With a norm, the tiles hold normalized rows: room for this tile and,
+    // pipelined, the previous one (a wide tile is added whole before the
+    // next begins). No more, so that they stay in L1.
+    NormalizedRows<scalar_t> normalized(p, std::max(kWideTileRows, 2 * kForwardTileRows));
     for (int64_t item = begin; item < end; ++item) {
       const auto [b, piece, rows] = p.work_item(item);
       SoftmaxState<acc_t> state(
