@@ -71,6 +71,12 @@ void set_norm(
     const std::optional<at::Tensor>& norm_bias,
     double norm_eps);
 
+// The gradient of a norm weight or bias as the layer-norm ops return it: in
+// the parameter's dtype, or grad's own (the accumulation dtype) when it is
+// absent; always a tensor of its own (grad may be a row of a larger one,
+// which an operator's output must not alias).
+at::Tensor norm_gradient(const at::Tensor& grad, const std::optional<at::Tensor>& param);
+
 // layer_norm(x) over the last dimension, computed in the accumulation dtype
 // and rounded to x's, as the fused kernels compute it.
 at::Tensor layer_norm_rows(

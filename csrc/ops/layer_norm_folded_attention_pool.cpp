@@ -107,6 +107,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_layer_norm_pool_
       lengths);
 }
 
+at::Tensor norm_gradient(const at::Tensor& grad, const std::optional<at::Tensor>& param) {
+  const auto dtype =
+      param.has_value() && param->defined() ? param->scalar_type() : grad.scalar_type();
+  return grad.to(dtype, /*non_blocking=*/false, /*copy=*/true);
+}
+
 at::Tensor layer_norm_rows(
     const at::Tensor& x,
     const std::optional<at::Tensor>& norm_weight,
@@ -195,9 +201,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_pool_backw
   return {
       dx.to(x.scalar_type()),
       du,
-      dweight.to(
-          norm_weight.has_value() && norm_weight->defined() ? norm_weight->scalar_type() : acc),
-      dbias.to(norm_bias.has_value() && norm_bias->defined() ? norm_bias->scalar_type() : acc)};
+      detail::norm_gradient(dweight, norm_weight),
+      detail::norm_gradient(dbias, norm_bias)};
 }
 
 std::tuple<at::Tensor, at::Tensor> layer_norm_pool_forward_meta(
@@ -215,15 +220,6 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_pool_forward_meta(
   detail::check_layer_norm_args(x, norm_weight, norm_bias, norm_eps);
   return detail::call_folded_attention_pool_forward(
       x, u, mask, scale, full_width, attn_bias, lengths);
-}
-
-// The norm's gradient for weight or bias: [H], in its dtype (the
-// accumulation dtype when it is absent).
-at::Tensor norm_gradient_meta(const at::Tensor& x, const std::optional<at::Tensor>& param) {
-  const auto dtype = param.has_value() && param->defined()
-                         ? param->scalar_type()
-                         : detail::accumulate_dtype(x.scalar_type());
-  return at::empty_symint({x.sym_size(-1)}, x.options().dtype(dtype));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_pool_backward_meta(
@@ -244,7 +240,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_pool_backw
   detail::check_layer_norm_args(x, norm_weight, norm_bias, norm_eps);
   const auto [dx, du] = detail::call_folded_attention_pool_backward(
       grad_out, x, u, mask, out, lse, scale, full_width, attn_bias, lengths);
-  return {dx, du, norm_gradient_meta(x, norm_weight), norm_gradient_meta(x, norm_bias)};
+  const auto grad = at::empty_symint(
+      {x.sym_size(-1)}, x.options().dtype(detail::accumulate_dtype(x.scalar_type())));
+  return {dx, du, detail::norm_gradient(grad, norm_weight), detail::norm_gradient(grad, norm_bias)};
 }
 
 }  // namespace

@@ -345,15 +345,6 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_forward_cpu(
   return run_forward(f, x.scalar_type());
 }
 
-// The gradient of a norm weight or bias as the op returns it: in the
-// parameter's dtype, or the accumulation dtype when it is absent; a tensor of
-// its own (grad is a row of norm_grads, which an output must not alias).
-at::Tensor norm_gradient(const at::Tensor& grad, const std::optional<at::Tensor>& param) {
-  const auto dtype =
-      param.has_value() && param->defined() ? param->scalar_type() : grad.scalar_type();
-  return grad.to(dtype, /*non_blocking=*/false, /*copy=*/true);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
     const at::Tensor& grad_out,
     const at::Tensor& x,
@@ -376,8 +367,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_c
   return {
       dx,
       du,
-      norm_gradient(g.norm_grads[0], norm_weight),
-      norm_gradient(g.norm_grads[1], norm_bias)};
+      detail::norm_gradient(g.norm_grads[0], norm_weight),
+      detail::norm_gradient(g.norm_grads[1], norm_bias)};
 }
 
 constexpr const char* kJvp = "folded_attention_pool jvp";
