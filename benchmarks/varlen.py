@@ -12,7 +12,8 @@ head, float32 and bfloat16. Contenders, all computing the same pooled vectors:
 
     python benchmarks/varlen.py [--threads 2] [--repeats 7] [--malloc reuse|system]
 
-Calls are interleaved round by round; each figure is the median over rounds.
+Calls are interleaved round by round, each round timing back-to-back calls
+of one contender for at least 20 ms; each figure is the median over rounds.
 --malloc is attnpool.bench's: "reuse" (the default) has glibc keep freed
 blocks, as jemalloc or tcmalloc would; "system" leaves glibc's defaults,
 where every large tensor is fresh memory whose pages fault on first write.
@@ -24,7 +25,7 @@ import math
 import torch
 
 import attnpool
-from attnpool.bench import configure_malloc, forward_backward, time_rounds
+from attnpool.bench import configure_malloc, forward_backward, time_interleaved
 
 BATCH, LONGEST, HIDDEN, MEAN_LENGTH = 64, 2048, 768, 128
 
@@ -81,6 +82,13 @@ def contenders(dtype):
     return rows, pooling, floor
 
 
+MIN_SECONDS = 0.02
+
+
+def milliseconds(seconds: dict) -> dict:
+    return {name: 1e3 * value for name, value in seconds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -101,9 +109,23 @@ def main() -> None:
         for name, (x, run) in pooling.items():
             calls[f"forward: {name}"] = lambda x=x, run=run: run(x)
             calls[f"forward+backward: {name}"] = lambda x=x, run=run: forward_backward(x, run)
+        # Each sample: back-to-back calls for at least MIN_SECONDS (one call of
+        # a few tenths of a millisecond timed alone was mostly noise).
         with torch.no_grad():
-            ms = time_rounds({k: c for k, c in calls.items() if "backward" not in k}, args.repeats)
-        ms.update(time_rounds({k: c for k, c in calls.items() if "backward" in k}, args.repeats))
+            ms = milliseconds(
+                time_interleaved(
+                    {k: c for k, c in calls.items() if "backward" not in k},
+                    args.repeats,
+                    MIN_SECONDS,
+                )
+            )
+        ms.update(
+            milliseconds(
+                time_interleaved(
+                    {k: c for k, c in calls.items() if "backward" in k}, args.repeats, MIN_SECONDS
+                )
+            )
+        )
         read = min(ms[name] for name in floor)
         print(f"\n{str(dtype).replace('torch.', '')}: one read of the packed x = {read:.2f} ms")
         for name in pooling:

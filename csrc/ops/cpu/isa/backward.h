@@ -155,6 +155,7 @@ void backward_rows_one_score(
     scalar_t* const* dx_rows,
     const acc_t* u,
     const acc_t* u_paired,
+    const at::BFloat16* u_bf16,
     const acc_t* g,
     const acc_t* lse,
     const acc_t* delta,
@@ -183,8 +184,8 @@ void backward_rows_one_score(
     for (int r = 0; r < R; ++r) {
       prefetch_row(rows[r], H, R * s.x_seq_stride);
     }
-    if (u_paired != nullptr) {
-      forward_order_scores<R>(rows, u, u_paired, H, scores);
+    if (u_bf16 != nullptr || u_paired != nullptr) {
+      forward_scores<R>(rows, u, u_paired, u_bf16, H, 1, scores);
       score_dot_rows<R>(rows, g0, H, dprobs);
     } else {
       dot2_rows<R>(rows, u, g0, H, scores, dprobs);
@@ -493,7 +494,7 @@ void backward_impl(const BackwardParams& p) {
   std::vector<uint32_t> u_pairs;
 #if defined(CPU_CAPABILITY_AVX512_BF16)
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (u_bf16 != nullptr) {
+    if (u_bf16 != nullptr && num_scores > 1) {
       u_pairs = u_in_score_pairs(num_scores, H, u);
     }
   }
@@ -554,6 +555,7 @@ void backward_impl(const BackwardParams& p) {
                 dx_out,
                 u,
                 u_paired,
+                u_bf16,
                 g,
                 lse,
                 delta,

@@ -96,6 +96,70 @@ void score_and_accumulate_rows(
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+// score_and_accumulate_rows for bfloat16 rows read in pairs whose scores
+// come from bfloat16 products ([Note: bfloat16 products]): each 32 values of
+// a row are one vdpbf16ps against v (u rounded to bfloat16, natural order),
+// never widened; the P rows of the tile before are widened for their
+// weighted sum y (paired order) as there. Each score is summed as
+// bf16_score_dot_rows_impl sums it, so the backward and the jvp recompute
+// it exactly. n is a multiple of kPairWidth.
+template <int R, int P>
+void score_bf16_and_accumulate_rows(
+    const at::BFloat16* const* rows,
+    const at::BFloat16* v,
+    int64_t n,
+    float* scores,
+    int64_t ahead,
+    const float* w,
+    const at::BFloat16* const* prev,
+    float* y) {
+  using Reader = ChunkReader<at::BFloat16, true>;
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  static_assert(Reader::kWidth == 32, "one vdpbf16ps reads one paired chunk");
+  // Local copies, so that the stores to y do not force reloads of them.
+  __m512 acc[std::max(R, 1)];
+  const at::BFloat16* xr[std::max(R, 1)] = {};
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm512_setzero_ps();
+    xr[r] = rows[r];
+  }
+  Vec weights[std::max(P, 1)];
+  const at::BFloat16* pr[std::max(P, 1)] = {};
+  for (int q = 0; q < P; ++q) {
+    weights[q] = Vec(w[q]);
+    pr[q] = prev[q];
+  }
+  for (int64_t e = 0; e + Reader::kWidth <= n; e += Reader::kWidth) {
+    if constexpr (R > 0) {
+      const __m512bh uv = load_bf16<false>(v + e, 0);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        prefetch(xr[r] + e, ahead);
+        acc[r] = _mm512_dpbf16_ps(acc[r], load_bf16<false>(xr[r] + e, 0), uv);
+      }
+    }
+    if constexpr (P > 0) {
+      Vec y_even = Vec::loadu(y + e);
+      Vec y_odd = Vec::loadu(y + e + W);
+#pragma GCC unroll 8
+      for (int q = 0; q < P; ++q) {
+        const auto xv = Reader::load(pr[q] + e);
+        y_even = at::vec::fmadd(weights[q], xv.first, y_even);
+        y_odd = at::vec::fmadd(weights[q], xv.second, y_odd);
+      }
+      y_even.store(y + e);
+      y_odd.store(y + e + W);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    scores[r] = reduce_add(Vec(acc[r]));
+  }
+}
+#endif
+
 // The forward's two passes over a tile, each on its own: the scores
 // out[k * R + r] of `count` consecutive vectors of v (n apart), and the
 // accumulation (axpy_rows); for bfloat16 rows in paired order,
@@ -241,6 +305,13 @@ class SoftmaxState {
       return weigh_rows<R>(0, scale, bias, scores, weights, weighted(), H);
     }
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+      if (paired_ && u_bf16_ != nullptr) {
+        score_bf16_and_accumulate_rows<R, P>(
+            rows, u_bf16_, H, scores, ahead, prev_weights, prev, weighted());
+        return weigh_rows<R>(0, scale, bias, scores, weights, weighted(), H);
+      }
+#endif
       if (paired_) {
         score_and_accumulate_rows<R, P, true>(
             rows, u, H, scores, ahead, prev_weights, prev, weighted());
@@ -512,7 +583,8 @@ class SoftmaxState {
 
   // Scales score `score` of R rows (and adds the bias), moves its running
   // max (rescaling its sum and its weighted sum acc, d wide) and sets
-  // weights[r] = exp(score - max).
+  // weights[r] = exp(score - max), the R exponentials in one vector: one
+  // std::exp per row was an eighth of the bfloat16 one-score forward.
   template <int R>
   void weigh_rows(
       int64_t score,
@@ -522,10 +594,13 @@ class SoftmaxState {
       acc_t* weights,
       acc_t* acc,
       int64_t d) {
-    move_max<R>(score, scale, bias, scores, acc, d);
+    const acc_t max = move_max<R>(score, scale, bias, scores, acc, d);
     for (int r = 0; r < R; ++r) {
-      // A -inf score weighs 0 even while the running max is still -inf.
-      weights[r] = scores[r] == kNegInf<acc_t> ? acc_t(0) : std::exp(scores[r] - max()[score]);
+      // exp(-inf) = 0: a -inf score weighs 0 even while max is still -inf.
+      weights[r] = scores[r] == kNegInf<acc_t> ? kNegInf<acc_t> : scores[r] - max;
+    }
+    at::vec::map([](Vectorized<acc_t> v) { return v.exp(); }, weights, weights, R);
+    for (int r = 0; r < R; ++r) {
       sum()[score] += weights[r];
     }
   }
@@ -560,6 +635,8 @@ void forward_impl(const ForwardParams& p) {
   const bool in_pieces = items > p.batch;
   const bool pipelined = num_scores == 1;
   const bool paired = reads_pairs<scalar_t>(p);
+  // Rounded from u in its natural order, which vdpbf16ps reads x in.
+  const std::vector<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
   std::vector<acc_t> u_paired;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (paired) {
@@ -568,7 +645,6 @@ void forward_impl(const ForwardParams& p) {
       u = u_paired.data();
     }
   }
-  const std::vector<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
 
   parallel_over_items(p, [&](int64_t begin, int64_t end) {
     // Tiles of kForwardTileRows rows with one score per row, kWideTileRows

@@ -193,15 +193,18 @@ void score_dot_rows_float(
 
 // [Note: bfloat16 products] On a CPU with AVX512-BF16, the scores of
 // bfloat16 rows against several vectors (num_scores > 1, where the scores,
-// not the read of x, bound the kernels) are summed from bfloat16 products:
+// not the read of x, bound the kernels), or against one when the rows are
+// read in pairs (scores_from_bf16_products), are summed from bfloat16 products:
 // u is rounded to bfloat16 once per call and each vdpbf16ps adds 32 exact
 // products of x and u into 16 float32 sums. That is twice the multiply-adds
 // per instruction of float32 FMAs, and x is never widened: the bfloat16
 // 16 x 12 forward went from 34 to 20 ms (with the vector exponentials of
-// SoftmaxState::weigh_tile). u's rounding (2^-9 relative) is that of x itself,
-// and of the einsum in bfloat16 that the op replaces. The backward and the
-// jvp recompute the scores through the same function, so p stays the
-// forward's ([Note: one order for every score]).
+// SoftmaxState::weigh_tile), the one-score forward of 32 x 512 x 768 from
+// 0.57 to 0.39 ms (2 threads, 2-core EPYC, x in cache). u's rounding (2^-9
+// relative) is that of x itself, and of the einsum in bfloat16 that the op
+// replaces. The backward and the jvp recompute the scores with
+// bf16_score_dot_rows_impl, which sums them in the forward's order, so p
+// stays the forward's ([Note: one order for every score]).
 #if defined(CPU_CAPABILITY_AVX512_BF16)
 constexpr bool kBFloat16Products = true;
 
@@ -267,24 +270,6 @@ void bf16_score_dot_rows_impl(
 #else
 constexpr bool kBFloat16Products = false;
 #endif
-
-// Whether this instruction set scores rows of T from bfloat16 products
-// ([Note: bfloat16 products]).
-template <typename T>
-bool scores_from_bf16_products(const PoolShape& s) {
-  return kBFloat16Products && std::is_same_v<T, at::BFloat16> && s.num_scores() > 1;
-}
-
-// u rounded to bfloat16 if the kernels score from bfloat16 products
-// (scores_from_bf16_products); empty otherwise.
-template <typename scalar_t, typename acc_t>
-std::vector<at::BFloat16> u_in_bf16(const PoolShape& s, const acc_t* u) {
-  std::vector<at::BFloat16> rounded;
-  if (scores_from_bf16_products<scalar_t>(s)) {
-    rounded.assign(u, u + s.num_scores() * s.hidden);
-  }
-  return rounded;
-}
 
 // score_dot_rows, below. acc must stay in registers; GCC kept it in memory,
 // each FMA waiting on a store and a reload (the forward at 16 scores took
@@ -430,6 +415,28 @@ template <typename T>
 bool reads_pairs(const PoolShape& s) {
   return std::is_same_v<T, at::BFloat16> && s.num_scores() == 1 && s.head_dim > 0 &&
          s.head_dim % kPairWidth == 0;
+}
+
+// Whether this instruction set scores rows of T from bfloat16 products
+// ([Note: bfloat16 products]): with several scores, and with one where the
+// rows are read in pairs (reads_pairs), whose one-score forward then takes
+// one vdpbf16ps per 32 values of a row instead of widening them for the
+// score (and is otherwise bound by those instructions when x is in cache).
+template <typename T>
+bool scores_from_bf16_products(const PoolShape& s) {
+  return kBFloat16Products && std::is_same_v<T, at::BFloat16> &&
+         (s.num_scores() > 1 || reads_pairs<T>(s));
+}
+
+// u rounded to bfloat16 if the kernels score from bfloat16 products
+// (scores_from_bf16_products); empty otherwise.
+template <typename scalar_t, typename acc_t>
+std::vector<at::BFloat16> u_in_bf16(const PoolShape& s, const acc_t* u) {
+  std::vector<at::BFloat16> rounded;
+  if (scores_from_bf16_products<scalar_t>(s)) {
+    rounded.assign(u, u + s.num_scores() * s.hidden);
+  }
+  return rounded;
 }
 
 struct WidenedPairs {
