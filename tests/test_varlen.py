@@ -249,6 +249,50 @@ def test_an_unsorted_index_is_refused_in_a_compiled_graph():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("tracing_mode", ["fake", "symbolic"])
+def test_an_index_traces_with_fake_tensors(tracing_mode):
+    """make_fx with fake tensors (as non-strict export and FakeTensorMode
+    run it) has no index values to check on the host: the check goes into
+    the traced graph, which then pools like eager and refuses an unsorted
+    index."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    query, w_q, w_k = (t.float() for t in _weights(None, 8))
+    x = torch.randn(6, 8)
+
+    def pool(x, index, query, w_q, w_k):
+        return attnpool.attention_pool_varlen(x, query, w_q, w_k, index=index, num_segments=3)
+
+    sorted_index = torch.tensor([0, 0, 1, 1, 2, 2])
+    traced = make_fx(pool, tracing_mode=tracing_mode)(x, sorted_index, query, w_q, w_k)
+    torch.testing.assert_close(
+        traced(x, sorted_index, query, w_q, w_k), pool(x, sorted_index, query, w_q, w_k)
+    )
+    with pytest.raises(RuntimeError, match="index must be sorted"):
+        traced(x, torch.tensor([0, 2, 1, 1, 0, 2]), query, w_q, w_k)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in (x, sorted_index, query, w_q, w_k)]
+        assert pool(*fakes).shape == (3, 8)
+
+
+def test_an_index_without_num_segments_compiles_with_fullgraph():
+    # B = index.max() + 1 is then a size read from the data: the graph holds
+    # it as a symbol instead of refusing it.
+    torch._dynamo.reset()
+    query, w_q, w_k = (t.float() for t in _weights(None, 8))
+    x = torch.randn(7, 8)
+
+    def pool(x, index):
+        return attnpool.attention_pool_varlen(x, query, w_q, w_k, index=index)
+
+    compiled = torch.compile(pool, backend="aot_eager", fullgraph=True)
+    for index in (torch.tensor([0, 0, 1, 1, 2, 2, 2]), torch.tensor([0, 1, 1, 1, 1, 3, 4])):
+        torch.testing.assert_close(compiled(x, index), pool(x, index))
+    torch._dynamo.reset()
+
+
 def test_export_keeps_rows_and_batch_dynamic():
     query, w_q, w_k = (t.float() for t in _weights(None, 16))
 

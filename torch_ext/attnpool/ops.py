@@ -225,16 +225,27 @@ def folded_attention_pool(
     )
 
 
+def _checks_on_host(index: Tensor) -> bool:
+    """Whether a verdict about index's values can be read on the host: a real
+    CPU tensor, outside torch.compile and fake-tensor tracing (make_fx,
+    FakeTensorMode, non-strict export), where there is no value to read."""
+    return (
+        index.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and torch._guards.detect_fake_mode(index) is None
+    )
+
+
 def segment_offsets(index: Tensor, num_segments: Optional[int] = None) -> Tensor:
     """``cu_seqlens [B + 1]`` from PyG's sorted segment index ``[T]`` (SPEC.md §6).
 
     ``cu_seqlens[b]`` is the number of rows with ``index < b``, computed on
     ``index``'s device. ``num_segments`` (``B``) keeps it free of host
     synchronisation (and of recompiles under ``torch.compile``); without it,
-    ``B = index.max() + 1`` is read from the device, which
-    ``torch.compile(fullgraph=True)`` refuses. Segments with no rows are empty
-    sequences. ``index`` must be sorted: that is checked on the CPU, and
-    asynchronously (a device-side assertion) on a GPU and in compiled graphs.
+    ``B = index.max() + 1`` is read from the device (under ``torch.compile``, a
+    data-dependent size). Segments with no rows are empty sequences. ``index``
+    must be sorted: that is checked on the CPU, and asynchronously (an
+    assertion in the graph) on a GPU and in compiled or fake-tensor traced graphs.
     """
     op = "attention_pool_varlen"
     _check_tensor(op, "index", index)
@@ -245,20 +256,28 @@ def segment_offsets(index: Tensor, num_segments: Optional[int] = None) -> Tensor
         )
     if num_segments is None:
         num_segments = int(index.max()) + 1 if index.numel() > 0 else 0
+        # Under torch.compile with captured scalars this is an unbacked
+        # symbol: tell the shape checks it is a count.
+        torch._check(num_segments >= 0)
     else:
         _check_int(op, "num_segments", num_segments)
         if num_segments < 0:
             raise ValueError(f"{op}: num_segments must be >= 0, got {num_segments}")
     if index.numel() > 0:
         in_order = (index.diff() >= 0).all() & (index[0] >= 0) & (index[-1] < num_segments)
-        message = f"{op}: index must be sorted, with values in [0, num_segments = {num_segments})"
-        if index.device.type == "cpu" and not torch.compiler.is_compiling():
+        if _checks_on_host(index):
             if not bool(in_order):
-                raise ValueError(message)
+                raise ValueError(
+                    f"{op}: index must be sorted, with values in [0, num_segments = {num_segments})"
+                )
         else:
-            # On a GPU, or in a compiled graph, reading the verdict on the
-            # host would wait for the device or break the graph.
-            torch._assert_async(in_order, message)
+            # On a GPU, in a compiled graph or a traced one, reading the
+            # verdict on the host would wait for the device or break the
+            # graph. (The message names no value: a traced num_segments is
+            # symbolic.)
+            torch._assert_async(
+                in_order, f"{op}: index must be sorted, with values in [0, num_segments)"
+            )
     segments = torch.arange(num_segments + 1, device=index.device, dtype=index.dtype)
     return torch.searchsorted(index, segments).to(index.dtype)
 
