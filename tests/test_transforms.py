@@ -406,7 +406,8 @@ def test_func_transforms_of_multihead_attention_pooling_on_either_path(num_queri
     """Per-sample gradients (vmap of grad) equal a loop, and jvp equals the
     reverse-mode jacobian times the tangent, on both of the head's paths. The
     projection path runs SDPA, which has no forward-mode AD, and checks its
-    inputs with an op that vmap's fallback could not run."""
+    inputs with an op that vmap's fallback could not run; under vmap it takes
+    the matmuls, which batch, not SDPA, which vmap would run per sample."""
     torch.manual_seed(0)
     module = attnpool.MultiheadAttentionPooling(8, 2, num_queries=num_queries).double()
     with torch.no_grad():
@@ -423,7 +424,12 @@ def test_func_transforms_of_multihead_attention_pooling_on_either_path(num_queri
         out = torch.func.functional_call(module, params, (x[None],), batched)
         return out.pow(2).sum()
 
-    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, positions)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(
+            params, x, positions
+        )
+    assert not [w for w in caught if "batching rule" in str(w.message)]
     for name, param in module.named_parameters():
         loop = [
             torch.autograd.grad(

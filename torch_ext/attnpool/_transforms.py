@@ -452,11 +452,21 @@ def _varlen_jvp_composite(x, cu_seqlens, u, _out, lse, scale, full_width, x_tang
     )
 
 
+def under_vmap() -> bool:
+    """Whether torch.func.vmap (or jacfwd, jacrev, ...) batches this call at
+    any level: ops without a batching rule then run once per sample. False
+    inside torch.compile, which traces vmap by its own rules (and cannot
+    trace the interpreter stack)."""
+    if torch.compiler.is_compiling():
+        return False
+    stack = get_interpreter_stack() or ()
+    return any(interpreter.key() == TransformType.Vmap for interpreter in stack)
+
+
 def _jvp(op, composite, *args) -> Tensor:
     """The jvp op, or under vmap (jacfwd batches the tangents) its composition,
     which vmap batches as any torch code: the op would run once per sample."""
-    stack = get_interpreter_stack() or ()
-    if any(interpreter.key() == TransformType.Vmap for interpreter in stack):
+    if under_vmap():
         return composite(*args)
     return op(*args)
 

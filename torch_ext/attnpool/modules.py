@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 
 from attnpool import reference
+from attnpool._transforms import under_vmap
 from attnpool.ops import (
     _check_int,
     _check_number,
@@ -493,10 +494,11 @@ def _pool_by_projection(
     # log-sum-exp, max + log(sum), which for a row whose every bias is
     # finfo.min (as peers pad, a uniform average) rounds back to finfo.min:
     # p = 1 where the softmax gave 1/L, gradients L times too large. The
-    # softmax's own backward uses p.
+    # softmax's own backward uses p. Nor has it a batching rule: under vmap
+    # (per-sample gradients) it ran once per sample, the matmuls batch.
     exact = attn_bias is not None
     if not torch.jit.is_scripting():
-        exact = exact or _any_tangent([x, query, w_q, b_q, w_k, w_v, b_v])
+        exact = exact or _any_tangent([x, query, w_q, b_q, w_k, w_v, b_v]) or under_vmap()
     if exact:
         acc = reference.accumulate_dtype(dtype)
         scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5
