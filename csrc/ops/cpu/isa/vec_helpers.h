@@ -202,9 +202,12 @@ void score_dot_rows_float(
 // SoftmaxState::weigh_tile), the one-score forward of 32 x 512 x 768 from
 // 0.57 to 0.39 ms (2 threads, 2-core EPYC, x in cache). u's rounding (2^-9
 // relative) is that of x itself, and of the einsum in bfloat16 that the op
-// replaces. The backward and the jvp recompute the scores with
-// bf16_score_dot_rows_impl, which sums them in the forward's order, so p
-// stays the forward's ([Note: one order for every score]).
+// replaces. vdpbf16ps also flushes products below float32's normal range
+// (1.2e-38) to zero: a score made only of such products is 0, which shows
+// only when a scale near 1e34 or more brings it back up (a fuzz case:
+// x ~ 1e-19, u ~ 5e-20, scale 3e38). The backward and the jvp recompute the
+// scores with bf16_score_dot_rows_impl, which sums them in the forward's
+// order, so p stays the forward's ([Note: one order for every score]).
 #if defined(CPU_CAPABILITY_AVX512_BF16)
 constexpr bool kBFloat16Products = true;
 
