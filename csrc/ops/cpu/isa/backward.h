@@ -426,10 +426,7 @@ void backward_rows(
 #if defined(CPU_CAPABILITY_AVX512_BF16)
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (products.u_pairs != nullptr) {
-      for (int64_t i = 0; i < num_scores * R; ++i) {
-        dscores[i] = bf16_rounded(dscores[i]);
-      }
-      pair_scores<R>(num_scores, dscores, products.ds_pairs);
+      round_and_pair_scores<R>(num_scores, dscores, products.ds_pairs, products.ds_row_pairs);
       dx_rows_all_scores<R, false, true>(s, probs, dscores, g_b, u, products, dx_rows);
       return du_rows_bf16<R>(rows, dscores, num_scores, H, products, du);
     }
@@ -504,14 +501,17 @@ void backward_impl(const BackwardParams& p) {
   at::parallel_for(0, p.flat_cut.pieces, grain, [&](int64_t begin, int64_t end) {
     RowTile<scalar_t, kTile> tile;
     std::vector<acc_t> scratch(2 * num_scores * kTile);
+    const int64_t ds_pairs_size = ((num_scores + 1) / 2) * kTile;
+    const int64_t row_pairs_size = ((kTile + 1) / 2) * H;
     std::vector<uint32_t> pair_scratch(
-        u_pairs.empty() ? 0 : ((num_scores + 1) / 2) * kTile + ((kTile + 1) / 2) * H);
+        u_pairs.empty() ? 0 : ds_pairs_size + row_pairs_size + num_scores * ((kTile + 1) / 2));
     Bf16Products products;
     if (!u_pairs.empty()) {
       products = {
           u_pairs.data(),
           pair_scratch.data(),
-          pair_scratch.data() + ((num_scores + 1) / 2) * kTile};
+          pair_scratch.data() + ds_pairs_size,
+          pair_scratch.data() + ds_pairs_size + row_pairs_size};
     }
     scalar_t* dx_out[kTile] = {};
     acc_t tile_bias[kTile] = {};

@@ -32,6 +32,7 @@ struct Bf16Products {
   const uint32_t* u_pairs = nullptr;  // [ceil(num_scores / 2)][H]
   uint32_t* ds_pairs = nullptr;       // [ceil(num_scores / 2)][R], per tile
   uint32_t* row_pairs = nullptr;      // [ceil(R / 2)][H], per tile
+  uint32_t* ds_row_pairs = nullptr;   // [num_scores][ceil(R / 2)], per tile
 };
 
 inline float bf16_rounded(float value) {
@@ -92,14 +93,56 @@ void add_score_pair_products(
   }
 }
 
-// ds_pairs[kp * R + r] = (ds[2 kp][r], ds[2 kp + 1][r]), 0 past the last
-// score: a tile's ds paired by scores for dx's products.
+// The bits of c10::BFloat16(v) (round to nearest even, NaN to 0x7FC0) in
+// the low half of each lane.
+inline __m512i bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_srli_epi32(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000)), 16);
+}
+
+// A tile's ds rounded to bfloat16 in place, and paired two ways: by scores
+// for dx's products, ds_pairs[kp * R + r] = (ds[2 kp][r], ds[2 kp + 1][r]),
+// and by rows for du's, ds_row_pairs[k * P + p] = (ds[k][2 p], ds[k][2 p + 1]),
+// 0 past the last score or row. With 8 rows, two scores per vector; the
+// same bits as bf16_rounded and bf16_pair one value at a time, which at
+// 16 x 12 took a tenth of the backward.
 template <int R>
-void pair_scores(int64_t num_scores, const float* dscores, uint32_t* ds_pairs) {
-  for (int64_t k = 0; k < num_scores; k += 2) {
+void round_and_pair_scores(
+    int64_t num_scores, float* dscores, uint32_t* ds_pairs, uint32_t* ds_row_pairs) {
+  constexpr int P = (R + 1) / 2;
+  int64_t k = 0;
+  if constexpr (R == 8) {
+    for (; k + 2 <= num_scores; k += 2) {
+      const __m512i bits = bf16_bits(_mm512_loadu_ps(dscores + k * R));
+      _mm512_storeu_ps(dscores + k * R, _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)));
+      // Lanes 0-7 are score k's rows, 8-15 score k + 1's.
+      const __m256i first = _mm512_castsi512_si256(bits);
+      const __m256i second = _mm512_extracti64x4_epi64(bits, 1);
+      _mm256_storeu_si256(
+          reinterpret_cast<__m256i*>(ds_pairs + (k / 2) * R),
+          _mm256_or_si256(first, _mm256_slli_epi32(second, 16)));
+      // Packed to 16 bits, neighbouring rows share a 32-bit lane.
+      _mm256_storeu_si256(
+          reinterpret_cast<__m256i*>(ds_row_pairs + k * P), _mm512_cvtepi32_epi16(bits));
+    }
+  }
+  for (; k < num_scores; ++k) {
     for (int r = 0; r < R; ++r) {
-      const float second = k + 1 < num_scores ? dscores[(k + 1) * R + r] : 0.0f;
-      ds_pairs[(k / 2) * R + r] = bf16_pair(dscores[k * R + r], second);
+      dscores[k * R + r] = bf16_rounded(dscores[k * R + r]);
+    }
+    for (int p = 0; p < P; ++p) {
+      const float second = 2 * p + 1 < R ? dscores[k * R + 2 * p + 1] : 0.0f;
+      ds_row_pairs[k * P + p] = bf16_pair(dscores[k * R + 2 * p], second);
+    }
+    if (k % 2 == 0) {
+      // Score k + 1, not rounded yet, rounds as bf16_pair reads it.
+      for (int r = 0; r < R; ++r) {
+        const float second = k + 1 < num_scores ? dscores[(k + 1) * R + r] : 0.0f;
+        ds_pairs[(k / 2) * R + r] = bf16_pair(dscores[k * R + r], second);
+      }
     }
   }
 }
@@ -130,11 +173,12 @@ void pair_rows(const at::BFloat16* const* rows, int64_t H, uint32_t* row_pairs) 
 }
 
 // du_k += sum_r ds[k][r] * rows[r] for S scores from k on, from the paired
-// rows; dscores already rounded to bfloat16.
+// rows and ds paired by rows; dscores already rounded to bfloat16.
 template <int R, int S>
 void du_scores_bf16(
     const at::BFloat16* const* rows,
     const float* dscores,
+    const uint32_t* ds_row_pairs,
     int64_t k,
     int64_t H,
     const uint32_t* row_pairs,
@@ -142,11 +186,9 @@ void du_scores_bf16(
   constexpr int P = (R + 1) / 2;
   __m512bh weight[S][P];
   for (int j = 0; j < S; ++j) {
-    const float* ds = dscores + (k + j) * R;
     for (int p = 0; p < P; ++p) {
-      const float second = 2 * p + 1 < R ? ds[2 * p + 1] : 0.0f;
       weight[j][p] = reinterpret_cast<__m512bh>(
-          _mm512_set1_epi32(static_cast<int>(bf16_pair(ds[2 * p], second))));
+          _mm512_set1_epi32(static_cast<int>(ds_row_pairs[(k + j) * P + p])));
     }
   }
   int64_t e = 0;
@@ -190,7 +232,8 @@ void du_rows_bf16(
   for (int64_t k = 0; k < num_scores; k += kSumsPerPass) {
     const int count = static_cast<int>(std::min<int64_t>(kSumsPerPass, num_scores - k));
     with_tile_size<kSumsPerPass>(count, [&](auto size) {
-      du_scores_bf16<R, decltype(size)::value>(rows, dscores, k, H, products.row_pairs, du);
+      du_scores_bf16<R, decltype(size)::value>(
+          rows, dscores, products.ds_row_pairs, k, H, products.row_pairs, du);
     });
   }
 }
