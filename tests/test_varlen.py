@@ -354,6 +354,7 @@ def test_bad_offsets_and_arguments_raise_clear_errors():
     _error(ValueError, "exactly one of", fold, x, u, cu_seqlens=cu_seqlens, index=index)
     _error(ValueError, "index must be sorted", fold, x, u, index=index.flip(0), num_segments=2)
     _error(ValueError, "index must be sorted", fold, x, u, index=index, num_segments=1)
+    _error(ValueError, "index must be sorted", fold, x, u, index=index - 5)
     _error(
         ValueError,
         r"index must have one entry per row of x, \[T\] = \[5\], got \[4\]",

@@ -256,9 +256,10 @@ def segment_offsets(index: Tensor, num_segments: Optional[int] = None) -> Tensor
         )
     if num_segments is None:
         num_segments = int(index.max()) + 1 if index.numel() > 0 else 0
-        # Under torch.compile with captured scalars this is an unbacked
-        # symbol: tell the shape checks it is a count.
-        torch._check(num_segments >= 0)
+        if torch.compiler.is_compiling():
+            # There an unbacked symbol: tell the shape checks it is a count
+            # (in eager, a negative index meets the clear error below).
+            torch._check(num_segments >= 0)
     else:
         _check_int(op, "num_segments", num_segments)
         if num_segments < 0:
