@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEVICES, TOLERANCES, Inputs, make_inputs, reference_in_float64
+from helpers import DEVICES, TOLERANCES, Inputs, make_inputs, reference_in_float64, scored_u
 
 import attnpool
 
@@ -227,6 +227,40 @@ def test_large_score_gradients_match_the_reference(
     dx, want_dx = got[0].double(), want[0]
     tolerance = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 1e-2}[dtype]
     assert ((dx - want_dx).norm() / want_dx.norm()).item() < tolerance
+
+
+@pytest.mark.parametrize("grad_dtype", ["bfloat16-values", "float32-values"])
+def test_large_score_bf16_backward_with_any_grad_out(grad_dtype):
+    # With bfloat16 rows and several scores, the CPU backward sums G . x from
+    # bfloat16 products when every value of grad_out is a bfloat16 (the
+    # gradient of a bfloat16 output) and in float32 otherwise; delta must be
+    # summed alike either way, or one-hot softmaxes give dx off by percents
+    # ([Note: G . x from bfloat16 products]). The backward op takes any
+    # float32 grad_out.
+    inputs = make_inputs(3, 41, 128, 3, mask="random", dtype=torch.bfloat16, x_scale=1e6)
+    u = attnpool.reference.fold_query(
+        *(t.double() for t in (inputs.query, inputs.w_q, inputs.w_k)), 2
+    ).float()
+    scale = 128**-0.5
+    out, lse = torch.ops.attnpool._folded_attention_pool_forward(
+        inputs.x, u, inputs.mask, scale, False
+    )
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    if grad_dtype == "bfloat16-values":
+        grad_out = grad_out.bfloat16().float()
+    else:
+        grad_out = grad_out * (1 + 2**-12)  # not a bfloat16
+        assert not torch.equal(grad_out.bfloat16().float(), grad_out)
+    dx, _ = torch.ops.attnpool._folded_attention_pool_backward(
+        grad_out, inputs.x, u, inputs.mask, out, lse, scale, False
+    )
+    x = inputs.x.double().requires_grad_(True)
+    ref = attnpool.reference.folded_attention_pool(
+        x, scored_u(u, inputs.x).double(), inputs.mask, scale
+    )
+    (want,) = torch.autograd.grad(ref, x, grad_out.double().view(ref.shape))
+    assert dx.isfinite().all()
+    assert ((dx.double() - want).norm() / want.norm()).item() < 1e-2
 
 
 # (torch.func calls the deprecated torch.jit.script inside; nothing to do with attnpool.)

@@ -10,6 +10,9 @@
 #include "ops/cpu/isa/vec_helpers.h"
 #include "ops/cpu/kernel_set.h"
 
+#include <atomic>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 namespace attnpool::cpu {
@@ -120,6 +123,96 @@ void dx_du_rows(
   }
 }
 
+// [Note: G . x from bfloat16 products] With bfloat16 rows and several
+// scores, grad_out is the gradient of a bfloat16 output, handed to the
+// kernels in float32: each value is exactly a bfloat16. G . x then takes
+// vdpbf16ps products too, each exact, summed in float32 in the order of
+// bf16_score_dot_rows_impl. delta = G . out must be summed alike ([Note:
+// delta as G . x]), but the saved out is float32: it is split into three
+// bfloat16 parts (8 bits of its significand each, so that they add up to
+// out), and delta sums G . part for each, the first as G . x is summed. Where
+// out is a row of x (a one-hot softmax), the other two parts are 0 and delta
+// equals that row's G . x exactly. At 16 x 12, G . x in float32 (each slice
+// of 64 widened for 2 queries at a time, then 16 horizontal sums) took 14%
+// of the backward. Where a value of grad_out is not a bfloat16 (the backward
+// op called with a float32 grad_out) or out is not finite, both stay in
+// float32.
+struct GradDotsBf16 {
+  std::vector<at::BFloat16> g;             // grad_out, [B, num_scores, head_dim]
+  std::vector<at::BFloat16> out_parts[3];  // out = parts[0] + parts[1] + parts[2]
+  const at::BFloat16* g_of(const PoolShape& s, int64_t b) const {
+    return g.empty() ? nullptr : g.data() + b * s.num_queries * s.hidden;
+  }
+};
+
+// Elementwise over [0, count) on the threads; the loops below vectorize.
+template <typename F>
+void in_parallel(int64_t count, F&& f) {
+  at::parallel_for(0, count, int64_t{1} << 14, f);
+}
+
+// values as bfloat16, or empty if one of them is not exactly a bfloat16.
+inline std::vector<at::BFloat16> exact_bf16(const float* values, int64_t count) {
+  std::vector<at::BFloat16> rounded(count);
+  std::vector<float> back(count);
+  std::atomic<bool> exact{true};
+  in_parallel(count, [&](int64_t begin, int64_t end) {
+    at::vec::convert(values + begin, rounded.data() + begin, end - begin);
+    at::vec::convert(rounded.data() + begin, back.data() + begin, end - begin);
+    bool same = true;
+    for (int64_t i = begin; i < end; ++i) {
+      same &= back[i] == values[i];
+    }
+    if (!same) {
+      exact = false;
+    }
+  });
+  return exact ? rounded : std::vector<at::BFloat16>{};
+}
+
+// Splits finite values into three bfloat16 parts; false if one is not finite.
+inline bool split_in_bf16(const float* values, int64_t count, std::vector<at::BFloat16>* parts) {
+  std::vector<float> rest(values, values + count);
+  std::vector<float> part(count);
+  for (int k = 0; k < 3; ++k) {
+    parts[k].resize(count);
+  }
+  std::atomic<bool> finite{true};
+  in_parallel(count, [&](int64_t begin, int64_t end) {
+    bool all = true;
+    for (int64_t i = begin; i < end; ++i) {
+      all &= std::abs(values[i]) <= std::numeric_limits<float>::max();  // false for NaN
+    }
+    if (!all) {
+      finite = false;
+    }
+    for (int k = 0; k < 3; ++k) {
+      at::vec::convert(rest.data() + begin, parts[k].data() + begin, end - begin);
+      at::vec::convert(parts[k].data() + begin, part.data() + begin, end - begin);
+      for (int64_t i = begin; i < end; ++i) {
+        rest[i] -= part[i];  // exact: the bits the rounding left
+      }
+    }
+  });
+  return finite;
+}
+
+template <typename scalar_t, typename acc_t>
+GradDotsBf16 grad_dots_in_bf16(const BackwardParams& p) {
+  GradDotsBf16 dots;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (scores_from_bf16_products<scalar_t>(p) && p.num_scores() > 1) {
+      const int64_t count = p.batch * p.num_scores() * p.head_dim;
+      dots.g = exact_bf16(static_cast<const float*>(p.grad_out), count);
+      if (!dots.g.empty() &&
+          !split_in_bf16(static_cast<const float*>(p.out), count, dots.out_parts)) {
+        dots.g.clear();
+      }
+    }
+  }
+  return dots;
+}
+
 // delta[b, s] = grad_out[b, s] . out[b, s] over score s's head_dim columns.
 // [Note: delta as G . x] ds = scale * p * (G . x - delta). When the softmax
 // puts all its weight on one row, out is that row exactly and ds must be 0;
@@ -129,20 +222,39 @@ void dx_du_rows(
 // and delta are summed alike: one accumulator over whole vectors, its lanes,
 // then the tail in order.
 template <typename acc_t>
-void compute_delta(const BackwardParams& p, acc_t* delta) {
+void compute_delta(const BackwardParams& p, const GradDotsBf16& dots, acc_t* delta) {
   const auto* g = static_cast<const acc_t*>(p.grad_out);
   const auto* o = static_cast<const acc_t*>(p.out);
-  for (int64_t b = 0; b < p.batch; ++b) {
-    for (int64_t i = 0; i < p.num_queries; ++i) {
-      for (int64_t h = 0; h < p.num_heads; ++h) {
-        const int64_t offset = (b * p.num_queries + i) * p.hidden + h * p.head_dim;
-        // Summed as the backward sums G . x ([Note: delta as G . x]).
-        const acc_t* out_row[1] = {o + offset};
-        score_dot_rows<1>(
-            out_row, g + offset, p.head_dim, delta + b * p.num_scores() + i * p.num_heads + h);
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, p.num_scores() * p.head_dim));
+  at::parallel_for(0, p.batch, grain, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      for (int64_t i = 0; i < p.num_queries; ++i) {
+        for (int64_t h = 0; h < p.num_heads; ++h) {
+          const int64_t offset = (b * p.num_queries + i) * p.hidden + h * p.head_dim;
+          acc_t* sum = delta + b * p.num_scores() + i * p.num_heads + h;
+          // Summed as the backward sums G . x ([Note: delta as G . x]).
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (!dots.g.empty()) {
+              *sum = 0.0f;
+              for (const auto& part : dots.out_parts) {
+                const at::BFloat16* out_row[1] = {part.data() + offset};
+                float part_sum = 0.0f;
+                bf16_score_dot_rows_impl<1, 1, false, false>(
+                    out_row, dots.g.data() + offset, p.head_dim, p.head_dim, &part_sum, nullptr);
+                *sum += part_sum;
+              }
+              continue;
+            }
+          }
+#endif
+          const acc_t* out_row[1] = {o + offset};
+          score_dot_rows<1>(out_row, g + offset, p.head_dim, sum);
+        }
       }
     }
-  }
+  });
 }
 
 // backward_rows for one query and one head: two passes over the rows instead
@@ -357,14 +469,43 @@ void du_rows_all_scores(
 // as many queries per pass over the rows' slices as the registers hold (at
 // 16 queries, one query a pass widened each bfloat16 slice 16 times). Each
 // sum is summed as score_dot_rows sums it ([Note: delta as G . x]).
+// g_bf16: G in bfloat16, or null ([Note: G . x from bfloat16 products]).
 template <int R, typename T, typename A>
-void head_slice_dots(const T* const* rows, const A* g, const PoolShape& s, int64_t h, A* dscores) {
+void head_slice_dots(
+    const T* const* rows,
+    const A* g,
+    const at::BFloat16* g_bf16,
+    const PoolShape& s,
+    int64_t h,
+    A* dscores) {
   constexpr int kAtOnce = std::min(at_once<R, T, A>(), 2);
   const int64_t H = s.hidden;
   const int64_t n = s.num_heads;
   const int64_t d = s.head_dim;
   const T* segments[R];
   offset_rows<R>(rows, h * d, segments);
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+  if constexpr (std::is_same_v<T, at::BFloat16> && std::is_same_v<A, float>) {
+    if (g_bf16 != nullptr) {
+      constexpr int kProducts = at_once<R, T, at::BFloat16>();
+      A sums[kProducts * R];
+      int64_t i = 0;
+      for (; i + kProducts <= s.num_queries; i += kProducts) {
+        bf16_score_dot_rows_impl<R, kProducts, false, false>(
+            segments, g_bf16 + i * H + h * d, d, H, sums, nullptr);
+        for (int q = 0; q < kProducts; ++q) {
+          std::copy_n(sums + q * R, R, dscores + ((i + q) * n + h) * R);
+        }
+      }
+      for (; i < s.num_queries; ++i) {
+        bf16_score_dot_rows_impl<R, 1, false, false>(
+            segments, g_bf16 + i * H + h * d, d, H, dscores + (i * n + h) * R, nullptr);
+      }
+      return;
+    }
+  }
+#endif
+  (void)g_bf16;
   A sums[kAtOnce * R];
   int64_t i = 0;
   for (; i + kAtOnce <= s.num_queries; i += kAtOnce) {
@@ -402,7 +543,8 @@ void backward_rows(
     acc_t* dscores,  // [num_scores][R] scratch
     acc_t* du,
     bool stream_dx,
-    const Bf16Products& products) {
+    Bf16Products& products,
+    const at::BFloat16* g_bf16) {
   const int64_t H = s.hidden;
   const int64_t n = s.num_heads;
   const int64_t num_scores = s.num_scores();
@@ -410,10 +552,18 @@ void backward_rows(
   // The scores into probs and G . x into dscores, overwritten below.
   forward_scores<R>(rows, u, u_paired, u_bf16, H, num_scores, probs);
   if (n == 1) {
-    score_dot_rows_each<R>(rows, g_b, H, num_scores, dscores);
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16> && kBFloat16Products) {
+      if (g_bf16 != nullptr) {
+        score_dot_rows_each<R>(rows, g_bf16, H, num_scores, dscores);
+      } else {
+        score_dot_rows_each<R>(rows, g_b, H, num_scores, dscores);
+      }
+    } else {
+      score_dot_rows_each<R>(rows, g_b, H, num_scores, dscores);
+    }
   } else {
     for (int64_t h = 0; h < n; ++h) {
-      head_slice_dots<R>(rows, g_b, s, h, dscores);
+      head_slice_dots<R>(rows, g_b, g_bf16, s, h, dscores);
     }
   }
   probabilities<R>(scale, bias, lse + 2 * b * num_scores, num_scores, probs);
@@ -426,7 +576,8 @@ void backward_rows(
 #if defined(CPU_CAPABILITY_AVX512_BF16)
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (products.u_pairs != nullptr) {
-      round_and_pair_scores<R>(num_scores, dscores, products.ds_pairs, products.ds_row_pairs);
+      round_and_pair_scores<R>(
+          num_scores, dscores, products.ds_pairs, products.ds_row_pairs + products.gathered);
       dx_rows_all_scores<R, false, true>(s, probs, dscores, g_b, u, products, dx_rows);
       return du_rows_bf16<R>(rows, dscores, num_scores, H, products, du);
     }
@@ -465,8 +616,9 @@ void zero_row(scalar_t* row, int64_t n, bool stream) {
 // head_dim]; lse, delta: [B, num_scores]; u: [num_scores, H]. One pass over
 // x writing dx; each piece of the flattened B * L (or T) rows accumulates
 // its own du partial, summed afterwards in piece order.
+// dots: G and out in bfloat16 where G . x takes bfloat16 products.
 template <typename scalar_t>
-void backward_impl(const BackwardParams& p) {
+void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kTile = kBackwardTileRows;
   const int64_t H = p.hidden;
@@ -502,9 +654,9 @@ void backward_impl(const BackwardParams& p) {
     RowTile<scalar_t, kTile> tile;
     std::vector<acc_t> scratch(2 * num_scores * kTile);
     const int64_t ds_pairs_size = ((num_scores + 1) / 2) * kTile;
-    const int64_t row_pairs_size = ((kTile + 1) / 2) * H;
+    const int64_t row_pairs_size = kDuPairs * H;
     std::vector<uint32_t> pair_scratch(
-        u_pairs.empty() ? 0 : ds_pairs_size + row_pairs_size + num_scores * ((kTile + 1) / 2));
+        u_pairs.empty() ? 0 : ds_pairs_size + row_pairs_size + num_scores * kDuPairs);
     Bf16Products products;
     if (!u_pairs.empty()) {
       products = {
@@ -588,7 +740,8 @@ void backward_impl(const BackwardParams& p) {
               scratch.data() + num_scores * kTile,
               du,
               stream_kernel_dx,
-              products);
+              products,
+              dots.g_of(p, tile_batch));
         });
         if (p.normalizes()) {
           normalized_dx();
@@ -630,6 +783,11 @@ void backward_impl(const BackwardParams& p) {
       if (tile.count() > 0) {
         flush();
       }
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+      if constexpr (std::is_same_v<acc_t, float>) {
+        add_gathered_to_du(products, num_scores, H, du);
+      }
+#endif
     }
     if (p.stream_dx) {
       store_fence();

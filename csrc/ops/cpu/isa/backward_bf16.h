@@ -26,13 +26,26 @@ namespace attnpool::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
+// [Note: du over several tiles] du_k += sum_r ds[k][r] * x[r] adds to
+// du's num_scores * H sums, which at 16 x 12 take 590 KB: L2, not registers.
+// Added tile by tile (8 rows, 4 products per sum), each sum was loaded and
+// stored once per 4 products; L2, not the products, bounded du. So the
+// tiles' paired rows and ds are gathered, kDuPairs pairs (32 rows), and
+// added at once, each sum staying in a register over all of them. Every
+// lane takes the same vdpbf16ps in the same order as tile by tile, so du is
+// bitwise the same; only the columns past the last whole vector are added
+// per tile, from the tile's rows.
+constexpr int64_t kDuPairs = 32;
+static_assert(kDuPairs >= (kBackwardTileRows + 1) / 2);
+
 // Scratch and the paired u of one backward call; null pointers where the
 // level or the dtype takes no bfloat16 products.
 struct Bf16Products {
   const uint32_t* u_pairs = nullptr;  // [ceil(num_scores / 2)][H]
   uint32_t* ds_pairs = nullptr;       // [ceil(num_scores / 2)][R], per tile
-  uint32_t* row_pairs = nullptr;      // [ceil(R / 2)][H], per tile
-  uint32_t* ds_row_pairs = nullptr;   // [num_scores][ceil(R / 2)], per tile
+  uint32_t* row_pairs = nullptr;      // [kDuPairs][H], gathered over tiles
+  uint32_t* ds_row_pairs = nullptr;   // [num_scores][kDuPairs], gathered
+  int64_t gathered = 0;               // pairs in row_pairs not yet in du
 };
 
 inline float bf16_rounded(float value) {
@@ -105,10 +118,11 @@ inline __m512i bf16_bits(__m512 v) {
 
 // A tile's ds rounded to bfloat16 in place, and paired two ways: by scores
 // for dx's products, ds_pairs[kp * R + r] = (ds[2 kp][r], ds[2 kp + 1][r]),
-// and by rows for du's, ds_row_pairs[k * P + p] = (ds[k][2 p], ds[k][2 p + 1]),
-// 0 past the last score or row. With 8 rows, two scores per vector; the
-// same bits as bf16_rounded and bf16_pair one value at a time, which at
-// 16 x 12 took a tenth of the backward.
+// and by rows for du's, ds_row_pairs[k * kDuPairs + p] = (ds[k][2 p],
+// ds[k][2 p + 1]), 0 past the last score or row (ds_row_pairs points at the
+// tile's first pair). With 8 rows, two scores per vector; the same bits as
+// bf16_rounded and bf16_pair one value at a time, which at 16 x 12 took a
+// tenth of the backward.
 template <int R>
 void round_and_pair_scores(
     int64_t num_scores, float* dscores, uint32_t* ds_pairs, uint32_t* ds_row_pairs) {
@@ -124,9 +138,15 @@ void round_and_pair_scores(
       _mm256_storeu_si256(
           reinterpret_cast<__m256i*>(ds_pairs + (k / 2) * R),
           _mm256_or_si256(first, _mm256_slli_epi32(second, 16)));
-      // Packed to 16 bits, neighbouring rows share a 32-bit lane.
-      _mm256_storeu_si256(
-          reinterpret_cast<__m256i*>(ds_row_pairs + k * P), _mm512_cvtepi32_epi16(bits));
+      // Packed to 16 bits, neighbouring rows share a 32-bit lane: score k's
+      // four pairs, then score k + 1's.
+      const __m256i row_pairs = _mm512_cvtepi32_epi16(bits);
+      _mm_storeu_si128(
+          reinterpret_cast<__m128i*>(ds_row_pairs + k * kDuPairs),
+          _mm256_castsi256_si128(row_pairs));
+      _mm_storeu_si128(
+          reinterpret_cast<__m128i*>(ds_row_pairs + (k + 1) * kDuPairs),
+          _mm256_extracti128_si256(row_pairs, 1));
     }
   }
   for (; k < num_scores; ++k) {
@@ -135,7 +155,7 @@ void round_and_pair_scores(
     }
     for (int p = 0; p < P; ++p) {
       const float second = 2 * p + 1 < R ? dscores[k * R + 2 * p + 1] : 0.0f;
-      ds_row_pairs[k * P + p] = bf16_pair(dscores[k * R + 2 * p], second);
+      ds_row_pairs[k * kDuPairs + p] = bf16_pair(dscores[k * R + 2 * p], second);
     }
     if (k % 2 == 0) {
       // Score k + 1, not rounded yet, rounds as bf16_pair reads it.
@@ -172,69 +192,103 @@ void pair_rows(const at::BFloat16* const* rows, int64_t H, uint32_t* row_pairs) 
   }
 }
 
-// du_k += sum_r ds[k][r] * rows[r] for S scores from k on, from the paired
-// rows and ds paired by rows; dscores already rounded to bfloat16.
-template <int R, int S>
-void du_scores_bf16(
-    const at::BFloat16* const* rows,
-    const float* dscores,
-    const uint32_t* ds_row_pairs,
-    int64_t k,
-    int64_t H,
-    const uint32_t* row_pairs,
-    float* du) {
-  constexpr int P = (R + 1) / 2;
-  __m512bh weight[S][P];
+// du_k[e + 16 c] += the gathered pairs' products, for S scores from k and
+// C vectors of columns from e, the sums in registers over all the pairs.
+template <int S, int C>
+void du_block_bf16(const Bf16Products& products, int64_t k, int64_t e, int64_t H, float* du) {
+  constexpr int64_t W = 16;
+  // Local copies, and every loop over the sums unrolled: otherwise GCC
+  // kept acc on the stack.
+  const uint32_t* rows = products.row_pairs + e;
+  const uint32_t* weights = products.ds_row_pairs + k * kDuPairs;
+  const int64_t pairs = products.gathered;
+  __m512 acc[S][C];
+#pragma GCC unroll 8
   for (int j = 0; j < S; ++j) {
-    for (int p = 0; p < P; ++p) {
-      weight[j][p] = reinterpret_cast<__m512bh>(
-          _mm512_set1_epi32(static_cast<int>(ds_row_pairs[(k + j) * P + p])));
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      acc[j][c] = _mm512_loadu_ps(du + (k + j) * H + e + c * W);
     }
   }
-  int64_t e = 0;
-  for (; e + 16 <= H; e += 16) {
-    __m512 acc[S];
-    for (int j = 0; j < S; ++j) {
-      acc[j] = _mm512_loadu_ps(du + (k + j) * H + e);
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh xv[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      xv[c] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(rows + p * H + c * W));
     }
-    for (int p = 0; p < P; ++p) {
-      const auto xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(row_pairs + p * H + e));
-      for (int j = 0; j < S; ++j) {
-        acc[j] = _mm512_dpbf16_ps(acc[j], xv, weight[j][p]);
+#pragma GCC unroll 8
+    for (int j = 0; j < S; ++j) {
+      const auto weight = reinterpret_cast<__m512bh>(
+          _mm512_set1_epi32(static_cast<int>(weights[j * kDuPairs + p])));
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) {
+        acc[j][c] = _mm512_dpbf16_ps(acc[j][c], xv[c], weight);
       }
-    }
-    for (int j = 0; j < S; ++j) {
-      _mm512_storeu_ps(du + (k + j) * H + e, acc[j]);
     }
   }
-  for (; e < H; ++e) {
-    for (int j = 0; j < S; ++j) {
-      float total = du[(k + j) * H + e];
-      for (int r = 0; r < R; ++r) {
-        total += dscores[(k + j) * R + r] * static_cast<float>(rows[r][e]);
-      }
-      du[(k + j) * H + e] = total;
+#pragma GCC unroll 8
+  for (int j = 0; j < S; ++j) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      _mm512_storeu_ps(du + (k + j) * H + e + c * W, acc[j][c]);
     }
   }
 }
 
-// du for every score of a tile, kSumsPerPass scores per pass over the
-// paired rows.
+// The gathered pairs into du's whole vectors of columns, then none gathered
+// ([Note: du over several tiles]). Columns outer: a block of columns of
+// every pair stays in L1 while each score's sums pass over it.
+inline void add_gathered_to_du(Bf16Products& products, int64_t num_scores, int64_t H, float* du) {
+  constexpr int kScores = 6;  // 6 x 4 sums, 4 rows, a weight: 29 registers
+  constexpr int64_t W = 16;
+  if (products.gathered == 0) {
+    return;
+  }
+  auto columns = [&](int64_t e, auto width) {
+    constexpr int C = decltype(width)::value;
+    for (int64_t k = 0; k < num_scores; k += kScores) {
+      const int count = static_cast<int>(std::min<int64_t>(kScores, num_scores - k));
+      with_tile_size<kScores>(count, [&](auto size) {
+        du_block_bf16<decltype(size)::value, C>(products, k, e, H, du);
+      });
+    }
+  };
+  int64_t e = 0;
+  for (; e + 4 * W <= H; e += 4 * W) {
+    columns(e, std::integral_constant<int, 4>{});
+  }
+  for (; e + W <= H; e += W) {
+    columns(e, std::integral_constant<int, 1>{});
+  }
+  products.gathered = 0;
+}
+
+// du for every score of a tile: its rows and ds paired and gathered, added
+// to du's whole vectors when the next tile's might not fit (and by the
+// caller at the end of its rows); the columns past them added now, row by
+// row.
 template <int R>
 void du_rows_bf16(
     const at::BFloat16* const* rows,
     const float* dscores,
     int64_t num_scores,
     int64_t H,
-    const Bf16Products& products,
+    Bf16Products& products,
     float* du) {
-  pair_rows<R>(rows, H, products.row_pairs);
-  for (int64_t k = 0; k < num_scores; k += kSumsPerPass) {
-    const int count = static_cast<int>(std::min<int64_t>(kSumsPerPass, num_scores - k));
-    with_tile_size<kSumsPerPass>(count, [&](auto size) {
-      du_scores_bf16<R, decltype(size)::value>(
-          rows, dscores, products.ds_row_pairs, k, H, products.row_pairs, du);
-    });
+  constexpr int P = (R + 1) / 2;
+  pair_rows<R>(rows, H, products.row_pairs + products.gathered * H);
+  products.gathered += P;
+  if (products.gathered + (kBackwardTileRows + 1) / 2 > kDuPairs) {
+    add_gathered_to_du(products, num_scores, H, du);
+  }
+  for (int64_t e = H - H % 16; e < H; ++e) {
+    for (int64_t k = 0; k < num_scores; ++k) {
+      float total = du[k * H + e];
+      for (int r = 0; r < R; ++r) {
+        total += dscores[k * R + r] * static_cast<float>(rows[r][e]);
+      }
+      du[k * H + e] = total;
+    }
   }
 }
 

@@ -30,8 +30,9 @@ void forward(const ForwardParams& p, c10::ScalarType dtype) {
 void backward(const BackwardParams& p, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "attnpool_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    compute_delta<acc_t>(p, static_cast<acc_t*>(p.delta));
-    backward_impl<scalar_t>(p);
+    const GradDotsBf16 dots = grad_dots_in_bf16<scalar_t, acc_t>(p);
+    compute_delta<acc_t>(p, dots, static_cast<acc_t*>(p.delta));
+    backward_impl<scalar_t>(p, dots);
   });
 }
 
