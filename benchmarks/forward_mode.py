@@ -10,13 +10,11 @@ MAP head (full width, 16 heads); float32 and bfloat16.
 Calls are interleaved round by round; each figure is the median over rounds.
 """
 
-import argparse
-
 import torch
 
 import attnpool
 from attnpool import reference
-from attnpool.bench import configure_malloc, time_rounds
+from attnpool.bench import script_parser, start_script, time_rounds
 
 # (label, B, L, H, queries, heads, full_width)
 SHAPES = [
@@ -53,13 +51,10 @@ def calls_for(shape, dtype):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser = script_parser(__doc__, repeats=7, malloc=False)
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
     args = parser.parse_args()
-    malloc = configure_malloc("reuse")
-    torch.set_num_threads(args.threads)
+    malloc = start_script(args)
     repeats = 2 if args.quick else args.repeats
     print(f"{args.threads} threads, median of {repeats} rounds; malloc: {malloc}")
     for dtype in (torch.float32, torch.bfloat16):

@@ -13,12 +13,10 @@ Calls are interleaved round by round; each figure is the median over rounds.
 --malloc as in varlen.py.
 """
 
-import argparse
-
 import torch
 from torch import nn
 
-from attnpool.bench import configure_malloc, forward_backward, time_rounds
+from attnpool.bench import forward_backward, script_parser, start_script, time_rounds
 
 SHAPES = {
     "siglip-b16": (32, 196, 768, 12),
@@ -64,13 +62,8 @@ def contenders(shape, dtype):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--malloc", default="reuse", choices=["reuse", "system"])
-    args = parser.parse_args()
-    malloc = configure_malloc(args.malloc)
-    torch.set_num_threads(args.threads)
+    args = script_parser(__doc__, repeats=7).parse_args()
+    malloc = start_script(args)
     print(
         f"ln_k in the pooling pass against a pass of its own, one query, full width, "
         f"{args.threads} threads, median of {args.repeats} rounds; malloc: {malloc}"

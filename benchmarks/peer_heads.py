@@ -33,7 +33,6 @@ median over rounds. --malloc as in varlen.py; --quick runs tiny shapes once
 (a smoke run for the tests).
 """
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnpool
-from attnpool.bench import configure_malloc, forward_backward, time_rounds
+from attnpool.bench import forward_backward, script_parser, start_script, time_rounds
 from attnpool.modules import projection_weights
 
 SAVED_BYTES_COUNT = (
@@ -292,18 +291,14 @@ def print_row(row):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--malloc", default="reuse", choices=["reuse", "system"])
+    parser = script_parser(__doc__, repeats=5)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round")
     parser.add_argument("--json", metavar="PATH", help="also write the figures here")
     parser.add_argument(
         "--shapes", nargs="+", choices=list(SHAPES), help="only these shapes (default: all)"
     )
     args = parser.parse_args()
-    malloc = configure_malloc(args.malloc)
-    torch.set_num_threads(args.threads)
+    malloc = start_script(args)
     shapes, repeats = (QUICK_SHAPES, 1) if args.quick else (SHAPES, args.repeats)
     if args.shapes:
         shapes = {name: shapes[name] for name in args.shapes}

@@ -19,13 +19,12 @@ blocks, as jemalloc or tcmalloc would; "system" leaves glibc's defaults,
 where every large tensor is fresh memory whose pages fault on first write.
 """
 
-import argparse
 import math
 
 import torch
 
 import attnpool
-from attnpool.bench import configure_malloc, forward_backward, time_interleaved
+from attnpool.bench import forward_backward, script_parser, start_script, time_interleaved
 
 BATCH, LONGEST, HIDDEN, MEAN_LENGTH = 64, 2048, 768, 128
 
@@ -90,13 +89,8 @@ def milliseconds(seconds: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--malloc", default="reuse", choices=["reuse", "system"])
-    args = parser.parse_args()
-    malloc = configure_malloc(args.malloc)
-    torch.set_num_threads(args.threads)
+    args = script_parser(__doc__, repeats=7).parse_args()
+    malloc = start_script(args)
     lengths = skewed_lengths()
     print(
         f"{BATCH} sequences, {int(lengths.sum())} rows (mean {lengths.float().mean():.0f}, "

@@ -443,6 +443,27 @@ def configure_malloc(mode: str) -> str:
     return "reuse (glibc keeps freed blocks of up to 1 GiB for reuse)"
 
 
+def script_parser(doc: str, repeats: int, malloc: bool = True) -> argparse.ArgumentParser:
+    """The arguments of every script in benchmarks/: --threads (2), --repeats
+    and, with `malloc`, --malloc (configure_malloc's modes); the description
+    is the first paragraph of the script's docstring. Add a script's own
+    arguments to it, then call start_script."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    if malloc:
+        parser.add_argument("--malloc", default="reuse", choices=["reuse", "system"])
+    return parser
+
+
+def start_script(args) -> str:
+    """Sets the thread count and the allocator (args.malloc, or "reuse") from
+    script_parser's arguments; returns configure_malloc's description."""
+    malloc = configure_malloc(getattr(args, "malloc", "reuse"))
+    torch.set_num_threads(args.threads)
+    return malloc
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
