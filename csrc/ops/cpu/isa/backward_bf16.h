@@ -30,7 +30,7 @@ namespace {
 // du's num_scores * H sums, which at 16 x 12 take 590 KB: L2, not registers.
 // Added tile by tile (8 rows, 4 products per sum), each sum was loaded and
 // stored once per 4 products; L2, not the products, bounded du. So the
-// tiles' paired rows and ds are gathered, kDuPairs pairs (32 rows), and
+// tiles' paired rows and ds are gathered, kDuPairs pairs (64 rows), and
 // added at once, each sum staying in a register over all of them. Every
 // lane takes the same vdpbf16ps in the same order as tile by tile, so du is
 // bitwise the same; only the columns past the last whole vector are added
