@@ -263,6 +263,29 @@ def test_large_score_bf16_backward_with_any_grad_out(grad_dtype):
     assert ((dx.double() - want).norm() / want.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("grad_dtype", ["bfloat16-values", "float32-values"])
+def test_tiny_grad_out_keeps_the_bf16_backward(grad_dtype):
+    # vdpbf16ps flushes products under float32's normal range: G . x of a
+    # grad_out of 1e-34 against x of 1e-4 lost dx until G was scaled by a
+    # power of two first ([Note: G . x from bfloat16 products]). The float32
+    # path must not take that scaling.
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 16, 64, generator=gen) * 1e-4).bfloat16()
+    u = torch.randn(2, 1, 64, generator=gen) * 64**-0.5
+    scale = 1e4  # scores of order 1
+    out, lse = torch.ops.attnpool._folded_attention_pool_forward(x, u, None, scale, False)
+    grad_out = (torch.randn(out.shape, generator=gen) * 1e-34).bfloat16().float()
+    if grad_dtype == "float32-values":
+        grad_out = grad_out * (1 + 2**-12)  # not a bfloat16
+    dx, _ = torch.ops.attnpool._folded_attention_pool_backward(
+        grad_out, x, u, None, out, lse, scale, False
+    )
+    x64 = x.double().requires_grad_(True)
+    ref = attnpool.reference.folded_attention_pool(x64, scored_u(u, x).double(), None, scale)
+    (want,) = torch.autograd.grad(ref, x64, grad_out.double())
+    assert ((dx.double() - want).norm() / want.norm()).item() < 1e-2
+
+
 # (torch.func calls the deprecated torch.jit.script inside; nothing to do with attnpool.)
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 @pytest.mark.parametrize("device", DEVICES)

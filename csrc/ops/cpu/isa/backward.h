@@ -134,11 +134,16 @@ void dx_du_rows(
 // out is a row of x (a one-hot softmax), the other two parts are 0 and delta
 // equals that row's G . x exactly. At 16 x 12, G . x in float32 (each slice
 // of 64 widened for 2 queries at a time, then 16 horizontal sums) took 14%
-// of the backward. Where a value of grad_out is not a bfloat16 (the backward
-// op called with a float32 grad_out) or out is not finite, both stay in
-// float32.
+// of the backward. vdpbf16ps flushes products under float32's normal range
+// to 0, which a float32 FMA keeps: grad_out of 1e-34 against x of 1e-4 lost
+// dx (a fuzz case). So G is first scaled by a power of two that takes its
+// largest value to [1, 2) (only up, never down: exact), and ds is scaled
+// back, bitwise the float32 result's where nothing underflows. Where a value
+// of grad_out is not a bfloat16 (the backward op called with a float32
+// grad_out) or out is not finite, both stay in float32.
 struct GradDotsBf16 {
-  std::vector<at::BFloat16> g;             // grad_out, [B, num_scores, head_dim]
+  std::vector<at::BFloat16> g;             // grad_out * 2^k, [B, num_scores, head_dim]
+  float unscale = 1.0f;                    // 2^-k
   std::vector<at::BFloat16> out_parts[3];  // out = parts[0] + parts[1] + parts[2]
   const at::BFloat16* g_of(const PoolShape& s, int64_t b) const {
     return g.empty() ? nullptr : g.data() + b * s.num_queries * s.hidden;
@@ -203,10 +208,33 @@ GradDotsBf16 grad_dots_in_bf16(const BackwardParams& p) {
   if constexpr (std::is_same_v<acc_t, float>) {
     if (scores_from_bf16_products<scalar_t>(p) && p.num_scores() > 1) {
       const int64_t count = p.batch * p.num_scores() * p.head_dim;
-      dots.g = exact_bf16(static_cast<const float*>(p.grad_out), count);
+      const auto* g = static_cast<const float*>(p.grad_out);
+      const float largest =
+          count == 0
+              ? 0.0f
+              : at::vec::map_reduce_all<float>(
+                    [](Vectorized<float> v) { return v.abs(); },
+                    [](Vectorized<float> a, Vectorized<float> b) { return at::vec::maximum(a, b); },
+                    g,
+                    count);
+      // 2^k takes the largest |G| to [1, 2); k <= 126 keeps 2^-k a normal float.
+      const int k = largest > 0.0f && largest < 1.0f ? std::min(126, -std::ilogb(largest)) : 0;
+      std::vector<float> scaled(g, g + count);
+      if (k > 0) {
+        const float factor = std::ldexp(1.0f, k);
+        in_parallel(count, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            scaled[i] *= factor;
+          }
+        });
+      }
+      dots.g = exact_bf16(scaled.data(), count);
       if (!dots.g.empty() &&
           !split_in_bf16(static_cast<const float*>(p.out), count, dots.out_parts)) {
         dots.g.clear();
+      }
+      if (!dots.g.empty()) {
+        dots.unscale = std::ldexp(1.0f, -k);  // only where G . x is of G * 2^k
       }
     }
   }
@@ -544,7 +572,8 @@ void backward_rows(
     acc_t* du,
     bool stream_dx,
     Bf16Products& products,
-    const at::BFloat16* g_bf16) {
+    const at::BFloat16* g_bf16,
+    acc_t g_unscale) {
   const int64_t H = s.hidden;
   const int64_t n = s.num_heads;
   const int64_t num_scores = s.num_scores();
@@ -570,7 +599,8 @@ void backward_rows(
   for (int64_t k = 0; k < num_scores; ++k) {
     const acc_t delta_k = delta[b * num_scores + k];
     for (int j = 0; j < R; ++j) {
-      dscores[k * R + j] = scale * probs[k * R + j] * (dscores[k * R + j] - delta_k);
+      // g_unscale: 1, or 2^-k where G . x and delta are of G * 2^k.
+      dscores[k * R + j] = scale * probs[k * R + j] * (dscores[k * R + j] - delta_k) * g_unscale;
     }
   }
 #if defined(CPU_CAPABILITY_AVX512_BF16)
@@ -741,7 +771,8 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
               du,
               stream_kernel_dx,
               products,
-              dots.g_of(p, tile_batch));
+              dots.g_of(p, tile_batch),
+              static_cast<acc_t>(dots.unscale));
         });
         if (p.normalizes()) {
           normalized_dx();
