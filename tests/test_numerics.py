@@ -263,27 +263,45 @@ def test_large_score_bf16_backward_with_any_grad_out(grad_dtype):
     assert ((dx.double() - want).norm() / want.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("grad_dtype", ["bfloat16-values", "float32-values"])
-def test_tiny_grad_out_keeps_the_bf16_backward(grad_dtype):
-    # vdpbf16ps flushes products under float32's normal range: G . x of a
-    # grad_out of 1e-34 against x of 1e-4 lost dx until G was scaled by a
-    # power of two first ([Note: G . x from bfloat16 products]). The float32
-    # path must not take that scaling.
-    gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(2, 16, 64, generator=gen) * 1e-4).bfloat16()
-    u = torch.randn(2, 1, 64, generator=gen) * 64**-0.5
-    scale = 1e4  # scores of order 1
+def _bf16_backward_errors(x, u, scale, grad_out):
+    """Relative errors of the CPU backward's dx, per sequence, against float64."""
     out, lse = torch.ops.attnpool._folded_attention_pool_forward(x, u, None, scale, False)
-    grad_out = (torch.randn(out.shape, generator=gen) * 1e-34).bfloat16().float()
-    if grad_dtype == "float32-values":
-        grad_out = grad_out * (1 + 2**-12)  # not a bfloat16
     dx, _ = torch.ops.attnpool._folded_attention_pool_backward(
         grad_out, x, u, None, out, lse, scale, False
     )
     x64 = x.double().requires_grad_(True)
     ref = attnpool.reference.folded_attention_pool(x64, scored_u(u, x).double(), None, scale)
     (want,) = torch.autograd.grad(ref, x64, grad_out.double())
-    assert ((dx.double() - want).norm() / want.norm()).item() < 1e-2
+    return [((dx[b].double() - want[b]).norm() / want[b].norm()).item() for b in range(len(x))]
+
+
+@pytest.mark.parametrize("grad_dtype", ["bfloat16-values", "float32-values"])
+def test_tiny_grad_out_keeps_the_bf16_backward(grad_dtype):
+    # vdpbf16ps flushes products under float32's normal range: G . x of a
+    # grad_out of 1e-34 against x of 1e-4 lost dx until such a sequence's G
+    # was scaled up by a power of two ([Note: G . x from bfloat16 products]),
+    # also beside a sequence of ordinary G. The float32 path takes no scale.
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 16, 64, generator=gen) * 1e-4).bfloat16()
+    u = torch.randn(2, 1, 64, generator=gen) * 64**-0.5
+    grad_out = torch.randn(2, 2, 64, generator=gen)
+    grad_out[1] *= 1e-34
+    grad_out = grad_out.bfloat16().float()
+    if grad_dtype == "float32-values":
+        grad_out = grad_out * (1 + 2**-12)  # not a bfloat16
+    errors = _bf16_backward_errors(x, u, 1e4, grad_out)  # scores of order 1
+    assert max(errors) < 1e-2, errors
+
+
+def test_small_grad_out_against_huge_x_stays_finite_in_bf16():
+    # Scaling every G to 1 made G . x overflow against x near float32's
+    # largest (a fuzz case); G of 1e-3 against x of 3e36 is left as it is.
+    gen = torch.Generator().manual_seed(0)
+    x = ((torch.rand(2, 16, 128, generator=gen) * 0.5 + 1.0) * 3e36).bfloat16()
+    u = torch.randn(2, 1, 128, generator=gen) * 128**-0.5
+    grad_out = ((torch.rand(2, 2, 128, generator=gen) + 0.5) * 1e-3).bfloat16().float()
+    errors = _bf16_backward_errors(x, u, 1 / 3e36, grad_out)
+    assert max(errors) < 1e-2, errors
 
 
 # (torch.func calls the deprecated torch.jit.script inside; nothing to do with attnpool.)

@@ -136,19 +136,36 @@ void dx_du_rows(
 // of 64 widened for 2 queries at a time, then 16 horizontal sums) took 14%
 // of the backward. vdpbf16ps flushes products under float32's normal range
 // to 0, which a float32 FMA keeps: grad_out of 1e-34 against x of 1e-4 lost
-// dx (a fuzz case). So G is first scaled by a power of two that takes its
-// largest value to [1, 2) (only up, never down: exact), and ds is scaled
-// back, bitwise the float32 result's where nothing underflows. Where a value
-// of grad_out is not a bfloat16 (the backward op called with a float32
-// grad_out) or out is not finite, both stay in float32.
+// dx (a fuzz case). So a sequence whose largest |G| is under 2^-64 has its
+// G scaled up by the power of two 2^k that takes that largest value to
+// [2^-64, 2^-63) (exact), and its ds scaled back: bitwise the float32
+// result's where nothing underflows. Scaling every G to 1 instead made G . x
+// overflow where x was near float32's largest (x of 1e37, G of 1e-3), and
+// one scale for the whole batch left a sequence of tiny G among ordinary
+// ones unscaled (fuzz cases). Where a value of grad_out is not a bfloat16
+// (the backward op called with a float32 grad_out) or out is not finite,
+// both stay in float32.
 struct GradDotsBf16 {
-  std::vector<at::BFloat16> g;             // grad_out * 2^k, [B, num_scores, head_dim]
-  float unscale = 1.0f;                    // 2^-k
+  std::vector<at::BFloat16> g;             // grad_out * 2^k[b], [B, num_scores, head_dim]
+  std::vector<float> unscale;              // 2^-k[b]
   std::vector<at::BFloat16> out_parts[3];  // out = parts[0] + parts[1] + parts[2]
   const at::BFloat16* g_of(const PoolShape& s, int64_t b) const {
     return g.empty() ? nullptr : g.data() + b * s.num_queries * s.hidden;
   }
+  float unscale_of(int64_t b) const {
+    return g.empty() ? 1.0f : unscale[b];
+  }
 };
+
+// The exponent k of the power of two that takes `largest` (a sequence's
+// largest |G|) to [2^-64, 2^-63) if it is smaller; 0 otherwise.
+inline int tiny_grad_exponent(float largest) {
+  constexpr int kLowest = -64;
+  if (!(largest > 0.0f) || std::ilogb(largest) >= kLowest) {
+    return 0;  // also for NaN, which the exactness check then refuses
+  }
+  return kLowest - std::ilogb(largest);  // at most 85: 2^-k stays a normal float
+}
 
 // Elementwise over [0, count) on the threads; the loops below vectorize.
 template <typename F>
@@ -209,32 +226,33 @@ GradDotsBf16 grad_dots_in_bf16(const BackwardParams& p) {
     if (scores_from_bf16_products<scalar_t>(p) && p.num_scores() > 1) {
       const int64_t count = p.batch * p.num_scores() * p.head_dim;
       const auto* g = static_cast<const float*>(p.grad_out);
-      const float largest =
-          count == 0
-              ? 0.0f
-              : at::vec::map_reduce_all<float>(
-                    [](Vectorized<float> v) { return v.abs(); },
-                    [](Vectorized<float> a, Vectorized<float> b) { return at::vec::maximum(a, b); },
-                    g,
-                    count);
-      // 2^k takes the largest |G| to [1, 2); k <= 126 keeps 2^-k a normal float.
-      const int k = largest > 0.0f && largest < 1.0f ? std::min(126, -std::ilogb(largest)) : 0;
+      const int64_t per_sequence = p.num_scores() * p.head_dim;
       std::vector<float> scaled(g, g + count);
-      if (k > 0) {
-        const float factor = std::ldexp(1.0f, k);
-        in_parallel(count, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            scaled[i] *= factor;
+      std::vector<int> exponents(p.batch, 0);
+      at::parallel_for(0, p.batch, 1, [&](int64_t first, int64_t last) {
+        for (int64_t b = first; b < last && per_sequence > 0; ++b) {
+          float* values = scaled.data() + b * per_sequence;
+          const float largest = at::vec::map_reduce_all<float>(
+              [](Vectorized<float> v) { return v.abs(); },
+              [](Vectorized<float> x, Vectorized<float> y) { return at::vec::maximum(x, y); },
+              values,
+              per_sequence);
+          exponents[b] = tiny_grad_exponent(largest);
+          if (exponents[b] > 0) {
+            const float factor = std::ldexp(1.0f, exponents[b]);
+            for (int64_t i = 0; i < per_sequence; ++i) {
+              values[i] *= factor;
+            }
           }
-        });
-      }
+        }
+      });
       dots.g = exact_bf16(scaled.data(), count);
       if (!dots.g.empty() &&
           !split_in_bf16(static_cast<const float*>(p.out), count, dots.out_parts)) {
         dots.g.clear();
       }
-      if (!dots.g.empty()) {
-        dots.unscale = std::ldexp(1.0f, -k);  // only where G . x is of G * 2^k
+      for (const int k : exponents) {
+        dots.unscale.push_back(std::ldexp(1.0f, -k));
       }
     }
   }
@@ -599,7 +617,8 @@ void backward_rows(
   for (int64_t k = 0; k < num_scores; ++k) {
     const acc_t delta_k = delta[b * num_scores + k];
     for (int j = 0; j < R; ++j) {
-      // g_unscale: 1, or 2^-k where G . x and delta are of G * 2^k.
+      // g_unscale: 1, or 2^-k where G . x and delta are of G * 2^k
+      // ([Note: G . x from bfloat16 products]).
       dscores[k * R + j] = scale * probs[k * R + j] * (dscores[k * R + j] - delta_k) * g_unscale;
     }
   }
@@ -772,7 +791,7 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
               stream_kernel_dx,
               products,
               dots.g_of(p, tile_batch),
-              static_cast<acc_t>(dots.unscale));
+              static_cast<acc_t>(dots.unscale_of(tile_batch)));
         });
         if (p.normalizes()) {
           normalized_dx();
