@@ -13,7 +13,7 @@ import torch
 from helpers import CUDA_SKIP_REASON
 
 import attnpool
-from attnpool import bench, bench_grid
+from attnpool import bench, bench_gpu, bench_grid
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -169,3 +169,63 @@ def test_quick_forward_mode_benchmark_times_each_shape():
     rows = [line for line in run.stdout.splitlines() if "eager jvp" in line]
     assert len(rows) == 4, run.stdout  # two shapes, float32 and bfloat16
     assert all("the read of x and dx" in row for row in rows)
+
+
+def test_quick_gpu_benchmark_reports_fractions_of_the_floor(tmp_path, capsys):
+    # --device cpu: the GPU benchmark's own code, timed by the wall clock.
+    argv = ["--device", "cpu", "--quick", "--rounds", "1", "--no-compile"]
+    assert bench_gpu.main(argv + ["--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "timed with wall clock" in printed and "targets:" in printed
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["device"] == "cpu" and report["timing"].startswith("wall clock")
+    assert [(r["point"], r["dtype"]) for r in report["results"]] == [
+        (name, dtype) for dtype in ("float32", "bfloat16") for name in bench_gpu.QUICK_POINTS
+    ]
+    for row in report["results"]:
+        forward, both = row["forward"], row["forward+backward"]
+        assert {"attnpool", "eager", "read", "copy"} <= set(forward)
+        assert {"attnpool", "eager"} <= set(both) and "compiled" not in both
+        assert row["forward_floor"] == pytest.approx(forward["read"] / forward["attnpool"])
+        floor = (forward["read"] + forward["copy"]) / both["attnpool"]
+        assert row["backward_floor"] == pytest.approx(floor)
+        assert row["gbps"] == pytest.approx(row["bytes"] / forward["attnpool"] / 1e9)
+    # Never slower than the compositions: one target per point, dtype and pass.
+    assert len(report["targets"]) == 2 * len(report["results"])
+    assert (tmp_path / "gpu.png").stat().st_size > 10_000
+
+
+def test_gpu_benchmark_compiles_eager_and_checks_floor_targets():
+    point = bench_gpu.QUICK_POINTS["small-fold"]
+    results = bench_gpu.measure({point.name: point}, [torch.float32], 1, True, "cpu", print)
+    (row,) = results
+    assert {"attnpool", "eager", "compiled", "sdpa"} <= set(row["forward+backward"])
+    # A point with floor targets gets them, besides the speed-ups.
+    row = dict(row, point="big-1x1", forward_floor=0.9, backward_floor=0.5)
+    checks = {c[0]: c[4] for c in bench_gpu.check_targets([row])}
+    assert checks["big-1x1 float32: forward, fraction of read"]
+    assert not checks["big-1x1 float32: fwd+bwd, fraction of read+copy"]
+
+
+def test_gpu_benchmark_rejects_an_unknown_point(capsys):
+    with pytest.raises(SystemExit):
+        bench_gpu.main(["--device", "cpu", "--points", "big-1x1,huge"])
+    assert "unknown --points ['huge']" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(CUDA_SKIP_REASON is None, reason="this machine can run the GPU benchmark")
+def test_gpu_benchmark_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        bench_gpu.main(["--quick", "--out", str(tmp_path)])
+    assert raised.value.code == 2
+    assert "--device cuda needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
+def test_quick_gpu_benchmark_times_with_cuda_events(tmp_path):
+    argv = ["--quick", "--dtypes", "float32", "--rounds", "2", "--no-compile"]
+    assert bench_gpu.main(argv + ["--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["device"] == "cuda" and report["timing"].startswith("CUDA events")
+    for row in report["results"]:
+        assert all(seconds > 0 for seconds in row["forward"].values())

@@ -123,14 +123,23 @@ def projected_pool(x, queries, w_k, scale):
     return out.transpose(1, 2).reshape(batch, num_queries, hidden)
 
 
-def make_methods(point: Point, dtype: torch.dtype, training: bool):
+def make_methods(
+    point: Point, dtype: torch.dtype, training: bool, device: str = "cpu", compiled: bool = False
+):
+    """name -> one call of that method on `device`: attnpool, eager, sdpa
+    (where it applies), read-sum and read-matvec; with `compiled` also
+    torch.compile of eager ("compiled")."""
     batch, seq_len, hidden = point.shape
     num_queries, num_heads = point.num_queries, point.num_heads
     head_dim = hidden // num_heads
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, seq_len, hidden, generator=gen).to(dtype)
-    w_k = torch.randn(hidden, hidden, generator=gen) / hidden**0.5
-    queries = torch.randn(num_queries, num_heads, head_dim, generator=gen)
+    gen = torch.Generator(device).manual_seed(0)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen, device=device)
+
+    x = randn(batch, seq_len, hidden).to(dtype)
+    w_k = randn(hidden, hidden) / hidden**0.5
+    queries = randn(num_queries, num_heads, head_dim)
     # u[i, h] = w_k[D_h].T @ q'[i, h] (SPEC.md §5), so that the projecting
     # composition computes the same scores.
     u = torch.einsum("qnd,ndh->qnh", queries, w_k.view(num_heads, head_dim, hidden))
@@ -139,15 +148,18 @@ def make_methods(point: Point, dtype: torch.dtype, training: bool):
     u.requires_grad_(training)
     leaves = [x_in, u]
 
+    eager_compiled = torch.compile(eager_pool, dynamic=False) if compiled else None
     forwards = {
         "attnpool": lambda: attnpool.folded_attention_pool(
             x_in, u, scale=scale, full_width=point.full_width
         ),
         "eager": lambda: eager_pool(x_in, u, scale, point.full_width),
     }
+    if compiled:
+        forwards["compiled"] = lambda: eager_compiled(x_in, u, scale, point.full_width)
     if point.from_weights:
-        query = torch.randn(num_queries, hidden, generator=gen).requires_grad_(training)
-        w_q = (torch.randn(hidden, hidden, generator=gen) / hidden**0.5).requires_grad_(training)
+        query = randn(num_queries, hidden).requires_grad_(training)
+        w_q = (randn(hidden, hidden) / hidden**0.5).requires_grad_(training)
         w_k.requires_grad_(training)
         leaves = [x_in, query, w_q, w_k]
 
@@ -166,12 +178,14 @@ def make_methods(point: Point, dtype: torch.dtype, training: bool):
             "eager": lambda: eager_pool(x_in, folded(), scale, False),
             "sdpa": lambda: projected_pool(x_in, projected_query(), w_k, scale),
         }
+        if compiled:
+            forwards["compiled"] = lambda: eager_compiled(x_in, folded(), scale, False)
     elif point.num_scores >= SDPA_MIN_SCORES and not point.full_width:
         w_k.requires_grad_(training)
         queries.requires_grad_(training)
         leaves += [w_k, queries]
         forwards["sdpa"] = lambda: projected_pool(x_in, queries, w_k, scale)
-    grad_out = torch.randn(forwards["attnpool"]().shape, generator=gen).to(dtype)
+    grad_out = randn(forwards["attnpool"]().shape).to(dtype)
 
     def step(fn):
         if not training:
@@ -185,7 +199,7 @@ def make_methods(point: Point, dtype: torch.dtype, training: bool):
         return run
 
     methods = {name: step(fn) for name, fn in forwards.items()}
-    v = torch.randn(hidden, generator=gen).to(dtype)
+    v = randn(hidden).to(dtype)
     flat = x.view(-1, hidden)
     methods["read-sum"] = lambda: x.sum()
     methods["read-matvec"] = lambda: flat @ v
