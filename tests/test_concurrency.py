@@ -142,3 +142,31 @@ def test_results_do_not_depend_on_the_thread_count():
     for threads, got in results.items():
         for index, (g, w) in enumerate(zip(got, reference, strict=True)):
             assert_bitwise_equal(g, w, f"{threads} threads, job {index}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_sequence_pools_alike_in_a_small_and_a_large_batch(dtype):
+    # The CPU kernels read float rows a tile at a time when x fits the
+    # last-level cache and one at a time when it does not ([Note: rows one
+    # at a time]), summing in the same order: 32 sequences (4 MB in float32)
+    # give the same bits alone as among 1024 (128 MB). One piece per sequence
+    # in both batches, so that nothing else differs.
+    gen = torch.Generator().manual_seed(0)
+    batch, seq_len, hidden = 1024, 64, 512
+    x = torch.randn(batch, seq_len, hidden, generator=gen, dtype=dtype)
+    u = torch.randn(1, hidden, generator=gen, dtype=dtype) / 8
+    mask = torch.rand(batch, seq_len, generator=gen) > 0.3
+    bias = torch.randn(batch, seq_len, generator=gen, dtype=dtype)
+    grad_out = torch.randn(batch, hidden, generator=gen, dtype=dtype)
+
+    def pool(count):
+        leaf = x[:count].clone().requires_grad_()
+        out = attnpool.folded_attention_pool(
+            leaf, u, mask[:count], scale=0.3, attn_bias=bias[:count]
+        )
+        out.backward(grad_out[:count])
+        return out.detach()[:32], leaf.grad[:32]
+
+    (out_small, dx_small), (out_large, dx_large) = pool(32), pool(batch)
+    assert torch.equal(out_small, out_large), "out: 32 sequences alone and among 1024 differ"
+    assert torch.equal(dx_small, dx_large), "dx: 32 sequences alone and among 1024 differ"

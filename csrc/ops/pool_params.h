@@ -175,6 +175,9 @@ struct ForwardParams : PoolInputs {
   void* out;
   void* lse;
   void* partials;
+  // CPU only: whether x fits the last-level cache, where the kernels read
+  // float rows a tile at a time (kReadsRowByRow in ops/cpu/isa/vec_helpers.h).
+  bool x_fits_cache = false;
 
   ATTNPOOL_PARAMS_FN int64_t pieces_of(int64_t b) const {
     return ragged() ? first_piece[b + 1] - first_piece[b] : cut.pieces;

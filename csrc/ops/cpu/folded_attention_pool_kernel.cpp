@@ -18,6 +18,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <fstream>
+#include <string>
 #include <tuple>
 
 namespace attnpool::cpu {
@@ -196,12 +198,52 @@ SequenceCut cut_sequences(
   return cut;
 }
 
+// The size of the highest-level cache that CPU 0 shares, from sysfs; 0
+// where it is not known. (glibc's sysconf gave the whole package's 384 MB of
+// L3 on a 2-core EPYC VM whose cores share 32 MB.)
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t found = 0;
+#if defined(__linux__)
+    int best_level = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+      std::ifstream level_file(dir + "/level");
+      std::ifstream size_file(dir + "/size");
+      int level = 0;
+      int64_t size = 0;
+      std::string unit;
+      if (!(level_file >> level) || !(size_file >> size)) {
+        continue;
+      }
+      size_file >> unit;  // "32768K": the number, then its unit
+      const int64_t scale = unit == "K" ? 1024 : unit == "M" ? 1024 * 1024 : 1;
+      if (level > best_level) {
+        best_level = level;
+        found = size * scale;
+      }
+    }
+#endif
+    return found;
+  }();
+  return bytes;
+}
+
+// Whether `copies` tensors of x's size fit the last-level cache
+// (ForwardParams::x_fits_cache, [Note: rows one at a time]): x for the
+// forward, x and dx for the backward.
+bool x_fits_cache(const PoolInputs& p, int64_t element_size, int64_t copies) {
+  const int64_t rows = p.ragged() ? p.seq_len : p.batch * p.seq_len;
+  return copies * rows * p.hidden * element_size <= last_level_cache_bytes();
+}
+
 // Cuts the work (ForwardParams), runs the forward kernel, returns (out, lse).
 std::tuple<at::Tensor, at::Tensor> run_forward(detail::PreparedForward& f, at::ScalarType dtype) {
   if (f.lse.numel() == 0) {
     return {f.out, f.lse};
   }
   ForwardParams& p = f.params;
+  p.x_fits_cache = x_fits_cache(p, c10::elementSize(dtype), 1);
   const SequenceCut cut = cut_sequences(p, f.pool, softmax_state_size(p), f.out.options());
   selected_kernels().forward(p, dtype);
   return {f.out, f.lse};
@@ -290,6 +332,7 @@ std::tuple<at::Tensor, at::Tensor> run_backward(
     p.norm_grads = g.norm_grads.mutable_data_ptr();
   }
   p.stream_dx = stream_dx(g.dx);
+  p.x_fits_cache = x_fits_cache(p, c10::elementSize(dtype), 2);
   selected_kernels().backward(p, dtype);
   return g.gradients(u);
 }

@@ -217,8 +217,19 @@ class SoftmaxState {
   // paired: the weighted sums are kept in paired order (see load_pairs).
   // u_bf16: u rounded to bfloat16, if the scores come from bfloat16
   // products (u_in_bf16), or null.
-  SoftmaxState(acc_t* data, const PoolInputs& p, bool paired, const at::BFloat16* u_bf16 = nullptr)
-      : data_(data), shape_(p), x_seq_stride_(p.x_seq_stride), paired_(paired), u_bf16_(u_bf16) {}
+  // row_by_row: read float rows one at a time ([Note: rows one at a time]).
+  SoftmaxState(
+      acc_t* data,
+      const PoolInputs& p,
+      bool paired,
+      const at::BFloat16* u_bf16 = nullptr,
+      bool row_by_row = false)
+      : data_(data),
+        shape_(p),
+        x_seq_stride_(p.x_seq_stride),
+        paired_(paired),
+        row_by_row_(row_by_row),
+        u_bf16_(u_bf16) {}
 
   acc_t* max() const {
     return data_ + 1;
@@ -301,8 +312,10 @@ class SoftmaxState {
     data_[0] = acc_t(1);
     acc_t scores[R];
     if constexpr (kReadsRowByRow<scalar_t, acc_t>) {
-      score_and_accumulate_row_by_row<R, P>(rows, u, scores, prev_weights, prev);
-      return weigh_rows<R>(0, scale, bias, scores, weights, weighted(), H);
+      if (row_by_row_) {
+        score_and_accumulate_row_by_row<R, P>(rows, u, scores, prev_weights, prev);
+        return weigh_rows<R>(0, scale, bias, scores, weights, weighted(), H);
+      }
     }
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
 #if defined(CPU_CAPABILITY_AVX512_BF16)
@@ -609,6 +622,7 @@ class SoftmaxState {
   PoolShape shape_;
   int64_t x_seq_stride_;
   bool paired_;
+  bool row_by_row_;
   const at::BFloat16* u_bf16_;
 };
 
@@ -669,7 +683,8 @@ void forward_impl(const ForwardParams& p) {
           in_pieces ? partials + item * state_size : local.data(),
           p,
           paired,
-          u_bf16.empty() ? nullptr : u_bf16.data());
+          u_bf16.empty() ? nullptr : u_bf16.data(),
+          !p.x_fits_cache);
       state.reset();
       auto flush = [&] {
         if (!pipelined) {
