@@ -43,7 +43,7 @@ import torch
 
 import attnpool
 from attnpool.bench import print_targets, write_report
-from attnpool.bench_grid import BERT, Point, make_methods
+from attnpool.bench_grid import BERT, Point, make_methods, select_points
 from attnpool.bench_grid import POINTS as GRID_POINTS
 from attnpool.bench_grid import QUICK_POINTS as GRID_QUICK_POINTS
 
@@ -140,7 +140,7 @@ def measure(points, dtypes, rounds, compiled, device, log):
                 if not training:
                     calls |= floor_calls(point, dtype, device)
                 row[mode] = time_calls(calls, rounds, device)
-                del calls
+                del calls  # the forward's tensors go before the backward's are made
             add_floors(row)
             results.append(row)
             log(format_row(row))
@@ -238,12 +238,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.device == "cuda" and not (torch.cuda.is_available() and attnpool._C.with_cuda):
         parser.error("--device cuda needs a GPU and attnpool built with its CUDA kernels")
-    points = QUICK_POINTS if args.quick else POINTS
-    if args.points:
-        unknown = set(args.points.split(",")) - set(points)
-        if unknown:
-            parser.error(f"unknown --points {sorted(unknown)}; choose from {list(points)}")
-        points = {name: points[name] for name in args.points.split(",")}
+    points = select_points(parser, args.points, QUICK_POINTS if args.quick else POINTS)
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     rounds = args.rounds or (2 if args.quick else 15)
 

@@ -325,6 +325,17 @@ def check_targets(results):
     return checks
 
 
+def select_points(parser, names, points):
+    """The points named in --points (comma-separated), all of them without
+    it; an unknown name is the parser's error."""
+    if not names:
+        return points
+    unknown = set(names.split(",")) - set(points)
+    if unknown:
+        parser.error(f"unknown --points {sorted(unknown)}; choose from {list(points)}")
+    return {name: points[name] for name in names.split(",")}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
@@ -335,12 +346,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--malloc", default="reuse", choices=["reuse", "system"])
     args = parser.parse_args(argv)
-    points = QUICK_POINTS if args.quick else POINTS
-    if args.points:
-        unknown = set(args.points.split(",")) - set(points)
-        if unknown:
-            parser.error(f"unknown --points {sorted(unknown)}; choose from {list(points)}")
-        points = {name: points[name] for name in args.points.split(",")}
+    points = select_points(parser, args.points, QUICK_POINTS if args.quick else POINTS)
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     rounds = args.rounds or (2 if args.quick else 7)
     min_seconds = 0.002 if args.quick else 0.05
