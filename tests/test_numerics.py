@@ -184,6 +184,9 @@ LARGE_SCORES = [
     ("fp32-1e10-one-score", torch.float32, 1e10, None, 1, None, 48),
     ("fp32-1e6-heads", torch.float32, 1e6, None, 2, 3, 48),
     ("fp32-1e10-heads", torch.float32, 1e10, None, 2, 3, 40),
+    # one head, several queries: scored by columns ([Note: scores by columns])
+    ("fp32-1e6-queries", torch.float32, 1e6, None, 1, 8, 48),
+    ("fp32-1e10-queries-odd-width", torch.float32, 1e10, None, 1, 9, 41),
     ("bf16-paired-1e6-one-score", torch.bfloat16, 1e6, None, 1, None, 64),
     ("bf16-paired-1e6-heads", torch.bfloat16, 1e6, None, 2, 2, 128),
     ("bf16-1e6-odd-width", torch.bfloat16, 1e6, None, 1, 2, 41),

@@ -343,7 +343,7 @@ void backward_rows_one_score(
       prefetch_row(rows[r], H, R * s.x_seq_stride);
     }
     if (u_bf16 != nullptr || u_paired != nullptr) {
-      forward_scores<R>(rows, u, u_paired, u_bf16, H, 1, scores);
+      forward_scores<R>(rows, u, u_paired, u_bf16, decltype(u)(nullptr), H, 1, scores);
       score_dot_rows<R>(rows, g0, H, dprobs);
     } else {
       dot2_rows<R>(rows, u, g0, H, scores, dprobs);
@@ -580,6 +580,7 @@ void backward_rows(
     const acc_t* u,
     const acc_t* u_paired,
     const at::BFloat16* u_bf16,
+    const acc_t* u_columns,
     const acc_t* g,
     const acc_t* lse,
     const acc_t* delta,
@@ -597,7 +598,7 @@ void backward_rows(
   const int64_t num_scores = s.num_scores();
   const acc_t* g_b = g + b * s.num_queries * H;
   // The scores into probs and G . x into dscores, overwritten below.
-  forward_scores<R>(rows, u, u_paired, u_bf16, H, num_scores, probs);
+  forward_scores<R>(rows, u, u_paired, u_bf16, u_columns, H, num_scores, probs);
   if (n == 1) {
     if constexpr (std::is_same_v<scalar_t, at::BFloat16> && kBFloat16Products) {
       if (g_bf16 != nullptr) {
@@ -687,6 +688,8 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
   const acc_t* u_paired = u_paired_buffer.empty() ? nullptr : u_paired_buffer.data();
   const std::vector<at::BFloat16> u_bf16_buffer = u_in_bf16<scalar_t>(p, u);
   const at::BFloat16* u_bf16 = u_bf16_buffer.empty() ? nullptr : u_bf16_buffer.data();
+  const std::vector<acc_t> u_columns_buffer = u_in_columns<scalar_t>(p, u);
+  const acc_t* u_columns = u_columns_buffer.empty() ? nullptr : u_columns_buffer.data();
   // dx and du from bfloat16 products where the scores come from them
   // ([Note: bfloat16 products in the backward]).
   std::vector<uint32_t> u_pairs;
@@ -780,6 +783,7 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
               u,
               u_paired,
               u_bf16,
+              u_columns,
               g,
               lse,
               delta,

@@ -5,6 +5,7 @@
 // Per instruction set, like every file in isa/ (ops/cpu/README.md).
 
 #include "ops/cpu/isa/layer_norm.h"
+#include "ops/cpu/isa/u_columns.h"
 #include "ops/cpu/isa/vec_helpers.h"
 #include "ops/cpu/kernel_set.h"
 
@@ -218,18 +219,22 @@ class SoftmaxState {
   // u_bf16: u rounded to bfloat16, if the scores come from bfloat16
   // products (u_in_bf16), or null.
   // row_by_row: read float rows one at a time ([Note: rows one at a time]).
+  // u_columns: u stored as columns (u_in_columns), if the rows are scored
+  // by columns, or null.
   SoftmaxState(
       acc_t* data,
       const PoolInputs& p,
       bool paired,
       const at::BFloat16* u_bf16 = nullptr,
-      bool row_by_row = false)
+      bool row_by_row = false,
+      const acc_t* u_columns = nullptr)
       : data_(data),
         shape_(p),
         x_seq_stride_(p.x_seq_stride),
         paired_(paired),
         row_by_row_(row_by_row),
-        u_bf16_(u_bf16) {}
+        u_bf16_(u_bf16),
+        u_columns_(u_columns) {}
 
   acc_t* max() const {
     return data_ + 1;
@@ -254,8 +259,9 @@ class SoftmaxState {
   // added to each score of row r, when bias is not null), in three steps:
   // every score of the tile (score_tile, whose passes also bring in the
   // next tile), the softmax step of each score, then the weighted sums,
-  // kSumsPerPass of those that read the same slice of the rows at a time.
-  // All but the first pass read the tile from cache. scratch: 2 * R *
+  // kSumsPerPass of those that read the same slice of the rows at a time
+  // (with one head, by columns). All but the first pass read the tile from
+  // cache. scratch: 2 * R *
   // num_scores.
   template <int R, typename scalar_t>
   void add_rows(
@@ -266,7 +272,47 @@ class SoftmaxState {
     data_[0] = acc_t(1);
     score_tile<R>(rows, u, scores, weights);
     weigh_tile<R>(scale, bias, scores, weights);
+    if (shape_.num_heads == 1) {
+      // Whole rows for every score (several queries of one head, or full
+      // width; here with rows of 16 bits, or too few scores to score by
+      // columns): the sums by columns, the weights row by row where the
+      // scores were. Against accumulate_rows_into, forward, 2 threads, one
+      // process: bfloat16 4 x 1 at 32 x 512 x 768 0.72 -> 0.62 ms, 2 x 1
+      // 0.53 -> 0.48, so400m's full width (16 x 729 x 1152) 2.55 -> 2.48;
+      // float32 4 x 1 1.44 -> 1.30.
+      for (int64_t k = 0; k < num_scores; ++k) {
+        for (int r = 0; r < R; ++r) {
+          scores[r * num_scores + k] = weights[k * R + r];
+        }
+      }
+      return add_weighted_rows_by_columns(
+          scores, num_scores, R, rows, shape_.hidden, num_scores, weighted());
+    }
     add_weighted_rows<R>(rows, weights);
+  }
+
+  // Scratch of add_rows_by_columns.
+  static int64_t column_scratch_size(int64_t num_scores) {
+    return (kColumnTileRows + 2) * column_lanes<acc_t>(num_scores);
+  }
+
+  // add_rows for a tile of `count` rows scored by columns, up to
+  // kColumnTileRows ([Note: scores by columns]): each row's scores in the
+  // lanes of vectors, as the score pass leaves them, the softmax step of
+  // all of them at once (weigh_rows_by_columns). scratch:
+  // column_scratch_size.
+  template <typename scalar_t>
+  void add_rows_by_columns(
+      const scalar_t* const* rows, int count, acc_t scale, const acc_t* bias, acc_t* scratch) {
+    const int64_t H = shape_.hidden;
+    const int64_t num_scores = shape_.num_scores();
+    const int64_t lanes = column_lanes<acc_t>(num_scores);
+    acc_t* scores = scratch;  // [count, lanes], then the weights
+    data_[0] = acc_t(1);
+    score_rows_by_columns<true>(
+        rows, count, u_columns_, H, num_scores, scores, kColumnTileRows * x_seq_stride_);
+    weigh_rows_by_columns(count, scale, bias, scores, scratch + kColumnTileRows * lanes);
+    add_weighted_rows_by_columns(scores, lanes, count, rows, H, num_scores, weighted());
   }
 
   // scores[score * R + r] for every score of R rows, R up to
@@ -477,17 +523,75 @@ class SoftmaxState {
       return weigh_tile_in_pairs(scale, bias, scores, weights);
     }
 #endif
-    weigh_scores<R>(0, scale, bias, scores, weights);
+    weigh_scores(0, R, scale, bias, scores, weights);
   }
 
-  // weigh_tile from score `first` on, one score at a time.
-  template <int R>
-  void weigh_scores(int64_t first, acc_t scale, const acc_t* bias, acc_t* scores, acc_t* weights) {
+  // weigh_scores for `count` rows whose scores are in the lanes of vectors,
+  // scores[r * column_lanes + k]: a vector of scores at a time, in place.
+  // Every step is weigh_scores', in its order (the rescaling's exp a
+  // vector's, not std::exp). running: 2 * column_lanes of scratch.
+  void weigh_rows_by_columns(
+      int count, acc_t scale, const acc_t* bias, acc_t* scores, acc_t* running) {
+    using Vec = Vectorized<acc_t>;
+    constexpr int64_t W = Vec::size();
+    const int64_t num_scores = shape_.num_scores();
+    const int64_t lanes = column_lanes<acc_t>(num_scores);
+    const int64_t d = shape_.head_dim;
+    // The running maxima and sums padded to whole vectors (pads: 0).
+    acc_t* max_lanes = running;
+    acc_t* sum_lanes = running + lanes;
+    std::fill_n(running, 2 * lanes, acc_t(0));
+    std::copy_n(max(), num_scores, max_lanes);
+    std::copy_n(sum(), num_scores, sum_lanes);
+    const Vec neg_inf(kNegInf<acc_t>);
+    const Vec scales(scale);
+    for (int64_t first = 0; first < lanes; first += W) {
+      Vec tile_max = neg_inf;
+      for (int r = 0; r < count; ++r) {
+        acc_t* row = scores + r * lanes + first;
+        Vec score = Vec::loadu(row) * scales;
+        if (bias != nullptr) {
+          score = score + Vec(bias[r]);
+        }
+        score.store(row);
+        tile_max = Vec::blendv(tile_max, score, score > tile_max);
+      }
+      const Vec old_max = Vec::loadu(max_lanes + first);
+      const Vec grows = tile_max > old_max;
+      const Vec new_max = Vec::blendv(old_max, tile_max, grows);
+      // exp(-inf) = 0 also covers the first valid rows.
+      const Vec correction = Vec::blendv(Vec(acc_t(1)), (old_max - new_max).exp(), grows);
+      acc_t corrections[W];
+      correction.store(corrections);
+      for (int64_t k = first; k < std::min(first + W, num_scores); ++k) {
+        if (corrections[k - first] != acc_t(1)) {
+          scale_in_place(corrections[k - first], weighted() + k * d, d);
+        }
+      }
+      Vec sums = Vec::loadu(sum_lanes + first) * correction;
+      for (int r = 0; r < count; ++r) {
+        acc_t* row = scores + r * lanes + first;
+        const Vec score = Vec::loadu(row);
+        // A -inf score weighs 0 even while the running max is still -inf.
+        const Vec weight = Vec::blendv(score - new_max, neg_inf, score == neg_inf).exp();
+        weight.store(row);
+        sums = sums + weight;
+      }
+      sums.store(sum_lanes + first);
+      new_max.store(max_lanes + first);
+    }
+    std::copy_n(max_lanes, num_scores, max());
+    std::copy_n(sum_lanes, num_scores, sum());
+  }
+
+  // weigh_tile of R rows from score `first` on, one score at a time.
+  void weigh_scores(
+      int64_t first, int R, acc_t scale, const acc_t* bias, acc_t* scores, acc_t* weights) {
     const int64_t num_scores = shape_.num_scores();
     const int64_t d = shape_.head_dim;
     for (int64_t score = first; score < num_scores; ++score) {
       acc_t* tile = scores + score * R;
-      const acc_t max = move_max<R>(score, scale, bias, tile, weighted() + score * d, d);
+      const acc_t max = move_max(score, R, scale, bias, tile, weighted() + score * d, d);
       for (int r = 0; r < R; ++r) {
         // exp(-inf) = 0: a -inf score weighs 0 even while max is still -inf.
         weights[score * R + r] = tile[r] == kNegInf<acc_t> ? kNegInf<acc_t> : tile[r] - max;
@@ -550,7 +654,7 @@ class SoftmaxState {
         max()[score + k] = lane_of_eight(new_max, k);
       }
     }
-    weigh_scores<8>(score, scale, bias, scores, weights);
+    weigh_scores(score, 8, scale, bias, scores, weights);
   }
 
   // op over each group of eight lanes, in every lane of the group.
@@ -573,9 +677,8 @@ class SoftmaxState {
   // Scales score `score` of R rows (and adds the bias) and moves its running
   // max to cover them, rescaling its sum and its weighted sum acc (d wide).
   // Returns the new max.
-  template <int R>
   acc_t move_max(
-      int64_t score, acc_t scale, const acc_t* bias, acc_t* scores, acc_t* acc, int64_t d) {
+      int64_t score, int R, acc_t scale, const acc_t* bias, acc_t* scores, acc_t* acc, int64_t d) {
     acc_t tile_max = kNegInf<acc_t>;
     for (int r = 0; r < R; ++r) {
       scores[r] *= scale;
@@ -607,7 +710,7 @@ class SoftmaxState {
       acc_t* weights,
       acc_t* acc,
       int64_t d) {
-    const acc_t max = move_max<R>(score, scale, bias, scores, acc, d);
+    const acc_t max = move_max(score, R, scale, bias, scores, acc, d);
     for (int r = 0; r < R; ++r) {
       // exp(-inf) = 0: a -inf score weighs 0 even while max is still -inf.
       weights[r] = scores[r] == kNegInf<acc_t> ? kNegInf<acc_t> : scores[r] - max;
@@ -624,6 +727,7 @@ class SoftmaxState {
   bool paired_;
   bool row_by_row_;
   const at::BFloat16* u_bf16_;
+  const acc_t* u_columns_;
 };
 
 // x: [B, L, H] (or ragged [T, H]) rows contiguous; u: [num_scores, H]; out:
@@ -651,6 +755,8 @@ void forward_impl(const ForwardParams& p) {
   const bool paired = reads_pairs<scalar_t>(p);
   // Rounded from u in its natural order, which vdpbf16ps reads x in.
   const std::vector<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
+  const std::vector<acc_t> u_columns = u_in_columns<scalar_t>(p, u);
+  const bool by_columns = !u_columns.empty();
   std::vector<acc_t> u_paired;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (paired) {
@@ -662,21 +768,26 @@ void forward_impl(const ForwardParams& p) {
 
   parallel_over_items(p, [&](int64_t begin, int64_t end) {
     // Tiles of kForwardTileRows rows with one score per row, kWideTileRows
-    // with several.
-    const int tile_rows = pipelined ? kForwardTileRows : kWideTileRows;
-    RowTile<scalar_t, kWideTileRows> tile;
+    // with several, kColumnTileRows scored by columns.
+    constexpr int kMaxRows = std::max(kWideTileRows, kColumnTileRows);
+    const int tile_rows =
+        pipelined ? kForwardTileRows : (by_columns ? kColumnTileRows : kWideTileRows);
+    RowTile<scalar_t, kMaxRows> tile;
     // With one score per row, each tile is added to the weighted sum while
     // the next one is scored (SoftmaxState::add_rows_pipelined).
-    RowTile<scalar_t, kWideTileRows> previous;
+    RowTile<scalar_t, kMaxRows> previous;
     acc_t previous_weights[kForwardTileRows] = {};
-    acc_t tile_bias[kWideTileRows] = {};
+    acc_t tile_bias[kMaxRows] = {};
     const acc_t* biases = bias == nullptr ? nullptr : tile_bias;
     std::vector<acc_t> local(in_pieces ? 0 : state_size);
-    std::vector<acc_t> scratch(pipelined ? 0 : 2 * num_scores * kWideTileRows);
+    std::vector<acc_t> scratch(
+        pipelined    ? 0
+        : by_columns ? SoftmaxState<acc_t>::column_scratch_size(num_scores)
+                     : 2 * num_scores * tile_rows);
     // With a norm, the tiles hold normalized rows: room for this tile and,
     // pipelined, the previous one (a wide tile is added whole before the
     // next begins). No more, so that they stay in L1.
-    NormalizedRows<scalar_t> normalized(p, std::max(kWideTileRows, 2 * kForwardTileRows));
+    NormalizedRows<scalar_t> normalized(p, std::max(tile_rows, 2 * kForwardTileRows));
     for (int64_t item = begin; item < end; ++item) {
       const auto [b, piece, rows] = p.work_item(item);
       SoftmaxState<acc_t> state(
@@ -684,9 +795,17 @@ void forward_impl(const ForwardParams& p) {
           p,
           paired,
           u_bf16.empty() ? nullptr : u_bf16.data(),
-          !p.x_fits_cache);
+          !p.x_fits_cache,
+          by_columns ? u_columns.data() : nullptr);
       state.reset();
       auto flush = [&] {
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (by_columns) {
+            state.add_rows_by_columns(tile.rows(), tile.count(), scale, biases, scratch.data());
+            tile.clear();
+            return;
+          }
+        }
         if (!pipelined) {
           if (tile.count() == kWideTileRows) {
             state.template add_rows<kWideTileRows>(tile.rows(), u, scale, biases, scratch.data());

@@ -74,25 +74,26 @@ void add_weighted_slices(const PoolShape& s, const A* weights, const T* const* r
 
 // What the rows are scored against: u (and in paired order, for bfloat16
 // rows the forward read in pairs, or rounded to bfloat16, if the forward
-// scored from bfloat16 products), and u's tangent. When u is needed as it
-// is only, `both` holds u and then u's tangent ([2 * num_scores, H]), so
-// that one pass over a tile gives every x . u and x . du, each load of x
+// scored from bfloat16 products, or as columns, if the forward scored by
+// columns), and u's tangent. When u is needed as it is only, `both` holds u and then u's tangent
+// ([2 * num_scores, H]), so that one pass over a tile gives every x . u and x . du, each load of x
 // serving up to four of them.
 template <typename acc_t>
 struct ScoredVectors {
   const acc_t* u;
   const acc_t* u_paired;       // or null
   const at::BFloat16* u_bf16;  // or null
+  const acc_t* u_columns;      // or null
   const acc_t* u_tangent;      // or null
   const acc_t* both;           // or null
 };
 
 template <typename acc_t>
 std::vector<acc_t> u_and_tangent(
-    const JvpParams& p, const acc_t* u_paired, const at::BFloat16* u_bf16) {
+    const JvpParams& p, const acc_t* u_paired, const at::BFloat16* u_bf16, const acc_t* u_columns) {
   std::vector<acc_t> both;
   const auto* u_tangent = static_cast<const acc_t*>(p.u_tangent);
-  if (u_tangent != nullptr && u_paired == nullptr && u_bf16 == nullptr) {
+  if (u_tangent != nullptr && u_paired == nullptr && u_bf16 == nullptr && u_columns == nullptr) {
     const int64_t size = p.num_scores() * p.hidden;
     both.resize(2 * size);
     std::copy_n(static_cast<const acc_t*>(p.u), size, both.data());
@@ -125,7 +126,7 @@ void jvp_rows(
   if (v.both != nullptr) {
     score_dot_rows_each<R>(rows, v.both, H, 2 * num_scores, probs);
   } else {
-    forward_scores<R>(rows, v.u, v.u_paired, v.u_bf16, H, num_scores, probs);
+    forward_scores<R>(rows, v.u, v.u_paired, v.u_bf16, v.u_columns, H, num_scores, probs);
     if (v.u_tangent != nullptr) {
       score_dot_rows_each<R>(rows, v.u_tangent, H, num_scores, u_tangent_scores);
     }
@@ -192,12 +193,17 @@ void jvp_impl(const JvpParams& p) {
   const bool in_pieces = items > p.batch;
   const std::vector<acc_t> u_paired = u_in_paired_order<scalar_t>(p, u);
   const std::vector<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
+  const std::vector<acc_t> u_columns = u_in_columns<scalar_t>(p, u);
   const std::vector<acc_t> both = u_and_tangent(
-      p, u_paired.empty() ? nullptr : u_paired.data(), u_bf16.empty() ? nullptr : u_bf16.data());
+      p,
+      u_paired.empty() ? nullptr : u_paired.data(),
+      u_bf16.empty() ? nullptr : u_bf16.data(),
+      u_columns.empty() ? nullptr : u_columns.data());
   const ScoredVectors<acc_t> vectors{
       u,
       u_paired.empty() ? nullptr : u_paired.data(),
       u_bf16.empty() ? nullptr : u_bf16.data(),
+      u_columns.empty() ? nullptr : u_columns.data(),
       static_cast<const acc_t*>(p.u_tangent),
       both.empty() ? nullptr : both.data()};
 

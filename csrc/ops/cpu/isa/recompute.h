@@ -6,6 +6,7 @@
 // (isa/backward.h) and the jvp (isa/jvp.h). Per instruction set, like every
 // file in isa/ (ops/cpu/README.md).
 
+#include "ops/cpu/isa/u_columns.h"
 #include "ops/cpu/isa/vec_helpers.h"
 
 #include <cmath>
@@ -52,16 +53,23 @@ std::vector<acc_t> u_in_paired_order(const PoolShape& s, const acc_t* u) {
 
 // scores[k * R + r] = rows[r] . u_k for every score k, each summed as the
 // forward summed it (forward_order_scores; from u_bf16, u rounded to
-// bfloat16, if not null: [Note: bfloat16 products]).
+// bfloat16, if not null: [Note: bfloat16 products]; by columns from
+// u_columns, if not null: [Note: scores by columns]).
 template <int R, typename T, typename A>
 void forward_scores(
     const T* const* rows,
     const A* u,
     const A* u_paired,
     const at::BFloat16* u_bf16,
+    const A* u_columns,
     int64_t n,
     int64_t num_scores,
     A* scores) {
+  if constexpr (std::is_same_v<T, A>) {
+    if (u_columns != nullptr) {
+      return score_rows_by_columns(rows, R, u_columns, n, num_scores, scores);
+    }
+  }
   if constexpr (std::is_same_v<T, at::BFloat16> && kBFloat16Products) {
     if (u_bf16 != nullptr) {
       return score_dot_rows_each<R>(rows, u_bf16, n, num_scores, scores);
