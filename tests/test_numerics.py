@@ -187,6 +187,7 @@ LARGE_SCORES = [
     # one head, several queries: scored by columns ([Note: scores by columns])
     ("fp32-1e6-queries", torch.float32, 1e6, None, 1, 8, 48),
     ("fp32-1e10-queries-odd-width", torch.float32, 1e10, None, 1, 9, 41),
+    ("fp32-1e6-heads-queries", torch.float32, 1e6, None, 4, 4, 48),
     ("bf16-paired-1e6-one-score", torch.bfloat16, 1e6, None, 1, None, 64),
     ("bf16-paired-1e6-heads", torch.bfloat16, 1e6, None, 2, 2, 128),
     ("bf16-1e6-odd-width", torch.bfloat16, 1e6, None, 1, 2, 41),

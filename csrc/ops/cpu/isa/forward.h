@@ -286,14 +286,15 @@ class SoftmaxState {
         }
       }
       return add_weighted_rows_by_columns(
-          scores, num_scores, R, rows, shape_.hidden, num_scores, weighted());
+          scores, num_scores, R, rows, shape_.hidden, num_scores, weighted(), shape_.hidden);
     }
     add_weighted_rows<R>(rows, weights);
   }
 
   // Scratch of add_rows_by_columns.
-  static int64_t column_scratch_size(int64_t num_scores) {
-    return (kColumnTileRows + 2) * column_lanes<acc_t>(num_scores);
+  static int64_t column_scratch_size(const PoolShape& s) {
+    return (kColumnTileRows + 2) * column_lanes<acc_t>(s.num_scores()) +
+           kColumnTileRows * s.num_queries;
   }
 
   // add_rows for a tile of `count` rows scored by columns, up to
@@ -312,7 +313,38 @@ class SoftmaxState {
     score_rows_by_columns<true>(
         rows, count, u_columns_, H, num_scores, scores, kColumnTileRows * x_seq_stride_);
     weigh_rows_by_columns(count, scale, bias, scores, scratch + kColumnTileRows * lanes);
-    add_weighted_rows_by_columns(scores, lanes, count, rows, H, num_scores, weighted());
+    if (shape_.num_heads == 1) {
+      return add_weighted_rows_by_columns(scores, lanes, count, rows, H, num_scores, weighted(), H);
+    }
+    add_head_slices_by_columns(rows, count, scores, lanes, scratch + (kColumnTileRows + 2) * lanes);
+  }
+
+  // The weighted sums of add_rows_by_columns with several heads: head h's
+  // queries add head h's slice of the rows, their weights (lanes i * n + h
+  // of each row) gathered first. head_weights: kColumnTileRows *
+  // num_queries of scratch.
+  template <typename scalar_t>
+  void add_head_slices_by_columns(
+      const scalar_t* const* rows,
+      int count,
+      const acc_t* weights,
+      int64_t lanes,
+      acc_t* head_weights) {
+    const int64_t H = shape_.hidden;
+    const int64_t n = shape_.num_heads;
+    const int64_t d = shape_.head_dim;
+    const int64_t num_queries = shape_.num_queries;
+    const scalar_t* slices[kColumnTileRows];
+    for (int64_t h = 0; h < n; ++h) {
+      for (int r = 0; r < count; ++r) {
+        slices[r] = rows[r] + h * d;
+        for (int64_t i = 0; i < num_queries; ++i) {
+          head_weights[r * num_queries + i] = weights[r * lanes + i * n + h];
+        }
+      }
+      add_weighted_rows_by_columns(
+          head_weights, num_queries, count, slices, d, num_queries, weighted() + h * d, H);
+    }
   }
 
   // scores[score * R + r] for every score of R rows, R up to
@@ -782,7 +814,7 @@ void forward_impl(const ForwardParams& p) {
     std::vector<acc_t> local(in_pieces ? 0 : state_size);
     std::vector<acc_t> scratch(
         pipelined    ? 0
-        : by_columns ? SoftmaxState<acc_t>::column_scratch_size(num_scores)
+        : by_columns ? SoftmaxState<acc_t>::column_scratch_size(p)
                      : 2 * num_scores * tile_rows);
     // With a norm, the tiles hold normalized rows: room for this tile and,
     // pipelined, the previous one (a wide tile is added whole before the

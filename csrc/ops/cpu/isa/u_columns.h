@@ -1,7 +1,7 @@
 #pragma once
 
-// Several scores over whole rows (one head, Q >= 2 queries, or full width's
-// Q * n one-head queries) as small matrix products: the scores of a tile,
+// Several scores per row (every score is over the whole row: Q queries of n
+// heads, or full width's Q * n one-head queries) as small matrix products: the scores of a tile,
 // [rows, S] = X_tile . U^T, with U^T stored column by column ("u columns":
 // [H, lanes], column h holding element h of every score's vector), and the
 // weighted sums, [S, H] += P^T . X_tile, register-blocked across the tile's
@@ -31,14 +31,13 @@ namespace CPU_CAPABILITY {
 namespace {
 
 // Whether rows of type T with this shape are scored by columns: rows read as
-// they are (float32, float64), one head, and scores to fill at least half of
-// a vector's lanes (at 2 and 4 scores of 16 lanes, 32 x 512 x 768, the
-// forward was 1.5x and 1.1x slower than scoring by dot products; at 8, 1.1x
-// faster).
+// they are (float32, float64) and scores (of every head: each is over the
+// whole row) to fill at least half of a vector's lanes (at 2 and 4 scores of 16 lanes, 32 x 512 x
+// 768, the forward was 1.5x and 1.1x slower than scoring by dot products; at 8, 1.1x faster).
 template <typename T>
 bool scores_by_columns(const PoolShape& s) {
   constexpr int64_t W = Vectorized<at::opmath_type<T>>::size();
-  return std::is_same_v<T, at::opmath_type<T>> && s.num_heads == 1 && 2 * s.num_scores() >= W;
+  return std::is_same_v<T, at::opmath_type<T>> && 2 * s.num_scores() >= W;
 }
 
 // Lanes of a column of u: the scores, rounded up to whole vectors.
@@ -191,7 +190,7 @@ void add_block_by_columns(
     int count,
     const T* const* rows,
     int64_t column,
-    int64_t n,
+    int64_t ys_stride,
     A* ys) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
@@ -216,15 +215,15 @@ void add_block_by_columns(
   }
   for (int g = 0; g < G; ++g) {
     for (int v = 0; v < V; ++v) {
-      A* y = ys + g * n + column + v * W;
+      A* y = ys + g * ys_stride + column + v * W;
       (Vec::loadu(y) + acc[g][v]).store(y);
     }
   }
 }
 
-// ys[k * n + c] += sum_r w[r * w_stride + k] * rows[r][c] for every
-// score k of `count` rows (n columns each; the weights row by row, so that
-// one pointer reaches a row's weights): a block of sums and columns at a
+// ys[k * ys_stride + c] += sum_r w[r * w_stride + k] * rows[r][c] for
+// every score k of `count` rows (n columns each; the weights row by row, so
+// that one pointer reaches a row's weights): a block of sums and columns at a
 // time, each row loaded once per block ([Note: scores by columns]). Every
 // element is summed in one order for any thread count.
 template <typename T, typename A>
@@ -235,21 +234,22 @@ void add_weighted_rows_by_columns(
     const T* const* rows,
     int64_t n,
     int64_t num_scores,
-    A* ys) {
+    A* ys,
+    int64_t ys_stride) {
   constexpr int64_t W = Vectorized<A>::size();
   constexpr int64_t kBlock = kColumnVectors * W;
   for (int64_t first = 0; first < num_scores; first += kColumnSums) {
     const int sums = static_cast<int>(std::min<int64_t>(kColumnSums, num_scores - first));
     const A* wg = w + first;
-    A* yg = ys + first * n;
+    A* yg = ys + first * ys_stride;
     with_tile_size<kColumnSums>(sums, [&](auto size) {
       constexpr int G = decltype(size)::value;
       int64_t c = 0;
       for (; c + kBlock <= n; c += kBlock) {
-        add_block_by_columns<G, kColumnVectors>(wg, w_stride, count, rows, c, n, yg);
+        add_block_by_columns<G, kColumnVectors>(wg, w_stride, count, rows, c, ys_stride, yg);
       }
       for (; c + W <= n; c += W) {
-        add_block_by_columns<G, 1>(wg, w_stride, count, rows, c, n, yg);
+        add_block_by_columns<G, 1>(wg, w_stride, count, rows, c, ys_stride, yg);
       }
       for (; c < n; ++c) {
         for (int g = 0; g < G; ++g) {
@@ -257,7 +257,7 @@ void add_weighted_rows_by_columns(
           for (int r = 0; r < count; ++r) {
             acc += wg[r * w_stride + g] * static_cast<A>(rows[r][c]);
           }
-          yg[g * n + c] += acc;
+          yg[g * ys_stride + c] += acc;
         }
       }
     });
