@@ -13,8 +13,8 @@ import attnpool
 from attnpool import reference
 
 # (B, L, H, Q, n); Q None: a 2-D u. The long one is cut into pieces.
-SHAPES = [(2, 5, 8, None, 1), (3, 7, 12, 2, 3), (2, 300, 16, 3, 4), (2, 50, 20, 9, 1)]
-SHAPE_IDS = ["1d-query", "q2-heads3", "long-q3-heads4", "q9-one-head"]
+SHAPES = [(2, 5, 8, None, 1), (3, 7, 12, 2, 3), (2, 300, 16, 3, 4), (2, 50, 20, 17, 1)]
+SHAPE_IDS = ["1d-query", "q2-heads3", "long-q3-heads4", "q17-one-head"]
 
 
 def _case(batch, seq_len, hidden, num_queries, num_heads, *, device="cpu", masked=True, seed=0):

@@ -10,16 +10,17 @@ import attnpool
 from attnpool import reference
 
 # (B, L, H, Q, n); Q None: a 2-D u [n, H] (output without the Q dimension).
-# q9-one-head: scored by columns on every instruction set (several tiles of
-# rows, a short last one, columns past the last whole vector).
+# q17-one-head: scored by columns on every instruction set (two vectors of
+# lanes, several tiles of rows, a short last one, columns past the last whole
+# vector).
 SHAPES = [
     (2, 5, 8, None, 1),
     (3, 7, 12, 2, 3),
     (2, 9, 16, 3, 4),
     (1, 40, 6, 1, 2),
-    (2, 30, 42, 9, 1),
+    (2, 30, 42, 17, 1),
 ]
-SHAPE_IDS = ["1d-query", "q2-heads3", "q3-heads4", "q1-heads2-long", "q9-one-head"]
+SHAPE_IDS = ["1d-query", "q2-heads3", "q3-heads4", "q1-heads2-long", "q17-one-head"]
 GRADCHECK_SHAPES = [0, 1, 2, 4]
 
 

@@ -184,9 +184,9 @@ LARGE_SCORES = [
     ("fp32-1e10-one-score", torch.float32, 1e10, None, 1, None, 48),
     ("fp32-1e6-heads", torch.float32, 1e6, None, 2, 3, 48),
     ("fp32-1e10-heads", torch.float32, 1e10, None, 2, 3, 40),
-    # one head, several queries: scored by columns ([Note: scores by columns])
-    ("fp32-1e6-queries", torch.float32, 1e6, None, 1, 8, 48),
-    ("fp32-1e10-queries-odd-width", torch.float32, 1e10, None, 1, 9, 41),
+    # 16 or more scores: scored by columns ([Note: scores by columns])
+    ("fp32-1e6-queries", torch.float32, 1e6, None, 1, 16, 48),
+    ("fp32-1e10-queries-odd-width", torch.float32, 1e10, None, 1, 17, 41),
     ("fp32-1e6-heads-queries", torch.float32, 1e6, None, 4, 4, 48),
     ("bf16-paired-1e6-one-score", torch.bfloat16, 1e6, None, 1, None, 64),
     ("bf16-paired-1e6-heads", torch.bfloat16, 1e6, None, 2, 2, 128),

@@ -1,11 +1,11 @@
 #pragma once
 
 // Several scores per row (every score is over the whole row: Q queries of n
-// heads, or full width's Q * n one-head queries) as small matrix products: the scores of a tile,
-// [rows, S] = X_tile . U^T, with U^T stored column by column ("u columns":
-// [H, lanes], column h holding element h of every score's vector), and the
-// weighted sums, [S, H] += P^T . X_tile, register-blocked across the tile's
-// rows. Per instruction set, like every file in isa/ (ops/cpu/README.md).
+// heads, or full width's Q * n one-head queries) as small matrix products:
+// the scores of a tile, [rows, S] = X_tile . U^T, with U^T stored column by
+// column ("u columns": column h holding element h of every score's vector),
+// and the weighted sums, [S, H] += P^T . X_tile, register-blocked across the
+// tile's rows. Per instruction set, like every file in isa/ (ops/cpu/README.md).
 //
 // [Note: scores by columns] A vector lane holds one score of one row, so a
 // row's scores need no reduction across lanes, each element of x is loaded
@@ -32,12 +32,15 @@ namespace {
 
 // Whether rows of type T with this shape are scored by columns: rows read as
 // they are (float32, float64) and scores (of every head: each is over the
-// whole row) to fill at least half of a vector's lanes (at 2 and 4 scores of 16 lanes, 32 x 512 x
-// 768, the forward was 1.5x and 1.1x slower than scoring by dot products; at 8, 1.1x faster).
+// whole row) to fill three quarters of a vector's lanes. With fewer, the
+// FMAs spend lanes on nothing: 32 x 512 x 768, float32, 16 lanes, 2
+// threads, 2 and 4 scores took 1.5x and 1.1x the dot products' forward; 8
+// scores 0.9x the forward but 1.12x the forward+backward, whose scores are
+// recomputed 8 rows at a time.
 template <typename T>
 bool scores_by_columns(const PoolShape& s) {
   constexpr int64_t W = Vectorized<at::opmath_type<T>>::size();
-  return std::is_same_v<T, at::opmath_type<T>> && 2 * s.num_scores() >= W;
+  return std::is_same_v<T, at::opmath_type<T>> && 4 * s.num_scores() >= 3 * W;
 }
 
 // Lanes of a column of u: the scores, rounded up to whole vectors.
@@ -47,8 +50,10 @@ int64_t column_lanes(int64_t num_scores) {
   return (num_scores + W - 1) / W * W;
 }
 
-// u [num_scores, H] stored as columns [H, column_lanes] (the lanes past the
-// scores zero), if the rows are scored by columns; empty otherwise.
+// u [num_scores, H] stored as columns, a vector of lanes (W scores) at a
+// time: [column_lanes / W, H, W], the lanes past the scores zero, so that
+// one pass of the scores reads its columns in order. Empty if the rows are
+// not scored by columns.
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> u_in_columns(const PoolShape& s, const acc_t* u) {
   std::vector<acc_t> columns;
@@ -57,11 +62,11 @@ std::vector<acc_t> u_in_columns(const PoolShape& s, const acc_t* u) {
   }
   const int64_t H = s.hidden;
   const int64_t num_scores = s.num_scores();
-  const int64_t lanes = column_lanes<acc_t>(num_scores);
-  columns.assign(H * lanes, acc_t(0));
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  columns.assign(H * column_lanes<acc_t>(num_scores), acc_t(0));
   for (int64_t k = 0; k < num_scores; ++k) {
     for (int64_t h = 0; h < H; ++h) {
-      columns[h * lanes + k] = u[k * H + h];
+      columns[(k / W * H + h) * W + k % W] = u[k * H + h];
     }
   }
   return columns;
@@ -93,7 +98,6 @@ void score_block_by_columns(
     A* scores) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
-  const int64_t lanes = column_lanes<A>(num_scores);
   const T* xr[R];
   for (int r = 0; r < R; ++r) {
     xr[r] = rows[r];
@@ -103,10 +107,10 @@ void score_block_by_columns(
     for (int r = 0; r < R; ++r) {
       acc[r] = Vec(A(0));
     }
-    const A* column = columns + first;
+    const A* column = columns + first * n;
     auto add_column = [&](int64_t h) {
       const Vec u_h = Vec::loadu(column);
-      column += lanes;
+      column += W;
 #pragma GCC unroll 12
       for (int r = 0; r < R; ++r) {
         acc[r] = at::vec::fmadd(Vec(xr[r][h]), u_h, acc[r]);
