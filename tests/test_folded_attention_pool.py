@@ -10,7 +10,7 @@ import attnpool
 from attnpool import reference
 
 # (B, L, H, Q, n); Q None: a 2-D u [n, H] (output without the Q dimension).
-# q17-one-head: scored by columns on every instruction set (two vectors of
+# q17-one-head: scored by columns on every instruction set (several vectors of
 # lanes, several tiles of rows, a short last one, columns past the last whole
 # vector).
 SHAPES = [
