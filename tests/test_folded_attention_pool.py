@@ -12,15 +12,24 @@ from attnpool import reference
 # (B, L, H, Q, n); Q None: a 2-D u [n, H] (output without the Q dimension).
 # q17-one-head: scored by columns on every instruction set (several vectors of
 # lanes, several tiles of rows, a short last one, columns past the last whole
-# vector).
+# vector); its 16-bit rows, and q9-one-head's, by dot products into lanes
+# (float32 too where a vector has 16 lanes): tiles of 24 rows, a short last one.
 SHAPES = [
     (2, 5, 8, None, 1),
     (3, 7, 12, 2, 3),
     (2, 9, 16, 3, 4),
     (1, 40, 6, 1, 2),
     (2, 30, 42, 17, 1),
+    (2, 50, 20, 9, 1),
 ]
-SHAPE_IDS = ["1d-query", "q2-heads3", "q3-heads4", "q1-heads2-long", "q17-one-head"]
+SHAPE_IDS = [
+    "1d-query",
+    "q2-heads3",
+    "q3-heads4",
+    "q1-heads2-long",
+    "q17-one-head",
+    "q9-one-head",
+]
 GRADCHECK_SHAPES = [0, 1, 2, 4]
 
 
@@ -89,6 +98,30 @@ def test_gradients_match_reference_on_long_sequences(device, full_width):
     want = torch.autograd.grad((expected * weights).sum(), leaves)
     for name, g, w in zip(("x", "u"), got, want, strict=True):
         torch.testing.assert_close(g, w, **TOLERANCES[torch.float64], msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("full_width", [False, True], ids=["slices", "full-width"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"]
+)
+def test_gradients_of_many_scores_of_one_head_match_reference(device, full_width, dtype):
+    # Nine scores of one head over sequences cut into pieces, tiles of 24 rows:
+    # the forward scores them by dot products into lanes (rows of 16 bits; float32
+    # where a vector has 16 lanes), and the backward rebuilds the softmax from
+    # the log-sum-exp that forward saved.
+    x, u, mask = _folded_inputs(2, 1500, 20, 9, 1, mask="random", device=device)
+    x = x.to(dtype).requires_grad_(True)
+    u = u.float().requires_grad_(True)
+    out = attnpool.folded_attention_pool(x, u, mask, 0.5, full_width)
+    weights = torch.randn(out.shape, dtype=torch.float64, device=device)
+    got = torch.autograd.grad((out.double() * weights).sum(), (x, u))
+    x64, u64 = (t.detach().double().requires_grad_(True) for t in (x, u))
+    expected = reference.folded_attention_pool(x64, u64, mask, 0.5, full_width)
+    want = torch.autograd.grad((expected * weights).sum(), (x64, u64))
+    torch.testing.assert_close(out.double(), expected, **TOLERANCES[dtype])
+    for name, g, w in zip(("x", "u"), got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, **TOLERANCES[dtype], msg=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)

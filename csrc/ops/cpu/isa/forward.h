@@ -204,6 +204,18 @@ void accumulate_rows(const A* w, const T* const* rows, A* y, int64_t n, bool pai
   axpy_rows<R>(w, rows, y, n);
 }
 
+// Whether the forward adds tiles of rows scored by dot products with
+// SoftmaxState::add_dot_scored_rows: several scores of one head (full width
+// included), from 8 on. Forward, 2 threads, one process, against add_rows:
+// so400m's full width (16 x 729 x 1152, 16 scores) bfloat16 2.66 -> 2.14 ms;
+// 8 x 1 at 32 x 512 x 768 bfloat16 1.29 -> 1.12, float32 1.81 -> 1.64. Not
+// below 8 (4 x 1 bfloat16 0.80 -> 0.83, 2 x 1 0.52 -> 0.58) nor with several
+// heads (1 x 12 bfloat16 0.83 -> 0.96): moving the scores into lanes, and
+// softmax steps a vector wide, cost more than the longer tile saves.
+inline bool dot_scores_in_lanes(const PoolShape& s) {
+  return s.num_heads == 1 && s.num_scores() >= 8;
+}
+
 // Online-softmax state of one (piece of a) sequence for all its scores:
 // [any row attended, running max[num_scores], running sum[num_scores],
 // weighted sums of x[num_scores * head_dim]], one flat array so that a
@@ -274,12 +286,11 @@ class SoftmaxState {
     weigh_tile<R>(scale, bias, scores, weights);
     if (shape_.num_heads == 1) {
       // Whole rows for every score (several queries of one head, or full
-      // width; here with rows of 16 bits, or too few scores to score by
-      // columns): the sums by columns, the weights row by row where the
-      // scores were. Against accumulate_rows_into, forward, 2 threads, one
-      // process: bfloat16 4 x 1 at 32 x 512 x 768 0.72 -> 0.62 ms, 2 x 1
-      // 0.53 -> 0.48, so400m's full width (16 x 729 x 1152) 2.55 -> 2.48;
-      // float32 4 x 1 1.44 -> 1.30.
+      // width; here fewer than dot_scores_in_lanes takes): the sums by
+      // columns, the weights row by row where the scores were. Against
+      // accumulate_rows_into, forward, 2 threads, one process: bfloat16 4 x 1
+      // at 32 x 512 x 768 0.72 -> 0.62 ms, 2 x 1 0.53 -> 0.48; float32 4 x 1
+      // 1.44 -> 1.30.
       for (int64_t k = 0; k < num_scores; ++k) {
         for (int r = 0; r < R; ++r) {
           scores[r * num_scores + k] = weights[k * R + r];
@@ -317,6 +328,72 @@ class SoftmaxState {
       return add_weighted_rows_by_columns(scores, lanes, count, rows, H, num_scores, weighted(), H);
     }
     add_head_slices_by_columns(rows, count, scores, lanes, scratch + (kColumnTileRows + 2) * lanes);
+  }
+
+  // Scratch of add_dot_scored_rows.
+  static int64_t dot_scratch_size(const PoolShape& s) {
+    return column_scratch_size(s) + kWideTileRows * s.num_scores();
+  }
+
+  // add_rows_by_columns for up to kColumnTileRows rows of one head
+  // (dot_scores_in_lanes) scored by dot products, as add_rows scores them
+  // (rows of 16 bits, or too few scores to score by columns), their scores
+  // then moved into the lanes that
+  // weigh_rows_by_columns and the sums by columns take: each weighted sum
+  // is loaded and stored once per kColumnTileRows rows instead of once per
+  // kWideTileRows. scratch: dot_scratch_size.
+  template <typename scalar_t>
+  void add_dot_scored_rows(
+      const scalar_t* const* rows,
+      int count,
+      const acc_t* u,
+      acc_t scale,
+      const acc_t* bias,
+      acc_t* scratch) {
+    const int64_t H = shape_.hidden;
+    const int64_t num_scores = shape_.num_scores();
+    const int64_t lanes = column_lanes<acc_t>(num_scores);
+    acc_t* scores = scratch;  // [count, lanes], then the weights
+    acc_t* block = scratch + column_scratch_size(shape_);
+    data_[0] = acc_t(1);
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16> && kBFloat16Products) {
+      if (u_bf16_ != nullptr) {
+        score_into_lanes<kWideTileRows>(rows, count, u, scores, block);
+      } else {
+        score_into_lanes<kForwardTileRows>(rows, count, u, scores, block);
+      }
+    } else {
+      score_into_lanes<kForwardTileRows>(rows, count, u, scores, block);
+    }
+    weigh_rows_by_columns(count, scale, bias, scores, scratch + kColumnTileRows * lanes);
+    add_weighted_rows_by_columns(scores, lanes, count, rows, H, num_scores, weighted(), H);
+  }
+
+  // scores[r * column_lanes + k] for every score k of `count` rows, the
+  // lanes past the scores zero: kBlock rows at a time by score_rows (as
+  // score_tile scores them: kForwardTileRows, or kWideTileRows from
+  // bfloat16 products), whose scores[k * kBlock + r] go through `block`.
+  template <int kBlock, typename scalar_t>
+  void score_into_lanes(
+      const scalar_t* const* rows, int count, const acc_t* u, acc_t* scores, acc_t* block) {
+    const int64_t H = shape_.hidden;
+    const int64_t num_scores = shape_.num_scores();
+    const int64_t lanes = column_lanes<acc_t>(num_scores);
+    const int64_t ahead = kColumnTileRows * x_seq_stride_;
+    for (int first = 0; first < count; first += kBlock) {
+      const int size = std::min(kBlock, count - first);
+      with_tile_size<kBlock>(size, [&](auto tile) {
+        constexpr int R = decltype(tile)::value;
+        score_rows<R>(rows + first, u, u_bf16_, H, num_scores, block, ahead, paired_);
+      });
+      for (int r = 0; r < size; ++r) {
+        acc_t* lane = scores + (first + r) * lanes;
+        for (int64_t k = 0; k < num_scores; ++k) {
+          lane[k] = block[k * size + r];
+        }
+        std::fill(lane + num_scores, lane + lanes, acc_t(0));
+      }
+    }
   }
 
   // The weighted sums of add_rows_by_columns with several heads: head h's
@@ -789,6 +866,7 @@ void forward_impl(const ForwardParams& p) {
   const std::vector<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
   const std::vector<acc_t> u_columns = u_in_columns<scalar_t>(p, u);
   const bool by_columns = !u_columns.empty();
+  const bool dot_scored = !by_columns && dot_scores_in_lanes(p);
   std::vector<acc_t> u_paired;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (paired) {
@@ -800,10 +878,12 @@ void forward_impl(const ForwardParams& p) {
 
   parallel_over_items(p, [&](int64_t begin, int64_t end) {
     // Tiles of kForwardTileRows rows with one score per row, kWideTileRows
-    // with several, kColumnTileRows scored by columns.
+    // with several, kColumnTileRows scored by columns or into lanes
+    // (dot_scored).
     constexpr int kMaxRows = std::max(kWideTileRows, kColumnTileRows);
-    const int tile_rows =
-        pipelined ? kForwardTileRows : (by_columns ? kColumnTileRows : kWideTileRows);
+    const int tile_rows = pipelined                  ? kForwardTileRows
+                          : by_columns || dot_scored ? kColumnTileRows
+                                                     : kWideTileRows;
     RowTile<scalar_t, kMaxRows> tile;
     // With one score per row, each tile is added to the weighted sum while
     // the next one is scored (SoftmaxState::add_rows_pipelined).
@@ -815,6 +895,7 @@ void forward_impl(const ForwardParams& p) {
     std::vector<acc_t> scratch(
         pipelined    ? 0
         : by_columns ? SoftmaxState<acc_t>::column_scratch_size(p)
+        : dot_scored ? SoftmaxState<acc_t>::dot_scratch_size(p)
                      : 2 * num_scores * tile_rows);
     // With a norm, the tiles hold normalized rows: room for this tile and,
     // pipelined, the previous one (a wide tile is added whole before the
@@ -837,6 +918,11 @@ void forward_impl(const ForwardParams& p) {
             tile.clear();
             return;
           }
+        }
+        if (dot_scored) {
+          state.add_dot_scored_rows(tile.rows(), tile.count(), u, scale, biases, scratch.data());
+          tile.clear();
+          return;
         }
         if (!pipelined) {
           if (tile.count() == kWideTileRows) {
