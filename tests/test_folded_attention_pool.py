@@ -13,14 +13,15 @@ from attnpool import reference
 # q17-one-head: scored by columns on every instruction set (several vectors of
 # lanes, several tiles of rows, a short last one, columns past the last whole
 # vector); its 16-bit rows, and q9-one-head's, by dot products into lanes
-# (float32 too where a vector has 16 lanes): tiles of 24 rows, a short last one.
+# (float32 too where a vector has 16 lanes): tiles of 24 rows, a short last one,
+# bfloat16 sums 32 columns at a time from products and the rest as float32 does.
 SHAPES = [
     (2, 5, 8, None, 1),
     (3, 7, 12, 2, 3),
     (2, 9, 16, 3, 4),
     (1, 40, 6, 1, 2),
     (2, 30, 42, 17, 1),
-    (2, 50, 20, 9, 1),
+    (2, 50, 36, 9, 1),
 ]
 SHAPE_IDS = [
     "1d-query",
@@ -108,9 +109,10 @@ def test_gradients_match_reference_on_long_sequences(device, full_width):
 def test_gradients_of_many_scores_of_one_head_match_reference(device, full_width, dtype):
     # Nine scores of one head over sequences cut into pieces, tiles of 24 rows:
     # the forward scores them by dot products into lanes (rows of 16 bits; float32
-    # where a vector has 16 lanes), and the backward rebuilds the softmax from
-    # the log-sum-exp that forward saved.
-    x, u, mask = _folded_inputs(2, 1500, 20, 9, 1, mask="random", device=device)
+    # where a vector has 16 lanes), sums bfloat16 rows from products where the
+    # CPU has them, and the backward rebuilds the softmax from the log-sum-exp
+    # that forward saved.
+    x, u, mask = _folded_inputs(2, 1500, 40, 9, 1, mask="random", device=device)
     x = x.to(dtype).requires_grad_(True)
     u = u.float().requires_grad_(True)
     out = attnpool.folded_attention_pool(x, u, mask, 0.5, full_width)

@@ -330,18 +330,20 @@ class SoftmaxState {
     add_head_slices_by_columns(rows, count, scores, lanes, scratch + (kColumnTileRows + 2) * lanes);
   }
 
-  // Scratch of add_dot_scored_rows.
+  // Scratch of add_dot_scored_rows: column_scratch_size, then room for the
+  // scores of kWideTileRows rows or the weights of kColumnTileRows in pairs.
   static int64_t dot_scratch_size(const PoolShape& s) {
-    return column_scratch_size(s) + kWideTileRows * s.num_scores();
+    return column_scratch_size(s) + std::max(kWideTileRows, kColumnTileRows / 2) * s.num_scores();
   }
 
   // add_rows_by_columns for up to kColumnTileRows rows of one head
   // (dot_scores_in_lanes) scored by dot products, as add_rows scores them
   // (rows of 16 bits, or too few scores to score by columns), their scores
-  // then moved into the lanes that
-  // weigh_rows_by_columns and the sums by columns take: each weighted sum
-  // is loaded and stored once per kColumnTileRows rows instead of once per
-  // kWideTileRows. scratch: dot_scratch_size.
+  // then moved into the lanes that weigh_rows_by_columns and the sums by
+  // columns take: each weighted sum is loaded and stored once per
+  // kColumnTileRows rows instead of once per kWideTileRows. bfloat16 rows
+  // scored from bfloat16 products are summed from them too ([Note: weighted
+  // sums from bfloat16 products]). scratch: dot_scratch_size.
   template <typename scalar_t>
   void add_dot_scored_rows(
       const scalar_t* const* rows,
@@ -366,6 +368,14 @@ class SoftmaxState {
       score_into_lanes<kForwardTileRows>(rows, count, u, scores, block);
     }
     weigh_rows_by_columns(count, scale, bias, scores, scratch + kColumnTileRows * lanes);
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (u_bf16_ != nullptr) {
+        return add_weighted_rows_in_pairs(
+            scores, lanes, count, rows, H, num_scores, weighted(), H, block);
+      }
+    }
+#endif
     add_weighted_rows_by_columns(scores, lanes, count, rows, H, num_scores, weighted(), H);
   }
 
