@@ -112,7 +112,7 @@ def test_gradients_of_many_scores_of_one_head_match_reference(device, full_width
     # where a vector has 16 lanes), sums bfloat16 rows from products where the
     # CPU has them, and the backward rebuilds the softmax from the log-sum-exp
     # that forward saved.
-    x, u, mask = _folded_inputs(2, 1500, 40, 9, 1, mask="random", device=device)
+    x, u, mask = _folded_inputs(2, 2000, 40, 9, 1, mask="random", device=device)
     x = x.to(dtype).requires_grad_(True)
     u = u.float().requires_grad_(True)
     out = attnpool.folded_attention_pool(x, u, mask, 0.5, full_width)
