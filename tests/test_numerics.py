@@ -311,15 +311,18 @@ def test_small_grad_out_against_huge_x_stays_finite_in_bf16():
 # (torch.func calls the deprecated torch.jit.script inside; nothing to do with attnpool.)
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("under_vmap", [False, True], ids=["jvp", "vmap-jvp"])
 @_each_large_score_case
 def test_large_score_tangents_are_the_attended_rows_tangents(
-    device, dtype, x_scale, scale, heads, queries, hidden
+    device, dtype, x_scale, scale, heads, queries, hidden, under_vmap
 ):
     # At these scales every softmax is one-hot, so out is the top row's head
     # slice and its tangent is that row's tangent: sum p dx = dx[top], while
     # sum p (ds - sum p ds) x is 0 although each of its terms is about
     # |ds| |x| (1e21 at |x| ~ 1e10). The float64 composition loses dx[top]
-    # there (its p is 1 only to an ulp of the score); the op keeps it.
+    # there (its p is 1 only to an ulp of the score); the op keeps it. Under
+    # vmap (and on devices without a jvp kernel) the tangent is the
+    # composition of attnpool._transforms, which must keep it too.
     inputs = make_inputs(
         3, 41, hidden, queries, mask="random", dtype=dtype, device=device, x_scale=x_scale
     )
@@ -345,7 +348,22 @@ def test_large_score_tangents_are_the_attended_rows_tangents(
     want = want.reshape(-1, 3, heads, head_dim).transpose(0, 1).reshape(3, -1, hidden)
     want[~inputs.mask.any(-1)] = 0  # a sequence with nothing to attend
     want = want[:, 0] if u.dim() == 2 else want
-    _, got = torch.func.jvp(pool, (inputs.x, u), (x_tangent, torch.zeros_like(u)))
+
+    def tangent(x_tangent, u_tangent):
+        return torch.func.jvp(pool, (inputs.x, u), (x_tangent, u_tangent))[1]
+
+    if under_vmap:  # a batch of one tangent
+        tangent = _batch_of_one(torch.func.vmap(tangent))
+    got = tangent(x_tangent, torch.zeros_like(u))
     torch.testing.assert_close(got.double(), want.to(got.dtype).double(), rtol=0, atol=0)
-    _, got = torch.func.jvp(pool, (inputs.x, u), (torch.zeros_like(inputs.x), u_tangent))
+    got = tangent(torch.zeros_like(inputs.x), u_tangent)
     assert torch.equal(got, torch.zeros_like(got))
+
+
+def _batch_of_one(batched):
+    """batched (a function of batched tensors) on unbatched tensors."""
+
+    def call(*tensors):
+        return batched(*(t[None] for t in tensors))[0]
+
+    return call

@@ -19,6 +19,7 @@ Batching rules for the private operators let vmap run without torch's
 per-sample fallback. Calls outside these cases never reach Python.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -63,13 +64,22 @@ def _weighted_rows(weights: Tensor, rows: Tensor, full_width: bool) -> Tensor:
     return out.transpose(1, 2).reshape(batch, num_queries, hidden)
 
 
+def _softmax_of_attended(scores: Tensor, keep: Tensor) -> Tensor:
+    """The softmax over the last dim of the scores where ``keep``; 0 elsewhere,
+    and 0 for a sequence with nothing to attend."""
+    attended = scores.masked_fill(~keep, -math.inf)
+    top = attended.amax(-1, keepdim=True)
+    weights = torch.exp(attended - torch.where(torch.isfinite(top), top, 0.0))
+    total = weights.sum(-1, keepdim=True)
+    return weights / torch.where(total > 0, total, 1.0)
+
+
 def _pool_tangent(
     x: Tensor,
     u: Tensor,
     mask: Optional[Tensor],
     attn_bias: Optional[Tensor],
     lengths: Optional[Tensor],
-    lse: Tensor,
     scale: float,
     full_width: bool,
     x_tangent: Optional[Tensor],
@@ -79,8 +89,12 @@ def _pool_tangent(
     """The tangent of the (unrounded) output, per query and head:
     ``sum_l p_l (ds_l - sum_k p_k ds_k) x_l + sum_l p_l dx_l``, where
     ``ds_l = scale (dx_l . u + x_l . du) + dbias_l`` is the tangent of the score and
-    ``p = exp(s - max - log(sum))`` the forward's softmax, from its log-sum-exp
-    in two parts ``lse[..., 0] = max``, ``lse[..., 1] = log(sum)`` (SPEC.md §5)."""
+    ``p`` the softmax (SPEC.md §5).
+
+    ``p`` is the softmax of the scores made here, not ``exp(s - lse)`` with the
+    forward's log-sum-exp: the forward's kernel summed each score in its own
+    order, and at scores of 1e12 and more two orders of summation differ by
+    more than ``exp`` can take (``p`` overflows to inf, the tangent to NaN)."""
     acc = accumulate_dtype(x.dtype)
     batch, seq_len, hidden = x.shape
     us = u.reshape(-1, u.shape[-2], hidden).to(acc)  # [Q, n, H]
@@ -90,9 +104,7 @@ def _pool_tangent(
     scores = scale * _scores(rows, us)
     if attn_bias is not None:
         scores = scores + attn_bias.to(acc)[:, None, None, :]
-    parts = lse.reshape(batch, us.shape[0], us.shape[1], 2)
-    shifted = (scores - parts[..., :1]) - parts[..., 1:]
-    probs = torch.where(keep[:, None, None, :], torch.exp(shifted), 0.0)
+    probs = _softmax_of_attended(scores, keep[:, None, None, :])
 
     score_tangent = torch.zeros_like(scores)
     if x_tangent is not None:
@@ -422,14 +434,25 @@ def _attention_pool_varlen(
 
 
 def _pool_jvp_composite(
-    x, u, mask, _out, lse, scale, full_width, attn_bias, lengths, x_tangent, u_tangent, bias_tangent
+    x,
+    u,
+    mask,
+    _out,
+    _lse,
+    scale,
+    full_width,
+    attn_bias,
+    lengths,
+    x_tangent,
+    u_tangent,
+    bias_tangent,
 ):
     return _pool_tangent(
-        x, u, mask, attn_bias, lengths, lse, scale, full_width, x_tangent, u_tangent, bias_tangent
+        x, u, mask, attn_bias, lengths, scale, full_width, x_tangent, u_tangent, bias_tangent
     )
 
 
-def _varlen_jvp_composite(x, cu_seqlens, u, _out, lse, scale, full_width, x_tangent, u_tangent):
+def _varlen_jvp_composite(x, cu_seqlens, u, _out, _lse, scale, full_width, x_tangent, u_tangent):
     # The dense tangent on the sequences padded to the longest (whose length
     # is read from the device).
     offsets = cu_seqlens.long()
@@ -444,12 +467,23 @@ def _varlen_jvp_composite(x, cu_seqlens, u, _out, lse, scale, full_width, x_tang
         None,
         None,
         lengths,
-        lse,
         scale,
         full_width,
         padded_tangent,
         u_tangent,
     )
+
+
+def _checked(op, composite):
+    """The composition behind the op's own checks: its Meta kernel runs on meta
+    copies of the arguments, so that other devices reject what the CPU kernel
+    rejects, with the same messages."""
+
+    def kernel(*args):
+        op(*(a.to("meta") if isinstance(a, Tensor) else a for a in args))
+        return composite(*args)
+
+    return kernel
 
 
 def under_vmap() -> bool:
@@ -607,10 +641,12 @@ def register() -> None:
         _folded_attention_pool_varlen,
         "CompositeImplicitAutograd",
     )
-    _library.impl("_folded_attention_pool_jvp", _pool_jvp_composite, "CompositeExplicitAutograd")
-    _library.impl(
-        "_folded_attention_pool_varlen_jvp", _varlen_jvp_composite, "CompositeExplicitAutograd"
-    )
+    for name, composite in (
+        ("_folded_attention_pool_jvp", _pool_jvp_composite),
+        ("_folded_attention_pool_varlen_jvp", _varlen_jvp_composite),
+    ):
+        op = getattr(_ops, name).default
+        _library.impl(name, _checked(op, composite), "CompositeExplicitAutograd")
     for name, rule in (
         ("_folded_attention_pool_forward", _pool_forward_vmap),
         ("_folded_attention_pool_backward", _rule(_ops._folded_attention_pool_backward.default)),
