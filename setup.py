@@ -15,6 +15,7 @@ import glob
 import os
 import platform
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import setup
 
@@ -106,14 +107,14 @@ class BuildExtensionWithIsaKernels(BuildExtension):
 
     def build_extension(self, ext):
         base_flags = ext.extra_compile_args["cxx"]
-        objects = []
-        for isa in target_isas():
+
+        def compile_isa(isa):
             # A folder per instruction set: each compile call writes its own
             # build.ninja and ninja dependency log there. In one shared folder
             # each call's ninja dropped the others' header dependencies, and
             # an incremental build then kept an instruction set's stale
             # objects after a header changed (a crash at run time).
-            objects += self.compiler.compile(
+            return self.compiler.compile(
                 isa_sources(isa),
                 output_dir=os.path.join(self.build_temp, "isa", isa),
                 macros=ext.define_macros,
@@ -121,6 +122,12 @@ class BuildExtensionWithIsaKernels(BuildExtension):
                 extra_postargs={"cxx": base_flags + KERNEL_FLAGS + ISA_FLAGS[isa], "nvcc": []},
                 depends=ext.depends,
             )
+
+        # The instruction sets compile side by side: each is one large file,
+        # and one after another they made most of a 7.5-minute build on a
+        # 16-core GPU machine.
+        with ThreadPoolExecutor(max_workers=len(target_isas())) as pool:
+            objects = [obj for objs in pool.map(compile_isa, target_isas()) for obj in objs]
         ext.extra_objects = objects + list(ext.extra_objects or [])
         super().build_extension(ext)
 

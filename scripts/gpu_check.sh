@@ -9,7 +9,9 @@
 # PYTHON picks the interpreter (default python3), ATTNPOOL_CUDA_ARCHS the
 # compute capabilities to build for (default: the GPU's own), BENCH_ARGS
 # replaces the benchmark's arguments (attnpool.bench_gpu: points, rounds,
-# --no-compile). Exits non-zero if the build, a test or the benchmark fails.
+# --no-compile), TEST_TIMEOUT and BENCH_TIMEOUT their time limits in seconds
+# (default 240 and 420). Exits non-zero if the build, a test or the benchmark
+# fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,13 +43,13 @@ export PYTHONPATH="$PWD/torch_ext${PYTHONPATH:+:$PYTHONPATH}"
 step "tests with a CUDA case (pytest -k cuda)"
 XDIST=$("$PYTHON" -c 'import xdist' 2>/dev/null && echo "-n 8" || echo "")
 # shellcheck disable=SC2086 # XDIST is empty or two words
-timeout 240 "$PYTHON" -m pytest -q -k cuda $XDIST -rs --junitxml "$OUTDIR/junit.xml" 2>&1 |
+timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -k cuda $XDIST -rs --junitxml "$OUTDIR/junit.xml" 2>&1 |
   tee "$OUTDIR/pytest.log"
 TESTS=${PIPESTATUS[0]}
 
 step "GPU benchmark (CUDA events, L2 flushed between calls)"
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of arguments
-timeout 420 "$PYTHON" -m attnpool.bench_gpu --out "$OUTDIR" \
+timeout "${BENCH_TIMEOUT:-420}" "$PYTHON" -m attnpool.bench_gpu --out "$OUTDIR" \
   ${BENCH_ARGS:---rounds 10} 2>&1 | tee "$OUTDIR/gpu.txt"
 BENCH=${PIPESTATUS[0]}
 
