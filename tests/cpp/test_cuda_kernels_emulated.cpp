@@ -7,6 +7,7 @@
 // GPU runs are in the Python tests (parametrised over devices).
 
 #include "ops/cuda/folded_attention_pool_kernel.cuh"
+#include "ops/cuda/one_score_kernel.cuh"
 #include "ops/fold_query.h"
 #include "ops/folded_attention_pool.h"
 
@@ -28,6 +29,7 @@ struct Case {
   torch::ScalarType dtype;
   int threads, vec, chunks;
   int64_t pieces;
+  bool one_score = false;  // the kernels of one_score_kernel.cuh (one query, one head)
 };
 
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
@@ -80,8 +82,10 @@ void with_layout(int vec, int chunks, F&& f) {
       f(v, std::integral_constant<int, 1>{});
     } else if (chunks == 2) {
       f(v, std::integral_constant<int, 2>{});
-    } else {
+    } else if (chunks == 4) {
       f(v, std::integral_constant<int, 4>{});
+    } else {
+      f(v, std::integral_constant<int, 8>{});  // the one-score kernels' widest rows
     }
   };
   if (vec == 1) {
@@ -174,13 +178,24 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
     with_layout<scalar_t>(c.vec, c.chunks, [&](auto vec, auto chunks) {
       constexpr int V = decltype(vec)::value;
       constexpr int C = decltype(chunks)::value;
-      ASSERT_GE(int64_t{c.threads} * C * V, H) << "the case does not cover the row";
-      launch(
-          &attnpool::cuda::forward_kernel<scalar_t, V, C>,
-          B * Q * cut.pieces,
-          c.threads,
-          attnpool::cuda::forward_shared_bytes<acc_t>(c.threads / 32, n),
-          f.params);
+      if (c.one_score) {
+        ASSERT_EQ(num_scores, 1) << "the one-score kernels take one query and one head";
+        ASSERT_GE(32 * C * V, H) << "the case does not cover the row";
+        launch(
+            &attnpool::cuda::one_score_forward_kernel<scalar_t, V, C>,
+            B * cut.pieces,
+            c.threads,
+            attnpool::cuda::one_score_shared_bytes<acc_t>(c.threads / 32, H),
+            f.params);
+      } else if constexpr (C <= 4) {
+        ASSERT_GE(int64_t{c.threads} * C * V, H) << "the case does not cover the row";
+        launch(
+            &attnpool::cuda::forward_kernel<scalar_t, V, C>,
+            B * Q * cut.pieces,
+            c.threads,
+            attnpool::cuda::forward_shared_bytes<acc_t>(c.threads / 32, n),
+            f.params);
+      }
       if (cut.pieces > 1) {
         const int threads = attnpool::cuda::merge_threads(cut.pieces);
         launch(
@@ -203,12 +218,21 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
           std::nullopt);
       g.params.cut = cut;
       g.params.du_partials = du_partials.mutable_data_ptr();
-      launch(
-          &attnpool::cuda::backward_kernel<scalar_t, V, C>,
-          B * cut.pieces,
-          c.threads,
-          attnpool::cuda::backward_shared_bytes<acc_t>(c.threads / 32, n, num_scores),
-          g.params);
+      if (c.one_score) {
+        launch(
+            &attnpool::cuda::one_score_backward_kernel<scalar_t, V, C>,
+            B * cut.pieces,
+            c.threads,
+            attnpool::cuda::one_score_shared_bytes<acc_t>(c.threads / 32, H),
+            g.params);
+      } else if constexpr (C <= 4) {
+        launch(
+            &attnpool::cuda::backward_kernel<scalar_t, V, C>,
+            B * cut.pieces,
+            c.threads,
+            attnpool::cuda::backward_shared_bytes<acc_t>(c.threads / 32, n, num_scores),
+            g.params);
+      }
       launch(
           &attnpool::cuda::reduce_partials_kernel<acc_t>,
           (num_scores * H + attnpool::cuda::kStripeColumns - 1) / attnpool::cuda::kStripeColumns,
@@ -279,22 +303,30 @@ TEST_P(EmulatedCudaKernels, ForwardAndBackwardMatchTheCpuOperators) {
 // weight on it and the scores get no gradient, exactly, in the reference. The
 // kernels sum delta = G . out and dp = G . x alike, so that they cancel exactly
 // here instead of leaving rounding noise in the parameters' gradients.
+void expect_single_row_gradients(const Case& c) {
+  auto in = make_inputs(c);
+  if (c.masked) {
+    in.mask = torch::zeros({c.batch, c.seq_len}, torch::kBool);
+    in.mask.select(1, 4).fill_(true);
+    in.attn_bias = torch::Tensor();  // row 4 alone, whatever the bias would exclude
+  }
+  in.x = in.x * 3;  // scores far from 0, so that exp() is not trivially 1
+  const auto grad_out = random_grad_out(c, {c.batch, c.num_queries, c.hidden});
+  const auto e = run_emulated(c, in, grad_out);
+  const std::string what =
+      std::string(c.masked ? "masked" : "one row") + (c.one_score ? ", one-score kernels" : "");
+  EXPECT_EQ(e.du.abs().max().item<double>(), 0.0) << what;
+  // dx of that row is the output's gradient summed over the queries.
+  const auto attended = e.dx.select(1, c.masked ? 4 : 0);
+  expect_close(attended, grad_out.sum(1), 1e-5, what.c_str());
+}
+
 TEST(EmulatedCudaKernelsSingleRow, ScoreGradientIsExactlyZero) {
   for (const bool masked : {false, true}) {
-    const Case c{3, masked ? 7 : 1, 96, 2, 2, masked, torch::kFloat32, 64, 4, 1, 2};
-    auto in = make_inputs(c);
-    if (masked) {
-      in.mask = torch::zeros({c.batch, c.seq_len}, torch::kBool);
-      in.mask.select(1, 4).fill_(true);
-      in.attn_bias = torch::Tensor();  // row 4 alone, whatever the bias would exclude
-    }
-    in.x = in.x * 3;  // scores far from 0, so that exp() is not trivially 1
-    const auto grad_out = random_grad_out(c, {c.batch, c.num_queries, c.hidden});
-    const auto e = run_emulated(c, in, grad_out);
-    EXPECT_EQ(e.du.abs().max().item<double>(), 0.0) << (masked ? "masked" : "one row");
-    // dx of that row is the output's gradient summed over the queries.
-    const auto attended = e.dx.select(1, masked ? 4 : 0);
-    expect_close(attended, grad_out.sum(1), 1e-5, "dx of the attended row");
+    const int64_t seq_len = masked ? 7 : 1;
+    expect_single_row_gradients(Case{3, seq_len, 96, 2, 2, masked, torch::kFloat32, 64, 4, 1, 2});
+    expect_single_row_gradients(
+        Case{3, seq_len, 96, 1, 1, masked, torch::kFloat32, 64, 4, 1, 2, true});
   }
 }
 
@@ -315,7 +347,7 @@ using VarlenBackwardOp = std::tuple<at::Tensor, at::Tensor>(
     double,
     bool);
 
-template <typename scalar_t, int V, int C>
+template <typename scalar_t, int V, int C, bool kOneScore = false>
 void run_emulated_varlen(
     const torch::Tensor& x,
     const torch::Tensor& cu_seqlens,
@@ -336,12 +368,21 @@ void run_emulated_varlen(
   f.params.first_piece = first_piece.const_data_ptr<int64_t>();
   auto partials = torch::empty({most_items * Q, 1 + 2 * n + H}, f.out.options());
   f.params.partials = partials.mutable_data_ptr();
-  launch(
-      &cuda::forward_kernel<scalar_t, V, C>,
-      most_items * Q,
-      threads,
-      cuda::forward_shared_bytes<acc_t>(threads / 32, n),
-      f.params);
+  if constexpr (kOneScore) {
+    launch(
+        &cuda::one_score_forward_kernel<scalar_t, V, C>,
+        most_items,
+        threads,
+        cuda::one_score_shared_bytes<acc_t>(threads / 32, H),
+        f.params);
+  } else {
+    launch(
+        &cuda::forward_kernel<scalar_t, V, C>,
+        most_items * Q,
+        threads,
+        cuda::forward_shared_bytes<acc_t>(threads / 32, n),
+        f.params);
+  }
   const int merge_threads = cuda::merge_threads(f.params.cut.pieces);
   launch(
       &cuda::merge_pieces_kernel<scalar_t>,
@@ -356,12 +397,21 @@ void run_emulated_varlen(
   const int64_t num_scores = Q * n;
   auto du_partials = torch::empty({most_items, num_scores, H}, f.out.options());
   g.params.du_partials = du_partials.mutable_data_ptr();
-  launch(
-      &cuda::backward_kernel<scalar_t, V, C>,
-      most_items,
-      threads,
-      cuda::backward_shared_bytes<acc_t>(threads / 32, n, num_scores),
-      g.params);
+  if constexpr (kOneScore) {
+    launch(
+        &cuda::one_score_backward_kernel<scalar_t, V, C>,
+        most_items,
+        threads,
+        cuda::one_score_shared_bytes<acc_t>(threads / 32, H),
+        g.params);
+  } else {
+    launch(
+        &cuda::backward_kernel<scalar_t, V, C>,
+        most_items,
+        threads,
+        cuda::backward_shared_bytes<acc_t>(threads / 32, n, num_scores),
+        g.params);
+  }
   launch(
       &cuda::reduce_partials_kernel<acc_t>,
       (num_scores * H + cuda::kStripeColumns - 1) / cuda::kStripeColumns,
@@ -382,36 +432,42 @@ TEST(EmulatedCudaKernelsRagged, VarlenMatchesTheCpuOperators) {
   const auto cu_seqlens = torch::tensor({0, 0, 3, 3, 45, 46, 58, 58}, torch::kInt32);
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   // (Each emulated run takes seconds: two cover both output modes and both
-  // layouts of a thread's columns.)
-  for (const bool full_width : {false, true}) {
-    for (const auto dtype : {full_width ? torch::kBFloat16 : torch::kFloat64}) {
-      torch::manual_seed(full_width ? 1 : 2);
-      const auto x = torch::randn({58, 64}, f64).to(dtype);
-      const auto acc = dtype == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
-      const auto u = (torch::randn({2, 2, 64}, f64) / 8).to(acc);
-      const auto [want_out, want_lse] =
-          cpu_op<VarlenForwardOp>("attnpool::_folded_attention_pool_varlen_forward")
-              .call(x, cu_seqlens, u, 0.5, full_width);
-      const auto grad_out = torch::randn(want_out.sizes(), f64).to(acc);
-      const auto [want_dx, want_du] =
-          cpu_op<VarlenBackwardOp>("attnpool::_folded_attention_pool_varlen_backward")
-              .call(grad_out, x, cu_seqlens, u, want_out, want_lse, 0.5, full_width);
-      torch::Tensor got[4];
-      if (dtype == torch::kFloat64) {
-        run_emulated_varlen<double, 1, 2>(x, cu_seqlens, u, full_width, 8, 32, grad_out, got);
-      } else {
-        run_emulated_varlen<at::BFloat16, 8, 1>(x, cu_seqlens, u, full_width, 8, 32, grad_out, got);
-      }
-      const double tol = tolerance(dtype);
-      expect_close(got[0], want_out, tol, "out");
-      expect_close(got[1], want_lse, tol, "lse");
-      expect_close(got[2], want_dx, tol, "dx");
-      expect_close(got[3], want_du, tol, "du");
+  // layouts of a thread's columns, the third the one-score kernels.)
+  for (const int run : {0, 1, 2}) {
+    const bool full_width = run == 1;
+    const bool one_score = run == 2;
+    const auto dtype = full_width  ? torch::kBFloat16
+                       : one_score ? torch::kFloat32
+                                   : torch::kFloat64;
+    torch::manual_seed(run + 1);
+    const auto x = torch::randn({58, 64}, f64).to(dtype);
+    const auto acc = dtype == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+    const auto u_shape = one_score ? std::vector<int64_t>{1, 64} : std::vector<int64_t>{2, 2, 64};
+    const auto u = (torch::randn(u_shape, f64) / 8).to(acc);
+    const auto [want_out, want_lse] =
+        cpu_op<VarlenForwardOp>("attnpool::_folded_attention_pool_varlen_forward")
+            .call(x, cu_seqlens, u, 0.5, full_width);
+    const auto grad_out = torch::randn(want_out.sizes(), f64).to(acc);
+    const auto [want_dx, want_du] =
+        cpu_op<VarlenBackwardOp>("attnpool::_folded_attention_pool_varlen_backward")
+            .call(grad_out, x, cu_seqlens, u, want_out, want_lse, 0.5, full_width);
+    torch::Tensor got[4];
+    if (one_score) {
+      run_emulated_varlen<float, 4, 1, true>(x, cu_seqlens, u, false, 8, 64, grad_out, got);
+    } else if (dtype == torch::kFloat64) {
+      run_emulated_varlen<double, 1, 2>(x, cu_seqlens, u, full_width, 8, 32, grad_out, got);
+    } else {
+      run_emulated_varlen<at::BFloat16, 8, 1>(x, cu_seqlens, u, full_width, 8, 32, grad_out, got);
     }
+    const double tol = tolerance(dtype);
+    expect_close(got[0], want_out, tol, "out");
+    expect_close(got[1], want_lse, tol, "lse");
+    expect_close(got[2], want_dx, tol, "dx");
+    expect_close(got[3], want_du, tol, "du");
   }
 }
 
-// {B, L, H, Q, heads, masked, dtype, threads, vec, chunks, pieces}
+// {B, L, H, Q, heads, masked, dtype, threads, vec, chunks, pieces[, one_score]}
 INSTANTIATE_TEST_SUITE_P(
     Layouts,
     EmulatedCudaKernels,
@@ -425,7 +481,15 @@ INSTANTIATE_TEST_SUITE_P(
         Case{2, 17, 128, 1, 4, true, torch::kBFloat16, 128, 8, 1, 2},
         Case{2, 9, 64, 0, 2, false, torch::kHalf, 128, 8, 1, 1},
         Case{2, 0, 32, 2, 1, false, torch::kFloat32, 128, 4, 1, 1},
-        Case{2, 40, 48, 0, 2, true, torch::kFloat32, 64, 1, 1, 40}),
+        Case{2, 40, 48, 0, 2, true, torch::kFloat32, 64, 1, 1, 40},
+        // The one-score kernels: 4 or 2 warps, 1 to 8 chunks of 16 bytes per lane.
+        Case{2, 21, 96, 0, 1, true, torch::kFloat32, 128, 4, 1, 1, true},
+        Case{1, 13, 1024, 1, 1, false, torch::kFloat32, 64, 4, 8, 2, true},
+        Case{2, 30, 768, 0, 1, true, torch::kBFloat16, 128, 8, 4, 3, true},
+        Case{2, 9, 64, 0, 1, false, torch::kFloat64, 128, 2, 1, 1, true},
+        Case{2, 11, 504, 0, 1, true, torch::kHalf, 64, 8, 2, 1, true},
+        Case{2, 0, 32, 0, 1, false, torch::kFloat32, 128, 4, 1, 1, true},
+        Case{2, 40, 48, 0, 1, true, torch::kFloat32, 128, 4, 1, 40, true}),
     case_name);
 
 }  // namespace

@@ -12,6 +12,9 @@
 #define ATTNPOOL_GLOBAL __global__
 #define ATTNPOOL_DEVICE __device__
 #define ATTNPOOL_HOST_DEVICE __host__ __device__
+// Unrolls the loop that follows: loops over registers must be unrolled, or
+// the registers go to local memory.
+#define ATTNPOOL_UNROLL _Pragma("unroll")
 #define ATTNPOOL_DYNAMIC_SHARED(type, name)                       \
   extern __shared__ __align__(16) unsigned char attnpool_smem_[]; \
   type* name = reinterpret_cast<type*>(attnpool_smem_)

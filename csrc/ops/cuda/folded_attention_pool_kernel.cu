@@ -4,6 +4,7 @@
 
 #include "ops/checks.h"
 #include "ops/cuda/folded_attention_pool_kernel.cuh"
+#include "ops/cuda/one_score_kernel.cuh"
 #include "ops/fold_query.h"
 #include "ops/folded_attention_pool.h"
 
@@ -121,6 +122,33 @@ void with_layout(int vec, int chunks, F&& f) {
   }
 }
 
+// Whether a call takes the kernels of one_score_kernel.cuh (a warp per row):
+// one score per row (one query, one head), rows in 16-byte packs, and a row
+// that a warp's registers hold. Decided from the shape alone, so that the
+// forward and the backward of a call sum each score in the same order.
+template <typename scalar_t>
+bool takes_one_score_kernels(int64_t num_scores, int64_t hidden, int vec) {
+  constexpr int kWide = 16 / sizeof(scalar_t);
+  return num_scores == 1 && vec == kWide && hidden <= 32 * kWide * one_score_max_chunks<scalar_t>();
+}
+
+// Calls f with the compile-time chunks of 16 bytes per lane that cover the
+// row in the one-score kernels: 1, 2, 4 or (float32, float64) 8.
+template <typename scalar_t, typename F>
+void with_lane_chunks(int64_t hidden, F&& f) {
+  constexpr int kWide = 16 / sizeof(scalar_t);
+  const int64_t chunks = at::ceil_div<int64_t>(hidden, 32 * kWide);
+  if (chunks <= 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (chunks <= 2) {
+    f(std::integral_constant<int, 2>{});
+  } else if (chunks <= 4 || one_score_max_chunks<scalar_t>() <= 4) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, one_score_max_chunks<scalar_t>()>{});
+  }
+}
+
 // The cut of each sequence for a kernel with one block per (sequence, piece).
 PieceCut cut_sequences(int64_t sequences, int64_t seq_len) {
   return PieceCut::into(seq_len, pieces_per_sequence(sequences, seq_len));
@@ -184,16 +212,27 @@ std::tuple<at::Tensor, at::Tensor> run_forward(detail::PreparedForward& f, at::S
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, dtype, "folded_attention_pool_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
+        constexpr int kWide = 16 / sizeof(scalar_t);
         const int vec = vector_width<scalar_t>(f.pool.rows);
-        const auto shape = launch_shape(a.hidden, vec);
-        const int64_t shared = forward_shared_bytes<acc_t>(shape.threads / 32, n);
-        with_layout<scalar_t>(vec, shape.chunks, [&](auto vec_c, auto chunks_c) {
-          auto* kernel =
-              &forward_kernel<scalar_t, decltype(vec_c)::value, decltype(chunks_c)::value>;
-          set_shared_limit<acc_t>(reinterpret_cast<const void*>(kernel), shared);
-          kernel<<<blocks, shape.threads, shared, stream>>>(a);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+        if (takes_one_score_kernels<scalar_t>(a.num_scores(), a.hidden, vec)) {
+          const int64_t shared = one_score_shared_bytes<acc_t>(kOneScoreWarps, a.hidden);
+          with_lane_chunks<scalar_t>(a.hidden, [&](auto chunks_c) {
+            auto* kernel = &one_score_forward_kernel<scalar_t, kWide, decltype(chunks_c)::value>;
+            set_shared_limit<acc_t>(reinterpret_cast<const void*>(kernel), shared);
+            kernel<<<blocks, 32 * kOneScoreWarps, shared, stream>>>(a);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        } else {
+          const auto shape = launch_shape(a.hidden, vec);
+          const int64_t shared = forward_shared_bytes<acc_t>(shape.threads / 32, n);
+          with_layout<scalar_t>(vec, shape.chunks, [&](auto vec_c, auto chunks_c) {
+            auto* kernel =
+                &forward_kernel<scalar_t, decltype(vec_c)::value, decltype(chunks_c)::value>;
+            set_shared_limit<acc_t>(reinterpret_cast<const void*>(kernel), shared);
+            kernel<<<blocks, shape.threads, shared, stream>>>(a);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        }
         if (merge) {
           const int threads = merge_threads(merged_pieces);
           const int64_t merge_blocks = a.batch * a.num_queries * merge_blocks_per_row(a.hidden, n);
@@ -234,17 +273,28 @@ std::tuple<at::Tensor, at::Tensor> run_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, dtype, "folded_attention_pool_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
+        constexpr int kWide = 16 / sizeof(scalar_t);
         const int vec = vector_width<scalar_t>(g.pool.rows);
-        const auto shape = launch_shape(a.hidden, vec);
-        const int64_t shared =
-            backward_shared_bytes<acc_t>(shape.threads / 32, a.num_heads, num_scores);
-        with_layout<scalar_t>(vec, shape.chunks, [&](auto vec_c, auto chunks_c) {
-          auto* kernel =
-              &backward_kernel<scalar_t, decltype(vec_c)::value, decltype(chunks_c)::value>;
-          set_shared_limit<acc_t>(reinterpret_cast<const void*>(kernel), shared);
-          kernel<<<blocks, shape.threads, shared, stream>>>(a);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+        if (takes_one_score_kernels<scalar_t>(num_scores, a.hidden, vec)) {
+          const int64_t shared = one_score_shared_bytes<acc_t>(kOneScoreWarps, a.hidden);
+          with_lane_chunks<scalar_t>(a.hidden, [&](auto chunks_c) {
+            auto* kernel = &one_score_backward_kernel<scalar_t, kWide, decltype(chunks_c)::value>;
+            set_shared_limit<acc_t>(reinterpret_cast<const void*>(kernel), shared);
+            kernel<<<blocks, 32 * kOneScoreWarps, shared, stream>>>(a);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        } else {
+          const auto shape = launch_shape(a.hidden, vec);
+          const int64_t shared =
+              backward_shared_bytes<acc_t>(shape.threads / 32, a.num_heads, num_scores);
+          with_layout<scalar_t>(vec, shape.chunks, [&](auto vec_c, auto chunks_c) {
+            auto* kernel =
+                &backward_kernel<scalar_t, decltype(vec_c)::value, decltype(chunks_c)::value>;
+            set_shared_limit<acc_t>(reinterpret_cast<const void*>(kernel), shared);
+            kernel<<<blocks, shape.threads, shared, stream>>>(a);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        }
         const int64_t width = num_scores * a.hidden;
         constexpr int kReduceThreads = 256;
         reduce_partials_kernel<acc_t>

@@ -102,6 +102,7 @@ void launch(
 #define ATTNPOOL_GLOBAL
 #define ATTNPOOL_DEVICE
 #define ATTNPOOL_HOST_DEVICE
+#define ATTNPOOL_UNROLL
 #define ATTNPOOL_DYNAMIC_SHARED(type, name) \
   type* name = reinterpret_cast<type*>(attnpool_emulation::current_block->shared.data())
 

@@ -1,0 +1,430 @@
+#pragma once
+
+// Device code of the pooling with one score per row (one query and one head:
+// BERT-style pooling, and the shapes where x is largest): a warp per row.
+// folded_attention_pool_kernel.cuh's kernels serve every other shape.
+//
+// A block's warps take tiles of kOneScoreRows consecutive rows in turn; each
+// lane holds its columns of the row (16-byte packs, 32-bit column indices),
+// u, the weighted sum and the softmax state in registers, so a row costs one
+// warp reduction and no barrier. The warps' states are merged once, at the
+// end of the block's rows.
+//
+// A row's score is summed in one order in the forward and the backward
+// (lane_dot, then warp_sum's butterfly, which gives every lane the same total),
+// so that the backward's p = exp(score - lse) never exceeds 1 (the CPU's
+// [Note: one order for every score]). The two kernels therefore always run
+// together: the entry points choose them from the shape alone
+// (takes_one_score_kernels in folded_attention_pool_kernel.cu).
+
+#include "ops/cuda/folded_attention_pool_kernel.cuh"
+
+namespace attnpool::cuda {
+
+// Rows a warp takes between two updates of its softmax state.
+constexpr int kOneScoreRows = 2;
+
+// Warps per block; the widest row, and chunks of a lane's columns at most:
+// H <= 1024 (8 chunks of 4 floats, 4 chunks of 8 16-bit values), H <= 512 in
+// float64. Wider 16-bit rows spilled registers (ptxas, sm_90).
+constexpr int kOneScoreWarps = 4;
+constexpr int kOneScoreMaxRow = 1024;
+constexpr int kOneScoreMaxChunks = 8;
+
+template <typename scalar_t>
+constexpr int one_score_max_chunks() {
+  constexpr int by_row = kOneScoreMaxRow / (32 * (16 / static_cast<int>(sizeof(scalar_t))));
+  return by_row < kOneScoreMaxChunks ? by_row : kOneScoreMaxChunks;
+}
+
+// Shared memory of either kernel: each warp's max, sum and flag, each warp's
+// vector of H (its weighted sum, or its du partial), each warp's weight in
+// the block's sum.
+template <typename acc_t>
+ATTNPOOL_HOST_DEVICE inline int64_t one_score_shared_bytes(int64_t num_warps, int64_t hidden) {
+  return static_cast<int64_t>(sizeof(acc_t)) * num_warps * (4 + hidden);
+}
+
+// Column of element 0 of a lane's chunk j: chunks of VEC elements, the
+// warp's 32 lanes side by side, so that a warp's loads of a chunk are
+// consecutive 16-byte vectors.
+template <int VEC>
+ATTNPOOL_DEVICE inline int lane_column(int lane, int j) {
+  return (lane + 32 * j) * VEC;
+}
+
+// A lane's columns of one row, as stored.
+template <typename scalar_t, int VEC, int CHUNKS>
+struct LaneRow {
+  Pack<scalar_t, VEC> packs[CHUNKS];
+};
+
+template <typename scalar_t, int VEC, int CHUNKS>
+ATTNPOOL_DEVICE inline void load_lane_row(
+    const scalar_t* row, int hidden, int lane, LaneRow<scalar_t, VEC, CHUNKS>& out) {
+  for (int j = 0; j < CHUNKS; ++j) {
+    const int col = lane_column<VEC>(lane, j);
+    if (col < hidden) {
+      out.packs[j] = load_pack<scalar_t, VEC>(row + col);
+    }
+  }
+}
+
+// Element v of chunk j in the accumulation dtype; 0 past H.
+template <typename acc_t, typename scalar_t, int VEC, int CHUNKS>
+ATTNPOOL_DEVICE inline acc_t lane_value(
+    const LaneRow<scalar_t, VEC, CHUNKS>& row, int hidden, int lane, int j, int v) {
+  return lane_column<VEC>(lane, j) < hidden ? static_cast<acc_t>(row.packs[j].v[v]) : acc_t(0);
+}
+
+// A lane's columns of a vector of the accumulation dtype (u, grad_out, out);
+// 0 past H.
+template <typename acc_t, int VEC, int CHUNKS>
+ATTNPOOL_DEVICE inline void load_lane_vector(
+    const acc_t* vector, int hidden, int lane, acc_t (&out)[CHUNKS][VEC]) {
+  for (int j = 0; j < CHUNKS; ++j) {
+    const int col = lane_column<VEC>(lane, j);
+    for (int v = 0; v < VEC; ++v) {
+      out[j][v] = col < hidden ? vector[col + v] : acc_t(0);
+    }
+  }
+}
+
+// This lane's part of row . w, in the one order the forward and the backward
+// share; warp_sum adds the lanes' parts.
+template <typename acc_t, typename scalar_t, int VEC, int CHUNKS>
+ATTNPOOL_DEVICE inline acc_t lane_dot(
+    const LaneRow<scalar_t, VEC, CHUNKS>& row,
+    const acc_t (&w)[CHUNKS][VEC],
+    int hidden,
+    int lane) {
+  acc_t part = acc_t(0);
+  for (int j = 0; j < CHUNKS; ++j) {
+    for (int v = 0; v < VEC; ++v) {
+      part = attnpool_fma(lane_value<acc_t>(row, hidden, lane, j, v), w[j][v], part);
+    }
+  }
+  return part;
+}
+
+// The same sum for two vectors of the accumulation dtype (delta = G . out,
+// summed as dp = G . x is).
+template <typename acc_t, int VEC, int CHUNKS>
+ATTNPOOL_DEVICE inline acc_t lane_dot(
+    const acc_t (&a)[CHUNKS][VEC], const acc_t (&w)[CHUNKS][VEC]) {
+  acc_t part = acc_t(0);
+  for (int j = 0; j < CHUNKS; ++j) {
+    for (int v = 0; v < VEC; ++v) {
+      part = attnpool_fma(a[j][v], w[j][v], part);
+    }
+  }
+  return part;
+}
+
+// A tile of a warp: rows tile .. tile + kOneScoreRows - 1 of sequence b,
+// present[r] false (and the row not loaded) past `end` or where masked.
+template <typename scalar_t, int VEC, int CHUNKS>
+struct WarpTile {
+  bool present[kOneScoreRows];
+  LaneRow<scalar_t, VEC, CHUNKS> rows[kOneScoreRows];
+};
+
+template <typename scalar_t, int VEC, int CHUNKS, typename Params>
+ATTNPOOL_DEVICE inline void load_warp_tile(
+    const Params& a,
+    const scalar_t* x,
+    int64_t b,
+    int64_t tile,
+    int64_t end,
+    int lane,
+    WarpTile<scalar_t, VEC, CHUNKS>& out) {
+  const int hidden = static_cast<int>(a.hidden);
+  for (int r = 0; r < kOneScoreRows; ++r) {
+    const int64_t l = tile + r;
+    out.present[r] = l < end && a.attends(b, l);
+    if (out.present[r]) {
+      load_lane_row(x + l * a.x_seq_stride, hidden, lane, out.rows[r]);
+    }
+  }
+}
+
+// The softmax state of a warp (or, merged, of a block): running max, sum of
+// exp(score - max), whether any row was present, and (in registers) the
+// weighted sum of the rows.
+template <typename acc_t>
+struct SoftmaxState {
+  acc_t max;
+  acc_t sum;
+  bool any;
+};
+
+// The block's state from its warps' (maxes, sums, flags: one each per warp),
+// the same in every thread: the warps' states in warp order, as
+// merge_pieces_kernel merges pieces. weights[w] (shared) gets warp w's
+// factor, from the threads tid < num_warps.
+template <typename acc_t>
+ATTNPOOL_DEVICE inline SoftmaxState<acc_t> merge_warp_states(
+    const acc_t* maxes,
+    const acc_t* sums,
+    const acc_t* flags,
+    int num_warps,
+    int tid,
+    acc_t* weights) {
+  SoftmaxState<acc_t> block{-attnpool_infinity<acc_t>(), acc_t(0), false};
+  for (int w = 0; w < num_warps; ++w) {
+    if (flags[w] != acc_t(0)) {
+      block.any = true;
+      block.max = maxes[w] > block.max ? maxes[w] : block.max;
+    }
+  }
+  const bool none_finite = block.max == -attnpool_infinity<acc_t>();
+  for (int w = 0; w < num_warps; ++w) {
+    const acc_t weight = flags[w] == acc_t(0) ? acc_t(0)
+                         : none_finite        ? acc_t(1)
+                                              : attnpool_exp(maxes[w] - block.max);
+    block.sum += weight * sums[w];
+    if (tid == w) {
+      weights[w] = weight;
+    }
+  }
+  return block;
+}
+
+// One (sequence b, piece of its rows) per block, with ForwardParams' block
+// numbering for one query (block_info): out and lse directly when the
+// sequence is one piece, else the piece's state in `partials`, merged by
+// merge_pieces_kernel.
+template <typename scalar_t, int VEC, int CHUNKS>
+ATTNPOOL_GLOBAL void one_score_forward_kernel(ForwardParams a) {
+  using acc_t = attnpool_opmath_t<scalar_t>;
+  constexpr int R = kOneScoreRows;
+  const BlockInfo info = block_info(a, 1);
+  const auto [b, group, rows, tid, lane, warp, num_warps] = info;
+  const int H = static_cast<int>(a.hidden);
+  const auto* x = static_cast<const scalar_t*>(a.x) + a.row_offset(b, 0);
+  const acc_t scale = static_cast<acc_t>(a.scale);
+  const auto* bias =
+      a.bias == nullptr ? nullptr : static_cast<const acc_t*>(a.bias) + b * a.seq_len;
+
+  acc_t u[CHUNKS][VEC];
+  load_lane_vector(static_cast<const acc_t*>(a.u), H, lane, u);
+  acc_t acc[CHUNKS][VEC];
+  for (int j = 0; j < CHUNKS; ++j) {
+    for (int v = 0; v < VEC; ++v) {
+      acc[j][v] = acc_t(0);
+    }
+  }
+  SoftmaxState<acc_t> state{-attnpool_infinity<acc_t>(), acc_t(0), false};
+
+  // Tiles of R rows, dealt to the warps in turn; the next tile's loads are
+  // issued before this one is reduced.
+  const int64_t stride = static_cast<int64_t>(num_warps) * R;
+  WarpTile<scalar_t, VEC, CHUNKS> next;
+  int64_t tile = rows.begin + static_cast<int64_t>(warp) * R;
+  if (tile < rows.end) {
+    load_warp_tile(a, x, b, tile, rows.end, lane, next);
+  }
+  for (; tile < rows.end; tile += stride) {
+    const WarpTile<scalar_t, VEC, CHUNKS> current = next;
+    if (tile + stride < rows.end) {
+      load_warp_tile(a, x, b, tile + stride, rows.end, lane, next);
+    }
+    acc_t scores[R];
+    acc_t tile_max = -attnpool_infinity<acc_t>();
+    for (int r = 0; r < R; ++r) {
+      scores[r] = -attnpool_infinity<acc_t>();
+      if (current.present[r]) {  // the same for the whole warp
+        const acc_t sum = warp_sum(lane_dot(current.rows[r], u, H, lane));
+        scores[r] = biased_score(scale, sum, bias, tile + r);
+        tile_max = scores[r] > tile_max ? scores[r] : tile_max;
+        state.any = true;
+      }
+    }
+    // The update of a block of rows of the CPU kernels.
+    acc_t correction = acc_t(1);
+    if (tile_max > state.max) {
+      correction = attnpool_exp(state.max - tile_max);
+      state.sum *= correction;
+      state.max = tile_max;
+    }
+    acc_t weights[R];
+    for (int r = 0; r < R; ++r) {
+      weights[r] =
+          scores[r] == -attnpool_infinity<acc_t>() ? acc_t(0) : attnpool_exp(scores[r] - state.max);
+      state.sum += weights[r];
+    }
+    for (int j = 0; j < CHUNKS; ++j) {
+      for (int v = 0; v < VEC; ++v) {
+        acc_t value = acc[j][v] * correction;
+        for (int r = 0; r < R; ++r) {
+          if (current.present[r]) {
+            value += weights[r] * lane_value<acc_t>(current.rows[r], H, lane, j, v);
+          }
+        }
+        acc[j][v] = value;
+      }
+    }
+  }
+
+  // The block's state: the warps' states merged in warp order.
+  ATTNPOOL_DYNAMIC_SHARED(acc_t, shared);
+  acc_t* maxes = shared;               // [num_warps], then each warp's weight
+  acc_t* sums = maxes + num_warps;     // [num_warps]
+  acc_t* flags = sums + num_warps;     // [num_warps]
+  acc_t* vectors = flags + num_warps;  // [num_warps][H]
+  if (lane == 0) {
+    maxes[warp] = state.max;
+    sums[warp] = state.sum;
+    flags[warp] = state.any ? acc_t(1) : acc_t(0);
+  }
+  for (int j = 0; j < CHUNKS; ++j) {
+    const int col = lane_column<VEC>(lane, j);
+    if (col < H) {
+      for (int v = 0; v < VEC; ++v) {
+        vectors[warp * H + col + v] = acc[j][v];
+      }
+    }
+  }
+  attnpool_syncthreads();
+  acc_t* weights = vectors + num_warps * H;  // [num_warps]
+  const SoftmaxState<acc_t> block = merge_warp_states(maxes, sums, flags, num_warps, tid, weights);
+  attnpool_syncthreads();
+
+  const auto merged = [&](int c) {
+    acc_t value = acc_t(0);
+    for (int w = 0; w < num_warps; ++w) {
+      value += weights[w] * vectors[w * H + c];
+    }
+    return value;
+  };
+  if (!a.ragged() && a.cut.pieces == 1) {
+    auto* out = static_cast<acc_t*>(a.out) + b * H;
+    for (int c = tid; c < H; c += blockDim.x) {
+      out[c] = block.any ? merged(c) / block.sum : acc_t(0);
+    }
+    if (tid == 0) {
+      auto* lse = static_cast<acc_t*>(a.lse) + 2 * b;
+      lse[0] = block.any ? block.max : -attnpool_infinity<acc_t>();
+      lse[1] = block.any ? attnpool_log(block.sum) : acc_t(0);
+    }
+    return;
+  }
+  // The piece's state, in merge_pieces_kernel's record for one head.
+  acc_t* record = static_cast<acc_t*>(a.partials) + static_cast<int64_t>(blockIdx.x) * (3 + H);
+  if (tid == 0) {
+    record[0] = block.any ? acc_t(1) : acc_t(0);
+    record[1] = block.max;
+    record[2] = block.sum;
+  }
+  for (int c = tid; c < H; c += blockDim.x) {
+    record[3 + c] = merged(c);
+  }
+}
+
+// One (sequence b, piece of its rows) per block: for each row, p = exp(score
+// - lse) and ds = scale * p * (dp - delta) with dp = G . x and delta = G . out;
+// dx = p G + ds u is written once, and du += ds x stays in the lane's
+// registers until the warps' parts are added, in warp order, into this
+// block's du partial (summed over blocks by reduce_partials_kernel).
+template <typename scalar_t, int VEC, int CHUNKS>
+ATTNPOOL_GLOBAL void one_score_backward_kernel(BackwardParams a) {
+  using acc_t = attnpool_opmath_t<scalar_t>;
+  constexpr int R = kOneScoreRows;
+  const BlockInfo info = block_info(a, 1);
+  const auto [b, group, rows, tid, lane, warp, num_warps] = info;
+  const int H = static_cast<int>(a.hidden);
+  const auto* x = static_cast<const scalar_t*>(a.x) + a.row_offset(b, 0);
+  auto* dx = static_cast<scalar_t*>(a.dx) + a.flat_row(b, 0) * H;
+  const acc_t scale = static_cast<acc_t>(a.scale);
+  const auto* bias =
+      a.bias == nullptr ? nullptr : static_cast<const acc_t*>(a.bias) + b * a.seq_len;
+  const auto* lse = static_cast<const acc_t*>(a.lse) + 2 * b;
+  const acc_t lse_max = lse[0];
+  const acc_t lse_log_sum = lse[1];
+
+  acc_t u[CHUNKS][VEC];
+  acc_t g[CHUNKS][VEC];
+  acc_t du[CHUNKS][VEC];
+  load_lane_vector(static_cast<const acc_t*>(a.u), H, lane, u);
+  load_lane_vector(static_cast<const acc_t*>(a.grad_out) + b * H, H, lane, g);
+  {
+    acc_t out[CHUNKS][VEC];
+    load_lane_vector(static_cast<const acc_t*>(a.out) + b * H, H, lane, out);
+    for (int j = 0; j < CHUNKS; ++j) {
+      for (int v = 0; v < VEC; ++v) {
+        du[j][v] = out[j][v];
+      }
+    }
+  }
+  // delta = G . out, summed as every dp = G . x: when one row holds all the
+  // weight (x = out), dp - delta is exactly 0, as in the reference.
+  const acc_t delta = warp_sum(lane_dot(du, g));
+  for (int j = 0; j < CHUNKS; ++j) {
+    for (int v = 0; v < VEC; ++v) {
+      du[j][v] = acc_t(0);
+    }
+  }
+
+  // Tiles of R rows, dealt to the warps in turn. (Not loaded a tile ahead as
+  // in the forward: u, G and du already take three rows' worth of registers.)
+  const int64_t stride = static_cast<int64_t>(num_warps) * R;
+  for (int64_t tile = rows.begin + static_cast<int64_t>(warp) * R; tile < rows.end;
+       tile += stride) {
+    WarpTile<scalar_t, VEC, CHUNKS> current;
+    load_warp_tile(a, x, b, tile, rows.end, lane, current);
+    ATTNPOOL_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const int64_t l = tile + r;
+      if (l >= rows.end) {  // (not a loop condition: the loop stays unrolled)
+        continue;
+      }
+      acc_t prob = acc_t(0);
+      acc_t dscore = acc_t(0);
+      if (current.present[r]) {  // the same for the whole warp
+        const acc_t sum = warp_sum(lane_dot(current.rows[r], u, H, lane));
+        const acc_t dprob = warp_sum(lane_dot(current.rows[r], g, H, lane));
+        prob = attnpool_exp((biased_score(scale, sum, bias, l) - lse_max) - lse_log_sum);
+        dscore = scale * prob * (dprob - delta);
+      }
+      for (int j = 0; j < CHUNKS; ++j) {
+        const int col = lane_column<VEC>(lane, j);
+        if (col >= H) {
+          continue;
+        }
+        Pack<scalar_t, VEC> pack;
+        for (int v = 0; v < VEC; ++v) {
+          acc_t value = acc_t(0);
+          if (current.present[r]) {
+            value = prob * g[j][v] + dscore * u[j][v];
+            du[j][v] += dscore * static_cast<acc_t>(current.rows[r].packs[j].v[v]);
+          }
+          pack.v[v] = static_cast<scalar_t>(value);
+        }
+        store_pack<scalar_t, VEC>(dx + l * H + col, pack);
+      }
+    }
+  }
+
+  // This block's du partial: the warps' parts added in warp order.
+  ATTNPOOL_DYNAMIC_SHARED(acc_t, shared);
+  acc_t* vectors = shared + 3 * num_warps;  // [num_warps][H], as in the forward
+  for (int j = 0; j < CHUNKS; ++j) {
+    const int col = lane_column<VEC>(lane, j);
+    if (col < H) {
+      for (int v = 0; v < VEC; ++v) {
+        vectors[warp * H + col + v] = du[j][v];
+      }
+    }
+  }
+  attnpool_syncthreads();
+  acc_t* partial = static_cast<acc_t*>(a.du_partials) + static_cast<int64_t>(blockIdx.x) * H;
+  for (int c = tid; c < H; c += blockDim.x) {
+    acc_t total = acc_t(0);
+    for (int w = 0; w < num_warps; ++w) {
+      total += vectors[w * H + c];
+    }
+    partial[c] = total;
+  }
+}
+
+}  // namespace attnpool::cuda
