@@ -10,6 +10,7 @@
 #include "ops/cuda/one_score_kernel.cuh"
 #include "ops/fold_query.h"
 #include "ops/folded_attention_pool.h"
+#include "ops/pool_by_matmul.h"
 
 #include <attnpool/attnpool.h>
 #include <gtest/gtest.h>
@@ -464,6 +465,91 @@ TEST(EmulatedCudaKernelsRagged, VarlenMatchesTheCpuOperators) {
     expect_close(got[1], want_lse, tol, "lse");
     expect_close(got[2], want_dx, tol, "dx");
     expect_close(got[3], want_du, tol, "du");
+  }
+}
+
+// The CUDA entry points' matrix products for several scores per row
+// (ops/pool_by_matmul.h), on the CPU, against the CPU operators: heads and
+// queries, full width, masks and bias (a sequence with nothing to attend),
+// an empty sequence, all four dtypes.
+struct MatmulCase {
+  int64_t batch, seq_len, hidden, num_queries, num_heads;
+  bool full_width, masked;
+  torch::ScalarType dtype;
+};
+
+TEST(MatmulPath, ForwardAndBackwardMatchTheCpuOperators) {
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  for (const MatmulCase& c : {
+           MatmulCase{2, 13, 48, 2, 3, false, true, torch::kFloat64},
+           MatmulCase{3, 9, 64, 3, 2, true, true, torch::kFloat32},
+           MatmulCase{2, 17, 128, 1, 4, false, true, torch::kBFloat16},
+           MatmulCase{2, 11, 64, 4, 1, false, false, torch::kHalf},
+           MatmulCase{2, 7, 24, 2, 3, true, false, torch::kFloat32},
+           MatmulCase{2, 0, 32, 2, 2, false, false, torch::kFloat32},
+       }) {
+    SCOPED_TRACE(
+        std::string(c10::toString(c.dtype)) + " Q" + std::to_string(c.num_queries) + " n" +
+        std::to_string(c.num_heads) + (c.full_width ? " full width" : ""));
+    torch::manual_seed(c.hidden + c.seq_len);
+    const auto acc = c.dtype == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+    const auto x = torch::randn({c.batch, c.seq_len, c.hidden}, f64).to(c.dtype);
+    const auto u =
+        (torch::randn({c.num_queries, c.num_heads, c.hidden}, f64) / std::sqrt(double(c.hidden)))
+            .to(acc);
+    std::optional<torch::Tensor> mask;
+    std::optional<torch::Tensor> attn_bias;
+    if (c.masked) {
+      mask = torch::rand({c.batch, c.seq_len}) > 0.3;
+      mask->select(0, 1).fill_(false);
+      attn_bias = torch::randn({c.batch, c.seq_len}, f64).to(acc);
+      attn_bias->masked_fill_(torch::rand({c.batch, c.seq_len}) > 0.8, -INFINITY);
+    }
+    const double scale = 0.7;
+    const auto [want_out, want_lse] = cpu_op<ForwardOp>("attnpool::_folded_attention_pool_forward")
+                                          .call(x, u, mask, scale, c.full_width, attn_bias, {});
+    const auto grad_out = torch::randn(want_out.sizes(), f64).to(acc);
+    const auto [want_dx, want_du] =
+        cpu_op<BackwardOp>("attnpool::_folded_attention_pool_backward")
+            .call(grad_out, x, u, mask, want_out, want_lse, scale, c.full_width, attn_bias, {});
+
+    const auto f =
+        attnpool::detail::prepare_forward(x, u, mask, scale, c.full_width, attn_bias, {});
+    const auto [out, lse] = attnpool::detail::pool_forward_by_matmul(f);
+    const auto g = attnpool::detail::prepare_backward(
+        grad_out, x, u, mask, out, lse, scale, c.full_width, attn_bias, {});
+    const auto [dx, du] = attnpool::detail::pool_backward_by_matmul(g);
+    const double tol = tolerance(c.dtype);
+    expect_close(out, want_out, tol, "out");
+    expect_close(lse, want_lse, tol, "lse");
+    expect_close(dx, want_dx, tol, "dx");
+    EXPECT_EQ(dx.scalar_type(), c.dtype);
+    expect_close(du.view(u.sizes()), want_du, tol, "du");
+  }
+}
+
+// As EmulatedCudaKernelsSingleRow: with one attended row per sequence, du is
+// exactly 0 (delta is sum_l p_l dp_l, from the same dp).
+TEST(MatmulPath, ScoreGradientIsExactlyZero) {
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  for (const bool masked : {false, true}) {
+    torch::manual_seed(3);
+    const int64_t seq_len = masked ? 7 : 1;
+    const auto x = torch::randn({3, seq_len, 96}, f64).to(torch::kFloat32) * 3;
+    const auto u = torch::randn({2, 2, 96}, f64).to(torch::kFloat32) / 10;
+    std::optional<torch::Tensor> mask;
+    if (masked) {
+      mask = torch::zeros({3, seq_len}, torch::kBool);
+      mask->select(1, 4).fill_(true);
+    }
+    const auto f = attnpool::detail::prepare_forward(x, u, mask, 0.5, false, {}, {});
+    const auto [out, lse] = attnpool::detail::pool_forward_by_matmul(f);
+    const auto grad_out = torch::randn(out.sizes(), f64).to(torch::kFloat32);
+    const auto g =
+        attnpool::detail::prepare_backward(grad_out, x, u, mask, out, lse, 0.5, false, {}, {});
+    const auto [dx, du] = attnpool::detail::pool_backward_by_matmul(g);
+    EXPECT_EQ(du.abs().max().item<double>(), 0.0) << (masked ? "masked" : "one row");
+    expect_close(dx.select(1, masked ? 4 : 0), grad_out.sum(1), 1e-5, "dx of the attended row");
   }
 }
 

@@ -7,6 +7,7 @@
 #include "ops/cuda/one_score_kernel.cuh"
 #include "ops/fold_query.h"
 #include "ops/folded_attention_pool.h"
+#include "ops/pool_by_matmul.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -179,11 +180,21 @@ RaggedCut cut_ragged(const detail::PreparedPool& pool, int64_t groups) {
   return ragged;
 }
 
+// Whether a call runs as matrix products (ops/pool_by_matmul.h): several
+// scores per row in a dense batch. (A ragged batch would need its longest
+// length on the host; it stays with the kernels.)
+bool takes_matmul_path(const PoolInputs& p) {
+  return !p.ragged() && p.num_scores() > 1;
+}
+
 // Cuts the work (ForwardParams), launches the forward and, for sequences in
 // several pieces, the merge; returns (out, lse).
 std::tuple<at::Tensor, at::Tensor> run_forward(detail::PreparedForward& f, at::ScalarType dtype) {
   if (f.lse.numel() == 0) {
     return {f.out, f.lse};
+  }
+  if (takes_matmul_path(f.params)) {
+    return detail::pool_forward_by_matmul(f);
   }
   ForwardParams& a = f.params;
   const int64_t n = a.num_heads;
@@ -253,6 +264,10 @@ std::tuple<at::Tensor, at::Tensor> run_backward(
   if (g.dx.numel() == 0 || num_scores == 0) {
     g.dx.zero_();
     g.du.zero_();
+    return g.gradients(u);
+  }
+  if (takes_matmul_path(a)) {
+    std::tie(g.dx, g.du) = detail::pool_backward_by_matmul(g);
     return g.gradients(u);
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();

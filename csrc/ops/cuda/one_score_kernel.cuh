@@ -90,6 +90,20 @@ ATTNPOOL_DEVICE inline void load_lane_vector(
   }
 }
 
+// The lane's columns of `values` into vector[0, H).
+template <typename acc_t, int VEC, int CHUNKS>
+ATTNPOOL_DEVICE inline void store_lane_vector(
+    const acc_t (&values)[CHUNKS][VEC], int hidden, int lane, acc_t* vector) {
+  for (int j = 0; j < CHUNKS; ++j) {
+    const int col = lane_column<VEC>(lane, j);
+    if (col < hidden) {
+      for (int v = 0; v < VEC; ++v) {
+        vector[col + v] = values[j][v];
+      }
+    }
+  }
+}
+
 // This lane's part of row . w, in the one order the forward and the backward
 // share; warp_sum adds the lanes' parts.
 template <typename acc_t, typename scalar_t, int VEC, int CHUNKS>
@@ -277,14 +291,7 @@ ATTNPOOL_GLOBAL void one_score_forward_kernel(ForwardParams a) {
     sums[warp] = state.sum;
     flags[warp] = state.any ? acc_t(1) : acc_t(0);
   }
-  for (int j = 0; j < CHUNKS; ++j) {
-    const int col = lane_column<VEC>(lane, j);
-    if (col < H) {
-      for (int v = 0; v < VEC; ++v) {
-        vectors[warp * H + col + v] = acc[j][v];
-      }
-    }
-  }
+  store_lane_vector(acc, H, lane, vectors + warp * H);
   attnpool_syncthreads();
   acc_t* weights = vectors + num_warps * H;  // [num_warps]
   const SoftmaxState<acc_t> block = merge_warp_states(maxes, sums, flags, num_warps, tid, weights);
@@ -408,14 +415,7 @@ ATTNPOOL_GLOBAL void one_score_backward_kernel(BackwardParams a) {
   // This block's du partial: the warps' parts added in warp order.
   ATTNPOOL_DYNAMIC_SHARED(acc_t, shared);
   acc_t* vectors = shared + 3 * num_warps;  // [num_warps][H], as in the forward
-  for (int j = 0; j < CHUNKS; ++j) {
-    const int col = lane_column<VEC>(lane, j);
-    if (col < H) {
-      for (int v = 0; v < VEC; ++v) {
-        vectors[warp * H + col + v] = du[j][v];
-      }
-    }
-  }
+  store_lane_vector(du, H, lane, vectors + warp * H);
   attnpool_syncthreads();
   acc_t* partial = static_cast<acc_t*>(a.du_partials) + static_cast<int64_t>(blockIdx.x) * H;
   for (int c = tid; c < H; c += blockDim.x) {

@@ -1,0 +1,32 @@
+#pragma once
+
+// folded_attention_pool's forward and backward as matrix products, for the
+// CUDA entry points' calls with several scores per row (ops/cuda): cuBLAS
+// reads x at the GPU's bandwidth, where the CUDA kernels read it once per
+// query with a block-wide reduction per head and tile (H200: 0.01-0.09 of
+// x.sum()'s speed, benchmarks/README.md#gpu). Written with ATen operators
+// only, so the CPU runs it too (tests/cpp/test_cuda_kernels_emulated.cpp).
+//
+// Each score is one product's output, and the backward recomputes it with
+// the same product, so its p = exp(score - lse) stays at most 1 (the CPU's
+// [Note: one order for every score]). delta is sum_l p_l dp_l, from the same
+// dp the backward weighs: when one row holds all the weight, dp - delta is
+// exactly 0 there, as in the reference. 16-bit rows multiply 16-bit
+// operands (u, the weights, G and ds rounded to x's dtype) into float32 sums.
+
+#include "ops/folded_attention_pool.h"
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace attnpool::detail {
+
+// (out, lse) of a dense (not ragged) prepared call, as the kernels give them.
+std::tuple<at::Tensor, at::Tensor> pool_forward_by_matmul(const PreparedForward& f);
+
+// (dx, du) of a dense prepared call: dx in x's dtype, du [num_scores, H] in
+// the accumulation dtype (as PreparedBackward holds them before gradients()).
+std::tuple<at::Tensor, at::Tensor> pool_backward_by_matmul(const PreparedBackward& g);
+
+}  // namespace attnpool::detail
