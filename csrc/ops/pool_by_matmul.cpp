@@ -55,61 +55,41 @@ at::Tensor scores_of(const PreparedPool& pool, const at::Tensor& rows) {
   return scores;
 }
 
-// out[b, i, D_h] = sum_l weights[b, l, i * n + h] * rows[b, l, D_h], head h's
-// slice D_h of d columns (all H with one head): [B, Q, H].
+// With several heads, each product below runs over all H columns for every
+// score (n times the multiply-adds of one product per head's slice, which
+// took 2n launches a pass): a call then launches the same few kernels
+// whatever its heads, which matters at BERT size, where launches cost more
+// than the products.
+
+// [B, Q, H] of [B, Q * n, H]: each score (i, h) keeps its head's slice D_h.
+at::Tensor own_slices(const PoolInputs& p, const at::Tensor& all) {
+  if (p.num_heads == 1) {
+    return all;
+  }
+  const auto blocks = all.view({p.batch, p.num_queries, p.num_heads, p.num_heads, p.head_dim});
+  return at::diagonal(blocks, 0, 2, 3)  // [B, Q, d, n]: [b, i, c, h] = blocks[b, i, h, h, c]
+      .permute({0, 1, 3, 2})
+      .reshape({p.batch, p.num_queries, p.hidden});
+}
+
+// [B, Q * n, H] of G [B, Q, H]: score (i, h)'s row holds G[b, i, D_h] in its
+// slice D_h and zeros elsewhere.
+at::Tensor slice_blocks(const PoolInputs& p, const at::Tensor& grad) {
+  if (p.num_heads == 1) {
+    return grad;
+  }
+  auto blocks =
+      at::zeros({p.batch, p.num_queries, p.num_heads, p.num_heads, p.head_dim}, grad.options());
+  at::diagonal(blocks, 0, 2, 3)
+      .copy_(grad.view({p.batch, p.num_queries, p.num_heads, p.head_dim}).permute({0, 1, 3, 2}));
+  return blocks.view({p.batch, p.num_scores(), p.hidden});
+}
+
+// out[b, i, D_h] = sum_l weights[b, l, i * n + h] * rows[b, l, D_h]: [B, Q, H].
 at::Tensor weighted_rows(
     const PreparedPool& pool, const at::Tensor& weights, const at::Tensor& rows) {
-  const auto& p = pool.params;
-  const auto rows_dtype = rows.scalar_type();
-  if (p.num_heads == 1) {
-    return product(weights.transpose(1, 2), rows, rows_dtype, pool.acc_dtype);
-  }
-  const auto per_head = weights.view({p.batch, p.seq_len, p.num_queries, p.num_heads});
-  auto out = at::empty({p.batch, p.num_queries, p.hidden}, weights.options());
-  for (int64_t h = 0; h < p.num_heads; ++h) {
-    out.narrow(2, h * p.head_dim, p.head_dim)
-        .copy_(product(
-            per_head.select(3, h).transpose(1, 2),
-            rows.narrow(2, h * p.head_dim, p.head_dim),
-            rows_dtype,
-            pool.acc_dtype));
-  }
-  return out;
-}
-
-// dp[b, l, i * n + h] = G[b, i, D_h] . rows[b, l, D_h]: [B, L, S].
-at::Tensor head_products(const PreparedPool& pool, const at::Tensor& rows, const at::Tensor& grad) {
-  const auto& p = pool.params;
-  const auto rows_dtype = rows.scalar_type();
-  if (p.num_heads == 1) {
-    return product(rows, grad.transpose(1, 2), rows_dtype, pool.acc_dtype);
-  }
-  auto dp = at::empty(
-      {p.batch, p.seq_len, p.num_queries, p.num_heads}, grad.options().dtype(pool.acc_dtype));
-  for (int64_t h = 0; h < p.num_heads; ++h) {
-    dp.select(3, h).copy_(product(
-        rows.narrow(2, h * p.head_dim, p.head_dim),
-        grad.narrow(2, h * p.head_dim, p.head_dim).transpose(1, 2),
-        rows_dtype,
-        pool.acc_dtype));
-  }
-  return dp.view({p.batch, p.seq_len, p.num_scores()});
-}
-
-// sum_i probs[b, l, i * n + h] * G[b, i, D_h], in the accumulation dtype: [B, L, H].
-at::Tensor weighted_grads(
-    const PreparedPool& pool, const at::Tensor& probs, const at::Tensor& grad) {
-  const auto& p = pool.params;
-  if (p.num_heads == 1) {
-    return at::matmul(probs, grad);
-  }
-  const auto per_head = probs.view({p.batch, p.seq_len, p.num_queries, p.num_heads});
-  auto out = at::empty({p.batch, p.seq_len, p.hidden}, probs.options());
-  for (int64_t h = 0; h < p.num_heads; ++h) {
-    out.narrow(2, h * p.head_dim, p.head_dim)
-        .copy_(at::matmul(per_head.select(3, h), grad.narrow(2, h * p.head_dim, p.head_dim)));
-  }
-  return out;
+  return own_slices(
+      pool.params, product(weights.transpose(1, 2), rows, rows.scalar_type(), pool.acc_dtype));
 }
 
 // Whether each sequence has a row to attend: [B].
@@ -155,11 +135,14 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_by_matmul(const PreparedBackwar
   const auto lse = g.lse.view({p.batch, 1, p.num_scores(), 2});
   const auto shifted = (scores - lse.select(3, 0)) - lse.select(3, 1);
   const auto probs = at::where(scores.eq(kMinusInfinity), at::zeros_like(scores), at::exp(shifted));
-  const auto grad = g.grad_out.view({p.batch, p.num_queries, p.hidden});
-  const auto dp = head_products(pool, rows, grad);
+  // blocks[b, i * n + h] = G[b, i, D_h] (zeros past D_h): [B, S, H].
+  const auto blocks = slice_blocks(p, g.grad_out.view({p.batch, p.num_queries, p.hidden}));
+  // dp[b, l, i * n + h] = G[b, i, D_h] . rows[b, l, D_h]: [B, L, S].
+  const auto dp = product(rows, blocks.transpose(1, 2), rows.scalar_type(), pool.acc_dtype);
   const auto delta = (probs * dp).sum(1, /*keepdim=*/true);
   const auto dscores = (probs * p.scale) * (dp - delta);  // [B, L, S]
-  const auto dx = weighted_grads(pool, probs, grad) + at::matmul(dscores, pool.u);
+  // dx = sum_i p[i, h] G[i, D_h] on each slice D_h, + sum_k ds_k u_k.
+  const auto dx = at::matmul(probs, blocks) + at::matmul(dscores, pool.u);
   const auto du = product(
       dscores.reshape({p.batch * p.seq_len, p.num_scores()}).t(),
       rows.reshape({p.batch * p.seq_len, p.hidden}),
