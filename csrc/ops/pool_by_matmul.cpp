@@ -13,13 +13,14 @@ namespace {
 
 constexpr double kMinusInfinity = -std::numeric_limits<double>::infinity();
 
-// a @ b (both 2-D or both 3-D) in the accumulation dtype `acc`. With 16-bit
-// rows (rows_dtype != acc), both rounded to that dtype first and their
-// products summed in float32, as cuBLAS does; the CPU has no such product,
-// so it multiplies the rounded operands widened back.
+// a @ b (both 2-D or both 3-D) in the accumulation dtype `acc`. With
+// bfloat16 rows, both rounded to bfloat16 first and their products summed in
+// float32, as cuBLAS does; the CPU has no such product, so it multiplies the
+// rounded operands widened back. float16 rows are widened instead: float16's
+// range would flush the small weights and gradients (ds of 1e-7) to zero.
 at::Tensor product(
     const at::Tensor& a, const at::Tensor& b, at::ScalarType rows_dtype, at::ScalarType acc) {
-  if (rows_dtype == acc) {
+  if (rows_dtype != at::kBFloat16) {
     return at::matmul(a.to(acc), b.to(acc));
   }
   const auto a16 = a.to(rows_dtype);
@@ -141,8 +142,9 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_by_matmul(const PreparedBackwar
   const auto dp = product(rows, blocks.transpose(1, 2), rows.scalar_type(), pool.acc_dtype);
   const auto delta = (probs * dp).sum(1, /*keepdim=*/true);
   const auto dscores = (probs * p.scale) * (dp - delta);  // [B, L, S]
-  // dx = sum_i p[i, h] G[i, D_h] on each slice D_h, + sum_k ds_k u_k.
-  const auto dx = at::matmul(probs, blocks) + at::matmul(dscores, pool.u);
+  // dx = sum_k ds_k u_k, + sum_i p[i, h] G[i, D_h] on each slice D_h.
+  auto dx = at::matmul(dscores, pool.u);
+  dx.baddbmm_(probs, blocks);
   const auto du = product(
       dscores.reshape({p.batch * p.seq_len, p.num_scores()}).t(),
       rows.reshape({p.batch * p.seq_len, p.hidden}),

@@ -11,8 +11,14 @@
 // the same product, so its p = exp(score - lse) stays at most 1 (the CPU's
 // [Note: one order for every score]). delta is sum_l p_l dp_l, from the same
 // dp the backward weighs: when one row holds all the weight, dp - delta is
-// exactly 0 there, as in the reference. 16-bit rows multiply 16-bit
-// operands (u, the weights, G and ds rounded to x's dtype) into float32 sums.
+// exactly 0 there, as in the reference. bfloat16 rows multiply bfloat16
+// operands (u, the weights, G and ds rounded to bfloat16) into float32 sums;
+// float16 rows are widened to float32.
+//
+// Unlike the kernels, the products follow torch's global matmul settings:
+// float32 products run in TF32 where torch.backends.cuda.matmul.allow_tf32
+// is set, and torch.use_deterministic_algorithms(True) needs
+// CUBLAS_WORKSPACE_CONFIG as for any cuBLAS call.
 
 #include "ops/folded_attention_pool.h"
 

@@ -297,9 +297,10 @@ ATTNPOOL_GLOBAL void one_score_forward_kernel(ForwardParams a) {
   const SoftmaxState<acc_t> block = merge_warp_states(maxes, sums, flags, num_warps, tid, weights);
   attnpool_syncthreads();
 
+  const int warps = num_warps;  // (a lambda cannot capture a structured binding in C++17)
   const auto merged = [&](int c) {
     acc_t value = acc_t(0);
-    for (int w = 0; w < num_warps; ++w) {
+    for (int w = 0; w < warps; ++w) {
       value += weights[w] * vectors[w * H + c];
     }
     return value;
