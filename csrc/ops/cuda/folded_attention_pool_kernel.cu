@@ -125,8 +125,9 @@ void with_layout(int vec, int chunks, F&& f) {
 
 // Whether a call takes the kernels of one_score_kernel.cuh (a warp per row):
 // one score per row (one query, one head), rows in 16-byte packs, and a row
-// that a warp's registers hold. Decided from the shape alone, so that the
-// forward and the backward of a call sum each score in the same order.
+// that a warp's registers hold. Decided from the shape and x's alignment,
+// which the backward sees as the forward did (it gets the same x), so that
+// both sum each score in the same order.
 template <typename scalar_t>
 bool takes_one_score_kernels(int64_t num_scores, int64_t hidden, int vec) {
   constexpr int kWide = 16 / sizeof(scalar_t);

@@ -14,7 +14,7 @@
 // (lane_dot, then warp_sum's butterfly, which gives every lane the same total),
 // so that the backward's p = exp(score - lse) never exceeds 1 (the CPU's
 // [Note: one order for every score]). The two kernels therefore always run
-// together: the entry points choose them from the shape alone
+// together: the entry points choose them from the shape and x's alignment
 // (takes_one_score_kernels in folded_attention_pool_kernel.cu).
 
 #include "ops/cuda/folded_attention_pool_kernel.cuh"
