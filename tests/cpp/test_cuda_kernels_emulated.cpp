@@ -77,7 +77,7 @@ std::optional<torch::Tensor> optional(const torch::Tensor& t) {
 // Calls f(std::integral_constant VEC, std::integral_constant CHUNKS).
 template <typename scalar_t, typename F>
 void with_layout(int vec, int chunks, F&& f) {
-  constexpr int kWide = 16 / sizeof(scalar_t);
+  constexpr int kWide = attnpool::cuda::kPackWidth<scalar_t>;
   auto by_chunks = [&](auto v) {
     if (chunks == 1) {
       f(v, std::integral_constant<int, 1>{});

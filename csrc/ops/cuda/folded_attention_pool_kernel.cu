@@ -41,7 +41,7 @@ int device_attribute(cudaDeviceAttr attribute) {
 // rows: x as the kernels read it, [B, L, H] or ragged [T, H].
 template <typename scalar_t>
 int vector_width(const at::Tensor& rows) {
-  constexpr int kWide = 16 / sizeof(scalar_t);
+  constexpr int kWide = kPackWidth<scalar_t>;
   const int64_t H = rows.size(-1);
   bool aligned = reinterpret_cast<uintptr_t>(rows.const_data_ptr()) % 16 == 0;
   for (int64_t dim = 0; dim + 1 < rows.dim(); ++dim) {
@@ -105,7 +105,7 @@ void set_shared_limit(const void* kernel, int64_t bytes) {
 // Calls f with the compile-time vector width and chunk count.
 template <typename scalar_t, typename F>
 void with_layout(int vec, int chunks, F&& f) {
-  constexpr int kWide = 16 / sizeof(scalar_t);
+  constexpr int kWide = kPackWidth<scalar_t>;
   auto by_chunks = [&](auto vec_constant) {
     switch (chunks) {
       case 1:
@@ -130,7 +130,7 @@ void with_layout(int vec, int chunks, F&& f) {
 // both sum each score in the same order.
 template <typename scalar_t>
 bool takes_one_score_kernels(int64_t num_scores, int64_t hidden, int vec) {
-  constexpr int kWide = 16 / sizeof(scalar_t);
+  constexpr int kWide = kPackWidth<scalar_t>;
   return num_scores == 1 && vec == kWide && hidden <= 32 * kWide * one_score_max_chunks<scalar_t>();
 }
 
@@ -138,7 +138,7 @@ bool takes_one_score_kernels(int64_t num_scores, int64_t hidden, int vec) {
 // row in the one-score kernels: 1, 2, 4 or (float32, float64) 8.
 template <typename scalar_t, typename F>
 void with_lane_chunks(int64_t hidden, F&& f) {
-  constexpr int kWide = 16 / sizeof(scalar_t);
+  constexpr int kWide = kPackWidth<scalar_t>;
   const int64_t chunks = at::ceil_div<int64_t>(hidden, 32 * kWide);
   if (chunks <= 1) {
     f(std::integral_constant<int, 1>{});
@@ -224,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(detail::PreparedForward& f, at::S
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, dtype, "folded_attention_pool_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        constexpr int kWide = 16 / sizeof(scalar_t);
+        constexpr int kWide = kPackWidth<scalar_t>;
         const int vec = vector_width<scalar_t>(f.pool.rows);
         if (takes_one_score_kernels<scalar_t>(a.num_scores(), a.hidden, vec)) {
           const int64_t shared = one_score_shared_bytes<acc_t>(kOneScoreWarps, a.hidden);
@@ -289,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor> run_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, dtype, "folded_attention_pool_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        constexpr int kWide = 16 / sizeof(scalar_t);
+        constexpr int kWide = kPackWidth<scalar_t>;
         const int vec = vector_width<scalar_t>(g.pool.rows);
         if (takes_one_score_kernels<scalar_t>(num_scores, a.hidden, vec)) {
           const int64_t shared = one_score_shared_bytes<acc_t>(kOneScoreWarps, a.hidden);

@@ -27,6 +27,10 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
+// Elements of T in a 16-byte Pack, the widest load a thread makes.
+template <typename T>
+constexpr int kPackWidth = 16 / static_cast<int>(sizeof(T));
+
 // Shared-memory floats the forward and backward kernels need (the launcher
 // allocates this many bytes of dynamic shared memory).
 template <typename acc_t>

@@ -33,7 +33,7 @@ constexpr int kOneScoreMaxChunks = 8;
 
 template <typename scalar_t>
 constexpr int one_score_max_chunks() {
-  constexpr int by_row = kOneScoreMaxRow / (32 * (16 / static_cast<int>(sizeof(scalar_t))));
+  constexpr int by_row = kOneScoreMaxRow / (32 * kPackWidth<scalar_t>);
   return by_row < kOneScoreMaxChunks ? by_row : kOneScoreMaxChunks;
 }
 
