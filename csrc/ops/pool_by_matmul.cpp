@@ -7,28 +7,59 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <limits>
+#include <utility>
 
 namespace attnpool::detail {
 namespace {
 
 constexpr double kMinusInfinity = -std::numeric_limits<double>::infinity();
 
-// a @ b (both 2-D or both 3-D) in the accumulation dtype `acc`. With
-// bfloat16 rows, both rounded to bfloat16 first and their products summed in
-// float32, as cuBLAS does; the CPU has no such product, so it multiplies the
-// rounded operands widened back. float16 rows are widened instead: float16's
-// range would flush the small weights and gradients (ds of 1e-7) to zero.
+// t as two bfloat16 terms, t ~ hi + lo: about 16 of float32's 24
+// significant bits, where bfloat16 alone keeps 8. Rounding the weights or
+// ds to bfloat16 moved outputs and gradients past the reference's bfloat16
+// tolerance on an H200 (sharp softmax, sums that cancel).
+std::pair<at::Tensor, at::Tensor> bfloat16_terms(const at::Tensor& t) {
+  auto hi = t.to(at::kBFloat16);
+  auto lo = (t - hi.to(t.scalar_type())).to(at::kBFloat16);
+  return {std::move(hi), std::move(lo)};
+}
+
+// a @ b of bfloat16 operands (both 2-D or both 3-D), their products summed
+// in `acc` as cuBLAS does; the CPU has no such product, so it multiplies
+// them widened back.
+at::Tensor bfloat16_product(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
+  if (!a.is_cuda()) {
+    return at::matmul(a.to(acc), b.to(acc));
+  }
+  return a.dim() == 2 ? at::mm(a, b, acc) : at::bmm(a, b, acc);
+}
+
+// The sum of the two halves of `all` along `dim`.
+at::Tensor sum_of_halves(const at::Tensor& all, int64_t dim) {
+  const auto half = all.size(dim) / 2;
+  return all.narrow(dim, 0, half) + all.narrow(dim, half, half);
+}
+
+// a @ b (both 2-D or both 3-D) in the accumulation dtype `acc`, where one
+// operand holds x's rows. With bfloat16 rows the other operand, when it is
+// not bfloat16 already, enters as its two bfloat16 terms, stacked so that
+// one product still reads the rows once. float16 rows are widened instead:
+// float16's range would flush the small weights and gradients (ds of 1e-7)
+// to zero.
 at::Tensor product(
     const at::Tensor& a, const at::Tensor& b, at::ScalarType rows_dtype, at::ScalarType acc) {
   if (rows_dtype != at::kBFloat16) {
     return at::matmul(a.to(acc), b.to(acc));
   }
-  const auto a16 = a.to(rows_dtype);
-  const auto b16 = b.to(rows_dtype);
-  if (!a.is_cuda()) {
-    return at::matmul(a16.to(acc), b16.to(acc));
+  if (a.scalar_type() != at::kBFloat16) {  // [.., M, K]: rows of hi, then of lo
+    const auto [hi, lo] = bfloat16_terms(a);
+    return sum_of_halves(bfloat16_product(at::cat({hi, lo}, -2), b, acc), -2);
   }
-  return a.dim() == 2 ? at::mm(a16, b16, acc) : at::bmm(a16, b16, acc);
+  if (b.scalar_type() != at::kBFloat16) {  // [.., K, N]: columns of hi, then of lo
+    const auto [hi, lo] = bfloat16_terms(b);
+    return sum_of_halves(bfloat16_product(a, at::cat({hi, lo}, -1), acc), -1);
+  }
+  return bfloat16_product(a, b, acc);
 }
 
 // x's rows [B, L, H], with the rows that are not attended set to 0: the

@@ -12,8 +12,9 @@
 // [Note: one order for every score]). delta is sum_l p_l dp_l, from the same
 // dp the backward weighs: when one row holds all the weight, dp - delta is
 // exactly 0 there, as in the reference. bfloat16 rows multiply bfloat16
-// operands (u, the weights, G and ds rounded to bfloat16) into float32 sums;
-// float16 rows are widened to float32.
+// operands into float32 sums, float32 ones (u, the weights, G, ds) as two
+// bfloat16 terms each (hi + lo, about 16 significant bits); float16 rows are
+// widened to float32.
 //
 // Unlike the kernels, the products follow torch's global matmul settings:
 // float32 products run in TF32 where torch.backends.cuda.matmul.allow_tf32
