@@ -1,10 +1,11 @@
 #pragma once
 
 // folded_attention_pool's forward and backward as matrix products, for the
-// CUDA entry points' calls with several scores per row (ops/cuda): cuBLAS
-// reads x at the GPU's bandwidth, where the CUDA kernels read it once per
-// query with a block-wide reduction per head and tile (H200: 0.01-0.09 of
-// x.sum()'s speed, benchmarks/README.md#gpu). Written with ATen operators
+// CUDA entry points' large calls with several scores per row (ops/cuda,
+// takes_matmul_path): cuBLAS reads x at the GPU's bandwidth, where the CUDA
+// kernels read it once per query with a block-wide reduction per head and
+// tile (H200: 0.01-0.09 of x.sum()'s speed, benchmarks/README.md#gpu); but
+// its 20-odd launches cost more than small calls. Written with ATen operators
 // only, so the CPU runs it too (tests/cpp/test_cuda_kernels_emulated.cpp).
 //
 // Each score is one product's output, and the backward recomputes it with

@@ -181,11 +181,23 @@ RaggedCut cut_ragged(const detail::PreparedPool& pool, int64_t groups) {
   return ragged;
 }
 
-// Whether a call runs as matrix products (ops/pool_by_matmul.h): several
-// scores per row in a dense batch. (A ragged batch would need its longest
-// length on the host; it stays with the kernels.)
+// Whether a call runs as matrix products (ops/pool_by_matmul.h) rather than
+// the kernels: a dense batch (a ragged one would need its longest length on
+// the host) with several scores and enough work per call. The kernels read
+// x once per query (full width arrives as num_queries * num_heads one-head
+// queries) and reduce every score per tile; the products read x a fixed few
+// times but take about 20 launches, 0.3-0.5 ms of host time per forward on
+// the H200 machine. In its run (benchmarks/gpu-h200.txt) the kernels' time
+// grew as elements * (5 * queries + scores), and the products won where
+// that passed 768 M, except under 4 M elements: x then stays in L2 and the
+// kernels are short (CoCa's 8 x 256 x 768 with 256 x 8 scores).
 bool takes_matmul_path(const PoolInputs& p) {
-  return !p.ragged() && p.num_scores() > 1;
+  if (p.ragged() || p.num_scores() <= 1) {
+    return false;
+  }
+  const int64_t elements = p.batch * p.seq_len * p.hidden;
+  const int64_t work = elements * (5 * p.num_queries + p.num_scores());
+  return elements >= (int64_t{4} << 20) && work >= (int64_t{768} << 20);
 }
 
 // Cuts the work (ForwardParams), launches the forward and, for sequences in
