@@ -14,6 +14,7 @@ builds the same sources, by the same rules, for LibTorch users.
 import glob
 import os
 import platform
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,8 +50,19 @@ KERNEL_FLAGS = ["-ffp-contract=off"]
 
 
 def target_isas():
+    """The CPU instruction sets whose kernels are built: all of them on x86-64,
+    or those listed in ATTNPOOL_CPU_ISAS (comma-separated; "default" is always
+    built), for a quicker build where the CPU kernels do not matter."""
     is_x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return list(ISA_FLAGS) if is_x86 else ["default"]
+    isas = list(ISA_FLAGS) if is_x86 else ["default"]
+    wanted = os.environ.get("ATTNPOOL_CPU_ISAS")
+    if wanted is None:
+        return isas
+    names = {name.strip().lower() for name in wanted.split(",") if name.strip()}
+    unknown = names - set(ISA_FLAGS)
+    if unknown:
+        raise ValueError(f"ATTNPOOL_CPU_ISAS: unknown {sorted(unknown)}; known: {list(ISA_FLAGS)}")
+    return [isa for isa in isas if isa == "default" or isa in names]
 
 
 def relative_glob(pattern):
@@ -130,6 +142,55 @@ class BuildExtensionWithIsaKernels(BuildExtension):
             objects = [obj for objs in pool.map(compile_isa, target_isas()) for obj in objs]
         ext.extra_objects = objects + list(ext.extra_objects or [])
         super().build_extension(ext)
+        check_error_messages(self.get_ext_fullpath(ext.name))
+
+
+# Loads the built library in a fresh interpreter: exits 3 if it carries its
+# own copy of libstdc++ (std::locale::classic found in it first, not in the
+# libstdc++ that libc10 uses), then has one op raise an error.
+CHECK_LIBRARY = """
+import ctypes, importlib.util, os, sys, torch
+spec = importlib.util.spec_from_file_location("attnpool._C", sys.argv[1])
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+c10 = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
+ours = ctypes.CDLL(sys.argv[1])
+symbol = "_ZNSt6locale7classicEv"
+if ctypes.cast(getattr(ours, symbol), ctypes.c_void_p).value != ctypes.cast(
+    getattr(c10, symbol), ctypes.c_void_p
+).value:
+    sys.exit(3)
+try:
+    torch.ops.attnpool.fold_query(torch.zeros(3), torch.zeros(5, 5), torch.zeros(5, 5), 0)
+except (ValueError, RuntimeError):
+    pass
+"""
+
+
+def check_error_messages(library):
+    """Fails the build if the library carries its own copy of libstdc++.
+
+    torch uses the shared libstdc++; a library with a second, static copy (a
+    compiler that links it statically, as a GPU machine's CXX wrapper did)
+    formats error messages with two copies of the C++ locale, and there it
+    crashed on the first one: every bad input killed the process instead of
+    raising. Also fails if the library crashes when an op raises.
+    """
+    run = subprocess.run(
+        [sys.executable, "-c", CHECK_LIBRARY, library], capture_output=True, text=True
+    )
+    if run.returncode == 3 or run.returncode < 0:
+        what = (
+            "links its own copy of libstdc++"
+            if run.returncode == 3
+            else (f"crashes (signal {-run.returncode}) when an op raises an error")
+        )
+        raise RuntimeError(
+            f"{library} {what}. torch needs libstdc++ as one shared library (readelf -d "
+            "should list libstdc++.so.6): build with a compiler that links it so, e.g. "
+            f"CXX=/usr/bin/g++ (CXX is {os.environ.get('CXX', 'unset')})."
+        )
+    if run.returncode != 0:
+        print(f"warning: could not load {library} to check it:\n{run.stderr}")
 
 
 setup(
