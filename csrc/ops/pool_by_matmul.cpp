@@ -6,6 +6,10 @@
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#ifdef ATTNPOOL_WITH_CUDA
+#include "ops/cuda/score_softmax.h"
+#endif
+
 #include <limits>
 #include <utility>
 
@@ -70,21 +74,58 @@ at::Tensor attended_rows(const PreparedPool& pool) {
   return pool.keep.defined() ? rows.masked_fill(pool.keep.logical_not().unsqueeze(-1), 0) : rows;
 }
 
-// [B, L, S]: scale * (x_l . u_k) + bias_l for each score k, rounded as the
-// kernels round it (the product, then the sum); -inf where not attended.
-at::Tensor scores_of(const PreparedPool& pool, const at::Tensor& rows) {
+// [B, L, S]: x_l . u_k for each score k (before scale and bias).
+at::Tensor products_of(const PreparedPool& pool, const at::Tensor& rows) {
   const auto& p = pool.params;
   const auto flat = rows.reshape({p.batch * p.seq_len, p.hidden});
-  auto scores = product(flat, pool.u.t(), rows.scalar_type(), pool.acc_dtype)
-                    .view({p.batch, p.seq_len, p.num_scores()}) *
-                p.scale;
-  if (pool.bias.defined()) {
-    scores = scores + pool.bias.unsqueeze(-1);
+  return product(flat, pool.u.t(), rows.scalar_type(), pool.acc_dtype)
+      .view({p.batch, p.seq_len, p.num_scores()});
+}
+
+// [B, L, S]: scale * product + bias_l, rounded as the kernels round it (the
+// product, then the sum); -inf where not attended.
+at::Tensor scores_from(
+    const at::Tensor& products, const at::Tensor& bias, const at::Tensor& keep, double scale) {
+  auto scores = products * scale;
+  if (bias.defined()) {
+    scores = scores + bias.unsqueeze(-1);
   }
-  if (pool.keep.defined()) {
-    scores = scores.masked_fill(pool.keep.logical_not().unsqueeze(-1), kMinusInfinity);
+  if (keep.defined()) {
+    scores = scores.masked_fill(keep.logical_not().unsqueeze(-1), kMinusInfinity);
   }
   return scores;
+}
+
+at::Tensor contiguous_or_undefined(const at::Tensor& t) {
+  return t.defined() ? t.contiguous() : t;
+}
+
+// The softmax of the scores and its backward: one kernel each on a GPU
+// (ops/cuda/score_softmax_kernel.cuh), tensor operators elsewhere.
+std::tuple<at::Tensor, at::Tensor> score_softmax(
+    const PreparedPool& pool, const at::Tensor& products) {
+#ifdef ATTNPOOL_WITH_CUDA
+  if (products.is_cuda()) {
+    return score_softmax_cuda(
+        products, pool.bias, contiguous_or_undefined(pool.keep), pool.params.scale);
+  }
+#endif
+  return score_softmax_by_operators(products, pool.bias, pool.keep, pool.params.scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> score_softmax_backward(
+    const PreparedPool& pool,
+    const at::Tensor& products,
+    const at::Tensor& lse,
+    const at::Tensor& dp) {
+#ifdef ATTNPOOL_WITH_CUDA
+  if (products.is_cuda()) {
+    return score_softmax_backward_cuda(
+        products, pool.bias, contiguous_or_undefined(pool.keep), pool.params.scale, lse, dp);
+  }
+#endif
+  return score_softmax_backward_by_operators(
+      products, pool.bias, pool.keep, pool.params.scale, lse, dp);
 }
 
 // With several heads, each product below runs over all H columns for every
@@ -124,37 +165,52 @@ at::Tensor weighted_rows(
       pool.params, product(weights.transpose(1, 2), rows, rows.scalar_type(), pool.acc_dtype));
 }
 
-// Whether each sequence has a row to attend: [B].
-at::Tensor attends_any(const PreparedPool& pool, const at::TensorOptions& options) {
-  const auto& p = pool.params;
-  if (pool.keep.defined()) {
-    return pool.keep.any(1);
-  }
-  return at::full({p.batch}, p.seq_len > 0, options.dtype(at::kBool));
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> score_softmax_by_operators(
+    const at::Tensor& products, const at::Tensor& bias, const at::Tensor& keep, double scale) {
+  const auto scores = scores_from(products, bias, keep, scale);  // [B, L, S]
+  const auto max =
+      products.size(1) > 0
+          ? scores.amax(1)
+          : at::full({products.size(0), products.size(2)}, kMinusInfinity, scores.options());
+  const auto shift = at::where(max.eq(kMinusInfinity), at::zeros_like(max), max);
+  const auto not_attended = scores.eq(kMinusInfinity);
+  const auto exps = at::exp(scores - shift.unsqueeze(1));
+  const auto sum = exps.sum(1);  // [B, S]
+  // The row at the max adds exactly 1: a sum under 1 has nothing to attend.
+  const auto attends = sum.ge(1).logical_or(sum.isnan());
+  const auto weights = (exps / at::where(attends, sum, at::ones_like(sum)).unsqueeze(1))
+                           .masked_fill(not_attended, 0);  // 0 there even when the sum is NaN
+  const auto lse = at::stack(
+      {at::where(attends, max, at::full_like(max, kMinusInfinity)),
+       at::where(attends, at::log(sum), at::zeros_like(sum))},
+      -1);
+  return {weights, lse};
 }
 
-}  // namespace
+std::tuple<at::Tensor, at::Tensor> score_softmax_backward_by_operators(
+    const at::Tensor& products,
+    const at::Tensor& bias,
+    const at::Tensor& keep,
+    double scale,
+    const at::Tensor& lse,
+    const at::Tensor& dp) {
+  const auto scores = scores_from(products, bias, keep, scale);  // as the forward made them
+  const auto saved = lse.unsqueeze(1);                           // [B, 1, S, 2]
+  const auto shifted = (scores - saved.select(3, 0)) - saved.select(3, 1);
+  const auto probs = at::where(scores.eq(kMinusInfinity), at::zeros_like(scores), at::exp(shifted));
+  const auto delta = (probs * dp).sum(1, /*keepdim=*/true);
+  return {probs, (probs * scale) * (dp - delta)};
+}
 
 std::tuple<at::Tensor, at::Tensor> pool_forward_by_matmul(const PreparedForward& f) {
   // Under autocast the products would run in 16 bits.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const PreparedPool& pool = f.pool;
-  const auto& p = pool.params;
   const auto rows = attended_rows(pool);
-  const auto scores = scores_of(pool, rows);                             // [B, L, S]
-  const auto valid = attends_any(pool, scores.options()).unsqueeze(-1);  // [B, 1]
-  const auto max = p.seq_len > 0
-                       ? scores.amax(1)
-                       : at::full({p.batch, p.num_scores()}, kMinusInfinity, scores.options());
-  const auto shift = at::where(max.eq(kMinusInfinity), at::zeros_like(max), max);
-  const auto exps = at::exp(scores - shift.unsqueeze(1));  // 0 where not attended
-  const auto sum = exps.sum(1);                            // [B, S]
-  const auto weights = exps / at::where(sum.gt(0), sum, at::ones_like(sum)).unsqueeze(1);
+  const auto [weights, lse] = score_softmax(pool, products_of(pool, rows));
   const auto out = weighted_rows(pool, weights, rows);
-  const auto lse = at::stack(
-      {at::where(valid, max, at::full_like(max, kMinusInfinity)),
-       at::where(valid, at::log(sum), at::zeros_like(sum))},
-      -1);
   return {out.reshape(pool.out_shape), lse.reshape(pool.lse_shape)};
 }
 
@@ -163,16 +219,12 @@ std::tuple<at::Tensor, at::Tensor> pool_backward_by_matmul(const PreparedBackwar
   const PreparedPool& pool = g.pool;
   const auto& p = pool.params;
   const auto rows = attended_rows(pool);
-  const auto scores = scores_of(pool, rows);  // [B, L, S], as the forward made them
-  const auto lse = g.lse.view({p.batch, 1, p.num_scores(), 2});
-  const auto shifted = (scores - lse.select(3, 0)) - lse.select(3, 1);
-  const auto probs = at::where(scores.eq(kMinusInfinity), at::zeros_like(scores), at::exp(shifted));
   // blocks[b, i * n + h] = G[b, i, D_h] (zeros past D_h): [B, S, H].
   const auto blocks = slice_blocks(p, g.grad_out.view({p.batch, p.num_queries, p.hidden}));
   // dp[b, l, i * n + h] = G[b, i, D_h] . rows[b, l, D_h]: [B, L, S].
   const auto dp = product(rows, blocks.transpose(1, 2), rows.scalar_type(), pool.acc_dtype);
-  const auto delta = (probs * dp).sum(1, /*keepdim=*/true);
-  const auto dscores = (probs * p.scale) * (dp - delta);  // [B, L, S]
+  const auto lse = g.lse.reshape({p.batch, p.num_scores(), 2});
+  const auto [probs, dscores] = score_softmax_backward(pool, products_of(pool, rows), lse, dp);
   // dx = sum_k ds_k u_k, + sum_i p[i, h] G[i, D_h] on each slice D_h.
   auto dx = at::matmul(dscores, pool.u);
   dx.baddbmm_(probs, blocks);

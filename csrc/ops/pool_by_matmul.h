@@ -5,8 +5,10 @@
 // takes_matmul_path): cuBLAS reads x at the GPU's bandwidth, where the CUDA
 // kernels read it once per query with a block-wide reduction per head and
 // tile (H200: 0.01-0.09 of x.sum()'s speed, benchmarks/README.md#gpu); but
-// its 20-odd launches cost more than small calls. Written with ATen operators
-// only, so the CPU runs it too (tests/cpp/test_cuda_kernels_emulated.cpp).
+// its launches cost more than small calls. Written with ATen operators, so
+// the CPU runs it too (tests/cpp/test_cuda_kernels_emulated.cpp), except the
+// softmax, which on a GPU is one kernel each way (score_softmax_kernel.cuh)
+// instead of some twenty operators.
 //
 // Each score is one product's output, and the backward recomputes it with
 // the same product, so its p = exp(score - lse) stays at most 1 (the CPU's
@@ -29,6 +31,25 @@
 #include <tuple>
 
 namespace attnpool::detail {
+
+// The softmax over each sequence's rows of scale * products + bias (-inf
+// where keep is false), by tensor operators: the CPU's, and the reference of
+// the CUDA kernels that replace them (ops/cuda/score_softmax_kernel.cuh).
+// products [B, L, S]; bias [B, L] in products' dtype, keep [B, L] bool, each
+// or undefined. Returns (weights [B, L, S], lse [B, S, 2]: max and log of
+// the sum, -inf and 0 where a sequence has nothing to attend).
+std::tuple<at::Tensor, at::Tensor> score_softmax_by_operators(
+    const at::Tensor& products, const at::Tensor& bias, const at::Tensor& keep, double scale);
+
+// Its backward from the same scores, lse and dp [B, L, S]: (p [B, L, S],
+// ds = p * scale * (dp - delta) [B, L, S]) with delta = sum_l p * dp.
+std::tuple<at::Tensor, at::Tensor> score_softmax_backward_by_operators(
+    const at::Tensor& products,
+    const at::Tensor& bias,
+    const at::Tensor& keep,
+    double scale,
+    const at::Tensor& lse,
+    const at::Tensor& dp);
 
 // (out, lse) of a dense (not ragged) prepared call, as the kernels give them.
 std::tuple<at::Tensor, at::Tensor> pool_forward_by_matmul(const PreparedForward& f);

@@ -8,6 +8,7 @@
 
 #include "ops/cuda/folded_attention_pool_kernel.cuh"
 #include "ops/cuda/one_score_kernel.cuh"
+#include "ops/cuda/score_softmax_kernel.cuh"
 #include "ops/fold_query.h"
 #include "ops/folded_attention_pool.h"
 #include "ops/pool_by_matmul.h"
@@ -19,6 +20,7 @@
 #include <cmath>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -594,6 +596,91 @@ TEST(MatmulPath, ScoreGradientIsExactlyZero) {
     EXPECT_EQ(du.abs().max().item<double>(), 0.0) << (masked ? "masked" : "one row");
     expect_close(dx.select(1, masked ? 4 : 0), grad_out.sum(1), 1e-5, "dx of the attended row");
   }
+}
+
+// The softmax kernels of the matrix-product path (score_softmax_kernel.cuh),
+// emulated: (weights, lse, p, ds).
+template <typename acc_t>
+std::vector<torch::Tensor> emulated_score_softmax(
+    const torch::Tensor& products,
+    const torch::Tensor& bias,
+    const torch::Tensor& keep,
+    double scale,
+    const torch::Tensor& dp) {
+  using attnpool::cuda::ScoreSoftmaxParams;
+  ScoreSoftmaxParams<acc_t> a{};
+  a.product = products.const_data_ptr<acc_t>();
+  a.bias = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  a.keep = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
+  a.scale = static_cast<acc_t>(scale);
+  a.batch = products.size(0);
+  a.seq_len = products.size(1);
+  a.num_scores = products.size(2);
+  auto weights = torch::empty_like(products);
+  auto lse = torch::empty({products.size(0), products.size(2), 2}, products.options());
+  auto probs = torch::empty_like(products);
+  auto dscores = torch::empty_like(products);
+  a.weights = weights.mutable_data_ptr<acc_t>();
+  a.lse_out = lse.mutable_data_ptr<acc_t>();
+  a.lse = lse.const_data_ptr<acc_t>();
+  a.dp = dp.const_data_ptr<acc_t>();
+  a.probs = probs.mutable_data_ptr<acc_t>();
+  a.dscores = dscores.mutable_data_ptr<acc_t>();
+  const int64_t shared = attnpool::cuda::score_softmax_shared_bytes<acc_t>();
+  const int threads = attnpool::cuda::kSoftmaxThreads;
+  launch(&attnpool::cuda::score_softmax_forward_kernel<acc_t>, a.blocks(), threads, shared, a);
+  launch(&attnpool::cuda::score_softmax_backward_kernel<acc_t>, a.blocks(), threads, shared, a);
+  return {weights, lse, probs, dscores};
+}
+
+// Against the tensor operators they replace: 40 scores (two blocks of
+// columns, the second partly empty), 19 rows (groups of unequal length), a
+// bias with -inf, a sequence with nothing to attend, a NaN score.
+TEST(ScoreSoftmaxKernels, MatchTheTensorOperators) {
+  for (const auto dtype : {torch::kFloat64, torch::kFloat32}) {
+    SCOPED_TRACE(c10::toString(dtype));
+    torch::manual_seed(11);
+    const auto options = torch::TensorOptions().dtype(dtype);
+    const auto products = torch::randn({3, 19, 40}, options) * 4;
+    products[2][5][7] = NAN;
+    auto bias = torch::randn({3, 19}, options);
+    bias.masked_fill_(torch::rand({3, 19}) > 0.8, -INFINITY);
+    auto keep = torch::rand({3, 19}) > 0.3;
+    keep[1] = false;
+    keep[2][5] = true;
+    bias[2][5] = 0;
+    const auto dp = torch::randn({3, 19, 40}, options);
+    const double scale = 0.7;
+    const auto [want_weights, want_lse] =
+        attnpool::detail::score_softmax_by_operators(products, bias, keep, scale);
+    const auto [want_probs, want_ds] = attnpool::detail::score_softmax_backward_by_operators(
+        products, bias, keep, scale, want_lse, dp);
+    const auto got = dtype == torch::kFloat64
+                         ? emulated_score_softmax<double>(products, bias, keep, scale, dp)
+                         : emulated_score_softmax<float>(products, bias, keep, scale, dp);
+    const double tol = tolerance(dtype);
+    expect_close(got[0], want_weights, tol, "weights");
+    expect_close(got[1], want_lse, tol, "lse");
+    expect_close(got[2], want_probs, tol, "p");
+    expect_close(got[3], want_ds, tol, "ds");
+    EXPECT_TRUE(got[0][2][0][7].isnan().item<bool>() == keep[2][0].item<bool>()) << "NaN score";
+    EXPECT_EQ(got[1].select(0, 1).select(1, 0).max().item<double>(), -INFINITY) << "empty";
+    EXPECT_EQ(got[0].select(0, 1).abs().max().item<double>(), 0.0) << "empty";
+  }
+}
+
+// With one attended row, p is exactly 1 there and ds exactly 0 everywhere.
+TEST(ScoreSoftmaxKernels, OneAttendedRowHasNoScoreGradient) {
+  const auto options = torch::TensorOptions().dtype(torch::kFloat32);
+  torch::manual_seed(12);
+  const auto products = torch::randn({2, 21, 5}, options) * 3;
+  auto keep = torch::zeros({2, 21}, torch::kBool);
+  keep[0][13] = true;
+  keep[1][0] = true;
+  const auto dp = torch::randn({2, 21, 5}, options);
+  const auto got = emulated_score_softmax<float>(products, {}, keep, 0.5, dp);
+  EXPECT_EQ(got[2].select(1, 13)[0].min().item<double>(), 1.0);
+  EXPECT_EQ(got[3].abs().max().item<double>(), 0.0);
 }
 
 // {B, L, H, Q, heads, masked, dtype, threads, vec, chunks, pieces[, one_score]}

@@ -1,0 +1,87 @@
+// Launches of score_softmax_kernel.cuh (see ops/cuda/score_softmax.h).
+
+#include "ops/cuda/score_softmax.h"
+#include "ops/cuda/score_softmax_kernel.cuh"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+namespace attnpool::detail {
+namespace {
+
+template <typename acc_t>
+cuda::ScoreSoftmaxParams<acc_t> softmax_params(
+    const at::Tensor& product, const at::Tensor& bias, const at::Tensor& keep, double scale) {
+  TORCH_INTERNAL_ASSERT(product.dim() == 3 && product.is_contiguous());
+  TORCH_INTERNAL_ASSERT(
+      !bias.defined() || (bias.is_contiguous() && bias.dtype() == product.dtype()));
+  TORCH_INTERNAL_ASSERT(
+      !keep.defined() || (keep.is_contiguous() && keep.scalar_type() == at::kBool));
+  cuda::ScoreSoftmaxParams<acc_t> a{};
+  a.product = product.const_data_ptr<acc_t>();
+  a.bias = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  a.keep = keep.defined() ? keep.const_data_ptr<bool>() : nullptr;
+  a.scale = static_cast<acc_t>(scale);
+  a.batch = product.size(0);
+  a.seq_len = product.size(1);
+  a.num_scores = product.size(2);
+  return a;
+}
+
+template <typename acc_t>
+void launch(
+    void (*kernel)(cuda::ScoreSoftmaxParams<acc_t>), const cuda::ScoreSoftmaxParams<acc_t>& a) {
+  if (a.blocks() == 0) {
+    return;
+  }
+  kernel<<<
+      a.blocks(),
+      cuda::kSoftmaxThreads,
+      cuda::score_softmax_shared_bytes<acc_t>(),
+      c10::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> score_softmax_cuda(
+    const at::Tensor& product, const at::Tensor& bias, const at::Tensor& keep, double scale) {
+  const c10::cuda::CUDAGuard guard(product.device());
+  auto weights = at::empty_like(product);
+  auto lse = at::empty({product.size(0), product.size(2), 2}, product.options());
+  AT_DISPATCH_FLOATING_TYPES(product.scalar_type(), "score_softmax_cuda", [&] {
+    auto a = softmax_params<scalar_t>(product, bias, keep, scale);
+    a.weights = weights.mutable_data_ptr<scalar_t>();
+    a.lse_out = lse.mutable_data_ptr<scalar_t>();
+    launch(&cuda::score_softmax_forward_kernel<scalar_t>, a);
+  });
+  return {weights, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> score_softmax_backward_cuda(
+    const at::Tensor& product,
+    const at::Tensor& bias,
+    const at::Tensor& keep,
+    double scale,
+    const at::Tensor& lse,
+    const at::Tensor& dp) {
+  const c10::cuda::CUDAGuard guard(product.device());
+  auto probs = at::empty_like(product);
+  auto dscores = at::empty_like(product);
+  AT_DISPATCH_FLOATING_TYPES(product.scalar_type(), "score_softmax_backward_cuda", [&] {
+    auto a = softmax_params<scalar_t>(product, bias, keep, scale);
+    TORCH_INTERNAL_ASSERT(
+        lse.is_contiguous() && dp.is_contiguous() && dp.sizes() == product.sizes());
+    a.lse = lse.const_data_ptr<scalar_t>();
+    a.dp = dp.const_data_ptr<scalar_t>();
+    a.probs = probs.mutable_data_ptr<scalar_t>();
+    a.dscores = dscores.mutable_data_ptr<scalar_t>();
+    launch(&cuda::score_softmax_backward_kernel<scalar_t>, a);
+  });
+  return {probs, dscores};
+}
+
+}  // namespace attnpool::detail
