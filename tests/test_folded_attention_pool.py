@@ -126,13 +126,12 @@ def test_gradients_of_many_scores_of_one_head_match_reference(device, full_width
         torch.testing.assert_close(g.double(), w, **TOLERANCES[dtype], msg=name)
 
 
-def _runs_matrix_products(*args):
-    """Whether folded_attention_pool(*args) calls matrix products (ATen's mm or
-    bmm, seen by the profiler inside the op): on CUDA, the path of calls with
-    many scores and large x (ops/pool_by_matmul.h)."""
+def _ops_inside(*args):
+    """The ATen operators that folded_attention_pool(*args) calls, as the
+    profiler sees them inside the op."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         attnpool.folded_attention_pool(*args)
-    return bool({"aten::mm", "aten::bmm"} & {event.name for event in prof.events()})
+    return {event.name for event in prof.events()}
 
 
 @pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
@@ -140,29 +139,37 @@ def _runs_matrix_products(*args):
     "full_width, num_queries, num_heads, dtype",
     [
         (False, 16, 8, torch.float64),
-        (True, 4, 8, torch.float64),
+        (True, 4, 9, torch.float64),
         (False, 16, 8, torch.bfloat16),
-        (True, 4, 8, torch.bfloat16),
+        (True, 4, 9, torch.bfloat16),
     ],
     ids=["slices-f64", "full-width-f64", "slices-bf16", "full-width-bf16"],
 )
 def test_large_calls_with_many_scores_run_as_matrix_products_on_cuda(
     full_width, num_queries, num_heads, dtype
 ):
-    # 4 x 1024 x 1024 elements with 16 x 8 or (full width) 32 scores: past the
-    # CUDA entry's threshold for matrix products. bfloat16 rows meet float32 u,
-    # weights and ds there, each as two bfloat16 terms.
+    # 4 x 1024 x 1024 elements with 16 x 8 or (full width) 36 scores: past the
+    # CUDA entry's threshold for matrix products, the softmax in its kernels
+    # (36 scores: a second, partial block of columns), with a mask and a bias.
+    # bfloat16 rows meet float32 u, weights and ds as two bfloat16 terms each.
+    torch.manual_seed(0)
     x, u, mask = _folded_inputs(4, 1024, 1024, num_queries, num_heads, mask="random", device="cuda")
+    bias = torch.randn(4, 1024, dtype=torch.float64, device="cuda")
+    bias[:, ::7] = float("-inf")
     x = x.to(dtype).requires_grad_(True)
     u = (u if dtype == torch.float64 else u.float()).requires_grad_(True)
-    assert _runs_matrix_products(x.detach(), u.detach(), mask, 0.5, full_width)
-    small = (x.detach()[:1, :64], u.detach(), mask[:1, :64], 0.5, full_width)
-    assert not _runs_matrix_products(*small), "a small call takes the kernels"
-    out = attnpool.folded_attention_pool(x, u, mask, 0.5, full_width)
+    bias = bias.to(u.dtype)
+    args = (mask, 0.5, full_width, bias)
+    inside = _ops_inside(x.detach(), u.detach(), *args)
+    assert {"aten::mm", "aten::bmm"} & inside, "products"
+    assert "aten::amax" not in inside, "the softmax runs in its kernels, not in operators"
+    small = (x.detach()[:1, :64], u.detach(), mask[:1, :64], 0.5, full_width, bias[:1, :64])
+    assert not {"aten::mm", "aten::bmm"} & _ops_inside(*small), "a small call takes the kernels"
+    out = attnpool.folded_attention_pool(x, u, *args)
     weights = torch.randn(out.shape, dtype=torch.float64, device="cuda")
     got = torch.autograd.grad((out.double() * weights).sum(), (x, u))
     x64, u64 = (t.detach().double().requires_grad_(True) for t in (x, u))
-    expected = reference.folded_attention_pool(x64, u64, mask, 0.5, full_width)
+    expected = reference.folded_attention_pool(x64, u64, mask, 0.5, full_width, bias.double())
     want = torch.autograd.grad((expected * weights).sum(), (x64, u64))
     torch.testing.assert_close(out.double(), expected, **TOLERANCES[dtype])
     for name, g, w in zip(("x", "u"), got, want, strict=True):

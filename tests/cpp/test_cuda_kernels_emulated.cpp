@@ -20,6 +20,7 @@
 #include <cmath>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -606,7 +607,8 @@ std::vector<torch::Tensor> emulated_score_softmax(
     const torch::Tensor& bias,
     const torch::Tensor& keep,
     double scale,
-    const torch::Tensor& dp) {
+    const torch::Tensor& dp,
+    int64_t pieces) {
   using attnpool::cuda::ScoreSoftmaxParams;
   ScoreSoftmaxParams<acc_t> a{};
   a.product = products.const_data_ptr<acc_t>();
@@ -616,6 +618,10 @@ std::vector<torch::Tensor> emulated_score_softmax(
   a.batch = products.size(0);
   a.seq_len = products.size(1);
   a.num_scores = products.size(2);
+  a.cut(pieces);
+  const torch::Tensor partials =
+      torch::empty({a.batch, a.pieces, a.num_scores, 2}, products.options());
+  a.partials = partials.mutable_data_ptr<acc_t>();
   auto weights = torch::empty_like(products);
   auto lse = torch::empty({products.size(0), products.size(2), 2}, products.options());
   auto probs = torch::empty_like(products);
@@ -628,17 +634,22 @@ std::vector<torch::Tensor> emulated_score_softmax(
   a.dscores = dscores.mutable_data_ptr<acc_t>();
   const int64_t shared = attnpool::cuda::score_softmax_shared_bytes<acc_t>();
   const int threads = attnpool::cuda::kSoftmaxThreads;
-  launch(&attnpool::cuda::score_softmax_forward_kernel<acc_t>, a.blocks(), threads, shared, a);
-  launch(&attnpool::cuda::score_softmax_backward_kernel<acc_t>, a.blocks(), threads, shared, a);
+  launch(&attnpool::cuda::score_softmax_state_kernel<acc_t>, a.blocks(), threads, shared, a);
+  launch(&attnpool::cuda::score_softmax_weights_kernel<acc_t>, a.blocks(), threads, shared, a);
+  launch(&attnpool::cuda::score_softmax_probs_kernel<acc_t>, a.blocks(), threads, shared, a);
+  launch(&attnpool::cuda::score_softmax_dscores_kernel<acc_t>, a.blocks(), threads, shared, a);
   return {weights, lse, probs, dscores};
 }
 
 // Against the tensor operators they replace: 40 scores (two blocks of
-// columns, the second partly empty), 19 rows (groups of unequal length), a
-// bias with -inf, a sequence with nothing to attend, a NaN score.
+// columns, the second partly empty), 19 rows (groups of unequal length) in
+// one piece or in pieces of 7, 7 and 5, a bias with -inf, a sequence with
+// nothing to attend, a NaN score.
 TEST(ScoreSoftmaxKernels, MatchTheTensorOperators) {
-  for (const auto dtype : {torch::kFloat64, torch::kFloat32}) {
-    SCOPED_TRACE(c10::toString(dtype));
+  const std::pair<torch::ScalarType, int64_t> cases[] = {
+      {torch::kFloat64, 1}, {torch::kFloat32, 1}, {torch::kFloat64, 3}, {torch::kFloat32, 3}};
+  for (const auto& [dtype, pieces] : cases) {
+    SCOPED_TRACE(std::string(c10::toString(dtype)) + " pieces " + std::to_string(pieces));
     torch::manual_seed(11);
     const auto options = torch::TensorOptions().dtype(dtype);
     const auto products = torch::randn({3, 19, 40}, options) * 4;
@@ -656,20 +667,21 @@ TEST(ScoreSoftmaxKernels, MatchTheTensorOperators) {
     const auto [want_probs, want_ds] = attnpool::detail::score_softmax_backward_by_operators(
         products, bias, keep, scale, want_lse, dp);
     const auto got = dtype == torch::kFloat64
-                         ? emulated_score_softmax<double>(products, bias, keep, scale, dp)
-                         : emulated_score_softmax<float>(products, bias, keep, scale, dp);
+                         ? emulated_score_softmax<double>(products, bias, keep, scale, dp, pieces)
+                         : emulated_score_softmax<float>(products, bias, keep, scale, dp, pieces);
     const double tol = tolerance(dtype);
     expect_close(got[0], want_weights, tol, "weights");
     expect_close(got[1], want_lse, tol, "lse");
     expect_close(got[2], want_probs, tol, "p");
     expect_close(got[3], want_ds, tol, "ds");
-    EXPECT_TRUE(got[0][2][0][7].isnan().item<bool>() == keep[2][0].item<bool>()) << "NaN score";
+    EXPECT_TRUE(got[0][2][5][7].isnan().item<bool>()) << "NaN score";
     EXPECT_EQ(got[1].select(0, 1).select(1, 0).max().item<double>(), -INFINITY) << "empty";
     EXPECT_EQ(got[0].select(0, 1).abs().max().item<double>(), 0.0) << "empty";
   }
 }
 
-// With one attended row, p is exactly 1 there and ds exactly 0 everywhere.
+// With one attended row, p is exactly 1 there and ds exactly 0 everywhere,
+// also when the other pieces have no row to attend.
 TEST(ScoreSoftmaxKernels, OneAttendedRowHasNoScoreGradient) {
   const auto options = torch::TensorOptions().dtype(torch::kFloat32);
   torch::manual_seed(12);
@@ -678,9 +690,11 @@ TEST(ScoreSoftmaxKernels, OneAttendedRowHasNoScoreGradient) {
   keep[0][13] = true;
   keep[1][0] = true;
   const auto dp = torch::randn({2, 21, 5}, options);
-  const auto got = emulated_score_softmax<float>(products, {}, keep, 0.5, dp);
-  EXPECT_EQ(got[2].select(1, 13)[0].min().item<double>(), 1.0);
-  EXPECT_EQ(got[3].abs().max().item<double>(), 0.0);
+  for (const int64_t pieces : {1, 4}) {
+    const auto got = emulated_score_softmax<float>(products, {}, keep, 0.5, dp, pieces);
+    EXPECT_EQ(got[2].select(1, 13)[0].min().item<double>(), 1.0) << pieces << " pieces";
+    EXPECT_EQ(got[3].abs().max().item<double>(), 0.0) << pieces << " pieces";
+  }
 }
 
 // {B, L, H, Q, heads, masked, dtype, threads, vec, chunks, pieces[, one_score]}

@@ -3,6 +3,7 @@
 // fold_query runs as matrix products on the GPU (ops/fold_query.cpp).
 
 #include "ops/checks.h"
+#include "ops/cuda/device_attribute.h"
 #include "ops/cuda/folded_attention_pool_kernel.cuh"
 #include "ops/cuda/one_score_kernel.cuh"
 #include "ops/fold_query.h"
@@ -25,16 +26,6 @@
 
 namespace attnpool::cuda {
 namespace {
-
-// Read through the CUDA runtime (not ATen's CUDAContext.h, which needs the
-// cuBLAS/cuSPARSE headers) so that a bare CUDA toolkit builds this file.
-int device_attribute(cudaDeviceAttr attribute) {
-  int device = 0;
-  int value = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
-  return value;
-}
 
 // Columns per thread are chunks of VEC elements; 16-byte vectors when the
 // rows allow it (H a multiple of VEC and 16-byte aligned rows), else scalars.

@@ -1,16 +1,43 @@
 // Launches of score_softmax_kernel.cuh (see ops/cuda/score_softmax.h).
 
+#include "ops/cuda/device_attribute.h"
 #include "ops/cuda/score_softmax.h"
 #include "ops/cuda/score_softmax_kernel.cuh"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/ceil_div.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
 namespace attnpool::detail {
 namespace {
+
+// Pieces of each sequence's rows: blocks enough to fill the GPU twice over
+// when the sequences and score columns alone do not, none shorter than
+// kMinPieceRows rows (32 per row group).
+constexpr int64_t kMinPieceRows = 32 * cuda::kSoftmaxGroups;
+
+template <typename acc_t>
+int64_t pieces_per_sequence(const cuda::ScoreSoftmaxParams<acc_t>& a) {
+  const int64_t sms = cuda::device_attribute(cudaDevAttrMultiProcessorCount);
+  const int64_t blocks = std::max<int64_t>(a.batch * a.column_blocks(), 1);
+  const int64_t most = std::max<int64_t>(at::ceil_div(a.seq_len, kMinPieceRows), 1);
+  return std::clamp<int64_t>(at::ceil_div(2 * sms, blocks), 1, most);
+}
+
+// Room for the pieces' states, [B, pieces, S, 2].
+template <typename acc_t>
+at::Tensor partials_for(cuda::ScoreSoftmaxParams<acc_t>& a, const at::Tensor& like) {
+  at::Tensor partials = at::empty({a.batch, a.pieces, a.num_scores, 2}, like.options());
+  a.partials = partials.mutable_data_ptr<acc_t>();
+  return partials;
+}
 
 template <typename acc_t>
 cuda::ScoreSoftmaxParams<acc_t> softmax_params(
@@ -28,6 +55,7 @@ cuda::ScoreSoftmaxParams<acc_t> softmax_params(
   a.batch = product.size(0);
   a.seq_len = product.size(1);
   a.num_scores = product.size(2);
+  a.cut(pieces_per_sequence(a));
   return a;
 }
 
@@ -56,7 +84,9 @@ std::tuple<at::Tensor, at::Tensor> score_softmax_cuda(
     auto a = softmax_params<scalar_t>(product, bias, keep, scale);
     a.weights = weights.mutable_data_ptr<scalar_t>();
     a.lse_out = lse.mutable_data_ptr<scalar_t>();
-    launch(&cuda::score_softmax_forward_kernel<scalar_t>, a);
+    const auto partials = partials_for(a, product);
+    launch(&cuda::score_softmax_state_kernel<scalar_t>, a);
+    launch(&cuda::score_softmax_weights_kernel<scalar_t>, a);
   });
   return {weights, lse};
 }
@@ -79,7 +109,9 @@ std::tuple<at::Tensor, at::Tensor> score_softmax_backward_cuda(
     a.dp = dp.const_data_ptr<scalar_t>();
     a.probs = probs.mutable_data_ptr<scalar_t>();
     a.dscores = dscores.mutable_data_ptr<scalar_t>();
-    launch(&cuda::score_softmax_backward_kernel<scalar_t>, a);
+    const auto partials = partials_for(a, product);
+    launch(&cuda::score_softmax_probs_kernel<scalar_t>, a);
+    launch(&cuda::score_softmax_dscores_kernel<scalar_t>, a);
   });
   return {probs, dscores};
 }
