@@ -7,7 +7,7 @@
 // tile (H200: 0.01-0.09 of x.sum()'s speed, benchmarks/README.md#gpu); but
 // its launches cost more than small calls. Written with ATen operators, so
 // the CPU runs it too (tests/cpp/test_cuda_kernels_emulated.cpp), except the
-// softmax, which on a GPU is one kernel each way (score_softmax_kernel.cuh)
+// softmax, which on a GPU is two kernels each way (score_softmax_kernel.cuh)
 // instead of some twenty operators.
 //
 // Each score is one product's output, and the backward recomputes it with

@@ -1,8 +1,8 @@
 #pragma once
 
 // The softmax over each sequence's rows in the matrix-product path
-// (ops/pool_by_matmul.h): one launch forward and one backward for what took
-// some twenty tensor operators, each a launch with its own host time (on the
+// (ops/pool_by_matmul.h): two launches forward and two backward for what
+// took some twenty tensor operators, each a launch with its own host time (on the
 // H200 machine the path spent 0.3-0.5 ms a forward, far more than its
 // products).
 //
