@@ -100,7 +100,7 @@ at::Tensor contiguous_or_undefined(const at::Tensor& t) {
   return t.defined() ? t.contiguous() : t;
 }
 
-// The softmax of the scores and its backward: one kernel each on a GPU
+// The softmax of the scores and its backward: two kernels each on a GPU
 // (ops/cuda/score_softmax_kernel.cuh), tensor operators elsewhere.
 std::tuple<at::Tensor, at::Tensor> score_softmax(
     const PreparedPool& pool, const at::Tensor& products) {
