@@ -115,15 +115,22 @@ def test_gradients_of_many_scores_of_one_head_match_reference(device, full_width
     x, u, mask = _folded_inputs(2, 2000, 40, 9, 1, mask="random", device=device)
     x = x.to(dtype).requires_grad_(True)
     u = u.float().requires_grad_(True)
-    out = attnpool.folded_attention_pool(x, u, mask, 0.5, full_width)
-    weights = torch.randn(out.shape, dtype=torch.float64, device=device)
+    _assert_matches_reference64(x, u, mask, 0.5, full_width)
+
+
+def _assert_matches_reference64(x, u, mask, scale, full_width, attn_bias=None):
+    """folded_attention_pool's output and the gradients of x and u (under random
+    output weights) against the float64 reference, within x's dtype's tolerance."""
+    out = attnpool.folded_attention_pool(x, u, mask, scale, full_width, attn_bias)
+    weights = torch.randn(out.shape, dtype=torch.float64, device=x.device)
     got = torch.autograd.grad((out.double() * weights).sum(), (x, u))
     x64, u64 = (t.detach().double().requires_grad_(True) for t in (x, u))
-    expected = reference.folded_attention_pool(x64, u64, mask, 0.5, full_width)
+    bias64 = None if attn_bias is None else attn_bias.double()
+    expected = reference.folded_attention_pool(x64, u64, mask, scale, full_width, bias64)
     want = torch.autograd.grad((expected * weights).sum(), (x64, u64))
-    torch.testing.assert_close(out.double(), expected, **TOLERANCES[dtype])
+    torch.testing.assert_close(out.double(), expected, **TOLERANCES[x.dtype])
     for name, g, w in zip(("x", "u"), got, want, strict=True):
-        torch.testing.assert_close(g.double(), w, **TOLERANCES[dtype], msg=name)
+        torch.testing.assert_close(g.double(), w, **TOLERANCES[x.dtype], msg=name)
 
 
 def _ops_inside(*args):
@@ -165,15 +172,7 @@ def test_large_calls_with_many_scores_run_as_matrix_products_on_cuda(
     assert "aten::amax" not in inside, "the softmax runs in its kernels, not in operators"
     small = (x.detach()[:1, :64], u.detach(), mask[:1, :64], 0.5, full_width, bias[:1, :64])
     assert not {"aten::mm", "aten::bmm"} & _ops_inside(*small), "a small call takes the kernels"
-    out = attnpool.folded_attention_pool(x, u, *args)
-    weights = torch.randn(out.shape, dtype=torch.float64, device="cuda")
-    got = torch.autograd.grad((out.double() * weights).sum(), (x, u))
-    x64, u64 = (t.detach().double().requires_grad_(True) for t in (x, u))
-    expected = reference.folded_attention_pool(x64, u64, mask, 0.5, full_width, bias.double())
-    want = torch.autograd.grad((expected * weights).sum(), (x64, u64))
-    torch.testing.assert_close(out.double(), expected, **TOLERANCES[dtype])
-    for name, g, w in zip(("x", "u"), got, want, strict=True):
-        torch.testing.assert_close(g.double(), w, **TOLERANCES[dtype], msg=name)
+    _assert_matches_reference64(x, u, *args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
