@@ -1,6 +1,8 @@
 """MultiheadAttentionPooling (SPEC.md §7) against nn.MultiheadAttention itself,
 random init and random biases: values, gradients, state_dict, edge cases, errors."""
 
+import copy
+
 import pytest
 import torch
 from helpers import TOLERANCES, RecordedOps
@@ -92,6 +94,21 @@ def test_many_queries_project_instead_of_folding_with_the_same_conventions():
     want = module(x, torch.arange(SEQ_LEN)[None, :] < lengths[:, None])
     torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
     assert not got.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projection_in_bfloat16_on_the_cpu_scores_in_float32(dtype):
+    # As attention_pool's projection path: SDPA's CPU kernel was slower for
+    # bfloat16 than plain products with float32 scores.
+    exact, _ = _pair(8, None, True)
+    module = copy.deepcopy(exact).to(dtype)
+    exact = exact.to(dtype).double()  # the same rounded weights
+    x, mask = _batch(None, dtype=dtype)
+    with RecordedOps() as recorded:
+        got = module(x, mask)
+    assert any("scaled_dot_product" in name for name in recorded.names) == (dtype == torch.float32)
+    want = exact(x.double(), mask)
+    torch.testing.assert_close(got.double(), want, **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("num_queries", [1, 8], ids=["fold", "projection"])

@@ -37,6 +37,39 @@ def test_projects_only_where_it_costs_less():
     assert any("scaled_dot_product" in name for name in projected), projected
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bfloat16_on_the_cpu_scores_in_float32_without_sdpa(dtype):
+    # SDPA's CPU kernel was slower than plain products with float32 scores
+    # for bfloat16 (forward+backward), and rounded its scores to it.
+    inputs, num_heads = _inputs(**PROJECTING)
+    inputs = inputs.to(dtype=dtype, param_dtype=torch.float32).requiring_grad()
+    softmax_dtypes = []
+
+    class Recorded(RecordedOps):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket) == "aten._softmax":
+                softmax_dtypes.append(args[0].dtype)
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    with Recorded() as recorded:
+        out = attnpool.attention_pool(*inputs.args(), num_heads=num_heads)
+    sdpa = any("scaled_dot_product" in name for name in recorded.names)
+    assert sdpa == (dtype == torch.float32), recorded.names
+    assert softmax_dtypes == ([] if sdpa else [torch.float32])
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, [inputs.x, inputs.query, inputs.w_q, inputs.w_k], grad_out)
+    in_float64 = inputs.to(dtype=torch.float64).requiring_grad()
+    want_out = reference.attention_pool(*in_float64.args(), num_heads=num_heads)
+    want = torch.autograd.grad(
+        want_out,
+        [in_float64.x, in_float64.query, in_float64.w_q, in_float64.w_k],
+        grad_out.double(),
+    )
+    torch.testing.assert_close(out.double(), want_out, **TOLERANCES[dtype])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, **TOLERANCES[dtype])
+
+
 def _masking(kind, batch, seq_len, device):
     gen = torch.Generator().manual_seed(1)
     if kind == "none":

@@ -496,7 +496,10 @@ def _pool_by_projection(
     # p = 1 where the softmax gave 1/L, gradients L times too large. The
     # softmax's own backward uses p. Nor has it a batching rule: under vmap
     # (per-sample gradients) it ran once per sample, the matmuls batch.
-    exact = attn_bias is not None
+    # bfloat16 on the CPU: float32 scores and softmax run faster than SDPA's
+    # CPU kernel, and closer to float64 (see scores_in_float32_are_faster in
+    # csrc/ops/attention_pool_by_projection.cpp).
+    exact = attn_bias is not None or (xs.device.type == "cpu" and dtype == torch.bfloat16)
     if not torch.jit.is_scripting():
         exact = exact or _any_tangent([x, query, w_q, b_q, w_k, w_v, b_v]) or under_vmap()
     if exact:
