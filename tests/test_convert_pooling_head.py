@@ -51,6 +51,18 @@ def test_siglip_head():
     assert all(a is b for a, b in zip(fused.parameters(), peer.parameters(), strict=True))
 
 
+def test_siglip_head_refuses_an_attention_mask_as_the_original_does():
+    peer, fused = _heads(SiglipMultiheadAttentionPoolingHead, SiglipVisionConfig)
+    x = torch.randn(2, 5, WIDTH, dtype=torch.float64)
+    attention_mask = torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(TypeError):
+        peer(x, attention_mask)
+    with pytest.raises(
+        TypeError, match="SiglipMultiheadAttentionPoolingHead takes no attention_mask"
+    ):
+        fused(x, attention_mask)
+
+
 @pytest.mark.parametrize("attention", ["eager", "sdpa", None])
 def test_siglip2_head_with_padding(attention):
     peer, fused = _heads(Siglip2MultiheadAttentionPoolingHead, Siglip2VisionConfig)

@@ -151,14 +151,17 @@ def test_both_paths_refuse_the_same_bad_input(num_queries):
     x, mask = _batch(None)
     with pytest.raises(TypeError, match="x must be"):
         module(x.long())
-    with pytest.raises(TypeError, match="attn_bias must be"):
+    # Each names the module, on either path.
+    with pytest.raises(TypeError, match="^MultiheadAttentionPooling: attn_bias must be"):
         module(x, attn_bias=mask)
-    with pytest.raises(ValueError, match="attn_bias must have shape"):
+    with pytest.raises(ValueError, match="^MultiheadAttentionPooling: attn_bias must have shape"):
         module(x, attn_bias=torch.zeros(x.shape[0], x.shape[1] + 1, dtype=x.dtype))
-    with pytest.raises(TypeError, match="lengths must be an integer tensor"):
+    with pytest.raises(TypeError, match="^MultiheadAttentionPooling: lengths must be an integer"):
         module(x, lengths=torch.ones(x.shape[0]))
-    with pytest.raises(ValueError, match="mask must have shape"):
+    with pytest.raises(ValueError, match="^MultiheadAttentionPooling: mask must have shape"):
         module(x, mask[:2])
+    with pytest.raises(TypeError, match="^MultiheadAttentionPooling: mask must be bool"):
+        module(x, mask.double())
 
 
 @pytest.mark.parametrize("num_queries", [2, 8])

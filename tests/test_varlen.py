@@ -355,6 +355,15 @@ def test_bad_offsets_and_arguments_raise_clear_errors():
     _error(ValueError, "index must be sorted", fold, x, u, index=index.flip(0), num_segments=2)
     _error(ValueError, "index must be sorted", fold, x, u, index=index, num_segments=1)
     _error(ValueError, "index must be sorted", fold, x, u, index=index - 5)
+    # Each error names the function called, and a dtype error is a TypeError.
+    _error(
+        ValueError, "^folded_attention_pool_varlen: index must be sorted", fold, x, u, index=-index
+    )
+    _error(ValueError, "^segment_offsets: index must be sorted", attnpool.segment_offsets, -index)
+    _error(
+        TypeError, "index must be int32 or int64 .*, got float32", fold, x, u, index=index.float()
+    )
+    _error(ValueError, r"index must be 1-D, \[T\]", fold, x, u, index=index[None])
     _error(
         ValueError,
         r"index must have one entry per row of x, \[T\] = \[5\], got \[4\]",

@@ -15,6 +15,7 @@ open_clip's ``AttentionalPooler`` (CoCa's). The classes are recognised by
 module and name, so no peer library is ever imported here.
 """
 
+import inspect
 import sys
 from typing import Optional
 
@@ -86,8 +87,13 @@ class FusedSiglipPoolingHead(nn.Module):
         # function, which depends on the config (it ignores the mask when no
         # attention implementation is set): the fused head calls the same one.
         self.config = getattr(head, "config", None)
-        self._mask_function = getattr(
-            sys.modules[type(head).__module__], "create_bidirectional_mask", None
+        # SigLIP's (v1) head takes no attention_mask, though its module
+        # defines the mask function too: ask the head's own signature.
+        takes_mask = "attention_mask" in inspect.signature(head.forward).parameters
+        self._mask_function = (
+            getattr(sys.modules[type(head).__module__], "create_bidirectional_mask", None)
+            if takes_mask
+            else None
         )
 
     def _padding_bias(self, hidden_state: Tensor, attention_mask: Tensor) -> Optional[Tensor]:

@@ -271,6 +271,11 @@ class MultiheadAttentionPooling(nn.Module):
                 f"MultiheadAttentionPooling: x must have shape [B, L, kdim = {self.kdim}], "
                 f"got {list(x.shape)}"
             )
+        if mask is not None or attn_bias is not None or lengths is not None:
+            # Checked here so that an error names this module, not the op.
+            torch.ops.attnpool._check_pooled_positions(
+                "MultiheadAttentionPooling", x, mask, attn_bias, lengths
+            )
         w_q, b_q, w_k, w_v, b_v = split_projection_weights(
             self.in_proj_weight,
             self.q_proj_weight,

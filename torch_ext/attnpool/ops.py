@@ -247,12 +247,20 @@ def segment_offsets(index: Tensor, num_segments: Optional[int] = None) -> Tensor
     must be sorted: that is checked on the CPU, and asynchronously (an
     assertion in the graph) on a GPU and in compiled or fake-tensor traced graphs.
     """
-    op = "attention_pool_varlen"
+    return _segment_offsets("segment_offsets", index, num_segments)
+
+
+def _segment_offsets(op: str, index: Tensor, num_segments: Optional[int]) -> Tensor:
+    """segment_offsets, its errors naming ``op``."""
     _check_tensor(op, "index", index)
-    if index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+    if index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(
+            f"{op}: index must be int32 or int64 (the segment of each row), got "
+            f"{_dtype_name(index.dtype)}"
+        )
+    if index.dim() != 1:
         raise ValueError(
-            f"{op}: index must be a 1-D int32/int64 tensor (the segment of each row), got "
-            f"{_dtype_name(index.dtype)} of shape {list(index.shape)}"
+            f"{op}: index must be 1-D, [T] (the segment of each row), got shape {list(index.shape)}"
         )
     if num_segments is None:
         num_segments = int(index.max()) + 1 if index.numel() > 0 else 0
@@ -298,7 +306,7 @@ def _ragged_offsets(
         if num_segments is not None:
             raise ValueError(f"{op}: num_segments goes with index, not with cu_seqlens")
         return cu_seqlens
-    offsets = segment_offsets(index, num_segments)  # checks index: a sorted 1-D tensor
+    offsets = _segment_offsets(op, index, num_segments)  # checks index: sorted, 1-D
     # Checked here, where the error can name index, not the offsets made from it.
     if x.dim() == 2 and index.shape[0] != x.shape[0]:
         raise ValueError(

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from attnpool.modules import AttentionPooling
-from attnpool.ops import attention_pool_varlen, segment_offsets
+from attnpool.ops import _segment_offsets, attention_pool_varlen
 
 try:
     from torch_geometric.nn.aggr import Aggregation
@@ -78,7 +78,7 @@ class AttentionPoolingAggregation(Aggregation):
         if ptr is not None:
             offsets = ptr
         elif index is not None:
-            offsets = segment_offsets(index, dim_size)
+            offsets = _segment_offsets(owner, index, dim_size)
         else:
             offsets = torch.tensor([0, x.shape[0]], device=x.device)
         pool = self.pool
