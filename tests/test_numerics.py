@@ -107,6 +107,27 @@ def test_non_finite_x_behaves_like_the_reference(device, dtype, value):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_long_sequences_keep_their_softmax_sum(device):
+    # [Note: rows per piece]: a batch large enough that each sequence is one
+    # piece of work, each 2^18 rows long, whose scores after the first are
+    # log 0.7 below it. Summed in one float32 run, every term rounded alike
+    # and log(sum) came out 2.6e-3 high (and past 2^24 rows the sum stopped).
+    batch, length = 32, 2**18
+    column = torch.full((1, length, 1), math.log(0.7), device=device)
+    column[0, 0, 0] = 0.0
+    x = column.expand(batch, length, 1)
+    u = torch.ones(1, 1, device=device)
+    out, lse = torch.ops.attnpool._folded_attention_pool_forward(x, u, None, 1.0, False, None, None)
+    total = 1 + (length - 1) * 0.7
+    want_lse = torch.full((batch, 1), math.log(total), dtype=torch.float64)
+    want_out = torch.full(
+        (batch, 1), (length - 1) * 0.7 * math.log(0.7) / total, dtype=torch.float64
+    )
+    torch.testing.assert_close(lse[..., 1].cpu().double(), want_lse, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.cpu().double(), want_out, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 def test_huge_scores_are_finite_and_match_the_reference(device, dtype):
     # x scaled by 1e4 (1e2 for float16, whose range ends at 65504) makes

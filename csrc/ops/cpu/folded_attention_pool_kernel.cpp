@@ -48,7 +48,7 @@ PieceCut forward_cut(const PoolShape& s) {
   const int64_t row_elems = std::max<int64_t>(s.hidden, 1);
   const int64_t most = std::max<int64_t>(1, s.seq_len * row_elems / kMinPieceElems);
   const int64_t wanted = at::ceil_div(kForwardTargetPieces, std::max<int64_t>(s.batch, 1));
-  return PieceCut::into(s.seq_len, std::min(wanted, most));
+  return PieceCut::into(s.seq_len, std::min(wanted, most), kMaxForwardPieceRows);
 }
 
 // A ragged batch: pieces of one size for sequences of any length, about
@@ -56,8 +56,9 @@ PieceCut forward_cut(const PoolShape& s) {
 PieceCut ragged_forward_cut(const PoolShape& s) {
   const int64_t row_elems = std::max<int64_t>(s.hidden, 1);
   const int64_t rows = s.seq_len;
-  const int64_t per_piece =
-      std::max(at::ceil_div(rows, kForwardTargetPieces), at::ceil_div(kMinPieceElems, row_elems));
+  const int64_t per_piece = std::min(
+      kMaxForwardPieceRows,
+      std::max(at::ceil_div(rows, kForwardTargetPieces), at::ceil_div(kMinPieceElems, row_elems)));
   return {std::max<int64_t>(1, at::ceil_div(rows, per_piece)), per_piece};
 }
 

@@ -144,7 +144,7 @@ void with_lane_chunks(int64_t hidden, F&& f) {
 
 // The cut of each sequence for a kernel with one block per (sequence, piece).
 PieceCut cut_sequences(int64_t sequences, int64_t seq_len) {
-  return PieceCut::into(seq_len, pieces_per_sequence(sequences, seq_len));
+  return PieceCut::into(seq_len, pieces_per_sequence(sequences, seq_len), kMaxForwardPieceRows);
 }
 
 // A ragged batch (ForwardParams::first_piece): pieces of one size for every
@@ -163,8 +163,10 @@ RaggedCut cut_ragged(const detail::PreparedPool& pool, int64_t groups) {
   const PoolInputs& p = pool.params;
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const int64_t wanted = std::max<int64_t>(1, at::ceil_div(8 * sms, std::max<int64_t>(groups, 1)));
-  const int64_t per_piece = std::max(
-      kMinTilesPerPiece * kTileRows, at::ceil_div(std::max<int64_t>(p.seq_len, 1), wanted));
+  const int64_t per_piece = std::min(
+      kMaxForwardPieceRows,
+      std::max(
+          kMinTilesPerPiece * kTileRows, at::ceil_div(std::max<int64_t>(p.seq_len, 1), wanted)));
   RaggedCut ragged;
   ragged.cut = {at::ceil_div(p.seq_len, per_piece) + 1, per_piece};
   ragged.first_piece = detail::ragged_first_piece(pool.offsets, per_piece);

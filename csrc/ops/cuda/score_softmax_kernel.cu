@@ -3,6 +3,7 @@
 #include "ops/cuda/device_attribute.h"
 #include "ops/cuda/score_softmax.h"
 #include "ops/cuda/score_softmax_kernel.cuh"
+#include "ops/pool_params.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -20,7 +21,8 @@ namespace {
 
 // Pieces of each sequence's rows: blocks enough to fill the GPU twice over
 // when the sequences and score columns alone do not, none shorter than
-// kMinPieceRows rows (32 per row group).
+// kMinPieceRows rows (32 per row group) nor longer than
+// kMaxForwardPieceRows ([Note: rows per piece] in ops/pool_params.h).
 constexpr int64_t kMinPieceRows = 32 * cuda::kSoftmaxGroups;
 
 template <typename acc_t>
@@ -28,7 +30,8 @@ int64_t pieces_per_sequence(const cuda::ScoreSoftmaxParams<acc_t>& a) {
   const int64_t sms = cuda::device_attribute(cudaDevAttrMultiProcessorCount);
   const int64_t blocks = std::max<int64_t>(a.batch * a.column_blocks(), 1);
   const int64_t most = std::max<int64_t>(at::ceil_div(a.seq_len, kMinPieceRows), 1);
-  return std::clamp<int64_t>(at::ceil_div(2 * sms, blocks), 1, most);
+  const int64_t fewest = at::ceil_div(a.seq_len, kMaxForwardPieceRows);
+  return std::max(fewest, std::clamp<int64_t>(at::ceil_div(2 * sms, blocks), 1, most));
 }
 
 // Room for the pieces' states, [B, pieces, S, 2].
