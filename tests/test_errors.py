@@ -429,6 +429,55 @@ def test_backward_op_rejects_inconsistent_saved_tensors():
         backward(torch.ones_like(out, device="meta"), out, lse)
 
 
+def test_jvp_ops_check_their_tangents():
+    inputs = make_inputs(2, 5, 8)
+    u = attnpool.fold_query(inputs.query, inputs.w_q, inputs.w_k, 2)  # [2, 8]
+    out, lse = torch.ops.attnpool._folded_attention_pool_forward(inputs.x, u)
+
+    def jvp(x_tangent=None, u_tangent=None, bias_tangent=None):
+        return torch.ops.attnpool._folded_attention_pool_jvp(
+            inputs.x, u, None, out, lse, 1.0, False, None, None, x_tangent, u_tangent, bias_tangent
+        )
+
+    x_like = torch.ones_like(inputs.x)
+    with pytest.raises(ValueError, match=r"x_tangent must be on the same device as x \(cpu\)"):
+        jvp(x_like.to("meta"))
+    with pytest.raises(ValueError, match=r"u_tangent must have u's shape \[2, 8\], got \[8, 2\]"):
+        jvp(u_tangent=u.T)
+    with pytest.raises(TypeError, match="x_tangent must be floating point, got int64"):
+        jvp(x_like.long())
+    with pytest.raises(ValueError, match="x_tangent must be a dense"):
+        jvp(x_like.to_sparse())  # (went round the op until Python's recursion limit)
+    with pytest.raises(ValueError, match="bias_tangent was given without an attn_bias"):
+        jvp(bias_tangent=torch.ones(2, 5, dtype=inputs.x.dtype))
+    varlen_jvp = torch.ops.attnpool._folded_attention_pool_varlen_jvp
+    rows, offsets = inputs.x.reshape(10, 8), torch.tensor([0, 5, 10])
+    out, lse = torch.ops.attnpool._folded_attention_pool_varlen_forward(rows, offsets, u)
+    with pytest.raises(ValueError, match=r"x_tangent must have x's shape \[10, 8\]"):
+        varlen_jvp(rows, offsets, u, out, lse, 1.0, False, torch.ones(5, 8), None)
+
+
+def test_backward_ops_check_dtypes_and_shapes():
+    inputs = make_inputs(2, 5, 8)
+    u = attnpool.fold_query(inputs.query, inputs.w_q, inputs.w_k)
+    out, lse = torch.ops.attnpool._folded_attention_pool_forward(inputs.x, u)
+    backward = torch.ops.attnpool._folded_attention_pool_backward
+    with pytest.raises(TypeError, match="grad_out must be floating point, got int64"):
+        backward(out.long(), inputs.x, u, None, out, lse, 1.0, False)
+    with pytest.raises(TypeError, match="out must be floating point, got bool"):
+        backward(out, inputs.x, u, None, out.bool(), lse, 1.0, False)
+    projected = inputs.query[None] @ inputs.w_q.T  # [1, E]
+    fold_backward = torch.ops.attnpool._fold_query_backward
+    query = inputs.query[None].expand(3, -1)
+    grad_u = torch.ones(3, 2, 8, dtype=u.dtype)
+    with pytest.raises(ValueError, match=r"grad_u must have u's shape .*, got \[2, 3, 8\]"):
+        fold_backward(
+            grad_u.transpose(0, 1), query, inputs.w_q, inputs.w_k, projected.expand(3, -1), 2
+        )
+    with pytest.raises(TypeError, match="grad_u must be floating point, got int64"):
+        fold_backward(grad_u.long(), query, inputs.w_q, inputs.w_k, projected.expand(3, -1), 2)
+
+
 # --- fold_query -------------------------------------------------------------------
 
 

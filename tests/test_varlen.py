@@ -129,6 +129,14 @@ def test_index_and_nested_tensors_pool_like_cu_seqlens(device):
     assert torch.equal(longer[len(LENGTHS) :], torch.zeros_like(longer[len(LENGTHS) :]))
     nested = torch.nested.nested_tensor_from_jagged(x, cu_seqlens)
     assert torch.equal(attnpool.attention_pool(nested, query, w_q, w_k), want)
+    u = attnpool.fold_query(query, w_q, w_k, 2)
+    for full_width in (False, True):
+        assert torch.equal(
+            attnpool.folded_attention_pool(nested, u, scale=0.5, full_width=full_width),
+            attnpool.folded_attention_pool_varlen(
+                x, u, cu_seqlens=cu_seqlens, scale=0.5, full_width=full_width
+            ),
+        )
     module = attnpool.AttentionPooling(HIDDEN, num_heads=2, num_queries=3).double().to(device)
     padded, padded_lengths = reference.padded(x, cu_seqlens)
     torch.testing.assert_close(
@@ -418,6 +426,11 @@ def test_bad_offsets_and_arguments_raise_clear_errors():
     )
     strided = torch.nested.nested_tensor([x[:2], x[2:]])
     _error(ValueError, "layout=torch.jagged", attnpool.attention_pool, strided, query, w_q, w_k)
+    # Only x may be nested; elsewhere a clear error, not the dispatcher's.
+    _error(
+        TypeError, "fold_query: query must be a dense tensor", attnpool.fold_query, nested, w_q, w_k
+    )
+    _error(TypeError, "u must be a dense tensor", attnpool.folded_attention_pool, x[None], nested)
 
 
 def test_torch_func_reverse_mode_and_vmap_without_the_fallback():

@@ -452,11 +452,22 @@ void check_fold_query_backward_args(
     int64_t num_heads) {
   check_fold_query_args(query, w_q, w_k, num_heads, std::nullopt);
   const c10::SymInt num_queries = query.dim() == 1 ? c10::SymInt(1) : query.sym_size(0);
+  // u's shape: [Q, num_heads, Hx], or [num_heads, Hx] for a 1-D query.
+  const bool shaped_as_u = query.dim() == 1
+                               ? grad_u.dim() == 2 && grad_u.sym_size(0) == num_heads &&
+                                     grad_u.sym_size(1) == w_k.sym_size(1)
+                               : grad_u.dim() == 3 && grad_u.sym_size(0) == num_queries &&
+                                     grad_u.sym_size(1) == num_heads &&
+                                     grad_u.sym_size(2) == w_k.sym_size(1);
   TORCH_CHECK_VALUE(
-      grad_u.sym_numel() == num_queries * num_heads * w_k.sym_size(1),
-      "fold_query backward: grad_u must have u's shape [Q, num_heads, Hx] (or [num_heads, Hx]), "
-      "got ",
+      shaped_as_u,
+      "fold_query backward: grad_u must have u's shape [Q, num_heads, Hx] (or [num_heads, Hx] "
+      "for a 1-D query), got ",
       grad_u.sym_sizes());
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(grad_u.scalar_type()),
+      "fold_query backward: grad_u must be floating point, got ",
+      dtype_name(grad_u.scalar_type()));
   TORCH_CHECK_VALUE(
       projected.dim() == 2 && projected.sym_size(0) == num_queries &&
           projected.sym_size(1) == w_q.sym_size(0),
@@ -611,8 +622,66 @@ void check_saved_forward(
       dtype_name(acc),
       ", got ",
       dtype_name(lse.scalar_type()));
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(out.scalar_type()),
+      op,
+      ": out must be floating point, got ",
+      dtype_name(out.scalar_type()));
   check_same_device(op, out, "out", x, "x");
   check_same_device(op, lse, "lse", x, "x");
+}
+
+namespace {
+
+void check_tangent(
+    const char* op,
+    const char* name,
+    const at::Tensor& tangent,
+    const at::Tensor& primal,
+    const char* primal_name,
+    const at::Tensor& x) {
+  check_strided(op, tangent, name);
+  check_same_device(op, tangent, name, x, "x");
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(tangent.scalar_type()),
+      op,
+      ": ",
+      name,
+      " must be floating point, got ",
+      dtype_name(tangent.scalar_type()));
+  TORCH_CHECK_VALUE(
+      tangent.sym_sizes() == primal.sym_sizes(),
+      op,
+      ": ",
+      name,
+      " must have ",
+      primal_name,
+      "'s shape ",
+      primal.sym_sizes(),
+      ", got ",
+      tangent.sym_sizes());
+}
+
+}  // namespace
+
+void check_tangents(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& x_tangent,
+    const std::optional<at::Tensor>& u_tangent,
+    const std::optional<at::Tensor>& bias_tangent) {
+  if (defined(x_tangent)) {
+    check_tangent(op, "x_tangent", *x_tangent, x, "x", x);
+  }
+  if (defined(u_tangent)) {
+    check_tangent(op, "u_tangent", *u_tangent, u, "u", x);
+  }
+  if (defined(bias_tangent)) {
+    TORCH_CHECK_VALUE(defined(attn_bias), op, ": bias_tangent was given without an attn_bias");
+    check_tangent(op, "bias_tangent", *bias_tangent, *attn_bias, "attn_bias", x);
+  }
 }
 
 void check_folded_attention_pool_backward_args(
@@ -633,6 +702,11 @@ void check_folded_attention_pool_backward_args(
       grad_out.sym_sizes());
   check_saved_forward(op, x, u, out, lse, full_width, cu_seqlens);
   check_same_device(op, grad_out, "grad_out", x, "x");
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(grad_out.scalar_type()),
+      op,
+      ": grad_out must be floating point, got ",
+      dtype_name(grad_out.scalar_type()));
 }
 
 double resolve_scale(std::optional<double> scale, int64_t head_dim) {

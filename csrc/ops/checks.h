@@ -104,6 +104,17 @@ void check_saved_forward(
     bool full_width,
     const std::optional<at::Tensor>& cu_seqlens = std::nullopt);
 
+// The jvp's tangents, each where given: dense, floating point, on x's
+// device, with the shape of its primal (x, u, attn_bias).
+void check_tangents(
+    const char* op,
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& attn_bias,
+    const std::optional<at::Tensor>& x_tangent,
+    const std::optional<at::Tensor>& u_tangent,
+    const std::optional<at::Tensor>& bias_tangent);
+
 // The backward's extra inputs: grad_out of out's shape, and check_saved_forward.
 void check_folded_attention_pool_backward_args(
     const at::Tensor& grad_out,

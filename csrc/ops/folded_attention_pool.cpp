@@ -156,11 +156,13 @@ at::Tensor jvp_meta(
     bool full_width,
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& /*x_tangent*/,
-    const std::optional<at::Tensor>& /*u_tangent*/,
-    const std::optional<at::Tensor>& /*bias_tangent*/) {
+    const std::optional<at::Tensor>& x_tangent,
+    const std::optional<at::Tensor>& u_tangent,
+    const std::optional<at::Tensor>& bias_tangent) {
   detail::check_folded_attention_pool_args(x, u, mask, scale, full_width, attn_bias, lengths);
   detail::check_saved_forward("folded_attention_pool jvp", x, u, out, lse, full_width);
+  detail::check_tangents(
+      "folded_attention_pool jvp", x, u, attn_bias, x_tangent, u_tangent, bias_tangent);
   return at::empty_like(out, at::MemoryFormat::Contiguous);
 }
 

@@ -92,10 +92,12 @@ at::Tensor jvp_meta(
     const at::Tensor& lse,
     double scale,
     bool full_width,
-    const std::optional<at::Tensor>& /*x_tangent*/,
-    const std::optional<at::Tensor>& /*u_tangent*/) {
+    const std::optional<at::Tensor>& x_tangent,
+    const std::optional<at::Tensor>& u_tangent) {
   detail::check_folded_attention_pool_varlen_args(x, cu_seqlens, u, scale, full_width);
   detail::check_saved_forward("folded_attention_pool jvp", x, u, out, lse, full_width, cu_seqlens);
+  detail::check_tangents(
+      "folded_attention_pool jvp", x, u, std::nullopt, x_tangent, u_tangent, std::nullopt);
   return at::empty_like(out, at::MemoryFormat::Contiguous);
 }
 

@@ -479,7 +479,16 @@ def _checked(op, composite):
     copies of the arguments, so that other devices reject what the CPU kernel
     rejects, with the same messages."""
 
+    name = op._schema.name.split("::")[-1]
+
     def kernel(*args):
+        # A sparse tensor stays sparse on meta and would come back here. (The
+        # dispatcher leaves out trailing arguments equal to their defaults.)
+        for arg, spec in zip(args, op._schema.arguments, strict=False):
+            if isinstance(arg, Tensor) and arg.layout != torch.strided:
+                raise ValueError(
+                    f"{name}: {spec.name} must be a dense (strided) tensor, got layout {arg.layout}"
+                )
         op(*(a.to("meta") if isinstance(a, Tensor) else a for a in args))
         return composite(*args)
 

@@ -7,9 +7,13 @@ import torch
 from torch import Tensor
 
 
-def _check_tensor(op: str, name: str, value) -> None:
+def _check_tensor(op: str, name: str, value, nested_ok: bool = False) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{op}: {name} must be a Tensor, got {type(value).__name__}")
+    # A nested tensor reaching an operator would meet its dispatcher's bare
+    # NotImplementedError; only x of the pooling functions may be one.
+    if value.is_nested and not nested_ok:
+        raise TypeError(f"{op}: {name} must be a dense tensor, got a nested tensor")
 
 
 def _check_optional_tensor(op: str, name: str, value) -> None:
@@ -113,7 +117,8 @@ def attention_pool(
     """
     if not torch.jit.is_scripting():
         op = "attention_pool"
-        for name, value in (("x", x), ("query", query), ("w_q", w_q), ("w_k", w_k)):
+        _check_tensor(op, "x", x, nested_ok=True)
+        for name, value in (("query", query), ("w_q", w_q), ("w_k", w_k)):
             _check_tensor(op, name, value)
         _check_optional_tensor(op, "mask", mask)
         _check_int(op, "num_heads", num_heads)
@@ -190,7 +195,8 @@ def folded_attention_pool(
       as a value projection after pooling needs (multi-head attention pooling).
 
     Args:
-        x: ``[B, L, H]``, as in :func:`attention_pool`.
+        x: ``[B, L, H]``, as in :func:`attention_pool`; a jagged nested tensor
+            ``[B, j, H]`` pools as :func:`folded_attention_pool_varlen`.
         u: ``[Q, num_heads, H]`` or ``[num_heads, H]`` (then the output has no
             ``Q`` dimension), in ``x``'s dtype or float32 for float16/bfloat16 ``x``.
         mask: optional ``[B, L]``, nonzero = attend (the opposite of
@@ -208,7 +214,7 @@ def folded_attention_pool(
     """
     if not torch.jit.is_scripting():
         op = "folded_attention_pool"
-        _check_tensor(op, "x", x)
+        _check_tensor(op, "x", x, nested_ok=True)
         _check_tensor(op, "u", u)
         _check_optional_tensor(op, "mask", mask)
         _check_number(op, "scale", scale)
@@ -216,6 +222,11 @@ def folded_attention_pool(
             raise TypeError(f"{op}: full_width must be a bool, got {type(full_width).__name__}")
         _check_optional_tensor(op, "attn_bias", attn_bias)
         _check_optional_tensor(op, "lengths", lengths)
+        if x.is_nested:
+            rows, offsets = _jagged_parts(op, x, mask=mask, attn_bias=attn_bias, lengths=lengths)
+            return torch.ops.attnpool.folded_attention_pool_varlen.default(
+                rows, offsets, u, scale, full_width
+            )
         return torch.ops.attnpool.folded_attention_pool.default(
             x, u, mask, scale, full_width, attn_bias, lengths
         )

@@ -449,6 +449,7 @@ at::Tensor jvp_cpu(
     const std::optional<at::Tensor>& bias_tangent) {
   auto f = detail::prepare_forward(x, u, mask, scale, full_width, attn_bias, lengths);
   detail::check_saved_forward(kJvp, x, u, out, lse, full_width);
+  detail::check_tangents(kJvp, x, u, attn_bias, x_tangent, u_tangent, bias_tangent);
   return run_jvp(f, out, lse, x_tangent, u_tangent, bias_tangent, x.scalar_type());
 }
 
@@ -464,6 +465,7 @@ at::Tensor varlen_jvp_cpu(
     const std::optional<at::Tensor>& u_tangent) {
   auto f = detail::prepare_varlen_forward(x, cu_seqlens, u, scale, full_width);
   detail::check_saved_forward(kJvp, x, u, out, lse, full_width, cu_seqlens);
+  detail::check_tangents(kJvp, x, u, std::nullopt, x_tangent, u_tangent, std::nullopt);
   return run_jvp(f, out, lse, x_tangent, u_tangent, std::nullopt, x.scalar_type());
 }
 
