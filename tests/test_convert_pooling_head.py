@@ -106,3 +106,5 @@ def test_what_cannot_be_converted_is_named():
         attnpool.convert_pooling_head(peer)
     with pytest.raises(TypeError, match="use convert_pooling_head"):
         attnpool.swap_pooling_heads(peer)
+    with pytest.raises(TypeError, match="model must be an nn.Module, got int"):
+        attnpool.swap_pooling_heads(3)

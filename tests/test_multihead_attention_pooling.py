@@ -149,6 +149,11 @@ def test_a_row_biased_to_the_lowest_float_has_exact_gradients(num_queries):
 def test_both_paths_refuse_the_same_bad_input(num_queries):
     module, _ = _pair(num_queries, None, True)
     x, mask = _batch(None)
+    # The fold's dtype rule on both paths (the projection path cast x).
+    with pytest.raises(TypeError, match="x is float32 and the parameters are float64"):
+        module(x.float())
+    with pytest.raises(TypeError, match="x is float64 and the parameters are float32"):
+        copy.deepcopy(module).float()(x)
     with pytest.raises(TypeError, match="x must be"):
         module(x.long())
     # Each names the module, on either path.

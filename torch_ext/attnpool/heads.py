@@ -280,6 +280,10 @@ def convert_pooling_head(head: nn.Module) -> nn.Module:
 def swap_pooling_heads(model: nn.Module) -> int:
     """Replaces every pooling head :func:`convert_pooling_head` knows inside
     ``model`` by its fused version, in place; returns how many it replaced."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"swap_pooling_heads: model must be an nn.Module, got {type(model).__name__}"
+        )
     if _kind(model) is not None:
         raise TypeError(
             "swap_pooling_heads: model is itself a pooling head; use convert_pooling_head"

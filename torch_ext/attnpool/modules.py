@@ -271,6 +271,22 @@ class MultiheadAttentionPooling(nn.Module):
                 f"MultiheadAttentionPooling: x must have shape [B, L, kdim = {self.kdim}], "
                 f"got {list(x.shape)}"
             )
+        # The fold's rule (u is float64 for float64 weights, else float32), on
+        # either path: the projection path would otherwise cast x silently.
+        folded = torch.float64 if self.query.dtype == torch.float64 else torch.float32
+        if x.is_floating_point() and not (
+            x.dtype == folded
+            or (folded == torch.float32 and x.dtype in (torch.float16, torch.bfloat16))
+        ):
+            rule = "float64 x takes float64 parameters, float32 and 16-bit x the others"
+            if torch.jit.is_scripting():  # (where a dtype prints as a number)
+                raise TypeError(f"MultiheadAttentionPooling: x's dtype and the parameters': {rule}")
+            x_dtype = str(x.dtype).replace("torch.", "")
+            param_dtype = str(self.query.dtype).replace("torch.", "")
+            raise TypeError(
+                f"MultiheadAttentionPooling: x is {x_dtype} and the parameters are "
+                f"{param_dtype}: {rule}"
+            )
         if mask is not None or attn_bias is not None or lengths is not None:
             # Checked here so that an error names this module, not the op.
             torch.ops.attnpool._check_pooled_positions(
