@@ -87,6 +87,18 @@ void check_same_device(
       t.device());
 }
 
+// Tensors the kernels read as numbers of some floating-point dtype (they
+// convert to the accumulation dtype): gradients, tangents, saved outputs.
+void check_floating(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(t.scalar_type()),
+      op,
+      ": ",
+      name,
+      " must be floating point, got ",
+      dtype_name(t.scalar_type()));
+}
+
 // x as [B, L, H] (dense batches) or [T, H] (ragged batches, SPEC.md §6).
 void check_float_x(const char* op, const at::Tensor& x, bool ragged = false) {
   TORCH_CHECK_VALUE(
@@ -464,10 +476,7 @@ void check_fold_query_backward_args(
       "fold_query backward: grad_u must have u's shape [Q, num_heads, Hx] (or [num_heads, Hx] "
       "for a 1-D query), got ",
       grad_u.sym_sizes());
-  TORCH_CHECK_TYPE(
-      at::isFloatingType(grad_u.scalar_type()),
-      "fold_query backward: grad_u must be floating point, got ",
-      dtype_name(grad_u.scalar_type()));
+  check_floating("fold_query backward", grad_u, "grad_u");
   TORCH_CHECK_VALUE(
       projected.dim() == 2 && projected.sym_size(0) == num_queries &&
           projected.sym_size(1) == w_q.sym_size(0),
@@ -622,11 +631,7 @@ void check_saved_forward(
       dtype_name(acc),
       ", got ",
       dtype_name(lse.scalar_type()));
-  TORCH_CHECK_TYPE(
-      at::isFloatingType(out.scalar_type()),
-      op,
-      ": out must be floating point, got ",
-      dtype_name(out.scalar_type()));
+  check_floating(op, out, "out");
   check_same_device(op, out, "out", x, "x");
   check_same_device(op, lse, "lse", x, "x");
 }
@@ -642,13 +647,7 @@ void check_tangent(
     const at::Tensor& x) {
   check_strided(op, tangent, name);
   check_same_device(op, tangent, name, x, "x");
-  TORCH_CHECK_TYPE(
-      at::isFloatingType(tangent.scalar_type()),
-      op,
-      ": ",
-      name,
-      " must be floating point, got ",
-      dtype_name(tangent.scalar_type()));
+  check_floating(op, tangent, name);
   TORCH_CHECK_VALUE(
       tangent.sym_sizes() == primal.sym_sizes(),
       op,
@@ -702,11 +701,7 @@ void check_folded_attention_pool_backward_args(
       grad_out.sym_sizes());
   check_saved_forward(op, x, u, out, lse, full_width, cu_seqlens);
   check_same_device(op, grad_out, "grad_out", x, "x");
-  TORCH_CHECK_TYPE(
-      at::isFloatingType(grad_out.scalar_type()),
-      op,
-      ": grad_out must be floating point, got ",
-      dtype_name(grad_out.scalar_type()));
+  check_floating(op, grad_out, "grad_out");
 }
 
 double resolve_scale(std::optional<double> scale, int64_t head_dim) {

@@ -287,11 +287,6 @@ class MultiheadAttentionPooling(nn.Module):
                 f"MultiheadAttentionPooling: x is {x_dtype} and the parameters are "
                 f"{param_dtype}: {rule}"
             )
-        if mask is not None or attn_bias is not None or lengths is not None:
-            # Checked here so that an error names this module, not the op.
-            torch.ops.attnpool._check_pooled_positions(
-                "MultiheadAttentionPooling", x, mask, attn_bias, lengths
-            )
         w_q, b_q, w_k, w_v, b_v = split_projection_weights(
             self.in_proj_weight,
             self.q_proj_weight,
@@ -425,12 +420,12 @@ def pool_projected(
     ``reference.layer_norm_rows(x, norm_weight, norm_bias, norm_eps)`` (open_clip's
     ``ln_k``); on the fold's path the norm runs in the pooling pass, so no
     normalized copy of ``x`` is made or saved."""
+    # The checks the ops make on the fold's path, made here for both paths:
+    # they refuse the same inputs, and the errors name the module.
+    torch.ops.attnpool._check_pooled_positions(
+        "MultiheadAttentionPooling", x, mask, attn_bias, lengths
+    )
     if not _fold_is_cheaper(query, w_v, num_heads):
-        # The checks the ops make on the fold's path, so that both paths
-        # refuse the same inputs.
-        torch.ops.attnpool._check_pooled_positions(
-            "MultiheadAttentionPooling", x, mask, attn_bias, lengths
-        )
         if norm_eps is not None:
             x = reference.layer_norm_rows(x, norm_weight, norm_bias, norm_eps)
         return _pool_by_projection(
