@@ -108,3 +108,20 @@ def test_what_cannot_be_converted_is_named():
         attnpool.swap_pooling_heads(peer)
     with pytest.raises(TypeError, match="model must be an nn.Module, got int"):
         attnpool.swap_pooling_heads(3)
+
+
+@pytest.mark.parametrize(
+    "cls, config_cls",
+    [
+        (SiglipMultiheadAttentionPoolingHead, SiglipVisionConfig),
+        (Siglip2MultiheadAttentionPoolingHead, Siglip2VisionConfig),
+    ],
+)
+def test_a_wrong_width_names_the_head_and_hidden_state(cls, config_cls):
+    # The folded query's check would name u, which the caller never passed.
+    _, fused = _heads(cls, config_cls)
+    with pytest.raises(
+        ValueError,
+        match=rf"{cls.__name__}: hidden_state must have shape \[B, L, {WIDTH}\] .*got \[2, 5, 8\]",
+    ):
+        fused(torch.randn(2, 5, 8, dtype=torch.float64))

@@ -122,7 +122,12 @@ class FusedSiglipPoolingHead(nn.Module):
         if attention_mask is not None:
             attn_bias = self._padding_bias(hidden_state, attention_mask)
         pooled = pool_with_projections(
-            self.attention, hidden_state, self.probe[0], attn_bias=attn_bias
+            self.attention,
+            hidden_state,
+            self.probe[0],
+            attn_bias=attn_bias,
+            owner=self.converted_from,
+            x_name="hidden_state",
         )  # [B, 1, E]
         residual = pooled
         pooled = residual + self.mlp(self.layernorm(pooled))
@@ -193,9 +198,19 @@ class FusedAttentionPoolLatent(nn.Module):
             w_q, b_q = self.q.weight, self.q.bias
         else:  # q_proj=False: the latent is the query
             w_q, b_q = torch.eye(embed_dim, dtype=w_k.dtype, device=w_k.device), None
-        out = pool_projected(x, query, w_q, b_q, w_k, w_v, b_v, self.num_heads, mask, attn_bias).to(
-            x.dtype
-        )  # [B, latent_len, E]
+        out = pool_projected(
+            x,
+            query,
+            w_q,
+            b_q,
+            w_k,
+            w_v,
+            b_v,
+            self.num_heads,
+            mask,
+            attn_bias,
+            owner=self.converted_from,
+        ).to(x.dtype)  # [B, latent_len, E]
         out = self.proj_drop(self.proj(out))
         if self.mlp is not None:
             out = out + self.mlp(self.norm(out))
@@ -251,8 +266,10 @@ class FusedAttentionalPooler(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         query = self.ln_q(self.query)
         if _fusable_norm(self.ln_k, x.shape[-1]):
-            return pool_with_projections(self.attn, x, query, key_norm=self.ln_k)
-        return pool_with_projections(self.attn, self.ln_k(x), query)
+            return pool_with_projections(
+                self.attn, x, query, key_norm=self.ln_k, owner=self.converted_from
+            )
+        return pool_with_projections(self.attn, self.ln_k(x), query, owner=self.converted_from)
 
     def extra_repr(self) -> str:
         return f"converted_from={self.converted_from}"

@@ -318,6 +318,8 @@ def pool_with_projections(
     attn_bias: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
     key_norm: Optional[nn.LayerNorm] = None,
+    owner: str = "MultiheadAttentionPooling",
+    x_name: str = "x",
 ) -> Tensor:
     """``attention(query.expand(B, Q, E), x, x)[0]`` ([B, Q, E], x's dtype) for an
     ``nn.MultiheadAttention``-like ``attention`` (its parameters: ``in_proj_weight``
@@ -326,7 +328,8 @@ def pool_with_projections(
     Shared by MultiheadAttentionPooling and the converted peer heads. With
     ``key_norm`` (a LayerNorm over x's rows, as open_clip's ``ln_k``), the
     keys and values are those of ``key_norm(x)``, normalized in the pooling
-    pass (:func:`pool_projected`'s ``norm_eps``)."""
+    pass (:func:`pool_projected`'s ``norm_eps``). Errors name ``owner`` (the
+    module called) and ``x_name`` (its name for ``x``)."""
     w_q, b_q, w_k, w_v, b_v = projection_weights(attention)
     norm_weight, norm_bias, norm_eps = None, None, None
     if key_norm is not None:
@@ -346,6 +349,8 @@ def pool_with_projections(
         norm_weight,
         norm_bias,
         norm_eps,
+        owner=owner,
+        x_name=x_name,
     )
     return attention.out_proj(projected).to(x.dtype)
 
@@ -401,6 +406,8 @@ def pool_projected(
     norm_weight: Optional[Tensor] = None,
     norm_bias: Optional[Tensor] = None,
     norm_eps: Optional[float] = None,
+    owner: str = "MultiheadAttentionPooling",
+    x_name: str = "x",
 ) -> Tensor:
     """Multi-head attention of ``query [Q, Eq]`` over ``x [B, L, kdim]`` with query,
     key and value projections ``w_q [E, Eq]`` (+ ``b_q``), ``w_k``, ``w_v [E, kdim]``
@@ -419,12 +426,20 @@ def pool_projected(
     With ``norm_eps``, the keys and values are those of
     ``reference.layer_norm_rows(x, norm_weight, norm_bias, norm_eps)`` (open_clip's
     ``ln_k``); on the fold's path the norm runs in the pooling pass, so no
-    normalized copy of ``x`` is made or saved."""
+    normalized copy of ``x`` is made or saved.
+
+    Errors name ``owner``, the module called, and ``x_name``, its name for
+    ``x`` (a converted Hugging Face head's ``hidden_state``)."""
     # The checks the ops make on the fold's path, made here for both paths:
-    # they refuse the same inputs, and the errors name the module.
-    torch.ops.attnpool._check_pooled_positions(
-        "MultiheadAttentionPooling", x, mask, attn_bias, lengths
-    )
+    # they refuse the same inputs, and the errors name the module (the ops'
+    # would name u, the folded query, for an x of the wrong width).
+    kdim = w_k.shape[1]
+    if not x.is_nested and (x.dim() != 3 or x.shape[-1] != kdim):
+        raise ValueError(
+            f"{owner}: {x_name} must have shape [B, L, {kdim}] (the key projection's "
+            f"input width), got {list(x.shape)}"
+        )
+    torch.ops.attnpool._check_pooled_positions(owner, x, mask, attn_bias, lengths)
     if not _fold_is_cheaper(query, w_v, num_heads):
         if norm_eps is not None:
             x = reference.layer_norm_rows(x, norm_weight, norm_bias, norm_eps)
