@@ -53,14 +53,21 @@ void fold_backward(const FoldBackwardParams& p, c10::ScalarType dtype) {
 #define ATTNPOOL_STRINGIFY_(x) #x
 #define ATTNPOOL_STRINGIFY(x) ATTNPOOL_STRINGIFY_(x)
 
-[[maybe_unused]] const bool registered = register_kernels(
-    {Isa::CPU_CAPABILITY,
-     ATTNPOOL_STRINGIFY(CPU_CAPABILITY),
-     &forward,
-     &backward,
-     &jvp,
-     &fold,
-     &fold_backward});
+// This file's static initializer runs on every CPU, also one without this
+// instruction set: it must not build the set on the stack. Under
+// AddressSanitizer the stack's shadow bytes were then poisoned with AVX-512
+// stores (vmovdqu8), which killed the library's loading on an AVX2-only CPU.
+// A constant-initialized set leaves the initializer one call.
+constexpr KernelSet kKernels{
+    Isa::CPU_CAPABILITY,
+    ATTNPOOL_STRINGIFY(CPU_CAPABILITY),
+    &forward,
+    &backward,
+    &jvp,
+    &fold,
+    &fold_backward};
+
+[[maybe_unused]] const bool registered = register_kernels(kKernels);
 
 }  // namespace
 }  // namespace CPU_CAPABILITY
