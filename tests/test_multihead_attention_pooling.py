@@ -234,7 +234,7 @@ def test_constructor_and_forward_errors_name_the_argument():
     with pytest.raises(ValueError, match="kdim must be >= 1"):
         build(16, 2, kdim=0)
     module = build(16, 2, kdim=8)
-    with pytest.raises(ValueError, match=r"x must have shape \[B, L, kdim = 8\]"):
+    with pytest.raises(ValueError, match=r"x must have shape \[B, L, 8\]"):
         module(torch.randn(2, 3, 16))
     with pytest.raises(TypeError, match="mask must be bool"):
         module(torch.randn(2, 3, 8), torch.zeros(2, 3))

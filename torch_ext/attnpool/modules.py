@@ -266,11 +266,6 @@ class MultiheadAttentionPooling(nn.Module):
                 "MultiheadAttentionPooling: x must be a dense [B, L, kdim] tensor, got a nested "
                 "tensor (pad it and pass lengths)"
             )
-        if x.dim() != 3 or x.shape[-1] != self.kdim:
-            raise ValueError(
-                f"MultiheadAttentionPooling: x must have shape [B, L, kdim = {self.kdim}], "
-                f"got {list(x.shape)}"
-            )
         # The fold's rule (u is float64 for float64 weights, else float32), on
         # either path: the projection path would otherwise cast x silently.
         folded = torch.float64 if self.query.dtype == torch.float64 else torch.float32
