@@ -19,6 +19,6 @@ if [ "$(cat "$STAMP" 2>/dev/null)" = "$SOURCES_HASH" ] && .venv/bin/python -c 'i
 fi
 # No build isolation: build against the torch just installed (an isolated
 # build would fetch a different, multi-GB torch).
-echo "setup: building attnpool (about 2 minutes on 2 cores)"
+echo "setup: building attnpool (3 to 8 minutes on 2 cores)"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
 echo "$SOURCES_HASH" >"$STAMP"
