@@ -172,22 +172,32 @@ class BuildExtensionWithIsaKernels(BuildExtension):
             # attnpool_pch.h.gch in place of attnpool_pch.h where the flags
             # match (-Winvalid-pch says so where they do not).
             folder = os.path.join(os.path.abspath(self.build_temp), "pch")
-            os.makedirs(folder, exist_ok=True)
-            header = os.path.join(folder, "attnpool_pch.h")
+            source = os.path.join(folder, "attnpool_pch.cpp")
             text = "".join(f"#include <{name}>\n" for name in PRECOMPILED_HEADERS)
-            for path in (header, os.path.join(folder, "attnpool_pch.cpp")):
-                with open(path, "w") as f:
-                    f.write(text)
+            write_if_changed(source, text)  # else ninja would make it again
             [compiled] = self.compiler.compile(
-                [os.path.join(folder, "attnpool_pch.cpp")],
+                [source],
                 output_dir=folder,
                 macros=ext.define_macros,
                 include_dirs=ext.include_dirs,
                 extra_preargs=["-x", "c++-header"],
-                extra_postargs={"cxx": base_flags, "nvcc": []},
+                # A copy: torch's compile adds -std to the list it is given,
+                # which the instruction sets' calls read meanwhile.
+                extra_postargs={"cxx": list(base_flags), "nvcc": []},
                 depends=ext.depends,
             )
-            shutil.copyfile(compiled, header + ".gch")
+            # The files that include it do not list its headers as their
+            # dependencies: each version of it gets its own folder, so that
+            # when ninja makes it again (torch's headers changed), their
+            # command lines change and ninja compiles them again too.
+            version = os.path.join(folder, str(os.stat(compiled).st_mtime_ns))
+            header = os.path.join(version, "attnpool_pch.h")
+            if not os.path.exists(header + ".gch"):
+                for old in glob.glob(os.path.join(folder, "[0-9]*")):
+                    shutil.rmtree(old)
+                os.makedirs(version)
+                shutil.copyfile(compiled, header + ".gch")
+                write_if_changed(header, text)
             return ["-include", header, "-Winvalid-pch"]
 
         # The instruction sets compile side by side, and beside the
@@ -202,6 +212,17 @@ class BuildExtensionWithIsaKernels(BuildExtension):
         ext.extra_compile_args["cxx"] = base_flags + header_flags
         super().build_extension(ext)
         check_error_messages(self.get_ext_fullpath(ext.name))
+
+
+def write_if_changed(path, text):
+    """Writes text to path unless it holds it already (its time then stays)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def precompiled_or_none(headers):
