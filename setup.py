@@ -108,10 +108,15 @@ def common_sources():
     return ops + relative_glob("csrc/modules/*.cpp") + relative_glob("csrc/python/*.cpp")
 
 
+def switched_on(value):
+    """Whether an ATTNPOOL_* switch's value turns it on."""
+    return value not in ("0", "", "false", "OFF")
+
+
 def want_cuda():
     forced = os.environ.get("ATTNPOOL_WITH_CUDA")
     if forced is not None:
-        return forced not in ("0", "", "false", "OFF")
+        return switched_on(forced)
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
@@ -121,7 +126,7 @@ def make_extension():
     # Python's own build flags add -g: debug information for torch's headers
     # in every file took a third of the build on a 2-core EPYC and made the
     # library 120 MB instead of 9. ATTNPOOL_DEBUG_INFO=1 keeps it.
-    if os.environ.get("ATTNPOOL_DEBUG_INFO", "0") in ("0", "", "false", "OFF"):
+    if not switched_on(os.environ.get("ATTNPOOL_DEBUG_INFO", "0")):
         cxx_flags.append("-g0")
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     macros = []
