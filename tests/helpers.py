@@ -215,6 +215,7 @@ CONCURRENT_JOBS = [
     (2, 40, 200, 2, 1, torch.float32, None),  # the fold cut into 6 runs of rows
     (2, 30, 256, None, 2, torch.float64, None),  # 4 runs per head
     (2, 2000, 40, 9, 1, torch.bfloat16, torch.float32),  # 9 scores into lanes, in pieces
+    (2, 1500, 48, 4, 3, torch.float32, None),  # 12 scores by columns, 24-row tiles, in pieces
 ]
 
 

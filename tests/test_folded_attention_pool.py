@@ -118,6 +118,21 @@ def test_gradients_of_many_scores_of_one_head_match_reference(device, full_width
     _assert_matches_reference64(x, u, mask, 0.5, full_width)
 
 
+@pytest.mark.parametrize("full_width", [False, True], ids=["slices", "full-width"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_gradients_of_several_queries_and_heads_match_reference(full_width, dtype):
+    # 4 queries x 3 heads of 10 columns, scored by columns: the CPU backward
+    # takes tiles of 24 rows as matrix products ([Note: the backward by
+    # columns], csrc/ops/cpu/isa/backward.h). Sequences cut into pieces, masked
+    # rows between a tile's rows, a fully masked sequence, short last tiles,
+    # slices of no whole vector, an additive bias.
+    x, u, mask = _folded_inputs(3, 1000, 30, 4, 3, mask="random")
+    bias = torch.randn(3, 1000, dtype=torch.float64)
+    x = x.to(dtype).requires_grad_(True)
+    u = u.to(dtype).requires_grad_(True)
+    _assert_matches_reference64(x, u, mask, 0.5, full_width, bias.to(dtype))
+
+
 def _assert_matches_reference64(x, u, mask, scale, full_width, attn_bias=None):
     """folded_attention_pool's output and the gradients of x and u (under random
     output weights) against the float64 reference, within x's dtype's tolerance."""

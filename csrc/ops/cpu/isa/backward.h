@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace attnpool::cpu {
@@ -614,7 +615,7 @@ void backward_rows(
       head_slice_dots<R>(rows, g_b, g_bf16, s, h, dscores);
     }
   }
-  probabilities<R>(scale, bias, lse + 2 * b * num_scores, num_scores, probs);
+  probabilities(R, scale, bias, lse + 2 * b * num_scores, num_scores, probs);
   for (int64_t k = 0; k < num_scores; ++k) {
     const acc_t delta_k = delta[b * num_scores + k];
     for (int j = 0; j < R; ++j) {
@@ -641,6 +642,141 @@ void backward_rows(
   }
   dx_rows_all_scores<R, false, false>(s, probs, dscores, g_b, u, products, dx_rows);
   du_rows_all_scores<R>(rows, dscores, num_scores, H, du);
+}
+
+// [Note: the backward by columns] Where the forward scores rows by columns
+// (u_columns.h: float32 and float64 rows, enough scores to fill a vector's
+// lanes), the backward takes tiles of kColumnTileRows rows of one sequence
+// and each of its three products as the forward takes its two: scores
+// [rows, S] = X . U^T by columns (the forward's sums, bitwise), then
+// dX = dS . U + P . G and dU += dS^T . X, each by add_weighted_rows_by_columns
+// with a block of output sums in registers across all the tile's rows or
+// scores. backward_rows, on 8-row tiles, scored them in a block of 6 rows
+// and one of 2 (AVX2), loaded and stored every du sum once per 8 rows, and
+// read all of u for dx once per 8 rows. G . x stays summed 8 rows at a time
+// as backward_rows sums it ([Note: delta as G . x]).
+
+// Per-thread scratch of backward_tile_by_columns.
+template <typename A>
+struct ColumnTileScratch {
+  explicit ColumnTileScratch(const PoolShape& s)
+      : probs(s.num_scores() * kColumnTileRows),
+        dscores(s.num_scores() * kColumnTileRows),
+        dscores_by_row(kColumnTileRows * s.num_scores()),
+        dots(s.num_scores() * kBackwardTileRows),
+        dx(kColumnTileRows * s.hidden),
+        g_rows(s.num_queries) {}
+  std::vector<A> probs;           // [S, count]: the scores, then p
+  std::vector<A> dscores;         // [S, count]: G . x, then ds
+  std::vector<A> dscores_by_row;  // [count, S]
+  std::vector<A> dots;            // [S, 8]: G . x of 8 rows
+  std::vector<A> dx;              // [count, H]
+  std::vector<const A*> g_rows;   // [Q]: one head's slice of each G_i
+};
+
+// dots[k * count + r] = G_i[D_h] . rows[r][D_h] for every score k = i * n +
+// h of `count` rows, summed 8 rows at a time as backward_rows sums them.
+template <typename T, typename A>
+void grad_dots_of_tile(
+    const PoolShape& s, const T* const* rows, int count, const A* g, A* block, A* dots) {
+  const int64_t num_scores = s.num_scores();
+  for (int first = 0; first < count; first += kBackwardTileRows) {
+    with_tile_size<kBackwardTileRows>(std::min(kBackwardTileRows, count - first), [&](auto size) {
+      constexpr int R = decltype(size)::value;
+      if (s.num_heads == 1) {
+        score_dot_rows_each<R>(rows + first, g, s.hidden, num_scores, block);
+      } else {
+        for (int64_t h = 0; h < s.num_heads; ++h) {
+          head_slice_dots<R>(rows + first, g, nullptr, s, h, block);
+        }
+      }
+      for (int64_t k = 0; k < num_scores; ++k) {
+        std::copy_n(block + k * R, R, dots + k * count + first);
+      }
+    });
+  }
+}
+
+// rows[r] = from[r * n .. r * n + n) for `count` rows, non-temporal if
+// kStream (every row aligned to the vector).
+template <bool kStream, typename T>
+void store_rows(const T* from, int count, int64_t n, T* const* rows) {
+  using Vec = Vectorized<T>;
+  for (int r = 0; r < count; ++r) {
+    int64_t e = 0;
+    for (; e + Vec::size() <= n; e += Vec::size()) {
+      store<kStream>(Vec::loadu(from + r * n + e), rows[r] + e);
+    }
+    std::copy(from + r * n + e, from + (r + 1) * n, rows[r] + e);
+  }
+}
+
+// backward_rows for a tile of up to kColumnTileRows unmasked float32 or
+// float64 rows of sequence b ([Note: the backward by columns]). u_rows:
+// the S rows of u; g_b: sequence b's G [Q, H].
+template <typename A>
+void backward_tile_by_columns(
+    const PoolShape& s,
+    int64_t b,
+    const A* const* rows,
+    int count,
+    A* const* dx_rows,
+    const A* const* u_rows,
+    const A* u_columns,
+    const A* g_b,
+    const A* lse,
+    const A* delta,
+    A scale,
+    const A* bias,
+    int64_t ahead,
+    A* du,
+    bool stream_dx,
+    ColumnTileScratch<A>& scratch) {
+  const int64_t H = s.hidden;
+  const int64_t n = s.num_heads;
+  const int64_t d = s.head_dim;
+  const int64_t num_scores = s.num_scores();
+  A* probs = scratch.probs.data();
+  A* dscores = scratch.dscores.data();
+  score_rows_by_columns(rows, count, u_columns, H, num_scores, probs, ahead);
+  grad_dots_of_tile(s, rows, count, g_b, scratch.dots.data(), dscores);
+  probabilities(count, scale, bias, lse + 2 * b * num_scores, num_scores, probs);
+  for (int64_t k = 0; k < num_scores; ++k) {
+    const A delta_k = delta[b * num_scores + k];
+    for (int r = 0; r < count; ++r) {
+      const int64_t j = k * count + r;
+      dscores[j] = scale * probs[j] * (dscores[j] - delta_k);
+      scratch.dscores_by_row[r * num_scores + k] = dscores[j];
+    }
+  }
+  // dX = dS . U, then + P . G head slice by head slice.
+  A* dx = scratch.dx.data();
+  std::fill_n(dx, count * H, A(0));
+  add_weighted_rows_by_columns(
+      dscores, count, static_cast<int>(num_scores), u_rows, H, count, dx, H);
+  const A** g_rows = scratch.g_rows.data();
+  for (int64_t h = 0; h < n; ++h) {
+    for (int64_t i = 0; i < s.num_queries; ++i) {
+      g_rows[i] = g_b + i * H + h * d;
+    }
+    add_weighted_rows_by_columns(
+        probs + h * count,
+        n * count,
+        static_cast<int>(s.num_queries),
+        g_rows,
+        d,
+        count,
+        dx + h * d,
+        H);
+  }
+  if (stream_dx) {
+    store_rows<true>(dx, count, H, dx_rows);
+  } else {
+    store_rows<false>(dx, count, H, dx_rows);
+  }
+  // dU += dS^T . X
+  add_weighted_rows_by_columns(
+      scratch.dscores_by_row.data(), num_scores, count, rows, H, num_scores, du, H);
 }
 
 // dx[row] = 0 for a row no score attends, with non-temporal stores when dx
@@ -671,6 +807,7 @@ template <typename scalar_t>
 void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kTile = kBackwardTileRows;
+  static_assert(kColumnTileRows >= kTile);
   const int64_t H = p.hidden;
   const int64_t num_scores = p.num_scores();
   const auto* x = static_cast<const scalar_t*>(p.x);
@@ -690,6 +827,13 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
   const at::BFloat16* u_bf16 = u_bf16_buffer.empty() ? nullptr : u_bf16_buffer.data();
   const std::vector<acc_t> u_columns_buffer = u_in_columns<scalar_t>(p, u);
   const acc_t* u_columns = u_columns_buffer.empty() ? nullptr : u_columns_buffer.data();
+  // [Note: the backward by columns] (a layer norm keeps the 8-row tiles).
+  const bool by_columns = u_columns != nullptr && num_scores > 1 && !p.normalizes();
+  const int tile_rows = by_columns ? kColumnTileRows : kTile;
+  std::vector<const acc_t*> u_rows(by_columns ? num_scores : 0);
+  for (size_t k = 0; k < u_rows.size(); ++k) {
+    u_rows[k] = u + k * H;
+  }
   // dx and du from bfloat16 products where the scores come from them
   // ([Note: bfloat16 products in the backward]).
   std::vector<uint32_t> u_pairs;
@@ -703,8 +847,12 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
 
   const int64_t grain = parallel_grain(p.flat_cut, H);
   at::parallel_for(0, p.flat_cut.pieces, grain, [&](int64_t begin, int64_t end) {
-    RowTile<scalar_t, kTile> tile;
-    std::vector<acc_t> scratch(2 * num_scores * kTile);
+    RowTile<scalar_t, kColumnTileRows> tile;
+    std::vector<acc_t> scratch(by_columns ? 0 : 2 * num_scores * kTile);
+    std::optional<ColumnTileScratch<acc_t>> column_scratch;
+    if (by_columns) {
+      column_scratch.emplace(p);
+    }
     const int64_t ds_pairs_size = ((num_scores + 1) / 2) * kTile;
     const int64_t row_pairs_size = kDuPairs * H;
     std::vector<uint32_t> pair_scratch(
@@ -717,8 +865,8 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
           pair_scratch.data() + ds_pairs_size,
           pair_scratch.data() + ds_pairs_size + row_pairs_size};
     }
-    scalar_t* dx_out[kTile] = {};
-    acc_t tile_bias[kTile] = {};
+    scalar_t* dx_out[kColumnTileRows] = {};
+    acc_t tile_bias[kColumnTileRows] = {};
     const acc_t* biases = bias == nullptr ? nullptr : tile_bias;
     int64_t tile_batch = 0;
     // With a norm, the tile's rows are normalized (y) and the kernels write
@@ -727,8 +875,8 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
     // (dy stays in cache: plain stores; dx itself may stream.)
     const bool stream_kernel_dx = p.stream_dx && !p.normalizes();
     std::vector<scalar_t> dy_rows(p.normalizes() ? kTile * H : 0);
-    const scalar_t* x_rows[kTile] = {};
-    scalar_t* dx_rows[kTile] = {};
+    const scalar_t* x_rows[kColumnTileRows] = {};
+    scalar_t* dx_rows[kColumnTileRows] = {};
     for (int64_t piece = begin; piece < end; ++piece) {
       acc_t* du = du_partials + piece * num_scores * H;
       std::fill_n(du, num_scores * H, acc_t(0));
@@ -750,6 +898,29 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
       };
       auto flush = [&] {
         const int count = tile.count();
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (by_columns) {
+            backward_tile_by_columns(
+                p,
+                tile_batch,
+                tile.rows(),
+                count,
+                dx_out,
+                u_rows.data(),
+                u_columns,
+                g + tile_batch * p.num_queries * H,
+                lse,
+                delta,
+                scale,
+                biases,
+                kColumnTileRows * p.x_seq_stride,
+                du,
+                stream_kernel_dx,
+                *column_scratch);
+            tile.clear();
+            return;
+          }
+        }
         if (num_scores == 1) {
           with_tile_size<kTile>(count, [&](auto size) {
             backward_rows_one_score<decltype(size)::value>(
@@ -830,7 +1001,7 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
         }
         tile_batch = b;
         tile.add(normalized(x + p.row_offset(b, l)));
-        if (tile.full()) {
+        if (tile.count() == tile_rows) {
           flush();
         }
       }

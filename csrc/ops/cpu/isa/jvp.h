@@ -141,7 +141,7 @@ void jvp_rows(
       dscores[j] += u_tangent_scores[j];
     }
   }
-  probabilities<R>(scale, bias, lse, num_scores, probs);
+  probabilities(R, scale, bias, lse, num_scores, probs);
   for (int64_t k = 0; k < num_scores; ++k) {
     for (int r = 0; r < R; ++r) {
       const int64_t j = k * R + r;

@@ -101,20 +101,25 @@ inline acc_t probability(acc_t score, const acc_t* lse) {
   return std::exp((score - lse[0]) - lse[1]);
 }
 
-// scores[k * R + r] = probability(biased_score(...)) of every score k of R
-// rows in place, lse: [num_scores, 2] of their sequence. The exponentials
-// go in one vector pass: one std::exp at a time cost as much as the
-// recomputed scores at 12-16 scores per row.
-template <int R, typename acc_t>
+// scores[k * count + r] = probability(biased_score(...)) of every score k
+// of `count` rows in place, lse: [num_scores, 2] of their sequence. The
+// exponentials go in one vector pass: one std::exp at a time cost as much
+// as the recomputed scores at 12-16 scores per row.
+template <typename acc_t>
 void probabilities(
-    acc_t scale, const acc_t* bias, const acc_t* lse, int64_t num_scores, acc_t* scores) {
+    int count,
+    acc_t scale,
+    const acc_t* bias,
+    const acc_t* lse,
+    int64_t num_scores,
+    acc_t* scores) {
   for (int64_t k = 0; k < num_scores; ++k) {
-    for (int r = 0; r < R; ++r) {
-      const acc_t score = biased_score(scale, scores[k * R + r], bias, r);
-      scores[k * R + r] = (score - lse[2 * k]) - lse[2 * k + 1];
+    for (int r = 0; r < count; ++r) {
+      const acc_t score = biased_score(scale, scores[k * count + r], bias, r);
+      scores[k * count + r] = (score - lse[2 * k]) - lse[2 * k + 1];
     }
   }
-  at::vec::map([](Vectorized<acc_t> v) { return v.exp(); }, scores, scores, num_scores * R);
+  at::vec::map([](Vectorized<acc_t> v) { return v.exp(); }, scores, scores, num_scores * count);
 }
 
 }  // namespace
