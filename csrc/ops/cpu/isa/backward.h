@@ -567,6 +567,27 @@ void head_slice_dots(
   }
 }
 
+// dscores[k * count + r] = scale * p * (G . x - delta_k) * unscale for every
+// score k of `count` rows, in place of their G . x; delta: the sequence's
+// [num_scores]. unscale: 1, or 2^-k where G . x and delta are of G * 2^k
+// ([Note: G . x from bfloat16 products]).
+template <typename acc_t>
+void score_gradients(
+    int count,
+    int64_t num_scores,
+    acc_t scale,
+    const acc_t* delta,
+    acc_t unscale,
+    const acc_t* probs,
+    acc_t* dscores) {
+  for (int64_t k = 0; k < num_scores; ++k) {
+    for (int r = 0; r < count; ++r) {
+      const int64_t j = k * count + r;
+      dscores[j] = scale * probs[j] * (dscores[j] - delta[k]) * unscale;
+    }
+  }
+}
+
 // Backward of one tile of R unmasked rows of sequence b:
 //   p = exp(scale * x.u_k - lse), ds = scale * p * (G_i[D_h].x[D_h] - delta)
 //   dx = sum_k p * G_i[D_h] + ds * u_k,   du_k += ds * x
@@ -616,14 +637,7 @@ void backward_rows(
     }
   }
   probabilities(R, scale, bias, lse + 2 * b * num_scores, num_scores, probs);
-  for (int64_t k = 0; k < num_scores; ++k) {
-    const acc_t delta_k = delta[b * num_scores + k];
-    for (int j = 0; j < R; ++j) {
-      // g_unscale: 1, or 2^-k where G . x and delta are of G * 2^k
-      // ([Note: G . x from bfloat16 products]).
-      dscores[k * R + j] = scale * probs[k * R + j] * (dscores[k * R + j] - delta_k) * g_unscale;
-    }
-  }
+  score_gradients(R, num_scores, scale, delta + b * num_scores, g_unscale, probs, dscores);
 #if defined(CPU_CAPABILITY_AVX512_BF16)
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (products.u_pairs != nullptr) {
@@ -741,12 +755,10 @@ void backward_tile_by_columns(
   score_rows_by_columns(rows, count, u_columns, H, num_scores, probs, ahead);
   grad_dots_of_tile(s, rows, count, g_b, scratch.dots.data(), dscores);
   probabilities(count, scale, bias, lse + 2 * b * num_scores, num_scores, probs);
+  score_gradients(count, num_scores, scale, delta + b * num_scores, A(1), probs, dscores);
   for (int64_t k = 0; k < num_scores; ++k) {
-    const A delta_k = delta[b * num_scores + k];
     for (int r = 0; r < count; ++r) {
-      const int64_t j = k * count + r;
-      dscores[j] = scale * probs[j] * (dscores[j] - delta_k);
-      scratch.dscores_by_row[r * num_scores + k] = dscores[j];
+      scratch.dscores_by_row[r * num_scores + k] = dscores[k * count + r];
     }
   }
   // dX = dS . U, then + P . G head slice by head slice.
