@@ -10,7 +10,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CUDA_TORCH=${ATTNPOOL_CUDA_TORCH:-torch==2.14.1}
 if ! command -v nvcc >/dev/null 2>&1; then
   if [ "${ATTNPOOL_REQUIRE_CUDA_BUILD:-0}" = "1" ]; then
     echo "check_cuda_build: nvcc not found, and ATTNPOOL_REQUIRE_CUDA_BUILD=1" >&2
@@ -21,10 +20,7 @@ if ! command -v nvcc >/dev/null 2>&1; then
 fi
 source scripts/cuda_home.sh
 
-if [ ! -x .venv-cuda/bin/python ]; then
-  python3 -m venv .venv-cuda
-fi
-.venv-cuda/bin/python -m pip install --quiet --disable-pip-version-check "$CUDA_TORCH" numpy ninja setuptools wheel
+bash scripts/cuda_venv.sh
 
 NVCC_MAJOR=$(nvcc --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
 TORCH_CUDA=$(.venv-cuda/bin/python -c 'import torch; print(torch.version.cuda or "")')
@@ -32,7 +28,8 @@ if [ "${TORCH_CUDA%%.*}" != "$NVCC_MAJOR" ]; then
   echo "check_cuda_build: torch is built for CUDA '$TORCH_CUDA' but nvcc is CUDA $NVCC_MAJOR" >&2
   exit 1
 fi
-echo "check_cuda_build: $CUDA_TORCH (CUDA $TORCH_CUDA), nvcc CUDA $NVCC_MAJOR, CUDA_HOME=$CUDA_HOME"
+TORCH_VERSION=$(.venv-cuda/bin/python -c 'import torch; print(torch.__version__)')
+echo "check_cuda_build: torch $TORCH_VERSION (CUDA $TORCH_CUDA), nvcc CUDA $NVCC_MAJOR, CUDA_HOME=$CUDA_HOME"
 
 # ATTNPOOL_CUDA_CHECK_CPU_ISAS (CI sets it to "default") limits the CPU
 # instruction sets of this build only: the main build's tests cover every level,

@@ -12,8 +12,7 @@ if [ -z "$LIB" ]; then
   echo "test_peer_heads: SKIPPED, no attnpool built in build/cuda (scripts/check_cuda_build.sh)"
   exit 0
 fi
-.venv-cuda/bin/python -m pip install --quiet --disable-pip-version-check \
-  torchvision==0.29.1 timm==1.0.31 open_clip_torch==3.3.0 transformers==5.24.0 pytest==9.2.0
+bash scripts/cuda_venv.sh
 
 # The package as it would be installed: its Python files and that library.
 PKG=build/cuda/pkg
