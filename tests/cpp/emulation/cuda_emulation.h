@@ -1,23 +1,46 @@
 #pragma once
 
 // Runs CUDA kernel code on the CPU for tests: every thread of a block is a
-// host thread, __syncthreads() is a barrier over the block, warp shuffles
-// exchange values through memory with a barrier over the warp. Blocks run one
-// after another. Slow, and only what csrc/ops/cuda/cuda_compat.h names is
-// provided, but it executes the real indexing, reductions and barriers of
-// folded_attention_pool_kernel.cuh on machines without a GPU.
+// fiber (ucontext) on the calling thread, __syncthreads() is a barrier over
+// the block, warp shuffles exchange values through memory with a barrier
+// over the warp. A fiber runs until it waits at a barrier, then the next one
+// runs, in thread order. Blocks run one after another. Only what
+// csrc/ops/cuda/cuda_compat.h names is provided, but it executes the real
+// indexing, reductions and barriers of folded_attention_pool_kernel.cuh on
+// machines without a GPU.
+//
+// Why fibers, not a host thread per CUDA thread: the suite spent its time in
+// the kernel waking 64-128 threads at every barrier (futex waits and wakes
+// were 80% of a perf profile): 75 s of CTest and 110 s under ASan, on a
+// 2-core EPYC. The fixed order also makes a missing barrier fail every run:
+// a thread that reads what a later thread writes before a barrier reads the
+// NaN bytes shared memory starts with.
 
 #include <ATen/OpMathType.h>
 
+#include <sys/mman.h>
+#include <ucontext.h>
+
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define ATTNPOOL_EMULATION_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define ATTNPOOL_EMULATION_ASAN 1
+#endif
+#endif
+#if defined(ATTNPOOL_EMULATION_ASAN)
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 namespace attnpool_emulation {
 
@@ -27,28 +50,111 @@ struct Index {
   unsigned z = 0;
 };
 
+// A barrier over `count` fibers: the last to arrive opens it for the others.
 class Barrier {
  public:
   explicit Barrier(int count) : count_(count) {}
 
-  void wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const int64_t generation = generation_;
-    if (++waiting_ == count_) {
-      waiting_ = 0;
+  // Returns the generation the caller waits for to end, or -1 when the
+  // caller was the last to arrive and need not wait.
+  int64_t arrive() {
+    if (++arrived_ == count_) {
+      arrived_ = 0;
       ++generation_;
-      cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return generation_ != generation; });
+      return -1;
     }
+    return generation_;
+  }
+
+  int64_t generation() const {
+    return generation_;
   }
 
  private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
   int count_;
-  int waiting_ = 0;
+  int arrived_ = 0;
   int64_t generation_ = 0;
+};
+
+// Where a fiber's stack is, for AddressSanitizer's switch annotations.
+struct Stack {
+  const void* bottom = nullptr;
+  size_t size = 0;
+};
+
+// Tells AddressSanitizer which stack the code runs on from here (its
+// documented protocol for user-level context switches); nothing without it.
+inline void start_switch(void** fake_stack, const Stack& to) {
+#if defined(ATTNPOOL_EMULATION_ASAN)
+  __sanitizer_start_switch_fiber(fake_stack, to.bottom, to.size);
+#else
+  (void)fake_stack;
+  (void)to;
+#endif
+}
+
+inline void finish_switch(void* fake_stack, Stack* from) {
+#if defined(ATTNPOOL_EMULATION_ASAN)
+  __sanitizer_finish_switch_fiber(
+      fake_stack,
+      from != nullptr ? &from->bottom : nullptr,
+      from != nullptr ? &from->size : nullptr);
+#else
+  (void)fake_stack;
+  (void)from;
+#endif
+}
+
+// 64 KB per thread, below it a page that faults: the kernels' frames take a
+// few KB, under ASan at -O0 too. Small, because ASan's swapcontext clears
+// the shadow of the whole stack it switches to (a 256 KB stack made that
+// memset 58% of the run).
+constexpr size_t kFiberStackBytes = size_t{64} << 10;
+constexpr size_t kGuardBytes = 4096;
+
+// A fiber's stack from mmap, with a guard page below it: an overflow stops
+// the test at once instead of writing over other memory.
+class FiberStack {
+ public:
+  FiberStack() {
+    void* mapping = mmap(
+        nullptr,
+        kGuardBytes + kFiberStackBytes,
+        PROT_READ | PROT_WRITE,
+        MAP_PRIVATE | MAP_ANONYMOUS,
+        -1,
+        0);
+    if (mapping == MAP_FAILED || mprotect(mapping, kGuardBytes, PROT_NONE) != 0) {
+      std::perror("emulated kernel: fiber stack");
+      std::abort();
+    }
+    mapping_ = static_cast<char*>(mapping);
+  }
+  FiberStack(const FiberStack&) = delete;
+  FiberStack& operator=(const FiberStack&) = delete;
+  ~FiberStack() {
+    munmap(mapping_, kGuardBytes + kFiberStackBytes);
+  }
+
+  char* bottom() const {
+    return mapping_ + kGuardBytes;
+  }
+
+ private:
+  char* mapping_;
+};
+
+struct Fiber {
+  ucontext_t context{};
+  std::unique_ptr<FiberStack> stack;
+  void* fake_stack = nullptr;
+  const Barrier* waits_at = nullptr;
+  int64_t waits_for = 0;  // the generation of waits_at that must end
+  bool done = false;
+
+  bool runnable() const {
+    return !done && (waits_at == nullptr || waits_at->generation() != waits_for);
+  }
 };
 
 struct Block {
@@ -56,6 +162,12 @@ struct Block {
   std::vector<std::unique_ptr<Barrier>> warp_barriers;
   std::vector<double> lanes;  // one slot per thread for shuffles
   std::vector<unsigned char> shared;
+  std::vector<Fiber> fibers;
+  ucontext_t scheduler{};  // zeroed: ASan reads its uc_stack when switching to it
+  Stack scheduler_stack;
+  void* scheduler_fake_stack = nullptr;
+  int current = 0;
+  std::function<void()> body;  // the kernel call, the same for every thread
 };
 
 inline thread_local Index thread_index;
@@ -63,34 +175,100 @@ inline thread_local Index block_index;
 inline thread_local Block* current_block = nullptr;
 inline Index block_dim;
 
+// Back to the scheduler, from the running fiber; returns when it runs again.
+inline void yield_to_scheduler() {
+  Block& block = *current_block;
+  Fiber& fiber = block.fibers[block.current];
+  start_switch(&fiber.fake_stack, block.scheduler_stack);
+  swapcontext(&fiber.context, &block.scheduler);
+  finish_switch(fiber.fake_stack, &block.scheduler_stack);
+}
+
+inline void wait_at(Barrier& barrier) {
+  const int64_t generation = barrier.arrive();
+  if (generation < 0) {
+    return;
+  }
+  Fiber& fiber = current_block->fibers[current_block->current];
+  fiber.waits_at = &barrier;
+  fiber.waits_for = generation;
+  yield_to_scheduler();
+  fiber.waits_at = nullptr;
+}
+
+inline void fiber_main() {
+  Block& block = *current_block;
+  finish_switch(nullptr, &block.scheduler_stack);
+  block.body();
+  Fiber& fiber = block.fibers[block.current];
+  fiber.done = true;
+  // A null fake stack: this fiber's is freed, it never runs again.
+  start_switch(nullptr, block.scheduler_stack);
+  swapcontext(&fiber.context, &block.scheduler);
+  std::abort();  // unreachable: nothing resumes a finished fiber
+}
+
+// Runs the fibers of `block` round the thread order until all finish.
+inline void run_block(Block& block) {
+  const int threads = static_cast<int>(block.fibers.size());
+  int finished = 0;
+  while (finished < threads) {
+    bool ran = false;
+    for (int t = 0; t < threads; ++t) {
+      Fiber& fiber = block.fibers[t];
+      if (!fiber.runnable()) {
+        continue;
+      }
+      ran = true;
+      block.current = t;
+      thread_index = {static_cast<unsigned>(t), 0, 0};
+      start_switch(&block.scheduler_fake_stack, {fiber.stack->bottom(), kFiberStackBytes});
+      swapcontext(&block.scheduler, &fiber.context);
+      finish_switch(block.scheduler_fake_stack, nullptr);
+      finished += fiber.done ? 1 : 0;
+    }
+    if (!ran) {
+      std::fprintf(stderr, "emulated kernel: its threads wait at different barriers\n");
+      std::abort();
+    }
+  }
+}
+
 // Launches kernel<<<blocks, threads, shared_bytes>>>(args...). Shared memory
 // starts as NaN bytes so that a read before a write shows up in results.
 template <typename... Params, typename... Args>
 void launch(
     void (*kernel)(Params...), int64_t blocks, int threads, int64_t shared_bytes, Args&&... args) {
   block_dim = {static_cast<unsigned>(threads), 1, 1};
+  Block block;
+  block.fibers.resize(threads);
+  for (auto& fiber : block.fibers) {
+    fiber.stack = std::make_unique<FiberStack>();
+  }
+  block.body = [&] { kernel(args...); };
+  current_block = &block;
   for (int64_t b = 0; b < blocks; ++b) {
-    Block block;
     block.barrier = std::make_unique<Barrier>(threads);
+    block.warp_barriers.clear();
     for (int w = 0; w < (threads + 31) / 32; ++w) {
       block.warp_barriers.push_back(std::make_unique<Barrier>(32));
     }
     block.lanes.assign(threads, 0.0);
     block.shared.assign(static_cast<size_t>(shared_bytes) + 16, 0xFF);
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        thread_index = {static_cast<unsigned>(t), 0, 0};
-        block_index = {static_cast<unsigned>(b), 0, 0};
-        current_block = &block;
-        kernel(args...);
-      });
+    block_index = {static_cast<unsigned>(b), 0, 0};
+    for (auto& fiber : block.fibers) {
+      fiber.done = false;
+      fiber.waits_at = nullptr;
+      fiber.fake_stack = nullptr;
+      getcontext(&fiber.context);
+      fiber.context.uc_stack.ss_sp = fiber.stack->bottom();
+      fiber.context.uc_stack.ss_size = kFiberStackBytes;
+      fiber.context.uc_link = nullptr;
+      makecontext(&fiber.context, &fiber_main, 0);
     }
-    for (auto& thread : pool) {
-      thread.join();
-    }
+    run_block(block);
   }
+  current_block = nullptr;
 }
 
 }  // namespace attnpool_emulation
@@ -115,14 +293,14 @@ T attnpool_shfl_xor(T value, int lane_mask) {
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32;
   block.lanes[tid] = static_cast<double>(value);
-  block.warp_barriers[warp]->wait();
+  attnpool_emulation::wait_at(*block.warp_barriers[warp]);
   const T other = static_cast<T>(block.lanes[warp * 32 + ((tid % 32) ^ lane_mask)]);
-  block.warp_barriers[warp]->wait();
+  attnpool_emulation::wait_at(*block.warp_barriers[warp]);
   return other;
 }
 
 inline void attnpool_syncthreads() {
-  attnpool_emulation::current_block->barrier->wait();
+  attnpool_emulation::wait_at(*attnpool_emulation::current_block->barrier);
 }
 
 template <typename T>
