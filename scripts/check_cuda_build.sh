@@ -38,6 +38,12 @@ echo "check_cuda_build: torch $TORCH_VERSION (CUDA $TORCH_CUDA), nvcc CUDA $NVCC
 if [ -n "${ATTNPOOL_CUDA_CHECK_CPU_ISAS:-}" ]; then
   export ATTNPOOL_CPU_ISAS=$ATTNPOOL_CUDA_CHECK_CPU_ISAS
 fi
+# ATTNPOOL_CUDA_CHECK_OPTIMIZE=0 (CI) compiles this build's C++ at -O0
+# (setup.py's ATTNPOOL_OPTIMIZE): the device code is compiled as always, and
+# the peer-head tests that run this build's CPU kernels use small tensors.
+if [ -n "${ATTNPOOL_CUDA_CHECK_OPTIMIZE:-}" ]; then
+  export ATTNPOOL_OPTIMIZE=$ATTNPOOL_CUDA_CHECK_OPTIMIZE
+fi
 ATTNPOOL_WITH_CUDA=1 MAX_JOBS=${MAX_JOBS:-2} .venv-cuda/bin/python setup.py --quiet build_ext \
   --build-temp build/cuda/temp --build-lib build/cuda/lib
 
