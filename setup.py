@@ -43,6 +43,7 @@ ISA_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
 }
 ISA_FLAGS["avx512_bf16"] = ISA_FLAGS["avx512"] + ["-mavx512bf16"]
+ISA_FLAGS["amx_bf16"] = ISA_FLAGS["avx512_bf16"] + ["-mamx-tile", "-mamx-bf16"]
 
 
 # Every kernel file also gets -ffp-contract=off: scalar steps such as

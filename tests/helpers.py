@@ -115,16 +115,16 @@ def reference_in_float64(inputs: Inputs, num_heads=1, scale=None) -> torch.Tenso
 
 def scored_u(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """u as the CPU kernels score x against it: rounded to bfloat16 where they
-    take bfloat16 products (AVX512_BF16 kernels, bfloat16 x, several scores per
-    row, or one whose rows are read in pairs, H a multiple of 32;
-    [Note: bfloat16 products] in csrc/ops/cpu/isa/vec_helpers.h)."""
+    take bfloat16 products (AVX512_BF16 or AMX_BF16 kernels, bfloat16 x,
+    several scores per row, or one whose rows are read in pairs, H a multiple
+    of 32; [Note: bfloat16 products] in csrc/ops/cpu/isa/vec_helpers.h)."""
     several_scores = u.dim() > 1 and u.shape[:-1].numel() > 1
     read_in_pairs = u.shape[-1] > 0 and u.shape[-1] % 32 == 0
     if (
         x.device.type == "cpu"
         and x.dtype == torch.bfloat16
         and (several_scores or read_in_pairs)
-        and attnpool._C.cpu_kernel_isa() == "AVX512_BF16"
+        and attnpool._C.cpu_kernel_isa() in ("AVX512_BF16", "AMX_BF16")
     ):
         return u.to(torch.bfloat16).to(u.dtype)
     return u

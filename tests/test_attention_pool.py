@@ -191,7 +191,7 @@ def test_half_precision_accumulates_in_float32():
 
 
 def test_reports_cpu_instruction_set():
-    assert attnpool._C.cpu_kernel_isa() in {"AVX512_BF16", "AVX512", "AVX2", "DEFAULT"}
+    assert attnpool._C.cpu_kernel_isa() in {"AMX_BF16", "AVX512_BF16", "AVX512", "AVX2", "DEFAULT"}
 
 
 @pytest.mark.parametrize("device", DEVICES)

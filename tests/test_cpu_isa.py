@@ -74,6 +74,9 @@ for dtype in dtypes:
 report["torch.float32/long"] = errors(torch.float32, 1, 4000, 40, 1, None)
 report["torch.float32/scores-1e6"] = errors(torch.float32, 3, 41, 48, 2, 3, x_scale=1e6)
 report["torch.bfloat16/scores-1e6"] = errors(torch.bfloat16, 3, 41, 64, 1, None, x_scale=1e6)
+# Several scores: bfloat16 products, or on AMX_BF16 tile products of 16-row
+# blocks, the last short), recomputed alike by the backward and the jvp.
+report["torch.bfloat16/scores-1e6/Q=3"] = errors(torch.bfloat16, 1, 41, 64, 2, 3, x_scale=1e6)
 
 # Whether bfloat16 rows are scored against u rounded to bfloat16: the output
 # depends on u through the scores only, so it is then the same bit for bit.
@@ -102,13 +105,24 @@ FLOOR = {
 }
 
 
-ISAS = ["DEFAULT", "AVX2", "AVX512", "AVX512_BF16"]
+ISAS = ["DEFAULT", "AVX2", "AVX512", "AVX512_BF16", "AMX_BF16"]
+
+
+def _has_amx_bf16():
+    """Whether the CPU has AMX-BF16 and the OS lets a process use it (torch
+    asks Linux for the tile registers, as attnpool does)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags and torch.cpu._is_amx_tile_supported()
 
 
 def _supported_isas():
     best = torch.backends.cpu.get_cpu_capability()
     if best == "AVX512" and torch.cpu._is_avx512_bf16_supported():
-        best = "AVX512_BF16"
+        best = "AMX_BF16" if _has_amx_bf16() else "AVX512_BF16"
     return ISAS[: ISAS.index(best) + 1] if best in ISAS else ["DEFAULT"]
 
 
@@ -131,10 +145,11 @@ def test_each_instruction_set_matches_reference(isa):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["isa"] == isa
     # [Note: bfloat16 products] (csrc/ops/cpu/isa/vec_helpers.h): only
-    # AVX512_BF16 scores bfloat16 rows against u rounded to bfloat16.
-    rounds_u = isa == "AVX512_BF16"
+    # AVX512_BF16 and AMX_BF16 score bfloat16 rows against u rounded to
+    # bfloat16.
+    rounds_u = isa in ("AVX512_BF16", "AMX_BF16")
     assert report["rounds_u"] == {"head slices": rounds_u, "full width": rounds_u}
-    assert len(report["errors"]) == 4 * 8 * 2 + 4 + 3
+    assert len(report["errors"]) == 4 * 8 * 2 + 4 + 4
     for case, errors in report["errors"].items():
         floor = FLOOR[case.split("/")[0]]
         for what, error, reference_error in zip(

@@ -106,7 +106,7 @@ at::Tensor folded_attention_pool_varlen(
     bool full_width = false);
 
 // The CPU instruction set the CPU kernels run with in this process
-// ("AVX512_BF16", "AVX512", "AVX2" or "DEFAULT"), chosen once at run time
+// ("AMX_BF16", "AVX512_BF16", "AVX512", "AVX2" or "DEFAULT"), chosen once at run time
 // from the CPU and the ATEN_CPU_CAPABILITY and ATTNPOOL_CPU_CAPABILITY
 // environment variables (either lowers it).
 const char* cpu_kernel_isa();

@@ -238,7 +238,10 @@ TEST(AttentionPool, ForwardModeWithoutThePythonPackageIsRefused) {
 
 TEST(AttentionPool, ReportsTheCpuInstructionSet) {
   const std::string isa = attnpool::cpu_kernel_isa();
-  EXPECT_TRUE(isa == "AVX512_BF16" || isa == "AVX512" || isa == "AVX2" || isa == "DEFAULT") << isa;
+  EXPECT_TRUE(
+      isa == "AMX_BF16" || isa == "AVX512_BF16" || isa == "AVX512" || isa == "AVX2" ||
+      isa == "DEFAULT")
+      << isa;
 }
 
 using attnpool_test::expect_error;

@@ -9,6 +9,12 @@
 #include <ATen/Version.h>
 #include <c10/util/Exception.h>
 
+#if defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include <algorithm>
 #include <array>
 #include <cctype>
@@ -25,11 +31,12 @@ std::vector<KernelSet>& kernel_registry() {
   return registry;
 }
 
-constexpr std::array<std::pair<const char*, Isa>, 4> kIsaNames = {{
+constexpr std::array<std::pair<const char*, Isa>, 5> kIsaNames = {{
     {"DEFAULT", Isa::DEFAULT},
     {"AVX2", Isa::AVX2},
     {"AVX512", Isa::AVX512},
     {"AVX512_BF16", Isa::AVX512_BF16},
+    {"AMX_BF16", Isa::AMX_BF16},
 }};
 
 // Whether the CPU (and the OS) can run AVX512-BF16, which ATen's capability
@@ -42,13 +49,39 @@ bool has_avx512_bf16() {
 #endif
 }
 
+// Whether the CPU has AMX-BF16 and Linux lets this process use the tile
+// registers: their state is large, so Linux hands it only to a process that
+// asks (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, once per process; a
+// kernel older than 5.16 refuses, and the kernels then stay below AMX).
+bool has_amx_bf16() {
+#if defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+  unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0) {
+    return false;
+  }
+  constexpr unsigned int kAmxBf16 = 1u << 22;
+  constexpr unsigned int kAmxTile = 1u << 24;
+  if ((edx & kAmxBf16) == 0 || (edx & kAmxTile) == 0) {
+    return false;
+  }
+  constexpr long kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+  constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
+  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+#else
+  return false;
+#endif
+}
+
 // The instruction set ATen itself runs with (the CPU's best, lowered by the
-// ATEN_CPU_CAPABILITY environment variable), raised to AVX512_BF16 where
-// the CPU has it.
+// ATEN_CPU_CAPABILITY environment variable), raised to AVX512_BF16 or
+// AMX_BF16 where the CPU has them.
 Isa aten_capability() {
   const std::string capability = at::get_cpu_capability();
   if (capability == "AVX512") {
-    return has_avx512_bf16() ? Isa::AVX512_BF16 : Isa::AVX512;
+    if (!has_avx512_bf16()) {
+      return Isa::AVX512;
+    }
+    return has_amx_bf16() ? Isa::AMX_BF16 : Isa::AVX512_BF16;
   }
   if (capability == "AVX2") {
     return Isa::AVX2;
@@ -57,9 +90,9 @@ Isa aten_capability() {
 }
 
 // aten_capability(), lowered by ATTNPOOL_CPU_CAPABILITY (default, avx2,
-// avx512 or avx512_bf16, any case): attnpool's own knob, since ATen's
-// variable has no level between AVX-512 and AVX512-BF16. It never raises
-// the level above what the CPU has.
+// avx512, avx512_bf16 or amx_bf16, any case): attnpool's own knob, since
+// ATen's variable has no levels above AVX-512. It never raises the level
+// above what the CPU has.
 Isa cpu_capability() {
   const Isa best = aten_capability();
   const char* requested = std::getenv("ATTNPOOL_CPU_CAPABILITY");
@@ -77,7 +110,8 @@ Isa cpu_capability() {
   }
   TORCH_CHECK(
       false,
-      "attnpool: ATTNPOOL_CPU_CAPABILITY must be one of default, avx2, avx512, avx512_bf16; got '",
+      "attnpool: ATTNPOOL_CPU_CAPABILITY must be one of default, avx2, avx512, avx512_bf16, "
+      "amx_bf16; got '",
       requested,
       "'");
 }

@@ -96,7 +96,7 @@ void parallel_over_items(const Params& p, const F& f) {
   });
 }
 
-enum class Isa { DEFAULT = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };
+enum class Isa { DEFAULT = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3, AMX_BF16 = 4 };
 
 struct KernelSet {
   Isa isa;

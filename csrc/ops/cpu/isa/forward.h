@@ -178,6 +178,9 @@ void score_rows(
     bool paired) {
   if constexpr (std::is_same_v<T, at::BFloat16> && kBFloat16Products) {
     if (v_bf16 != nullptr) {
+      if (scores_on_tiles<T>(count)) {
+        return tile_scores_by_score(rows, R, v_bf16, n, count, out, ahead);
+      }
       return score_dot_rows_each<R>(rows, v_bf16, n, count, out, ahead);
     }
   }
@@ -343,7 +346,9 @@ class SoftmaxState {
   // columns take: each weighted sum is loaded and stored once per
   // kColumnTileRows rows instead of once per kWideTileRows. bfloat16 rows
   // scored from bfloat16 products are summed from them too ([Note: weighted
-  // sums from bfloat16 products]). scratch: dot_scratch_size.
+  // sums from bfloat16 products]). Rows scored on AMX tiles (any heads)
+  // come here too, their scores stored straight into the lanes ([Note:
+  // scores on AMX tiles]). scratch: dot_scratch_size.
   template <typename scalar_t>
   void add_dot_scored_rows(
       const scalar_t* const* rows,
@@ -368,6 +373,18 @@ class SoftmaxState {
       score_into_lanes<kForwardTileRows>(rows, count, u, scores, block);
     }
     weigh_rows_by_columns(count, scale, bias, scores, scratch + kColumnTileRows * lanes);
+#if defined(CPU_CAPABILITY_AMX_BF16)
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (u_bf16_ != nullptr && sums_on_tiles<scalar_t>(shape_)) {
+        return add_weighted_rows_on_tiles(
+            scores, lanes, count, rows, H, shape_.num_queries, shape_.num_heads, weighted());
+      }
+    }
+#endif
+    if (shape_.num_heads > 1) {
+      return add_head_slices_by_columns(
+          rows, count, scores, lanes, scratch + (kColumnTileRows + 2) * lanes);
+    }
 #if defined(CPU_CAPABILITY_AVX512_BF16)
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       if (u_bf16_ != nullptr) {
@@ -390,6 +407,19 @@ class SoftmaxState {
     const int64_t num_scores = shape_.num_scores();
     const int64_t lanes = column_lanes<acc_t>(num_scores);
     const int64_t ahead = kColumnTileRows * x_seq_stride_;
+#if defined(CPU_CAPABILITY_AMX_BF16)
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (u_bf16_ != nullptr && scores_on_tiles<scalar_t>(num_scores)) {
+        amx_score_rows(
+            rows, count, u_tiles_of(u_bf16_, num_scores, H), H, num_scores, scores, lanes, ahead);
+        // The pads' sums are zero only for finite rows.
+        for (int r = 0; r < count; ++r) {
+          std::fill(scores + r * lanes + num_scores, scores + (r + 1) * lanes, acc_t(0));
+        }
+        return;
+      }
+    }
+#endif
     for (int first = 0; first < count; first += kBlock) {
       const int size = std::min(kBlock, count - first);
       with_tile_size<kBlock>(size, [&](auto tile) {
@@ -876,7 +906,10 @@ void forward_impl(const ForwardParams& p) {
   const std::vector<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
   const std::vector<acc_t> u_columns = u_in_columns<scalar_t>(p, u);
   const bool by_columns = !u_columns.empty();
-  const bool dot_scored = !by_columns && dot_scores_in_lanes(p);
+  // Rows scored on AMX tiles take the lanes too ([Note: scores on AMX tiles]).
+  const bool dot_scored =
+      !by_columns &&
+      (dot_scores_in_lanes(p) || (!u_bf16.empty() && scores_on_tiles<scalar_t>(num_scores)));
   std::vector<acc_t> u_paired;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (paired) {

@@ -72,6 +72,9 @@ void forward_scores(
   }
   if constexpr (std::is_same_v<T, at::BFloat16> && kBFloat16Products) {
     if (u_bf16 != nullptr) {
+      if (scores_on_tiles<T>(num_scores)) {
+        return tile_scores_by_score(rows, R, u_bf16, n, num_scores, scores);
+      }
       return score_dot_rows_each<R>(rows, u_bf16, n, num_scores, scores);
     }
   }

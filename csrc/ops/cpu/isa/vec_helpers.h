@@ -11,6 +11,7 @@
 #error "include ops/cpu/isa/kernels.h from an isa/kernels_<isa>.cpp file"
 #endif
 
+#include "ops/cpu/isa/amx_scores.h"
 #include "ops/pool_params.h"
 
 #include <ATen/OpMathType.h>
@@ -513,12 +514,19 @@ bool scores_from_bf16_products(const PoolShape& s) {
 }
 
 // u rounded to bfloat16 if the kernels score from bfloat16 products
-// (scores_from_bf16_products); empty otherwise.
+// (scores_from_bf16_products), followed by its AMX tiles where the scores
+// come from those (scores_on_tiles, u_tiles_of); empty otherwise.
 template <typename scalar_t, typename acc_t>
 std::vector<at::BFloat16> u_in_bf16(const PoolShape& s, const acc_t* u) {
   std::vector<at::BFloat16> rounded;
-  if (scores_from_bf16_products<scalar_t>(s)) {
-    rounded.assign(u, u + s.num_scores() * s.hidden);
+  if (!scores_from_bf16_products<scalar_t>(s)) {
+    return rounded;
+  }
+  const int64_t size = s.num_scores() * s.hidden;
+  rounded.assign(u, u + size);
+  if (scores_on_tiles<scalar_t>(s.num_scores())) {
+    rounded.resize(size + u_tiles_size(s.num_scores(), s.hidden));
+    pack_u_tiles(rounded.data(), s.num_scores(), s.hidden, rounded.data() + size);
   }
   return rounded;
 }

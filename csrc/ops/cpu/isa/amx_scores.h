@@ -1,0 +1,325 @@
+#pragma once
+
+// Scores of bfloat16 rows on AMX tiles (the AMX_BF16 kernels only). Per
+// instruction set, like every file in isa/ (ops/cpu/README.md).
+//
+// [Note: scores on AMX tiles] On a CPU with AMX-BF16, the scores of bfloat16
+// rows against several vectors of u (rounded to bfloat16, as for
+// [Note: bfloat16 products]) are tile products: a tile of 16 rows times 32
+// values of x, by a tile of the same 32 values of 16 vectors of u, adds into
+// 16 x 16 float32 sums in one instruction (tdpbf16ps), 16 times the
+// multiply-adds of a vdpbf16ps. Each sum runs along the row, 32 values per
+// instruction, in an order of the hardware's that depends on that row and
+// that vector only, never on the tile's other rows, on how many rows the
+// tile holds or on the thread count; the forward, the backward and the jvp
+// all take their scores from amx_score_rows, so p stays the forward's
+// ([Note: one order for every score]). The rows are copied into a
+// contiguous buffer first (its values past H zero), so that masked rows,
+// normalized rows and any H take the same path; u's tiles are laid out once
+// per call, behind u's bfloat16 copy (u_in_bf16). One score per row keeps
+// its vdpbf16ps: AMX would fill 1 of a tile's 16 columns. The products, as
+// vdpbf16ps', flush values below float32's normal range to zero.
+
+#include "ops/cpu/isa/amx_tiles.h"
+#include "ops/pool_params.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace attnpool::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+constexpr int64_t kTileDepth = 32;             // bfloat16 values of a row per A tile
+constexpr int64_t kTileScores = kTileColumns;  // vectors of u per B tile
+constexpr int64_t kTileValues = 512;           // bfloat16 values per A or B tile
+
+// H rounded up to whole A tiles.
+inline int64_t tile_depth(int64_t H) {
+  return (H + kTileDepth - 1) / kTileDepth * kTileDepth;
+}
+
+// Blocks of kTileScores vectors of u.
+inline int64_t score_blocks(int64_t num_scores) {
+  return (num_scores + kTileScores - 1) / kTileScores;
+}
+
+// bfloat16 values of u's B tiles (pack_u_tiles).
+inline int64_t u_tiles_size(int64_t num_scores, int64_t H) {
+  return score_blocks(num_scores) * kTileScores * tile_depth(H);
+}
+
+// u [num_scores, H] (bfloat16) as B tiles, [score block][32 values of H]
+// each tile: its row i holds values 2i and 2i + 1 of the 32 for each of the
+// block's 16 vectors, in pairs, as tdpbf16ps reads them. Vectors past
+// num_scores and values past H are zero.
+inline void pack_u_tiles(
+    const at::BFloat16* u, int64_t num_scores, int64_t H, at::BFloat16* tiles) {
+  const int64_t chunks = tile_depth(H) / kTileDepth;
+  std::fill_n(tiles, u_tiles_size(num_scores, H), at::BFloat16(0.0f));
+  for (int64_t k = 0; k < num_scores; ++k) {
+    const int64_t block = k / kTileScores;
+    const int64_t column = k % kTileScores;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t within = h % kTileDepth;
+      at::BFloat16* tile = tiles + (block * chunks + h / kTileDepth) * kTileValues;
+      tile[within / 2 * 2 * kTileScores + 2 * column + within % 2] = u[k * H + h];
+    }
+  }
+}
+
+// Where u_in_bf16 keeps u's B tiles: behind u [num_scores, H] in bfloat16.
+inline const at::BFloat16* u_tiles_of(const at::BFloat16* u_bf16, int64_t num_scores, int64_t H) {
+  return u_bf16 + num_scores * H;
+}
+
+// Whether the scores of T rows against u_bf16 come from amx_score_rows.
+template <typename T>
+constexpr bool scores_on_tiles(int64_t num_scores) {
+  return kAmxScores && std::is_same_v<T, at::BFloat16> && num_scores > 1;
+}
+
+#if defined(CPU_CAPABILITY_AMX_BF16)
+// Copies `count` rows into `packed`, `depth` values apart, the values past
+// H zero, prefetching each row `ahead` elements on.
+inline void pack_rows(
+    const at::BFloat16* const* rows,
+    int count,
+    int64_t H,
+    int64_t depth,
+    int64_t ahead,
+    at::BFloat16* packed) {
+  for (int r = 0; r < count; ++r) {
+    const at::BFloat16* row = rows[r];
+    at::BFloat16* out = packed + r * depth;
+    int64_t e = 0;
+    for (; e + kTileDepth <= H; e += kTileDepth) {
+      if (ahead != 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + e + ahead), _MM_HINT_T0);
+      }
+      _mm512_storeu_si512(out + e, _mm512_loadu_si512(row + e));
+    }
+    if (e < depth) {
+      const auto mask = static_cast<__mmask32>((uint64_t{1} << (H - e)) - 1);
+      _mm512_storeu_si512(out + e, _mm512_maskz_loadu_epi16(mask, row + e));
+    }
+  }
+}
+
+// scores[r * stride + k] = rows[r] . u_k for every score k of `count` rows
+// ([Note: scores on AMX tiles]); stride: at least num_scores rounded up to
+// kTileScores, the lanes past num_scores getting the pads' sums (zero for
+// finite rows). ahead != 0: the rows `ahead` elements further are
+// prefetched.
+inline void amx_score_rows(
+    const at::BFloat16* const* rows,
+    int count,
+    const at::BFloat16* u_tiles,
+    int64_t H,
+    int64_t num_scores,
+    float* scores,
+    int64_t stride,
+    int64_t ahead = 0) {
+  const int64_t depth = tile_depth(H);
+  const int64_t chunks = depth / kTileDepth;
+  thread_local std::vector<at::BFloat16> packed;
+  packed.resize(2 * kTileRows * depth);
+  TileOperands operands;
+  operands.a = reinterpret_cast<const char*>(packed.data());
+  operands.a_row_bytes = depth * static_cast<int64_t>(sizeof(at::BFloat16));
+  operands.b = reinterpret_cast<const char*>(u_tiles);
+  operands.b_chunk_bytes = kTileBytes;
+  operands.b_block_bytes = chunks * kTileBytes;
+  operands.b_row_bytes = kTileRowBytes;
+  operands.c_row_bytes = stride * static_cast<int64_t>(sizeof(float));
+  operands.accumulate = false;
+  for (int first = 0; first < count; first += 2 * kTileRows) {
+    const int rows_here = std::min<int>(2 * kTileRows, count - first);
+    pack_rows(rows + first, rows_here, H, depth, ahead, packed.data());
+    operands.c = reinterpret_cast<char*>(scores + first * stride);
+    multiply_on_tiles(operands, rows_here, chunks, score_blocks(num_scores));
+  }
+}
+
+// [Note: weighted sums on AMX tiles] The forward's weighted sums of a tile
+// of rows scored on tiles are tile products too: for head h, the sums of
+// its queries (rows of C, H apart in the state) += the weights of its
+// scores, each as two bfloat16 and paired by rows (A), times the head's
+// slice of the tile's rows paired by rows (B), as vdpbf16ps takes them in
+// [Note: weighted sums from bfloat16 products]. Taken where head slices
+// are whole blocks of 16 columns, with up to 32 queries (sums_on_tiles).
+// Bfloat16 forward, 2 threads, grid runs on a 2-core Xeon with AMX against
+// the sums in float32 (add_head_slices_by_columns, and vdpbf16ps products
+// with one head): so400m's full width (16 x 729 x 1152) 6.6 -> 4.8-5.3
+// ms, 8 x 1 at 32 x 512 x 768 4.2-4.5 -> 3.7-4.4, 16 x 12 21.7-22.4 ->
+// 16.4-20.2, 4 x 12 7.3-8.0 -> 4.8-6.6. The heads share one tile
+// configuration and the weights are paired a vector at a time: a first
+// version with a configuration per head and the weights paired one at a
+// time lost to the float32 sums (16 x 12 20.9 against 12.2 ms, one pair of
+// runs).
+
+// Whether the forward adds the weighted sums of T rows on tiles.
+template <typename T>
+bool sums_on_tiles(const PoolShape& s) {
+  return scores_on_tiles<T>(s.num_scores()) && s.head_dim % kTileColumns == 0 &&
+         s.num_queries <= 2 * kTileRows;
+}
+
+// Pairs of rows of a tile of up to 2 * kTileRows rows: one tile's worth.
+constexpr int64_t kTilePairs = kTileRows;
+
+// pairs[p * stride + e] = (rows[2 p][e], rows[2 p + 1][e]) for every pair
+// of a tile (zero past `count` rows), each 32-bit lane a pair for B.
+inline void pair_rows_for_tiles(
+    const at::BFloat16* const* rows, int count, int64_t H, int64_t stride, uint32_t* pairs) {
+  for (int64_t p = 0; p < kTilePairs; ++p) {
+    const int first = static_cast<int>(2 * p);
+    uint32_t* out = pairs + p * stride;
+    if (first >= count) {
+      std::fill_n(out, H, 0u);
+      continue;
+    }
+    const at::BFloat16* low = rows[first];
+    const at::BFloat16* high = first + 1 < count ? rows[first + 1] : nullptr;
+    int64_t e = 0;
+    for (; e + 16 <= H; e += 16) {
+      const __m512i a =
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + e)));
+      const __m512i b = high == nullptr ? _mm512_setzero_si512()
+                                        : _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                              reinterpret_cast<const __m256i*>(high + e)));
+      _mm512_storeu_si512(out + e, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+    }
+    for (; e < H; ++e) {
+      const uint32_t b = high == nullptr ? 0u : high[e].x;
+      out[e] = static_cast<uint32_t>(low[e].x) | (b << 16);
+    }
+  }
+}
+
+// Each weight of a tile goes in as two bfloat16, its rounding and the
+// rounding of what that left, so that the weighted sums keep float32's
+// precision (about 2^-16 relative) instead of bfloat16's: A's row of score
+// k holds the pairs of the first parts, then those of the second, and B
+// (the rows) serves both.
+constexpr int64_t kWeightWords = 2 * kTilePairs;
+
+// weights[k * kWeightWords + p] = (w[2 p][k], w[2 p + 1][k]) rounded to
+// bfloat16 (vcvtneps2bf16: to nearest even) and weights[k * kWeightWords +
+// kTilePairs + p] the same of what the rounding left, zero past `count`
+// rows; w[r * lanes + k] as the lanes hold them (lanes a multiple of 16).
+// Each vector of 16 scores of a pair of rows is scattered to its 16 rows
+// of A.
+inline void pair_weights_for_tiles(
+    const float* w, int64_t lanes, int count, int64_t num_scores, uint32_t* weights) {
+  const __m512i rows_of_a = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(static_cast<int>(kWeightWords)));
+  // The two bfloat16 parts of row `row`'s weights k..k+15, each in the low
+  // half of a 32-bit lane.
+  auto parts = [&](int row, int64_t k, __m512i& first, __m512i& rest) {
+    if (row >= count) {
+      first = rest = _mm512_setzero_si512();
+      return;
+    }
+    const __m512 value = _mm512_loadu_ps(w + row * lanes + k);
+    first = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(value)));
+    const __m512 left = _mm512_sub_ps(value, _mm512_castsi512_ps(_mm512_slli_epi32(first, 16)));
+    rest = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(left)));
+  };
+  for (int64_t k = 0; k < num_scores; k += 16) {
+    const __mmask16 scores =
+        static_cast<__mmask16>(num_scores - k >= 16 ? 0xFFFF : (1u << (num_scores - k)) - 1);
+    uint32_t* rows_of_k = weights + k * kWeightWords;
+    for (int64_t p = 0; p < kTilePairs; ++p) {
+      const int first = static_cast<int>(2 * p);
+      __m512i low_first, low_rest, high_first, high_rest;
+      parts(first, k, low_first, low_rest);
+      parts(first + 1, k, high_first, high_rest);
+      const __m512i pair_first = _mm512_or_si512(low_first, _mm512_slli_epi32(high_first, 16));
+      const __m512i pair_rest = _mm512_or_si512(low_rest, _mm512_slli_epi32(high_rest, 16));
+      _mm512_mask_i32scatter_epi32(rows_of_k + p, scores, rows_of_a, pair_first, 4);
+      _mm512_mask_i32scatter_epi32(rows_of_k + kTilePairs + p, scores, rows_of_a, pair_rest, 4);
+    }
+  }
+}
+
+// sums[(i * n + h) * d + c] += sum_r w[r * lanes + i * n + h] * rows[r][h * d
+// + c] for every query i, head h and column c of the head's
+// slice, on tiles ([Note: weighted sums on AMX tiles]); `count` up to
+// 2 * kTilePairs, d a multiple of kTileColumns, num_queries up to
+// 2 * kTileRows.
+inline void add_weighted_rows_on_tiles(
+    const float* w,
+    int64_t lanes,
+    int count,
+    const at::BFloat16* const* rows,
+    int64_t H,
+    int64_t num_queries,
+    int64_t num_heads,
+    float* sums) {
+  const int64_t d = H / num_heads;
+  const int64_t num_scores = num_queries * num_heads;
+  thread_local std::vector<uint32_t> scratch;
+  scratch.resize(kTilePairs * H + kWeightWords * num_scores);
+  uint32_t* row_pairs = scratch.data();
+  uint32_t* weight_pairs = scratch.data() + kTilePairs * H;
+  pair_rows_for_tiles(rows, count, H, H, row_pairs);
+  pair_weights_for_tiles(w, lanes, count, num_scores, weight_pairs);
+  // One configuration for every head: each takes num_queries rows.
+  configure_tiles(static_cast<int>(num_queries));
+  for (int64_t h = 0; h < num_heads; ++h) {
+    TileOperands t = word_rows(
+        weight_pairs + h * kWeightWords,
+        num_heads * kWeightWords,
+        row_pairs + h * d,
+        H,
+        sums + h * d,
+        H,
+        true);
+    // Two chunks of A (the weights' two parts) against the same B.
+    t.b_chunk_bytes = 0;
+    products_on_tiles(t, static_cast<int>(num_queries), 2, d / kTileColumns);
+  }
+  _tile_release();
+}
+#endif
+
+// out[k * count + r] = rows[r] . u_k (score by score, as score_dot_rows_each
+// leaves them) from amx_score_rows, for the callers that take that layout.
+template <typename T>
+void tile_scores_by_score(
+    const T* const* rows,
+    int count,
+    const at::BFloat16* u_bf16,
+    int64_t H,
+    int64_t num_scores,
+    float* out,
+    int64_t ahead = 0) {
+#if defined(CPU_CAPABILITY_AMX_BF16)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const int64_t stride = score_blocks(num_scores) * kTileScores;
+    thread_local std::vector<float> lanes;
+    lanes.resize(count * stride);
+    amx_score_rows(
+        rows, count, u_tiles_of(u_bf16, num_scores, H), H, num_scores, lanes.data(), stride, ahead);
+    for (int64_t k = 0; k < num_scores; ++k) {
+      for (int r = 0; r < count; ++r) {
+        out[k * count + r] = lanes[r * stride + k];
+      }
+    }
+    return;
+  }
+#endif
+  (void)rows, (void)count, (void)u_bf16, (void)H, (void)num_scores, (void)out, (void)ahead;
+  TORCH_INTERNAL_ASSERT(false, "scores on AMX tiles need the AMX_BF16 kernels");
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace attnpool::cpu
