@@ -643,6 +643,9 @@ void backward_rows(
     if (products.u_pairs != nullptr) {
       round_and_pair_scores<R>(
           num_scores, dscores, products.ds_pairs, products.ds_row_pairs + products.gathered);
+#if defined(CPU_CAPABILITY_AMX_BF16)
+      ds_u_on_tiles<R>(products, num_scores, H);
+#endif
       dx_rows_all_scores<R, false, true>(s, probs, dscores, g_b, u, products, dx_rows);
       return du_rows_bf16<R>(rows, dscores, num_scores, H, products, du);
     }
@@ -870,12 +873,18 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
     std::vector<uint32_t> pair_scratch(
         u_pairs.empty() ? 0 : ds_pairs_size + row_pairs_size + num_scores * kDuPairs);
     Bf16Products products;
+    // The AMX products' scratch ([Note: the backward's products on AMX tiles]).
+    std::vector<uint32_t> ds_by_row(
+        kAmxScores && !u_pairs.empty() ? kTile * score_pair_rows(num_scores) : 0);
+    std::vector<float> ds_u(kAmxScores && !u_pairs.empty() ? kTile * score_pair_stride(H) : 0);
     if (!u_pairs.empty()) {
       products = {
           u_pairs.data(),
           pair_scratch.data(),
           pair_scratch.data() + ds_pairs_size,
           pair_scratch.data() + ds_pairs_size + row_pairs_size};
+      products.ds_by_row = ds_by_row.data();
+      products.ds_u = ds_u.data();
     }
     scalar_t* dx_out[kColumnTileRows] = {};
     acc_t tile_bias[kColumnTileRows] = {};

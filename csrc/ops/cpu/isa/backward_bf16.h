@@ -15,6 +15,7 @@
 // sum, so each operand comes as pairs along the summed index: u and ds
 // paired by scores for dx, x and ds paired by rows for du.
 
+#include "ops/cpu/isa/amx_tiles.h"
 #include "ops/cpu/isa/vec_helpers.h"
 
 #include <c10/util/BFloat16.h>
@@ -41,12 +42,28 @@ static_assert(kDuPairs >= (kBackwardTileRows + 1) / 2);
 // Scratch and the paired u of one backward call; null pointers where the
 // level or the dtype takes no bfloat16 products.
 struct Bf16Products {
-  const uint32_t* u_pairs = nullptr;  // [ceil(num_scores / 2)][H]
+  const uint32_t* u_pairs = nullptr;  // [score_pair_rows][score_pair_stride]
   uint32_t* ds_pairs = nullptr;       // [ceil(num_scores / 2)][R], per tile
   uint32_t* row_pairs = nullptr;      // [kDuPairs][H], gathered over tiles
   uint32_t* ds_row_pairs = nullptr;   // [num_scores][kDuPairs], gathered
   int64_t gathered = 0;               // pairs in row_pairs not yet in du
+  // AMX_BF16 only ([Note: the backward's products on AMX tiles]):
+  uint32_t* ds_by_row = nullptr;  // [R][score_pair_rows], ds_pairs by rows
+  float* ds_u = nullptr;          // [R][score_pair_stride], sum_k ds[k][r] u_k
 };
+
+// Pairs of scores in u_pairs: ceil(num_scores / 2), rounded up to whole
+// tiles (zero pairs past the scores) where the products run on AMX tiles.
+inline int64_t score_pair_rows(int64_t num_scores) {
+  const int64_t pairs = (num_scores + 1) / 2;
+  return kAmxScores ? (pairs + kTileRows - 1) / kTileRows * kTileRows : pairs;
+}
+
+// How far apart u_pairs' rows are: H, rounded up to whole tiles (zero past
+// H) where the products run on AMX tiles.
+inline int64_t score_pair_stride(int64_t H) {
+  return kAmxScores ? (H + kTileColumns - 1) / kTileColumns * kTileColumns : H;
+}
 
 inline float bf16_rounded(float value) {
   return static_cast<float>(c10::BFloat16(value));
@@ -71,18 +88,65 @@ inline uint32_t bf16_pair(float first, float second) {
          (static_cast<uint32_t>(c10::BFloat16(second).x) << 16);
 }
 
-// u_pairs[kp * H + e] = (u[2 kp][e], u[2 kp + 1][e]), 0 past the last score.
+// u_pairs[kp * score_pair_stride + e] = (u[2 kp][e], u[2 kp + 1][e]), 0
+// past the last score (and past H).
 inline std::vector<uint32_t> u_in_score_pairs(int64_t num_scores, int64_t H, const float* u) {
-  std::vector<uint32_t> pairs(((num_scores + 1) / 2) * H);
+  const int64_t stride = score_pair_stride(H);
+  std::vector<uint32_t> pairs(score_pair_rows(num_scores) * stride, 0u);
   for (int64_t k = 0; k < num_scores; k += 2) {
     for (int64_t e = 0; e < H; ++e) {
       const float second = k + 1 < num_scores ? u[(k + 1) * H + e] : 0.0f;
-      pairs[(k / 2) * H + e] = bf16_pair(u[k * H + e], second);
+      pairs[(k / 2) * stride + e] = bf16_pair(u[k * H + e], second);
     }
   }
   return pairs;
 }
 
+#if defined(CPU_CAPABILITY_AMX_BF16)
+// [Note: the backward's products on AMX tiles] At AMX_BF16 both products
+// run on tiles ([Note: scores on AMX tiles]), with the same operands as
+// vdpbf16ps takes them: dx's sum over the scores, ds . U, as one product
+// per tile of rows (ds_u_on_tiles, ds paired by scores, one row of A per
+// row of x; B is u_pairs as it is stored), which dx_columns then adds to
+// its p . G part; du's, over the gathered pairs of rows, as one product
+// per gathering (add_gathered_to_du, A the scores' paired ds, B the paired
+// rows as stored), accumulated into du.
+
+// products.ds_u[r][e] = sum_k ds[k][r] * u_k[e] for R rows and every
+// column, from ds_pairs.
+template <int R>
+void ds_u_on_tiles(Bf16Products& products, int64_t num_scores, int64_t H) {
+  const int64_t pairs = (num_scores + 1) / 2;
+  const int64_t rows_of_pairs = score_pair_rows(num_scores);
+  const int64_t stride = score_pair_stride(H);
+  for (int r = 0; r < R; ++r) {
+    uint32_t* row = products.ds_by_row + r * rows_of_pairs;
+    for (int64_t kp = 0; kp < pairs; ++kp) {
+      row[kp] = products.ds_pairs[kp * R + r];
+    }
+    std::fill(row + pairs, row + rows_of_pairs, 0u);
+  }
+  const TileOperands t = word_rows(
+      products.ds_by_row, rows_of_pairs, products.u_pairs, stride, products.ds_u, stride, false);
+  multiply_on_tiles(t, R, rows_of_pairs / kTileRows, stride / kTileColumns);
+}
+
+template <int R, int C>
+void add_score_pair_products(
+    Vectorized<float> (&acc)[R][C],
+    const Bf16Products& products,
+    int64_t score_pairs,
+    int64_t H,
+    int64_t e) {
+  (void)score_pairs;
+  const int64_t stride = score_pair_stride(H);
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      acc[r][c] = acc[r][c] + Vectorized<float>::loadu(products.ds_u + r * stride + e + c * 16);
+    }
+  }
+}
+#else
 template <int R, int C>
 void add_score_pair_products(
     Vectorized<float> (&acc)[R][C],
@@ -105,6 +169,7 @@ void add_score_pair_products(
     }
   }
 }
+#endif
 
 // The bits of c10::BFloat16(v) (round to nearest even, NaN to 0x7FC0) in
 // the low half of each lane.
@@ -235,6 +300,27 @@ void du_block_bf16(const Bf16Products& products, int64_t k, int64_t e, int64_t H
   }
 }
 
+#if defined(CPU_CAPABILITY_AMX_BF16)
+// The gathered pairs into du's whole vectors of columns on tiles ([Note:
+// the backward's products on AMX tiles]), then none gathered; the pairs
+// rounded up to a whole tile's with zeros.
+inline void add_gathered_to_du(Bf16Products& products, int64_t num_scores, int64_t H, float* du) {
+  if (products.gathered == 0) {
+    return;
+  }
+  const int64_t gathered = products.gathered;
+  const int64_t pairs = (gathered + kTileRows - 1) / kTileRows * kTileRows;
+  std::fill(products.row_pairs + gathered * H, products.row_pairs + pairs * H, 0u);
+  for (int64_t k = 0; k < num_scores; ++k) {
+    uint32_t* weights = products.ds_row_pairs + k * kDuPairs;
+    std::fill(weights + gathered, weights + pairs, 0u);
+  }
+  const TileOperands t =
+      word_rows(products.ds_row_pairs, kDuPairs, products.row_pairs, H, du, H, true);
+  multiply_on_tiles(t, static_cast<int>(num_scores), pairs / kTileRows, H / kTileColumns);
+  products.gathered = 0;
+}
+#else
 // The gathered pairs into du's whole vectors of columns, then none gathered
 // ([Note: du over several tiles]). Columns outer: a block of columns of
 // every pair stays in L1 while each score's sums pass over it.
@@ -262,6 +348,7 @@ inline void add_gathered_to_du(Bf16Products& products, int64_t num_scores, int64
   }
   products.gathered = 0;
 }
+#endif
 
 // du for every score of a tile: its rows and ds paired and gathered, added
 // to du's whole vectors when the next tile's might not fit (and by the
