@@ -173,33 +173,12 @@ bool sums_on_tiles(const PoolShape& s) {
 // Pairs of rows of a tile of up to 2 * kTileRows rows: one tile's worth.
 constexpr int64_t kTilePairs = kTileRows;
 
-// pairs[p * stride + e] = (rows[2 p][e], rows[2 p + 1][e]) for every pair
-// of a tile (zero past `count` rows), each 32-bit lane a pair for B.
+// pair_rows for a tile's whole kTilePairs pairs: those past `count` rows
+// zero, so that B's one chunk of pairs holds no stale values.
 inline void pair_rows_for_tiles(
-    const at::BFloat16* const* rows, int count, int64_t H, int64_t stride, uint32_t* pairs) {
-  for (int64_t p = 0; p < kTilePairs; ++p) {
-    const int first = static_cast<int>(2 * p);
-    uint32_t* out = pairs + p * stride;
-    if (first >= count) {
-      std::fill_n(out, H, 0u);
-      continue;
-    }
-    const at::BFloat16* low = rows[first];
-    const at::BFloat16* high = first + 1 < count ? rows[first + 1] : nullptr;
-    int64_t e = 0;
-    for (; e + 16 <= H; e += 16) {
-      const __m512i a =
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + e)));
-      const __m512i b = high == nullptr ? _mm512_setzero_si512()
-                                        : _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                              reinterpret_cast<const __m256i*>(high + e)));
-      _mm512_storeu_si512(out + e, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
-    }
-    for (; e < H; ++e) {
-      const uint32_t b = high == nullptr ? 0u : high[e].x;
-      out[e] = static_cast<uint32_t>(low[e].x) | (b << 16);
-    }
-  }
+    const at::BFloat16* const* rows, int count, int64_t H, uint32_t* pairs) {
+  pair_rows(rows, count, H, pairs);
+  std::fill(pairs + (count + 1) / 2 * H, pairs + kTilePairs * H, 0u);
 }
 
 // Each weight of a tile goes in as two bfloat16, its rounding and the
@@ -269,7 +248,7 @@ inline void add_weighted_rows_on_tiles(
   scratch.resize(kTilePairs * H + kWeightWords * num_scores);
   uint32_t* row_pairs = scratch.data();
   uint32_t* weight_pairs = scratch.data() + kTilePairs * H;
-  pair_rows_for_tiles(rows, count, H, H, row_pairs);
+  pair_rows_for_tiles(rows, count, H, row_pairs);
   pair_weights_for_tiles(w, lanes, count, num_scores, weight_pairs);
   // One configuration for every head: each takes num_queries rows.
   configure_tiles(static_cast<int>(num_queries));

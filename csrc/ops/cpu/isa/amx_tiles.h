@@ -13,12 +13,17 @@
 // 16 columns) into a C tile (rows x 16 float32 sums). Each sum of C runs
 // over its pairs in one order of the hardware's, which depends on that row
 // of A and that column of B only.
+//
+// Also here: pair_rows, the rows of a tile paired for B, which the
+// backward's vdpbf16ps products (AVX512_BF16) take in the same layout.
+
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
-#if defined(CPU_CAPABILITY_AMX_BF16)
+#if defined(CPU_CAPABILITY_AVX512_BF16)
 #include <immintrin.h>
 #endif
 
@@ -36,6 +41,32 @@ constexpr int64_t kTileRows = 16;      // rows of an A or C tile; pairs of a B t
 constexpr int64_t kTileColumns = 16;   // float32 sums of a C row; columns of B
 constexpr int64_t kTileRowBytes = 64;  // one row of any tile
 constexpr int64_t kTileBytes = kTileRows * kTileRowBytes;
+
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+// row_pairs[p * H + e] = (rows[2 p][e], rows[2 p + 1][e]) for the
+// (count + 1) / 2 pairs of `count` rows, 0 past the last row: each 32-bit
+// lane a pair of the summed index (the rows), in column order.
+inline void pair_rows(const at::BFloat16* const* rows, int count, int64_t H, uint32_t* row_pairs) {
+  for (int p = 0; 2 * p < count; ++p) {
+    const at::BFloat16* first = rows[2 * p];
+    const at::BFloat16* second = 2 * p + 1 < count ? rows[2 * p + 1] : nullptr;
+    uint32_t* out = row_pairs + p * H;
+    int64_t e = 0;
+    for (; e + 16 <= H; e += 16) {
+      const __m512i low =
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(first + e)));
+      const __m512i high = second == nullptr ? _mm512_setzero_si512()
+                                             : _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                                   reinterpret_cast<const __m256i*>(second + e)));
+      _mm512_storeu_si512(out + e, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+    }
+    for (; e < H; ++e) {
+      const uint32_t high = second == nullptr ? 0u : second[e].x;
+      out[e] = static_cast<uint32_t>(first[e].x) | (high << 16);
+    }
+  }
+}
+#endif
 
 #if defined(CPU_CAPABILITY_AMX_BF16)
 // The operands of multiply_on_tiles, by their bytes: A's row i, chunk c

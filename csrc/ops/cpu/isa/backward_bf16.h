@@ -232,31 +232,6 @@ void round_and_pair_scores(
   }
 }
 
-// row_pairs[p * H + e] = (rows[2 p][e], rows[2 p + 1][e]), 0 past the last
-// row: the rows of a tile paired for du's products, in column order.
-template <int R>
-void pair_rows(const at::BFloat16* const* rows, int64_t H, uint32_t* row_pairs) {
-  constexpr int P = (R + 1) / 2;
-  for (int p = 0; p < P; ++p) {
-    const at::BFloat16* first = rows[2 * p];
-    const at::BFloat16* second = 2 * p + 1 < R ? rows[2 * p + 1] : nullptr;
-    uint32_t* out = row_pairs + p * H;
-    int64_t e = 0;
-    for (; e + 16 <= H; e += 16) {
-      const __m512i low =
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(first + e)));
-      const __m512i high = second == nullptr ? _mm512_setzero_si512()
-                                             : _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                                   reinterpret_cast<const __m256i*>(second + e)));
-      _mm512_storeu_si512(out + e, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
-    }
-    for (; e < H; ++e) {
-      const uint32_t high = second == nullptr ? 0u : second[e].x;
-      out[e] = static_cast<uint32_t>(first[e].x) | (high << 16);
-    }
-  }
-}
-
 // du_k[e + 16 c] += the gathered pairs' products, for S scores from k and
 // C vectors of columns from e, the sums in registers over all the pairs.
 template <int S, int C>
@@ -363,7 +338,7 @@ void du_rows_bf16(
     Bf16Products& products,
     float* du) {
   constexpr int P = (R + 1) / 2;
-  pair_rows<R>(rows, H, products.row_pairs + products.gathered * H);
+  pair_rows(rows, R, H, products.row_pairs + products.gathered * H);
   products.gathered += P;
   if (products.gathered + (kBackwardTileRows + 1) / 2 > kDuPairs) {
     add_gathered_to_du(products, num_scores, H, du);
