@@ -147,27 +147,26 @@ inline void amx_score_rows(
 }
 
 // [Note: weighted sums on AMX tiles] The forward's weighted sums of a tile
-// of rows scored on tiles are tile products too: for head h, the sums of
-// its queries (rows of C, H apart in the state) += the weights of its
-// scores, each as two bfloat16 and paired by rows (A), times the head's
-// slice of the tile's rows paired by rows (B), as vdpbf16ps takes them in
-// [Note: weighted sums from bfloat16 products]. Taken where head slices
-// are whole blocks of 16 columns, with up to 32 queries (sums_on_tiles).
-// Bfloat16 forward, 2 threads, grid runs on a 2-core Xeon with AMX against
-// the sums in float32 (add_head_slices_by_columns, and vdpbf16ps products
-// with one head): so400m's full width (16 x 729 x 1152) 6.6 -> 4.8-5.3
-// ms, 8 x 1 at 32 x 512 x 768 4.2-4.5 -> 3.7-4.4, 16 x 12 21.7-22.4 ->
-// 16.4-20.2, 4 x 12 7.3-8.0 -> 4.8-6.6. The heads share one tile
-// configuration and the weights are paired a vector at a time: a first
-// version with a configuration per head and the weights paired one at a
-// time lost to the float32 sums (16 x 12 20.9 against 12.2 ms, one pair of
-// runs).
+// of rows scored on tiles are tile products too where one head (or full
+// width) holds 16 scores or more: the sums of the scores (rows of C, H
+// apart in the state) += their weights, each as two bfloat16 and paired by
+// rows (A), times the tile's rows paired by rows (B), as vdpbf16ps takes
+// them in [Note: weighted sums from bfloat16 products]. Fewer scores, or
+// several heads, leave most of each product's 16 rows of A empty or need a
+// product per head slice, and the sums in float32 by columns
+// (add_weighted_rows_by_columns, add_head_slices_by_columns) are faster.
+// Bfloat16 forward, 2 threads, a 2-core Xeon with AMX, one process taking
+// turns (median of 25 calls each; tiles -> float32 by columns, or the
+// reverse where noted): 1 x 12 at 32 x 512 x 768 3.96 -> 3.26 ms, 1 x 16
+// 2.95 -> 2.25, 4 x 12 4.59 -> 3.72, 16 x 12 12.2 -> 11.6, 8 x 1 4.25 ->
+// 3.56; but 16 x 1 4.0 -> 3.3 on tiles, 32 x 1 6.9 -> 5.7 and so400m's
+// full width (16 x 729 x 1152, 16 scores) 5.7 -> 4.8.
 
 // Whether the forward adds the weighted sums of T rows on tiles.
 template <typename T>
 bool sums_on_tiles(const PoolShape& s) {
-  return scores_on_tiles<T>(s.num_scores()) && s.head_dim % kTileColumns == 0 &&
-         s.num_queries <= 2 * kTileRows;
+  return scores_on_tiles<T>(s.num_scores()) && s.num_heads == 1 && s.num_queries >= kTileRows &&
+         s.hidden % kTileColumns == 0;
 }
 
 // Pairs of rows of a tile of up to 2 * kTileRows rows: one tile's worth.
@@ -228,44 +227,27 @@ inline void pair_weights_for_tiles(
   }
 }
 
-// sums[(i * n + h) * d + c] += sum_r w[r * lanes + i * n + h] * rows[r][h * d
-// + c] for every query i, head h and column c of the head's
-// slice, on tiles ([Note: weighted sums on AMX tiles]); `count` up to
-// 2 * kTilePairs, d a multiple of kTileColumns, num_queries up to
-// 2 * kTileRows.
+// sums[k * H + c] += sum_r w[r * lanes + k] * rows[r][c] for every score
+// k of one head and every column c, on tiles ([Note: weighted sums on AMX
+// tiles]); `count` up to 2 * kTilePairs, H a multiple of kTileColumns.
 inline void add_weighted_rows_on_tiles(
     const float* w,
     int64_t lanes,
     int count,
     const at::BFloat16* const* rows,
     int64_t H,
-    int64_t num_queries,
-    int64_t num_heads,
+    int64_t num_scores,
     float* sums) {
-  const int64_t d = H / num_heads;
-  const int64_t num_scores = num_queries * num_heads;
   thread_local std::vector<uint32_t> scratch;
   scratch.resize(kTilePairs * H + kWeightWords * num_scores);
   uint32_t* row_pairs = scratch.data();
   uint32_t* weight_pairs = scratch.data() + kTilePairs * H;
   pair_rows_for_tiles(rows, count, H, row_pairs);
   pair_weights_for_tiles(w, lanes, count, num_scores, weight_pairs);
-  // One configuration for every head: each takes num_queries rows.
-  configure_tiles(static_cast<int>(num_queries));
-  for (int64_t h = 0; h < num_heads; ++h) {
-    TileOperands t = word_rows(
-        weight_pairs + h * kWeightWords,
-        num_heads * kWeightWords,
-        row_pairs + h * d,
-        H,
-        sums + h * d,
-        H,
-        true);
-    // Two chunks of A (the weights' two parts) against the same B.
-    t.b_chunk_bytes = 0;
-    products_on_tiles(t, static_cast<int>(num_queries), 2, d / kTileColumns);
-  }
-  _tile_release();
+  TileOperands t = word_rows(weight_pairs, kWeightWords, row_pairs, H, sums, H, true);
+  // Two chunks of A (the weights' two parts) against the same B.
+  t.b_chunk_bytes = 0;
+  multiply_on_tiles(t, static_cast<int>(num_scores), 2, H / kTileColumns);
 }
 #endif
 

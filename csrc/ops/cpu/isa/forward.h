@@ -348,7 +348,8 @@ class SoftmaxState {
   // scored from bfloat16 products are summed from them too ([Note: weighted
   // sums from bfloat16 products]). Rows scored on AMX tiles (any heads)
   // come here too, their scores stored straight into the lanes ([Note:
-  // scores on AMX tiles]). scratch: dot_scratch_size.
+  // scores on AMX tiles]), and are summed on tiles or by columns ([Note:
+  // weighted sums on AMX tiles]). scratch: dot_scratch_size.
   template <typename scalar_t>
   void add_dot_scored_rows(
       const scalar_t* const* rows,
@@ -376,8 +377,7 @@ class SoftmaxState {
 #if defined(CPU_CAPABILITY_AMX_BF16)
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       if (u_bf16_ != nullptr && sums_on_tiles<scalar_t>(shape_)) {
-        return add_weighted_rows_on_tiles(
-            scores, lanes, count, rows, H, shape_.num_queries, shape_.num_heads, weighted());
+        return add_weighted_rows_on_tiles(scores, lanes, count, rows, H, num_scores, weighted());
       }
     }
 #endif
@@ -387,7 +387,9 @@ class SoftmaxState {
     }
 #if defined(CPU_CAPABILITY_AVX512_BF16)
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (u_bf16_ != nullptr) {
+      // Rows scored on tiles take the sums by columns instead ([Note:
+      // weighted sums on AMX tiles]).
+      if (u_bf16_ != nullptr && !kAmxScores) {
         return add_weighted_rows_in_pairs(
             scores, lanes, count, rows, H, num_scores, weighted(), H, block);
       }
