@@ -47,7 +47,8 @@ struct Bf16Products {
   uint32_t* row_pairs = nullptr;      // [kDuPairs][H], gathered over tiles
   uint32_t* ds_row_pairs = nullptr;   // [num_scores][kDuPairs], gathered
   int64_t gathered = 0;               // pairs in row_pairs not yet in du
-  // AMX_BF16 only ([Note: the backward's products on AMX tiles]):
+  // AMX_BF16 only ([Note: the backward's products on AMX tiles]), R up to
+  // kColumnTileRows ([Note: the backward's tiles on AMX]):
   uint32_t* ds_by_row = nullptr;  // [R][score_pair_rows], ds_pairs by rows
   float* ds_u = nullptr;          // [R][score_pair_stride], sum_k ds[k][r] u_k
 };
@@ -112,23 +113,29 @@ inline std::vector<uint32_t> u_in_score_pairs(int64_t num_scores, int64_t H, con
 // per gathering (add_gathered_to_du, A the scores' paired ds, B the paired
 // rows as stored), accumulated into du.
 
-// products.ds_u[r][e] = sum_k ds[k][r] * u_k[e] for R rows and every
-// column, from ds_pairs.
+// products.ds_by_row's rows first.. first + R - 1 = a tile's ds_pairs (kp *
+// R + r), by row, the pairs past the scores zero.
 template <int R>
-void ds_u_on_tiles(Bf16Products& products, int64_t num_scores, int64_t H) {
+void ds_pairs_by_row(Bf16Products& products, int64_t num_scores, int first) {
   const int64_t pairs = (num_scores + 1) / 2;
   const int64_t rows_of_pairs = score_pair_rows(num_scores);
-  const int64_t stride = score_pair_stride(H);
   for (int r = 0; r < R; ++r) {
-    uint32_t* row = products.ds_by_row + r * rows_of_pairs;
+    uint32_t* row = products.ds_by_row + (first + r) * rows_of_pairs;
     for (int64_t kp = 0; kp < pairs; ++kp) {
       row[kp] = products.ds_pairs[kp * R + r];
     }
     std::fill(row + pairs, row + rows_of_pairs, 0u);
   }
+}
+
+// products.ds_u[r][e] = sum_k ds[k][r] * u_k[e] for `count` rows and every
+// column, from ds_by_row.
+inline void ds_u_on_tiles(Bf16Products& products, int count, int64_t num_scores, int64_t H) {
+  const int64_t rows_of_pairs = score_pair_rows(num_scores);
+  const int64_t stride = score_pair_stride(H);
   const TileOperands t = word_rows(
       products.ds_by_row, rows_of_pairs, products.u_pairs, stride, products.ds_u, stride, false);
-  multiply_on_tiles(t, R, rows_of_pairs / kTileRows, stride / kTileColumns);
+  multiply_on_tiles(t, count, rows_of_pairs / kTileRows, stride / kTileColumns);
 }
 
 template <int R, int C>
