@@ -55,20 +55,22 @@ inline int64_t u_tiles_size(int64_t num_scores, int64_t H) {
 }
 
 // u [num_scores, H] (bfloat16) as B tiles, [score block][32 values of H]
-// each tile: its row i holds values 2i and 2i + 1 of the 32 for each of the
-// block's 16 vectors, in pairs, as tdpbf16ps reads them. Vectors past
-// num_scores and values past H are zero.
-inline void pack_u_tiles(
-    const at::BFloat16* u, int64_t num_scores, int64_t H, at::BFloat16* tiles) {
+// each tile of 16 x 16 words: its row i holds values 2i and 2i + 1 of the
+// 32 for each of the block's 16 vectors, a pair per word (the first in the
+// low half), as tdpbf16ps reads them. `tiles` comes zeroed: vectors past
+// num_scores and values past H stay zero.
+inline void pack_u_tiles(const at::BFloat16* u, int64_t num_scores, int64_t H, uint32_t* tiles) {
   const int64_t chunks = tile_depth(H) / kTileDepth;
-  std::fill_n(tiles, u_tiles_size(num_scores, H), at::BFloat16(0.0f));
   for (int64_t k = 0; k < num_scores; ++k) {
-    const int64_t block = k / kTileScores;
     const int64_t column = k % kTileScores;
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t within = h % kTileDepth;
-      at::BFloat16* tile = tiles + (block * chunks + h / kTileDepth) * kTileValues;
-      tile[within / 2 * 2 * kTileScores + 2 * column + within % 2] = u[k * H + h];
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      uint32_t* tile = tiles + (k / kTileScores * chunks + chunk) * kTileRows * kTileScores;
+      const at::BFloat16* values = u + k * H + chunk * kTileDepth;
+      const int64_t count = std::min(kTileDepth, H - chunk * kTileDepth);
+      for (int64_t i = 0; 2 * i < count; ++i) {
+        const uint32_t high = 2 * i + 1 < count ? values[2 * i + 1].x : 0u;
+        tile[i * kTileScores + column] = values[2 * i].x | (high << 16);
+      }
     }
   }
 }
