@@ -86,8 +86,18 @@ std::vector<acc_t> u_in_columns(const PoolShape& s, const acc_t* u) {
 // Rows per tile of the forward that scores by columns: each weighted sum is
 // loaded and stored once per tile. A standalone loop of so400m's full width
 // (16 scores, H = 1152, one core of a 2-core EPYC) ran at 80 G multiply-adds/s
-// with 8 rows, 90 with 16, 98 with 24 to 48.
+// with 8 rows, 90 with 16, 98 with 24 to 48. At AMX_BF16, 32: two whole
+// tiles of rows for the scores on AMX tiles and a whole tile of pairs of
+// rows for their weighted sums. Three grid runs each, 24 against 32 rows,
+// bfloat16, eager / attnpool forward on a 2-core Xeon with AMX: 1 x 16
+// 2.38-2.54 -> 2.64-2.65, 4 x 12 1.29-1.43 -> 1.40-1.62, so400m's full
+// width 0.77-0.89 -> 0.86-1.14, the other points level; float32 level or
+// better (two runs each).
+#if defined(CPU_CAPABILITY_AMX_BF16)
+constexpr int kColumnTileRows = 32;
+#else
 constexpr int kColumnTileRows = 24;
+#endif
 
 // Rows per block of scores: their accumulators, a column of u and the
 // broadcast element stay in registers.
