@@ -253,6 +253,17 @@ inline void add_weighted_rows_on_tiles(
 }
 #endif
 
+// out[k * count + r] = by_row[r * stride + k] for every score k of `count`
+// rows: scores by row, as amx_score_rows leaves them, score by score.
+inline void scores_by_score(
+    const float* by_row, int64_t stride, int count, int64_t num_scores, float* out) {
+  for (int64_t k = 0; k < num_scores; ++k) {
+    for (int r = 0; r < count; ++r) {
+      out[k * count + r] = by_row[r * stride + k];
+    }
+  }
+}
+
 // out[k * count + r] = rows[r] . u_k (score by score, as score_dot_rows_each
 // leaves them) from amx_score_rows, for the callers that take that layout.
 template <typename T>
@@ -271,12 +282,7 @@ void tile_scores_by_score(
     lanes.resize(count * stride);
     amx_score_rows(
         rows, count, u_tiles_of(u_bf16, num_scores, H), H, num_scores, lanes.data(), stride, ahead);
-    for (int64_t k = 0; k < num_scores; ++k) {
-      for (int r = 0; r < count; ++r) {
-        out[k * count + r] = lanes[r * stride + k];
-      }
-    }
-    return;
+    return scores_by_score(lanes.data(), stride, count, num_scores, out);
   }
 #endif
   (void)rows, (void)count, (void)u_bf16, (void)H, (void)num_scores, (void)out, (void)ahead;

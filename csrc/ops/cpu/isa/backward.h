@@ -767,11 +767,7 @@ void backward_tile_on_amx(
   for (int first = 0; first < count; first += kBackwardTileRows) {
     subtile(first, [&](auto size, acc_t* tile_probs, acc_t* tile_dscores) {
       constexpr int R = decltype(size)::value;
-      for (int64_t k = 0; k < num_scores; ++k) {
-        for (int r = 0; r < R; ++r) {
-          tile_probs[k * R + r] = lanes[(first + r) * stride + k];
-        }
-      }
+      scores_by_score(lanes + first * stride, stride, R, num_scores, tile_probs);
       tile_score_gradients<R>(
           s,
           b,
@@ -1008,8 +1004,11 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
   }
 #endif
 
-  // [Note: the backward's tiles on AMX] (a layer norm keeps the 8-row tiles).
-  const bool on_amx = kAmxScores && !u_pairs.empty() && !p.normalizes();
+  // The products on AMX tiles ([Note: the backward's products on AMX tiles]),
+  // on the forward's tiles ([Note: the backward's tiles on AMX]; a layer norm
+  // keeps the 8-row tiles).
+  const bool amx_products = kAmxScores && !u_pairs.empty();
+  const bool on_amx = amx_products && !p.normalizes();
   const int tile_rows = by_columns || on_amx ? kColumnTileRows : kTile;
   const int64_t grain = parallel_grain(p.flat_cut, H);
   at::parallel_for(0, p.flat_cut.pieces, grain, [&](int64_t begin, int64_t end) {
@@ -1027,8 +1026,7 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
     std::vector<uint32_t> pair_scratch(
         u_pairs.empty() ? 0 : ds_pairs_size + row_pairs_size + num_scores * kDuPairs);
     Bf16Products products;
-    // The AMX products' scratch ([Note: the backward's products on AMX tiles]).
-    const bool amx_products = kAmxScores && !u_pairs.empty();
+    // The AMX products' scratch.
     std::vector<uint32_t> ds_by_row(amx_products ? tile_rows * score_pair_rows(num_scores) : 0);
     std::vector<float> ds_u(amx_products ? tile_rows * score_pair_stride(H) : 0);
     if (!u_pairs.empty()) {
