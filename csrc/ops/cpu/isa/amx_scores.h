@@ -75,9 +75,10 @@ inline void pack_u_tiles(const at::BFloat16* u, int64_t num_scores, int64_t H, u
   }
 }
 
-// Where u_in_bf16 keeps u's B tiles: behind u [num_scores, H] in bfloat16.
+// Where u_in_bf16 keeps u's B tiles: behind u [num_scores, H] in bfloat16,
+// on the next cache line (u_bf16 starts on one).
 inline const at::BFloat16* u_tiles_of(const at::BFloat16* u_bf16, int64_t num_scores, int64_t H) {
-  return u_bf16 + num_scores * H;
+  return u_bf16 + whole_lines<at::BFloat16>(num_scores * H);
 }
 
 // Whether the scores of T rows against u_bf16 come from amx_score_rows.
@@ -129,7 +130,7 @@ inline void amx_score_rows(
     int64_t ahead = 0) {
   const int64_t depth = tile_depth(H);
   const int64_t chunks = depth / kTileDepth;
-  thread_local std::vector<at::BFloat16> packed;
+  thread_local TileBuffer<at::BFloat16> packed;
   packed.resize(2 * kTileRows * depth);
   TileOperands operands;
   operands.a = reinterpret_cast<const char*>(packed.data());
@@ -240,7 +241,7 @@ inline void add_weighted_rows_on_tiles(
     int64_t H,
     int64_t num_scores,
     float* sums) {
-  thread_local std::vector<uint32_t> scratch;
+  thread_local TileBuffer<uint32_t> scratch;
   scratch.resize(kTilePairs * H + kWeightWords * num_scores);
   uint32_t* row_pairs = scratch.data();
   uint32_t* weight_pairs = scratch.data() + kTilePairs * H;
@@ -278,7 +279,7 @@ void tile_scores_by_score(
 #if defined(CPU_CAPABILITY_AMX_BF16)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     const int64_t stride = score_blocks(num_scores) * kTileScores;
-    thread_local std::vector<float> lanes;
+    thread_local TileBuffer<float> lanes;
     lanes.resize(count * stride);
     amx_score_rows(
         rows, count, u_tiles_of(u_bf16, num_scores, H), H, num_scores, lanes.data(), stride, ahead);

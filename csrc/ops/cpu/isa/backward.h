@@ -983,7 +983,7 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
   const int64_t rows = p.ragged() ? p.seq_len : p.batch * p.seq_len;
   const std::vector<acc_t> u_paired_buffer = u_in_paired_order<scalar_t>(p, u);
   const acc_t* u_paired = u_paired_buffer.empty() ? nullptr : u_paired_buffer.data();
-  const std::vector<at::BFloat16> u_bf16_buffer = u_in_bf16<scalar_t>(p, u);
+  const TileBuffer<at::BFloat16> u_bf16_buffer = u_in_bf16<scalar_t>(p, u);
   const at::BFloat16* u_bf16 = u_bf16_buffer.empty() ? nullptr : u_bf16_buffer.data();
   const std::vector<acc_t> u_columns_buffer = u_in_columns<scalar_t>(p, u);
   const acc_t* u_columns = u_columns_buffer.empty() ? nullptr : u_columns_buffer.data();
@@ -995,7 +995,7 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
   }
   // dx and du from bfloat16 products where the scores come from them
   // ([Note: bfloat16 products in the backward]).
-  std::vector<uint32_t> u_pairs;
+  TileBuffer<uint32_t> u_pairs;
 #if defined(CPU_CAPABILITY_AVX512_BF16)
   if constexpr (std::is_same_v<acc_t, float>) {
     if (u_bf16 != nullptr && num_scores > 1) {
@@ -1015,20 +1015,21 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
     RowTile<scalar_t, kColumnTileRows> tile;
     std::vector<acc_t> scratch(by_columns ? 0 : 2 * num_scores * tile_rows);
     // The scores of a tile on AMX tiles, by rows.
-    std::vector<acc_t> amx_lanes(
+    TileBuffer<acc_t> amx_lanes(
         on_amx ? kColumnTileRows * score_blocks(num_scores) * kTileScores : 0);
     std::optional<ColumnTileScratch<acc_t>> column_scratch;
     if (by_columns) {
       column_scratch.emplace(p);
     }
-    const int64_t ds_pairs_size = ((num_scores + 1) / 2) * kTile;
-    const int64_t row_pairs_size = kDuPairs * H;
-    std::vector<uint32_t> pair_scratch(
+    // Each part on a cache line of its own, for the AMX tiles.
+    const int64_t ds_pairs_size = whole_lines<uint32_t>(((num_scores + 1) / 2) * kTile);
+    const int64_t row_pairs_size = whole_lines<uint32_t>(kDuPairs * H);
+    TileBuffer<uint32_t> pair_scratch(
         u_pairs.empty() ? 0 : ds_pairs_size + row_pairs_size + num_scores * kDuPairs);
     Bf16Products products;
     // The AMX products' scratch.
-    std::vector<uint32_t> ds_by_row(amx_products ? tile_rows * score_pair_rows(num_scores) : 0);
-    std::vector<float> ds_u(amx_products ? tile_rows * score_pair_stride(H) : 0);
+    TileBuffer<uint32_t> ds_by_row(amx_products ? tile_rows * score_pair_rows(num_scores) : 0);
+    TileBuffer<float> ds_u(amx_products ? tile_rows * score_pair_stride(H) : 0);
     if (!u_pairs.empty()) {
       products = {
           u_pairs.data(),

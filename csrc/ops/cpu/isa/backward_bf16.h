@@ -91,9 +91,9 @@ inline uint32_t bf16_pair(float first, float second) {
 
 // u_pairs[kp * score_pair_stride + e] = (u[2 kp][e], u[2 kp + 1][e]), 0
 // past the last score (and past H).
-inline std::vector<uint32_t> u_in_score_pairs(int64_t num_scores, int64_t H, const float* u) {
+inline TileBuffer<uint32_t> u_in_score_pairs(int64_t num_scores, int64_t H, const float* u) {
   const int64_t stride = score_pair_stride(H);
-  std::vector<uint32_t> pairs(score_pair_rows(num_scores) * stride, 0u);
+  TileBuffer<uint32_t> pairs(score_pair_rows(num_scores) * stride, 0u);
   for (int64_t k = 0; k < num_scores; k += 2) {
     for (int64_t e = 0; e < H; ++e) {
       const float second = k + 1 < num_scores ? u[(k + 1) * H + e] : 0.0f;

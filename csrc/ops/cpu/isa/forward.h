@@ -905,7 +905,7 @@ void forward_impl(const ForwardParams& p) {
   const bool pipelined = num_scores == 1;
   const bool paired = reads_pairs<scalar_t>(p);
   // Rounded from u in its natural order, which vdpbf16ps reads x in.
-  const std::vector<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
+  const TileBuffer<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
   const std::vector<acc_t> u_columns = u_in_columns<scalar_t>(p, u);
   const bool by_columns = !u_columns.empty();
   // Rows scored on AMX tiles take the lanes too ([Note: scores on AMX tiles]).
@@ -937,7 +937,7 @@ void forward_impl(const ForwardParams& p) {
     acc_t tile_bias[kMaxRows] = {};
     const acc_t* biases = bias == nullptr ? nullptr : tile_bias;
     std::vector<acc_t> local(in_pieces ? 0 : state_size);
-    std::vector<acc_t> scratch(
+    TileBuffer<acc_t> scratch(
         pipelined    ? 0
         : by_columns ? SoftmaxState<acc_t>::column_scratch_size(p)
         : dot_scored ? SoftmaxState<acc_t>::dot_scratch_size(p)

@@ -192,7 +192,7 @@ void jvp_impl(const JvpParams& p) {
   const int64_t items = p.work_items();
   const bool in_pieces = items > p.batch;
   const std::vector<acc_t> u_paired = u_in_paired_order<scalar_t>(p, u);
-  const std::vector<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
+  const TileBuffer<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
   const std::vector<acc_t> u_columns = u_in_columns<scalar_t>(p, u);
   const std::vector<acc_t> both = u_and_tangent(
       p,

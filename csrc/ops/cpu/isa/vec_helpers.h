@@ -517,21 +517,23 @@ bool scores_from_bf16_products(const PoolShape& s) {
 // (scores_from_bf16_products), followed by its AMX tiles where the scores
 // come from those (scores_on_tiles, u_tiles_of); empty otherwise.
 template <typename scalar_t, typename acc_t>
-std::vector<at::BFloat16> u_in_bf16(const PoolShape& s, const acc_t* u) {
-  std::vector<at::BFloat16> rounded;
+TileBuffer<at::BFloat16> u_in_bf16(const PoolShape& s, const acc_t* u) {
+  TileBuffer<at::BFloat16> rounded;
   if (!scores_from_bf16_products<scalar_t>(s)) {
     return rounded;
   }
   const int64_t size = s.num_scores() * s.hidden;
   const bool tiles = scores_on_tiles<scalar_t>(s.num_scores());
   const int64_t tiles_size = tiles ? u_tiles_size(s.num_scores(), s.hidden) : 0;
-  rounded.reserve(size + tiles_size);
+  rounded.reserve(whole_lines<at::BFloat16>(size) + tiles_size);
   rounded.assign(u, u + size);
   if (tiles) {
-    // Laid out as words, then appended: growing rounded by resize() stored
-    // its zeros one bfloat16 at a time. A bfloat16 call at 16 x 12 on a
-    // 2 x 8 x 768 x took 0.37 ms with that and u's tiles laid out a value
-    // at a time, 0.19 now.
+    // The tiles start on the next cache line (a pad of under 32 values).
+    // They are laid out as words, then appended: growing rounded by
+    // resize() to hold them stored its zeros one bfloat16 at a time. A
+    // bfloat16 call at 16 x 12 on a 2 x 8 x 768 x took 0.37 ms with that
+    // and u's tiles laid out a value at a time, 0.19 now.
+    rounded.resize(whole_lines<at::BFloat16>(size));
     std::vector<uint32_t> words(tiles_size / 2, 0u);
     pack_u_tiles(rounded.data(), s.num_scores(), s.hidden, words.data());
     const auto* halves = reinterpret_cast<const at::BFloat16*>(words.data());
