@@ -133,6 +133,40 @@ def test_gradients_of_several_queries_and_heads_match_reference(full_width, dtyp
     _assert_matches_reference64(x, u, mask, 0.5, full_width, bias.to(dtype))
 
 
+@pytest.mark.parametrize("full_width", [False, True], ids=["slices", "full-width"])
+def test_rows_read_in_place_or_copied_give_the_same_bits(full_width):
+    # Bfloat16 rows with several scores: on AMX_BF16 the tiles read evenly
+    # spaced rows, each on a cache line, in place; rows one value off the
+    # line, or with a masked row between them, are copied first ([Note:
+    # scores on AMX tiles], csrc/ops/cpu/isa/amx_scores.h). The same values
+    # must give the same outputs and gradients either way.
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(1, 70, 64, generator=gen).bfloat16()
+    u = (torch.randn(4, 2, 64, generator=gen) / 8).bfloat16()
+
+    def pooled(x, mask=None):
+        x = x.detach().requires_grad_(True)
+        u_ = u.clone().requires_grad_(True)
+        out = attnpool.folded_attention_pool(x, u_, mask, 0.5, full_width)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+        (out.float() * weights).sum().backward()
+        return out, x.grad, u_.grad
+
+    in_place = pooled(values)
+    off_the_line = torch.zeros(1, 70, 65, dtype=torch.bfloat16)[..., 1:]
+    off_the_line.copy_(values)
+    for got, want in zip(pooled(off_the_line), in_place, strict=True):
+        assert torch.equal(got, want)
+    # Row 5 masked out, against the same sequence without it.
+    mask = torch.ones(1, 70, dtype=torch.bool)
+    mask[0, 5] = False
+    masked = pooled(values, mask)
+    without = pooled(values[:, mask[0]].contiguous())
+    assert torch.equal(masked[0], without[0])
+    assert torch.equal(masked[1][:, mask[0]], without[1])
+    assert torch.equal(masked[2], without[2])
+
+
 def _assert_matches_reference64(x, u, mask, scale, full_width, attn_bias=None):
     """folded_attention_pool's output and the gradients of x and u (under random
     output weights) against the float64 reference, within x's dtype's tolerance."""
