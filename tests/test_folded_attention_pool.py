@@ -133,6 +133,24 @@ def test_gradients_of_several_queries_and_heads_match_reference(full_width, dtyp
     _assert_matches_reference64(x, u, mask, 0.5, full_width, bias.to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "num_queries, num_heads, head_dim",
+    [(1, 12, 64), (1, 3, 16), (2, 2, 48), (3, 2, 32), (4, 3, 128), (8, 2, 64), (2, 2, 144)],
+)
+def test_head_slices_of_whole_vectors_match_reference(num_queries, num_heads, head_dim, dtype):
+    # Slices of 1 to 8 whole vectors take sums of several heads or queries
+    # per pass on the CPU (add_head_slices_in_groups, csrc/ops/cpu/isa/
+    # u_columns.h): 1, 2 or 4 queries at a time, one head or several per
+    # block, and a last block of one head; 144 columns (9 vectors) take the
+    # sums per head slice instead. Masked rows, a short last tile.
+    hidden = num_heads * head_dim
+    x, u, mask = _folded_inputs(2, 45, hidden, num_queries, num_heads, mask="random")
+    x = x.to(dtype).requires_grad_(True)
+    u = u.to(dtype).requires_grad_(True)
+    _assert_matches_reference64(x, u, mask, 0.3, False)
+
+
 @pytest.mark.parametrize("full_width", [False, True], ids=["slices", "full-width"])
 def test_rows_read_in_place_or_copied_give_the_same_bits(full_width):
     # Bfloat16 rows with several scores: on AMX_BF16 the tiles read evenly

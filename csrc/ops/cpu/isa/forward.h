@@ -438,10 +438,12 @@ class SoftmaxState {
     }
   }
 
-  // The weighted sums of add_rows_by_columns with several heads: head h's
-  // queries add head h's slice of the rows, their weights (lanes i * n + h
-  // of each row) gathered first. head_weights: kColumnTileRows *
-  // num_queries of scratch.
+  // The weighted sums of add_rows_by_columns with several heads: several
+  // head slices' or queries' sums a pass where a slice is whole vectors
+  // (add_head_slices_in_groups); otherwise head h's queries add head h's
+  // slice of the rows, their weights (lanes i * n + h of each row)
+  // gathered first. head_weights: kColumnTileRows * num_queries of
+  // scratch.
   template <typename scalar_t>
   void add_head_slices_by_columns(
       const scalar_t* const* rows,
@@ -453,6 +455,9 @@ class SoftmaxState {
     const int64_t n = shape_.num_heads;
     const int64_t d = shape_.head_dim;
     const int64_t num_queries = shape_.num_queries;
+    if (add_head_slices_in_groups(weights, lanes, count, rows, num_queries, n, d, weighted())) {
+      return;
+    }
     const scalar_t* slices[kColumnTileRows];
     for (int64_t h = 0; h < n; ++h) {
       for (int r = 0; r < count; ++r) {
