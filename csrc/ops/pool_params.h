@@ -87,6 +87,15 @@ struct PoolShape {
   ATTNPOOL_PARAMS_FN int64_t num_scores() const {
     return num_queries * num_heads;
   }
+
+  // Values in the CPU forward's online-softmax state of one (piece of a)
+  // sequence (ops/cpu/isa/forward.h's SoftmaxState): the weighted sums
+  // (num_scores * head_dim), whether any row was attended, the running max
+  // and sum of each score; rounded up to 16 values, so that in the
+  // partials buffer each piece's weighted sums start on a cache line.
+  ATTNPOOL_PARAMS_FN int64_t softmax_state_size() const {
+    return (num_scores() * head_dim + 1 + 2 * num_scores() + 15) / 16 * 16;
+  }
 };
 
 // Where the inputs are. x: [B, L, H] with contiguous rows (strides in

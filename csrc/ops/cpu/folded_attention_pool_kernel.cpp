@@ -157,12 +157,6 @@ void use_zero_pages(detail::PreparedBackward& g) {
   }
 }
 
-// One state per (sequence, piece): [any row attended, running max per score,
-// running sum per score, weighted sums (num_scores * head_dim)].
-int64_t softmax_state_size(const PoolShape& s) {
-  return 1 + 2 * s.num_scores() + s.num_scores() * s.head_dim;
-}
-
 // A jvp's partial per (sequence, piece): weighted sums of x and of its
 // tangent (num_scores * head_dim each) and weight totals (num_scores)
 // (isa/jvp.h).
@@ -245,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(detail::PreparedForward& f, at::S
   }
   ForwardParams& p = f.params;
   p.x_fits_cache = x_fits_cache(p, c10::elementSize(dtype), 1);
-  const SequenceCut cut = cut_sequences(p, f.pool, softmax_state_size(p), f.out.options());
+  const SequenceCut cut = cut_sequences(p, f.pool, p.softmax_state_size(), f.out.options());
   selected_kernels().forward(p, dtype);
   return {f.out, f.lse};
 }

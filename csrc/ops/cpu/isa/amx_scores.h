@@ -186,7 +186,7 @@ inline void amx_score_rows(
 
 // [Note: weighted sums on AMX tiles] The forward's weighted sums of a tile
 // of rows scored on tiles are tile products too where one head (or full
-// width) holds 16 scores or more: the sums of the scores (rows of C, H
+// width) holds 8 scores or more: the sums of the scores (rows of C, H
 // apart in the state) += their weights, each as two bfloat16 and paired by
 // rows (A), times the tile's rows paired by rows (B), as vdpbf16ps takes
 // them in [Note: weighted sums from bfloat16 products]. Fewer scores, or
@@ -198,12 +198,14 @@ inline void amx_score_rows(
 // reverse where noted): 1 x 12 at 32 x 512 x 768 3.96 -> 3.26 ms, 1 x 16
 // 2.95 -> 2.25, 4 x 12 4.59 -> 3.72, 16 x 12 12.2 -> 11.6, 8 x 1 4.25 ->
 // 3.56; but 16 x 1 4.0 -> 3.3 on tiles, 32 x 1 6.9 -> 5.7 and so400m's
-// full width (16 x 729 x 1152, 16 scores) 5.7 -> 4.8.
+// full width (16 x 729 x 1152, 16 scores) 5.7 -> 4.8. Since the tiles'
+// operands and the sums start on cache lines, 8 x 1 gains on tiles too
+// (1.78 -> 1.62 ms, nine turns each); 4 x 1 still loses (1.38 -> 1.51).
 
 // Whether the forward adds the weighted sums of T rows on tiles.
 template <typename T>
 bool sums_on_tiles(const PoolShape& s) {
-  return scores_on_tiles<T>(s.num_scores()) && s.num_heads == 1 && s.num_queries >= kTileRows &&
+  return scores_on_tiles<T>(s.num_scores()) && s.num_heads == 1 && s.num_queries >= kTileRows / 2 &&
          s.hidden % kTileColumns == 0;
 }
 

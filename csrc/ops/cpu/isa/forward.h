@@ -220,14 +220,18 @@ inline bool dot_scores_in_lanes(const PoolShape& s) {
 }
 
 // Online-softmax state of one (piece of a) sequence for all its scores:
-// [any row attended, running max[num_scores], running sum[num_scores],
-// weighted sums of x[num_scores * head_dim]], one flat array so that a
-// piece's state can live in the partials buffer.
+// [weighted sums of x[num_scores * head_dim], any row attended, running
+// max[num_scores], running sum[num_scores]], one flat array so that a
+// piece's state can live in the partials buffer; its size
+// (PoolShape::softmax_state_size) a whole number of cache lines, so that
+// the weighted sums start on one where the array does (they are C of the
+// sums on AMX tiles: 32 x 1 at 32 x 512 x 768, bfloat16 forward, 3.23 ->
+// 2.93 ms against sums one float off the line).
 template <typename acc_t>
 class SoftmaxState {
  public:
   static int64_t size(const PoolShape& shape) {
-    return 1 + 2 * shape.num_scores() + shape.num_scores() * shape.head_dim;
+    return shape.softmax_state_size();
   }
 
   // paired: the weighted sums are kept in paired order (see load_pairs).
@@ -252,22 +256,23 @@ class SoftmaxState {
         u_columns_(u_columns) {}
 
   acc_t* max() const {
-    return data_ + 1;
+    return flag() + 1;
   }
   acc_t* sum() const {
-    return data_ + 1 + shape_.num_scores();
+    return flag() + 1 + shape_.num_scores();
   }
   acc_t* weighted() const {
-    return data_ + 1 + 2 * shape_.num_scores();
+    return data_;
   }
   bool any_valid() const {
-    return data_[0] != acc_t(0);
+    return *flag() != acc_t(0);
   }
 
   void reset() {
-    data_[0] = acc_t(0);
+    std::fill_n(weighted(), shape_.num_scores() * shape_.head_dim, acc_t(0));
+    *flag() = acc_t(0);
     std::fill_n(max(), shape_.num_scores(), kNegInf<acc_t>);
-    std::fill_n(sum(), shape_.num_scores() + shape_.num_scores() * shape_.head_dim, acc_t(0));
+    std::fill_n(sum(), shape_.num_scores(), acc_t(0));
   }
 
   // Adds a tile of R unmasked rows of x with score vectors u (and bias[r]
@@ -284,7 +289,7 @@ class SoftmaxState {
     const int64_t num_scores = shape_.num_scores();
     acc_t* scores = scratch;
     acc_t* weights = scratch + num_scores * R;
-    data_[0] = acc_t(1);
+    *flag() = acc_t(1);
     score_tile<R>(rows, u, scores, weights);
     weigh_tile<R>(scale, bias, scores, weights);
     if (shape_.num_heads == 1) {
@@ -323,7 +328,7 @@ class SoftmaxState {
     const int64_t num_scores = shape_.num_scores();
     const int64_t lanes = column_lanes<acc_t>(num_scores);
     acc_t* scores = scratch;  // [count, lanes], then the weights
-    data_[0] = acc_t(1);
+    *flag() = acc_t(1);
     score_rows_by_columns<true>(
         rows, count, u_columns_, H, num_scores, scores, kColumnTileRows * x_seq_stride_);
     weigh_rows_by_columns(count, scale, bias, scores, scratch + kColumnTileRows * lanes);
@@ -363,7 +368,7 @@ class SoftmaxState {
     const int64_t lanes = column_lanes<acc_t>(num_scores);
     acc_t* scores = scratch;  // [count, lanes], then the weights
     acc_t* block = scratch + column_scratch_size(shape_);
-    data_[0] = acc_t(1);
+    *flag() = acc_t(1);
     if constexpr (std::is_same_v<scalar_t, at::BFloat16> && kBFloat16Products) {
       if (u_bf16_ != nullptr) {
         score_into_lanes<kWideTileRows>(rows, count, u, scores, block);
@@ -511,7 +516,7 @@ class SoftmaxState {
       acc_t* weights) {
     const int64_t H = shape_.hidden;
     const int64_t ahead = R * x_seq_stride_;
-    data_[0] = acc_t(1);
+    *flag() = acc_t(1);
     acc_t scores[R];
     if constexpr (kReadsRowByRow<scalar_t, acc_t>) {
       if (row_by_row_) {
@@ -583,7 +588,7 @@ class SoftmaxState {
     if (!other.any_valid()) {
       return;
     }
-    data_[0] = acc_t(1);
+    *flag() = acc_t(1);
     for (int64_t i = 0; i < shape_.num_queries; ++i) {
       for (int64_t h = 0; h < n; ++h) {
         const int64_t score = i * n + h;
@@ -877,6 +882,10 @@ class SoftmaxState {
     }
   }
 
+  acc_t* flag() const {
+    return data_ + shape_.num_scores() * shape_.head_dim;
+  }
+
   acc_t* data_;
   PoolShape shape_;
   int64_t x_seq_stride_;
@@ -941,7 +950,7 @@ void forward_impl(const ForwardParams& p) {
     acc_t previous_weights[kForwardTileRows] = {};
     acc_t tile_bias[kMaxRows] = {};
     const acc_t* biases = bias == nullptr ? nullptr : tile_bias;
-    std::vector<acc_t> local(in_pieces ? 0 : state_size);
+    TileBuffer<acc_t> local(in_pieces ? 0 : state_size);
     TileBuffer<acc_t> scratch(
         pipelined    ? 0
         : by_columns ? SoftmaxState<acc_t>::column_scratch_size(p)
