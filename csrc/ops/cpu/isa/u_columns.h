@@ -205,7 +205,48 @@ void score_rows_by_columns(
 constexpr int kColumnSums = kVectorRegisters == 32 ? 8 : 4;
 constexpr int kColumnVectors = kVectorRegisters == 32 ? 3 : 2;
 
-// Accumulators of add_head_slices_by_query_groups: half the registers.
+// ys[g * ys_stride + c] += sum over the `count` rows of w_r[g * w_step +
+// v / K] * rows[r][c] (w_r = w + r * w_stride) for G sums and the V vectors
+// of columns from `column` (c in vector v): the sums of all rows in
+// registers, then added to ys once. K = V: one weight per sum, w_step
+// apart; K < V: one per K vectors of columns (a head slice of K vectors).
+template <int G, int V, int K = V, typename T, typename A>
+void add_block_by_columns(
+    const A* w,
+    int64_t w_stride,
+    int64_t w_step,
+    int count,
+    const T* const* rows,
+    int64_t column,
+    int64_t ys_stride,
+    A* ys) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  Vec acc[G][V];
+  for (int g = 0; g < G; ++g) {
+    for (int v = 0; v < V; ++v) {
+      acc[g][v] = Vec(A(0));
+    }
+  }
+  const A* w_r = w;
+  for (int r = 0; r < count; ++r, w_r += w_stride) {
+    const T* row = rows[r] + column;
+    for (int v = 0; v < V; ++v) {
+      const Vec x = load_acc(row + v * W);
+      for (int g = 0; g < G; ++g) {
+        acc[g][v] = at::vec::fmadd(Vec(w_r[g * w_step + v / K]), x, acc[g][v]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    for (int v = 0; v < V; ++v) {
+      A* y = ys + g * ys_stride + column + v * W;
+      (Vec::loadu(y) + acc[g][v]).store(y);
+    }
+  }
+}
+
+// Accumulators of add_head_slices_in_groups: half the registers.
 constexpr int kSliceSums = kVectorRegisters / 2;
 
 // add_head_slices for G queries at a time and K vectors per head slice.
@@ -218,34 +259,19 @@ void add_head_slices_in_groups(
     int64_t num_queries,
     int64_t num_heads,
     A* ys) {
-  using Vec = Vectorized<A>;
-  constexpr int64_t W = Vec::size();
+  constexpr int64_t W = Vectorized<A>::size();
   const int64_t H = num_heads * K * W;
   // Sums of G queries over `heads` whole head slices from column `column`.
   auto block = [&](int64_t first_query, int64_t column, auto heads) {
-    constexpr int V = decltype(heads)::value * K;
-    Vec acc[G][V];
-    for (int g = 0; g < G; ++g) {
-      for (int v = 0; v < V; ++v) {
-        acc[g][v] = Vec(A(0));
-      }
-    }
-    const A* w_r = w + first_query * num_heads + column / (K * W);
-    for (int r = 0; r < count; ++r, w_r += w_stride) {
-      const T* row = rows[r] + column;
-      for (int v = 0; v < V; ++v) {
-        const Vec x = load_acc(row + v * W);
-        for (int g = 0; g < G; ++g) {
-          acc[g][v] = at::vec::fmadd(Vec(w_r[g * num_heads + v / K]), x, acc[g][v]);
-        }
-      }
-    }
-    for (int g = 0; g < G; ++g) {
-      for (int v = 0; v < V; ++v) {
-        A* y = ys + (first_query + g) * H + column + v * W;
-        (Vec::loadu(y) + acc[g][v]).store(y);
-      }
-    }
+    add_block_by_columns<G, decltype(heads)::value * K, K>(
+        w + first_query * num_heads + column / (K * W),
+        w_stride,
+        num_heads,
+        count,
+        rows,
+        column,
+        H,
+        ys + first_query * H);
   };
   constexpr int kHeads = std::max(1, kSliceSums / (G * K));
   for (int64_t first_query = 0; first_query < num_queries; first_query += G) {
@@ -283,7 +309,7 @@ bool add_head_slices_in_groups(
     int64_t d,
     A* ys) {
   constexpr int64_t W = Vectorized<A>::size();
-  if (d % W != 0 || d / W > 8) {
+  if (d == 0 || d % W != 0 || d / W > 8) {
     return false;
   }
   auto run = [&](auto vectors) {
@@ -296,74 +322,8 @@ bool add_head_slices_in_groups(
       add_head_slices_in_groups<K, 1>(w, w_stride, count, rows, num_queries, num_heads, ys);
     }
   };
-  switch (d / W) {
-    case 1:
-      run(std::integral_constant<int, 1>{});
-      break;
-    case 2:
-      run(std::integral_constant<int, 2>{});
-      break;
-    case 3:
-      run(std::integral_constant<int, 3>{});
-      break;
-    case 4:
-      run(std::integral_constant<int, 4>{});
-      break;
-    case 5:
-      run(std::integral_constant<int, 5>{});
-      break;
-    case 6:
-      run(std::integral_constant<int, 6>{});
-      break;
-    case 7:
-      run(std::integral_constant<int, 7>{});
-      break;
-    default:
-      run(std::integral_constant<int, 8>{});
-      break;
-  }
+  with_tile_size<8>(static_cast<int>(d / W), run);
   return true;
-}
-
-// ys[g * n + c] += sum over the `count` rows of w[r * w_stride + g] *
-// rows[r][c] for G sums and columns [column, column + V * W): the sums of
-// all rows in registers, then added to ys once.
-template <int G, int V, typename T, typename A>
-void add_block_by_columns(
-    const A* w,
-    int64_t w_stride,
-    int count,
-    const T* const* rows,
-    int64_t column,
-    int64_t ys_stride,
-    A* ys) {
-  using Vec = Vectorized<A>;
-  constexpr int64_t W = Vec::size();
-  Vec acc[G][V];
-  for (int g = 0; g < G; ++g) {
-    for (int v = 0; v < V; ++v) {
-      acc[g][v] = Vec(A(0));
-    }
-  }
-  const A* w_r = w;
-  for (int r = 0; r < count; ++r, w_r += w_stride) {
-    Vec xv[V];
-    for (int v = 0; v < V; ++v) {
-      xv[v] = load_acc(rows[r] + column + v * W);
-    }
-    for (int g = 0; g < G; ++g) {
-      const Vec weight(w_r[g]);
-      for (int v = 0; v < V; ++v) {
-        acc[g][v] = at::vec::fmadd(weight, xv[v], acc[g][v]);
-      }
-    }
-  }
-  for (int g = 0; g < G; ++g) {
-    for (int v = 0; v < V; ++v) {
-      A* y = ys + g * ys_stride + column + v * W;
-      (Vec::loadu(y) + acc[g][v]).store(y);
-    }
-  }
 }
 
 // ys[k * ys_stride + c] += sum_r w[r * w_stride + k] * rows[r][c] for
@@ -391,10 +351,10 @@ void add_weighted_rows_by_columns(
       constexpr int G = decltype(size)::value;
       int64_t c = 0;
       for (; c + kBlock <= n; c += kBlock) {
-        add_block_by_columns<G, kColumnVectors>(wg, w_stride, count, rows, c, ys_stride, yg);
+        add_block_by_columns<G, kColumnVectors>(wg, w_stride, 1, count, rows, c, ys_stride, yg);
       }
       for (; c + W <= n; c += W) {
-        add_block_by_columns<G, 1>(wg, w_stride, count, rows, c, ys_stride, yg);
+        add_block_by_columns<G, 1>(wg, w_stride, 1, count, rows, c, ys_stride, yg);
       }
       for (; c < n; ++c) {
         for (int g = 0; g < G; ++g) {
