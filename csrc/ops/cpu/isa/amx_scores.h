@@ -23,9 +23,9 @@
 // 1.96, so400m's full width 2.58 -> 2.08; prefetching the next tile's rows
 // by hand instead of the copy's prefetch made each slower (1 x 12 1.85).
 // u's tiles are laid out once per call, behind u's bfloat16 copy
-// (u_in_bf16). One score per row keeps
-// its vdpbf16ps: AMX would fill 1 of a tile's 16 columns. The products, as
-// vdpbf16ps', flush values below float32's normal range to zero.
+// (u_in_bf16). One score per row keeps its vdpbf16ps: AMX would fill 1 of
+// a tile's 16 columns. The products, as vdpbf16ps', flush values below
+// float32's normal range to zero.
 
 #include "ops/cpu/isa/amx_tiles.h"
 #include "ops/pool_params.h"
