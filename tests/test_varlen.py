@@ -364,6 +364,26 @@ def test_bad_offsets_and_arguments_raise_clear_errors():
     _error(ValueError, "index must be sorted", fold, x, u, index=index, num_segments=1)
     _error(ValueError, "index must be sorted", fold, x, u, index=index - 5)
     # Each error names the function called, and a dtype error is a TypeError.
+    pool = attnpool.attention_pool_varlen
+    for bad in ([1, 2, 5], [0, 4, 3, 5], [0, 2, 6]):
+        _error(
+            ValueError,
+            "^attention_pool_varlen: cu_seqlens",
+            pool,
+            x,
+            query,
+            w_q,
+            w_k,
+            cu_seqlens=torch.tensor(bad),
+        )
+    _error(
+        ValueError,
+        "^folded_attention_pool_varlen: cu_seqlens",
+        fold,
+        x,
+        u,
+        cu_seqlens=torch.tensor([1, 2, 5]),
+    )
     _error(
         ValueError, "^folded_attention_pool_varlen: index must be sorted", fold, x, u, index=-index
     )

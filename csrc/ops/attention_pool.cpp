@@ -61,6 +61,7 @@ at::Tensor compose_attention_pool_varlen(
   const double resolved =
       detail::checked_attention_pool_varlen_scale(x, cu_seqlens, query, w_q, w_k, num_heads, scale);
   const auto u = attnpool::fold_query(query, w_q, w_k, num_heads, std::nullopt);
+  const detail::ValuesCheckedFor values_checked_for("attention_pool_varlen");
   return attnpool::folded_attention_pool_varlen(x, cu_seqlens, u, resolved, /*full_width=*/false);
 }
 

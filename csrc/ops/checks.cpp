@@ -572,7 +572,20 @@ void check_folded_attention_pool_varlen_args(
   check_scale(op, scale);
 }
 
-void check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens, int64_t rows) {
+namespace {
+thread_local const char* values_checked_for = nullptr;
+}  // namespace
+
+ValuesCheckedFor::ValuesCheckedFor(const char* op) : outer_(values_checked_for) {
+  values_checked_for = op;
+}
+
+ValuesCheckedFor::~ValuesCheckedFor() {
+  values_checked_for = outer_;
+}
+
+void check_cu_seqlens_values(const char* called, const at::Tensor& cu_seqlens, int64_t rows) {
+  const char* op = values_checked_for != nullptr ? values_checked_for : called;
   const auto offsets = cu_seqlens.to(at::kLong).contiguous();
   const int64_t* o = offsets.const_data_ptr<int64_t>();
   const int64_t batch = offsets.numel() - 1;

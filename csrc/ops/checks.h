@@ -90,7 +90,24 @@ void check_folded_attention_pool_varlen_args(
 
 // cu_seqlens[0] = 0, non-decreasing, cu_seqlens[B] = rows (SPEC.md §6). Reads
 // the values, so only where that costs no host synchronisation (a CPU tensor).
+// Reports under the name a ValuesCheckedFor in scope gives, else under `op`.
 void check_cu_seqlens_values(const char* op, const at::Tensor& cu_seqlens, int64_t rows);
+
+// While one is in scope, the checks of argument values in the ops that this
+// thread calls (check_cu_seqlens_values) report under `op`: a composite op
+// (attention_pool_varlen) names itself in the errors of the parts it calls,
+// where only the part's kernel can read the values (its own checks run
+// under fake tensors too, which hold none).
+class ValuesCheckedFor {
+ public:
+  explicit ValuesCheckedFor(const char* op);
+  ~ValuesCheckedFor();
+  ValuesCheckedFor(const ValuesCheckedFor&) = delete;
+  ValuesCheckedFor& operator=(const ValuesCheckedFor&) = delete;
+
+ private:
+  const char* outer_;
+};
 
 // What the forward op saved, out and lse, with the shapes, dtype and device it
 // produced for these arguments (B from cu_seqlens for a ragged x); `op` names

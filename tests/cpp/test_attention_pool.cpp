@@ -303,6 +303,14 @@ TEST(AttentionPoolVarlen, BadOffsetsAreNamed) {
   expect_error(
       [&] { attention_pool_varlen(x, torch::tensor({0, 3, 2, 5}), q, w, w); },
       "cu_seqlens must be non-decreasing, got cu_seqlens[2] = 2 < cu_seqlens[1] = 3");
+  // Under the name of the function called, not of the part that read the values.
+  try {
+    attention_pool_varlen(x, torch::tensor({1, 5}), q, w, w);
+    ADD_FAILURE() << "no error for cu_seqlens[0] = 1";
+  } catch (const c10::Error& e) {
+    EXPECT_EQ(std::string(e.what()).rfind("attention_pool_varlen: cu_seqlens[0] must be 0", 0), 0u)
+        << e.what();
+  }
   expect_error(
       [&] { attention_pool_varlen(x, torch::tensor({0, 4}), q, w, w); },
       "cu_seqlens[-1] must be T = x.shape[0] = 5, got 4");
