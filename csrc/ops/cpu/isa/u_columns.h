@@ -231,10 +231,26 @@ void add_block_by_columns(
   const A* w_r = w;
   for (int r = 0; r < count; ++r, w_r += w_stride) {
     const T* row = rows[r] + column;
-    for (int v = 0; v < V; ++v) {
-      const Vec x = load_acc(row + v * W);
+    if constexpr (K == V) {
+      // The row's vectors, then one weight at a time: G * V sums, V
+      // vectors and a weight in registers (the other order kept all G
+      // weights too, and spilled a sum at G = 8, V = 3).
+      Vec xv[V];
+      for (int v = 0; v < V; ++v) {
+        xv[v] = load_acc(row + v * W);
+      }
       for (int g = 0; g < G; ++g) {
-        acc[g][v] = at::vec::fmadd(Vec(w_r[g * w_step + v / K]), x, acc[g][v]);
+        const Vec weight(w_r[g * w_step]);
+        for (int v = 0; v < V; ++v) {
+          acc[g][v] = at::vec::fmadd(weight, xv[v], acc[g][v]);
+        }
+      }
+    } else {
+      for (int v = 0; v < V; ++v) {
+        const Vec x = load_acc(row + v * W);
+        for (int g = 0; g < G; ++g) {
+          acc[g][v] = at::vec::fmadd(Vec(w_r[g * w_step + v / K]), x, acc[g][v]);
+        }
       }
     }
   }
