@@ -182,15 +182,20 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
     with_layout<scalar_t>(c.vec, c.chunks, [&](auto vec, auto chunks) {
       constexpr int V = decltype(vec)::value;
       constexpr int C = decltype(chunks)::value;
+      // The one-score kernels read rows in 16-byte packs only.
+      constexpr bool kOneScoreLayout = V == attnpool::cuda::kPackWidth<scalar_t>;
       if (c.one_score) {
         ASSERT_EQ(num_scores, 1) << "the one-score kernels take one query and one head";
         ASSERT_GE(32 * C * V, H) << "the case does not cover the row";
-        launch(
-            &attnpool::cuda::one_score_forward_kernel<scalar_t, V, C>,
-            B * cut.pieces,
-            c.threads,
-            attnpool::cuda::one_score_shared_bytes<acc_t>(c.threads / 32, H),
-            f.params);
+        ASSERT_TRUE(kOneScoreLayout) << "the one-score kernels read 16-byte packs";
+        if constexpr (kOneScoreLayout) {
+          launch(
+              &attnpool::cuda::one_score_forward_kernel<scalar_t, V, C>,
+              B * cut.pieces,
+              c.threads,
+              attnpool::cuda::one_score_shared_bytes<acc_t>(c.threads / 32, H),
+              f.params);
+        }
       } else if constexpr (C <= 4) {
         ASSERT_GE(int64_t{c.threads} * C * V, H) << "the case does not cover the row";
         launch(
@@ -223,12 +228,14 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
       g.params.cut = cut;
       g.params.du_partials = du_partials.mutable_data_ptr();
       if (c.one_score) {
-        launch(
-            &attnpool::cuda::one_score_backward_kernel<scalar_t, V, C>,
-            B * cut.pieces,
-            c.threads,
-            attnpool::cuda::one_score_shared_bytes<acc_t>(c.threads / 32, H),
-            g.params);
+        if constexpr (kOneScoreLayout) {
+          launch(
+              &attnpool::cuda::one_score_backward_kernel<scalar_t, V, C>,
+              B * cut.pieces,
+              c.threads,
+              attnpool::cuda::one_score_shared_bytes<acc_t>(c.threads / 32, H),
+              g.params);
+        }
       } else if constexpr (C <= 4) {
         launch(
             &attnpool::cuda::backward_kernel<scalar_t, V, C>,

@@ -19,6 +19,12 @@
 
 #include "ops/cuda/folded_attention_pool_kernel.cuh"
 
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
 namespace attnpool::cuda {
 
 // Rows a warp takes between two updates of its softmax state.
@@ -59,22 +65,45 @@ struct LaneRow {
   Pack<scalar_t, VEC> packs[CHUNKS];
 };
 
+// The lane's columns of a row, zeros past H and for a row that is not read
+// (`present` false): the sums then take every element unconditionally, with
+// no branch per element (a branch per element and row took most of the
+// instructions of the loop over rows, ptxas sm_90). Loaded and zeroed as
+// 32-bit words: zeroing 16-bit elements took a byte permute each.
 template <typename scalar_t, int VEC, int CHUNKS>
 ATTNPOOL_DEVICE inline void load_lane_row(
-    const scalar_t* row, int hidden, int lane, LaneRow<scalar_t, VEC, CHUNKS>& out) {
+    const scalar_t* row, bool present, int hidden, int lane, LaneRow<scalar_t, VEC, CHUNKS>& out) {
+  struct alignas(sizeof(Pack<scalar_t, VEC>)) Words {
+    uint32_t w[sizeof(Pack<scalar_t, VEC>) / 4];
+  };
+  static_assert(sizeof(Words) == sizeof(Pack<scalar_t, VEC>), "a chunk is whole 32-bit words");
+  // Chunk j at a constant distance from the lane's first: one address per row.
+  const scalar_t* lane_row = row + lane_column<VEC>(lane, 0);
   for (int j = 0; j < CHUNKS; ++j) {
-    const int col = lane_column<VEC>(lane, j);
-    if (col < hidden) {
-      out.packs[j] = load_pack<scalar_t, VEC>(row + col);
+    Words words = {};
+    if (present && lane_column<VEC>(lane, j) < hidden) {
+      words = *reinterpret_cast<const Words*>(lane_row + lane_column<VEC>(0, j));
     }
+    memcpy(&out.packs[j], &words, sizeof(Words));
   }
 }
 
-// Element v of chunk j in the accumulation dtype; 0 past H.
+// Element v of chunk j in the accumulation dtype (0 past H: load_lane_row).
+// A bfloat16 is the high half of a float32: from the 32-bit word that holds
+// elements v & ~1 and v | 1, one shift (even v) or one mask (odd v), where
+// the conversion of an odd element took a byte permute and a shift.
 template <typename acc_t, typename scalar_t, int VEC, int CHUNKS>
-ATTNPOOL_DEVICE inline acc_t lane_value(
-    const LaneRow<scalar_t, VEC, CHUNKS>& row, int hidden, int lane, int j, int v) {
-  return lane_column<VEC>(lane, j) < hidden ? static_cast<acc_t>(row.packs[j].v[v]) : acc_t(0);
+ATTNPOOL_DEVICE inline acc_t lane_value(const LaneRow<scalar_t, VEC, CHUNKS>& row, int j, int v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && VEC % 2 == 0) {
+    uint32_t word;
+    memcpy(&word, &row.packs[j].v[v & ~1], sizeof(word));
+    const uint32_t bits = (v & 1) != 0 ? (word & 0xffff0000u) : (word << 16);
+    float value;
+    memcpy(&value, &bits, sizeof(value));
+    return value;
+  } else {
+    return static_cast<acc_t>(row.packs[j].v[v]);
+  }
 }
 
 // A lane's columns of a vector of the accumulation dtype (u, grad_out, out);
@@ -104,21 +133,32 @@ ATTNPOOL_DEVICE inline void store_lane_vector(
   }
 }
 
-// This lane's part of row . w, in the one order the forward and the backward
-// share; warp_sum adds the lanes' parts.
-template <typename acc_t, typename scalar_t, int VEC, int CHUNKS>
-ATTNPOOL_DEVICE inline acc_t lane_dot(
-    const LaneRow<scalar_t, VEC, CHUNKS>& row,
-    const acc_t (&w)[CHUNKS][VEC],
-    int hidden,
-    int lane) {
-  acc_t part = acc_t(0);
+// The sum of element(j, v) * w[j][v] over a lane's columns, in the one order
+// that the forward and the backward share (warp_sum then adds the lanes'
+// parts): each chunk in its own chain of multiply-adds, then the chunks in
+// order. CHUNKS short chains instead of one long one: the latency of a
+// chain is paid once per row.
+template <typename acc_t, int VEC, int CHUNKS, typename Element>
+ATTNPOOL_DEVICE inline acc_t lane_dot_of(const Element& element, const acc_t (&w)[CHUNKS][VEC]) {
+  acc_t parts[CHUNKS];
   for (int j = 0; j < CHUNKS; ++j) {
+    parts[j] = acc_t(0);
     for (int v = 0; v < VEC; ++v) {
-      part = attnpool_fma(lane_value<acc_t>(row, hidden, lane, j, v), w[j][v], part);
+      parts[j] = attnpool_fma(element(j, v), w[j][v], parts[j]);
     }
   }
-  return part;
+  acc_t total = parts[0];
+  for (int j = 1; j < CHUNKS; ++j) {
+    total += parts[j];
+  }
+  return total;
+}
+
+// This lane's part of row . w.
+template <typename acc_t, typename scalar_t, int VEC, int CHUNKS>
+ATTNPOOL_DEVICE inline acc_t lane_dot(
+    const LaneRow<scalar_t, VEC, CHUNKS>& row, const acc_t (&w)[CHUNKS][VEC]) {
+  return lane_dot_of([&](int j, int v) { return lane_value<acc_t>(row, j, v); }, w);
 }
 
 // The same sum for two vectors of the accumulation dtype (delta = G . out,
@@ -126,24 +166,18 @@ ATTNPOOL_DEVICE inline acc_t lane_dot(
 template <typename acc_t, int VEC, int CHUNKS>
 ATTNPOOL_DEVICE inline acc_t lane_dot(
     const acc_t (&a)[CHUNKS][VEC], const acc_t (&w)[CHUNKS][VEC]) {
-  acc_t part = acc_t(0);
-  for (int j = 0; j < CHUNKS; ++j) {
-    for (int v = 0; v < VEC; ++v) {
-      part = attnpool_fma(a[j][v], w[j][v], part);
-    }
-  }
-  return part;
+  return lane_dot_of([&](int j, int v) { return a[j][v]; }, w);
 }
 
-// A tile of a warp: rows tile .. tile + kOneScoreRows - 1 of sequence b,
-// present[r] false (and the row not loaded) past `end` or where masked.
-template <typename scalar_t, int VEC, int CHUNKS>
+// A tile of a warp: rows tile .. tile + R - 1 of sequence b, present[r]
+// false (and the row zeros, not loaded) past `end` or where masked.
+template <typename scalar_t, int VEC, int CHUNKS, int R>
 struct WarpTile {
-  bool present[kOneScoreRows];
-  LaneRow<scalar_t, VEC, CHUNKS> rows[kOneScoreRows];
+  bool present[R];
+  LaneRow<scalar_t, VEC, CHUNKS> rows[R];
 };
 
-template <typename scalar_t, int VEC, int CHUNKS, typename Params>
+template <typename scalar_t, int VEC, int CHUNKS, int R, typename Params>
 ATTNPOOL_DEVICE inline void load_warp_tile(
     const Params& a,
     const scalar_t* x,
@@ -151,14 +185,12 @@ ATTNPOOL_DEVICE inline void load_warp_tile(
     int64_t tile,
     int64_t end,
     int lane,
-    WarpTile<scalar_t, VEC, CHUNKS>& out) {
+    WarpTile<scalar_t, VEC, CHUNKS, R>& out) {
   const int hidden = static_cast<int>(a.hidden);
-  for (int r = 0; r < kOneScoreRows; ++r) {
+  for (int r = 0; r < R; ++r) {
     const int64_t l = tile + r;
     out.present[r] = l < end && a.attends(b, l);
-    if (out.present[r]) {
-      load_lane_row(x + l * a.x_seq_stride, hidden, lane, out.rows[r]);
-    }
+    load_lane_row(x + l * a.x_seq_stride, out.present[r], hidden, lane, out.rows[r]);
   }
 }
 
@@ -208,10 +240,9 @@ ATTNPOOL_DEVICE inline SoftmaxState<acc_t> merge_warp_states(
 // numbering for one query (block_info): out and lse directly when the
 // sequence is one piece, else the piece's state in `partials`, merged by
 // merge_pieces_kernel.
-template <typename scalar_t, int VEC, int CHUNKS>
+template <typename scalar_t, int VEC, int CHUNKS, int R = kOneScoreRows>
 ATTNPOOL_GLOBAL void one_score_forward_kernel(ForwardParams a) {
   using acc_t = attnpool_opmath_t<scalar_t>;
-  constexpr int R = kOneScoreRows;
   const BlockInfo info = block_info(a, 1);
   const auto [b, group, rows, tid, lane, warp, num_warps] = info;
   const int H = static_cast<int>(a.hidden);
@@ -233,33 +264,38 @@ ATTNPOOL_GLOBAL void one_score_forward_kernel(ForwardParams a) {
   // Tiles of R rows, dealt to the warps in turn; the next tile's loads are
   // issued before this one is reduced.
   const int64_t stride = static_cast<int64_t>(num_warps) * R;
-  WarpTile<scalar_t, VEC, CHUNKS> next;
+  WarpTile<scalar_t, VEC, CHUNKS, R> next;
   int64_t tile = rows.begin + static_cast<int64_t>(warp) * R;
   if (tile < rows.end) {
     load_warp_tile(a, x, b, tile, rows.end, lane, next);
   }
   for (; tile < rows.end; tile += stride) {
-    const WarpTile<scalar_t, VEC, CHUNKS> current = next;
+    const WarpTile<scalar_t, VEC, CHUNKS, R> current = next;
     if (tile + stride < rows.end) {
       load_warp_tile(a, x, b, tile + stride, rows.end, lane, next);
     }
+    // Every row's sum, absent ones (zeros) too, so that the R butterflies
+    // overlap; whether a row is present is the same for the whole warp.
     acc_t scores[R];
     acc_t tile_max = -attnpool_infinity<acc_t>();
     for (int r = 0; r < R; ++r) {
-      scores[r] = -attnpool_infinity<acc_t>();
-      if (current.present[r]) {  // the same for the whole warp
-        const acc_t sum = warp_sum(lane_dot(current.rows[r], u, H, lane));
-        scores[r] = biased_score(scale, sum, bias, tile + r);
-        tile_max = scores[r] > tile_max ? scores[r] : tile_max;
-        state.any = true;
-      }
+      const acc_t sum = warp_sum(lane_dot(current.rows[r], u));
+      scores[r] = current.present[r] ? biased_score(scale, sum, bias, tile + r)
+                                     : -attnpool_infinity<acc_t>();
+      tile_max = scores[r] > tile_max ? scores[r] : tile_max;
+      state.any = state.any || current.present[r];
     }
-    // The update of a block of rows of the CPU kernels.
-    acc_t correction = acc_t(1);
+    // The update of a block of rows of the CPU kernels; the sums are
+    // rescaled only when the max grows.
     if (tile_max > state.max) {
-      correction = attnpool_exp(state.max - tile_max);
+      const acc_t correction = attnpool_exp(state.max - tile_max);
       state.sum *= correction;
       state.max = tile_max;
+      for (int j = 0; j < CHUNKS; ++j) {
+        for (int v = 0; v < VEC; ++v) {
+          acc[j][v] *= correction;
+        }
+      }
     }
     acc_t weights[R];
     for (int r = 0; r < R; ++r) {
@@ -267,15 +303,12 @@ ATTNPOOL_GLOBAL void one_score_forward_kernel(ForwardParams a) {
           scores[r] == -attnpool_infinity<acc_t>() ? acc_t(0) : attnpool_exp(scores[r] - state.max);
       state.sum += weights[r];
     }
+    // An absent row adds weight 0 times zeros.
     for (int j = 0; j < CHUNKS; ++j) {
       for (int v = 0; v < VEC; ++v) {
-        acc_t value = acc[j][v] * correction;
         for (int r = 0; r < R; ++r) {
-          if (current.present[r]) {
-            value += weights[r] * lane_value<acc_t>(current.rows[r], H, lane, j, v);
-          }
+          acc[j][v] = attnpool_fma(weights[r], lane_value<acc_t>(current.rows[r], j, v), acc[j][v]);
         }
-        acc[j][v] = value;
       }
     }
   }
@@ -334,10 +367,9 @@ ATTNPOOL_GLOBAL void one_score_forward_kernel(ForwardParams a) {
 // dx = p G + ds u is written once, and du += ds x stays in the lane's
 // registers until the warps' parts are added, in warp order, into this
 // block's du partial (summed over blocks by reduce_partials_kernel).
-template <typename scalar_t, int VEC, int CHUNKS>
+template <typename scalar_t, int VEC, int CHUNKS, int R = kOneScoreRows>
 ATTNPOOL_GLOBAL void one_score_backward_kernel(BackwardParams a) {
   using acc_t = attnpool_opmath_t<scalar_t>;
-  constexpr int R = kOneScoreRows;
   const BlockInfo info = block_info(a, 1);
   const auto [b, group, rows, tid, lane, warp, num_warps] = info;
   const int H = static_cast<int>(a.hidden);
@@ -373,42 +405,54 @@ ATTNPOOL_GLOBAL void one_score_backward_kernel(BackwardParams a) {
     }
   }
 
-  // Tiles of R rows, dealt to the warps in turn. (Not loaded a tile ahead as
-  // in the forward: u, G and du already take three rows' worth of registers.)
+  // Tiles of R rows, dealt to the warps in turn. The next tile's loads are
+  // issued before this one is reduced where a tile takes at most 32
+  // registers a lane (16-bit rows up to H = 1024, float32 up to 512): u, G
+  // and du already take three rows' worth of registers.
+  constexpr bool kLoadsAhead = R * CHUNKS * 16 <= 128;
+  using Tile = WarpTile<scalar_t, VEC, CHUNKS, R>;
   const int64_t stride = static_cast<int64_t>(num_warps) * R;
-  for (int64_t tile = rows.begin + static_cast<int64_t>(warp) * R; tile < rows.end;
-       tile += stride) {
-    WarpTile<scalar_t, VEC, CHUNKS> current;
-    load_warp_tile(a, x, b, tile, rows.end, lane, current);
+  Tile next;
+  int64_t tile = rows.begin + static_cast<int64_t>(warp) * R;
+  if (kLoadsAhead && tile < rows.end) {
+    load_warp_tile(a, x, b, tile, rows.end, lane, next);
+  }
+  for (; tile < rows.end; tile += stride) {
+    Tile current;
+    if constexpr (kLoadsAhead) {
+      current = next;
+      if (tile + stride < rows.end) {
+        load_warp_tile(a, x, b, tile + stride, rows.end, lane, next);
+      }
+    } else {
+      load_warp_tile(a, x, b, tile, rows.end, lane, current);
+    }
     ATTNPOOL_UNROLL
     for (int r = 0; r < R; ++r) {
       const int64_t l = tile + r;
       if (l >= rows.end) {  // (not a loop condition: the loop stays unrolled)
         continue;
       }
-      acc_t prob = acc_t(0);
-      acc_t dscore = acc_t(0);
-      if (current.present[r]) {  // the same for the whole warp
-        const acc_t sum = warp_sum(lane_dot(current.rows[r], u, H, lane));
-        const acc_t dprob = warp_sum(lane_dot(current.rows[r], g, H, lane));
-        prob = attnpool_exp((biased_score(scale, sum, bias, l) - lse_max) - lse_log_sum);
-        dscore = scale * prob * (dprob - delta);
-      }
+      // An absent row (zeros) gets p = ds = 0: it adds nothing to du, and
+      // its dx row is written as zeros.
+      const bool present = current.present[r];  // the same for the whole warp
+      const acc_t sum = warp_sum(lane_dot(current.rows[r], u));
+      const acc_t dprob = warp_sum(lane_dot(current.rows[r], g));
+      const acc_t prob =
+          present ? attnpool_exp((biased_score(scale, sum, bias, l) - lse_max) - lse_log_sum)
+                  : acc_t(0);
+      const acc_t dscore = present ? scale * prob * (dprob - delta) : acc_t(0);
       for (int j = 0; j < CHUNKS; ++j) {
         const int col = lane_column<VEC>(lane, j);
-        if (col >= H) {
-          continue;
-        }
         Pack<scalar_t, VEC> pack;
         for (int v = 0; v < VEC; ++v) {
-          acc_t value = acc_t(0);
-          if (current.present[r]) {
-            value = prob * g[j][v] + dscore * u[j][v];
-            du[j][v] += dscore * static_cast<acc_t>(current.rows[r].packs[j].v[v]);
-          }
-          pack.v[v] = static_cast<scalar_t>(value);
+          const acc_t value = attnpool_fma(prob, g[j][v], dscore * u[j][v]);
+          pack.v[v] = static_cast<scalar_t>(present ? value : acc_t(0));
+          du[j][v] = attnpool_fma(dscore, lane_value<acc_t>(current.rows[r], j, v), du[j][v]);
         }
-        store_pack<scalar_t, VEC>(dx + l * H + col, pack);
+        if (col < H) {
+          store_pack<scalar_t, VEC>(dx + l * H + col, pack);
+        }
       }
     }
   }
