@@ -3,8 +3,9 @@
 # torch already installed (no network needed): builds attnpool in place with
 # its CUDA kernels, runs every test that has a CUDA case, then the GPU
 # benchmark: every point without torch.compile, then COMPILE_POINTS with it
-# (compiling every point takes minutes). Logs, the benchmark's JSON and plot
-# go to OUTDIR, the compiled run's to OUTDIR/compiled. On an H200 machine
+# (compiling every point takes minutes). First it times the one-score
+# kernels alone (benchmarks/one_score_kernels.cu). Logs, the benchmark's
+# JSON and plot go to OUTDIR, the compiled run's to OUTDIR/compiled. On an H200 machine
 # (16 cores) the build took 3.3 minutes (7.5 before setup.py compiled the
 # CPU instruction sets side by side; now nvcc's files take longest), the
 # tests 57 s, the benchmark without compile 40 s, the compiled one 40 s.
@@ -61,6 +62,24 @@ if command -v readelf >/dev/null && ! links_shared_libstdcxx "${CXX:-c++}"; then
   done
 fi
 
+# The one-score kernels alone (benchmarks/one_score_kernels.cu): about a
+# minute, and it needs no build of attnpool. KERNELS_OTHER names a copy of
+# another version of one_score_kernel.cuh to time beside them (see the file).
+step "one-score kernels alone (CUDA events, L2 flushed between calls)"
+TORCH_INCLUDE=$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))')
+OTHER=()
+if [ -n "${KERNELS_OTHER:-}" ]; then
+  OTHER=("-DATTNPOOL_OTHER_ONE_SCORE=\"$(realpath "$KERNELS_OTHER")\"")
+fi
+if nvcc -O3 --expt-relaxed-constexpr -std=c++20 "-arch=sm_$ARCH" -I"$TORCH_INCLUDE" -Icsrc \
+  "${OTHER[@]}" -o "$OUTDIR/one_score_kernels" benchmarks/one_score_kernels.cu >"$OUTDIR/one_score_kernels.log" 2>&1; then
+  timeout "${KERNELS_TIMEOUT:-120}" "$OUTDIR/one_score_kernels" 15 2>&1 | tee "$OUTDIR/one_score_kernels.txt"
+  KERNELS=${PIPESTATUS[0]}
+else
+  tail -n 30 "$OUTDIR/one_score_kernels.log"
+  KERNELS=1
+fi
+
 step "build (CUDA archs ${ATTNPOOL_CUDA_ARCHS:-$ARCH})"
 if ! ATTNPOOL_WITH_CUDA=1 ATTNPOOL_CUDA_ARCHS=${ATTNPOOL_CUDA_ARCHS:-$ARCH} \
   MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PYTHON" setup.py -q build_ext --inplace >"$OUTDIR/build.log" 2>&1; then
@@ -95,5 +114,5 @@ if [ -n "$COMPILE_POINTS" ]; then
   COMPILED=${PIPESTATUS[0]}
 fi
 
-step "done: tests exit $TESTS, benchmarks exit $BENCH and $COMPILED"
-[ "$TESTS" -eq 0 ] && [ "$BENCH" -eq 0 ] && [ "$COMPILED" -eq 0 ]
+step "done: tests exit $TESTS, benchmarks exit $BENCH and $COMPILED, kernels alone $KERNELS"
+[ "$TESTS" -eq 0 ] && [ "$BENCH" -eq 0 ] && [ "$COMPILED" -eq 0 ] && [ "$KERNELS" -eq 0 ]

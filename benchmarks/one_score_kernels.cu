@@ -1,0 +1,421 @@
+// The one-score CUDA kernels (csrc/ops/cuda/one_score_kernel.cuh) timed
+// alone, without torch's dispatch, allocator or autograd: forward (with the
+// merge of pieces) and backward (with the sum of du's partials) at the
+// 256 MB+ shapes of the GPU benchmark and BERT size, float32 and bfloat16,
+// for several launch variants (rows a warp takes between two softmax
+// updates, warps per block, blocks per SM asked of the cut into pieces),
+// beside one read of x (a 16-byte-load kernel) and one copy of it
+// (cudaMemcpy), in the same run. Each call is timed between CUDA events with
+// L2 flushed before it (a 512 MB memset outside the timed span); medians.
+// Every variant's results are compared with the first variant's.
+//
+// scripts/gpu_check.sh builds and runs it; by hand:
+//   nvcc -O3 --expt-relaxed-constexpr -std=c++20 -arch=sm_90 \
+//     -I$(python3 -c 'import torch.utils.cpp_extension as c; print(c.include_paths()[0])') \
+//     -Icsrc -o one_score_kernels benchmarks/one_score_kernels.cu && ./one_score_kernels [rounds]
+//
+// To time another version of the kernels beside these, copy its
+// one_score_kernel.cuh with its namespace renamed to attnpool::cuda::other
+// (and its #pragma once removed) and add -DATTNPOOL_OTHER_ONE_SCORE='"path"':
+// it then runs as the first variant, "other".
+
+#include "ops/cuda/folded_attention_pool_kernel.cuh"
+#include "ops/cuda/one_score_kernel.cuh"
+#ifdef ATTNPOOL_OTHER_ONE_SCORE
+#include ATTNPOOL_OTHER_ONE_SCORE
+#endif
+
+#include <c10/util/BFloat16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+namespace {
+
+using attnpool::BackwardParams;
+using attnpool::ForwardParams;
+using attnpool::PieceCut;
+namespace cuda = attnpool::cuda;
+
+void check(cudaError_t status, int line) {
+  if (status != cudaSuccess) {
+    std::printf("CUDA error at line %d: %s\n", line, cudaGetErrorString(status));
+    std::exit(1);
+  }
+}
+#define CHECK(call) check((call), __LINE__)
+
+constexpr size_t kFlushBytes = size_t{512} << 20;
+
+struct Device {
+  int sms = 0;
+  void* flush = nullptr;  // written before every timed call: L2 holds none of x
+};
+
+// One read of x: every 16 bytes loaded once, summed so that the loads stay.
+__global__ void read_kernel(const uint4* x, size_t words, float* sink) {
+  float total = 0;
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < words;
+       i += size_t{gridDim.x} * blockDim.x) {
+    const uint4 w = x[i];
+    total +=
+        __uint_as_float(w.x) + __uint_as_float(w.y) + __uint_as_float(w.z) + __uint_as_float(w.w);
+  }
+  if (total == 1.25f) {  // (almost never: the sum is kept, not stored)
+    *sink = total;
+  }
+}
+
+// Values in [-amplitude, amplitude) from a hash of the index.
+template <typename T>
+__global__ void fill_kernel(T* p, size_t n, unsigned seed, float amplitude) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n;
+       i += size_t{gridDim.x} * blockDim.x) {
+    unsigned h = static_cast<unsigned>(i) * 2654435761u ^ seed;
+    h ^= h >> 13;
+    h *= 0x5bd1e995u;
+    h ^= h >> 15;
+    p[i] = T(amplitude * ((h & 0xffff) / 32768.0f - 1.0f));
+  }
+}
+
+template <typename F>
+float time_ms(const Device& device, F&& call) {
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  CHECK(cudaMemsetAsync(device.flush, 0, kFlushBytes));
+  CHECK(cudaEventRecord(start));
+  call();
+  CHECK(cudaEventRecord(stop));
+  CHECK(cudaEventSynchronize(stop));
+  CHECK(cudaGetLastError());
+  float ms = 0;
+  CHECK(cudaEventElapsedTime(&ms, start, stop));
+  CHECK(cudaEventDestroy(start));
+  CHECK(cudaEventDestroy(stop));
+  return ms;
+}
+
+float median(std::vector<float> values) {
+  std::sort(values.begin(), values.end());
+  return values[values.size() / 2];
+}
+
+// A launch variant: which kernels, rows per warp tile, warps per block, and
+// the blocks per SM that the cut into pieces aims at (the entry point's 8).
+struct Variant {
+  const char* name;
+  bool other;
+  int rows;
+  int warps;
+  int blocks_per_sm;
+};
+
+// The entry point's cut (folded_attention_pool_kernel.cu, cut_sequences),
+// with blocks_per_sm in place of its 8.
+PieceCut cut_for(const Device& device, int64_t batch, int64_t seq_len, int blocks_per_sm) {
+  const int64_t wanted = (int64_t{blocks_per_sm} * device.sms + batch - 1) / batch;
+  const int64_t most =
+      std::max<int64_t>(1, (seq_len + 8 * cuda::kTileRows - 1) / (8 * cuda::kTileRows));
+  return PieceCut::into(
+      seq_len, std::clamp<int64_t>(wanted, 1, most), attnpool::kMaxForwardPieceRows);
+}
+
+template <typename T>
+struct Buffers {
+  int64_t batch, seq_len, hidden;
+  T* x;
+  T* dx;
+  float* u;
+  float* out;
+  float* lse;
+  float* grad_out;
+  float* partials;
+  float* du_partials;
+  float* du;
+
+  size_t elements() const {
+    return static_cast<size_t>(batch * seq_len * hidden);
+  }
+};
+
+template <typename T>
+ForwardParams forward_params(const Buffers<T>& b, const PieceCut& cut) {
+  ForwardParams a{};
+  a.batch = b.batch;
+  a.seq_len = b.seq_len;
+  a.hidden = b.hidden;
+  a.num_queries = 1;
+  a.num_heads = 1;
+  a.head_dim = b.hidden;
+  a.x = b.x;
+  a.x_batch_stride = b.seq_len * b.hidden;
+  a.x_seq_stride = b.hidden;
+  a.u = b.u;
+  a.scale = 0.03;
+  a.cut = cut;
+  a.out = b.out;
+  a.lse = b.lse;
+  a.partials = b.partials;
+  return a;
+}
+
+template <typename Kernel>
+void prepare(Kernel* kernel, int warps, int64_t shared, bool describe, const char* what) {
+  CHECK(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+  if (describe) {
+    cudaFuncAttributes attributes;
+    CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    int per_sm = 0;
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * warps, shared));
+    std::printf(
+        "    %s: %d registers, %zu bytes of local memory, %d blocks of %d warps per SM\n",
+        what,
+        attributes.numRegs,
+        attributes.localSizeBytes,
+        per_sm,
+        warps);
+  }
+}
+
+template <typename T, int CHUNKS, int R>
+void forward(const Device& device, const Buffers<T>& b, const Variant& v, bool describe) {
+  constexpr int V = cuda::kPackWidth<T>;
+  const PieceCut cut = cut_for(device, b.batch, b.seq_len, v.blocks_per_sm);
+  const ForwardParams a = forward_params(b, cut);
+  const int64_t shared = cuda::one_score_shared_bytes<float>(v.warps, b.hidden);
+  auto* kernel = &cuda::one_score_forward_kernel<T, V, CHUNKS, R>;
+#ifdef ATTNPOOL_OTHER_ONE_SCORE
+  if (v.other) {
+    kernel = &cuda::other::one_score_forward_kernel<T, V, CHUNKS>;
+  }
+#endif
+  prepare(kernel, v.warps, shared, describe, "forward");
+  kernel<<<b.batch * cut.pieces, 32 * v.warps, shared>>>(a);
+  if (cut.pieces > 1) {
+    const int threads = cuda::merge_threads(cut.pieces);
+    cuda::merge_pieces_kernel<T>
+        <<<b.batch * cuda::merge_blocks_per_row(b.hidden, 1),
+           threads,
+           cuda::merge_shared_bytes<float>(threads)>>>(a);
+  }
+}
+
+template <typename T, int CHUNKS, int R>
+void backward(const Device& device, const Buffers<T>& b, const Variant& v, bool describe) {
+  constexpr int V = cuda::kPackWidth<T>;
+  const PieceCut cut = cut_for(device, b.batch, b.seq_len, v.blocks_per_sm);
+  BackwardParams g{};
+  static_cast<ForwardParams&>(g) = forward_params(b, cut);
+  g.grad_out = b.grad_out;
+  g.dx = b.dx;
+  g.du_partials = b.du_partials;
+  g.du = b.du;
+  const int64_t shared = cuda::one_score_shared_bytes<float>(v.warps, b.hidden);
+  auto* kernel = &cuda::one_score_backward_kernel<T, V, CHUNKS, R>;
+#ifdef ATTNPOOL_OTHER_ONE_SCORE
+  if (v.other) {
+    kernel = &cuda::other::one_score_backward_kernel<T, V, CHUNKS>;
+  }
+#endif
+  prepare(kernel, v.warps, shared, describe, "backward");
+  const int64_t blocks = b.batch * cut.pieces;
+  kernel<<<blocks, 32 * v.warps, shared>>>(g);
+  constexpr int kReduceThreads = 256;
+  cuda::reduce_partials_kernel<float>
+      <<<(b.hidden + cuda::kStripeColumns - 1) / cuda::kStripeColumns,
+         kReduceThreads,
+         cuda::reduce_shared_bytes<float>(kReduceThreads)>>>(b.du_partials, b.du, blocks, b.hidden);
+}
+
+// Calls f with the compile-time rows of variant v.
+template <typename F>
+void with_rows(const Variant& v, F&& f) {
+  if (v.rows == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (v.rows == 4) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 2>{});
+  }
+}
+
+template <typename T>
+std::vector<float> copy_to_host(const T* p, size_t n) {
+  std::vector<T> values(n);
+  CHECK(cudaMemcpy(values.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+  return std::vector<float>(values.begin(), values.end());
+}
+
+// The largest difference from `want`, relative to want's largest magnitude.
+double relative_difference(const std::vector<float>& got, const std::vector<float>& want) {
+  double most = 0;
+  double scale = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    most = std::max(most, std::abs(double{got[i]} - double{want[i]}));
+    scale = std::max(scale, std::abs(double{want[i]}));
+  }
+  return most / (scale > 0 ? scale : 1);
+}
+
+template <typename T, int CHUNKS>
+void run_shape(
+    const Device& device,
+    const std::vector<Variant>& variants,
+    const char* label,
+    int64_t batch,
+    int64_t seq_len,
+    int64_t hidden,
+    int rounds) {
+  Buffers<T> b{batch, seq_len, hidden};
+  const size_t n = b.elements();
+  const int64_t most_blocks = batch * 4096;
+  CHECK(cudaMalloc(&b.x, n * sizeof(T)));
+  CHECK(cudaMalloc(&b.dx, n * sizeof(T)));
+  CHECK(cudaMalloc(&b.u, hidden * sizeof(float)));
+  CHECK(cudaMalloc(&b.out, batch * hidden * sizeof(float)));
+  CHECK(cudaMalloc(&b.lse, batch * 2 * sizeof(float)));
+  CHECK(cudaMalloc(&b.grad_out, batch * hidden * sizeof(float)));
+  CHECK(cudaMalloc(&b.partials, most_blocks * (3 + hidden) * sizeof(float)));
+  CHECK(cudaMalloc(&b.du_partials, most_blocks * hidden * sizeof(float)));
+  CHECK(cudaMalloc(&b.du, hidden * sizeof(float)));
+  float* sink;
+  CHECK(cudaMalloc(&sink, sizeof(float)));
+  fill_kernel<T><<<1024, 256>>>(b.x, n, 1, 2.0f);
+  fill_kernel<float><<<64, 256>>>(b.u, hidden, 2, 1.0f);
+  fill_kernel<float><<<64, 256>>>(b.grad_out, batch * hidden, 3, 1.0f);
+  CHECK(cudaDeviceSynchronize());
+
+  std::printf(
+      "%s %lldx%lldx%lld %s\n",
+      label,
+      static_cast<long long>(batch),
+      static_cast<long long>(seq_len),
+      static_cast<long long>(hidden),
+      sizeof(T) == 4 ? "float32" : "bfloat16");
+  const auto run_forward = [&](const Variant& v, bool describe) {
+    with_rows(
+        v, [&](auto rows) { forward<T, CHUNKS, decltype(rows)::value>(device, b, v, describe); });
+  };
+  const auto run_backward = [&](const Variant& v, bool describe) {
+    with_rows(
+        v, [&](auto rows) { backward<T, CHUNKS, decltype(rows)::value>(device, b, v, describe); });
+  };
+  std::vector<float> want[4];
+  for (size_t i = 0; i < variants.size(); ++i) {
+    std::printf("  %s\n", variants[i].name);
+    run_forward(variants[i], true);
+    run_backward(variants[i], true);
+    CHECK(cudaDeviceSynchronize());
+    CHECK(cudaGetLastError());
+    std::vector<float> got[4] = {
+        copy_to_host(b.out, batch * hidden),
+        copy_to_host(b.lse, batch * 2),
+        copy_to_host(b.dx, n),
+        copy_to_host(b.du, hidden)};
+    if (i == 0) {
+      std::copy(std::begin(got), std::end(got), std::begin(want));
+      continue;
+    }
+    std::printf(
+        "    differences from %s: out %.1e, lse %.1e, dx %.1e, du %.1e\n",
+        variants[0].name,
+        relative_difference(got[0], want[0]),
+        relative_difference(got[1], want[1]),
+        relative_difference(got[2], want[2]),
+        relative_difference(got[3], want[3]));
+  }
+
+  std::vector<float> reads, copies;
+  std::vector<std::vector<float>> forwards(variants.size()), backwards(variants.size());
+  const size_t words = n * sizeof(T) / 16;
+  for (int r = 0; r < rounds; ++r) {
+    reads.push_back(time_ms(device, [&] {
+      read_kernel<<<device.sms * 8, 512>>>(reinterpret_cast<const uint4*>(b.x), words, sink);
+    }));
+    copies.push_back(time_ms(device, [&] {
+      CHECK(cudaMemcpyAsync(b.dx, b.x, n * sizeof(T), cudaMemcpyDeviceToDevice));
+    }));
+    for (size_t i = 0; i < variants.size(); ++i) {
+      forwards[i].push_back(time_ms(device, [&] { run_forward(variants[i], false); }));
+      backwards[i].push_back(time_ms(device, [&] { run_backward(variants[i], false); }));
+    }
+  }
+  const double bytes = static_cast<double>(n * sizeof(T));
+  const float read = median(reads);
+  const float copy = median(copies);
+  std::printf(
+      "  read %.3f ms (%.0f GB/s), copy %.3f ms (%.0f GB/s read + written)\n",
+      read,
+      bytes / read / 1e6,
+      copy,
+      2 * bytes / copy / 1e6);
+  for (size_t i = 0; i < variants.size(); ++i) {
+    const float fwd = median(forwards[i]);
+    const float bwd = median(backwards[i]);
+    std::printf(
+        "  %-22s fwd %.3f ms %5.0f GB/s = %.2f of read | bwd %.3f ms = %.2f of copy | "
+        "fwd+bwd %.2f of read+copy\n",
+        variants[i].name,
+        fwd,
+        bytes / fwd / 1e6,
+        read / fwd,
+        bwd,
+        copy / bwd,
+        (read + copy) / (fwd + bwd));
+  }
+  std::fflush(stdout);
+  for (void* p :
+       {static_cast<void*>(b.x),
+        static_cast<void*>(b.dx),
+        static_cast<void*>(b.u),
+        static_cast<void*>(b.out),
+        static_cast<void*>(b.lse),
+        static_cast<void*>(b.grad_out),
+        static_cast<void*>(b.partials),
+        static_cast<void*>(b.du_partials),
+        static_cast<void*>(b.du),
+        static_cast<void*>(sink)}) {
+    CHECK(cudaFree(p));
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int rounds = argc > 1 ? std::atoi(argv[1]) : 15;
+  Device device;
+  cudaDeviceProp properties;
+  CHECK(cudaGetDeviceProperties(&properties, 0));
+  device.sms = properties.multiProcessorCount;
+  CHECK(cudaMalloc(&device.flush, kFlushBytes));
+  std::printf(
+      "%s, %d SMs: the one-score kernels alone; CUDA events, L2 flushed before each call, "
+      "medians of %d rounds\n",
+      properties.name,
+      device.sms,
+      rounds);
+  std::vector<Variant> variants;
+#ifdef ATTNPOOL_OTHER_ONE_SCORE
+  variants.push_back({"other (R 2, 4 warps)", true, 2, 4, 8});
+#endif
+  variants.push_back({"R 2, 4 warps (default)", false, 2, 4, 8});
+  variants.push_back({"R 1, 4 warps", false, 1, 4, 8});
+  variants.push_back({"R 4, 4 warps", false, 4, 4, 8});
+  variants.push_back({"R 2, 8 warps", false, 2, 8, 8});
+  variants.push_back({"R 2, 4 warps, 4/SM", false, 2, 4, 4});
+  variants.push_back({"R 2, 4 warps, 16/SM", false, 2, 4, 16});
+  run_shape<float, 8>(device, variants, "big", 64, 2048, 1024, rounds);
+  run_shape<c10::BFloat16, 4>(device, variants, "big", 64, 2048, 1024, rounds);
+  run_shape<float, 8>(device, variants, "longest", 1, 262144, 1024, rounds);
+  run_shape<c10::BFloat16, 4>(device, variants, "longest", 1, 262144, 1024, rounds);
+  run_shape<float, 8>(device, variants, "bert", 32, 512, 768, rounds);
+  run_shape<c10::BFloat16, 4>(device, variants, "bert", 32, 512, 768, rounds);
+  return 0;
+}
