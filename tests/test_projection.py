@@ -5,6 +5,10 @@ of x; projecting every key costs H, then Q for the scores. Where
 Q·n > H + Q (CoCa's 256 queries x 8 heads at H=768) attention_pool projects
 instead (issue 14, item 3); the results are the same up to rounding."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import DEVICES, TOLERANCES, RecordedOps, make_inputs
@@ -38,9 +42,10 @@ def test_projects_only_where_it_costs_less():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bfloat16_on_the_cpu_scores_in_float32_without_sdpa(dtype):
+def test_bfloat16_on_the_cpu_scores_in_float32_for_gradients(dtype):
     # SDPA's CPU kernel was slower than plain products with float32 scores
-    # for bfloat16 (forward+backward), and rounded its scores to it.
+    # for bfloat16 (forward+backward), and rounded its scores to it: its
+    # gradients missed the bfloat16 tolerance here.
     inputs, num_heads = _inputs(**PROJECTING)
     inputs = inputs.to(dtype=dtype, param_dtype=torch.float32).requiring_grad()
     softmax_dtypes = []
@@ -68,6 +73,52 @@ def test_bfloat16_on_the_cpu_scores_in_float32_without_sdpa(dtype):
     torch.testing.assert_close(out.double(), want_out, **TOLERANCES[dtype])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w, **TOLERANCES[dtype])
+
+
+def test_bfloat16_inference_on_the_cpu_takes_sdpa_with_amx():
+    # Without gradients, SDPA serves bfloat16 where it multiplies on AMX
+    # tiles (the CPU kernels' level AMX_BF16), 2.4x faster than the products
+    # at CoCa's pooler; below, the products with float32 scores.
+    # (Under no_grad the op runs whole, below Python's dispatch modes: the
+    # profiler sees the ATen ops inside it.)
+    inputs, num_heads = _inputs(**PROJECTING)
+    inputs = inputs.to(dtype=torch.bfloat16, param_dtype=torch.float32)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = attnpool.attention_pool(*inputs.args(), num_heads=num_heads)
+    names = [event.name for event in prof.events()]
+    sdpa = any("scaled_dot_product" in name for name in names)
+    assert sdpa == (attnpool._C.cpu_kernel_isa() == "AMX_BF16"), names
+    want = reference.attention_pool(*inputs.to(dtype=torch.float64).args(), num_heads=num_heads)
+    torch.testing.assert_close(out.double(), want, **TOLERANCES[torch.bfloat16])
+
+
+LOWERED_SCRIPT = """
+import torch
+
+import attnpool
+
+torch.manual_seed(0)
+x = torch.randn(3, 7, 8).bfloat16()
+query, w_q, w_k = torch.randn(6, 8), torch.randn(8, 8), torch.randn(8, 8)
+with torch.no_grad(), torch.profiler.profile() as prof:
+    attnpool.attention_pool(x, query, w_q, w_k, num_heads=4)
+names = [event.name for event in prof.events()]
+print(attnpool._C.cpu_kernel_isa(), any("scaled_dot_product" in n for n in names))
+"""
+
+
+def test_bfloat16_inference_below_amx_scores_in_float32():
+    # The other side of the test above on a CPU with AMX: with the kernels
+    # lowered, no SDPA for bfloat16.
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_CPU_CAPABILITY")}
+    env["ATTNPOOL_CPU_CAPABILITY"] = "default"
+    result = subprocess.run(
+        [sys.executable, "-c", LOWERED_SCRIPT], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    isa, sdpa = result.stdout.strip().splitlines()[-1].split()
+    assert isa == "DEFAULT"
+    assert sdpa == "False"
 
 
 def _masking(kind, batch, seq_len, device):

@@ -7,8 +7,10 @@
 
 #include "ops/autograd/forward_ad.h"
 #include "ops/checks.h"
+#include "ops/cpu/kernel_set.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <limits>
@@ -26,10 +28,19 @@ at::Tensor split_heads(const at::Tensor& t, int64_t num_heads) {
 // 256 queries x 8 heads, 2 threads, 2-core EPYC with AVX512-BF16) forward
 // in 15.2 ms and forward+backward in 52.6; the products 14.6 and 44.2, with
 // gradients 20% closer to float64 (the softmax's backward from p, its
-// scores never rounded to bfloat16). float32 stays with SDPA (28 ms
-// forward against 49), float16 too (73 against 203; forward+backward alike).
-bool scores_in_float32_are_faster(const at::Tensor& x) {
-  return x.is_cpu() && x.scalar_type() == at::kBFloat16;
+// scores never rounded to bfloat16). With AMX (the CPU kernels' AMX_BF16
+// level: the CPU has the tiles and Linux lets the process use them) SDPA
+// multiplies on the tiles: on a 2-core Xeon, forward 5.0 ms against the
+// products' 12.1, forward+backward 27.7 against 29.2. So SDPA serves
+// bfloat16 there when no gradient is asked for; training keeps the float32
+// scores and their closer gradients. float32 stays with SDPA (28 ms
+// forward against 49 on the EPYC), float16 too (73 against 203;
+// forward+backward alike).
+bool scores_in_float32_are_faster(const at::Tensor& x, bool needs_grad) {
+  if (!x.is_cpu() || x.scalar_type() != at::kBFloat16) {
+    return false;
+  }
+  return needs_grad || cpu::selected_kernels().isa != cpu::Isa::AMX_BF16;
 }
 
 }  // namespace
@@ -68,8 +79,11 @@ at::Tensor pool_by_projection(
   // average) rounds back to finfo.min, so p = 1 where the softmax gave 1/L
   // (gradients L times too large). The softmax's own backward uses p.
   const bool with_tangents = any_tangent({&x, &query, &w_q, &w_k}, attn_bias);
+  const bool needs_grad =
+      at::GradMode::is_enabled() &&
+      (x.requires_grad() || query.requires_grad() || w_q.requires_grad() || w_k.requires_grad());
   const bool exact_scores =
-      with_tangents || attn_bias.has_value() || scores_in_float32_are_faster(x);
+      with_tangents || attn_bias.has_value() || scores_in_float32_are_faster(x, needs_grad);
 
   at::Tensor rows = x;
   at::Tensor any_attended;  // [B] bool, when masked
