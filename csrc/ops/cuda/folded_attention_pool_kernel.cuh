@@ -109,16 +109,41 @@ ATTNPOOL_DEVICE inline BlockInfo block_info(const Params& a, int64_t groups) {
 }
 
 // The block-wide sums of R values per thread, in two steps around a barrier:
-// each warp sums its lanes' parts and lane 0 stores them at partial[r]
-// (partial: this warp's slot), then sum_over_warps adds the warps' sums in
-// warp order.
+// each warp sums its lanes' parts into partial[r] (partial: this warp's
+// slot), then sum_over_warps adds the warps' sums in warp order.
+//
+// The warp's sums halve the values at each of the first log2(R) steps of the
+// butterfly (offsets 16, 8, ...): a lane keeps half of its values, the half
+// its partner sends away, so R values take R - 1 + 5 - log2(R) shuffles
+// instead of 5 R (R = 4: 6 instead of 20). Each value is still summed over
+// the butterfly's pairs of lanes, own value first, so its total has the bits
+// of warp_sum's (IEEE addition commutes): the backward's sums, made here
+// too, still match the forward's.
 template <int R, typename acc_t>
-ATTNPOOL_DEVICE inline void store_warp_sums(acc_t (&part)[R], acc_t* partial, int lane) {
+ATTNPOOL_DEVICE inline void store_warp_sums(const acc_t (&part)[R], acc_t* partial, int lane) {
+  static_assert(R >= 1 && R <= 32 && (R & (R - 1)) == 0, "R is a power of two up to 32");
+  acc_t values[R];
   for (int r = 0; r < R; ++r) {
-    part[r] = warp_sum(part[r]);
-    if (lane == 0) {
-      partial[r] = part[r];
+    values[r] = part[r];
+  }
+  int offset = 16;
+  int index = 0;  // which of the R values this lane's values[0] ends up holding
+  for (int half = R / 2; half >= 1; half /= 2, offset /= 2) {
+    const bool upper = (lane & offset) != 0;
+    for (int k = 0; k < half; ++k) {
+      const acc_t kept = upper ? values[half + k] : values[k];
+      const acc_t sent = upper ? values[k] : values[half + k];
+      values[k] = kept + attnpool_shfl_xor(sent, offset);
     }
+    index += upper ? half : 0;
+  }
+  acc_t total = values[0];
+  for (; offset > 0; offset /= 2) {
+    total += attnpool_shfl_xor(total, offset);
+  }
+  // Lanes 0, 32 / R, 2 * 32 / R, ... hold values 0, 1, 2, ...
+  if (lane % (32 / R) == 0) {
+    partial[index] = total;
   }
 }
 
