@@ -66,6 +66,9 @@ Inputs make_inputs(const Case& c) {
     if (c.batch > 1) {
       in.mask[1] = false;
     }
+    // Rows that are not attended are never read (SPEC.md): NaN there must
+    // not reach any result.
+    in.x.masked_fill_(in.mask.logical_not().unsqueeze(-1), NAN);
     // Masked cases also add a bias, -inf at some positions.
     in.attn_bias = torch::randn({c.batch, c.seq_len}, f64).to(param_dtype);
     in.attn_bias.masked_fill_(torch::rand({c.batch, c.seq_len}) > 0.8, -INFINITY);
@@ -320,6 +323,8 @@ void expect_single_row_gradients(const Case& c) {
     in.mask = torch::zeros({c.batch, c.seq_len}, torch::kBool);
     in.mask.select(1, 4).fill_(true);
     in.attn_bias = torch::Tensor();  // row 4 alone, whatever the bias would exclude
+    // NaN in the rows this mask leaves out, and in no other.
+    in.x = in.x.nan_to_num(1.0).masked_fill(in.mask.logical_not().unsqueeze(-1), NAN);
   }
   in.x = in.x * 3;  // scores far from 0, so that exp() is not trivially 1
   const auto grad_out = random_grad_out(c, {c.batch, c.num_queries, c.hidden});

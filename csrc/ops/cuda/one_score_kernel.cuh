@@ -405,17 +405,22 @@ ATTNPOOL_GLOBAL void one_score_backward_kernel(BackwardParams a) {
     }
   }
 
-  // Tiles of R rows, dealt to the warps in turn. The next tile's loads are
-  // issued before this one is reduced where a tile takes at most 32
-  // registers a lane (16-bit rows up to H = 1024, float32 up to 512): u, G
-  // and du already take three rows' worth of registers.
-  constexpr bool kLoadsAhead = R * CHUNKS * 16 <= 128;
+  // Tiles of R rows, dealt to the warps in turn. For 16-bit rows up to H =
+  // 1024 (a tile of at most 32 registers a lane) the next tile's loads are
+  // issued before this one is reduced; u, G and du already take three rows'
+  // worth of registers. (Not for float32: ahead, its rows up to H = 512 took
+  // 159 registers instead of 126, over the 128 that four blocks of 128
+  // threads per SM allow, ptxas sm_90; to be timed.)
+  constexpr bool kLoadsAhead =
+      sizeof(scalar_t) == 2 && R * CHUNKS * sizeof(Pack<scalar_t, VEC>) <= 128;
   using Tile = WarpTile<scalar_t, VEC, CHUNKS, R>;
   const int64_t stride = static_cast<int64_t>(num_warps) * R;
   Tile next;
   int64_t tile = rows.begin + static_cast<int64_t>(warp) * R;
-  if (kLoadsAhead && tile < rows.end) {
-    load_warp_tile(a, x, b, tile, rows.end, lane, next);
+  if constexpr (kLoadsAhead) {
+    if (tile < rows.end) {
+      load_warp_tile(a, x, b, tile, rows.end, lane, next);
+    }
   }
   for (; tile < rows.end; tile += stride) {
     Tile current;
