@@ -34,6 +34,7 @@ struct Case {
   int threads, vec, chunks;
   int64_t pieces;
   bool one_score = false;  // the kernels of one_score_kernel.cuh (one query, one head)
+  int rows = attnpool::cuda::kOneScoreRows;  // the one-score kernels' rows per warp tile
 };
 
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
@@ -43,7 +44,7 @@ std::string case_name(const ::testing::TestParamInfo<Case>& info) {
          std::to_string(c.num_queries) + "_n" + std::to_string(c.num_heads) +
          (c.masked ? "_masked" : "") + "_T" + std::to_string(c.threads) + "_vec" +
          std::to_string(c.vec) + "_chunks" + std::to_string(c.chunks) + "_pieces" +
-         std::to_string(c.pieces);
+         std::to_string(c.pieces) + (c.one_score ? "_rows" + std::to_string(c.rows) : "");
 }
 
 struct Inputs {
@@ -99,6 +100,19 @@ void with_layout(int vec, int chunks, F&& f) {
     by_chunks(std::integral_constant<int, 1>{});
   } else {
     by_chunks(std::integral_constant<int, kWide>{});
+  }
+}
+
+// Calls f(std::integral_constant ROWS) for the one-score kernels' rows per
+// warp tile: 1, 2 (theirs) or 4 (benchmarks/one_score_kernels.cu times all three).
+template <typename F>
+void with_rows(int rows, F&& f) {
+  if (rows == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (rows == 4) {
+    f(std::integral_constant<int, 4>{});
+  } else {
+    f(std::integral_constant<int, 2>{});
   }
 }
 
@@ -192,12 +206,14 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
         ASSERT_GE(32 * C * V, H) << "the case does not cover the row";
         ASSERT_TRUE(kOneScoreLayout) << "the one-score kernels read 16-byte packs";
         if constexpr (kOneScoreLayout) {
-          launch(
-              &attnpool::cuda::one_score_forward_kernel<scalar_t, V, C>,
-              B * cut.pieces,
-              c.threads,
-              attnpool::cuda::one_score_shared_bytes<acc_t>(c.threads / 32, H),
-              f.params);
+          with_rows(c.rows, [&](auto rows) {
+            launch(
+                &attnpool::cuda::one_score_forward_kernel<scalar_t, V, C, decltype(rows)::value>,
+                B * cut.pieces,
+                c.threads,
+                attnpool::cuda::one_score_shared_bytes<acc_t>(c.threads / 32, H),
+                f.params);
+          });
         }
       } else if constexpr (C <= 4) {
         ASSERT_GE(int64_t{c.threads} * C * V, H) << "the case does not cover the row";
@@ -232,12 +248,14 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
       g.params.du_partials = du_partials.mutable_data_ptr();
       if (c.one_score) {
         if constexpr (kOneScoreLayout) {
-          launch(
-              &attnpool::cuda::one_score_backward_kernel<scalar_t, V, C>,
-              B * cut.pieces,
-              c.threads,
-              attnpool::cuda::one_score_shared_bytes<acc_t>(c.threads / 32, H),
-              g.params);
+          with_rows(c.rows, [&](auto rows) {
+            launch(
+                &attnpool::cuda::one_score_backward_kernel<scalar_t, V, C, decltype(rows)::value>,
+                B * cut.pieces,
+                c.threads,
+                attnpool::cuda::one_score_shared_bytes<acc_t>(c.threads / 32, H),
+                g.params);
+          });
         }
       } else if constexpr (C <= 4) {
         launch(
@@ -731,7 +749,10 @@ INSTANTIATE_TEST_SUITE_P(
         Case{2, 9, 64, 0, 1, false, torch::kFloat64, 128, 2, 1, 1, true},
         Case{2, 11, 504, 0, 1, true, torch::kHalf, 64, 8, 2, 1, true},
         Case{2, 0, 32, 0, 1, false, torch::kFloat32, 128, 4, 1, 1, true},
-        Case{2, 40, 48, 0, 1, true, torch::kFloat32, 128, 4, 1, 40, true}),
+        Case{2, 40, 48, 0, 1, true, torch::kFloat32, 128, 4, 1, 40, true},
+        // and their other rows per warp tile.
+        Case{2, 30, 768, 0, 1, true, torch::kBFloat16, 128, 8, 4, 3, true, 1},
+        Case{2, 37, 96, 0, 1, true, torch::kFloat32, 128, 4, 1, 2, true, 4}),
     case_name);
 
 }  // namespace
