@@ -6,11 +6,11 @@
 #include "ops/attention_pool.h"
 
 #include "ops/autograd/forward_ad.h"
+#include "ops/autograd/grad_mode.h"
 #include "ops/checks.h"
 #include "ops/cpu/kernel_set.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <limits>
@@ -79,9 +79,7 @@ at::Tensor pool_by_projection(
   // average) rounds back to finfo.min, so p = 1 where the softmax gave 1/L
   // (gradients L times too large). The softmax's own backward uses p.
   const bool with_tangents = any_tangent({&x, &query, &w_q, &w_k}, attn_bias);
-  const bool needs_grad =
-      at::GradMode::is_enabled() &&
-      (x.requires_grad() || query.requires_grad() || w_q.requires_grad() || w_k.requires_grad());
+  const bool needs_grad = any_needs_grad({&x, &query, &w_q, &w_k});
   const bool exact_scores =
       with_tangents || attn_bias.has_value() || scores_in_float32_are_faster(x, needs_grad);
 

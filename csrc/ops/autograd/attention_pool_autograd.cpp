@@ -8,6 +8,7 @@
 #include "ops/attention_pool.h"
 #include "ops/autograd/attn_bias.h"
 #include "ops/autograd/forward_ad.h"
+#include "ops/autograd/grad_mode.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -29,9 +30,7 @@ at::Tensor attention_pool_autograd(
     const std::optional<at::Tensor>& attn_bias,
     const std::optional<at::Tensor>& lengths) {
   detail::refuse_attn_bias_gradient("attention_pool", attn_bias);
-  const bool needs_grad =
-      at::GradMode::is_enabled() &&
-      (x.requires_grad() || query.requires_grad() || w_q.requires_grad() || w_k.requires_grad());
+  const bool needs_grad = detail::any_needs_grad({&x, &query, &w_q, &w_k});
   // A tangent goes through the parts, which have forward-mode AD.
   if (!needs_grad && !detail::any_tangent({&x, &query, &w_q, &w_k}, attn_bias)) {
     // Inference: one op below autograd. This also keeps attention_pool as one

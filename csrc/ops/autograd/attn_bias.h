@@ -4,8 +4,9 @@
 // asking for one in reverse mode is an error, not a silent None. (Forward mode
 // covers it: the Python package's jvp adds its tangent to the scores'.)
 
+#include "ops/autograd/grad_mode.h"
+
 #include <ATen/core/Tensor.h>
-#include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -13,11 +14,8 @@
 namespace attnpool::detail {
 
 inline void refuse_attn_bias_gradient(const char* op, const std::optional<at::Tensor>& attn_bias) {
-  if (!attn_bias.has_value() || !attn_bias->defined()) {
-    return;
-  }
   TORCH_CHECK_NOT_IMPLEMENTED(
-      !(at::GradMode::is_enabled() && attn_bias->requires_grad()),
+      !any_needs_grad({}, {&attn_bias}),
       "attnpool::",
       op,
       ": attn_bias has no gradient in reverse mode (it is an additive mask); pass "

@@ -5,6 +5,7 @@
 #include <attnpool/attention_pool.h>
 
 #include "ops/autograd/forward_ad.h"
+#include "ops/autograd/grad_mode.h"
 #include "ops/fold_query.h"
 
 #include <torch/autograd.h>
@@ -60,10 +61,7 @@ at::Tensor fold_query_autograd(
     return detail::forward_ad_operator<decltype(fold_query_autograd)>("fold_query")
         .call(query, w_q, w_k, num_heads, q_bias);
   }
-  const bool bias_grad = q_bias.has_value() && q_bias->defined() && q_bias->requires_grad();
-  const bool needs_grad =
-      at::GradMode::is_enabled() &&
-      (query.requires_grad() || w_q.requires_grad() || w_k.requires_grad() || bias_grad);
+  const bool needs_grad = detail::any_needs_grad({&query, &w_q, &w_k}, {&q_bias});
   if (!needs_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return attnpool::fold_query(query, w_q, w_k, num_heads, q_bias);

@@ -6,6 +6,7 @@
 
 #include "ops/autograd/attn_bias.h"
 #include "ops/autograd/forward_ad.h"
+#include "ops/autograd/grad_mode.h"
 #include "ops/folded_attention_pool.h"
 
 #include <torch/autograd.h>
@@ -85,7 +86,7 @@ at::Tensor folded_attention_pool_autograd(
                "folded_attention_pool")
         .call(x, u, mask, scale, full_width, attn_bias, lengths);
   }
-  const bool needs_grad = at::GradMode::is_enabled() && (x.requires_grad() || u.requires_grad());
+  const bool needs_grad = detail::any_needs_grad({&x, &u});
   if (!needs_grad) {
     // Inference: the plain kernel, nothing saved.
     at::AutoDispatchBelowADInplaceOrView guard;

@@ -6,6 +6,7 @@
 #include <attnpool/attention_pool.h>
 
 #include "ops/autograd/forward_ad.h"
+#include "ops/autograd/grad_mode.h"
 #include "ops/folded_attention_pool.h"
 
 #include <torch/autograd.h>
@@ -61,7 +62,7 @@ at::Tensor folded_attention_pool_varlen_autograd(
                "folded_attention_pool_varlen")
         .call(x, cu_seqlens, u, scale, full_width);
   }
-  const bool needs_grad = at::GradMode::is_enabled() && (x.requires_grad() || u.requires_grad());
+  const bool needs_grad = detail::any_needs_grad({&x, &u});
   if (!needs_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return attnpool::folded_attention_pool_varlen(x, cu_seqlens, u, scale, full_width);

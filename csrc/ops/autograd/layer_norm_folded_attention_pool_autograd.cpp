@@ -6,6 +6,7 @@
 
 #include "ops/autograd/attn_bias.h"
 #include "ops/autograd/forward_ad.h"
+#include "ops/autograd/grad_mode.h"
 #include "ops/folded_attention_pool.h"
 
 #include <attnpool/attention_pool.h>
@@ -91,10 +92,6 @@ class LayerNormPoolFunction : public torch::autograd::Function<LayerNormPoolFunc
   }
 };
 
-bool requires_grad(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() && t->requires_grad();
-}
-
 at::Tensor layer_norm_pool_autograd(
     const at::Tensor& x,
     const at::Tensor& u,
@@ -120,9 +117,7 @@ at::Tensor layer_norm_pool_autograd(
         attn_bias,
         lengths);
   }
-  const bool needs_grad =
-      at::GradMode::is_enabled() && (x.requires_grad() || u.requires_grad() ||
-                                     requires_grad(norm_weight) || requires_grad(norm_bias));
+  const bool needs_grad = detail::any_needs_grad({&x, &u}, {&norm_weight, &norm_bias});
   if (!needs_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static const auto op = c10::Dispatcher::singleton()
