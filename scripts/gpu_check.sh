@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, for a machine that has one and a CUDA build of
-# torch already installed (no network needed): builds attnpool in place with
-# its CUDA kernels, runs every test that has a CUDA case, then the GPU
+# torch already installed (no network needed): times the one-score kernels
+# alone (benchmarks/one_score_kernels.cu), builds attnpool in place with its
+# CUDA kernels, runs every test that has a CUDA case, then the GPU
 # benchmark: every point without torch.compile, then COMPILE_POINTS with it
-# (compiling every point takes minutes). First it times the one-score
-# kernels alone (benchmarks/one_score_kernels.cu). Logs, the benchmark's
-# JSON and plot go to OUTDIR, the compiled run's to OUTDIR/compiled. On an H200 machine
+# (compiling every point takes minutes). Logs, the benchmark's JSON and plot
+# go to OUTDIR, the compiled run's to OUTDIR/compiled. On an H200 machine
 # (16 cores) the build took 3.3 minutes (7.5 before setup.py compiled the
 # CPU instruction sets side by side; now nvcc's files take longest), the
 # tests 57 s, the benchmark without compile 40 s, the compiled one 40 s.
@@ -16,9 +16,11 @@
 # compute capabilities to build for (default: the GPU's own), BENCH_ARGS
 # replaces the first benchmark's arguments (attnpool.bench_gpu: points,
 # rounds, --no-compile), COMPILE_POINTS the second's points (empty: no
-# second run), TEST_TIMEOUT and BENCH_TIMEOUT the time limits of the tests
-# and of each benchmark in seconds (default 240 and 300). Exits non-zero if
-# the build, a test or a benchmark fails.
+# second run), KERNELS_OTHER another version of one_score_kernel.cuh to time
+# beside the kernels alone, TEST_TIMEOUT, BENCH_TIMEOUT and KERNELS_TIMEOUT
+# the time limits of the tests, of each benchmark and of the kernels alone
+# in seconds (default 240, 300 and 120). Exits non-zero if the build, a test
+# or a benchmark fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
