@@ -9,9 +9,10 @@
 //
 // [Note: scores by columns] A vector lane holds one score of one row, so a
 // row's scores need no reduction across lanes, each element of x is loaded
-// once per vector of scores, and each column of u once per block of rows. Each
-// score is one chain of FMAs over h = 0..H-1 in order, whatever the
-// instruction set, the vector width or the block of rows: the backward and
+// once per pass over one or two vectors of scores (kColumnScoreVectors), and
+// each column of u once per block of rows. Each score is one chain of FMAs
+// over h = 0..H-1 in order, whatever the instruction set, the vector width,
+// the vectors a pass holds or the block of rows: the backward and
 // the jvp recompute it bitwise ([Note: one order for every score]). The
 // dot-product form (score_dot_rows_float, 4 rows x 4 scores, then
 // accumulate_rows_into over 8 rows) reloaded each row once per 4 scores and
@@ -115,11 +116,15 @@ constexpr int kColumnScoreRows = kVectorRegisters == 32 ? 12 : 6;
 // 4 x 12 0.91x and 0.93x; one vector of scores (so400m, 1 x 16) level.
 constexpr int kColumnScoreVectors = kVectorRegisters == 32 ? 2 : 1;
 
-// score_block_by_columns for the V vectors of lanes from score `first`: their
-// accumulators for R rows in registers over the whole row.
+// scores[k * stride + r] = rows[r] . u_k for R rows and the scores k of the
+// V vectors of lanes from score `first`, their accumulators in registers over
+// the whole row ([Note: scores by columns]); kByRow: row r's lanes, pads
+// included, at scores[r * stride] instead. ahead: the pass from score 0
+// prefetches each row's line that many elements on (the forward's next
+// tile), or none if 0.
 template <int R, int V, bool kByRow, typename T, typename A>
-void score_lanes_by_columns(
-    const T* const* xr,
+void score_block_by_columns(
+    const T* const* rows,
     const A* columns,
     int64_t n,
     int64_t num_scores,
@@ -129,6 +134,10 @@ void score_lanes_by_columns(
     A* scores) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
+  const T* xr[R];
+  for (int r = 0; r < R; ++r) {
+    xr[r] = rows[r];
+  }
   Vec acc[V][R];
   for (int v = 0; v < V; ++v) {
     for (int r = 0; r < R; ++r) {
@@ -187,39 +196,10 @@ void score_lanes_by_columns(
   }
 }
 
-// scores[k * stride + r] = rows[r] . u_k for R rows and every score k, one
-// vector of lanes at a time, or kColumnScoreVectors where that many remain
-// ([Note: scores by columns]: each score's chain of FMAs is the same either
-// way); kByRow: row r's lanes, pads included, at scores[r * stride] instead.
-// ahead: the first pass prefetches each row's line that many elements on (the
-// forward's next tile), or none if 0.
-template <int R, bool kByRow, typename T, typename A>
-void score_block_by_columns(
-    const T* const* rows,
-    const A* columns,
-    int64_t n,
-    int64_t num_scores,
-    int64_t stride,
-    int64_t ahead,
-    A* scores) {
-  constexpr int64_t W = Vectorized<A>::size();
-  constexpr int V = kColumnScoreVectors;
-  const T* xr[R];
-  for (int r = 0; r < R; ++r) {
-    xr[r] = rows[r];
-  }
-  int64_t first = 0;
-  for (; first + V * W <= column_lanes<A>(num_scores); first += V * W) {
-    score_lanes_by_columns<R, V, kByRow>(xr, columns, n, num_scores, first, stride, ahead, scores);
-  }
-  for (; first < num_scores; first += W) {
-    score_lanes_by_columns<R, 1, kByRow>(xr, columns, n, num_scores, first, stride, ahead, scores);
-  }
-}
-
-// scores[k * count + r] for `count` rows, in blocks of kColumnScoreRows
-// (kByRow: at scores[r * column_lanes + k] instead; ahead: as in
-// score_block_by_columns).
+// scores[k * count + r] for `count` rows, in blocks of kColumnScoreRows rows
+// and of kColumnScoreVectors vectors of lanes where that many remain, one
+// otherwise (each score's chain of FMAs is the same either way); kByRow: at
+// scores[r * column_lanes + k] instead; ahead: as in score_block_by_columns.
 template <bool kByRow = false, typename T, typename A>
 void score_rows_by_columns(
     const T* const* rows,
@@ -229,18 +209,24 @@ void score_rows_by_columns(
     int64_t num_scores,
     A* scores,
     int64_t ahead = 0) {
-  const int64_t stride = kByRow ? column_lanes<A>(num_scores) : count;
+  constexpr int64_t W = Vectorized<A>::size();
+  constexpr int V = kColumnScoreVectors;
+  const int64_t lanes = column_lanes<A>(num_scores);
+  const int64_t stride = kByRow ? lanes : count;
   for (int first = 0; first < count; first += kColumnScoreRows) {
-    const int block = std::min(kColumnScoreRows, count - first);
-    with_tile_size<kColumnScoreRows>(block, [&](auto size) {
-      score_block_by_columns<decltype(size)::value, kByRow>(
-          rows + first,
-          columns,
-          n,
-          num_scores,
-          stride,
-          ahead,
-          scores + (kByRow ? first * stride : first));
+    const T* const* block_rows = rows + first;
+    A* block_scores = scores + (kByRow ? first * stride : first);
+    with_tile_size<kColumnScoreRows>(std::min(kColumnScoreRows, count - first), [&](auto size) {
+      constexpr int R = decltype(size)::value;
+      int64_t lane = 0;
+      for (; lane + V * W <= lanes; lane += V * W) {
+        score_block_by_columns<R, V, kByRow>(
+            block_rows, columns, n, num_scores, lane, stride, ahead, block_scores);
+      }
+      for (; lane < lanes; lane += W) {
+        score_block_by_columns<R, 1, kByRow>(
+            block_rows, columns, n, num_scores, lane, stride, ahead, block_scores);
+      }
     });
   }
 }
