@@ -106,15 +106,21 @@ constexpr int kColumnScoreRows = kVectorRegisters == 32 ? 12 : 6;
 
 // Vectors of lanes a block scores in one pass where the scores fill two: each
 // broadcast element of x then feeds two FMAs, so a pass issues one load per
-// two FMAs instead of one per FMA. 24 accumulators, two columns and the
-// broadcast fit AVX-512's 32 registers, not AVX2's 16. A standalone loop
-// streaming 16,392 rows of 768 through 12-row blocks, 192 scores, one core of
-// the 2-core Xeon, five runs each, taking turns: 56-60 -> 68-73 G
-// multiply-adds/s. The op, float32, 2 threads, both forms in one process
-// taking turns (12 pairs of 0.25 s windows, median of the paired ratios):
-// 16 x 12 at 32 x 512 x 768 forward 0.86x the time, forward+backward 0.89x;
-// 4 x 12 0.91x and 0.93x; one vector of scores (so400m, 1 x 16) level.
-constexpr int kColumnScoreVectors = kVectorRegisters == 32 ? 2 : 1;
+// two FMAs instead of one per FMA. The accumulators of a block's rows for
+// both vectors, two columns and the broadcast fit the registers: 24 + 3 of
+// AVX-512's 32, 12 + 3 of AVX2's 16. A standalone loop streaming 16,392 rows
+// of 768 through 12-row blocks, 192 scores, one core of the 2-core Xeon, five
+// runs each, taking turns: 56-60 -> 68-73 G multiply-adds/s. The op, float32,
+// 2 threads on that Xeon, one vector a pass and two in one process, taking
+// turns (8-12 pairs of 0.25 s windows, median of the paired ratios), time of
+// two over one at 32 x 512 x 768 (so400m: 16 x 729 x 1152, full width):
+//   AVX-512: 16 x 12 forward 0.86, forward+backward 0.89; 4 x 12 0.91 and
+//     0.93; 1 x 16 and so400m (16 scores, one vector) level;
+//   AVX2 (8 lanes, so 12 and 16 scores fill two): 16 x 12 0.74 and 0.83,
+//     4 x 12 0.73 and 0.87, 1 x 12 0.79 and 0.90, 1 x 16 0.79 and 0.92,
+//     so400m 0.82 and 0.94;
+//   the default level: 4 x 12 forward 0.56, 1 x 16 0.47.
+constexpr int kColumnScoreVectors = 2;
 
 // scores[k * stride + r] = rows[r] . u_k for R rows and the scores k of the
 // V vectors of lanes from score `first`, their accumulators in registers over
