@@ -127,9 +127,12 @@ constexpr int kColumnScoreVectors = 2;
 // the whole row ([Note: scores by columns]); kByRow: row r's lanes, pads
 // included, at scores[r * stride] instead. ahead: the pass from score 0
 // prefetches each row's line that many elements on (the forward's next
-// tile), or none if 0.
+// tile), or none if 0. Not inlined: inside score_rows_by_columns' loop GCC
+// kept four of the 12 row pointers in vector registers and moved them back
+// on every column (two on its own, as before the two-vector pass), each move
+// taking a slot of an FMA port.
 template <int R, int V, bool kByRow, typename T, typename A>
-void score_block_by_columns(
+C10_NOINLINE void score_block_by_columns(
     const T* const* rows,
     const A* columns,
     int64_t n,
