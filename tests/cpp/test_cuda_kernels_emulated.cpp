@@ -201,19 +201,29 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
       constexpr int C = decltype(chunks)::value;
       // The one-score kernels read rows in 16-byte packs only.
       constexpr bool kOneScoreLayout = V == attnpool::cuda::kPackWidth<scalar_t>;
+      // Launches the one-score kernel kernel_for(rows) with the case's rows per
+      // warp tile, a block per piece of each sequence.
+      auto launch_one_score = [&](auto kernel_for, const auto& params) {
+        with_rows(c.rows, [&](auto rows) {
+          launch(
+              kernel_for(rows),
+              B * cut.pieces,
+              c.threads,
+              attnpool::cuda::one_score_shared_bytes<acc_t>(c.threads / 32, H),
+              params);
+        });
+      };
       if (c.one_score) {
         ASSERT_EQ(num_scores, 1) << "the one-score kernels take one query and one head";
         ASSERT_GE(32 * C * V, H) << "the case does not cover the row";
         ASSERT_TRUE(kOneScoreLayout) << "the one-score kernels read 16-byte packs";
         if constexpr (kOneScoreLayout) {
-          with_rows(c.rows, [&](auto rows) {
-            launch(
-                &attnpool::cuda::one_score_forward_kernel<scalar_t, V, C, decltype(rows)::value>,
-                B * cut.pieces,
-                c.threads,
-                attnpool::cuda::one_score_shared_bytes<acc_t>(c.threads / 32, H),
-                f.params);
-          });
+          launch_one_score(
+              [](auto rows) {
+                return &attnpool::cuda::
+                    one_score_forward_kernel<scalar_t, V, C, decltype(rows)::value>;
+              },
+              f.params);
         }
       } else if constexpr (C <= 4) {
         ASSERT_GE(int64_t{c.threads} * C * V, H) << "the case does not cover the row";
@@ -248,14 +258,12 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
       g.params.du_partials = du_partials.mutable_data_ptr();
       if (c.one_score) {
         if constexpr (kOneScoreLayout) {
-          with_rows(c.rows, [&](auto rows) {
-            launch(
-                &attnpool::cuda::one_score_backward_kernel<scalar_t, V, C, decltype(rows)::value>,
-                B * cut.pieces,
-                c.threads,
-                attnpool::cuda::one_score_shared_bytes<acc_t>(c.threads / 32, H),
-                g.params);
-          });
+          launch_one_score(
+              [](auto rows) {
+                return &attnpool::cuda::
+                    one_score_backward_kernel<scalar_t, V, C, decltype(rows)::value>;
+              },
+              g.params);
         }
       } else if constexpr (C <= 4) {
         launch(
