@@ -162,6 +162,103 @@ def test_each_instruction_set_matches_reference(isa):
             assert error <= FACTOR * reference_error + floor, (case, what)
 
 
+# Shapes drawn at random (a fixed seed) that reach the kernels' blocked
+# paths, which the widths above are too small for: blocks of rows scored by
+# columns with one or two vectors of scores (up to 16 x 16), tiles of 24 or
+# 32 rows and their short last tiles, AMX tiles, pieces of long sequences,
+# full width, masks, lengths, an attn_bias with -inf, ragged batches with
+# empty sequences. Forward, dx and du of folded_attention_pool(_varlen)
+# against the reference in float64 on u as the kernels score it. Prints the
+# cases that miss their tolerance.
+RANDOM_SHAPES = r"""
+import json, random, sys
+import torch, attnpool
+sys.path.insert(0, TESTS)
+from helpers import scored_u
+from attnpool import reference
+
+# Output: |got - want| <= t (1 + |want|); gradients: <= t (1 + max |want| + |want|)
+# (bfloat16 three times that).
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+missed = []
+for case in range(CASES):
+    draw = random.Random(case)
+    gen = torch.Generator().manual_seed(case)
+    dtype = draw.choice(dtypes)
+    hidden = draw.choice([16, 32, 48, 96, 160, 256, 384])
+    heads = draw.choice([n for n in (1, 2, 3, 4, 8, 12, 16) if hidden % n == 0])
+    queries = draw.choice([None, 1, 2, 4, 8, 16])
+    full_width = draw.random() < 0.3
+    batch, length = draw.randint(0, 4), draw.choice([0, 1, 7, 31, 33, 64, 100, 257])
+    kind = draw.choice(["none", "mask", "lengths", "bias", "varlen"])
+    scale = draw.choice([0.5, 1.0, 2.0])
+    if kind == "varlen":
+        lengths = torch.randint(0, length + 1, (batch,), generator=gen)
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        x = torch.randn(int(offsets[-1]), hidden, generator=gen).to(dtype)
+    else:
+        x = torch.randn(batch, length, hidden, generator=gen).to(dtype)
+    u_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    u_shape = (heads, hidden) if queries is None else (queries, heads, hidden)
+    u = (torch.randn(u_shape, generator=gen) / hidden**0.5).to(u_dtype)
+    options = {}
+    if kind == "mask":
+        options["mask"] = torch.rand(batch, length, generator=gen) > 0.3
+    if kind == "lengths":
+        options["lengths"] = torch.randint(0, length + 1, (batch,), generator=gen)
+    if kind == "bias":
+        bias = torch.randn(batch, length, generator=gen)
+        options["attn_bias"] = bias.masked_fill(torch.rand(batch, length, generator=gen) < 0.2, float("-inf"))
+
+    def pool(x, u, module):
+        if kind == "varlen":
+            return module.folded_attention_pool_varlen(x, offsets, u, scale, full_width)
+        return module.folded_attention_pool(x, u, scale=scale, full_width=full_width, **options)
+
+    def pooled_and_grads(x, u, module, grad=None):
+        x, u = x.detach().requires_grad_(), u.detach().requires_grad_()
+        if kind == "varlen" and module is attnpool:
+            out = attnpool.folded_attention_pool_varlen(
+                x, u, cu_seqlens=offsets, scale=scale, full_width=full_width
+            )
+        else:
+            out = pool(x, u, module)
+        if grad is None:
+            grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+        if out.numel() == 0:
+            return out.double(), grad, x.new_zeros(x.shape).double(), u.new_zeros(u.shape).double()
+        dx, du = torch.autograd.grad((out.double() * grad).sum(), (x, u))
+        return out.double(), grad, dx.double(), du.double()
+
+    got, grad, *got_grads = pooled_and_grads(x, u, attnpool)
+    want, _, *want_grads = pooled_and_grads(x.double(), scored_u(u, x).double(), reference, grad)
+    t = TOLERANCE[dtype]
+    errors = {"out": ((got - want).abs() / (t * (1 + want.abs()))).max().item() if want.numel() else 0}
+    for name, g, w in zip(("dx", "du"), got_grads, want_grads):
+        biggest = w.abs().max().item() if w.numel() else 0.0
+        bound = t * (3 if dtype == torch.bfloat16 else 1) * (1 + biggest + w.abs())
+        errors[name] = ((g - w).abs() / bound).max().item() if w.numel() else 0
+    if max(errors.values()) > 1:
+        shape = (dtype, kind, batch, length, hidden, heads, queries, full_width)
+        missed.append([case, str(shape), errors])
+print(json.dumps({"isa": attnpool._C.cpu_kernel_isa(), "missed": missed}))
+"""
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_random_shapes_at_each_instruction_set(isa):
+    if isa not in _supported_isas():
+        pytest.skip(f"this CPU does not support {isa}")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = RANDOM_SHAPES.replace("TESTS", repr(tests)).replace("CASES", "60")
+    result = _run(script, isa)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["isa"] == isa
+    assert report["missed"] == []
+
+
 def test_in_process_kernels_are_the_best_the_cpu_allows():
     lowered = {"ATEN_CPU_CAPABILITY", "ATTNPOOL_CPU_CAPABILITY"} & set(os.environ)
     assert attnpool._C.cpu_kernel_isa() == _supported_isas()[-1] or lowered
