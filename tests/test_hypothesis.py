@@ -7,7 +7,9 @@ lengths from 0; bool, uint8 or int64), layouts of x, mask, query and
 weights (strided, transposed, expanded, offset views over NaN-filled storage),
 a scale, and NaN in masked positions. It checks the output and the gradients
 of all four inputs against the reference evaluated in float64 on the same
-(rounded) inputs.
+(rounded) inputs, allowing besides the dtype's tolerance for what the
+roundings of the op's own path move them by (_reference_as_computed,
+_out_rounding_effect): in a peaked softmax that can be more.
 
 CI runs a fixed, derandomized set of ATTNPOOL_HYPOTHESIS_EXAMPLES examples
 (default 200). For a longer local run with fresh random examples (failures are
