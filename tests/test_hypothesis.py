@@ -19,6 +19,7 @@ saved in .hypothesis/ and replayed first next time):
         .venv/bin/python -m pytest tests/test_hypothesis.py --hypothesis-show-statistics
 """
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -308,7 +309,9 @@ ONE_ROW = Case(
 
 
 def _peaked(dtype, batch, seq_len, num_heads, head_dim, num_queries, float32_params, scale, seed):
-    return Case(
+    """A plain case (no mask, contiguous) with x_scale 3."""
+    return dataclasses.replace(
+        ONE_ROW,
         batch=batch,
         seq_len=seq_len,
         num_heads=num_heads,
@@ -316,14 +319,8 @@ def _peaked(dtype, batch, seq_len, num_heads, head_dim, num_queries, float32_par
         num_queries=num_queries,
         dtype=dtype,
         float32_params=float32_params,
-        mask="none",
-        mask_dtype=torch.bool,
-        x_layout="contiguous",
-        mask_strided=False,
-        params_strided=False,
         scale=scale,
         x_scale=3.0,
-        nan_in_masked=False,
         seed=seed,
     )
 
