@@ -27,7 +27,9 @@ run this in .venv-cuda with the package scripts/test_peer_heads.sh assembles,
         [--threads 2] [--repeats 5] [--malloc reuse|system] [--quick] [--json PATH]
         [--shapes NAME ...]
 
-A peer whose library is not installed is skipped with a line saying so. Calls
+It ends with issue #15's targets, one PASS/FAIL line each (HF's head at
+so400m, CoCa's pooler). A peer whose library is not installed is skipped with
+a line saying so. Calls
 are interleaved round by round after a warm-up round; each figure is the
 median over rounds. --malloc as in varlen.py; --quick runs tiny shapes once
 (a smoke run for the tests).
@@ -42,7 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnpool
-from attnpool.bench import forward_backward, script_parser, start_script, time_rounds
+from attnpool.bench import (
+    forward_backward,
+    print_targets,
+    script_parser,
+    start_script,
+    time_rounds,
+)
 from attnpool.modules import projection_weights
 
 SAVED_BYTES_COUNT = (
@@ -290,6 +298,32 @@ def print_row(row):
     )
 
 
+def check_targets(rows) -> list:
+    """Issue #15's targets, as bench.print_targets takes them: HF's head at
+    so400m (forward >= 50x, forward+backward >= 25x, the folded eager
+    forward >= 10x, saved bytes >= 10x), CoCa's pooler never slower."""
+    checks = []
+
+    def at_least(description, value, limit):
+        checks.append((description, value, ">=", limit, value >= limit))
+
+    for row in rows:
+        ratios, label = row["ratios"], f"{row['shape']} {row['peer']}"
+        if row["shape"] == "siglip-so400m" and row["peer"].startswith("HF "):
+            at_least(f"{label}: forward, peer / attnpool", ratios["forward peer/attnpool"], 50)
+            both = ratios["forward+backward peer/attnpool"]
+            at_least(f"{label}: forward+backward, peer / attnpool", both, 25)
+            at_least(f"{label}: forward, eager / attnpool", ratios["forward eager/attnpool"], 10)
+            at_least(
+                f"{label}: saved bytes, peer / attnpool", ratios["saved bytes peer/attnpool"], 10
+            )
+        if row["shape"] == "coca":
+            at_least(f"{label}: forward, peer / attnpool", ratios["forward peer/attnpool"], 1)
+            both = ratios["forward+backward peer/attnpool"]
+            at_least(f"{label}: forward+backward, peer / attnpool", both, 1)
+    return checks
+
+
 def main() -> None:
     parser = script_parser(__doc__, repeats=5)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round")
@@ -317,6 +351,10 @@ def main() -> None:
             print_row(row)
         rows += shape_rows
         skipped += shape_skipped
+    # (The tiny shapes of --quick are no shapes of the issue's.)
+    checks = [] if args.quick else check_targets(rows)
+    if checks:
+        print_targets(checks)
     if args.json:
         report = {
             "threads": args.threads,
@@ -326,6 +364,10 @@ def main() -> None:
             "saved_bytes_count": SAVED_BYTES_COUNT,
             "rows": rows,
             "skipped": skipped,
+            "targets": [
+                {"target": d, "value": v, "relation": r, "limit": lim, "passed": ok}
+                for d, v, r, lim, ok in checks
+            ],
         }
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

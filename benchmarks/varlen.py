@@ -12,6 +12,8 @@ head, float32 and bfloat16. Contenders, all computing the same pooled vectors:
 
     python benchmarks/varlen.py [--threads 2] [--repeats 7] [--malloc reuse|system]
 
+It ends with issue #16's targets, one PASS/FAIL line each, per dtype.
+
 Calls are interleaved round by round, each round timing back-to-back calls
 of one contender for at least 20 ms; each figure is the median over rounds.
 --malloc is attnpool.bench's: "reuse" (the default) has glibc keep freed
@@ -24,7 +26,13 @@ import math
 import torch
 
 import attnpool
-from attnpool.bench import forward_backward, script_parser, start_script, time_interleaved
+from attnpool.bench import (
+    forward_backward,
+    print_targets,
+    script_parser,
+    start_script,
+    time_interleaved,
+)
 
 BATCH, LONGEST, HIDDEN, MEAN_LENGTH = 64, 2048, 768, 128
 
@@ -97,6 +105,7 @@ def main() -> None:
         f"longest {int(lengths.max())}), H={HIDDEN}, {args.threads} threads, "
         f"median of {args.repeats} rounds; malloc: {malloc}"
     )
+    checks = []
     for dtype in (torch.float32, torch.bfloat16):
         rows, pooling, floor = contenders(dtype)
         calls = dict(floor)
@@ -139,6 +148,31 @@ def main() -> None:
             "  forward+backward, mask / lengths: "
             f"{ms['forward+backward: mask'] / ms['forward+backward: lengths']:.2f}"
         )
+        checks += targets(str(dtype).replace("torch.", ""), ms, read, list(pooling))
+    print_targets(checks)
+
+
+def targets(dtype: str, ms: dict, read: float, names: list) -> list:
+    """Issue #16's targets for one dtype, as bench.print_targets takes them."""
+
+    def both(name):
+        return ms[f"forward+backward: {name}"]
+
+    def at_least(description, value, limit):
+        return (f"{dtype}: {description}", value, ">=", limit, value >= limit)
+
+    forward_over_read = ms["forward: varlen"] / read
+    checks = [
+        at_least("forward+backward, mask / varlen", both("mask") / both("varlen"), 2.0),
+        (f"{dtype}: varlen forward / read", forward_over_read, "<=", 1.3, forward_over_read <= 1.3),
+        at_least("forward+backward, mask / lengths", both("mask") / both("lengths"), 1.5),
+    ]
+    peer = "PyG AttentionalAggregation"
+    if peer in names:
+        checks.insert(
+            1, at_least(f"forward+backward, {peer} / varlen", both(peer) / both("varlen"), 4.0)
+        )
+    return checks
 
 
 if __name__ == "__main__":
