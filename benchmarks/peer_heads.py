@@ -27,6 +27,13 @@ run this in .venv-cuda with the package scripts/test_peer_heads.sh assembles,
         [--threads 2] [--repeats 5] [--malloc reuse|system] [--quick] [--json PATH]
         [--shapes NAME ...]
 
+but not after .ci/run: CI builds that package at -O0 with the default CPU
+level only (ATTNPOOL_CUDA_CHECK_OPTIMIZE, ATTNPOOL_CUDA_CHECK_CPU_ISAS in
+scripts/check_cuda_build.sh), where the so400m forward takes seconds. A
+package built without them, or a CPU-only one (ATTNPOOL_WITH_CUDA=0
+.venv-cuda/bin/python setup.py build_ext --build-temp T --build-lib L, then
+the Python files beside L's library), times what users get.
+
 It ends with issue #15's targets, one PASS/FAIL line each (HF's head at
 so400m, CoCa's pooler). A peer whose library is not installed is skipped with
 a line saying so. Calls
