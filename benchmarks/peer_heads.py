@@ -36,9 +36,8 @@ the Python files beside L's library), times what users get.
 
 It ends with issue #15's targets, one PASS/FAIL line each (HF's head at
 so400m, CoCa's pooler). A peer whose library is not installed is skipped with
-a line saying so. Calls
-are interleaved round by round after a warm-up round; each figure is the
-median over rounds. --malloc as in varlen.py; --quick runs tiny shapes once
+a line saying so. Calls are interleaved round by round after a warm-up round;
+each figure is the median over rounds. --malloc as in varlen.py; --quick runs tiny shapes once
 (a smoke run for the tests).
 """
 
@@ -56,6 +55,8 @@ from attnpool.bench import (
     print_targets,
     script_parser,
     start_script,
+    target,
+    targets_as_json,
     time_rounds,
 )
 from attnpool.modules import projection_weights
@@ -312,7 +313,7 @@ def check_targets(rows) -> list:
     checks = []
 
     def at_least(description, value, limit):
-        checks.append((description, value, ">=", limit, value >= limit))
+        checks.append(target(description, value, limit))
 
     for row in rows:
         ratios, label = row["ratios"], f"{row['shape']} {row['peer']}"
@@ -371,10 +372,7 @@ def main() -> None:
             "saved_bytes_count": SAVED_BYTES_COUNT,
             "rows": rows,
             "skipped": skipped,
-            "targets": [
-                {"target": d, "value": v, "relation": r, "limit": lim, "passed": ok}
-                for d, v, r, lim, ok in checks
-            ],
+            "targets": targets_as_json(checks),
         }
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -272,8 +272,7 @@ def check_targets(results):
 
     def add(description, value, limit, lower_is_better=True):
         if value is not None:
-            passed = value <= limit if lower_is_better else value >= limit
-            checks.append((description, value, "<=" if lower_is_better else ">=", limit, passed))
+            checks.append(target(description, value, limit, lower_is_better))
 
     def ratio(seconds, a, b):
         if seconds is None or a not in seconds or b not in seconds:
@@ -379,6 +378,18 @@ M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 
 
+def target(description, value, limit, lower_is_better=False) -> tuple:
+    """One check, as print_targets and write_report take them: (description,
+    value, relation, limit, passed), value <= limit or >= limit."""
+    passed = value <= limit if lower_is_better else value >= limit
+    return (description, value, "<=" if lower_is_better else ">=", limit, passed)
+
+
+def targets_as_json(checks) -> list:
+    """The checks as write_report stores them."""
+    return [dict(target=c[0], value=c[1], relation=c[2], limit=c[3], passed=c[4]) for c in checks]
+
+
 def print_targets(checks) -> None:
     """One PASS/FAIL line per (description, value, relation, limit, passed)."""
     print("\ntargets:")
@@ -400,10 +411,7 @@ def write_report(path: str, results, checks, **fields) -> None:
                 torch=torch.__version__,
                 **fields,
                 results=results,
-                targets=[
-                    dict(target=c[0], value=c[1], relation=c[2], limit=c[3], passed=c[4])
-                    for c in checks
-                ],
+                targets=targets_as_json(checks),
             ),
             f,
             indent=1,

@@ -42,7 +42,7 @@ import time
 import torch
 
 import attnpool
-from attnpool.bench import print_targets, write_report
+from attnpool.bench import print_targets, target, write_report
 from attnpool.bench_grid import BERT, Point, make_methods, select_points
 from attnpool.bench_grid import POINTS as GRID_POINTS
 from attnpool.bench_grid import QUICK_POINTS as GRID_QUICK_POINTS
@@ -179,7 +179,7 @@ def check_targets(results):
     checks = []
 
     def add(description, value, limit):
-        checks.append((description, value, ">=", limit, value >= limit))
+        checks.append(target(description, value, limit))
 
     for row in results:
         label = f"{row['point']} {row['dtype']}"

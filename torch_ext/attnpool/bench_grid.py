@@ -40,6 +40,7 @@ from attnpool.bench import (
     configure_malloc,
     cpu_model,
     print_targets,
+    target,
     time_interleaved,
     write_report,
 )
@@ -289,8 +290,7 @@ def check_targets(results):
     checks = []
 
     def add(description, value, limit, lower_is_better):
-        passed = value <= limit if lower_is_better else value >= limit
-        checks.append((description, value, "<=" if lower_is_better else ">=", limit, passed))
+        checks.append(target(description, value, limit, lower_is_better))
 
     for row in results:
         label = f"{row['point']} {row['dtype']}"
