@@ -212,18 +212,17 @@ for case in range(CASES):
         options["attn_bias"] = bias.masked_fill(torch.rand(batch, length, generator=gen) < 0.2, float("-inf"))
 
     def pool(x, u, module):
-        if kind == "varlen":
-            return module.folded_attention_pool_varlen(x, offsets, u, scale, full_width)
-        return module.folded_attention_pool(x, u, scale=scale, full_width=full_width, **options)
+        if kind != "varlen":
+            return module.folded_attention_pool(x, u, scale=scale, full_width=full_width, **options)
+        if module is attnpool:
+            return attnpool.folded_attention_pool_varlen(
+                x, u, cu_seqlens=offsets, scale=scale, full_width=full_width
+            )
+        return reference.folded_attention_pool_varlen(x, offsets, u, scale, full_width)
 
     def pooled_and_grads(x, u, module, grad=None):
         x, u = x.detach().requires_grad_(), u.detach().requires_grad_()
-        if kind == "varlen" and module is attnpool:
-            out = attnpool.folded_attention_pool_varlen(
-                x, u, cu_seqlens=offsets, scale=scale, full_width=full_width
-            )
-        else:
-            out = pool(x, u, module)
+        out = pool(x, u, module)
         if grad is None:
             grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
         if out.numel() == 0:
