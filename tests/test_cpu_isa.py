@@ -245,6 +245,54 @@ print(json.dumps({"isa": attnpool._C.cpu_kernel_isa(), "missed": missed}))
 """
 
 
+# The softmax weights themselves, whose exponentials AVX2 and AVX-512 compute
+# in their own code ([Note: the softmax's exponential] in
+# csrc/ops/cpu/isa/vec_helpers.h): rows of x one-hot, so that out[k] holds
+# score k's weights, for scores down to -120 below the max (into denormals
+# and past them to 0), through each path that weighs scores: one score,
+# dot products into lanes, scores by columns, two scores a vector. Each weight
+# within 8 ulp plus what rounding its argument (x - max) to float32 may
+# cost, |x - max| ulp (Sleef's exp measured 0.47 of that bound). The gradient
+# of u (the backward's exponentials) within 2e-6 of float64's.
+SOFTMAX_WEIGHTS = r"""
+import json, torch, attnpool
+L = 256
+gen = torch.Generator().manual_seed(0)
+x = torch.eye(L)[None].repeat(2, 1, 1)
+worst = {}
+for scores in (1, 2, 8, 12, 16, 24):
+    for low in (-1.0, -20.0, -86.0, -100.0, -120.0):
+        u = (torch.rand(scores, L, generator=gen, dtype=torch.float64) * low).float()
+        u[:, 7] = 0.0
+        u = u.requires_grad_()
+        out = attnpool.folded_attention_pool(x, u, scale=1.0, full_width=True)
+        grad = torch.randn(out.shape, generator=gen)
+        (du,) = torch.autograd.grad(out, u, grad)
+        u64 = u.detach().double().requires_grad_()
+        want = torch.softmax(u64, -1).expand(2, -1, -1)
+        (du_want,) = torch.autograd.grad(want, u64, grad.double())
+        ulp = 2.0**-23
+        allowed = want.detach() * (8 + u64.detach().abs()) * ulp + 2.0**-148
+        weights = ((out.double() - want).abs() / allowed).max().item()
+        gradient = ((du.double() - du_want).norm() / du_want.norm() / 2e-6).item()
+        worst[f"{scores}/{low}"] = max(weights, gradient)
+print(json.dumps({"isa": attnpool._C.cpu_kernel_isa(), "worst": worst}))
+"""
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_softmax_weights_at_each_instruction_set(isa):
+    if isa not in _supported_isas():
+        pytest.skip(f"this CPU does not support {isa}")
+    result = _run(SOFTMAX_WEIGHTS, isa)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["isa"] == isa
+    assert len(report["worst"]) == 30
+    missed = {case: error for case, error in report["worst"].items() if error > 1}
+    assert missed == {}
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_random_shapes_at_each_instruction_set(isa):
     if isa not in _supported_isas():

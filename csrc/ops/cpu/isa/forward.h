@@ -721,7 +721,7 @@ class SoftmaxState {
       const Vec grows = tile_max > old_max;
       const Vec new_max = Vec::blendv(old_max, tile_max, grows);
       // exp(-inf) = 0 also covers the first valid rows.
-      const Vec correction = Vec::blendv(Vec(acc_t(1)), (old_max - new_max).exp(), grows);
+      const Vec correction = Vec::blendv(Vec(acc_t(1)), exp_of(old_max - new_max), grows);
       acc_t corrections[W];
       correction.store(corrections);
       for (int64_t k = first; k < std::min(first + W, num_scores); ++k) {
@@ -734,7 +734,7 @@ class SoftmaxState {
         acc_t* row = scores + r * lanes + first;
         const Vec score = Vec::loadu(row);
         // A -inf score weighs 0 even while the running max is still -inf.
-        const Vec weight = Vec::blendv(score - new_max, neg_inf, score == neg_inf).exp();
+        const Vec weight = exp_of(Vec::blendv(score - new_max, neg_inf, score == neg_inf));
         weight.store(row);
         sums = sums + weight;
       }
@@ -759,7 +759,7 @@ class SoftmaxState {
       }
     }
     at::vec::map(
-        [](Vectorized<acc_t> v) { return v.exp(); },
+        [](Vectorized<acc_t> v) { return exp_of(v); },
         weights + first * R,
         weights + first * R,
         (num_scores - first) * R);
@@ -798,9 +798,9 @@ class SoftmaxState {
       const __m512 correction = _mm512_mask_blend_ps(
           _mm512_cmp_ps_mask(new_max, old_max, _CMP_GT_OQ),
           _mm512_set1_ps(1.0f),
-          exp_of(_mm512_sub_ps(old_max, new_max)));
+          exp_lanes(_mm512_sub_ps(old_max, new_max)));
       // A -inf score weighs 0 even while the running max is still -inf.
-      const __m512 weight = exp_of(_mm512_mask_sub_ps(
+      const __m512 weight = exp_lanes(_mm512_mask_sub_ps(
           neg_inf, _mm512_cmp_ps_mask(tile, neg_inf, _CMP_NEQ_UQ), tile, new_max));
       _mm512_storeu_ps(weights + score * 8, weight);
       const __m512 weight_sums =
@@ -828,10 +828,6 @@ class SoftmaxState {
 
   static float lane_of_eight(__m512 v, int group) {
     return group == 0 ? _mm512_cvtss_f32(v) : _mm256_cvtss_f32(_mm512_extractf32x8_ps(v, 1));
-  }
-
-  static __m512 exp_of(__m512 v) {
-    return Vectorized<float>(v).exp();
   }
 #endif
 
@@ -876,7 +872,7 @@ class SoftmaxState {
       // exp(-inf) = 0: a -inf score weighs 0 even while max is still -inf.
       weights[r] = scores[r] == kNegInf<acc_t> ? kNegInf<acc_t> : scores[r] - max;
     }
-    at::vec::map([](Vectorized<acc_t> v) { return v.exp(); }, weights, weights, R);
+    at::vec::map([](Vectorized<acc_t> v) { return exp_of(v); }, weights, weights, R);
     for (int r = 0; r < R; ++r) {
       sum()[score] += weights[r];
     }

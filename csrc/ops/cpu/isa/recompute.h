@@ -122,7 +122,7 @@ void probabilities(
       scores[k * count + r] = (score - lse[2 * k]) - lse[2 * k + 1];
     }
   }
-  at::vec::map([](Vectorized<acc_t> v) { return v.exp(); }, scores, scores, num_scores * count);
+  at::vec::map([](Vectorized<acc_t> v) { return exp_of(v); }, scores, scores, num_scores * count);
 }
 
 }  // namespace

@@ -180,6 +180,92 @@ void prefetch_row(const T* row, int64_t width, int64_t ahead) {
   }
 }
 
+// [Note: the softmax's exponential] At the AVX2 and AVX-512 levels the
+// softmax's exponentials of float32 lanes are computed here, inlined, in few
+// short steps: x = n ln2 + r with n = round(x / ln2) by the 1.5 * 2^23
+// rounding trick, r = x - n ln2 with ln2 in two parts (n times the first is
+// exact), e^r by its Taylor polynomial of degree 7 (below 6e-9 relative for
+// |r| <= ln2 / 2) in Estrin's order, then times 2^n, rounded once
+// (denormals included). Against exp in double for every float32 in [-110,
+// 90]: at most 1.8 ulp; -inf gives 0, NaN stays NaN, overflow gives inf
+// (test_cpu_isa.py checks the softmax weights at each level). float64 and
+// the default level keep at::vec's exp.
+// Why: at::vec's exp (Sleef's, called per vector) has a long chain of
+// dependent steps, and in the bfloat16 forward with AMX tiles the chains'
+// length, not their count, cost time. 16 x 12 forward, 1 thread, a 2-core
+// Xeon with AMX, one process taking turns: every exponential replaced by its
+// argument took 13.5 -> 8.9 ms; by 13 dependent FMAs, 13.4, as slow as the
+// exponentials; by 13 independent multiplies and adds, 9.4. These
+// exponentials in Horner's order behind a clamp (a longer chain) gained 3%.
+// Timed apart, the 16 x 12 exponentials take 7% of that forward. Our reading:
+// a chain holds the instruction window, and the next rows' tile products
+// start late. The forward, 2 threads, new / old (median of paired ratios):
+// bfloat16 16 x 12 0.87, 4 x 12 0.90, 1 x 12 0.92, 1 x 16 0.94, 8 x 1 0.96,
+// so400m's full width and 1 x 1 0.98; float32 16 x 12 0.91, 4 x 12 0.94,
+// 8 x 1 0.94, 1 x 12 0.96, the others 0.98; forward+backward 0.96-1.0.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// n and p = e^r with e^x = p * 2^n ([Note: the softmax's exponential]);
+// n is a whole number for |x| < 2^22.
+inline std::pair<Vectorized<float>, Vectorized<float>> exp_parts(const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+  using at::vec::fmadd;
+  const Vec shifter(12582912.0f);  // 1.5 * 2^23: adding it rounds to a whole number
+  const Vec n = fmadd(x, Vec(1.44269504f), shifter) - shifter;
+  // ln2 = 0.693145752 (14 significant bits) + 1.42860677e-6.
+  const Vec r = fmadd(n, Vec(-1.42860677e-6f), fmadd(n, Vec(-0.693145752f), x));
+  const Vec r2 = r * r;
+  const Vec low = fmadd(fmadd(r, Vec(1.0f / 6), Vec(0.5f)), r2, r + Vec(1.0f));
+  const Vec high = fmadd(
+      fmadd(r, Vec(1.0f / 5040), Vec(1.0f / 720)), r2, fmadd(r, Vec(1.0f / 120), Vec(1.0f / 24)));
+  return {n, fmadd(high, r2 * r2, low)};
+}
+
+// Below this e^x is less than half the smallest denormal, above the other
+// it overflows: there n could leave the range that 2^n is built for.
+constexpr float kExpZeroBelow = -104.0f;
+constexpr float kExpInfAbove = 89.0f;
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vectorized<float> exp_lanes(const Vectorized<float>& x) {
+  const auto [n, p] = exp_parts(x);
+  const __mmask16 zero = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpZeroBelow), _CMP_LT_OQ);
+  const __mmask16 inf = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpInfAbove), _CMP_GT_OQ);
+  const __m512 e = _mm512_maskz_scalef_ps(static_cast<__mmask16>(~zero), p, n);
+  return _mm512_mask_mov_ps(e, inf, _mm512_set1_ps(std::numeric_limits<float>::infinity()));
+}
+#else
+// 2^k as a float, k a normal exponent (-126..127).
+inline __m256 power_of_two(__m256i k) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
+}
+
+inline Vectorized<float> exp_lanes(const Vectorized<float>& x) {
+  const auto [n, p] = exp_parts(x);
+  // 2^n in two factors, each a normal float for n in [-150, 129], so that
+  // only the second product rounds (to a denormal where e^x is one).
+  const __m256i whole = _mm256_cvtps_epi32(n);
+  const __m256i half = _mm256_srai_epi32(whole, 1);
+  const __m256 e = _mm256_mul_ps(
+      _mm256_mul_ps(p, power_of_two(half)), power_of_two(_mm256_sub_epi32(whole, half)));
+  const __m256 zero = _mm256_cmp_ps(x, _mm256_set1_ps(kExpZeroBelow), _CMP_LT_OQ);
+  const __m256 inf = _mm256_cmp_ps(x, _mm256_set1_ps(kExpInfAbove), _CMP_GT_OQ);
+  return _mm256_blendv_ps(
+      _mm256_andnot_ps(zero, e), _mm256_set1_ps(std::numeric_limits<float>::infinity()), inf);
+}
+#endif
+#endif
+
+// e^v lane by lane, for the softmax ([Note: the softmax's exponential]).
+template <typename A>
+inline Vectorized<A> exp_of(const Vectorized<A>& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    return exp_lanes(v);
+  }
+#endif
+  return v.exp();
+}
+
 // sum_e a[e] * b[e]. Four accumulators hide the latency of dependent FMAs.
 template <typename T, typename A>
 A dot(const T* a, const A* b, int64_t n) {
