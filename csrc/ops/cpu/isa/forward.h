@@ -687,6 +687,13 @@ class SoftmaxState {
     weigh_scores(0, R, scale, bias, scores, weights);
   }
 
+  // Chains that weigh_rows_by_columns finds a tile's maxima in: one chain of
+  // compares and blends through all the tile's rows held the instruction
+  // window as a long exponential does ([Note: the softmax's exponential]).
+  // Bfloat16 forward, 2 threads, a 2-core Xeon with AMX, four chains against
+  // one (median of paired ratios): 16 x 12 0.94, 4 x 12 0.93.
+  static constexpr int kMaxChains = 4;
+
   // weigh_scores for `count` rows whose scores are in the lanes of vectors,
   // scores[r * column_lanes + k]: a vector of scores at a time, in place.
   // Every step is weigh_scores', in its order (the rescaling's exp a
@@ -707,7 +714,10 @@ class SoftmaxState {
     const Vec neg_inf(kNegInf<acc_t>);
     const Vec scales(scale);
     for (int64_t first = 0; first < lanes; first += W) {
-      Vec tile_max = neg_inf;
+      // The tile's max in kMaxChains chains, rows taking turns, then
+      // combined: max is exact, so the result is the one chain's.
+      Vec maxima[kMaxChains];
+      std::fill_n(maxima, kMaxChains, neg_inf);
       for (int r = 0; r < count; ++r) {
         acc_t* row = scores + r * lanes + first;
         Vec score = Vec::loadu(row) * scales;
@@ -715,7 +725,12 @@ class SoftmaxState {
           score = score + Vec(bias[r]);
         }
         score.store(row);
-        tile_max = Vec::blendv(tile_max, score, score > tile_max);
+        Vec& m = maxima[r % kMaxChains];
+        m = Vec::blendv(m, score, score > m);
+      }
+      Vec tile_max = maxima[0];
+      for (int i = 1; i < kMaxChains; ++i) {
+        tile_max = Vec::blendv(tile_max, maxima[i], maxima[i] > tile_max);
       }
       const Vec old_max = Vec::loadu(max_lanes + first);
       const Vec grows = tile_max > old_max;
