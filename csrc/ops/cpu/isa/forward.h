@@ -690,8 +690,11 @@ class SoftmaxState {
   // Chains that weigh_rows_by_columns finds a tile's maxima in: one chain of
   // compares and blends through all the tile's rows held the instruction
   // window as a long exponential does ([Note: the softmax's exponential]).
-  // Bfloat16 forward, 2 threads, a 2-core Xeon with AMX, four chains against
-  // one (median of paired ratios): 16 x 12 0.94, 4 x 12 0.93.
+  // Bfloat16 forward, a 2-core Xeon with AMX, four chains against one
+  // (median of paired ratios): 16 x 12 0.93-0.94 and 4 x 12 0.93-0.94 in four
+  // runs (1 and 2 threads), 16 x 12 1.00 in a later, noisier one; float32
+  // 16 x 12, so400m's full width, 1 x 12 and 1 x 16 0.89-1.18 over six runs
+  // as noisy, no change that the noise lets us see.
   static constexpr int kMaxChains = 4;
 
   // weigh_scores for `count` rows whose scores are in the lanes of vectors,
