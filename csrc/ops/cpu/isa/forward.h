@@ -691,10 +691,10 @@ class SoftmaxState {
   // compares and blends through all the tile's rows held the instruction
   // window as a long exponential does ([Note: the softmax's exponential]).
   // Bfloat16 forward, a 2-core Xeon with AMX, four chains against one
-  // (median of paired ratios): 16 x 12 0.93-0.94 and 4 x 12 0.93-0.94 in four
-  // runs (1 and 2 threads), 16 x 12 1.00 in a later, noisier one; float32
-  // 16 x 12, so400m's full width, 1 x 12 and 1 x 16 0.89-1.18 over six runs
-  // as noisy, no change that the noise lets us see.
+  // (median of paired ratios): 16 x 12 0.93-1.00 over four runs, 4 x 12
+  // 0.93-0.98 over three (1 and 2 threads); float32 16 x 12 and so400m's
+  // full width 0.99-1.00 in the least noisy run, no change that the noise
+  // lets us see.
   static constexpr int kMaxChains = 4;
 
   // weigh_scores for `count` rows whose scores are in the lanes of vectors,
