@@ -701,6 +701,15 @@ class SoftmaxState {
   // scores[r * column_lanes + k]: a vector of scores at a time, in place.
   // Every step is weigh_scores', in its order (the rescaling's exp a
   // vector's, not std::exp). running: 2 * column_lanes of scratch.
+  // Each row's steps are few and short: a max instruction (running_max)
+  // and one shift per tile for the -inf scores instead of at::vec's blends,
+  // each four instructions in a chain, and no check for overflow in the
+  // exponential. Same weights, bit for bit. Forward, a 2-core Xeon with
+  // AMX, new / old (median of paired ratios): bfloat16, 1 thread, 16 x 12
+  // 0.83, 4 x 12 0.86, 1 x 16 0.91, 1 x 12 0.92; 2 threads, 16 x 12 0.83, 8
+  // x 1 0.93, so400m's full width 0.98; float32, 2 threads, 16 x 12 0.93,
+  // 1 x 16 0.94, 4 x 12 and 1 x 12 0.96, 8 x 1 and so400m 0.98. Its share
+  // of the bfloat16 16 x 12 forward (profile, 1 thread): 24% -> 11%.
   void weigh_rows_by_columns(
       int count, acc_t scale, const acc_t* bias, acc_t* scores, acc_t* running) {
     using Vec = Vectorized<acc_t>;
@@ -729,17 +738,21 @@ class SoftmaxState {
         }
         score.store(row);
         Vec& m = maxima[r % kMaxChains];
-        m = Vec::blendv(m, score, score > m);
+        m = running_max(m, score);
       }
       Vec tile_max = maxima[0];
       for (int i = 1; i < kMaxChains; ++i) {
-        tile_max = Vec::blendv(tile_max, maxima[i], maxima[i] > tile_max);
+        tile_max = running_max(tile_max, maxima[i]);
       }
       const Vec old_max = Vec::loadu(max_lanes + first);
       const Vec grows = tile_max > old_max;
       const Vec new_max = Vec::blendv(old_max, tile_max, grows);
       // exp(-inf) = 0 also covers the first valid rows.
-      const Vec correction = Vec::blendv(Vec(acc_t(1)), exp_of(old_max - new_max), grows);
+      const Vec correction = Vec::blendv(Vec(acc_t(1)), exp_of<false>(old_max - new_max), grows);
+      // What the weights' exponents subtract: the max, or 0 where it is
+      // still -inf (every score -inf so far), so that a -inf score weighs 0
+      // (-inf - 0) instead of NaN (-inf - -inf), without a blend per row.
+      const Vec shift = Vec::blendv(new_max, Vec(acc_t(0)), new_max == neg_inf);
       acc_t corrections[W];
       correction.store(corrections);
       for (int64_t k = first; k < std::min(first + W, num_scores); ++k) {
@@ -751,8 +764,7 @@ class SoftmaxState {
       for (int r = 0; r < count; ++r) {
         acc_t* row = scores + r * lanes + first;
         const Vec score = Vec::loadu(row);
-        // A -inf score weighs 0 even while the running max is still -inf.
-        const Vec weight = exp_of(Vec::blendv(score - new_max, neg_inf, score == neg_inf));
+        const Vec weight = exp_of<false>(score - shift);
         weight.store(row);
         sums = sums + weight;
       }
@@ -816,9 +828,9 @@ class SoftmaxState {
       const __m512 correction = _mm512_mask_blend_ps(
           _mm512_cmp_ps_mask(new_max, old_max, _CMP_GT_OQ),
           _mm512_set1_ps(1.0f),
-          exp_lanes(_mm512_sub_ps(old_max, new_max)));
+          exp_lanes<false>(_mm512_sub_ps(old_max, new_max)));
       // A -inf score weighs 0 even while the running max is still -inf.
-      const __m512 weight = exp_lanes(_mm512_mask_sub_ps(
+      const __m512 weight = exp_lanes<false>(_mm512_mask_sub_ps(
           neg_inf, _mm512_cmp_ps_mask(tile, neg_inf, _CMP_NEQ_UQ), tile, new_max));
       _mm512_storeu_ps(weights + score * 8, weight);
       const __m512 weight_sums =

@@ -226,11 +226,17 @@ constexpr float kExpZeroBelow = -104.0f;
 constexpr float kExpInfAbove = 89.0f;
 
 #if defined(CPU_CAPABILITY_AVX512)
+// kMayOverflow false: x is at most 0 (or NaN), and the check for overflow
+// is left out.
+template <bool kMayOverflow = true>
 inline Vectorized<float> exp_lanes(const Vectorized<float>& x) {
   const auto [n, p] = exp_parts(x);
   const __mmask16 zero = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpZeroBelow), _CMP_LT_OQ);
-  const __mmask16 inf = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpInfAbove), _CMP_GT_OQ);
   const __m512 e = _mm512_maskz_scalef_ps(static_cast<__mmask16>(~zero), p, n);
+  if constexpr (!kMayOverflow) {
+    return e;
+  }
+  const __mmask16 inf = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpInfAbove), _CMP_GT_OQ);
   return _mm512_mask_mov_ps(e, inf, _mm512_set1_ps(std::numeric_limits<float>::infinity()));
 }
 #else
@@ -239,6 +245,7 @@ inline __m256 power_of_two(__m256i k) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
 }
 
+template <bool kMayOverflow = true>
 inline Vectorized<float> exp_lanes(const Vectorized<float>& x) {
   const auto [n, p] = exp_parts(x);
   // 2^n in two factors, each a normal float for n in [-150, 129], so that
@@ -248,22 +255,49 @@ inline Vectorized<float> exp_lanes(const Vectorized<float>& x) {
   const __m256 e = _mm256_mul_ps(
       _mm256_mul_ps(p, power_of_two(half)), power_of_two(_mm256_sub_epi32(whole, half)));
   const __m256 zero = _mm256_cmp_ps(x, _mm256_set1_ps(kExpZeroBelow), _CMP_LT_OQ);
+  const __m256 finite = _mm256_andnot_ps(zero, e);
+  if constexpr (!kMayOverflow) {
+    return finite;
+  }
   const __m256 inf = _mm256_cmp_ps(x, _mm256_set1_ps(kExpInfAbove), _CMP_GT_OQ);
-  return _mm256_blendv_ps(
-      _mm256_andnot_ps(zero, e), _mm256_set1_ps(std::numeric_limits<float>::infinity()), inf);
+  return _mm256_blendv_ps(finite, _mm256_set1_ps(std::numeric_limits<float>::infinity()), inf);
 }
 #endif
 #endif
 
 // e^v lane by lane, for the softmax ([Note: the softmax's exponential]).
-template <typename A>
+// kMayOverflow false: every lane is at most 0 (or NaN), as the softmax's
+// score - max is, and the check for overflow is left out.
+template <bool kMayOverflow = true, typename A>
 inline Vectorized<A> exp_of(const Vectorized<A>& v) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<A, float>) {
-    return exp_lanes(v);
+    return exp_lanes<kMayOverflow>(v);
   }
 #endif
   return v.exp();
+}
+
+// The larger of m and v lane by lane, m where v is NaN: blendv(m, v, v > m)
+// in one instruction instead of four (at::vec's blendv goes through a
+// vector of the mask). max_ps returns its second operand where either is
+// NaN or both are zeros, as the blend keeps m.
+template <typename A>
+inline Vectorized<A> running_max(const Vectorized<A>& m, const Vectorized<A>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    return _mm512_max_ps(v, m);
+  } else if constexpr (std::is_same_v<A, double>) {
+    return _mm512_max_pd(v, m);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    return _mm256_max_ps(v, m);
+  } else if constexpr (std::is_same_v<A, double>) {
+    return _mm256_max_pd(v, m);
+  }
+#endif
+  return Vectorized<A>::blendv(m, v, v > m);
 }
 
 // sum_e a[e] * b[e]. Four accumulators hide the latency of dependent FMAs.
