@@ -77,6 +77,10 @@ report["torch.bfloat16/scores-1e6"] = errors(torch.bfloat16, 3, 41, 64, 1, None,
 # Several scores: bfloat16 products, or on AMX_BF16 tile products of 16-row
 # blocks, the last short), recomputed alike by the backward and the jvp.
 report["torch.bfloat16/scores-1e6/Q=3"] = errors(torch.bfloat16, 1, 41, 64, 2, 3, x_scale=1e6)
+# Queries of several heads, whose weighted sums AMX_BF16 adds on tiles: 16
+# queries fill a tile's rows, 33 take two groups of them and a short one.
+for queries in (16, 33):
+    report[f"torch.bfloat16/n=2/Q={queries}"] = errors(torch.bfloat16, 2, 45, 64, 2, queries)
 
 # Whether bfloat16 rows are scored against u rounded to bfloat16: the output
 # depends on u through the scores only, so it is then the same bit for bit.
@@ -156,7 +160,7 @@ def test_each_instruction_set_matches_reference(isa):
     # bfloat16.
     rounds_u = isa in ("AVX512_BF16", "AMX_BF16")
     assert report["rounds_u"] == {"head slices": rounds_u, "full width": rounds_u}
-    assert len(report["errors"]) == 4 * 8 * 2 + 4 + 4
+    assert len(report["errors"]) == 4 * 8 * 2 + 4 + 4 + 2
     for case, errors in report["errors"].items():
         floor = FLOOR[case.split("/")[0]]
         for what, error, reference_error in zip(

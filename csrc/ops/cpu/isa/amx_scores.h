@@ -185,28 +185,32 @@ inline void amx_score_rows(
 }
 
 // [Note: weighted sums on AMX tiles] The forward's weighted sums of a tile
-// of rows scored on tiles are tile products too where one head (or full
-// width) holds 8 scores or more: the sums of the scores (rows of C, H
-// apart in the state) += their weights, each as two bfloat16 and paired by
-// rows (A), times the tile's rows paired by rows (B), as vdpbf16ps takes
-// them in [Note: weighted sums from bfloat16 products]. Fewer scores, or
-// several heads, leave most of each product's 16 rows of A empty or need a
-// product per head slice, and the sums in float32 by columns
+// of rows scored on tiles are tile products too where 8 queries or more
+// share a head (one head, full width, or several heads): for each head, the
+// sums of its queries (rows of C, in the state) += their weights, each as
+// two bfloat16 and paired by rows (A), times the head's slice of the
+// tile's rows paired by rows (B), as vdpbf16ps takes them in [Note:
+// weighted sums from bfloat16 products]. Fewer queries leave most of each
+// product's 16 rows of A empty, and the sums in float32 by columns
 // (add_weighted_rows_by_columns, add_head_slices_by_columns) are faster.
 // Bfloat16 forward, 2 threads, a 2-core Xeon with AMX, one process taking
-// turns (median of 25 calls each; tiles -> float32 by columns, or the
-// reverse where noted): 1 x 12 at 32 x 512 x 768 3.96 -> 3.26 ms, 1 x 16
-// 2.95 -> 2.25, 4 x 12 4.59 -> 3.72, 16 x 12 12.2 -> 11.6, 8 x 1 4.25 ->
-// 3.56; but 16 x 1 4.0 -> 3.3 on tiles, 32 x 1 6.9 -> 5.7 and so400m's
-// full width (16 x 729 x 1152, 16 scores) 5.7 -> 4.8. Since the tiles'
-// operands and the sums start on cache lines, 8 x 1 gains on tiles too
-// (1.78 -> 1.62 ms, nine turns each); 4 x 1 still loses (1.38 -> 1.51).
+// turns (median of 25 calls each; tiles -> float32 by columns): 1 x 12 at
+// 32 x 512 x 768 3.96 -> 3.26 ms, 1 x 16 2.95 -> 2.25, 8 x 1 4.25 -> 3.56;
+// but 16 x 1 4.0 -> 3.3 on tiles, 32 x 1 6.9 -> 5.7 and so400m's full
+// width (16 x 729 x 1152, 16 scores) 5.7 -> 4.8. Since the tiles' operands
+// and the sums start on cache lines, 8 x 1 gains on tiles too (1.78 ->
+// 1.62 ms, nine turns each); 4 x 1 still loses (1.38 -> 1.51). With
+// several heads (median of paired ratios, tiles / by columns): 16 x 12
+// 0.84 (1 and 2 threads), 8 x 12 0.96; 4 x 12 1.13 and 2 x 12 1.29 stay by
+// columns. A's weights are moved into place by 16 x 16 transposes in
+// registers (pair_weights_for_tiles), which took 16 x 12 0.91, 16 x 1 0.95
+// of the time that scattering them did (1 thread).
 
 // Whether the forward adds the weighted sums of T rows on tiles.
 template <typename T>
 bool sums_on_tiles(const PoolShape& s) {
-  return scores_on_tiles<T>(s.num_scores()) && s.num_heads == 1 && s.num_queries >= kTileRows / 2 &&
-         s.hidden % kTileColumns == 0;
+  return scores_on_tiles<T>(s.num_scores()) && s.num_queries >= kTileRows / 2 &&
+         s.head_dim % kTileColumns == 0;
 }
 
 // Pairs of rows of a tile of up to 2 * kTileRows rows: one tile's worth.
@@ -227,67 +231,111 @@ inline void pair_rows_for_tiles(
 // (the rows) serves both.
 constexpr int64_t kWeightWords = 2 * kTilePairs;
 
+// Transposes 16 x 16 floats in place, v[r] lane c -> v[c] lane r: pairs of
+// values, then of pairs, then of 128-bit lanes (four steps of 16 shuffles).
+inline void transpose_16x16(__m512* v) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  // u[4 g + m], 128-bit lane L: column 4 L + m of rows 4 g .. 4 g + 3.
+  __m512 u[16];
+  const auto as_pd = [](__m512 x) { return _mm512_castps_pd(x); };
+  for (int g = 0; g < 4; ++g) {
+    for (int m = 0; m < 2; ++m) {
+      const __m512d a = as_pd(t[4 * g + m]);
+      const __m512d b = as_pd(t[4 * g + m + 2]);
+      u[4 * g + 2 * m] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      u[4 * g + 2 * m + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512 x0 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x44);
+    const __m512 x1 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xEE);
+    const __m512 y0 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x44);
+    const __m512 y1 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xEE);
+    v[m] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+    v[4 + m] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
+    v[8 + m] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+    v[12 + m] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
+  }
+}
+
 // weights[k * kWeightWords + p] = (w[2 p][k], w[2 p + 1][k]) rounded to
 // bfloat16 (vcvtneps2bf16: to nearest even) and weights[k * kWeightWords +
 // kTilePairs + p] the same of what the rounding left, zero past `count`
 // rows; w[r * lanes + k] as the lanes hold them (lanes a multiple of 16).
-// Each vector of 16 scores of a pair of rows is scattered to its 16 rows
-// of A.
+// 16 rows by 16 scores at a time, transposed in registers: each score's 16
+// rows are then one vector, whose bfloat16 halves are 8 of A's pairs.
 inline void pair_weights_for_tiles(
     const float* w, int64_t lanes, int count, int64_t num_scores, uint32_t* weights) {
-  const __m512i rows_of_a = _mm512_mullo_epi32(
-      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-      _mm512_set1_epi32(static_cast<int>(kWeightWords)));
-  // The two bfloat16 parts of row `row`'s weights k..k+15, each in the low
-  // half of a 32-bit lane.
-  auto parts = [&](int row, int64_t k, __m512i& first, __m512i& rest) {
-    if (row >= count) {
-      first = rest = _mm512_setzero_si512();
-      return;
-    }
-    const __m512 value = _mm512_loadu_ps(w + row * lanes + k);
-    first = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(value)));
-    const __m512 left = _mm512_sub_ps(value, _mm512_castsi512_ps(_mm512_slli_epi32(first, 16)));
-    rest = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(left)));
+  constexpr int64_t kHalfPairs = kTilePairs / 2;
+  const auto to_float = [](__m256bh half) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(half)), 16));
   };
   for (int64_t k = 0; k < num_scores; k += 16) {
-    const __mmask16 scores =
-        static_cast<__mmask16>(num_scores - k >= 16 ? 0xFFFF : (1u << (num_scores - k)) - 1);
-    uint32_t* rows_of_k = weights + k * kWeightWords;
-    for (int64_t p = 0; p < kTilePairs; ++p) {
-      const int first = static_cast<int>(2 * p);
-      __m512i low_first, low_rest, high_first, high_rest;
-      parts(first, k, low_first, low_rest);
-      parts(first + 1, k, high_first, high_rest);
-      const __m512i pair_first = _mm512_or_si512(low_first, _mm512_slli_epi32(high_first, 16));
-      const __m512i pair_rest = _mm512_or_si512(low_rest, _mm512_slli_epi32(high_rest, 16));
-      _mm512_mask_i32scatter_epi32(rows_of_k + p, scores, rows_of_a, pair_first, 4);
-      _mm512_mask_i32scatter_epi32(rows_of_k + kTilePairs + p, scores, rows_of_a, pair_rest, 4);
+    for (int half = 0; half < 2; ++half) {
+      __m512 values[16];
+      for (int j = 0; j < 16; ++j) {
+        const int row = half * 16 + j;
+        values[j] = row < count ? _mm512_loadu_ps(w + row * lanes + k) : _mm512_setzero_ps();
+      }
+      transpose_16x16(values);
+      for (int64_t j = 0; j < std::min<int64_t>(16, num_scores - k); ++j) {
+        uint32_t* pairs = weights + (k + j) * kWeightWords + half * kHalfPairs;
+        const __m256bh first = _mm512_cvtneps_pbh(values[j]);
+        const __m256bh rest = _mm512_cvtneps_pbh(_mm512_sub_ps(values[j], to_float(first)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs), reinterpret_cast<__m256i>(first));
+        _mm256_storeu_si256(
+            reinterpret_cast<__m256i*>(pairs + kTilePairs), reinterpret_cast<__m256i>(rest));
+      }
     }
   }
 }
 
-// sums[k * H + c] += sum_r w[r * lanes + k] * rows[r][c] for every score
-// k of one head and every column c, on tiles ([Note: weighted sums on AMX
-// tiles]); `count` up to 2 * kTilePairs, H a multiple of kTileColumns.
-inline void add_weighted_rows_on_tiles(
+// sums[(i * n + h) * d + c] += sum_r w[r * lanes + i * n + h] *
+// rows[r][h * d + c] for every query i, head h (d = H / n) and column c < d:
+// each head slice's weighted sums, of one head (n = 1, full width included)
+// or several, on tiles ([Note: weighted sums on AMX tiles]); `count` up to
+// 2 * kTilePairs, d a multiple of kTileColumns. A's rows for head h are the
+// scores i * n + h, n apart.
+inline void add_head_slices_on_tiles(
     const float* w,
     int64_t lanes,
     int count,
     const at::BFloat16* const* rows,
     int64_t H,
-    int64_t num_scores,
+    int64_t num_queries,
+    int64_t num_heads,
     float* sums) {
+  const int64_t num_scores = num_queries * num_heads;
+  const int64_t d = H / num_heads;
   thread_local TileBuffer<uint32_t> scratch;
   scratch.resize(kTilePairs * H + kWeightWords * num_scores);
   uint32_t* row_pairs = scratch.data();
   uint32_t* weight_pairs = scratch.data() + kTilePairs * H;
   pair_rows_for_tiles(rows, count, H, row_pairs);
   pair_weights_for_tiles(w, lanes, count, num_scores, weight_pairs);
-  TileOperands t = word_rows(weight_pairs, kWeightWords, row_pairs, H, sums, H, true);
-  // Two chunks of A (the weights' two parts) against the same B.
-  t.b_chunk_bytes = 0;
-  multiply_on_tiles(t, static_cast<int>(num_scores), 2, H / kTileColumns);
+  for (int64_t first = 0; first < num_queries; first += 2 * kTileRows) {
+    const int group = static_cast<int>(std::min(2 * kTileRows, num_queries - first));
+    configure_tiles(group);
+    for (int64_t h = 0; h < num_heads; ++h) {
+      TileOperands t = word_rows(
+          weight_pairs + (first * num_heads + h) * kWeightWords,
+          num_heads * kWeightWords,
+          row_pairs + h * d,
+          H,
+          sums + (first * num_heads + h) * d,
+          num_heads * d,
+          true);
+      // Two chunks of A (the weights' two parts) against the same B.
+      t.b_chunk_bytes = 0;
+      products_on_tiles(t, group, 2, d / kTileColumns);
+    }
+  }
+  _tile_release();
 }
 #endif
 

@@ -382,7 +382,8 @@ class SoftmaxState {
 #if defined(CPU_CAPABILITY_AMX_BF16)
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       if (u_bf16_ != nullptr && sums_on_tiles<scalar_t>(shape_)) {
-        return add_weighted_rows_on_tiles(scores, lanes, count, rows, H, num_scores, weighted());
+        return add_head_slices_on_tiles(
+            scores, lanes, count, rows, H, shape_.num_queries, shape_.num_heads, weighted());
       }
     }
 #endif
