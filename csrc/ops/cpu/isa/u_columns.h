@@ -251,6 +251,8 @@ constexpr int kColumnVectors = kVectorRegisters == 32 ? 3 : 2;
 // of columns from `column` (c in vector v): the sums of all rows in
 // registers, then added to ys once. K = V: one weight per sum, w_step
 // apart; K < V: one per K vectors of columns (a head slice of K vectors).
+// ahead != 0: the same columns of each row `ahead` elements on are
+// prefetched to L2.
 template <int G, int V, int K = V, typename T, typename A>
 void add_block_by_columns(
     const A* w,
@@ -260,7 +262,8 @@ void add_block_by_columns(
     const T* const* rows,
     int64_t column,
     int64_t ys_stride,
-    A* ys) {
+    A* ys,
+    int64_t ahead = 0) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
   Vec acc[G][V];
@@ -272,6 +275,11 @@ void add_block_by_columns(
   const A* w_r = w;
   for (int r = 0; r < count; ++r, w_r += w_stride) {
     const T* row = rows[r] + column;
+    if (ahead != 0) {
+      for (int64_t e = 0; e < V * W; e += 64 / static_cast<int64_t>(sizeof(T))) {
+        prefetch_to_l2(row + e, ahead);
+      }
+    }
     if constexpr (K == V) {
       // The row's vectors, then one weight at a time: G * V sums, V
       // vectors and a weight in registers (the other order kept all G
@@ -306,7 +314,9 @@ void add_block_by_columns(
 // Accumulators of add_head_slices_in_groups: half the registers.
 constexpr int kSliceSums = kVectorRegisters / 2;
 
-// add_head_slices for G queries at a time and K vectors per head slice.
+// add_head_slices for G queries at a time and K vectors per head slice;
+// ahead != 0: the first group's passes prefetch the rows `ahead` elements
+// on, each column once.
 template <int K, int G, typename T, typename A>
 void add_head_slices_in_groups(
     const A* w,
@@ -315,7 +325,8 @@ void add_head_slices_in_groups(
     const T* const* rows,
     int64_t num_queries,
     int64_t num_heads,
-    A* ys) {
+    A* ys,
+    int64_t ahead) {
   constexpr int64_t W = Vectorized<A>::size();
   const int64_t H = num_heads * K * W;
   // Sums of G queries over `heads` whole head slices from column `column`.
@@ -328,7 +339,8 @@ void add_head_slices_in_groups(
         rows,
         column,
         H,
-        ys + first_query * H);
+        ys + first_query * H,
+        first_query == 0 ? ahead : 0);
   };
   constexpr int kHeads = std::max(1, kSliceSums / (G * K));
   for (int64_t first_query = 0; first_query < num_queries; first_query += G) {
@@ -353,8 +365,8 @@ void add_head_slices_in_groups(
 // process taking turns, bfloat16: 1 x 12 1.25 -> 1.04 ms, 1 x 16 1.15 ->
 // 1.04, 4 x 12 2.24 -> 2.00, 16 x 12 8.79 -> 7.40; float32: 1 x 12 2.61
 // -> 2.40, 4 x 12 6.08 -> 5.99, 16 x 12 20.4 -> 19.8. Each sum adds the
-// same products in the same order as before. Returns false where d is not
-// 1 to 8 vectors.
+// same products in the same order as before. ahead: as in the groups'
+// add_head_slices_in_groups. Returns false where d is not 1 to 8 vectors.
 template <typename T, typename A>
 bool add_head_slices_in_groups(
     const A* w,
@@ -364,7 +376,8 @@ bool add_head_slices_in_groups(
     int64_t num_queries,
     int64_t num_heads,
     int64_t d,
-    A* ys) {
+    A* ys,
+    int64_t ahead = 0) {
   constexpr int64_t W = Vectorized<A>::size();
   if (d == 0 || d % W != 0 || d / W > 8) {
     return false;
@@ -372,11 +385,11 @@ bool add_head_slices_in_groups(
   auto run = [&](auto vectors) {
     constexpr int K = decltype(vectors)::value;
     if (num_queries % 4 == 0 && 4 * K <= kSliceSums) {
-      add_head_slices_in_groups<K, 4>(w, w_stride, count, rows, num_queries, num_heads, ys);
+      add_head_slices_in_groups<K, 4>(w, w_stride, count, rows, num_queries, num_heads, ys, ahead);
     } else if (num_queries % 2 == 0 && 2 * K <= kSliceSums) {
-      add_head_slices_in_groups<K, 2>(w, w_stride, count, rows, num_queries, num_heads, ys);
+      add_head_slices_in_groups<K, 2>(w, w_stride, count, rows, num_queries, num_heads, ys, ahead);
     } else {
-      add_head_slices_in_groups<K, 1>(w, w_stride, count, rows, num_queries, num_heads, ys);
+      add_head_slices_in_groups<K, 1>(w, w_stride, count, rows, num_queries, num_heads, ys, ahead);
     }
   };
   with_tile_size<8>(static_cast<int>(d / W), run);

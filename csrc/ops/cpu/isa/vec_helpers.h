@@ -172,6 +172,19 @@ inline void prefetch(const T* p, int64_t ahead) {
 #endif
 }
 
+// prefetch into L2 only (prefetcht1), for a line read after the lines in
+// L1 now.
+template <typename T>
+inline void prefetch_to_l2(const T* p, int64_t ahead) {
+#if defined(__GNUC__) || defined(__clang__)
+  const auto address = reinterpret_cast<std::uintptr_t>(p) + ahead * sizeof(T);
+  __builtin_prefetch(reinterpret_cast<const void*>(address), 0, 2);
+#else
+  (void)p;
+  (void)ahead;
+#endif
+}
+
 // prefetch for each line of a row of `width` elements.
 template <typename T>
 void prefetch_row(const T* row, int64_t width, int64_t ahead) {
