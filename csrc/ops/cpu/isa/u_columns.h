@@ -276,9 +276,7 @@ void add_block_by_columns(
   for (int r = 0; r < count; ++r, w_r += w_stride) {
     const T* row = rows[r] + column;
     if (ahead != 0) {
-      for (int64_t e = 0; e < V * W; e += 64 / static_cast<int64_t>(sizeof(T))) {
-        prefetch_to_l2(row + e, ahead);
-      }
+      prefetch_row<CacheLevel::kL2>(row, V * W, ahead);
     }
     if constexpr (K == V) {
       // The row's vectors, then one weight at a time: G * V sums, V

@@ -158,27 +158,18 @@ Vectorized<at::opmath_type<T>> load_acc(const T* p) {
   }
 }
 
+// Where a prefetch brings its line: L1 (and L2), or L2 only, for a line
+// read after those in L1 now.
+enum class CacheLevel { kL1, kL2 };
+
 // A hint that the line `ahead` elements after p is read soon. A prefetch never
 // faults, so that line may lie past the end of x; the address is computed as
 // an integer because such a pointer could not be formed.
-template <typename T>
+template <CacheLevel kLevel = CacheLevel::kL1, typename T>
 inline void prefetch(const T* p, int64_t ahead) {
 #if defined(__GNUC__) || defined(__clang__)
   const auto address = reinterpret_cast<std::uintptr_t>(p) + ahead * sizeof(T);
-  __builtin_prefetch(reinterpret_cast<const void*>(address), 0, 3);
-#else
-  (void)p;
-  (void)ahead;
-#endif
-}
-
-// prefetch into L2 only (prefetcht1), for a line read after the lines in
-// L1 now.
-template <typename T>
-inline void prefetch_to_l2(const T* p, int64_t ahead) {
-#if defined(__GNUC__) || defined(__clang__)
-  const auto address = reinterpret_cast<std::uintptr_t>(p) + ahead * sizeof(T);
-  __builtin_prefetch(reinterpret_cast<const void*>(address), 0, 2);
+  __builtin_prefetch(reinterpret_cast<const void*>(address), 0, kLevel == CacheLevel::kL1 ? 3 : 2);
 #else
   (void)p;
   (void)ahead;
@@ -186,10 +177,10 @@ inline void prefetch_to_l2(const T* p, int64_t ahead) {
 }
 
 // prefetch for each line of a row of `width` elements.
-template <typename T>
+template <CacheLevel kLevel = CacheLevel::kL1, typename T>
 void prefetch_row(const T* row, int64_t width, int64_t ahead) {
   for (int64_t e = 0; e < width; e += 64 / static_cast<int64_t>(sizeof(T))) {
-    prefetch(row + e, ahead);
+    prefetch<kLevel>(row + e, ahead);
   }
 }
 
