@@ -144,11 +144,12 @@ def test_results_do_not_depend_on_the_thread_count():
             assert_bitwise_equal(g, w, f"{threads} threads, job {index}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_a_sequence_pools_alike_in_a_small_and_a_large_batch(dtype):
     # The CPU kernels read float rows a tile at a time when x fits the
     # last-level cache and one at a time when it does not ([Note: rows one
-    # at a time]), summing in the same order: 32 sequences (4 MB in float32)
+    # at a time]), and prefetch into L1 or L2 ([Note: prefetches from
+    # memory]), summing in the same order: 32 sequences (4 MB in float32)
     # give the same bits alone as among 1024 (128 MB). One piece per sequence
     # in both batches, so that nothing else differs.
     gen = torch.Generator().manual_seed(0)

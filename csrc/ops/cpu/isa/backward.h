@@ -330,10 +330,11 @@ void backward_rows_one_score(
   acc_t dscores[R];
   if (kReadsRowByRow<scalar_t, acc_t> && !s.x_fits_cache) {
     // One row at a time, as the forward reads float rows
-    // (score_and_accumulate_row_by_row): 2 threads, 32x512x768 float32,
-    // forward+backward 5.1 -> 4.0 ms on a 2-core EPYC.
+    // (score_and_accumulate_row_by_row), into L2 ([Note: prefetches from
+    // memory]): 2 threads, 32x512x768 float32, forward+backward 5.1 -> 4.0
+    // ms on a 2-core EPYC.
     for (int r = 0; r < R; ++r) {
-      prefetch_row(rows[r], H, kRowByRowAhead * s.x_seq_stride);
+      prefetch_row<CacheLevel::kL2>(rows[r], H, kRowByRowAhead * s.x_seq_stride);
       dot2_rows<1>(rows + r, u, g0, H, scores + r, dprobs + r);
     }
   } else {
@@ -341,7 +342,11 @@ void backward_rows_one_score(
     // in the forward); the next tile is asked for first: bfloat16
     // forward+backward 4.7 -> 4.0 ms there.
     for (int r = 0; r < R; ++r) {
-      prefetch_row(rows[r], H, R * s.x_seq_stride);
+      if (s.x_fits_cache) {
+        prefetch_row(rows[r], H, R * s.x_seq_stride);
+      } else {
+        prefetch_row<CacheLevel::kL2>(rows[r], H, R * s.x_seq_stride);
+      }
     }
     if (u_bf16 != nullptr || u_paired != nullptr) {
       forward_scores<R>(rows, u, u_paired, u_bf16, decltype(u)(nullptr), H, 1, scores);

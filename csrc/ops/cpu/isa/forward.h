@@ -23,8 +23,9 @@ namespace {
 // every score]). The forward scores a tile
 // from memory while it adds the tile before it, still in L1: as a pass of
 // its own, that accumulation left the memory idle. kPaired: bfloat16 rows
-// against v and y in paired order, n a multiple of kPairWidth.
-template <int R, int P, bool kPaired, typename T, typename A>
+// against v and y in paired order, n a multiple of kPairWidth. kLevel: where
+// the lines `ahead` go ([Note: prefetches from memory]).
+template <int R, int P, bool kPaired, typename T, typename A, CacheLevel kLevel = CacheLevel::kL1>
 void score_and_accumulate_rows(
     const T* const* rows,
     const A* v,
@@ -56,7 +57,7 @@ void score_and_accumulate_rows(
       const Vec v_first = Vec::loadu(v + e);
       const Vec v_second = kPaired ? Vec::loadu(v + e + W) : Vec();
       for (int r = 0; r < R; ++r) {
-        prefetch(rows[r] + e, ahead);
+        prefetch<kLevel>(rows[r] + e, ahead);
         const auto xv = Reader::load(rows[r] + e);
         acc_first[r] = at::vec::fmadd(xv.first, v_first, acc_first[r]);
         if constexpr (kPaired) {
@@ -104,8 +105,8 @@ void score_and_accumulate_rows(
 // never widened; the P rows of the tile before are widened for their
 // weighted sum y (paired order) as there. Each score is summed as
 // bf16_score_dot_rows_impl sums it, so the backward and the jvp recompute
-// it exactly. n is a multiple of kPairWidth.
-template <int R, int P>
+// it exactly. n is a multiple of kPairWidth; kLevel as there.
+template <int R, int P, CacheLevel kLevel = CacheLevel::kL1>
 void score_bf16_and_accumulate_rows(
     const at::BFloat16* const* rows,
     const at::BFloat16* v,
@@ -137,7 +138,7 @@ void score_bf16_and_accumulate_rows(
       const __m512bh uv = load_bf16<false>(v + e, 0);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        prefetch(xr[r] + e, ahead);
+        prefetch<kLevel>(xr[r] + e, ahead);
         acc[r] = _mm512_dpbf16_ps(acc[r], load_bf16<false>(xr[r] + e, 0), uv);
       }
     }
@@ -237,7 +238,10 @@ class SoftmaxState {
   // paired: the weighted sums are kept in paired order (see load_pairs).
   // u_bf16: u rounded to bfloat16, if the scores come from bfloat16
   // products (u_in_bf16), or null.
-  // row_by_row: read float rows one at a time ([Note: rows one at a time]).
+  // from_memory: x does not fit the last-level cache
+  // (ForwardParams::x_fits_cache): float rows are read one at a time
+  // ([Note: rows one at a time]) and the one-score kernels prefetch into L2
+  // ([Note: prefetches from memory]).
   // u_columns: u stored as columns (u_in_columns), if the rows are scored
   // by columns, or null.
   SoftmaxState(
@@ -245,13 +249,13 @@ class SoftmaxState {
       const PoolInputs& p,
       bool paired,
       const at::BFloat16* u_bf16 = nullptr,
-      bool row_by_row = false,
+      bool from_memory = false,
       const acc_t* u_columns = nullptr)
       : data_(data),
         shape_(p),
         x_seq_stride_(p.x_seq_stride),
         paired_(paired),
-        row_by_row_(row_by_row),
+        from_memory_(from_memory),
         u_bf16_(u_bf16),
         u_columns_(u_columns) {}
 
@@ -525,42 +529,57 @@ class SoftmaxState {
       const scalar_t* const* prev,
       const acc_t* prev_weights,
       acc_t* weights) {
-    const int64_t H = shape_.hidden;
-    const int64_t ahead = R * x_seq_stride_;
     *flag() = acc_t(1);
     acc_t scores[R];
     if constexpr (kReadsRowByRow<scalar_t, acc_t>) {
-      if (row_by_row_) {
+      if (from_memory_) {
         score_and_accumulate_row_by_row<R, P>(rows, u, scores, prev_weights, prev);
-        return weigh_rows<R>(0, scale, bias, scores, weights, weighted(), H);
+        return weigh_rows<R>(0, scale, bias, scores, weights, weighted(), shape_.hidden);
       }
     }
+    if (from_memory_) {
+      score_and_accumulate_tile<R, P, CacheLevel::kL2>(rows, u, scores, prev_weights, prev);
+    } else {
+      score_and_accumulate_tile<R, P, CacheLevel::kL1>(rows, u, scores, prev_weights, prev);
+    }
+    weigh_rows<R>(0, scale, bias, scores, weights, weighted(), shape_.hidden);
+  }
+
+  // add_rows_pipelined's pass over a tile read as a tile, the next tile's
+  // lines prefetched into kLevel.
+  template <int R, int P, CacheLevel kLevel, typename scalar_t>
+  void score_and_accumulate_tile(
+      const scalar_t* const* rows,
+      const acc_t* u,
+      acc_t* scores,
+      const acc_t* prev_weights,
+      const scalar_t* const* prev) {
+    const int64_t H = shape_.hidden;
+    const int64_t ahead = R * x_seq_stride_;
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
 #if defined(CPU_CAPABILITY_AVX512_BF16)
       if (paired_ && u_bf16_ != nullptr) {
-        score_bf16_and_accumulate_rows<R, P>(
+        return score_bf16_and_accumulate_rows<R, P, kLevel>(
             rows, u_bf16_, H, scores, ahead, prev_weights, prev, weighted());
-        return weigh_rows<R>(0, scale, bias, scores, weights, weighted(), H);
       }
 #endif
       if (paired_) {
-        score_and_accumulate_rows<R, P, true>(
+        return score_and_accumulate_rows<R, P, true, scalar_t, acc_t, kLevel>(
             rows, u, H, scores, ahead, prev_weights, prev, weighted());
-        return weigh_rows<R>(0, scale, bias, scores, weights, weighted(), H);
       }
     }
-    score_and_accumulate_rows<R, P, false>(
+    score_and_accumulate_rows<R, P, false, scalar_t, acc_t, kLevel>(
         rows, u, H, scores, ahead, prev_weights, prev, weighted());
-    weigh_rows<R>(0, scale, bias, scores, weights, weighted(), H);
   }
 
   // score_and_accumulate_rows for rows read one at a time (kReadsRowByRow):
   // row r of this tile is scored while row r of the previous one is added,
-  // each row prefetched kRowByRowAhead rows ahead. Loads from all R rows of
-  // a tile at once (R streams) read memory at about 0.6x the speed of one
-  // stream on a 2-core EPYC (float32 1x1 forward 1.4-1.7 -> 1.05-1.25 ms at
-  // 32x512x768). Each score and each weighted sum is summed in the same
-  // order as the tile would sum it.
+  // each row prefetched kRowByRowAhead rows ahead, into L2 ([Note:
+  // prefetches from memory]). Loads from all R rows of a tile at once (R
+  // streams) read memory at about 0.6x the speed of one stream on a 2-core
+  // EPYC (float32 1x1 forward 1.4-1.7 -> 1.05-1.25 ms at 32x512x768). Each
+  // score and each weighted sum is summed in the same order as the tile
+  // would sum it.
   template <int R, int P, typename scalar_t>
   void score_and_accumulate_row_by_row(
       const scalar_t* const* rows,
@@ -571,12 +590,13 @@ class SoftmaxState {
     const int64_t H = shape_.hidden;
     const int64_t ahead = kRowByRowAhead * x_seq_stride_;
     constexpr int kBoth = std::min(R, P);
+    constexpr CacheLevel kL2 = CacheLevel::kL2;
     for (int r = 0; r < kBoth; ++r) {
-      score_and_accumulate_rows<1, 1, false>(
+      score_and_accumulate_rows<1, 1, false, scalar_t, acc_t, kL2>(
           rows + r, u, H, scores + r, ahead, prev_weights + r, prev + r, weighted());
     }
     for (int r = kBoth; r < R; ++r) {
-      score_and_accumulate_rows<1, 0, false, scalar_t, acc_t>(
+      score_and_accumulate_rows<1, 0, false, scalar_t, acc_t, kL2>(
           rows + r, u, H, scores + r, ahead, nullptr, nullptr, nullptr);
     }
     for (int r = kBoth; r < P; ++r) {
@@ -927,7 +947,7 @@ class SoftmaxState {
   PoolShape shape_;
   int64_t x_seq_stride_;
   bool paired_;
-  bool row_by_row_;
+  bool from_memory_;
   const at::BFloat16* u_bf16_;
   const acc_t* u_columns_;
 };
