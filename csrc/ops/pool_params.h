@@ -201,6 +201,9 @@ struct ForwardParams : PoolInputs {
   // CPU only: whether x fits the last-level cache, where the kernels read
   // float rows a tile at a time (kReadsRowByRow in ops/cpu/isa/vec_helpers.h).
   bool x_fits_cache = false;
+  // CPU only: the size of L1's data cache, 0 where it is not known
+  // (next_tile_in_l2 in ops/cpu/isa/forward.h).
+  int64_t l1_data_bytes = 0;
 
   ATTNPOOL_PARAMS_FN int64_t pieces_of(int64_t b) const {
     return ragged() ? first_piece[b + 1] - first_piece[b] : cut.pieces;

@@ -21,6 +21,7 @@
 #include <fstream>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace attnpool::cpu {
 namespace {
@@ -193,33 +194,64 @@ SequenceCut cut_sequences(
   return cut;
 }
 
-// The size of the highest-level cache that CPU 0 shares, from sysfs; 0
-// where it is not known. (glibc's sysconf gave the whole package's 384 MB of
-// L3 on a 2-core EPYC VM whose cores share 32 MB.)
+// The caches of CPU 0 that hold data (Data and Unified; not Instruction),
+// from sysfs: their levels and sizes in bytes; empty where not known.
+struct DataCache {
+  int level;
+  int64_t bytes;
+};
+
+std::vector<DataCache> data_caches() {
+  std::vector<DataCache> caches;
+#if defined(__linux__)
+  for (int index = 0; index < 8; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+    std::ifstream level_file(dir + "/level");
+    std::ifstream type_file(dir + "/type");
+    std::ifstream size_file(dir + "/size");
+    int level = 0;
+    std::string type;
+    int64_t size = 0;
+    std::string unit;
+    if (!(level_file >> level) || !(type_file >> type) || !(size_file >> size)) {
+      continue;
+    }
+    if (type == "Instruction") {
+      continue;
+    }
+    size_file >> unit;  // "32768K": the number, then its unit
+    const int64_t scale = unit == "K" ? 1024 : unit == "M" ? 1024 * 1024 : 1;
+    caches.push_back({level, size * scale});
+  }
+#endif
+  return caches;
+}
+
+// The size of the highest-level cache that CPU 0 shares; 0 where it is not
+// known. (glibc's sysconf gave the whole package's 384 MB of L3 on a 2-core
+// EPYC VM whose cores share 32 MB.)
 int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
-    int64_t found = 0;
-#if defined(__linux__)
-    int best_level = 0;
-    for (int index = 0; index < 8; ++index) {
-      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
-      std::ifstream level_file(dir + "/level");
-      std::ifstream size_file(dir + "/size");
-      int level = 0;
-      int64_t size = 0;
-      std::string unit;
-      if (!(level_file >> level) || !(size_file >> size)) {
-        continue;
-      }
-      size_file >> unit;  // "32768K": the number, then its unit
-      const int64_t scale = unit == "K" ? 1024 : unit == "M" ? 1024 * 1024 : 1;
-      if (level > best_level) {
-        best_level = level;
-        found = size * scale;
+    DataCache highest{0, 0};
+    for (const DataCache& cache : data_caches()) {
+      if (cache.level > highest.level) {
+        highest = cache;
       }
     }
-#endif
-    return found;
+    return highest.bytes;
+  }();
+  return bytes;
+}
+
+// The size of CPU 0's L1 data cache; 0 where it is not known.
+int64_t l1_data_cache_bytes() {
+  static const int64_t bytes = [] {
+    for (const DataCache& cache : data_caches()) {
+      if (cache.level == 1) {
+        return cache.bytes;
+      }
+    }
+    return int64_t{0};
   }();
   return bytes;
 }
@@ -239,6 +271,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(detail::PreparedForward& f, at::S
   }
   ForwardParams& p = f.params;
   p.x_fits_cache = x_fits_cache(p, c10::elementSize(dtype), 1);
+  p.l1_data_bytes = l1_data_cache_bytes();
   const SequenceCut cut = cut_sequences(p, f.pool, p.softmax_state_size(), f.out.options());
   selected_kernels().forward(p, dtype);
   return {f.out, f.lse};

@@ -240,8 +240,8 @@ class SoftmaxState {
   // products (u_in_bf16), or null.
   // from_memory: x does not fit the last-level cache
   // (ForwardParams::x_fits_cache): float rows are read one at a time
-  // ([Note: rows one at a time]) and the one-score kernels prefetch into L2
-  // ([Note: prefetches from memory]).
+  // ([Note: rows one at a time]). next_tile_in_l2: where the one-score
+  // tiles prefetch the next tile (next_tile_in_l2()).
   // u_columns: u stored as columns (u_in_columns), if the rows are scored
   // by columns, or null.
   SoftmaxState(
@@ -250,12 +250,14 @@ class SoftmaxState {
       bool paired,
       const at::BFloat16* u_bf16 = nullptr,
       bool from_memory = false,
+      bool next_tile_in_l2 = false,
       const acc_t* u_columns = nullptr)
       : data_(data),
         shape_(p),
         x_seq_stride_(p.x_seq_stride),
         paired_(paired),
         from_memory_(from_memory),
+        next_tile_in_l2_(next_tile_in_l2),
         u_bf16_(u_bf16),
         u_columns_(u_columns) {}
 
@@ -537,7 +539,7 @@ class SoftmaxState {
         return weigh_rows<R>(0, scale, bias, scores, weights, weighted(), shape_.hidden);
       }
     }
-    if (from_memory_) {
+    if (next_tile_in_l2_) {
       score_and_accumulate_tile<R, P, CacheLevel::kL2>(rows, u, scores, prev_weights, prev);
     } else {
       score_and_accumulate_tile<R, P, CacheLevel::kL1>(rows, u, scores, prev_weights, prev);
@@ -948,9 +950,22 @@ class SoftmaxState {
   int64_t x_seq_stride_;
   bool paired_;
   bool from_memory_;
+  bool next_tile_in_l2_;
   const at::BFloat16* u_bf16_;
   const acc_t* u_columns_;
 };
+
+// Whether the one-score forward's tiles prefetch the next tile into L2, not
+// L1 ([Note: prefetches from memory]): x comes from memory, or L1 cannot
+// hold that tile beside the one being scored, the previous one being added,
+// the weighted sum and u.
+template <typename scalar_t>
+bool next_tile_in_l2(const ForwardParams& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto tiles = static_cast<int64_t>(3 * kForwardTileRows * sizeof(scalar_t)) * p.hidden;
+  const auto vectors = static_cast<int64_t>(2 * sizeof(acc_t)) * p.hidden;
+  return !p.x_fits_cache || (p.l1_data_bytes > 0 && tiles + vectors > p.l1_data_bytes);
+}
 
 // x: [B, L, H] (or ragged [T, H]) rows contiguous; u: [num_scores, H]; out:
 // [B, num_scores, head_dim] and lse: [B, num_scores, 2], both in the
@@ -1025,6 +1040,7 @@ void forward_impl(const ForwardParams& p) {
           paired,
           u_bf16.empty() ? nullptr : u_bf16.data(),
           !p.x_fits_cache,
+          next_tile_in_l2<scalar_t>(p),
           by_columns ? u_columns.data() : nullptr);
       state.reset();
       auto flush = [&] {

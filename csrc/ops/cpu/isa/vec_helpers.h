@@ -40,7 +40,8 @@ constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 // the tile's rows stay in L1 between the score pass and the accumulation
 // pass. The sizes were measured on a 2-core Xeon (AVX-512): the forward also
 // holds the next tile's prefetched rows (and, pipelined, the previous
-// tile's) in L1 and was no faster with 8 rows; the backward, which loads and
+// tile's) in L1, where they fit ([Note: prefetches from memory]), and was
+// no faster with 8 rows; the backward, which loads and
 // stores its du accumulator once per tile, was 15% faster with 8 than with 4.
 constexpr int kForwardTileRows = 4;
 constexpr int kBackwardTileRows = 8;
@@ -162,19 +163,24 @@ Vectorized<at::opmath_type<T>> load_acc(const T* p) {
 // read after those in L1 now.
 enum class CacheLevel { kL1, kL2 };
 
-// [Note: prefetches from memory] Where x does not fit the last-level cache
-// (ForwardParams::x_fits_cache), the one-score kernels prefetch the rows
-// ahead into L2, not L1. Likely why: a prefetch into L1 holds one of L1's
-// few miss buffers for the whole trip from memory, so few lines are in
-// flight; with no prefetch at all the forward was as slow as into L1. With
-// x in cache they prefetch into L1 as before (bfloat16 1x1 at 32x512x768,
-// 25 MB, forward level either way). 2 threads on a 2-core EPYC (Zen 4: 32
-// KB of L1, 32 MB of L3), both in one process, into L2 against L1 (median
-// of paired ratios):
-//   float32 1x1, 32x512x768 (50 MB, read one row at a time): forward 0.62,
-//     forward+backward 0.80;
-//   bfloat16 1x1 (tiles), 64x512x768: forward 0.67; 32x512x768, whose
-//     backward reads x and dx from memory: forward+backward 0.89.
+// [Note: prefetches from memory] The one-score kernels prefetch the rows
+// ahead into L2, not L1, where x does not fit the last-level cache
+// (ForwardParams::x_fits_cache), and the forward's tiles do so too where L1
+// cannot hold the next tile beside the current and previous ones, the
+// weighted sum and u (next_tile_in_l2 in forward.h). Likely why, from
+// memory: a prefetch into L1 holds one of L1's few miss buffers for the
+// whole trip, so few lines are in flight; with no prefetch at all the
+// forward was as slow as into L1. Elsewhere the kernels keep L1. 2 threads
+// on a 2-core EPYC (Zen 4: 32 KB of L1, 32 MB of L3), both in one process,
+// into L2 against L1 (median of paired ratios):
+//   from memory: float32 1x1, 32x512x768 (50 MB, read one row at a time)
+//     forward 0.62, forward+backward 0.80; bfloat16 1x1 (tiles) at
+//     64x512x768 forward 0.67, at 32x512x768, whose backward reads x and dx
+//     from memory, forward+backward 0.89;
+//   in cache, float32 1x1 forward at 8x512xH: H = 384 1.01 and 512 0.98
+//     (three tiles and two vectors: 21 and 28 KB), 640 0.83 and 1024 0.83
+//     (35 and 56 KB); 768 0.83-0.88 at 4 to 16 x 512; bfloat16 at 768 (23
+//     KB) 1.01.
 
 // A hint that the line `ahead` elements after p is read soon. A prefetch never
 // faults, so that line may lie past the end of x; the address is computed as
