@@ -41,8 +41,8 @@ constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 // pass. The sizes were measured on a 2-core Xeon (AVX-512): the forward also
 // holds the next tile's prefetched rows (and, pipelined, the previous
 // tile's) in L1, where they fit ([Note: prefetches from memory]), and was
-// no faster with 8 rows; the backward, which loads and
-// stores its du accumulator once per tile, was 15% faster with 8 than with 4.
+// no faster with 8 rows; the backward, which loads and stores its du
+// accumulator once per tile, was 15% faster with 8 than with 4.
 constexpr int kForwardTileRows = 4;
 constexpr int kBackwardTileRows = 8;
 
