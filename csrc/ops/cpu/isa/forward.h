@@ -994,6 +994,7 @@ void forward_impl(const ForwardParams& p) {
   const TileBuffer<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
   const std::vector<acc_t> u_columns = u_in_columns<scalar_t>(p, u);
   const bool by_columns = !u_columns.empty();
+  const bool next_in_l2 = next_tile_in_l2<scalar_t>(p);
   // Rows scored on AMX tiles take the lanes too ([Note: scores on AMX tiles]).
   const bool dot_scored =
       !by_columns &&
@@ -1040,7 +1041,7 @@ void forward_impl(const ForwardParams& p) {
           paired,
           u_bf16.empty() ? nullptr : u_bf16.data(),
           !p.x_fits_cache,
-          next_tile_in_l2<scalar_t>(p),
+          next_in_l2,
           by_columns ? u_columns.data() : nullptr);
       state.reset();
       auto flush = [&] {
