@@ -101,14 +101,23 @@ constexpr int kColumnTileRows = 24;
 #endif
 
 // Rows per block of scores: their accumulators, a column of u and the
-// broadcast element stay in registers.
-constexpr int kColumnScoreRows = kVectorRegisters == 32 ? 12 : 6;
+// broadcast element stay in registers, and each row's pointer in a general
+// register. With 12 rows GCC ran out of the latter and moved two pointers
+// back from vector registers on every column (score_block_by_columns).
+// Forward, float32, 2 threads, a 2-core Zen 4 EPYC, 8-row blocks over
+// 12-row ones, taking turns in one process (median of 6 paired ratios, two
+// runs): 1 x 12 and 1 x 16 0.93-0.95, so400m's full width 0.96-0.98,
+// 4 x 12, 16 x 12 and CoCa's 256 x 8 0.97-0.98; forward+backward
+// 0.99-1.00. 10-row blocks (10 + 10 + 4 a tile) gained half as much,
+// 6-row ones 0.95 at 1 x 12.
+constexpr int kColumnScoreRows = kVectorRegisters == 32 ? 8 : 6;
 
 // Vectors of lanes a block scores in one pass where the scores fill two: each
 // broadcast element of x then feeds two FMAs, so a pass issues one load per
 // two FMAs instead of one per FMA. The accumulators of a block's rows for
-// both vectors, two columns and the broadcast fit the registers: 24 + 3 of
-// AVX-512's 32, 12 + 3 of AVX2's 16. A standalone loop streaming 16,392 rows
+// both vectors, two columns and the broadcast fit the registers: 16 + 3 of
+// AVX-512's 32 (24 + 3 in the 12-row blocks measured here), 12 + 3 of
+// AVX2's 16. A standalone loop streaming 16,392 rows
 // of 768 through 12-row blocks, 192 scores, one core of the 2-core Xeon, five
 // runs each, taking turns: 56-60 -> 68-73 G multiply-adds/s. The op, float32,
 // 2 threads on that Xeon, one vector a pass and two in one process, taking
@@ -128,9 +137,8 @@ constexpr int kColumnScoreVectors = 2;
 // included, at scores[r * stride] instead. ahead: the pass from score 0
 // prefetches each row's line that many elements on (the forward's next
 // tile), or none if 0. Not inlined: inside score_rows_by_columns' loop GCC
-// kept four of the 12 row pointers in vector registers and moved them back
-// on every column (two on its own, as before the two-vector pass), each move
-// taking a slot of an FMA port.
+// kept four of 12 row pointers in vector registers and moved them back on
+// every column, each move taking a slot of an FMA port (kColumnScoreRows).
 template <int R, int V, bool kByRow, typename T, typename A>
 C10_NOINLINE void score_block_by_columns(
     const T* const* rows,
@@ -398,7 +406,9 @@ bool add_head_slices_in_groups(
 // every score k of `count` rows (n columns each; the weights row by row, so
 // that one pointer reaches a row's weights): a block of sums and columns at a
 // time, each row loaded once per block ([Note: scores by columns]). Every
-// element is summed in one order for any thread count.
+// element is summed in one order for any thread count. ahead != 0: the
+// first block of sums prefetches each row's columns `ahead` elements on
+// into L2, as add_block_by_columns does.
 template <typename T, typename A>
 void add_weighted_rows_by_columns(
     const A* w,
@@ -408,29 +418,42 @@ void add_weighted_rows_by_columns(
     int64_t n,
     int64_t num_scores,
     A* ys,
-    int64_t ys_stride) {
+    int64_t ys_stride,
+    int64_t ahead = 0) {
   constexpr int64_t W = Vectorized<A>::size();
   constexpr int64_t kBlock = kColumnVectors * W;
   for (int64_t first = 0; first < num_scores; first += kColumnSums) {
     const int sums = static_cast<int>(std::min<int64_t>(kColumnSums, num_scores - first));
     const A* wg = w + first;
     A* yg = ys + first * ys_stride;
-    with_tile_size<kColumnSums>(sums, [&](auto size) {
+    // Prefetching or not, a constant: with `ahead` a run-time value inside
+    // add_block_by_columns' loop, the backward's dx and du, which come here
+    // with none, took half as long again (float32 16 x 12 forward+backward
+    // on a Zen 4 EPYC, 112 -> 169 ms).
+    auto blocks = [&](auto size, auto prefetching) {
       constexpr int G = decltype(size)::value;
+      const int64_t block_ahead = decltype(prefetching)::value ? ahead : 0;
       int64_t c = 0;
       for (; c + kBlock <= n; c += kBlock) {
-        add_block_by_columns<G, kColumnVectors>(wg, w_stride, 1, count, rows, c, ys_stride, yg);
+        add_block_by_columns<G, kColumnVectors>(
+            wg, w_stride, 1, count, rows, c, ys_stride, yg, block_ahead);
       }
       for (; c + W <= n; c += W) {
-        add_block_by_columns<G, 1>(wg, w_stride, 1, count, rows, c, ys_stride, yg);
+        add_block_by_columns<G, 1>(wg, w_stride, 1, count, rows, c, ys_stride, yg, block_ahead);
       }
-      for (; c < n; ++c) {
+      return c;
+    };
+    with_tile_size<kColumnSums>(sums, [&](auto size) {
+      constexpr int G = decltype(size)::value;
+      const int64_t c = first == 0 && ahead != 0 ? blocks(size, std::true_type{})
+                                                 : blocks(size, std::false_type{});
+      for (int64_t e = c; e < n; ++e) {
         for (int g = 0; g < G; ++g) {
           A acc(0);
           for (int r = 0; r < count; ++r) {
-            acc += wg[r * w_stride + g] * static_cast<A>(rows[r][c]);
+            acc += wg[r * w_stride + g] * static_cast<A>(rows[r][e]);
           }
-          yg[g * ys_stride + c] += acc;
+          yg[g * ys_stride + e] += acc;
         }
       }
     });
