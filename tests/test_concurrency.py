@@ -145,24 +145,32 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 @pytest.mark.parametrize(
-    "dtype, hidden",
-    [(torch.float32, 512), (torch.float64, 512), (torch.bfloat16, 512), (torch.float32, 768)],
+    "dtype, hidden, queries",
+    [
+        (torch.float32, 512, 1),
+        (torch.float64, 512, 1),
+        (torch.bfloat16, 512, 1),
+        (torch.float32, 768, 1),
+        (torch.float32, 512, 4),
+        (torch.float32, 512, 8),
+    ],
 )
-def test_a_sequence_pools_alike_in_a_small_and_a_large_batch(dtype, hidden):
+def test_a_sequence_pools_alike_in_a_small_and_a_large_batch(dtype, hidden, queries):
     # The CPU kernels read float rows a tile at a time when x fits the
     # last-level cache and one at a time when it does not ([Note: rows one
     # at a time]), and prefetch into L1 or L2 ([Note: prefetches from
-    # memory]: float32 tiles of rows of 768 into L2 where L1 has 32 KB),
-    # summing in the same order: 32 sequences (4 MB in float32 at 512) give
-    # the same bits alone as among 1024 (128 MB). One piece per sequence in
-    # both batches, so that nothing else differs.
+    # memory]: float32 tiles of rows of 768 into L2 where L1 has 32 KB;
+    # [Note: the next tile of float rows]: with 4 or 8 queries of one head,
+    # from the weighted sums), summing in the same order: 32 sequences (4 MB
+    # in float32 at 512) give the same bits alone as among 1024 (128 MB).
+    # One piece per sequence in both batches, so that nothing else differs.
     gen = torch.Generator().manual_seed(0)
     batch, seq_len = 1024, 64
     x = torch.randn(batch, seq_len, hidden, generator=gen, dtype=dtype)
-    u = torch.randn(1, hidden, generator=gen, dtype=dtype) / 8
+    u = torch.randn(queries, 1, hidden, generator=gen, dtype=dtype) / 8
     mask = torch.rand(batch, seq_len, generator=gen) > 0.3
     bias = torch.randn(batch, seq_len, generator=gen, dtype=dtype)
-    grad_out = torch.randn(batch, hidden, generator=gen, dtype=dtype)
+    grad_out = torch.randn(batch, queries, hidden, generator=gen, dtype=dtype)
 
     def pool(count):
         leaf = x[:count].clone().requires_grad_()

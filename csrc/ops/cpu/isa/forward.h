@@ -296,7 +296,18 @@ class SoftmaxState {
     acc_t* scores = scratch;
     acc_t* weights = scratch + num_scores * R;
     *flag() = acc_t(1);
-    score_tile<R>(rows, u, scores, weights);
+    // Float rows of one head from memory: the next tile into L2 from the
+    // weighted sums, as add_dot_scored_rows does ([Note: the next tile of
+    // float rows]). Forward, float32, 32 x 512 x 768, against the score
+    // passes' prefetch (2 threads, a Zen 4 EPYC, paired as there): 2 x 1
+    // 0.70-0.84, 3 x 1 0.81, 4 x 1 0.69-0.81, 6 x 1 0.75; at 64 x 512 x
+    // 768, 2 x 1 0.72 and 3 x 1 0.79; forward+backward 0.87-0.95. With x in
+    // cache it was mixed (8 x 512 x 768: 2 x 1 1.14-1.22, 4 x 1 0.89-0.96;
+    // 16 x 512 x 768: 0.91 and 0.76), so there the score passes keep it.
+    const bool sums_prefetch =
+        std::is_same_v<scalar_t, acc_t> && shape_.num_heads == 1 && from_memory_;
+    const int64_t next_tile = R * x_seq_stride_;
+    score_tile<R>(rows, u, scores, weights, sums_prefetch ? 0 : next_tile);
     weigh_tile<R>(scale, bias, scores, weights);
     if (shape_.num_heads == 1) {
       // Whole rows for every score (several queries of one head, or full
@@ -311,7 +322,15 @@ class SoftmaxState {
         }
       }
       return add_weighted_rows_by_columns(
-          scores, num_scores, R, rows, shape_.hidden, num_scores, weighted(), shape_.hidden);
+          scores,
+          num_scores,
+          R,
+          rows,
+          shape_.hidden,
+          num_scores,
+          weighted(),
+          shape_.hidden,
+          sums_prefetch ? next_tile : 0);
     }
     add_weighted_rows<R>(rows, weights);
   }
@@ -516,12 +535,13 @@ class SoftmaxState {
   // scores[score * R + r] for every score of R rows, R up to
   // kWideTileRows: blocks of kForwardTileRows rows, whose register-blocked
   // sums (score_dot_rows_each) would spill at more rows, each prefetching its
-  // rows of the next tile. block: num_scores * kForwardTileRows of scratch.
+  // rows `ahead` elements on (the next tile; none if 0). block: num_scores *
+  // kForwardTileRows of scratch.
   template <int R, typename scalar_t>
-  void score_tile(const scalar_t* const* rows, const acc_t* u, acc_t* scores, acc_t* block) {
+  void score_tile(
+      const scalar_t* const* rows, const acc_t* u, acc_t* scores, acc_t* block, int64_t ahead) {
     const int64_t H = shape_.hidden;
     const int64_t num_scores = shape_.num_scores();
-    const int64_t ahead = R * x_seq_stride_;
     if constexpr (R <= kForwardTileRows) {
       score_rows<R>(rows, u, u_bf16_, H, num_scores, scores, ahead, paired_);
     } else if (u_bf16_ != nullptr) {
