@@ -397,10 +397,10 @@ class SoftmaxState {
     const int64_t next_tile = kColumnTileRows * x_seq_stride_;
     // [Note: the next tile of float rows] Float rows (read as they are, 8
     // to 11 scores of one head) prefetch the next tile into L2 from the
-    // weighted sums' pass, not from the score passes: each score pass has as
-    // many rows to load as FMAs to issue, and the prefetches there, with a
-    // distance per row, cost GCC general registers (pointers moved back from
-    // vector registers in the loop). Forward, float32, 2 threads, a 2-core
+    // weighted sums' pass, not from the score passes: a score pass loads a
+    // vector for every two FMAs, and its prefetches, with a distance per
+    // row, cost GCC general registers (pointers moved back from vector
+    // registers inside the loop). Forward, float32, 2 threads, a 2-core
     // Zen 4 EPYC, 8 x 1 at B x 512 x 768, taking turns in one process
     // (median of 8 paired ratios), this over the score passes' prefetch:
     // B = 8 (x in cache) 0.95, 16 and 32 0.82, 64 0.75, and 10 x 1 at 32
