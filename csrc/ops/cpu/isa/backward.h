@@ -60,6 +60,8 @@ void dot2_rows(const T* const* rows, const A* u, const A* g, int64_t n, A* score
 // dx[r] = p[r] * g + ds[r] * u and du += sum_r ds[r] * rows[r], in one pass.
 // dx rows of a reduced dtype D are rounded as they are stored, the same
 // rounding as computing them in float and converting the row afterwards.
+// kStream: non-temporal stores ([Note: non-temporal dx]); streamed rows are
+// whole 64-byte lines, so a reduced dx never reaches the half-vector tail.
 template <int R, bool kStream, typename T, typename A, typename D>
 void dx_du_rows(
     const A* p,
@@ -73,7 +75,6 @@ void dx_du_rows(
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
   constexpr bool kNarrow = !std::is_same_v<D, A>;
-  static_assert(!kNarrow || !kStream, "non-temporal stores are for float and double dx");
   // Local copies: the stores below could alias the caller's arrays, which
   // would make the compiler reload every pointer and weight per vector.
   const T* xr[R];
@@ -96,7 +97,7 @@ void dx_du_rows(
       Vec acc_lo = Vec::loadu(du + e);
       Vec acc_hi = Vec::loadu(du + e + W);
       for (int r = 0; r < R; ++r) {
-        at::vec::convert_from_float<D>(dx_at(r, e), dx_at(r, e + W)).store(out[r] + e);
+        store<kStream>(at::vec::convert_from_float<D>(dx_at(r, e), dx_at(r, e + W)), out[r] + e);
         acc_lo = at::vec::fmadd(dsv[r], load_acc(xr[r] + e), acc_lo);
         acc_hi = at::vec::fmadd(dsv[r], load_acc(xr[r] + e + W), acc_hi);
       }
@@ -359,10 +360,8 @@ void backward_rows_one_score(
     probs[j] = probability(biased_score(scale, scores[j], bias, j), lse + 2 * b);
     dscores[j] = scale * probs[j] * (dprobs[j] - delta[b]);
   }
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (stream_dx) {
-      return dx_du_rows<R, true>(probs, dscores, g0, u, rows, dx_rows, du, H);
-    }
+  if (stream_dx) {
+    return dx_du_rows<R, true>(probs, dscores, g0, u, rows, dx_rows, du, H);
   }
   dx_du_rows<R, false>(probs, dscores, g0, u, rows, dx_rows, du, H);
 }

@@ -858,12 +858,16 @@ inline void store(const Vectorized<T>& v, T* p) {
     return _mm512_stream_ps(p, v);
   } else if constexpr (kStream && std::is_same_v<T, double>) {
     return _mm512_stream_pd(p, v);
+  } else if constexpr (kStream && at::is_reduced_floating_point_v<T>) {
+    return _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (kStream && std::is_same_v<T, float>) {
     return _mm256_stream_ps(p, v);
   } else if constexpr (kStream && std::is_same_v<T, double>) {
     return _mm256_stream_pd(p, v);
+  } else if constexpr (kStream && at::is_reduced_floating_point_v<T>) {
+    return _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
   }
 #endif
   v.store(p);
