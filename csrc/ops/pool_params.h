@@ -246,8 +246,8 @@ struct BackwardParams : ForwardParams {
   void* du;
   // CPU only: delta [B, num_scores] workspace, the flat cut, whether dx
   // is written with non-temporal stores (dx whose rows are 64-byte aligned
-  // and whose pages are already backed), and whether dx
-  // starts as zeros (then rows that are not attended are not written).
+  // and whose pages are already backed), and whether dx starts as zeros
+  // (then rows that are not attended are not written).
   void* delta;
   PieceCut flat_cut;
   bool stream_dx;

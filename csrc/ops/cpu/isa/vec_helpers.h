@@ -170,9 +170,11 @@ enum class CacheLevel { kL1, kL2 };
 // weighted sum and u (next_tile_in_l2 in forward.h). Likely why, from
 // memory: a prefetch into L1 holds one of L1's few miss buffers for the
 // whole trip, so few lines are in flight; with no prefetch at all the
-// forward was as slow as into L1. Elsewhere the kernels keep L1. 2 threads
-// on a 2-core EPYC (Zen 4: 32 KB of L1, 32 MB of L3), both in one process,
-// into L2 against L1 (median of paired ratios):
+// forward was as slow as into L1. Float rows with 2 to 11 scores of one
+// head prefetch the next tile into L2 from their weighted sums ([Note: the
+// next tile of float rows] in forward.h); elsewhere the kernels keep L1.
+// 2 threads on a 2-core EPYC (Zen 4: 32 KB of L1, 32 MB of L3), both in
+// one process, into L2 against L1 (median of paired ratios):
 //   from memory: float32 1x1, 32x512x768 (50 MB, read one row at a time)
 //     forward 0.62, forward+backward 0.80; bfloat16 1x1 (tiles) at
 //     64x512x768 forward 0.67, at 32x512x768, whose backward reads x and dx
