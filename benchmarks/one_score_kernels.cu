@@ -114,6 +114,7 @@ struct Variant {
   int rows;
   int warps;
   int blocks_per_sm;
+  bool u_shared = false;  // the forward reads u from shared memory ([Note: u in shared memory])
 };
 
 // The entry point's cut (folded_attention_pool_kernel.cu, cut_sequences),
@@ -184,13 +185,14 @@ void prepare(Kernel* kernel, int warps, int64_t shared, bool describe, const cha
   }
 }
 
-template <typename T, int CHUNKS, int R>
+template <typename T, int CHUNKS, int R, bool kUShared>
 void forward(const Device& device, const Buffers<T>& b, const Variant& v, bool describe) {
   constexpr int V = cuda::kPackWidth<T>;
   const PieceCut cut = cut_for(device, b.batch, b.seq_len, v.blocks_per_sm);
   const ForwardParams a = forward_params(b, cut);
-  const int64_t shared = cuda::one_score_shared_bytes<float>(v.warps, b.hidden);
-  auto* kernel = &cuda::one_score_forward_kernel<T, V, CHUNKS, R>;
+  const int64_t shared = cuda::one_score_shared_bytes<float>(
+      v.warps, b.hidden, kUShared ? cuda::kLaneColumns<V, CHUNKS> : 0);
+  auto* kernel = &cuda::one_score_forward_kernel<T, V, CHUNKS, R, kUShared>;
 #ifdef ATTNPOOL_OTHER_ONE_SCORE
   if (v.other) {
     kernel = &cuda::other::one_score_forward_kernel<T, V, CHUNKS>;
@@ -300,8 +302,14 @@ void run_shape(
       static_cast<long long>(hidden),
       sizeof(T) == 4 ? "float32" : "bfloat16");
   const auto run_forward = [&](const Variant& v, bool describe) {
-    with_rows(
-        v, [&](auto rows) { forward<T, CHUNKS, decltype(rows)::value>(device, b, v, describe); });
+    with_rows(v, [&](auto rows) {
+      constexpr int kRows = decltype(rows)::value;
+      if (v.u_shared) {
+        forward<T, CHUNKS, kRows, true>(device, b, v, describe);
+      } else {
+        forward<T, CHUNKS, kRows, false>(device, b, v, describe);
+      }
+    });
   };
   const auto run_backward = [&](const Variant& v, bool describe) {
     with_rows(
@@ -411,6 +419,9 @@ int main(int argc, char** argv) {
   variants.push_back({"R 2, 8 warps", false, 2, 8, 8});
   variants.push_back({"R 2, 4 warps, 4/SM", false, 2, 4, 4});
   variants.push_back({"R 2, 4 warps, 16/SM", false, 2, 4, 16});
+  variants.push_back({"R 2, u shared", false, 2, 4, 8, true});
+  variants.push_back({"R 4, u shared", false, 4, 4, 8, true});
+  variants.push_back({"R 2, 8 warps, u shared", false, 2, 8, 8, true});
   run_shape<float, 8>(device, variants, "big", 64, 2048, 1024, rounds);
   run_shape<c10::BFloat16, 4>(device, variants, "big", 64, 2048, 1024, rounds);
   run_shape<float, 8>(device, variants, "longest", 1, 262144, 1024, rounds);

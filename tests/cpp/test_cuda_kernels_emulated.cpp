@@ -35,6 +35,7 @@ struct Case {
   int64_t pieces;
   bool one_score = false;  // the kernels of one_score_kernel.cuh (one query, one head)
   int rows = attnpool::cuda::kOneScoreRows;  // the one-score kernels' rows per warp tile
+  bool u_shared = false;                     // the one-score forward reads u from shared memory
 };
 
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
@@ -44,7 +45,8 @@ std::string case_name(const ::testing::TestParamInfo<Case>& info) {
          std::to_string(c.num_queries) + "_n" + std::to_string(c.num_heads) +
          (c.masked ? "_masked" : "") + "_T" + std::to_string(c.threads) + "_vec" +
          std::to_string(c.vec) + "_chunks" + std::to_string(c.chunks) + "_pieces" +
-         std::to_string(c.pieces) + (c.one_score ? "_rows" + std::to_string(c.rows) : "");
+         std::to_string(c.pieces) + (c.one_score ? "_rows" + std::to_string(c.rows) : "") +
+         (c.u_shared ? "_u_shared" : "");
 }
 
 struct Inputs {
@@ -203,13 +205,13 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
       constexpr bool kOneScoreLayout = V == attnpool::cuda::kPackWidth<scalar_t>;
       // Launches the one-score kernel kernel_for(rows) with the case's rows per
       // warp tile, a block per piece of each sequence.
-      auto launch_one_score = [&](auto kernel_for, const auto& params) {
+      auto launch_one_score = [&](auto kernel_for, const auto& params, int64_t u_columns = 0) {
         with_rows(c.rows, [&](auto rows) {
           launch(
               kernel_for(rows),
               B * cut.pieces,
               c.threads,
-              attnpool::cuda::one_score_shared_bytes<acc_t>(c.threads / 32, H),
+              attnpool::cuda::one_score_shared_bytes<acc_t>(c.threads / 32, H, u_columns),
               params);
         });
       };
@@ -218,12 +220,22 @@ Emulated run_emulated(const Case& c, const Inputs& in, const torch::Tensor& grad
         ASSERT_GE(32 * C * V, H) << "the case does not cover the row";
         ASSERT_TRUE(kOneScoreLayout) << "the one-score kernels read 16-byte packs";
         if constexpr (kOneScoreLayout) {
-          launch_one_score(
-              [](auto rows) {
-                return &attnpool::cuda::
-                    one_score_forward_kernel<scalar_t, V, C, decltype(rows)::value>;
-              },
-              f.params);
+          if (c.u_shared) {
+            launch_one_score(
+                [](auto rows) {
+                  return &attnpool::cuda::
+                      one_score_forward_kernel<scalar_t, V, C, decltype(rows)::value, true>;
+                },
+                f.params,
+                attnpool::cuda::kLaneColumns<V, C>);
+          } else {
+            launch_one_score(
+                [](auto rows) {
+                  return &attnpool::cuda::
+                      one_score_forward_kernel<scalar_t, V, C, decltype(rows)::value>;
+                },
+                f.params);
+          }
         }
       } else if constexpr (C <= 4) {
         ASSERT_GE(int64_t{c.threads} * C * V, H) << "the case does not cover the row";
@@ -735,7 +747,24 @@ TEST(ScoreSoftmaxKernels, OneAttendedRowHasNoScoreGradient) {
   }
 }
 
-// {B, L, H, Q, heads, masked, dtype, threads, vec, chunks, pieces[, one_score]}
+// [Note: u in shared memory]: the one-score forward gives the same bits with
+// u in shared memory as with u in registers.
+TEST(EmulatedOneScoreKernels, UInSharedMemoryGivesTheBitsOfUInRegisters) {
+  for (Case c :
+       {Case{2, 30, 768, 0, 1, true, torch::kBFloat16, 128, 8, 4, 3, true, 2},
+        Case{2, 37, 96, 0, 1, true, torch::kFloat32, 128, 4, 1, 2, true, 4},
+        Case{1, 13, 1000, 0, 1, false, torch::kFloat32, 64, 4, 8, 2, true, 1}}) {
+    const auto in = make_inputs(c);
+    const auto grad_out = random_grad_out(c, {c.batch, c.hidden});
+    const auto in_registers = run_emulated(c, in, grad_out);
+    c.u_shared = true;
+    const auto in_shared = run_emulated(c, in, grad_out);
+    EXPECT_TRUE(torch::equal(in_shared.out, in_registers.out)) << c.hidden;
+    EXPECT_TRUE(torch::equal(in_shared.lse, in_registers.lse)) << c.hidden;
+  }
+}
+
+// {B, L, H, Q, heads, masked, dtype, threads, vec, chunks, pieces[, one_score[, rows[, u_shared]]]}
 INSTANTIATE_TEST_SUITE_P(
     Layouts,
     EmulatedCudaKernels,
@@ -758,9 +787,13 @@ INSTANTIATE_TEST_SUITE_P(
         Case{2, 11, 504, 0, 1, true, torch::kHalf, 64, 8, 2, 1, true},
         Case{2, 0, 32, 0, 1, false, torch::kFloat32, 128, 4, 1, 1, true},
         Case{2, 40, 48, 0, 1, true, torch::kFloat32, 128, 4, 1, 40, true},
-        // and their other rows per warp tile.
+        // and their other rows per warp tile,
         Case{2, 30, 768, 0, 1, true, torch::kBFloat16, 128, 8, 4, 3, true, 1},
-        Case{2, 37, 96, 0, 1, true, torch::kFloat32, 128, 4, 1, 2, true, 4}),
+        Case{2, 37, 96, 0, 1, true, torch::kFloat32, 128, 4, 1, 2, true, 4},
+        // and the forward with u in shared memory.
+        Case{2, 30, 768, 0, 1, true, torch::kBFloat16, 128, 8, 4, 3, true, 2, true},
+        Case{2, 37, 96, 0, 1, true, torch::kFloat32, 128, 4, 1, 2, true, 4, true},
+        Case{2, 11, 504, 0, 1, true, torch::kHalf, 64, 8, 2, 1, true, 1, true}),
     case_name);
 
 }  // namespace

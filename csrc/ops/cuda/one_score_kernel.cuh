@@ -43,12 +43,19 @@ constexpr int one_score_max_chunks() {
   return by_row < kOneScoreMaxChunks ? by_row : kOneScoreMaxChunks;
 }
 
+// Columns of a row that the lanes' chunks cover: CHUNKS chunks of VEC for
+// each of a warp's 32 lanes (at least H).
+template <int VEC, int CHUNKS>
+constexpr int kLaneColumns = 32 * VEC * CHUNKS;
+
 // Shared memory of either kernel: each warp's max, sum and flag, each warp's
 // vector of H (its weighted sum, or its du partial), each warp's weight in
-// the block's sum.
+// the block's sum; with u_columns > 0, u there too ([Note: u in shared
+// memory]).
 template <typename acc_t>
-ATTNPOOL_HOST_DEVICE inline int64_t one_score_shared_bytes(int64_t num_warps, int64_t hidden) {
-  return static_cast<int64_t>(sizeof(acc_t)) * num_warps * (4 + hidden);
+ATTNPOOL_HOST_DEVICE inline int64_t one_score_shared_bytes(
+    int64_t num_warps, int64_t hidden, int64_t u_columns = 0) {
+  return static_cast<int64_t>(sizeof(acc_t)) * (num_warps * (4 + hidden) + u_columns);
 }
 
 // Column of element 0 of a lane's chunk j: chunks of VEC elements, the
@@ -154,6 +161,73 @@ ATTNPOOL_DEVICE inline acc_t lane_dot_of(const Element& element, const acc_t (&w
   return total;
 }
 
+// [Note: u in shared memory] The one-score forward holds a lane's columns of
+// u in registers (VEC * CHUNKS of them: 32 for bfloat16 rows of 1024), or,
+// with kUShared, reads them from the block's copy of u in shared memory,
+// which leaves those registers to rows in flight: in bfloat16 a warp's two
+// rows in flight are 4 KB against float32's 8 KB, and the H200 read bfloat16
+// x at 0.25 of x.sum()'s speed against 0.72-0.84 for float32, at the same
+// 2 blocks per SM (registers were the limit). Each row's sums are the same
+// either way, bitwise: u is read once per column for all R rows of a tile.
+// benchmarks/one_score_kernels.cu times both.
+template <typename acc_t, int VEC, int CHUNKS, bool kShared>
+struct LaneU;
+
+template <typename acc_t, int VEC, int CHUNKS>
+struct LaneU<acc_t, VEC, CHUNKS, false> {
+  acc_t values[CHUNKS][VEC];
+
+  ATTNPOOL_DEVICE LaneU(const acc_t* u, int hidden, int lane, acc_t* /*shared*/, int /*tid*/) {
+    load_lane_vector(u, hidden, lane, values);
+  }
+  ATTNPOOL_DEVICE acc_t operator()(int j, int v) const {
+    return values[j][v];
+  }
+};
+
+template <typename acc_t, int VEC, int CHUNKS>
+struct LaneU<acc_t, VEC, CHUNKS, true> {
+  const acc_t* lane_u;  // the lane's first column of the block's copy
+
+  // Every thread of the block takes part (a barrier): `shared` gets u and
+  // zeros up to kLaneColumns.
+  ATTNPOOL_DEVICE LaneU(const acc_t* u, int hidden, int lane, acc_t* shared, int tid) {
+    for (int c = tid; c < kLaneColumns<VEC, CHUNKS>; c += blockDim.x) {
+      shared[c] = c < hidden ? u[c] : acc_t(0);
+    }
+    attnpool_syncthreads();
+    lane_u = shared + lane_column<VEC>(lane, 0);
+  }
+  ATTNPOOL_DEVICE acc_t operator()(int j, int v) const {
+    return lane_u[lane_column<VEC>(0, j) + v];
+  }
+};
+
+// parts[r] = this lane's part of rows[r] . u for the R rows of a tile, each
+// summed as lane_dot sums it; u is read once per column.
+template <typename acc_t, typename scalar_t, int VEC, int CHUNKS, int R, typename U>
+ATTNPOOL_DEVICE inline void lane_dots(
+    const LaneRow<scalar_t, VEC, CHUNKS> (&rows)[R], const U& u, acc_t (&parts)[R]) {
+  acc_t chunk_parts[R][CHUNKS];
+  for (int j = 0; j < CHUNKS; ++j) {
+    for (int r = 0; r < R; ++r) {
+      chunk_parts[r][j] = acc_t(0);
+    }
+    for (int v = 0; v < VEC; ++v) {
+      const acc_t w = u(j, v);
+      for (int r = 0; r < R; ++r) {
+        chunk_parts[r][j] = attnpool_fma(lane_value<acc_t>(rows[r], j, v), w, chunk_parts[r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    parts[r] = chunk_parts[r][0];
+    for (int j = 1; j < CHUNKS; ++j) {
+      parts[r] += chunk_parts[r][j];
+    }
+  }
+}
+
 // This lane's part of row . w.
 template <typename acc_t, typename scalar_t, int VEC, int CHUNKS>
 ATTNPOOL_DEVICE inline acc_t lane_dot(
@@ -240,7 +314,7 @@ ATTNPOOL_DEVICE inline SoftmaxState<acc_t> merge_warp_states(
 // numbering for one query (block_info): out and lse directly when the
 // sequence is one piece, else the piece's state in `partials`, merged by
 // merge_pieces_kernel.
-template <typename scalar_t, int VEC, int CHUNKS, int R = kOneScoreRows>
+template <typename scalar_t, int VEC, int CHUNKS, int R = kOneScoreRows, bool kUShared = false>
 ATTNPOOL_GLOBAL void one_score_forward_kernel(ForwardParams a) {
   using acc_t = attnpool_opmath_t<scalar_t>;
   const BlockInfo info = block_info(a, 1);
@@ -251,8 +325,10 @@ ATTNPOOL_GLOBAL void one_score_forward_kernel(ForwardParams a) {
   const auto* bias =
       a.bias == nullptr ? nullptr : static_cast<const acc_t*>(a.bias) + b * a.seq_len;
 
-  acc_t u[CHUNKS][VEC];
-  load_lane_vector(static_cast<const acc_t*>(a.u), H, lane, u);
+  ATTNPOOL_DYNAMIC_SHARED(acc_t, shared);
+  // u after the warps' states and vectors (one_score_shared_bytes).
+  const LaneU<acc_t, VEC, CHUNKS, kUShared> u(
+      static_cast<const acc_t*>(a.u), H, lane, shared + num_warps * (4 + H), tid);
   acc_t acc[CHUNKS][VEC];
   for (int j = 0; j < CHUNKS; ++j) {
     for (int v = 0; v < VEC; ++v) {
@@ -277,9 +353,11 @@ ATTNPOOL_GLOBAL void one_score_forward_kernel(ForwardParams a) {
     // Every row's sum, absent ones (zeros) too, so that the R butterflies
     // overlap; whether a row is present is the same for the whole warp.
     acc_t scores[R];
+    acc_t parts[R];
+    lane_dots(current.rows, u, parts);
     acc_t tile_max = -attnpool_infinity<acc_t>();
     for (int r = 0; r < R; ++r) {
-      const acc_t sum = warp_sum(lane_dot(current.rows[r], u));
+      const acc_t sum = warp_sum(parts[r]);
       scores[r] = current.present[r] ? biased_score(scale, sum, bias, tile + r)
                                      : -attnpool_infinity<acc_t>();
       tile_max = scores[r] > tile_max ? scores[r] : tile_max;
@@ -314,7 +392,6 @@ ATTNPOOL_GLOBAL void one_score_forward_kernel(ForwardParams a) {
   }
 
   // The block's state: the warps' states merged in warp order.
-  ATTNPOOL_DYNAMIC_SHARED(acc_t, shared);
   acc_t* maxes = shared;               // [num_warps], then each warp's weight
   acc_t* sums = maxes + num_warps;     // [num_warps]
   acc_t* flags = sums + num_warps;     // [num_warps]
