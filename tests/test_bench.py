@@ -4,6 +4,7 @@ measured by the benchmark itself, not by tests."""
 
 import json
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -229,3 +230,24 @@ def test_quick_gpu_benchmark_times_with_cuda_events(tmp_path):
     assert report["device"] == "cuda" and report["timing"].startswith("CUDA events")
     for row in report["results"]:
         assert all(seconds > 0 for seconds in row["forward"].values())
+
+
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or shutil.which("g++") is None,
+    reason="benchmarks/one_score_loops.cpp is x86-64 code for g++",
+)
+def test_one_score_loops_probe_compiles():
+    # The CPU loop probe is built by hand (see its header); compiling it here
+    # keeps it building as the code around it changes.
+    result = subprocess.run(
+        [
+            "g++",
+            "-march=x86-64-v4",
+            "-fopenmp",
+            "-fsyntax-only",
+            str(BENCHMARKS / "one_score_loops.cpp"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
