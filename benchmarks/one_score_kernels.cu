@@ -421,7 +421,7 @@ int main(int argc, char** argv) {
   variants.push_back({"R 2, 4 warps, 16/SM", false, 2, 4, 16});
   variants.push_back({"R 2, u shared", false, 2, 4, 8, true});
   variants.push_back({"R 4, u shared", false, 4, 4, 8, true});
-  variants.push_back({"R 2, 8 warps, u shared", false, 2, 8, 8, true});
+  variants.push_back({"R 1, u shared", false, 1, 4, 8, true});
   run_shape<float, 8>(device, variants, "big", 64, 2048, 1024, rounds);
   run_shape<c10::BFloat16, 4>(device, variants, "big", 64, 2048, 1024, rounds);
   run_shape<float, 8>(device, variants, "longest", 1, 262144, 1024, rounds);

@@ -2,8 +2,8 @@
 // float32 rows; csrc/ops/cpu/isa/forward.h) alone, beside one read of the
 // same rows, at sizes that sit in L1, L2, L3 and memory: how far from a read
 // this CPU lets such a loop come, whatever the op around it does. Each
-// thread takes half of the rows (two threads by default, as the benchmarks
-// run). Every loop sums a score per row (x . u, one chain of FMAs per row)
+// thread takes its share of the rows (two threads by default, as the
+// benchmarks run). Every loop sums a score per row (x . u, one chain of FMAs per row)
 // and adds each row, weighted, to a sum y:
 //
 // - read: x.sum()'s loop, four accumulators;
@@ -13,8 +13,8 @@
 // - tile R, by columns: R rows scored, then added four vectors of y at a
 //   time.
 //
-// Printed: nanoseconds per 64-byte line of x per thread (median of paired
-// rounds) and the ratio to the read at that size. AVX-512 only; build and
+// Printed: nanoseconds per 64-byte line of x per thread (medians of 15
+// rounds, the loops taking turns) and the ratio to the read at that size. AVX-512 only; build and
 // run (threads: 2 unless given):
 //
 //   g++ -O2 -march=x86-64-v4 -fopenmp -o loops benchmarks/one_score_loops.cpp
