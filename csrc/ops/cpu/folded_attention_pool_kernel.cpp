@@ -207,7 +207,7 @@ struct DataCache {
   int64_t bytes;
 };
 
-std::vector<DataCache> data_caches() {
+std::vector<DataCache> read_data_caches() {
   std::vector<DataCache> caches;
 #if defined(__linux__)
   for (int index = 0; index < 8; ++index) {
@@ -230,6 +230,12 @@ std::vector<DataCache> data_caches() {
     caches.push_back({level, size * scale});
   }
 #endif
+  return caches;
+}
+
+// read_data_caches, read once per process.
+const std::vector<DataCache>& data_caches() {
+  static const std::vector<DataCache> caches = read_data_caches();
   return caches;
 }
 
