@@ -233,39 +233,31 @@ std::vector<DataCache> read_data_caches() {
   return caches;
 }
 
-// read_data_caches, read once per process.
-const std::vector<DataCache>& data_caches() {
-  static const std::vector<DataCache> caches = read_data_caches();
-  return caches;
-}
+// The sizes of CPU 0's caches that the kernels plan with, from one reading
+// of sysfs per process; 0 where not known.
+struct CacheSizes {
+  int64_t l1_data = 0;  // its L1 data cache
+  // The highest-level cache it shares. (glibc's sysconf gave the whole
+  // package's 384 MB of L3 on a 2-core EPYC VM whose cores share 32 MB.)
+  int64_t last_level = 0;
+};
 
-// The size of the highest-level cache that CPU 0 shares; 0 where it is not
-// known. (glibc's sysconf gave the whole package's 384 MB of L3 on a 2-core
-// EPYC VM whose cores share 32 MB.)
-int64_t last_level_cache_bytes() {
-  static const int64_t bytes = [] {
-    DataCache highest{0, 0};
-    for (const DataCache& cache : data_caches()) {
-      if (cache.level > highest.level) {
-        highest = cache;
+const CacheSizes& cache_sizes() {
+  static const CacheSizes sizes = [] {
+    CacheSizes found;
+    int highest = 0;
+    for (const DataCache& cache : read_data_caches()) {
+      if (cache.level == 1 && found.l1_data == 0) {
+        found.l1_data = cache.bytes;
+      }
+      if (cache.level > highest) {
+        highest = cache.level;
+        found.last_level = cache.bytes;
       }
     }
-    return highest.bytes;
+    return found;
   }();
-  return bytes;
-}
-
-// The size of CPU 0's L1 data cache; 0 where it is not known.
-int64_t l1_data_cache_bytes() {
-  static const int64_t bytes = [] {
-    for (const DataCache& cache : data_caches()) {
-      if (cache.level == 1) {
-        return cache.bytes;
-      }
-    }
-    return int64_t{0};
-  }();
-  return bytes;
+  return sizes;
 }
 
 // Whether `copies` tensors of x's size fit the last-level cache
@@ -273,7 +265,7 @@ int64_t l1_data_cache_bytes() {
 // forward, x and dx for the backward.
 bool x_fits_cache(const PoolInputs& p, int64_t element_size, int64_t copies) {
   const int64_t rows = p.ragged() ? p.seq_len : p.batch * p.seq_len;
-  return copies * rows * p.hidden * element_size <= last_level_cache_bytes();
+  return copies * rows * p.hidden * element_size <= cache_sizes().last_level;
 }
 
 // Cuts the work (ForwardParams), runs the forward kernel, returns (out, lse).
@@ -283,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(detail::PreparedForward& f, at::S
   }
   ForwardParams& p = f.params;
   p.x_fits_cache = x_fits_cache(p, c10::elementSize(dtype), 1);
-  p.l1_data_bytes = l1_data_cache_bytes();
+  p.l1_data_bytes = cache_sizes().l1_data;
   const SequenceCut cut = cut_sequences(p, f.pool, p.softmax_state_size(), f.out.options());
   selected_kernels().forward(p, dtype);
   return {f.out, f.lse};
