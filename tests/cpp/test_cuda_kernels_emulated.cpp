@@ -9,6 +9,7 @@
 #include "ops/cuda/folded_attention_pool_kernel.cuh"
 #include "ops/cuda/one_score_kernel.cuh"
 #include "ops/cuda/score_softmax_kernel.cuh"
+#include "ops/cuda/tensor_core_kernel.cuh"
 #include "ops/fold_query.h"
 #include "ops/folded_attention_pool.h"
 #include "ops/pool_by_matmul.h"
@@ -765,6 +766,143 @@ TEST(EmulatedOneScoreKernels, UInSharedMemoryGivesTheBitsOfUInRegisters) {
 }
 
 // {B, L, H, Q, heads, masked, dtype, threads, vec, chunks, pieces[, one_score[, rows[, u_shared]]]}
+// The tensor-core forward (ops/cuda/tensor_core_kernel.cuh), launched as
+// benchmarks/tensor_core_kernels.cu launches it: u's fragments, a block per
+// (sequence, piece, group of 8 nt queries), the merge of pieces (or a
+// ragged batch's work items). Against the CPU forward in float64 on the same
+// bfloat16 rows: the kernel keeps about 16 bits of u and of each weight and
+// sums in float32, so it agrees to about 1e-5, where the bfloat16
+// tolerance would hide a misplaced row or column.
+struct MmaCase {
+  int64_t batch, seq_len, hidden, num_queries, num_heads;
+  bool full_width, masked;
+  int64_t pieces;  // 0: a ragged batch
+  int nt;
+};
+
+std::tuple<torch::Tensor, torch::Tensor> run_mma_forward(
+    attnpool::detail::PreparedForward& f, int nt, int64_t pieces, const torch::Tensor& offsets) {
+  namespace cuda = attnpool::cuda;
+  attnpool::ForwardParams& p = f.params;
+  const int64_t B = p.batch, H = p.hidden, Q = p.num_queries, n = p.num_heads;
+  const int mt = cuda::mma_score_tiles(Q, n, nt);
+  EXPECT_TRUE(cuda::takes_mma_forward(p, nt, 227 * 1024));
+  const int64_t groups = cuda::mma_groups(Q, nt);
+  int64_t blocks = 0;
+  torch::Tensor first_piece, partials;
+  if (offsets.defined()) {
+    constexpr int64_t kRowsPerPiece = 40;
+    first_piece = attnpool::detail::ragged_first_piece(offsets, kRowsPerPiece);
+    p.cut = {(p.seq_len + kRowsPerPiece - 1) / kRowsPerPiece + 1, kRowsPerPiece};
+    p.first_piece = first_piece.const_data_ptr<int64_t>();
+    blocks = p.cut.pieces + B;  // the most work items the rows can make
+  } else {
+    p.cut = attnpool::PieceCut::into(p.seq_len, pieces);
+    blocks = B * p.cut.pieces;
+  }
+  partials = torch::empty({blocks * Q, 1 + 2 * n + H}, f.out.options());
+  p.partials = partials.mutable_data_ptr();
+  const auto fragments = cuda::mma_u_fragments(static_cast<const float*>(p.u), Q, n, H, mt, nt);
+  const uint32_t* u_fragments = fragments.data();
+  cuda::with_mma_score_tiles(mt, [&](auto tiles) {
+    constexpr int MT = decltype(tiles)::value;
+    const auto launch_with = [&](auto kernel, int columns) {
+      launch(
+          kernel,
+          blocks * groups,
+          cuda::kMmaThreads,
+          cuda::mma_shared_layout(H, MT, columns).bytes,
+          p,
+          u_fragments);
+    };
+    if (nt == 1) {
+      launch_with(&cuda::mma_forward_kernel<MT, 1>, 1);
+    } else {
+      launch_with(&cuda::mma_forward_kernel<MT, 2>, 2);
+    }
+  });
+  if (p.ragged() || p.cut.pieces > 1) {
+    const int threads = cuda::merge_threads(p.cut.pieces);
+    launch(
+        &cuda::merge_pieces_kernel<at::BFloat16>,
+        B * Q * cuda::merge_blocks_per_row(H, n),
+        threads,
+        cuda::merge_shared_bytes<float>(threads),
+        p);
+  }
+  return {f.out, f.lse};
+}
+
+void check_mma_forward(const MmaCase& c) {
+  const std::string what = "B" + std::to_string(c.batch) + " L" + std::to_string(c.seq_len) + " H" +
+                           std::to_string(c.hidden) + " Q" + std::to_string(c.num_queries) + " n" +
+                           std::to_string(c.num_heads) + (c.full_width ? " full width" : "") +
+                           (c.masked ? " masked" : "") + " pieces " + std::to_string(c.pieces) +
+                           " nt " + std::to_string(c.nt);
+  SCOPED_TRACE(what);
+  torch::manual_seed(c.seq_len * 5 + c.hidden + c.num_queries);
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  const double scale = 0.4;
+  const auto u =
+      (torch::randn({c.num_queries, c.num_heads, c.hidden}, f64) / 4).to(torch::kFloat32);
+  if (c.pieces == 0) {
+    // Empty sequences first, in the middle and last; one long one.
+    const auto offsets = torch::tensor({0, 0, 3, 3, 95, 96, 108, 108}, torch::kInt64);
+    const auto x = torch::randn({108, c.hidden}, f64).to(torch::kBFloat16);
+    const auto [want_out, want_lse] =
+        cpu_op<VarlenForwardOp>("attnpool::_folded_attention_pool_varlen_forward")
+            .call(x.to(torch::kFloat64), offsets, u.to(torch::kFloat64), scale, c.full_width);
+    auto f = attnpool::detail::prepare_varlen_forward(x, offsets, u, scale, c.full_width);
+    const auto [out, lse] = run_mma_forward(f, c.nt, 0, f.pool.offsets);
+    expect_close(out, want_out, 1e-4, "out");
+    expect_close(lse, want_lse, 1e-4, "lse");
+    return;
+  }
+  auto x = torch::randn({c.batch, c.seq_len, c.hidden}, f64).to(torch::kBFloat16);
+  std::optional<torch::Tensor> mask, bias;
+  if (c.masked) {
+    mask = torch::rand({c.batch, c.seq_len}) > 0.3;
+    (*mask)[0] = false;  // an empty sequence
+    // Rows that are not attended are never read (SPEC.md): NaN there must not
+    // reach any result, even through a product with a zero weight.
+    x = x.masked_fill(mask->logical_not().unsqueeze(-1), NAN);
+    bias = torch::randn({c.batch, c.seq_len});
+  }
+  const auto to_f64 = [](const std::optional<torch::Tensor>& t) {
+    return t.has_value() && t->is_floating_point()
+               ? std::optional<torch::Tensor>(t->to(torch::kFloat64))
+               : t;
+  };
+  const auto [want_out, want_lse] = cpu_op<ForwardOp>("attnpool::_folded_attention_pool_forward")
+                                        .call(
+                                            x.to(torch::kFloat64),
+                                            u.to(torch::kFloat64),
+                                            mask,
+                                            scale,
+                                            c.full_width,
+                                            to_f64(bias),
+                                            std::nullopt);
+  auto f = attnpool::detail::prepare_forward(x, u, mask, scale, c.full_width, bias, std::nullopt);
+  const auto [out, lse] = run_mma_forward(f, c.nt, c.pieces, torch::Tensor());
+  expect_close(out, want_out, 1e-4, "out");
+  expect_close(lse, want_lse, 1e-4, "lse");
+}
+
+TEST(EmulatedTensorCoreForward, MatchesTheCpuForwardInFloat64) {
+  // Each covers: tiles of 32 rows with a partial last one; heads of 16 and 64
+  // columns; masks with an empty sequence, NaN in rows not attended, and a
+  // bias; pieces merged; full width; groups of 8 and 16 queries, the last one
+  // partial; 1, 2 and 8 tiles of 16 scores (two chains of sums, then one);
+  // a ragged batch with empty sequences.
+  check_mma_forward({2, 70, 64, 1, 4, false, false, 1, 1});
+  check_mma_forward({2, 50, 128, 3, 2, false, true, 1, 1});
+  check_mma_forward({2, 100, 64, 2, 2, false, true, 3, 1});
+  check_mma_forward({1, 40, 96, 2, 3, true, false, 1, 2});
+  check_mma_forward({1, 33, 64, 10, 2, false, false, 2, 1});
+  check_mma_forward({1, 40, 128, 16, 8, false, false, 1, 2});
+  check_mma_forward({0, 0, 64, 2, 2, true, false, 0, 1});
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Layouts,
     EmulatedCudaKernels,

@@ -3,6 +3,7 @@
 // The few CUDA features attention_pool_kernel.cuh uses, behind names that a
 // CPU emulation can provide too (tests/cpp/emulation/cuda_emulation.h).
 
+#include <cstdint>
 #include <limits>
 
 #if defined(__CUDACC__)
@@ -15,6 +16,10 @@
 // Unrolls the loop that follows: loops over registers must be unrolled, or
 // the registers go to local memory.
 #define ATTNPOOL_UNROLL _Pragma("unroll")
+// Unrolls the loop that follows n times (an integral constant expression):
+// loads of later iterations are then issued before earlier ones are used.
+#define ATTNPOOL_PRAGMA(text) _Pragma(#text)
+#define ATTNPOOL_UNROLL_BY(n) ATTNPOOL_PRAGMA(unroll n)
 #define ATTNPOOL_DYNAMIC_SHARED(type, name)                       \
   extern __shared__ __align__(16) unsigned char attnpool_smem_[]; \
   type* name = reinterpret_cast<type*>(attnpool_smem_)
@@ -65,6 +70,69 @@ __device__ inline double attnpool_mul_rn(double a, double b) {
 template <typename T>
 __host__ __device__ constexpr T attnpool_infinity() {
   return std::numeric_limits<T>::infinity();
+}
+
+// The tensor-core instructions of tensor_core_kernel.cuh (sm_80 and later;
+// the entry points choose that kernel only there). Each is warp-wide: every
+// lane of the warp takes part. Fragments are laid out as in PTX's
+// documentation of mma.m16n8k16 and ldmatrix (the emulation computes them
+// from that layout).
+
+// d += a . b for A 16 x 16 (row-major), B 16 x 8 (column-major), both
+// bfloat16 pairs, D 16 x 8 float32.
+__device__ inline void attnpool_mma_bf16(
+    float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();
+#endif
+}
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory: lane 8 j + i
+// gives the address of row i of matrix j; r[j] gets matrix j's elements
+// (row lane / 4, columns 2 (lane % 4) and + 1), or with `trans` its
+// transpose's.
+template <bool kTrans>
+__device__ inline void attnpool_ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address)
+                 : "memory");
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address)
+                 : "memory");
+  }
+#else
+  __trap();
+#endif
+}
+
+// 16 bytes from global to shared memory without passing through registers;
+// attnpool_copy_async_wait waits for this thread's copies.
+__device__ inline void attnpool_copy_async_16(void* shared, const void* global) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+
+__device__ inline void attnpool_copy_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
 }
 
 #else

@@ -21,12 +21,14 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <iterator>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -157,10 +159,14 @@ struct Fiber {
   }
 };
 
+// Operands a thread hands to a warp-wide tensor-core instruction.
+constexpr int kWarpSlots = 10;
+
 struct Block {
   std::unique_ptr<Barrier> barrier;
   std::vector<std::unique_ptr<Barrier>> warp_barriers;
-  std::vector<double> lanes;  // one slot per thread for shuffles
+  std::vector<double> lanes;    // one slot per thread for shuffles
+  std::vector<uint64_t> words;  // kWarpSlots per thread for tensor-core operands
   std::vector<unsigned char> shared;
   std::vector<Fiber> fibers;
   ucontext_t scheduler{};  // zeroed: ASan reads its uc_stack when switching to it
@@ -254,6 +260,7 @@ void launch(
       block.warp_barriers.push_back(std::make_unique<Barrier>(32));
     }
     block.lanes.assign(threads, 0.0);
+    block.words.assign(static_cast<size_t>(threads) * kWarpSlots, 0);
     block.shared.assign(static_cast<size_t>(shared_bytes) + 16, 0xFF);
     block_index = {static_cast<unsigned>(b), 0, 0};
     for (auto& fiber : block.fibers) {
@@ -281,6 +288,7 @@ void launch(
 #define ATTNPOOL_DEVICE
 #define ATTNPOOL_HOST_DEVICE
 #define ATTNPOOL_UNROLL
+#define ATTNPOOL_UNROLL_BY(n)
 #define ATTNPOOL_DYNAMIC_SHARED(type, name) \
   type* name = reinterpret_cast<type*>(attnpool_emulation::current_block->shared.data())
 
@@ -298,6 +306,93 @@ T attnpool_shfl_xor(T value, int lane_mask) {
   attnpool_emulation::wait_at(*block.warp_barriers[warp]);
   return other;
 }
+
+namespace attnpool_emulation {
+
+// A warp-wide instruction: this lane's operands go to its slots, the warp
+// waits for all of them, compute(slots of lane 0 of the warp, lane) gives
+// this lane's result, and the warp waits again before any slot is reused.
+template <typename F>
+void warp_wide(const uint64_t (&operands)[kWarpSlots], F&& compute) {
+  auto& block = *current_block;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / 32;
+  std::copy(std::begin(operands), std::end(operands), block.words.begin() + tid * kWarpSlots);
+  wait_at(*block.warp_barriers[warp]);
+  compute(block.words.data() + warp * 32 * kWarpSlots, tid % 32);
+  wait_at(*block.warp_barriers[warp]);
+}
+
+inline float bf16_to_float(uint32_t bits) {
+  uint32_t widened = (bits & 0xFFFFu) << 16;
+  float value;
+  std::memcpy(&value, &widened, sizeof(value));
+  return value;
+}
+
+// Element `half` (0: low 16 bits) of slot `slot` of lane `lane`.
+inline uint32_t half_of(const uint64_t* slots, int lane, int slot, int half) {
+  return static_cast<uint32_t>(slots[lane * kWarpSlots + slot] >> (16 * half)) & 0xFFFFu;
+}
+
+}  // namespace attnpool_emulation
+
+// mma.m16n8k16 (bfloat16 in, float32 sums): lane = 4 g + t holds A's
+// (g, 2t..2t+1) in a[0], (g + 8, ..) in a[1], (g, 2t + 8..) in a[2], (g + 8,
+// 2t + 8..) in a[3]; B's (2t..2t+1, g) in b[0], (2t + 8.., g) in b[1]; D's
+// (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1). Products are exact;
+// each sum is taken in double and rounded once (the hardware's order of
+// addition is its own).
+inline void attnpool_mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  using attnpool_emulation::bf16_to_float;
+  using attnpool_emulation::half_of;
+  const uint64_t operands[attnpool_emulation::kWarpSlots] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  float result[4];
+  attnpool_emulation::warp_wide(operands, [&](const uint64_t* slots, int lane) {
+    const int g = lane / 4;
+    const int t = lane % 4;
+    for (int c = 0; c < 4; ++c) {
+      const int m = g + 8 * (c / 2);
+      const int n = 2 * t + c % 2;
+      double sum = 0;
+      for (int k = 0; k < 16; ++k) {
+        const int a_lane = (m % 8) * 4 + (k % 8) / 2;
+        const int a_slot = 2 * (k / 8) + m / 8;
+        const int b_lane = n * 4 + (k % 8) / 2;
+        const int b_slot = 4 + k / 8;
+        sum += double{bf16_to_float(half_of(slots, a_lane, a_slot, k % 2))} *
+               double{bf16_to_float(half_of(slots, b_lane, b_slot, k % 2))};
+      }
+      result[c] = static_cast<float>(double{d[c]} + sum);
+    }
+  });
+  std::copy(std::begin(result), std::end(result), std::begin(d));
+}
+
+// ldmatrix.x4 of 16-bit elements (see cuda_compat.h).
+template <bool kTrans>
+void attnpool_ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  const uint64_t operands[attnpool_emulation::kWarpSlots] = {reinterpret_cast<uintptr_t>(row)};
+  attnpool_emulation::warp_wide(operands, [&](const uint64_t* slots, int lane) {
+    const auto element = [&](int matrix, int i, int j) {
+      const auto* address = reinterpret_cast<const uint16_t*>(
+          static_cast<uintptr_t>(slots[(8 * matrix + i) * attnpool_emulation::kWarpSlots]));
+      return static_cast<uint32_t>(address[j]);
+    };
+    for (int m = 0; m < 4; ++m) {
+      const int i = kTrans ? 2 * (lane % 4) : lane / 4;
+      const int j = kTrans ? lane / 4 : 2 * (lane % 4);
+      r[m] = kTrans ? element(m, i, j) | element(m, i + 1, j) << 16
+                    : element(m, i, j) | element(m, i, j + 1) << 16;
+    }
+  });
+}
+
+inline void attnpool_copy_async_16(void* shared, const void* global) {
+  std::memcpy(shared, global, 16);
+}
+
+inline void attnpool_copy_async_wait() {}
 
 inline void attnpool_syncthreads() {
   attnpool_emulation::wait_at(*attnpool_emulation::current_block->barrier);

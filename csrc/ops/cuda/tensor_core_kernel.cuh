@@ -1,0 +1,529 @@
+#pragma once
+
+// Device code of the forward for several scores per row on tensor cores
+// (bfloat16 rows): [Note: the tensor-core forward]. Like the other kernels
+// it uses only what cuda_compat.h provides, so the emulated tests run it.
+
+#include "ops/cuda/folded_attention_pool_kernel.cuh"
+
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace attnpool::cuda {
+
+// [Note: the tensor-core forward]
+// With several scores per row (queries x heads, or full width), the kernels
+// of folded_attention_pool_kernel.cuh read x once per query and reduce each
+// head's dot products across the block every four rows; the matrix-product
+// path reads x twice and pays some twenty launches. Here a block takes one
+// piece of one sequence and a group of up to 8 * NT queries with all their
+// heads (scores s = query * n + head, local to the group), and reads each
+// row of x once, as flash-attention's forward reads keys and values:
+//
+//   1. a tile of 32 rows goes to shared memory (cp.async, the next tile's
+//      copy in flight while this one is used; rows that are not attended
+//      are zeros there and never read from x);
+//   2. scores: each warp takes 8 rows, D[s][row] = U[s] . x[row] by
+//      mma.m16n8k16 with U as A (16 scores by 16 columns, from fragments
+//      laid out once per call: mma_u_fragments) and the rows as B
+//      (ldmatrix). U enters as two bfloat16 terms, hi + lo, as in the
+//      matrix-product path: about 16 significant bits of each u;
+//   3. the online softmax of each score over the tile: 8 lanes per score,
+//      4 rows each (one max and one sum over the 8 lanes), the weights
+//      again as hi + lo bfloat16 terms;
+//   4. weighted sums: for 16 columns of head h and 8 queries, out^T +=
+//      x^T . P^T with x^T as A (ldmatrix.trans) and the weights of scores
+//      (query, h) as B; the running sums live in shared memory in fragment
+//      order, rescaled as they are loaded.
+//
+// Three barriers per tile. Results differ from the other kernels' in the
+// last bits (the tensor cores add in their own order); the backward does not
+// yet recompute the scores this way, so the entry points do not choose this
+// kernel yet: benchmarks/tensor_core_kernels.cu times it on a GPU, and the
+// emulated tests check it against the CPU operators.
+
+constexpr int kMmaWarps = 4;
+constexpr int kMmaThreads = 32 * kMmaWarps;
+// Rows of a tile: 8 per warp, the N of the scores' mma.
+constexpr int kMmaTileRows = 8 * kMmaWarps;
+// bfloat16 after each row of x in shared memory: rows 16 bytes apart modulo
+// 128, so that ldmatrix's eight rows fall in different banks.
+constexpr int kMmaRowPad = 8;
+// A score's row of weights in shared memory, padded likewise.
+constexpr int kMmaWeightStride = kMmaTileRows + 8;
+
+// Queries a block takes with NT column tiles of 8 queries, and how many
+// blocks (groups) Q queries need.
+ATTNPOOL_HOST_DEVICE inline int64_t mma_groups(int64_t num_queries, int64_t nt) {
+  return (num_queries + 8 * nt - 1) / (8 * nt);
+}
+
+// Where each part of the dynamic shared memory starts, in bytes.
+struct MmaSharedLayout {
+  int64_t x_row;    // elements from one row of a tile to the next
+  int64_t x_tiles;  // two tiles of x (bfloat16)
+  int64_t sums;     // weighted sums, [H / 16][NT][32 lanes][4] float
+  int64_t scores;   // [16 MT][kMmaTileRows] float
+  int64_t state;    // running max, running sum, correction: [16 MT] float each
+  int64_t weights;  // hi and lo terms, [2][16 MT][kMmaWeightStride] bfloat16
+  int64_t valid;    // one int: whether any row was attended
+  int64_t bytes;
+};
+
+ATTNPOOL_HOST_DEVICE inline MmaSharedLayout mma_shared_layout(
+    int64_t hidden, int64_t mt, int64_t nt) {
+  MmaSharedLayout s;
+  s.x_row = hidden + kMmaRowPad;
+  s.x_tiles = 0;
+  s.sums = s.x_tiles + 2 * kMmaTileRows * s.x_row * 2;
+  s.scores = s.sums + (hidden / 16) * nt * 32 * 4 * 4;
+  s.state = s.scores + 16 * mt * kMmaTileRows * 4;
+  s.weights = s.state + 3 * 16 * mt * 4;
+  s.valid = s.weights + 2 * 16 * mt * kMmaWeightStride * 2;
+  s.bytes = s.valid + 16;
+  return s;
+}
+
+template <typename T>
+ATTNPOOL_DEVICE inline T* shared_at(unsigned char* base, int64_t offset) {
+  return reinterpret_cast<T*>(base + offset);
+}
+
+// Rows tile .. tile + kMmaTileRows - 1 of sequence b (x: its row 0) into
+// `tile_rows`: attended rows by cp.async, the others as zeros.
+ATTNPOOL_DEVICE inline void stage_tile(
+    const ForwardParams& a,
+    const c10::BFloat16* x,
+    int64_t b,
+    int64_t tile,
+    int64_t last,
+    int64_t x_row,
+    c10::BFloat16* tile_rows) {
+  const int chunks_per_row = static_cast<int>(a.hidden / 8);
+  for (int c = threadIdx.x; c < kMmaTileRows * chunks_per_row; c += kMmaThreads) {
+    const int r = c / chunks_per_row;
+    const int64_t col = static_cast<int64_t>(c % chunks_per_row) * 8;
+    const int64_t l = tile + r;
+    c10::BFloat16* to = tile_rows + r * x_row + col;
+    if (l < last && a.attends(b, l)) {
+      attnpool_copy_async_16(to, x + l * a.x_seq_stride + col);
+    } else {
+      *reinterpret_cast<Pack<uint32_t, 4>*>(to) = Pack<uint32_t, 4>{{0, 0, 0, 0}};
+    }
+  }
+}
+
+// The scores of a warp's 8 rows of the tile against the block's 16 MT
+// scores: acc[mt][chain][c] holds D's (score 16 mt + g + 8 (c / 2), row
+// 2 t + c % 2), the hi and lo terms of u in two chains of additions when
+// there are few score tiles (more independent mma in flight).
+template <int MT, int kChains>
+ATTNPOOL_DEVICE inline void score_rows(
+    const c10::BFloat16* rows,
+    int64_t x_row,
+    const Pack<uint32_t, 4>* u_fragments,
+    int64_t k_steps,
+    int lane,
+    float (&acc)[MT][kChains][4]) {
+  for (int mt = 0; mt < MT; ++mt) {
+    for (int chain = 0; chain < kChains; ++chain) {
+      for (int c = 0; c < 4; ++c) {
+        acc[mt][chain][c] = 0.0f;
+      }
+    }
+  }
+  // ldmatrix: lane 8 j + i gives row i, columns 8 j.. of two k-steps.
+  const c10::BFloat16* address = rows + (lane % 8) * x_row + 8 * (lane / 8);
+  // With few score tiles, loads for later k-steps go out before earlier
+  // ones are used; with many, the tiles' mma already fill the time.
+  constexpr int kUnroll = MT <= 4 ? 4 : 1;
+  ATTNPOOL_UNROLL_BY(kUnroll)
+  for (int64_t ks = 0; ks < k_steps; ks += 2) {
+    uint32_t xs[4];
+    attnpool_ldmatrix_x4<false>(xs, address + ks * 16);
+    ATTNPOOL_UNROLL
+    for (int step = 0; step < 2; ++step) {
+      const uint32_t bx[2] = {xs[2 * step], xs[2 * step + 1]};
+      ATTNPOOL_UNROLL
+      for (int mt = 0; mt < MT; ++mt) {
+        ATTNPOOL_UNROLL
+        for (int term = 0; term < 2; ++term) {
+          const Pack<uint32_t, 4> w = u_fragments[((term * MT + mt) * k_steps + ks + step) * 32];
+          const uint32_t au[4] = {w.v[0], w.v[1], w.v[2], w.v[3]};
+          attnpool_mma_bf16(acc[mt][term % kChains], au, bx);
+        }
+      }
+    }
+  }
+}
+
+// Max and sum over the 8 lanes of an aligned group (lanes 8 k .. 8 k + 7).
+ATTNPOOL_DEVICE inline float group_max8(float value) {
+  for (int offset = 1; offset < 8; offset *= 2) {
+    const float other = attnpool_shfl_xor(value, offset);
+    value = other > value ? other : value;
+  }
+  return value;
+}
+
+ATTNPOOL_DEVICE inline float group_sum8(float value) {
+  for (int offset = 1; offset < 8; offset *= 2) {
+    value += attnpool_shfl_xor(value, offset);
+  }
+  return value;
+}
+
+// The B fragments of head h's weighted sums: for column tile nt of queries,
+// 16 rows kk of the tile and each term, B's (rows 2t.., query 8 nt + g) and
+// (rows 2t + 8.., ..) from the weights of score (query, h), zeros past the
+// block's queries; and the corrections of D's queries 8 nt + 2t and + 1.
+template <int NT>
+ATTNPOOL_DEVICE inline void load_head_weights(
+    const c10::BFloat16* weights,
+    int term_stride,
+    const float* correction,
+    int64_t queries,
+    int64_t n,
+    int64_t h,
+    int lane,
+    uint32_t (&bw)[NT][2][2][2],
+    float (&corrections)[NT][2]) {
+  const int g = lane / 4;
+  const int t = lane % 4;
+  ATTNPOOL_UNROLL
+  for (int nt = 0; nt < NT; ++nt) {
+    const int64_t q0 = nt * 8 + 2 * t;
+    corrections[nt][0] = q0 < queries ? correction[q0 * n + h] : 1.0f;
+    corrections[nt][1] = q0 + 1 < queries ? correction[(q0 + 1) * n + h] : 1.0f;
+    const int64_t qb = nt * 8 + g;
+    ATTNPOOL_UNROLL
+    for (int kk = 0; kk < 2; ++kk) {
+      ATTNPOOL_UNROLL
+      for (int term = 0; term < 2; ++term) {
+        const c10::BFloat16* w =
+            weights + term * term_stride + (qb * n + h) * kMmaWeightStride + kk * 16 + 2 * t;
+        bw[nt][kk][term][0] = qb < queries ? *reinterpret_cast<const uint32_t*>(w) : 0u;
+        bw[nt][kk][term][1] = qb < queries ? *reinterpret_cast<const uint32_t*>(w + 8) : 0u;
+      }
+    }
+  }
+}
+
+// Where this block stores the state of query i for merge_pieces_kernel: the
+// slot of forward_kernel's block of (b, i, this piece), whose grid has one
+// group per query where this one has `groups`.
+ATTNPOOL_DEVICE inline float* piece_state(
+    const ForwardParams& a, int64_t b, int64_t i, int64_t groups) {
+  const int64_t block = blockIdx.x;
+  const int64_t slot = a.ragged() ? (block / groups) * a.num_queries + i
+                                  : (b * a.num_queries + i) * a.cut.pieces + block % a.cut.pieces;
+  return static_cast<float*>(a.partials) + slot * (1 + 2 * a.num_heads + a.hidden);
+}
+
+// One (sequence b, piece, group of 8 NT queries) per block of kMmaThreads
+// threads; u_fragments from mma_u_fragments. Writes out and lse, or with
+// several pieces (or a ragged batch) the states merge_pieces_kernel merges,
+// at the slots of forward_kernel's blocks (one per query).
+template <int MT, int NT>
+ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragments) {
+  using scalar_t = c10::BFloat16;
+  constexpr int TR = kMmaTileRows;
+  constexpr int kChains = MT <= 4 ? 2 : 1;
+  const int64_t Q = a.num_queries;
+  const int64_t n = a.num_heads;
+  const int64_t d = a.head_dim;
+  const int64_t H = a.hidden;
+  const int64_t groups = mma_groups(Q, NT);
+  const BlockInfo info = block_info(a, groups);
+  const auto [b, group, rows, tid, lane, warp, num_warps] = info;
+  (void)num_warps;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int64_t first = rows.begin;
+  const int64_t last = rows.end;
+  const int64_t first_query = group * 8 * NT;
+  const int64_t queries = Q - first_query < 8 * NT ? Q - first_query : 8 * NT;
+  const int64_t num_scores = queries * n;  // this block's; local s = query * n + head
+  const int64_t k_steps = H / 16;
+  const int64_t col_tiles = H / 16;
+  const auto* x = static_cast<const scalar_t*>(a.x) + a.row_offset(b, 0);
+  const float scale = static_cast<float>(a.scale);
+  const auto* bias =
+      a.bias == nullptr ? nullptr : static_cast<const float*>(a.bias) + b * a.seq_len;
+  const auto* fragments = reinterpret_cast<const Pack<uint32_t, 4>*>(u_fragments) +
+                          group * 2 * MT * k_steps * 32 + lane;
+
+  const MmaSharedLayout layout = mma_shared_layout(H, MT, NT);
+  ATTNPOOL_DYNAMIC_SHARED(unsigned char, shared);
+  scalar_t* tiles = shared_at<scalar_t>(shared, layout.x_tiles);  // two of TR rows
+  float* sums = shared_at<float>(shared, layout.sums);
+  float* scores = shared_at<float>(shared, layout.scores);
+  float* run_max = shared_at<float>(shared, layout.state);
+  float* run_sum = run_max + 16 * MT;
+  float* correction = run_sum + 16 * MT;
+  // weights + term * kWeightTerm: the term's [16 MT][kMmaWeightStride].
+  scalar_t* weights = shared_at<scalar_t>(shared, layout.weights);
+  constexpr int kWeightTerm = 16 * MT * kMmaWeightStride;
+  int* any_valid = shared_at<int>(shared, layout.valid);
+
+  for (int s = tid; s < 16 * MT; s += kMmaThreads) {
+    run_max[s] = -attnpool_infinity<float>();
+    run_sum[s] = 0.0f;
+    correction[s] = 1.0f;
+  }
+  for (int64_t i = tid; i < col_tiles * NT * 32 * 4; i += kMmaThreads) {
+    sums[i] = 0.0f;
+  }
+  if (tid == 0) {
+    any_valid[0] = 0;
+  }
+  if (first < last) {
+    stage_tile(a, x, b, first, last, layout.x_row, tiles);
+  }
+
+  int buffer = 0;
+  for (int64_t tile = first; tile < last; tile += TR, buffer ^= 1) {
+    attnpool_copy_async_wait();
+    // This tile's rows are in; every warp is done with the previous tile.
+    attnpool_syncthreads();
+    if (tile + TR < last) {
+      stage_tile(a, x, b, tile + TR, last, layout.x_row, tiles + (buffer ^ 1) * TR * layout.x_row);
+    }
+    const scalar_t* tile_rows = tiles + buffer * TR * layout.x_row;
+
+    float acc[MT][kChains][4];
+    score_rows<MT, kChains>(
+        tile_rows + warp * 8 * layout.x_row, layout.x_row, fragments, k_steps, lane, acc);
+    for (int mt = 0; mt < MT; ++mt) {
+      for (int c = 0; c < 4; ++c) {
+        const int s = 16 * mt + g + 8 * (c / 2);
+        const int r = warp * 8 + 2 * t + c % 2;
+        const int64_t l = tile + r;
+        const bool present = l < last && a.attends(b, l);
+        float sum = acc[mt][0][c];
+        if (kChains == 2) {
+          sum += acc[mt][kChains - 1][c];
+        }
+        scores[s * TR + r] =
+            present ? biased_score(scale, sum, bias, l) : -attnpool_infinity<float>();
+        if (present && mt == 0 && g == 0) {
+          any_valid[0] = 1;
+        }
+      }
+    }
+    attnpool_syncthreads();
+
+    // The online softmax: 8 lanes per score, 4 rows each. Every thread takes
+    // part in every round (the shuffles are warp-wide); a round's scores
+    // past the last are not stored.
+    for (int64_t round = 0; round < num_scores * 8; round += kMmaThreads) {
+      const int64_t s_raw = (round + tid) / 8;
+      const bool active = s_raw < num_scores;
+      const int64_t s = active ? s_raw : 0;
+      const int r0 = 4 * (tid % 8);
+      float v[4];
+      float tile_max = -attnpool_infinity<float>();
+      for (int r = 0; r < 4; ++r) {
+        v[r] = scores[s * TR + r0 + r];
+        tile_max = v[r] > tile_max ? v[r] : tile_max;
+      }
+      const float old_max = active ? run_max[s] : -attnpool_infinity<float>();
+      tile_max = group_max8(tile_max);
+      float c = 1.0f;
+      float new_max = old_max;
+      if (tile_max > old_max) {
+        c = attnpool_exp(old_max - tile_max);
+        new_max = tile_max;
+      }
+      float total = 0.0f;
+      for (int r = 0; r < 4; ++r) {
+        const float w = v[r] == -attnpool_infinity<float>() ? 0.0f : attnpool_exp(v[r] - new_max);
+        total += w;
+        const scalar_t hi = static_cast<scalar_t>(w);
+        if (active) {
+          weights[s * kMmaWeightStride + r0 + r] = hi;
+          weights[kWeightTerm + s * kMmaWeightStride + r0 + r] =
+              static_cast<scalar_t>(w - static_cast<float>(hi));
+        }
+      }
+      total = group_sum8(total);
+      // The 8 lanes have read run_max[s] before the shuffles above.
+      if (active && tid % 8 == 0) {
+        run_sum[s] = run_sum[s] * c + total;
+        run_max[s] = new_max;
+        correction[s] = c;
+      }
+    }
+    attnpool_syncthreads();
+
+    // Weighted sums: 16 columns (of head h) by 8 queries per mma. The
+    // weights (B) and corrections depend on the head only: loaded again
+    // when it changes (never at full width).
+    int64_t loaded_head = -1;
+    uint32_t bw[NT][2][2][2];  // [nt][kk][term][register]
+    float corrections[NT][2];  // of queries nt * 8 + 2t and + 1
+    for (int64_t cm = warp; cm < col_tiles; cm += kMmaWarps) {
+      const int64_t h = cm * 16 / d;
+      if (h != loaded_head) {
+        loaded_head = h;
+        load_head_weights<NT>(
+            weights, kWeightTerm, correction, queries, n, h, lane, bw, corrections);
+      }
+      // ldmatrix.trans: lane 8 j + i gives row i + 8 (j / 2), column 8 (j % 2).
+      const scalar_t* address = tile_rows + ((lane % 8) + 8 * (lane / 16)) * layout.x_row +
+                                cm * 16 + 8 * ((lane / 8) % 2);
+      uint32_t xt[2][4];
+      attnpool_ldmatrix_x4<true>(xt[0], address);
+      attnpool_ldmatrix_x4<true>(xt[1], address + 16 * layout.x_row);
+      ATTNPOOL_UNROLL
+      for (int nt = 0; nt < NT; ++nt) {
+        auto* slot = reinterpret_cast<Pack<float, 4>*>(sums) + (cm * NT + nt) * 32 + lane;
+        const Pack<float, 4> part = *slot;
+        float acc4[4] = {
+            part.v[0] * corrections[nt][0],
+            part.v[1] * corrections[nt][1],
+            part.v[2] * corrections[nt][0],
+            part.v[3] * corrections[nt][1]};
+        ATTNPOOL_UNROLL
+        for (int kk = 0; kk < 2; ++kk) {
+          ATTNPOOL_UNROLL
+          for (int term = 0; term < 2; ++term) {
+            attnpool_mma_bf16(acc4, xt[kk], bw[nt][kk][term]);
+          }
+        }
+        *slot = Pack<float, 4>{{acc4[0], acc4[1], acc4[2], acc4[3]}};
+      }
+    }
+  }
+  attnpool_syncthreads();
+
+  const bool valid = any_valid[0] != 0;
+  const bool direct = !a.ragged() && a.cut.pieces == 1;
+  for (int64_t s = tid; s < num_scores; s += kMmaThreads) {
+    const int64_t i = first_query + s / n;
+    const int64_t h = s % n;
+    if (direct) {
+      auto* lse = static_cast<float*>(a.lse) + 2 * ((b * Q + i) * n + h);
+      lse[0] = valid ? run_max[s] : -attnpool_infinity<float>();
+      lse[1] = valid ? attnpool_log(run_sum[s]) : 0.0f;
+    } else {
+      float* state = piece_state(a, b, i, groups);
+      state[1 + h] = run_max[s];
+      state[1 + n + h] = run_sum[s];
+      if (h == 0) {
+        state[0] = valid ? 1.0f : 0.0f;
+      }
+    }
+  }
+  for (int64_t cm = warp; cm < col_tiles; cm += kMmaWarps) {
+    for (int nt = 0; nt < NT; ++nt) {
+      const Pack<float, 4> part =
+          reinterpret_cast<const Pack<float, 4>*>(sums)[(cm * NT + nt) * 32 + lane];
+      for (int c = 0; c < 4; ++c) {
+        const int64_t col = cm * 16 + g + 8 * (c / 2);
+        const int64_t q = nt * 8 + 2 * t + c % 2;
+        if (q >= queries) {
+          continue;
+        }
+        const int64_t i = first_query + q;
+        const int64_t h = col / d;
+        if (direct) {
+          auto* out = static_cast<float*>(a.out) + ((b * Q + i) * n + h) * d;
+          out[col - h * d] = valid ? part.v[c] / run_sum[q * n + h] : 0.0f;
+        } else {
+          piece_state(a, b, i, groups)[1 + 2 * n + col] = part.v[c];
+        }
+      }
+    }
+  }
+}
+
+// Score tiles a block needs for 8 NT queries (or Q, if fewer) of n heads,
+// rounded up to a count that is instantiated (with_mma_score_tiles); 0 if
+// there are too many.
+inline int mma_score_tiles(int64_t num_queries, int64_t num_heads, int nt) {
+  const int64_t queries = num_queries < 8 * nt ? num_queries : 8 * nt;
+  const int64_t tiles = (queries * num_heads + 15) / 16;
+  for (int mt : {1, 2, 4, 8, 12, 16}) {
+    if (tiles <= mt) {
+      return mt;
+    }
+  }
+  return 0;
+}
+
+// Calls f(std::integral_constant MT) for mt from mma_score_tiles.
+template <typename F>
+void with_mma_score_tiles(int mt, F&& f) {
+  switch (mt) {
+    case 1:
+      f(std::integral_constant<int, 1>{});
+      break;
+    case 2:
+      f(std::integral_constant<int, 2>{});
+      break;
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      break;
+    case 8:
+      f(std::integral_constant<int, 8>{});
+      break;
+    case 12:
+      f(std::integral_constant<int, 12>{});
+      break;
+    default:
+      f(std::integral_constant<int, 16>{});
+      break;
+  }
+}
+
+// u [Q * n, H] (float) as the kernel's A fragments: for each group of 8 NT
+// queries, each term (hi = bfloat16(u), lo = bfloat16(u - hi)), score tile
+// mt (16 of the group's scores, query * n + head; zeros past them) and
+// k-step (16 columns), the 4 words lane 4 g + t holds of A: (score g,
+// columns 2t, 2t + 1), (g + 8, ..), (g, 2t + 8, 2t + 9), (g + 8, ..).
+inline std::vector<uint32_t> mma_u_fragments(
+    const float* u, int64_t num_queries, int64_t num_heads, int64_t hidden, int mt, int nt) {
+  const int64_t groups = mma_groups(num_queries, nt);
+  const int64_t k_steps = hidden / 16;
+  std::vector<uint32_t> words(static_cast<size_t>(groups * 2 * mt * k_steps * 32 * 4), 0u);
+  const auto term_of = [](float value, int term) {
+    const c10::BFloat16 hi(value);
+    return term == 0 ? hi : c10::BFloat16(value - static_cast<float>(hi));
+  };
+  for (int64_t group = 0; group < groups; ++group) {
+    const int64_t first_score = group * 8 * nt * num_heads;
+    const int64_t last_score = std::min(num_queries * num_heads, first_score + 8 * nt * num_heads);
+    for (int term = 0; term < 2; ++term) {
+      for (int64_t m = 0; m < 16 * mt; ++m) {
+        const int64_t s = first_score + m;
+        for (int64_t k = 0; k < hidden; ++k) {
+          const float value = s < last_score ? u[s * hidden + k] : 0.0f;
+          const int lane = static_cast<int>((m % 8) * 4 + (k % 8) / 2);
+          const int word = static_cast<int>(2 * ((k % 16) / 8) + (m % 16) / 8);
+          const int64_t at =
+              ((((group * 2 + term) * mt + m / 16) * k_steps + k / 16) * 32 + lane) * 4 + word;
+          words[at] |= static_cast<uint32_t>(term_of(value, term).x) << (16 * (k % 2));
+        }
+      }
+    }
+  }
+  return words;
+}
+
+// Whether mma_forward_kernel takes this call (with nt column tiles of
+// queries): bfloat16 rows (checked by the caller), whole k-steps and pairs
+// of them, heads of whole column tiles, rows of 16-byte chunks, and shared
+// memory within `most_shared` bytes.
+inline bool takes_mma_forward(const PoolInputs& a, int nt, int64_t most_shared) {
+  const int mt = mma_score_tiles(a.num_queries, a.num_heads, nt);
+  return a.num_queries * a.num_heads > 1 && a.hidden % 32 == 0 && a.head_dim % 16 == 0 &&
+         a.x_seq_stride % 8 == 0 && !a.normalizes() && mt > 0 &&
+         mma_shared_layout(a.hidden, mt, nt).bytes <= most_shared;
+}
+
+}  // namespace attnpool::cuda
