@@ -2,7 +2,8 @@
 # Compiles attnpool with its CUDA kernels (setup.py, ATTNPOOL_WITH_CUDA=1)
 # against a CUDA build of torch in .venv-cuda, then checks that the result
 # registers the CUDA kernels. Nothing runs on a GPU here; this catches CUDA
-# compile errors on machines without one.
+# compile errors on machines without one. It also compiles the standalone
+# kernel benchmarks of benchmarks/*.cu.
 #
 # torch 2.14.1 is a CUDA 13.0 build, matching nvcc 13.0; the script stops if
 # their CUDA major versions differ. Without nvcc it says so and exits 0,
@@ -70,3 +71,13 @@ for op in (
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"attnpool::{op}", "CUDA"), op
 print(f"check_cuda_build: OK, {path} registers attnpool's CUDA kernels")
 PY
+
+# The standalone kernel benchmarks that scripts/gpu_check.sh runs include
+# device code the extension does not (yet) launch, such as the tensor-core
+# forward: compile them too, for the architecture the GPU runs have.
+TORCH_INCLUDE=$(.venv-cuda/bin/python -c 'import torch.utils.cpp_extension as c; print(c.include_paths()[0])')
+for bench in one_score_kernels tensor_core_kernels; do
+  nvcc -O3 --expt-relaxed-constexpr -std=c++20 -arch=sm_90 -I"$TORCH_INCLUDE" -Icsrc \
+    -o "build/cuda/$bench" "benchmarks/$bench.cu"
+done
+echo "check_cuda_build: OK, the kernel benchmarks compile (sm_90)"

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
-mapfile -t CPP < <(git ls-files -co --exclude-standard -- 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'tests/*.cpp' 'tests/*.h' 'examples/*.cpp' 'benchmarks/*.cu' 'benchmarks/*.cpp')
+mapfile -t CPP < <(git ls-files -co --exclude-standard -- 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'tests/*.cpp' 'tests/*.h' 'examples/*.cpp' 'benchmarks/*.cu' 'benchmarks/*.cuh' 'benchmarks/*.cpp')
 if [ "${1:-}" = "--check" ]; then
   "$BIN/clang-format" --dry-run --Werror "${CPP[@]}"
   "$BIN/ruff" check .

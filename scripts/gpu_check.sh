@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, for a machine that has one and a CUDA build of
 # torch already installed (no network needed): times the one-score kernels
-# alone (benchmarks/one_score_kernels.cu), builds attnpool in place with its
+# alone (benchmarks/one_score_kernels.cu) and the tensor-core forward
+# (benchmarks/tensor_core_kernels.cu), builds attnpool in place with its
 # CUDA kernels, runs every test that has a CUDA case, then the GPU
 # benchmark: every point without torch.compile, then COMPILE_POINTS with it
 # (compiling every point takes minutes). Logs, the benchmark's JSON and plot
@@ -18,9 +19,9 @@
 # rounds, --no-compile), COMPILE_POINTS the second's points (empty: no
 # second run), KERNELS_OTHER another version of one_score_kernel.cuh to time
 # beside the kernels alone, TEST_TIMEOUT, BENCH_TIMEOUT and KERNELS_TIMEOUT
-# the time limits of the tests, of each benchmark and of the kernels alone
-# in seconds (default 240, 300 and 120). Exits non-zero if the build, a test
-# or a benchmark fails.
+# the time limits of the tests, of each benchmark and of each kernels-alone
+# run in seconds (default 240, 300 and 120). Exits non-zero if the build, a
+# test or a benchmark fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -79,6 +80,19 @@ if nvcc -O3 --expt-relaxed-constexpr -std=c++20 "-arch=sm_$ARCH" -I"$TORCH_INCLU
   KERNELS=${PIPESTATUS[0]}
 else
   tail -n 30 "$OUTDIR/one_score_kernels.log"
+  KERNELS=1
+fi
+
+# The tensor-core forward for several scores alone
+# (benchmarks/tensor_core_kernels.cu), beside forward_kernel and a read: the
+# entry points do not launch it yet, so this is where it is timed.
+step "tensor-core forward alone (CUDA events, L2 flushed between calls)"
+if nvcc -O3 --expt-relaxed-constexpr -std=c++20 "-arch=sm_$ARCH" -I"$TORCH_INCLUDE" -Icsrc \
+  -o "$OUTDIR/tensor_core_kernels" benchmarks/tensor_core_kernels.cu >"$OUTDIR/tensor_core_kernels.log" 2>&1; then
+  timeout "${KERNELS_TIMEOUT:-120}" "$OUTDIR/tensor_core_kernels" 11 2>&1 | tee "$OUTDIR/tensor_core_kernels.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || KERNELS=1
+else
+  tail -n 30 "$OUTDIR/tensor_core_kernels.log"
   KERNELS=1
 fi
 
