@@ -780,27 +780,38 @@ struct MmaCase {
   int nt;
 };
 
+constexpr int64_t kMostShared = 227 * 1024;  // an H100's, per block
+
+// Cuts p's rows as the case says (pieces == 0: a ragged batch in pieces of
+// 40 rows, whose first_piece table `table` keeps); returns the blocks per
+// group of queries.
+int64_t cut_for_mma(
+    attnpool::ForwardParams& p,
+    int64_t pieces,
+    const torch::Tensor& offsets,
+    torch::Tensor& table) {
+  if (offsets.defined()) {
+    constexpr int64_t kRowsPerPiece = 40;
+    table = attnpool::detail::ragged_first_piece(offsets, kRowsPerPiece);
+    p.cut = {(p.seq_len + kRowsPerPiece - 1) / kRowsPerPiece + 1, kRowsPerPiece};
+    p.first_piece = table.const_data_ptr<int64_t>();
+    return p.cut.pieces + p.batch;  // the most work items the rows can make
+  }
+  p.cut = attnpool::PieceCut::into(p.seq_len, pieces);
+  return p.batch * p.cut.pieces;
+}
+
 std::tuple<torch::Tensor, torch::Tensor> run_mma_forward(
     attnpool::detail::PreparedForward& f, int nt, int64_t pieces, const torch::Tensor& offsets) {
   namespace cuda = attnpool::cuda;
   attnpool::ForwardParams& p = f.params;
   const int64_t B = p.batch, H = p.hidden, Q = p.num_queries, n = p.num_heads;
   const int mt = cuda::mma_score_tiles(Q, n, nt);
-  EXPECT_TRUE(cuda::takes_mma_forward(p, nt, 227 * 1024));
+  EXPECT_TRUE(cuda::takes_mma_forward(p, nt, kMostShared));
   const int64_t groups = cuda::mma_groups(Q, nt);
-  int64_t blocks = 0;
-  torch::Tensor first_piece, partials;
-  if (offsets.defined()) {
-    constexpr int64_t kRowsPerPiece = 40;
-    first_piece = attnpool::detail::ragged_first_piece(offsets, kRowsPerPiece);
-    p.cut = {(p.seq_len + kRowsPerPiece - 1) / kRowsPerPiece + 1, kRowsPerPiece};
-    p.first_piece = first_piece.const_data_ptr<int64_t>();
-    blocks = p.cut.pieces + B;  // the most work items the rows can make
-  } else {
-    p.cut = attnpool::PieceCut::into(p.seq_len, pieces);
-    blocks = B * p.cut.pieces;
-  }
-  partials = torch::empty({blocks * Q, 1 + 2 * n + H}, f.out.options());
+  torch::Tensor first_piece;
+  const int64_t blocks = cut_for_mma(p, pieces, offsets, first_piece);
+  const auto partials = torch::empty({blocks * Q, 1 + 2 * n + H}, f.out.options());
   p.partials = partials.mutable_data_ptr();
   const auto fragments = cuda::mma_u_fragments(static_cast<const float*>(p.u), Q, n, H, mt, nt);
   const uint32_t* u_fragments = fragments.data();
@@ -833,6 +844,51 @@ std::tuple<torch::Tensor, torch::Tensor> run_mma_forward(
   return {f.out, f.lse};
 }
 
+// The tensor-core backward after the tensor-core forward (one group of at
+// most 16 scores), with `buffers` tiles of x in shared memory, and the sum
+// of du's partials; returns (dx, du) shaped as the op's.
+std::tuple<torch::Tensor, torch::Tensor> run_mma_backward(
+    attnpool::detail::PreparedBackward& g,
+    int64_t pieces,
+    const torch::Tensor& offsets,
+    int buffers,
+    const torch::Tensor& u) {
+  namespace cuda = attnpool::cuda;
+  attnpool::BackwardParams& p = g.params;
+  const int64_t B = p.batch, H = p.hidden, Q = p.num_queries, n = p.num_heads;
+  const int64_t num_scores = Q * n;
+  EXPECT_GE(cuda::mma_backward_buffers(p, kMostShared), buffers);
+  torch::Tensor first_piece;
+  const int64_t blocks = cut_for_mma(p, pieces, offsets, first_piece);
+  auto du_partials = torch::empty({blocks, num_scores, H}, g.du.options());
+  p.du_partials = du_partials.mutable_data_ptr();
+  const auto* u_values = static_cast<const float*>(p.u);
+  const auto u_fragments = cuda::mma_u_fragments(u_values, Q, n, H, 1, Q > 8 ? 2 : 1);
+  const auto u_columns = cuda::mma_u_columns(u_values, num_scores, H);
+  const auto grad = cuda::mma_grad_operands(static_cast<const float*>(p.grad_out), B, Q, n, H);
+  launch(
+      &cuda::mma_backward_kernel,
+      blocks,
+      cuda::kMmaThreads,
+      cuda::mma_backward_layout(H, buffers).bytes,
+      p,
+      u_fragments.data(),
+      u_columns.data(),
+      grad.fragments.data(),
+      grad.columns.data(),
+      buffers);
+  launch(
+      &cuda::reduce_partials_kernel<float>,
+      (num_scores * H + cuda::kStripeColumns - 1) / cuda::kStripeColumns,
+      64,
+      cuda::reduce_shared_bytes<float>(64),
+      du_partials.const_data_ptr<float>(),
+      g.du.mutable_data_ptr<float>(),
+      blocks,
+      num_scores * H);
+  return {g.dx, g.du.view(u.sizes())};
+}
+
 void check_mma_forward(const MmaCase& c) {
   const std::string what = "B" + std::to_string(c.batch) + " L" + std::to_string(c.seq_len) + " H" +
                            std::to_string(c.hidden) + " Q" + std::to_string(c.num_queries) + " n" +
@@ -856,6 +912,25 @@ void check_mma_forward(const MmaCase& c) {
     const auto [out, lse] = run_mma_forward(f, c.nt, 0, f.pool.offsets);
     expect_close(out, want_out, 1e-4, "out");
     expect_close(lse, want_lse, 1e-4, "lse");
+    if (c.num_queries * c.num_heads <= 16) {
+      const auto grad_out = torch::randn(want_out.sizes(), f64);
+      const auto [want_dx, want_du] =
+          cpu_op<VarlenBackwardOp>("attnpool::_folded_attention_pool_varlen_backward")
+              .call(
+                  grad_out,
+                  x.to(torch::kFloat64),
+                  offsets,
+                  u.to(torch::kFloat64),
+                  want_out,
+                  want_lse,
+                  scale,
+                  c.full_width);
+      auto g = attnpool::detail::prepare_varlen_backward(
+          grad_out.to(torch::kFloat32), x, offsets, u, out, lse, scale, c.full_width);
+      const auto [dx, du] = run_mma_backward(g, 0, g.pool.offsets, 2, u);
+      expect_close(dx, want_dx, 4e-3, "dx");
+      expect_close(du, want_du, 1e-3, "du");
+    }
     return;
   }
   auto x = torch::randn({c.batch, c.seq_len, c.hidden}, f64).to(torch::kBFloat16);
@@ -886,14 +961,49 @@ void check_mma_forward(const MmaCase& c) {
   const auto [out, lse] = run_mma_forward(f, c.nt, c.pieces, torch::Tensor());
   expect_close(out, want_out, 1e-4, "out");
   expect_close(lse, want_lse, 1e-4, "lse");
+  if (c.num_queries * c.num_heads > 16) {
+    return;  // the tensor-core backward takes one tile of scores
+  }
+  const auto grad_out = torch::randn(want_out.sizes(), f64);
+  const auto [want_dx, want_du] = cpu_op<BackwardOp>("attnpool::_folded_attention_pool_backward")
+                                      .call(
+                                          grad_out,
+                                          x.to(torch::kFloat64),
+                                          u.to(torch::kFloat64),
+                                          mask,
+                                          want_out,
+                                          want_lse,
+                                          scale,
+                                          c.full_width,
+                                          to_f64(bias),
+                                          std::nullopt);
+  for (const int buffers : {2, 1}) {
+    SCOPED_TRACE("buffers " + std::to_string(buffers));
+    auto g = attnpool::detail::prepare_backward(
+        grad_out.to(torch::kFloat32),
+        x,
+        u,
+        mask,
+        out,
+        lse,
+        scale,
+        c.full_width,
+        bias,
+        std::nullopt);
+    const auto [dx, du] = run_mma_backward(g, c.pieces, torch::Tensor(), buffers, u);
+    expect_close(dx, want_dx, 4e-3, "dx");
+    expect_close(du, want_du, 1e-3, "du");
+  }
 }
 
-TEST(EmulatedTensorCoreForward, MatchesTheCpuForwardInFloat64) {
+TEST(EmulatedTensorCoreKernels, MatchTheCpuOperatorsInFloat64) {
   // Each covers: tiles of 32 rows with a partial last one; heads of 16 and 64
   // columns; masks with an empty sequence, NaN in rows not attended, and a
   // bias; pieces merged; full width; groups of 8 and 16 queries, the last one
   // partial; 1, 2 and 8 tiles of 16 scores (two chains of sums, then one);
-  // a ragged batch with empty sequences.
+  // a ragged batch with empty sequences. Those of at most 16 scores also
+  // run the backward (dx to bfloat16's precision, du to 1e-3; the lo . hi
+  // term of dx's products is below what a bfloat16 dx shows).
   check_mma_forward({2, 70, 64, 1, 4, false, false, 1, 1});
   check_mma_forward({2, 50, 128, 3, 2, false, true, 1, 1});
   check_mma_forward({2, 100, 64, 2, 2, false, true, 3, 1});
@@ -901,6 +1011,34 @@ TEST(EmulatedTensorCoreForward, MatchesTheCpuForwardInFloat64) {
   check_mma_forward({1, 33, 64, 10, 2, false, false, 2, 1});
   check_mma_forward({1, 40, 128, 16, 8, false, false, 1, 2});
   check_mma_forward({0, 0, 64, 2, 2, true, false, 0, 1});
+}
+
+// One attended row per sequence through the tensor-core forward and
+// backward: delta comes from the products dp takes, with out (that row) in
+// place of x, so the scores' gradient cancels exactly, as in the reference.
+TEST(EmulatedTensorCoreKernels, OneAttendedRowHasNoScoreGradient) {
+  for (const bool full_width : {false, true}) {
+    SCOPED_TRACE(full_width ? "full width" : "head slices");
+    torch::manual_seed(11);
+    const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+    const auto u = (torch::randn({2, 2, 64}, f64) / 2).to(torch::kFloat32);
+    const auto mask = torch::zeros({2, 37}, torch::kBool);
+    mask.select(1, 4).fill_(true);
+    const auto x = (torch::randn({2, 37, 64}, f64) * 3)
+                       .to(torch::kBFloat16)
+                       .masked_fill(mask.logical_not().unsqueeze(-1), NAN);
+    auto f = attnpool::detail::prepare_forward(x, u, mask, 0.4, full_width, {}, std::nullopt);
+    const auto [out, lse] = run_mma_forward(f, 1, 2, torch::Tensor());
+    const auto grad_out = torch::randn(out.sizes());
+    auto g = attnpool::detail::prepare_backward(
+        grad_out, x, u, mask, out, lse, 0.4, full_width, {}, std::nullopt);
+    const auto [dx, du] = run_mma_backward(g, 2, torch::Tensor(), 2, u);
+    EXPECT_EQ(du.abs().max().item<double>(), 0.0);
+    // dx of that row: the output's gradient summed over the scores.
+    const auto summed = full_width ? grad_out.sum({1, 2}) : grad_out.sum(1);
+    expect_close(dx.select(1, 4), summed, 4e-3, "dx of the attended row");
+    EXPECT_EQ(dx.select(1, 5).abs().max().item<double>(), 0.0);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(

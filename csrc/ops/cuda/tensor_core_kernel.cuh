@@ -88,6 +88,13 @@ ATTNPOOL_HOST_DEVICE inline MmaSharedLayout mma_shared_layout(
   return s;
 }
 
+// The two bfloat16 terms of a float32 operand: hi = bfloat16(v), lo =
+// bfloat16(v - hi).
+ATTNPOOL_HOST_DEVICE inline c10::BFloat16 bf16_term(float value, int term) {
+  const c10::BFloat16 hi(value);
+  return term == 0 ? hi : c10::BFloat16(value - static_cast<float>(hi));
+}
+
 template <typename T>
 ATTNPOOL_DEVICE inline T* shared_at(unsigned char* base, int64_t offset) {
   return reinterpret_cast<T*>(base + offset);
@@ -152,7 +159,7 @@ ATTNPOOL_DEVICE inline void score_rows(
       for (int mt = 0; mt < MT; ++mt) {
         ATTNPOOL_UNROLL
         for (int term = 0; term < 2; ++term) {
-          const Pack<uint32_t, 4> w = u_fragments[((term * MT + mt) * k_steps + ks + step) * 32];
+          const Pack<uint32_t, 4> w = u_fragments[((mt * 2 + term) * k_steps + ks + step) * 32];
           const uint32_t au[4] = {w.v[0], w.v[1], w.v[2], w.v[3]};
           attnpool_mma_bf16(acc[mt][term % kChains], au, bx);
         }
@@ -442,6 +449,270 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
   }
 }
 
+// [Note: the tensor-core backward]
+// For calls of at most 16 scores (Q * n <= 16: one group of queries, one
+// tile of scores, so that a block's dx rows take every score), a block per
+// (sequence, piece), tiles of 32 rows as in the forward:
+//
+//   1. scores and dp = G_s . x (G_s: grad_out's slice of score s, zeros
+//      elsewhere) by score_rows, the scores exactly as the forward made
+//      them (same fragments, same order), so p = exp(score - lse) <= 1;
+//   2. p and ds = scale p (dp - delta) per (score, row) in the products'
+//      registers, stored as two bfloat16 terms each: by rows for dx, by
+//      scores for du;
+//   3. dx = [p | ds] . [G; u] per 16 rows and 8 columns (K = 32: the 16
+//      scores twice; hi.hi + hi.lo + lo.hi), written once in x's dtype;
+//   4. du += x^T . ds^T as the forward's weighted sums, in shared memory,
+//      stored at the end as this block's du partial (reduce_partials_kernel
+//      sums them in order).
+//
+// delta = G_s . out_s comes first from the same products as dp, with the
+// rows of out (hi and lo terms) in place of x: where one row holds all the
+// weight, out is that row, and dp - delta is exactly 0 there, as in the
+// reference (no gradient reaches u).
+
+// bfloat16 in a row of dx's A operand: p of the 16 scores, then ds.
+constexpr int kMmaDxStride = 32 + 8;
+
+struct MmaBackwardLayout {
+  int64_t x_row;
+  int64_t x_tiles;     // `buffers` tiles of x (bfloat16)
+  int64_t sums;        // du, [H / 16][2][32 lanes][4] float
+  int64_t scratch;     // [16][kMmaTileRows] float
+  int64_t lse;         // [16][2] float
+  int64_t delta;       // [16] float
+  int64_t dx_operand;  // [2 terms][kMmaTileRows][kMmaDxStride] bfloat16
+  int64_t ds_weights;  // [2 terms][16][kMmaWeightStride] bfloat16
+  int64_t bytes;
+};
+
+ATTNPOOL_HOST_DEVICE inline MmaBackwardLayout mma_backward_layout(int64_t hidden, int64_t buffers) {
+  MmaBackwardLayout s;
+  s.x_row = hidden + kMmaRowPad;
+  s.x_tiles = 0;
+  s.sums = buffers * kMmaTileRows * s.x_row * 2;
+  s.scratch = s.sums + (hidden / 16) * 2 * 32 * 4 * 4;
+  s.lse = s.scratch + 16 * kMmaTileRows * 4;
+  s.delta = s.lse + 16 * 2 * 4;
+  s.dx_operand = s.delta + 16 * 4;
+  s.ds_weights = s.dx_operand + 2 * kMmaTileRows * kMmaDxStride * 2;
+  s.bytes = s.ds_weights + 2 * 16 * kMmaWeightStride * 2;
+  return s;
+}
+
+ATTNPOOL_HOST_DEVICE inline uint32_t bf16_pair_bits(float first, float second) {
+  return static_cast<uint32_t>(c10::BFloat16(first).x) |
+         (static_cast<uint32_t>(c10::BFloat16(second).x) << 16);
+}
+
+// One (sequence b, piece) per block of kMmaThreads threads. u_fragments as
+// the forward's (mma_u_fragments with one tile of scores), u_columns from
+// mma_u_columns, grad_fragments and grad_columns from mma_grad_operands;
+// `buffers` tiles of x in shared memory (2: the next tile's copy in flight).
+ATTNPOOL_GLOBAL void mma_backward_kernel(
+    BackwardParams a,
+    const uint32_t* u_fragments,
+    const uint32_t* u_columns,
+    const uint32_t* grad_fragments,
+    const uint32_t* grad_columns,
+    int buffers) {
+  using scalar_t = c10::BFloat16;
+  constexpr int TR = kMmaTileRows;
+  const int64_t Q = a.num_queries;
+  const int64_t n = a.num_heads;
+  const int64_t d = a.head_dim;
+  const int64_t H = a.hidden;
+  const int64_t num_scores = Q * n;
+  const BlockInfo info = block_info(a, 1);
+  const auto [b, group, rows, tid, lane, warp, num_warps] = info;
+  (void)group;
+  (void)num_warps;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int64_t first = rows.begin;
+  const int64_t last = rows.end;
+  const int64_t k_steps = H / 16;
+  const int64_t col_tiles = H / 16;
+  const int64_t column_groups = H / 8;
+  const auto* x = static_cast<const scalar_t*>(a.x) + a.row_offset(b, 0);
+  auto* dx = static_cast<scalar_t*>(a.dx) + a.flat_row(b, 0) * H;
+  const auto* out = static_cast<const float*>(a.out) + b * Q * H;
+  float* du =
+      static_cast<float*>(a.du_partials) + static_cast<int64_t>(blockIdx.x) * num_scores * H;
+  const float scale = static_cast<float>(a.scale);
+  const auto* bias =
+      a.bias == nullptr ? nullptr : static_cast<const float*>(a.bias) + b * a.seq_len;
+  const auto* u_tile = reinterpret_cast<const Pack<uint32_t, 4>*>(u_fragments) + lane;
+  const auto* grad_tile =
+      reinterpret_cast<const Pack<uint32_t, 4>*>(grad_fragments) + b * 2 * k_steps * 32 + lane;
+  const uint32_t* grad_cols = grad_columns + b * 2 * column_groups * 32 * 2;
+
+  const MmaBackwardLayout layout = mma_backward_layout(H, buffers);
+  ATTNPOOL_DYNAMIC_SHARED(unsigned char, shared);
+  scalar_t* tiles = shared_at<scalar_t>(shared, layout.x_tiles);
+  float* sums = shared_at<float>(shared, layout.sums);
+  float* scratch = shared_at<float>(shared, layout.scratch);
+  float* lse = shared_at<float>(shared, layout.lse);
+  float* delta = shared_at<float>(shared, layout.delta);
+  scalar_t* dx_operand = shared_at<scalar_t>(shared, layout.dx_operand);
+  scalar_t* ds_weights = shared_at<scalar_t>(shared, layout.ds_weights);
+  constexpr int kDxTerm = TR * kMmaDxStride;
+  constexpr int kWeightTerm = 16 * kMmaWeightStride;
+
+  // delta: rows 0..15 of the first tile hold score s's out (its slice, zeros
+  // elsewhere) as hi terms, rows 16..31 as lo terms.
+  for (int64_t i = tid; i < TR * H; i += kMmaThreads) {
+    const int r = static_cast<int>(i / H);
+    const int64_t col = i % H;
+    const int64_t s = r % 16;
+    float value = 0.0f;
+    if (s < num_scores && col / d == s % n) {
+      value = out[(s / n) * H + col];
+    }
+    tiles[r * layout.x_row + col] = bf16_term(value, r / 16);
+  }
+  for (int64_t i = tid; i < col_tiles * 2 * 32 * 4; i += kMmaThreads) {
+    sums[i] = 0.0f;
+  }
+  attnpool_syncthreads();
+  {
+    float acc[1][2][4];
+    score_rows<1, 2>(tiles + warp * 8 * layout.x_row, layout.x_row, grad_tile, k_steps, lane, acc);
+    for (int c = 0; c < 4; ++c) {
+      scratch[(g + 8 * (c / 2)) * TR + warp * 8 + 2 * t + c % 2] = acc[0][0][c] + acc[0][1][c];
+    }
+  }
+  attnpool_syncthreads();
+  if (tid < num_scores) {
+    delta[tid] = scratch[tid * TR + tid] + scratch[tid * TR + 16 + tid];
+    const auto* saved = static_cast<const float*>(a.lse) + 2 * (b * num_scores + tid);
+    lse[2 * tid] = saved[0];
+    lse[2 * tid + 1] = saved[1];
+  }
+  if (buffers == 2 && first < last) {
+    stage_tile(a, x, b, first, last, layout.x_row, tiles);
+  }
+
+  int buffer = 0;
+  for (int64_t tile = first; tile < last; tile += TR, buffer ^= buffers - 1) {
+    if (buffers == 1) {
+      attnpool_syncthreads();  // every warp is done with the previous tile
+      stage_tile(a, x, b, tile, last, layout.x_row, tiles);
+    }
+    attnpool_copy_async_wait();
+    attnpool_syncthreads();
+    if (buffers == 2 && tile + TR < last) {
+      stage_tile(a, x, b, tile + TR, last, layout.x_row, tiles + (buffer ^ 1) * TR * layout.x_row);
+    }
+    const scalar_t* tile_rows = tiles + buffer * TR * layout.x_row;
+
+    float sacc[1][2][4];
+    float gacc[1][2][4];
+    score_rows<1, 2>(
+        tile_rows + warp * 8 * layout.x_row, layout.x_row, u_tile, k_steps, lane, sacc);
+    score_rows<1, 2>(
+        tile_rows + warp * 8 * layout.x_row, layout.x_row, grad_tile, k_steps, lane, gacc);
+    for (int c = 0; c < 4; ++c) {
+      const int s = g + 8 * (c / 2);
+      const int r = warp * 8 + 2 * t + c % 2;
+      const int64_t l = tile + r;
+      const bool present = s < num_scores && l < last && a.attends(b, l);
+      float p = 0.0f;
+      float ds = 0.0f;
+      if (present) {
+        const float score = biased_score(scale, sacc[0][0][c] + sacc[0][1][c], bias, l);
+        p = attnpool_exp((score - lse[2 * s]) - lse[2 * s + 1]);
+        ds = scale * p * ((gacc[0][0][c] + gacc[0][1][c]) - delta[s]);
+      }
+      for (int term = 0; term < 2; ++term) {
+        dx_operand[term * kDxTerm + r * kMmaDxStride + s] = bf16_term(p, term);
+        dx_operand[term * kDxTerm + r * kMmaDxStride + 16 + s] = bf16_term(ds, term);
+        ds_weights[term * kWeightTerm + s * kMmaWeightStride + r] = bf16_term(ds, term);
+      }
+    }
+    attnpool_syncthreads();
+
+    // dx: rows 16 mr.., k-step 0 the weights against G, k-step 1 ds against u.
+    uint32_t ap[2][2][2][4];  // [mr][k-step][term]
+    for (int mr = 0; mr < 2; ++mr) {
+      for (int kk = 0; kk < 2; ++kk) {
+        for (int term = 0; term < 2; ++term) {
+          attnpool_ldmatrix_x4<false>(
+              ap[mr][kk][term],
+              dx_operand + term * kDxTerm +
+                  (16 * mr + lane % 8 + 8 * ((lane / 8) % 2)) * kMmaDxStride + 16 * kk +
+                  8 * (lane / 16));
+        }
+      }
+    }
+    for (int64_t nc = warp; nc < column_groups; nc += kMmaWarps) {
+      uint32_t bg[2][2];
+      uint32_t bu[2][2];
+      for (int term = 0; term < 2; ++term) {
+        for (int w = 0; w < 2; ++w) {
+          bg[term][w] = grad_cols[((term * column_groups + nc) * 32 + lane) * 2 + w];
+          bu[term][w] = u_columns[((term * column_groups + nc) * 32 + lane) * 2 + w];
+        }
+      }
+      for (int mr = 0; mr < 2; ++mr) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        attnpool_mma_bf16(acc, ap[mr][0][0], bg[0]);
+        attnpool_mma_bf16(acc, ap[mr][0][0], bg[1]);
+        attnpool_mma_bf16(acc, ap[mr][0][1], bg[0]);
+        attnpool_mma_bf16(acc, ap[mr][1][0], bu[0]);
+        attnpool_mma_bf16(acc, ap[mr][1][0], bu[1]);
+        attnpool_mma_bf16(acc, ap[mr][1][1], bu[0]);
+        const int64_t col = nc * 8 + 2 * t;
+        for (int half = 0; half < 2; ++half) {
+          const int64_t l = tile + 16 * mr + g + 8 * half;
+          if (l < last) {
+            *reinterpret_cast<uint32_t*>(dx + l * H + col) =
+                bf16_pair_bits(acc[2 * half], acc[2 * half + 1]);
+          }
+        }
+      }
+    }
+
+    // du += x^T . ds^T: 16 columns by 8 scores per mma.
+    for (int64_t cm = warp; cm < col_tiles; cm += kMmaWarps) {
+      const scalar_t* address = tile_rows + ((lane % 8) + 8 * (lane / 16)) * layout.x_row +
+                                cm * 16 + 8 * ((lane / 8) % 2);
+      uint32_t xt[2][4];
+      attnpool_ldmatrix_x4<true>(xt[0], address);
+      attnpool_ldmatrix_x4<true>(xt[1], address + 16 * layout.x_row);
+      for (int nt = 0; nt < 2; ++nt) {
+        auto* slot = reinterpret_cast<Pack<float, 4>*>(sums) + (cm * 2 + nt) * 32 + lane;
+        const Pack<float, 4> part = *slot;
+        float acc4[4] = {part.v[0], part.v[1], part.v[2], part.v[3]};
+        for (int kk = 0; kk < 2; ++kk) {
+          for (int term = 0; term < 2; ++term) {
+            const scalar_t* w =
+                ds_weights + term * kWeightTerm + (nt * 8 + g) * kMmaWeightStride + kk * 16 + 2 * t;
+            const uint32_t bw[2] = {
+                *reinterpret_cast<const uint32_t*>(w), *reinterpret_cast<const uint32_t*>(w + 8)};
+            attnpool_mma_bf16(acc4, xt[kk], bw);
+          }
+        }
+        *slot = Pack<float, 4>{{acc4[0], acc4[1], acc4[2], acc4[3]}};
+      }
+    }
+  }
+  attnpool_syncthreads();
+
+  for (int64_t cm = warp; cm < col_tiles; cm += kMmaWarps) {
+    for (int nt = 0; nt < 2; ++nt) {
+      const Pack<float, 4> part =
+          reinterpret_cast<const Pack<float, 4>*>(sums)[(cm * 2 + nt) * 32 + lane];
+      for (int c = 0; c < 4; ++c) {
+        const int64_t s = nt * 8 + 2 * t + c % 2;
+        if (s < num_scores) {
+          du[s * H + cm * 16 + g + 8 * (c / 2)] = part.v[c];
+        }
+      }
+    }
+  }
+}
+
 // Score tiles a block needs for 8 NT queries (or Q, if fewer) of n heads,
 // rounded up to a count that is instantiated (with_mma_score_tiles); 0 if
 // there are too many.
@@ -481,38 +752,100 @@ void with_mma_score_tiles(int mt, F&& f) {
   }
 }
 
-// u [Q * n, H] (float) as the kernel's A fragments: for each group of 8 NT
-// queries, each term (hi = bfloat16(u), lo = bfloat16(u - hi)), score tile
-// mt (16 of the group's scores, query * n + head; zeros past them) and
-// k-step (16 columns), the 4 words lane 4 g + t holds of A: (score g,
-// columns 2t, 2t + 1), (g + 8, ..), (g, 2t + 8, 2t + 9), (g + 8, ..).
-inline std::vector<uint32_t> mma_u_fragments(
-    const float* u, int64_t num_queries, int64_t num_heads, int64_t hidden, int mt, int nt) {
-  const int64_t groups = mma_groups(num_queries, nt);
+// Appends the A fragments of a 16 x H operand, value(m, k), for each term
+// and k-step (16 columns): the 4 words lane 4 g + t holds, (m g, k 2t and
+// 2t + 1), (g + 8, ..), (g, 2t + 8 and 2t + 9), (g + 8, ..). [term][k-step]
+// [lane][4].
+template <typename Value>
+void append_a_fragments(std::vector<uint32_t>& words, int64_t hidden, Value&& value) {
   const int64_t k_steps = hidden / 16;
-  std::vector<uint32_t> words(static_cast<size_t>(groups * 2 * mt * k_steps * 32 * 4), 0u);
-  const auto term_of = [](float value, int term) {
-    const c10::BFloat16 hi(value);
-    return term == 0 ? hi : c10::BFloat16(value - static_cast<float>(hi));
-  };
-  for (int64_t group = 0; group < groups; ++group) {
-    const int64_t first_score = group * 8 * nt * num_heads;
-    const int64_t last_score = std::min(num_queries * num_heads, first_score + 8 * nt * num_heads);
-    for (int term = 0; term < 2; ++term) {
-      for (int64_t m = 0; m < 16 * mt; ++m) {
-        const int64_t s = first_score + m;
-        for (int64_t k = 0; k < hidden; ++k) {
-          const float value = s < last_score ? u[s * hidden + k] : 0.0f;
-          const int lane = static_cast<int>((m % 8) * 4 + (k % 8) / 2);
-          const int word = static_cast<int>(2 * ((k % 16) / 8) + (m % 16) / 8);
-          const int64_t at =
-              ((((group * 2 + term) * mt + m / 16) * k_steps + k / 16) * 32 + lane) * 4 + word;
-          words[at] |= static_cast<uint32_t>(term_of(value, term).x) << (16 * (k % 2));
-        }
+  const size_t first = words.size();
+  words.resize(first + static_cast<size_t>(2 * k_steps * 32 * 4), 0u);
+  for (int term = 0; term < 2; ++term) {
+    for (int64_t m = 0; m < 16; ++m) {
+      for (int64_t k = 0; k < hidden; ++k) {
+        const int lane = static_cast<int>((m % 8) * 4 + (k % 8) / 2);
+        const int word = static_cast<int>(2 * ((k % 16) / 8) + m / 8);
+        const size_t at =
+            first + static_cast<size_t>(((term * k_steps + k / 16) * 32 + lane) * 4 + word);
+        words[at] |= static_cast<uint32_t>(bf16_term(value(m, k), term).x) << (16 * (k % 2));
       }
     }
   }
+}
+
+// Appends the B fragments of a 16 x H operand read by columns, value(k, n)
+// (k < 16, n < H), for each term and 8 columns: lane 4 g + t holds (k 2t
+// and 2t + 1, column g) and (2t + 8 and 2t + 9, g). [term][H / 8][lane][2].
+template <typename Value>
+void append_b_columns(std::vector<uint32_t>& words, int64_t hidden, Value&& value) {
+  const int64_t col_tiles = hidden / 8;
+  const size_t first = words.size();
+  words.resize(first + static_cast<size_t>(2 * col_tiles * 32 * 2), 0u);
+  for (int term = 0; term < 2; ++term) {
+    for (int64_t k = 0; k < 16; ++k) {
+      for (int64_t col = 0; col < hidden; ++col) {
+        const int lane = static_cast<int>((col % 8) * 4 + (k % 8) / 2);
+        const size_t at =
+            first + static_cast<size_t>(((term * col_tiles + col / 8) * 32 + lane) * 2 + k / 8);
+        words[at] |= static_cast<uint32_t>(bf16_term(value(k, col), term).x) << (16 * (k % 2));
+      }
+    }
+  }
+}
+
+// u [Q * n, H] (float) as the forward's A fragments: for each group of 8 nt
+// queries and score tile mt (16 of the group's scores, query * n + head;
+// zeros past them), append_a_fragments's [term][k-step][lane][4].
+inline std::vector<uint32_t> mma_u_fragments(
+    const float* u, int64_t num_queries, int64_t num_heads, int64_t hidden, int mt, int nt) {
+  std::vector<uint32_t> words;
+  for (int64_t group = 0; group < mma_groups(num_queries, nt); ++group) {
+    const int64_t first_score = group * 8 * nt * num_heads;
+    const int64_t last_score = std::min(num_queries * num_heads, first_score + 8 * nt * num_heads);
+    for (int tile = 0; tile < mt; ++tile) {
+      append_a_fragments(words, hidden, [&](int64_t m, int64_t k) {
+        const int64_t s = first_score + 16 * tile + m;
+        return s < last_score ? u[s * hidden + k] : 0.0f;
+      });
+    }
+  }
   return words;
+}
+
+// u [S, H] (S <= 16 scores) as dx's B operand: append_b_columns's
+// [term][H / 8][lane][2], zeros past the scores.
+inline std::vector<uint32_t> mma_u_columns(const float* u, int64_t num_scores, int64_t hidden) {
+  std::vector<uint32_t> words;
+  append_b_columns(words, hidden, [&](int64_t k, int64_t col) {
+    return k < num_scores ? u[k * hidden + col] : 0.0f;
+  });
+  return words;
+}
+
+// grad_out [B, Q, H] (float; score s = query * n + head takes its head's
+// slice of d columns) as the backward's operands, per sequence: G_s with
+// zeros off its slice as A fragments for dp (append_a_fragments) and as B
+// columns for dx (append_b_columns).
+struct MmaGradOperands {
+  std::vector<uint32_t> fragments;
+  std::vector<uint32_t> columns;
+};
+
+inline MmaGradOperands mma_grad_operands(
+    const float* grad_out, int64_t batch, int64_t num_queries, int64_t num_heads, int64_t hidden) {
+  const int64_t num_scores = num_queries * num_heads;
+  const int64_t d = hidden / num_heads;
+  MmaGradOperands operands;
+  for (int64_t b = 0; b < batch; ++b) {
+    const auto value = [&](int64_t s, int64_t col) {
+      const bool own = s < num_scores && col / d == s % num_heads;
+      return own ? grad_out[(b * num_queries + s / num_heads) * hidden + col] : 0.0f;
+    };
+    append_a_fragments(operands.fragments, hidden, value);
+    append_b_columns(operands.columns, hidden, value);
+  }
+  return operands;
 }
 
 // Whether mma_forward_kernel takes this call (with nt column tiles of
@@ -524,6 +857,22 @@ inline bool takes_mma_forward(const PoolInputs& a, int nt, int64_t most_shared) 
   return a.num_queries * a.num_heads > 1 && a.hidden % 32 == 0 && a.head_dim % 16 == 0 &&
          a.x_seq_stride % 8 == 0 && !a.normalizes() && mt > 0 &&
          mma_shared_layout(a.hidden, mt, nt).bytes <= most_shared;
+}
+
+// Whether mma_backward_kernel takes this call (then mma_forward_kernel made
+// its forward, with one group and one tile of scores), and with how many
+// tiles of x in shared memory: 2, 1, or 0 if it does not.
+inline int mma_backward_buffers(const PoolInputs& a, int64_t most_shared) {
+  const int nt = a.num_queries > 8 ? 2 : 1;
+  if (a.num_queries * a.num_heads > 16 || !takes_mma_forward(a, nt, most_shared)) {
+    return 0;
+  }
+  for (int buffers : {2, 1}) {
+    if (mma_backward_layout(a.hidden, buffers).bytes <= most_shared) {
+      return buffers;
+    }
+  }
+  return 0;
 }
 
 }  // namespace attnpool::cuda
