@@ -1,12 +1,15 @@
-// The tensor-core forward for several scores per row
-// (csrc/ops/cuda/tensor_core_kernel.cuh, [Note: the tensor-core forward])
-// timed alone beside the kernel the op runs today for such calls when they
-// are small (forward_kernel, a block per query) and one read of x, bfloat16,
-// at the shapes of the GPU benchmark's queries x heads grid and one of
-// 256 MB. Each call is timed between CUDA events with L2 flushed before it;
-// medians. The matrix-product path that large calls take goes through torch
-// and is timed by `python -m attnpool.bench_gpu` in the same GPU session.
-// Both kernels' out is compared.
+// The tensor-core kernels for several scores per row
+// (csrc/ops/cuda/tensor_core_kernel.cuh, [Note: the tensor-core forward] and
+// [Note: the tensor-core backward]) timed alone beside the kernels the op
+// runs today for such calls when they are small (forward_kernel, a block
+// per query; backward_kernel) and one read and one copy of x, bfloat16, at
+// the shapes of the GPU benchmark's queries x heads grid and one of 256 MB.
+// The backward runs where it applies (at most 16 scores); its operands from
+// grad_out are laid out on the host, outside the timed span. Each call is
+// timed between CUDA events with L2 flushed before it; medians. The
+// matrix-product path that large calls take goes through torch and is timed
+// by `python -m attnpool.bench_gpu` in the same GPU session. The kernels'
+// out, dx and du are compared.
 //
 // scripts/gpu_check.sh builds and runs it; by hand:
 //   nvcc -O3 --expt-relaxed-constexpr -std=c++20 -arch=sm_90 \
@@ -28,6 +31,7 @@
 
 namespace {
 
+using attnpool::BackwardParams;
 using attnpool::ForwardParams;
 using attnpool::PieceCut;
 using attnpool::bench::copy_to_host;
@@ -56,6 +60,14 @@ struct Buffers {
   float* out;
   float* lse;
   float* partials;
+  // The backward's:
+  bf16* dx;
+  float* grad_out;
+  float* du_partials;
+  float* du;
+  uint32_t* u_columns;
+  uint32_t* grad_fragments;
+  uint32_t* grad_columns;
 };
 
 // Pieces of each sequence for `blocks_per_piece` blocks per piece: about
@@ -113,6 +125,49 @@ void forward_by_queries(const Device& device, const Buffers& b, bool describe) {
   merge(a);
 }
 
+BackwardParams backward_params_of(const Buffers& b, const PieceCut& cut) {
+  BackwardParams g{};
+  static_cast<ForwardParams&>(g) = params_of(b, cut);
+  g.grad_out = b.grad_out;
+  g.dx = b.dx;
+  g.du_partials = b.du_partials;
+  g.du = b.du;
+  return g;
+}
+
+void sum_du_partials(const BackwardParams& g, int64_t blocks) {
+  constexpr int kThreads = 256;
+  const int64_t width = g.num_scores() * g.hidden;
+  cuda::reduce_partials_kernel<float>
+      <<<(width + cuda::kStripeColumns - 1) / cuda::kStripeColumns,
+         kThreads,
+         cuda::reduce_shared_bytes<float>(kThreads)>>>(
+          static_cast<const float*>(g.du_partials), static_cast<float*>(g.du), blocks, width);
+}
+
+// backward_kernel as the entry point launches it.
+void backward_by_rows(const Device& device, const Buffers& b, bool describe) {
+  constexpr int V = cuda::kPackWidth<bf16>;
+  const int threads = 128 * static_cast<int>((b.shape.hidden + 2 * 128 * V - 1) / (2 * 128 * V));
+  const BackwardParams g = backward_params_of(b, cut_for(device, b.shape, 1, 8));
+  const int64_t shared =
+      cuda::backward_shared_bytes<float>(threads / 32, g.num_heads, g.num_scores());
+  auto* kernel = b.shape.hidden <= threads * V ? &cuda::backward_kernel<bf16, V, 1>
+                                               : &cuda::backward_kernel<bf16, V, 2>;
+  prepare(kernel, threads / 32, shared, describe, "backward_kernel");
+  kernel<<<g.batch * g.cut.pieces, threads, shared>>>(g);
+  sum_du_partials(g, g.batch * g.cut.pieces);
+}
+
+void backward_on_tensor_cores(const Device& device, const Buffers& b, int buffers, bool describe) {
+  const BackwardParams g = backward_params_of(b, cut_for(device, b.shape, 1, 1));
+  const int64_t shared = cuda::mma_backward_layout(g.hidden, buffers).bytes;
+  prepare(&cuda::mma_backward_kernel, cuda::kMmaWarps, shared, describe, "mma_backward_kernel");
+  cuda::mma_backward_kernel<<<g.batch * g.cut.pieces, cuda::kMmaThreads, shared>>>(
+      g, b.u_fragments, b.u_columns, b.grad_fragments, b.grad_columns, buffers);
+  sum_du_partials(g, g.batch * g.cut.pieces);
+}
+
 template <int MT, int NT>
 void forward_on_tensor_cores(const Device& device, const Buffers& b, bool describe) {
   ForwardParams a = params_of(b, PieceCut{1, b.shape.seq_len});
@@ -153,25 +208,39 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
     return;
   }
   const int mt = cuda::mma_score_tiles(Q, n, nt);
+  const int buffers = cuda::mma_backward_buffers(shape, most_shared);
   std::vector<float> u(static_cast<size_t>(Q * n * H));
   for (size_t i = 0; i < u.size(); ++i) {
     u[i] = 0.5f * std::sin(0.37f * static_cast<float>(i));
   }
+  std::vector<float> grad_out(static_cast<size_t>(out_values));
+  for (size_t i = 0; i < grad_out.size(); ++i) {
+    grad_out[i] = std::cos(0.11f * static_cast<float>(i));
+  }
   const auto fragments = cuda::mma_u_fragments(u.data(), Q, n, H, mt, nt);
+  const auto u_columns = cuda::mma_u_columns(u.data(), Q * n, H);
+  const auto grad = cuda::mma_grad_operands(grad_out.data(), s.batch, Q, n, H);
+  const int64_t most_blocks =
+      s.batch * std::max(cut_for(device, s, 1, 8).pieces, cut_for(device, s, 1, 1).pieces);
+  const auto to_device = [](auto*& to, const auto& values) {
+    CHECK(cudaMalloc(&to, values.size() * sizeof(values[0])));
+    CHECK(cudaMemcpy(to, values.data(), values.size() * sizeof(values[0]), cudaMemcpyHostToDevice));
+  };
   CHECK(cudaMalloc(&b.x, elements * sizeof(bf16)));
-  CHECK(cudaMalloc(&b.u, u.size() * sizeof(float)));
-  CHECK(cudaMalloc(&b.u_fragments, fragments.size() * sizeof(uint32_t)));
+  CHECK(cudaMalloc(&b.dx, elements * sizeof(bf16)));
   CHECK(cudaMalloc(&b.out, out_values * sizeof(float)));
   CHECK(cudaMalloc(&b.lse, s.batch * Q * n * 2 * sizeof(float)));
   CHECK(cudaMalloc(&b.partials, most_states * (1 + 2 * n + H) * sizeof(float)));
+  CHECK(cudaMalloc(&b.du_partials, most_blocks * Q * n * H * sizeof(float)));
+  CHECK(cudaMalloc(&b.du, Q * n * H * sizeof(float)));
+  to_device(b.u, u);
+  to_device(b.u_fragments, fragments);
+  to_device(b.grad_out, grad_out);
+  to_device(b.u_columns, u_columns);
+  to_device(b.grad_fragments, grad.fragments);
+  to_device(b.grad_columns, grad.columns);
   float* sink;
   CHECK(cudaMalloc(&sink, sizeof(float)));
-  CHECK(cudaMemcpy(b.u, u.data(), u.size() * sizeof(float), cudaMemcpyHostToDevice));
-  CHECK(cudaMemcpy(
-      b.u_fragments,
-      fragments.data(),
-      fragments.size() * sizeof(uint32_t),
-      cudaMemcpyHostToDevice));
   fill_kernel<bf16><<<1024, 256>>>(b.x, elements, 1, 2.0f);
   CHECK(cudaDeviceSynchronize());
 
@@ -198,18 +267,49 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
       nt,
       relative_difference(copy_to_host(b.out, out_values), want));
 
-  std::vector<float> reads, by_queries, on_tensor_cores;
+  // The backwards read the tensor-core forward's out and lse.
+  if (buffers > 0) {
+    backward_by_rows(device, b, true);
+    CHECK(cudaDeviceSynchronize());
+    const auto want_dx = copy_to_host(b.dx, elements);
+    const auto want_du = copy_to_host(b.du, Q * n * H);
+    backward_on_tensor_cores(device, b, buffers, true);
+    CHECK(cudaDeviceSynchronize());
+    CHECK(cudaGetLastError());
+    std::printf(
+        "    %d tiles of x in shared memory; dx differs from backward_kernel's by %.1e, du by "
+        "%.1e\n",
+        buffers,
+        relative_difference(copy_to_host(b.dx, elements), want_dx),
+        relative_difference(copy_to_host(b.du, Q * n * H), want_du));
+  }
+
+  std::vector<float> reads, copies, by_queries, on_tensor_cores, by_rows, backward_on_cores;
   const size_t words = elements * sizeof(bf16) / 16;
   for (int r = 0; r < rounds; ++r) {
     reads.push_back(time_ms(device, [&] {
       read_kernel<<<device.sms * 8, 512>>>(reinterpret_cast<const uint4*>(b.x), words, sink);
     }));
+    copies.push_back(time_ms(device, [&] {
+      CHECK(cudaMemcpyAsync(b.dx, b.x, elements * sizeof(bf16), cudaMemcpyDeviceToDevice));
+    }));
     by_queries.push_back(time_ms(device, [&] { forward_by_queries(device, b, false); }));
     on_tensor_cores.push_back(time_ms(device, [&] { run_mma(false); }));
+    if (buffers > 0) {
+      by_rows.push_back(time_ms(device, [&] { backward_by_rows(device, b, false); }));
+      backward_on_cores.push_back(
+          time_ms(device, [&] { backward_on_tensor_cores(device, b, buffers, false); }));
+    }
   }
   const double bytes = static_cast<double>(elements * sizeof(bf16));
   const float read = median(reads);
-  std::printf("  read %.3f ms (%.0f GB/s)\n", read, bytes / read / 1e6);
+  const float copy = median(copies);
+  std::printf(
+      "  read %.3f ms (%.0f GB/s), copy %.3f ms (%.0f GB/s read + written)\n",
+      read,
+      bytes / read / 1e6,
+      copy,
+      2 * bytes / copy / 1e6);
   for (const auto& [name, times] :
        {std::pair{"forward_kernel", median(by_queries)},
         std::pair{"mma_forward_kernel", median(on_tensor_cores)}}) {
@@ -220,14 +320,28 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
         bytes / times / 1e6,
         read / times);
   }
+  if (buffers > 0) {
+    for (const auto& [name, times] :
+         {std::pair{"backward_kernel", median(by_rows)},
+          std::pair{"mma_backward_kernel", median(backward_on_cores)}}) {
+      std::printf("  %-20s bwd %.3f ms = %.2f of copy\n", name, times, copy / times);
+    }
+  }
   std::fflush(stdout);
   for (void* p :
        {static_cast<void*>(b.x),
+        static_cast<void*>(b.dx),
         static_cast<void*>(b.u),
         static_cast<void*>(b.u_fragments),
         static_cast<void*>(b.out),
         static_cast<void*>(b.lse),
         static_cast<void*>(b.partials),
+        static_cast<void*>(b.du_partials),
+        static_cast<void*>(b.du),
+        static_cast<void*>(b.grad_out),
+        static_cast<void*>(b.u_columns),
+        static_cast<void*>(b.grad_fragments),
+        static_cast<void*>(b.grad_columns),
         static_cast<void*>(sink)}) {
     CHECK(cudaFree(p));
   }
@@ -243,7 +357,7 @@ int main(int argc, char** argv) {
   device.sms = properties.multiProcessorCount;
   CHECK(cudaMalloc(&device.flush, kFlushBytes));
   std::printf(
-      "%s, %d SMs: the tensor-core forward alone; CUDA events, L2 flushed before each call, "
+      "%s, %d SMs: the tensor-core kernels alone; CUDA events, L2 flushed before each call, "
       "medians of %d rounds\n",
       properties.name,
       device.sms,
