@@ -4,8 +4,9 @@
 // runs today for such calls when they are small (forward_kernel, a block
 // per query; backward_kernel) and one read and one copy of x, bfloat16, at
 // the shapes of the GPU benchmark's queries x heads grid and one of 256 MB.
-// The backward runs where it applies (at most 16 scores); its operands from
-// grad_out are laid out on the host, outside the timed span. Each call is
+// The backward runs where it applies (at most 16 scores). The tensor-core
+// calls include laying out their operands from u and grad_out
+// (mma_operand_kernel), as the op would per call. Each call is
 // timed between CUDA events with L2 flushed before it; medians. The
 // matrix-product path that large calls take goes through torch and is timed
 // by `python -m attnpool.bench_gpu` in the same GPU session. The kernels'
@@ -54,6 +55,8 @@ struct Shape {
 
 struct Buffers {
   Shape shape;
+  int score_tiles;  // the tensor-core forward's MT and NT
+  int nt;
   bf16* x;
   float* u;
   uint32_t* u_fragments;
@@ -159,8 +162,17 @@ void backward_by_rows(const Device& device, const Buffers& b, bool describe) {
   sum_du_partials(g, g.batch * g.cut.pieces);
 }
 
+void lay_out(const cuda::MmaOperand& op, uint32_t* words) {
+  cuda::mma_operand_kernel<<<cuda::mma_operand_blocks(op), cuda::kMmaOperandThreads>>>(op, words);
+}
+
 void backward_on_tensor_cores(const Device& device, const Buffers& b, int buffers, bool describe) {
   const BackwardParams g = backward_params_of(b, cut_for(device, b.shape, 1, 1));
+  const int64_t Q = g.num_queries, n = g.num_heads, H = g.hidden;
+  lay_out(cuda::mma_u_operand(b.u, Q, n, H, 1, b.nt, false), b.u_fragments);
+  lay_out(cuda::mma_u_operand(b.u, Q, n, H, 1, b.nt, true), b.u_columns);
+  lay_out(cuda::mma_grad_operand(b.grad_out, g.batch, Q, n, H, false), b.grad_fragments);
+  lay_out(cuda::mma_grad_operand(b.grad_out, g.batch, Q, n, H, true), b.grad_columns);
   const int64_t shared = cuda::mma_backward_layout(g.hidden, buffers).bytes;
   prepare(&cuda::mma_backward_kernel, cuda::kMmaWarps, shared, describe, "mma_backward_kernel");
   cuda::mma_backward_kernel<<<g.batch * g.cut.pieces, cuda::kMmaThreads, shared>>>(
@@ -174,6 +186,8 @@ void forward_on_tensor_cores(const Device& device, const Buffers& b, bool descri
   const int64_t groups = cuda::mma_groups(a.num_queries, NT);
   a.cut = cut_for(device, b.shape, groups, 1);
   const int64_t shared = cuda::mma_shared_layout(a.hidden, MT, NT).bytes;
+  lay_out(
+      cuda::mma_u_operand(b.u, a.num_queries, a.num_heads, a.hidden, MT, NT, false), b.u_fragments);
   auto* kernel = &cuda::mma_forward_kernel<MT, NT>;
   prepare(kernel, cuda::kMmaWarps, shared, describe, "mma_forward_kernel");
   kernel<<<a.batch * groups * a.cut.pieces, cuda::kMmaThreads, shared>>>(a, b.u_fragments);
@@ -217,9 +231,12 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
   for (size_t i = 0; i < grad_out.size(); ++i) {
     grad_out[i] = std::cos(0.11f * static_cast<float>(i));
   }
-  const auto fragments = cuda::mma_u_fragments(u.data(), Q, n, H, mt, nt);
-  const auto u_columns = cuda::mma_u_columns(u.data(), Q * n, H);
-  const auto grad = cuda::mma_grad_operands(grad_out.data(), s.batch, Q, n, H);
+  b.score_tiles = mt;
+  b.nt = nt;
+  // Words of the operands: u's fragments (the forward's score tiles, or the
+  // backward's one), u's columns, grad_out's fragments and columns.
+  const int64_t u_words = cuda::mma_u_operand(nullptr, Q, n, H, std::max(mt, 1), nt, false).words();
+  const int64_t grad_words = cuda::mma_grad_operand(nullptr, s.batch, Q, n, H, false).words();
   const int64_t most_blocks =
       s.batch * std::max(cut_for(device, s, 1, 8).pieces, cut_for(device, s, 1, 1).pieces);
   const auto to_device = [](auto*& to, const auto& values) {
@@ -233,12 +250,12 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
   CHECK(cudaMalloc(&b.partials, most_states * (1 + 2 * n + H) * sizeof(float)));
   CHECK(cudaMalloc(&b.du_partials, most_blocks * Q * n * H * sizeof(float)));
   CHECK(cudaMalloc(&b.du, Q * n * H * sizeof(float)));
+  CHECK(cudaMalloc(&b.u_fragments, u_words * sizeof(uint32_t)));
+  CHECK(cudaMalloc(&b.u_columns, u_words * sizeof(uint32_t)));
+  CHECK(cudaMalloc(&b.grad_fragments, grad_words * sizeof(uint32_t)));
+  CHECK(cudaMalloc(&b.grad_columns, grad_words * sizeof(uint32_t)));
   to_device(b.u, u);
-  to_device(b.u_fragments, fragments);
   to_device(b.grad_out, grad_out);
-  to_device(b.u_columns, u_columns);
-  to_device(b.grad_fragments, grad.fragments);
-  to_device(b.grad_columns, grad.columns);
   float* sink;
   CHECK(cudaMalloc(&sink, sizeof(float)));
   fill_kernel<bf16><<<1024, 256>>>(b.x, elements, 1, 2.0f);

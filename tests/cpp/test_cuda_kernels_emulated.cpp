@@ -801,6 +801,20 @@ int64_t cut_for_mma(
   return p.batch * p.cut.pieces;
 }
 
+// An operand laid out by mma_operand_kernel ([Note: tensor-core operands]).
+std::vector<uint32_t> operand_words(const attnpool::cuda::MmaOperand& op) {
+  namespace cuda = attnpool::cuda;
+  std::vector<uint32_t> words(static_cast<size_t>(op.words()));
+  launch(
+      &cuda::mma_operand_kernel,
+      cuda::mma_operand_blocks(op),
+      cuda::kMmaOperandThreads,
+      0,
+      op,
+      words.data());
+  return words;
+}
+
 std::tuple<torch::Tensor, torch::Tensor> run_mma_forward(
     attnpool::detail::PreparedForward& f, int nt, int64_t pieces, const torch::Tensor& offsets) {
   namespace cuda = attnpool::cuda;
@@ -813,7 +827,8 @@ std::tuple<torch::Tensor, torch::Tensor> run_mma_forward(
   const int64_t blocks = cut_for_mma(p, pieces, offsets, first_piece);
   const auto partials = torch::empty({blocks * Q, 1 + 2 * n + H}, f.out.options());
   p.partials = partials.mutable_data_ptr();
-  const auto fragments = cuda::mma_u_fragments(static_cast<const float*>(p.u), Q, n, H, mt, nt);
+  const auto fragments =
+      operand_words(cuda::mma_u_operand(static_cast<const float*>(p.u), Q, n, H, mt, nt, false));
   const uint32_t* u_fragments = fragments.data();
   cuda::with_mma_score_tiles(mt, [&](auto tiles) {
     constexpr int MT = decltype(tiles)::value;
@@ -863,9 +878,12 @@ std::tuple<torch::Tensor, torch::Tensor> run_mma_backward(
   auto du_partials = torch::empty({blocks, num_scores, H}, g.du.options());
   p.du_partials = du_partials.mutable_data_ptr();
   const auto* u_values = static_cast<const float*>(p.u);
-  const auto u_fragments = cuda::mma_u_fragments(u_values, Q, n, H, 1, Q > 8 ? 2 : 1);
-  const auto u_columns = cuda::mma_u_columns(u_values, num_scores, H);
-  const auto grad = cuda::mma_grad_operands(static_cast<const float*>(p.grad_out), B, Q, n, H);
+  const auto* grad_values = static_cast<const float*>(p.grad_out);
+  const int nt = Q > 8 ? 2 : 1;
+  const auto u_fragments = operand_words(cuda::mma_u_operand(u_values, Q, n, H, 1, nt, false));
+  const auto u_columns = operand_words(cuda::mma_u_operand(u_values, Q, n, H, 1, nt, true));
+  const auto grad_fragments = operand_words(cuda::mma_grad_operand(grad_values, B, Q, n, H, false));
+  const auto grad_columns = operand_words(cuda::mma_grad_operand(grad_values, B, Q, n, H, true));
   launch(
       &cuda::mma_backward_kernel,
       blocks,
@@ -874,8 +892,8 @@ std::tuple<torch::Tensor, torch::Tensor> run_mma_backward(
       p,
       u_fragments.data(),
       u_columns.data(),
-      grad.fragments.data(),
-      grad.columns.data(),
+      grad_fragments.data(),
+      grad_columns.data(),
       buffers);
   launch(
       &cuda::reduce_partials_kernel<float>,

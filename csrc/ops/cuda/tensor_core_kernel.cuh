@@ -29,7 +29,7 @@ namespace attnpool::cuda {
 //      are zeros there and never read from x);
 //   2. scores: each warp takes 8 rows, D[s][row] = U[s] . x[row] by
 //      mma.m16n8k16 with U as A (16 scores by 16 columns, from fragments
-//      laid out once per call: mma_u_fragments) and the rows as B
+//      laid out once per call: [Note: tensor-core operands]) and the rows as B
 //      (ldmatrix). U enters as two bfloat16 terms, hi + lo, as in the
 //      matrix-product path: about 16 significant bits of each u;
 //   3. the online softmax of each score over the tile: 8 lanes per score,
@@ -232,7 +232,7 @@ ATTNPOOL_DEVICE inline float* piece_state(
 }
 
 // One (sequence b, piece, group of 8 NT queries) per block of kMmaThreads
-// threads; u_fragments from mma_u_fragments. Writes out and lse, or with
+// threads; u_fragments from mma_operand_kernel (mma_u_operand). Writes out and lse, or with
 // several pieces (or a ragged batch) the states merge_pieces_kernel merges,
 // at the slots of forward_kernel's blocks (one per query).
 template <int MT, int NT>
@@ -506,8 +506,9 @@ ATTNPOOL_HOST_DEVICE inline uint32_t bf16_pair_bits(float first, float second) {
 }
 
 // One (sequence b, piece) per block of kMmaThreads threads. u_fragments as
-// the forward's (mma_u_fragments with one tile of scores), u_columns from
-// mma_u_columns, grad_fragments and grad_columns from mma_grad_operands;
+// the forward's (one tile of scores), u_columns, grad_fragments and
+// grad_columns laid out by mma_operand_kernel (mma_u_operand,
+// mma_grad_operand);
 // `buffers` tiles of x in shared memory (2: the next tile's copy in flight).
 ATTNPOOL_GLOBAL void mma_backward_kernel(
     BackwardParams a,
@@ -752,100 +753,124 @@ void with_mma_score_tiles(int mt, F&& f) {
   }
 }
 
-// Appends the A fragments of a 16 x H operand, value(m, k), for each term
-// and k-step (16 columns): the 4 words lane 4 g + t holds, (m g, k 2t and
-// 2t + 1), (g + 8, ..), (g, 2t + 8 and 2t + 9), (g + 8, ..). [term][k-step]
-// [lane][4].
-template <typename Value>
-void append_a_fragments(std::vector<uint32_t>& words, int64_t hidden, Value&& value) {
-  const int64_t k_steps = hidden / 16;
-  const size_t first = words.size();
-  words.resize(first + static_cast<size_t>(2 * k_steps * 32 * 4), 0u);
-  for (int term = 0; term < 2; ++term) {
-    for (int64_t m = 0; m < 16; ++m) {
-      for (int64_t k = 0; k < hidden; ++k) {
-        const int lane = static_cast<int>((m % 8) * 4 + (k % 8) / 2);
-        const int word = static_cast<int>(2 * ((k % 16) / 8) + m / 8);
-        const size_t at =
-            first + static_cast<size_t>(((term * k_steps + k / 16) * 32 + lane) * 4 + word);
-        words[at] |= static_cast<uint32_t>(bf16_term(value(m, k), term).x) << (16 * (k % 2));
-      }
-    }
+// [Note: tensor-core operands] u and grad_out enter the products as
+// fragments laid out once per call by mma_operand_kernel, so that each lane
+// loads its part of a 16 x 16 (A) or 16 x 8 (B) operand with one 16-byte or
+// 8-byte load: rows of 16 (scores) by H columns, each float32 value as two
+// bfloat16 terms (bf16_term). A block of 16 rows takes 16 H words:
+//   A fragments (the scores' U and G): [term][k-step][lane][4], lane 4 g + t
+//     holding (row g, columns 2t and 2t + 1 of the k-step), (g + 8, ..),
+//     (g, 2t + 8 and 2t + 9), (g + 8, ..);
+//   B columns (dx's u and G): [term][H / 8][lane][2], lane 4 g + t holding
+//     (rows 2t and 2t + 1, column g of the 8) and (2t + 8 and 2t + 9, g).
+// Blocks of u: for each group of 8 nt queries, its score tiles (16 scores
+// each, query * n + head; zeros past the group's). Blocks of grad_out: one
+// per sequence, row s = score s with its head's slice of the output's
+// gradient and zeros elsewhere.
+struct MmaOperand {
+  const float* values;  // u [Q * n, H], or grad_out [B, Q, H]
+  int64_t num_queries;
+  int64_t num_heads;
+  int64_t hidden;
+  int64_t blocks;   // of 16 rows
+  int score_tiles;  // per group (u)
+  int nt;           // column tiles of 8 queries per group (u)
+  bool of_grad;
+  bool columns;  // B columns instead of A fragments
+
+  ATTNPOOL_HOST_DEVICE int64_t words() const {
+    return blocks * 16 * hidden;
   }
-}
 
-// Appends the B fragments of a 16 x H operand read by columns, value(k, n)
-// (k < 16, n < H), for each term and 8 columns: lane 4 g + t holds (k 2t
-// and 2t + 1, column g) and (2t + 8 and 2t + 9, g). [term][H / 8][lane][2].
-template <typename Value>
-void append_b_columns(std::vector<uint32_t>& words, int64_t hidden, Value&& value) {
-  const int64_t col_tiles = hidden / 8;
-  const size_t first = words.size();
-  words.resize(first + static_cast<size_t>(2 * col_tiles * 32 * 2), 0u);
-  for (int term = 0; term < 2; ++term) {
-    for (int64_t k = 0; k < 16; ++k) {
-      for (int64_t col = 0; col < hidden; ++col) {
-        const int lane = static_cast<int>((col % 8) * 4 + (k % 8) / 2);
-        const size_t at =
-            first + static_cast<size_t>(((term * col_tiles + col / 8) * 32 + lane) * 2 + k / 8);
-        words[at] |= static_cast<uint32_t>(bf16_term(value(k, col), term).x) << (16 * (k % 2));
-      }
+  // Row m, column k of block `block`.
+  ATTNPOOL_HOST_DEVICE float value(int64_t block, int64_t m, int64_t k) const {
+    const int64_t num_scores = num_queries * num_heads;
+    if (of_grad) {
+      const bool own = m < num_scores && k / (hidden / num_heads) == m % num_heads;
+      return own ? values[(block * num_queries + m / num_heads) * hidden + k] : 0.0f;
     }
+    const int64_t group = block / score_tiles;
+    const int64_t first = group * 8 * nt * num_heads;
+    const int64_t end = first + 8 * nt * num_heads;
+    const int64_t s = first + 16 * (block % score_tiles) + m;
+    return s < end && s < num_scores ? values[s * hidden + k] : 0.0f;
   }
-}
 
-// u [Q * n, H] (float) as the forward's A fragments: for each group of 8 nt
-// queries and score tile mt (16 of the group's scores, query * n + head;
-// zeros past them), append_a_fragments's [term][k-step][lane][4].
-inline std::vector<uint32_t> mma_u_fragments(
-    const float* u, int64_t num_queries, int64_t num_heads, int64_t hidden, int mt, int nt) {
-  std::vector<uint32_t> words;
-  for (int64_t group = 0; group < mma_groups(num_queries, nt); ++group) {
-    const int64_t first_score = group * 8 * nt * num_heads;
-    const int64_t last_score = std::min(num_queries * num_heads, first_score + 8 * nt * num_heads);
-    for (int tile = 0; tile < mt; ++tile) {
-      append_a_fragments(words, hidden, [&](int64_t m, int64_t k) {
-        const int64_t s = first_score + 16 * tile + m;
-        return s < last_score ? u[s * hidden + k] : 0.0f;
-      });
+  // Word i of the layout.
+  ATTNPOOL_HOST_DEVICE uint32_t word(int64_t i) const {
+    const int64_t block = i / (16 * hidden);
+    const int64_t r = i % (16 * hidden);
+    int64_t m0, m1, k0, k1;
+    int term;
+    if (columns) {
+      const int word = static_cast<int>(r % 2);
+      const int lane = static_cast<int>((r / 2) % 32);
+      const int64_t column = (r / 64) % (hidden / 8) * 8 + lane / 4;
+      term = static_cast<int>(r / (64 * (hidden / 8)));
+      m0 = 2 * (lane % 4) + 8 * word;
+      m1 = m0 + 1;
+      k0 = column;
+      k1 = column;
+    } else {
+      const int word = static_cast<int>(r % 4);
+      const int lane = static_cast<int>((r / 4) % 32);
+      const int64_t k_step = (r / 128) % (hidden / 16);
+      term = static_cast<int>(r / (128 * (hidden / 16)));
+      m0 = lane / 4 + 8 * (word % 2);
+      m1 = m0;
+      k0 = 16 * k_step + 2 * (lane % 4) + 8 * (word / 2);
+      k1 = k0 + 1;
     }
+    return static_cast<uint32_t>(bf16_term(value(block, m0, k0), term).x) |
+           (static_cast<uint32_t>(bf16_term(value(block, m1, k1), term).x) << 16);
   }
-  return words;
-}
-
-// u [S, H] (S <= 16 scores) as dx's B operand: append_b_columns's
-// [term][H / 8][lane][2], zeros past the scores.
-inline std::vector<uint32_t> mma_u_columns(const float* u, int64_t num_scores, int64_t hidden) {
-  std::vector<uint32_t> words;
-  append_b_columns(words, hidden, [&](int64_t k, int64_t col) {
-    return k < num_scores ? u[k * hidden + col] : 0.0f;
-  });
-  return words;
-}
-
-// grad_out [B, Q, H] (float; score s = query * n + head takes its head's
-// slice of d columns) as the backward's operands, per sequence: G_s with
-// zeros off its slice as A fragments for dp (append_a_fragments) and as B
-// columns for dx (append_b_columns).
-struct MmaGradOperands {
-  std::vector<uint32_t> fragments;
-  std::vector<uint32_t> columns;
 };
 
-inline MmaGradOperands mma_grad_operands(
-    const float* grad_out, int64_t batch, int64_t num_queries, int64_t num_heads, int64_t hidden) {
-  const int64_t num_scores = num_queries * num_heads;
-  const int64_t d = hidden / num_heads;
-  MmaGradOperands operands;
-  for (int64_t b = 0; b < batch; ++b) {
-    const auto value = [&](int64_t s, int64_t col) {
-      const bool own = s < num_scores && col / d == s % num_heads;
-      return own ? grad_out[(b * num_queries + s / num_heads) * hidden + col] : 0.0f;
-    };
-    append_a_fragments(operands.fragments, hidden, value);
-    append_b_columns(operands.columns, hidden, value);
+// Threads per block of mma_operand_kernel, a word each.
+constexpr int kMmaOperandThreads = 256;
+
+ATTNPOOL_HOST_DEVICE inline int64_t mma_operand_blocks(const MmaOperand& op) {
+  return (op.words() + kMmaOperandThreads - 1) / kMmaOperandThreads;
+}
+
+ATTNPOOL_GLOBAL void mma_operand_kernel(MmaOperand op, uint32_t* words) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kMmaOperandThreads + threadIdx.x;
+  if (i < op.words()) {
+    words[i] = op.word(i);
   }
-  return operands;
+}
+
+// u [Q * n, H] as the forward's A fragments (and the backward's, with one
+// tile of scores), or as dx's B columns (one group of at most 16 scores).
+inline MmaOperand mma_u_operand(
+    const float* u,
+    int64_t num_queries,
+    int64_t num_heads,
+    int64_t hidden,
+    int score_tiles,
+    int nt,
+    bool columns) {
+  return {
+      u,
+      num_queries,
+      num_heads,
+      hidden,
+      mma_groups(num_queries, nt) * score_tiles,
+      score_tiles,
+      nt,
+      false,
+      columns};
+}
+
+// grad_out [B, Q, H] as the backward's A fragments (dp) or B columns (dx).
+inline MmaOperand mma_grad_operand(
+    const float* grad_out,
+    int64_t batch,
+    int64_t num_queries,
+    int64_t num_heads,
+    int64_t hidden,
+    bool columns) {
+  return {grad_out, num_queries, num_heads, hidden, batch, 1, 1, true, columns};
 }
 
 // Whether mma_forward_kernel takes this call (with nt column tiles of
