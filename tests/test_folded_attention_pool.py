@@ -242,6 +242,57 @@ def test_large_calls_with_many_scores_run_as_matrix_products_on_cuda(
     _assert_matches_reference64(x, u, *args)
 
 
+def _cuda_kernels_inside(*args):
+    """The CUDA kernels that the forward and backward of
+    folded_attention_pool(*args) launch, as the profiler names them."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        out = attnpool.folded_attention_pool(*args)
+        out.sum().backward()
+        torch.cuda.synchronize()
+    return " ".join(event.name for event in prof.events())
+
+
+@pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
+@pytest.mark.parametrize(
+    "full_width, num_queries, num_heads",
+    [(False, 1, 16), (False, 3, 4), (True, 2, 4), (False, 16, 1)],
+    ids=["1x16", "3x4", "full-width-2x4", "16x1"],
+)
+def test_tensor_core_kernels_match_reference_on_cuda(
+    monkeypatch, full_width, num_queries, num_heads
+):
+    # ATTNPOOL_CUDA_TENSOR_CORES=1 ([Note: opting in to the tensor-core
+    # kernels]): bfloat16 rows, at most 16 scores, a mask and a bias; sequences
+    # cut into pieces. Both directions must take the tensor-core kernels.
+    monkeypatch.setenv("ATTNPOOL_CUDA_TENSOR_CORES", "1")
+    torch.manual_seed(0)
+    x, u, mask = _folded_inputs(3, 700, 256, num_queries, num_heads, mask="random", device="cuda")
+    bias = torch.randn(3, 700, device="cuda")
+    x = x.to(torch.bfloat16).requires_grad_(True)
+    u = u.float().requires_grad_(True)
+    kernels = _cuda_kernels_inside(x, u, mask, 0.5, full_width, bias)
+    assert "mma_forward_kernel" in kernels and "mma_backward_kernel" in kernels
+    _assert_matches_reference64(x, u, mask, 0.5, full_width, bias)
+
+
+@pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
+def test_tensor_core_kernels_leave_one_attended_row_no_score_gradient(monkeypatch):
+    # delta = G . out from the products dp takes ([Note: the tensor-core
+    # backward]): with one attended row, out is that row and du is exactly 0.
+    monkeypatch.setenv("ATTNPOOL_CUDA_TENSOR_CORES", "1")
+    torch.manual_seed(0)
+    x, u, _ = _folded_inputs(2, 90, 128, 2, 4, device="cuda")
+    mask = torch.zeros(2, 90, dtype=torch.bool, device="cuda")
+    mask[:, 37] = True
+    x = (3 * x).to(torch.bfloat16).requires_grad_(True)
+    u = u.float().requires_grad_(True)
+    out = attnpool.folded_attention_pool(x, u, mask, 0.5, False)
+    out.backward(torch.randn_like(out))
+    assert u.grad.abs().max() == 0
+    assert x.grad[:, 37].abs().max() > 0 and x.grad[:, 36].abs().max() == 0
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("full_width", [False, True], ids=["slices", "full-width"])
 def test_fully_masked_row_and_empty_sequence_are_zero(device, full_width):

@@ -6,6 +6,7 @@
 #include "ops/cuda/device_attribute.h"
 #include "ops/cuda/folded_attention_pool_kernel.cuh"
 #include "ops/cuda/one_score_kernel.cuh"
+#include "ops/cuda/tensor_core_kernel.cuh"
 #include "ops/fold_query.h"
 #include "ops/folded_attention_pool.h"
 #include "ops/pool_by_matmul.h"
@@ -20,6 +21,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -193,11 +196,159 @@ bool takes_matmul_path(const PoolInputs& p) {
   return elements >= (int64_t{4} << 20) && work >= (int64_t{768} << 20);
 }
 
+// [Note: opting in to the tensor-core kernels] ATTNPOOL_CUDA_TENSOR_CORES=1
+// sends bfloat16 calls of at most 16 scores per row to the kernels of
+// tensor_core_kernel.cuh, forward and backward (the backward recomputes the
+// forward's scores with the same products, so both must take them). They
+// are checked in emulation only until a GPU has run them
+// (scripts/gpu_check.sh runs the CUDA tests and the benchmark a second time
+// with it set); then they become the default for those calls. Read at each
+// call, from the shape, dtype and x's alignment (the backward sees the same).
+bool takes_tensor_core_kernels(const PoolInputs& p, at::ScalarType dtype, int vec) {
+  const char* requested = std::getenv("ATTNPOOL_CUDA_TENSOR_CORES");
+  if (requested == nullptr || std::strcmp(requested, "1") != 0 || dtype != at::kBFloat16 ||
+      vec != kPackWidth<at::BFloat16> || p.num_scores() < 2 ||
+      device_attribute(cudaDevAttrComputeCapabilityMajor) < 8) {
+    return false;
+  }
+  return mma_backward_buffers(p, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)) > 0;
+}
+
+// The tensor-core kernels run one block of 4 warps per SM (shared memory
+// is their limit): pieces for about two waves, none under two tiles.
+PieceCut cut_for_tensor_cores(int64_t sequences, int64_t seq_len) {
+  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  const int64_t wanted = at::ceil_div(2 * sms, std::max<int64_t>(sequences, 1));
+  const int64_t most = std::max<int64_t>(1, at::ceil_div<int64_t>(seq_len, 2 * kMmaTileRows));
+  return PieceCut::into(seq_len, std::clamp<int64_t>(wanted, 1, most), kMaxForwardPieceRows);
+}
+
+// An operand of the tensor-core kernels laid out on the device
+// ([Note: tensor-core operands]).
+at::Tensor laid_out(const MmaOperand& op, const at::Tensor& like, cudaStream_t stream) {
+  auto words = at::empty({op.words()}, like.options().dtype(at::kInt));
+  mma_operand_kernel<<<mma_operand_blocks(op), kMmaOperandThreads, 0, stream>>>(
+      op, reinterpret_cast<uint32_t*>(words.mutable_data_ptr<int32_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return words;
+}
+
+const uint32_t* words_of(const at::Tensor& words) {
+  return reinterpret_cast<const uint32_t*>(words.const_data_ptr<int32_t>());
+}
+
+// The work cut for the tensor-core kernels: the blocks per group of queries,
+// the most pieces a (sequence, query) merges, and a ragged batch's cut.
+struct TensorCoreCut {
+  int64_t blocks;
+  int64_t merged_pieces;
+  RaggedCut ragged;
+};
+
+TensorCoreCut cut_tensor_core_work(ForwardParams& a, const detail::PreparedPool& pool) {
+  TensorCoreCut work;
+  if (a.ragged()) {
+    // (cut_ragged's pieces are at least kMinTilesPerPiece * kTileRows rows.)
+    work.ragged = cut_ragged(pool, 1);
+    a.cut = work.ragged.cut;
+    a.first_piece = work.ragged.first_piece.const_data_ptr<int64_t>();
+    work.blocks = work.ragged.most_items;
+  } else {
+    a.cut = cut_for_tensor_cores(a.batch, a.seq_len);
+    work.blocks = a.batch * a.cut.pieces;
+  }
+  work.merged_pieces = a.cut.pieces;
+  return work;
+}
+
+// The forward on tensor cores ([Note: the tensor-core forward]): one group
+// of queries and one tile of scores (takes_tensor_core_kernels).
+std::tuple<at::Tensor, at::Tensor> run_tensor_core_forward(detail::PreparedForward& f) {
+  ForwardParams& a = f.params;
+  const int nt = a.num_queries > 8 ? 2 : 1;
+  const TensorCoreCut work = cut_tensor_core_work(a, f.pool);
+  const bool merge = a.ragged() || a.cut.pieces > 1;
+  at::Tensor partials;
+  if (merge) {
+    partials =
+        at::empty({work.blocks * a.num_queries, 1 + 2 * a.num_heads + a.hidden}, f.out.options());
+    a.partials = partials.mutable_data_ptr();
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto* u = static_cast<const float*>(a.u);
+  const at::Tensor u_fragments =
+      laid_out(mma_u_operand(u, a.num_queries, a.num_heads, a.hidden, 1, nt, false), f.out, stream);
+  const int64_t shared = mma_shared_layout(a.hidden, 1, nt).bytes;
+  auto* kernel = nt == 1 ? &mma_forward_kernel<1, 1> : &mma_forward_kernel<1, 2>;
+  set_shared_limit<float>(reinterpret_cast<const void*>(kernel), shared);
+  kernel<<<work.blocks, kMmaThreads, shared, stream>>>(a, words_of(u_fragments));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (merge) {
+    const int threads = merge_threads(work.merged_pieces);
+    merge_pieces_kernel<at::BFloat16>
+        <<<a.batch * a.num_queries * merge_blocks_per_row(a.hidden, a.num_heads),
+           threads,
+           merge_shared_bytes<float>(threads),
+           stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {f.out, f.lse};
+}
+
+// The backward on tensor cores ([Note: the tensor-core backward]) and the
+// sum of its du partials in order.
+std::tuple<at::Tensor, at::Tensor> run_tensor_core_backward(
+    detail::PreparedBackward& g, const at::Tensor& u) {
+  BackwardParams& a = g.params;
+  const int64_t Q = a.num_queries, n = a.num_heads, H = a.hidden;
+  const int nt = Q > 8 ? 2 : 1;
+  const TensorCoreCut work = cut_tensor_core_work(a, g.pool);
+  auto du_partials = at::empty({work.blocks, a.num_scores(), H}, g.du.options());
+  a.du_partials = du_partials.mutable_data_ptr();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto* u_values = static_cast<const float*>(a.u);
+  const auto* grad = static_cast<const float*>(a.grad_out);
+  const at::Tensor u_fragments =
+      laid_out(mma_u_operand(u_values, Q, n, H, 1, nt, false), g.du, stream);
+  const at::Tensor u_columns =
+      laid_out(mma_u_operand(u_values, Q, n, H, 1, nt, true), g.du, stream);
+  const at::Tensor grad_fragments =
+      laid_out(mma_grad_operand(grad, a.batch, Q, n, H, false), g.du, stream);
+  const at::Tensor grad_columns =
+      laid_out(mma_grad_operand(grad, a.batch, Q, n, H, true), g.du, stream);
+  const int buffers =
+      mma_backward_buffers(a, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+  const int64_t shared = mma_backward_layout(H, buffers).bytes;
+  set_shared_limit<float>(reinterpret_cast<const void*>(&mma_backward_kernel), shared);
+  mma_backward_kernel<<<work.blocks, kMmaThreads, shared, stream>>>(
+      a,
+      words_of(u_fragments),
+      words_of(u_columns),
+      words_of(grad_fragments),
+      words_of(grad_columns),
+      buffers);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t width = a.num_scores() * H;
+  constexpr int kReduceThreads = 256;
+  reduce_partials_kernel<float>
+      <<<at::ceil_div(width, int64_t{kStripeColumns}),
+         kReduceThreads,
+         reduce_shared_bytes<float>(kReduceThreads),
+         stream>>>(
+          du_partials.const_data_ptr<float>(), g.du.mutable_data_ptr<float>(), work.blocks, width);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return g.gradients(u);
+}
+
 // Cuts the work (ForwardParams), launches the forward and, for sequences in
 // several pieces, the merge; returns (out, lse).
 std::tuple<at::Tensor, at::Tensor> run_forward(detail::PreparedForward& f, at::ScalarType dtype) {
   if (f.lse.numel() == 0) {
     return {f.out, f.lse};
+  }
+  if (dtype == at::kBFloat16 &&
+      takes_tensor_core_kernels(f.params, dtype, vector_width<at::BFloat16>(f.pool.rows))) {
+    return run_tensor_core_forward(f);
   }
   if (takes_matmul_path(f.params)) {
     return detail::pool_forward_by_matmul(f);
@@ -271,6 +422,10 @@ std::tuple<at::Tensor, at::Tensor> run_backward(
     g.dx.zero_();
     g.du.zero_();
     return g.gradients(u);
+  }
+  if (dtype == at::kBFloat16 &&
+      takes_tensor_core_kernels(a, dtype, vector_width<at::BFloat16>(g.pool.rows))) {
+    return run_tensor_core_backward(g, u);
   }
   if (takes_matmul_path(a)) {
     std::tie(g.dx, g.du) = detail::pool_backward_by_matmul(g);
