@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, for a machine that has one and a CUDA build of
 # torch already installed (no network needed): times the one-score kernels
-# alone (benchmarks/one_score_kernels.cu) and the tensor-core forward
+# alone (benchmarks/one_score_kernels.cu) and the tensor-core kernels
 # (benchmarks/tensor_core_kernels.cu), builds attnpool in place with its
-# CUDA kernels, runs every test that has a CUDA case, then the GPU
-# benchmark: every point without torch.compile, then COMPILE_POINTS with it
-# (compiling every point takes minutes). Logs, the benchmark's JSON and plot
+# CUDA kernels, runs every test that has a CUDA case (twice: the second time
+# with the tensor-core kernels opted in, followed by the benchmark's points
+# they take), then the GPU benchmark: every point without torch.compile,
+# then COMPILE_POINTS with it (compiling every point takes minutes). Logs, the benchmark's JSON and plot
 # go to OUTDIR, the compiled run's to OUTDIR/compiled. On an H200 machine
 # (16 cores) the build took 3.3 minutes (7.5 before setup.py compiled the
 # CPU instruction sets side by side; now nvcc's files take longest), the
@@ -83,10 +84,11 @@ else
   KERNELS=1
 fi
 
-# The tensor-core forward for several scores alone
-# (benchmarks/tensor_core_kernels.cu), beside forward_kernel and a read: the
-# entry points do not launch it yet, so this is where it is timed.
-step "tensor-core forward alone (CUDA events, L2 flushed between calls)"
+# The tensor-core kernels for several scores alone
+# (benchmarks/tensor_core_kernels.cu), beside forward_kernel, backward_kernel
+# and a read and a copy: how far their results are from those kernels' says
+# whether the hardware lays out fragments as the emulated tests assume.
+step "tensor-core kernels alone (CUDA events, L2 flushed between calls)"
 if nvcc -O3 --expt-relaxed-constexpr -std=c++20 "-arch=sm_$ARCH" -I"$TORCH_INCLUDE" -Icsrc \
   -o "$OUTDIR/tensor_core_kernels" benchmarks/tensor_core_kernels.cu >"$OUTDIR/tensor_core_kernels.log" 2>&1; then
   timeout "${KERNELS_TIMEOUT:-120}" "$OUTDIR/tensor_core_kernels" 11 2>&1 | tee "$OUTDIR/tensor_core_kernels.txt"
@@ -114,6 +116,19 @@ timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -k cuda $XDIST -p no:bench
   --junitxml "$OUTDIR/junit.xml" 2>&1 | tee "$OUTDIR/pytest.log"
 TESTS=${PIPESTATUS[0]}
 
+# The tensor-core kernels through the op, opted in
+# ([Note: opting in to the tensor-core kernels]): the CUDA tests again, then
+# the benchmark's bfloat16 points of at most 16 scores.
+step "tests with a CUDA case, ATTNPOOL_CUDA_TENSOR_CORES=1"
+# shellcheck disable=SC2086 # XDIST is empty or two words
+ATTNPOOL_CUDA_TENSOR_CORES=1 timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -k cuda $XDIST \
+  -p no:benchmark -rfs --junitxml "$OUTDIR/junit-tensor-cores.xml" 2>&1 | tee "$OUTDIR/pytest-tensor-cores.log"
+TENSOR_CORE_TESTS=${PIPESTATUS[0]}
+mkdir -p "$OUTDIR/tensor-cores"
+ATTNPOOL_CUDA_TENSOR_CORES=1 timeout "${BENCH_TIMEOUT:-300}" "$PYTHON" -m attnpool.bench_gpu \
+  --out "$OUTDIR/tensor-cores" --no-compile --rounds 10 --dtypes bfloat16 \
+  --points big-1x16,1x12,1x16,8x1,so400m-full 2>&1 | tee "$OUTDIR/tensor-cores/gpu.txt"
+
 step "GPU benchmark (CUDA events, L2 flushed between calls)"
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of arguments
 timeout "${BENCH_TIMEOUT:-300}" "$PYTHON" -m attnpool.bench_gpu --out "$OUTDIR" \
@@ -130,5 +145,6 @@ if [ -n "$COMPILE_POINTS" ]; then
   COMPILED=${PIPESTATUS[0]}
 fi
 
-step "done: tests exit $TESTS, benchmarks exit $BENCH and $COMPILED, kernels alone $KERNELS"
-[ "$TESTS" -eq 0 ] && [ "$BENCH" -eq 0 ] && [ "$COMPILED" -eq 0 ] && [ "$KERNELS" -eq 0 ]
+step "done: tests exit $TESTS ($TENSOR_CORE_TESTS with tensor cores), benchmarks exit $BENCH and $COMPILED, kernels alone $KERNELS"
+[ "$TESTS" -eq 0 ] && [ "$BENCH" -eq 0 ] && [ "$COMPILED" -eq 0 ] && [ "$KERNELS" -eq 0 ] &&
+  [ "$TENSOR_CORE_TESTS" -eq 0 ]
