@@ -41,10 +41,13 @@ namespace attnpool::cuda {
 //      order, rescaled as they are loaded.
 //
 // Three barriers per tile. Results differ from the other kernels' in the
-// last bits (the tensor cores add in their own order); the backward does not
-// yet recompute the scores this way, so the entry points do not choose this
-// kernel yet: benchmarks/tensor_core_kernels.cu times it on a GPU, and the
-// emulated tests check it against the CPU operators.
+// last bits (the tensor cores add in their own order), so a call whose
+// forward runs here runs its backward in mma_backward_kernel, which
+// recomputes the scores the same way. The entry points take both only when
+// asked ([Note: opting in to the tensor-core kernels] in
+// folded_attention_pool_kernel.cu) until a GPU has run them;
+// benchmarks/tensor_core_kernels.cu times them, and the emulated tests
+// check them against the CPU operators.
 
 constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = 32 * kMmaWarps;
