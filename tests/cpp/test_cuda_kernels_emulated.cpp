@@ -1018,16 +1018,18 @@ TEST(EmulatedTensorCoreKernels, MatchTheCpuOperatorsInFloat64) {
   // Each covers: tiles of 32 rows with a partial last one; heads of 16 and 64
   // columns; masks with an empty sequence, NaN in rows not attended, and a
   // bias; pieces merged; full width; groups of 8 and 16 queries, the last one
-  // partial; 1, 2 and 8 tiles of 16 scores (two chains of sums, then one);
-  // a ragged batch with empty sequences. Those of at most 16 scores also
-  // run the backward (dx to bfloat16's precision, du to 1e-3; the lo . hi
-  // term of dx's products is below what a bfloat16 dx shows).
+  // partial; 1, 2, 8, 12 and 16 tiles of 16 scores (two chains of sums,
+  // then one); a ragged batch with empty sequences. Those of at most 16
+  // scores also run the backward (dx to bfloat16's precision, du to 1e-3;
+  // the lo . hi term of dx's products is below what a bfloat16 dx shows).
   check_mma_forward({2, 70, 64, 1, 4, false, false, 1, 1});
   check_mma_forward({2, 50, 128, 3, 2, false, true, 1, 1});
   check_mma_forward({2, 100, 64, 2, 2, false, true, 3, 1});
   check_mma_forward({1, 40, 96, 2, 3, true, false, 1, 2});
   check_mma_forward({1, 33, 64, 10, 2, false, false, 2, 1});
   check_mma_forward({1, 40, 128, 16, 8, false, false, 1, 2});
+  check_mma_forward({1, 40, 192, 16, 12, false, true, 2, 2});
+  check_mma_forward({1, 33, 256, 16, 16, false, false, 1, 2});
   check_mma_forward({0, 0, 64, 2, 2, true, false, 0, 1});
 }
 
