@@ -163,7 +163,8 @@ void backward_by_rows(const Device& device, const Buffers& b, bool describe) {
 }
 
 void lay_out(const cuda::MmaOperand& op, uint32_t* words) {
-  cuda::mma_operand_kernel<<<cuda::mma_operand_blocks(op), cuda::kMmaOperandThreads>>>(op, words);
+  cuda::mma_operand_kernel<cuda::MmaOperand>
+      <<<cuda::mma_operand_blocks(op), cuda::kMmaOperandThreads>>>(op, words);
 }
 
 void backward_on_tensor_cores(const Device& device, const Buffers& b, int buffers, bool describe) {
@@ -174,8 +175,13 @@ void backward_on_tensor_cores(const Device& device, const Buffers& b, int buffer
   lay_out(cuda::mma_grad_operand(b.grad_out, g.batch, Q, n, H, false), b.grad_fragments);
   lay_out(cuda::mma_grad_operand(b.grad_out, g.batch, Q, n, H, true), b.grad_columns);
   const int64_t shared = cuda::mma_backward_layout(g.hidden, buffers).bytes;
-  prepare(&cuda::mma_backward_kernel, cuda::kMmaWarps, shared, describe, "mma_backward_kernel");
-  cuda::mma_backward_kernel<<<g.batch * g.cut.pieces, cuda::kMmaThreads, shared>>>(
+  prepare(
+      &cuda::mma_backward_kernel<at::BFloat16>,
+      cuda::kMmaWarps,
+      shared,
+      describe,
+      "mma_backward_kernel");
+  cuda::mma_backward_kernel<bf16><<<g.batch * g.cut.pieces, cuda::kMmaThreads, shared>>>(
       g, b.u_fragments, b.u_columns, b.grad_fragments, b.grad_columns, buffers);
   sum_du_partials(g, g.batch * g.cut.pieces);
 }

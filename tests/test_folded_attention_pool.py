@@ -2,6 +2,8 @@
 reference, both output modes, empty rows, mixed precision, and its place in
 attention_pool (the composition, u saved for the backward)."""
 
+import os
+
 import pytest
 import torch
 from helpers import CUDA_SKIP_REASON, DEVICES, TOLERANCES, RecordedOps, make_inputs
@@ -253,19 +255,29 @@ def _cuda_kernels_inside(*args):
     return " ".join(event.name for event in prof.events())
 
 
-@pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
+# The op reads ATTNPOOL_CUDA_TENSOR_CORES once per process ([Note: opting in
+# to the tensor-core kernels]): these run where the whole run opts in, as
+# scripts/gpu_check.sh's second pass over the CUDA tests does.
+def _tensor_cores_skip_reason():
+    if CUDA_SKIP_REASON is not None:
+        return CUDA_SKIP_REASON
+    if os.environ.get("ATTNPOOL_CUDA_TENSOR_CORES") != "1":
+        return "the run does not opt in to the tensor-core kernels (ATTNPOOL_CUDA_TENSOR_CORES=1)"
+    return None
+
+
+TENSOR_CORES_SKIP_REASON = _tensor_cores_skip_reason()
+
+
+@pytest.mark.skipif(TENSOR_CORES_SKIP_REASON is not None, reason=str(TENSOR_CORES_SKIP_REASON))
 @pytest.mark.parametrize(
     "full_width, num_queries, num_heads",
     [(False, 1, 16), (False, 3, 4), (True, 2, 4), (False, 16, 1)],
     ids=["1x16", "3x4", "full-width-2x4", "16x1"],
 )
-def test_tensor_core_kernels_match_reference_on_cuda(
-    monkeypatch, full_width, num_queries, num_heads
-):
-    # ATTNPOOL_CUDA_TENSOR_CORES=1 ([Note: opting in to the tensor-core
-    # kernels]): bfloat16 rows, at most 16 scores, a mask and a bias; sequences
-    # cut into pieces. Both directions must take the tensor-core kernels.
-    monkeypatch.setenv("ATTNPOOL_CUDA_TENSOR_CORES", "1")
+def test_tensor_core_kernels_match_reference_on_cuda(full_width, num_queries, num_heads):
+    # bfloat16 rows, at most 16 scores, a mask and a bias; sequences cut into
+    # pieces. Both directions must take the tensor-core kernels.
     torch.manual_seed(0)
     x, u, mask = _folded_inputs(3, 700, 256, num_queries, num_heads, mask="random", device="cuda")
     bias = torch.randn(3, 700, device="cuda")
@@ -276,11 +288,10 @@ def test_tensor_core_kernels_match_reference_on_cuda(
     _assert_matches_reference64(x, u, mask, 0.5, full_width, bias)
 
 
-@pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
-def test_tensor_core_kernels_leave_one_attended_row_no_score_gradient(monkeypatch):
+@pytest.mark.skipif(TENSOR_CORES_SKIP_REASON is not None, reason=str(TENSOR_CORES_SKIP_REASON))
+def test_tensor_core_kernels_leave_one_attended_row_no_score_gradient():
     # delta = G . out from the products dp takes ([Note: the tensor-core
     # backward]): with one attended row, out is that row and du is exactly 0.
-    monkeypatch.setenv("ATTNPOOL_CUDA_TENSOR_CORES", "1")
     torch.manual_seed(0)
     x, u, _ = _folded_inputs(2, 90, 128, 2, 4, device="cuda")
     mask = torch.zeros(2, 90, dtype=torch.bool, device="cuda")

@@ -806,7 +806,7 @@ std::vector<uint32_t> operand_words(const attnpool::cuda::MmaOperand& op) {
   namespace cuda = attnpool::cuda;
   std::vector<uint32_t> words(static_cast<size_t>(op.words()));
   launch(
-      &cuda::mma_operand_kernel,
+      &cuda::mma_operand_kernel<cuda::MmaOperand>,
       cuda::mma_operand_blocks(op),
       cuda::kMmaOperandThreads,
       0,
@@ -885,7 +885,7 @@ std::tuple<torch::Tensor, torch::Tensor> run_mma_backward(
   const auto grad_fragments = operand_words(cuda::mma_grad_operand(grad_values, B, Q, n, H, false));
   const auto grad_columns = operand_words(cuda::mma_grad_operand(grad_values, B, Q, n, H, true));
   launch(
-      &cuda::mma_backward_kernel,
+      &cuda::mma_backward_kernel<at::BFloat16>,
       blocks,
       cuda::kMmaThreads,
       cuda::mma_backward_layout(H, buffers).bytes,

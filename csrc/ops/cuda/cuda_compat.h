@@ -132,7 +132,15 @@ __device__ inline void attnpool_copy_async_16(void* shared, const void* global) 
 __device__ inline void attnpool_copy_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_all;\n" ::: "memory");
+#else
+  __trap();
 #endif
+}
+
+// The lanes of the warp wait for each other, their writes to shared memory
+// ordered before the reads that follow.
+__device__ inline void attnpool_syncwarp() {
+  __syncwarp();
 }
 
 #else

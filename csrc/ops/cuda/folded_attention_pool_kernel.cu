@@ -202,12 +202,20 @@ bool takes_matmul_path(const PoolInputs& p) {
 // forward's scores with the same products, so both must take them). They
 // are checked in emulation only until a GPU has run them
 // (scripts/gpu_check.sh runs the CUDA tests and the benchmark a second time
-// with it set); then they become the default for those calls. Read at each
-// call, from the shape, dtype and x's alignment (the backward sees the same).
+// with it set); then they become the default for those calls. The variable
+// is read once per process; the rest is decided from the shape, dtype and
+// x's alignment, which the backward sees as the forward did.
 bool takes_tensor_core_kernels(const PoolInputs& p, at::ScalarType dtype, int vec) {
-  const char* requested = std::getenv("ATTNPOOL_CUDA_TENSOR_CORES");
-  if (requested == nullptr || std::strcmp(requested, "1") != 0 || dtype != at::kBFloat16 ||
-      vec != kPackWidth<at::BFloat16> || p.num_scores() < 2 ||
+  // Read once: a forward and its backward must agree.
+  static const bool requested = [] {
+    const char* value = std::getenv("ATTNPOOL_CUDA_TENSOR_CORES");
+    return value != nullptr && std::strcmp(value, "1") == 0;
+  }();
+  // grad_out's operands take 64 rows' worth of x per sequence ([Note:
+  // tensor-core operands]): not for batches of shorter sequences.
+  const int64_t rows = p.ragged() ? p.seq_len : p.batch * p.seq_len;
+  if (!requested || dtype != at::kBFloat16 || vec != kPackWidth<at::BFloat16> ||
+      p.num_scores() < 2 || 64 * p.batch > rows ||
       device_attribute(cudaDevAttrComputeCapabilityMajor) < 8) {
     return false;
   }
@@ -227,7 +235,7 @@ PieceCut cut_for_tensor_cores(int64_t sequences, int64_t seq_len) {
 // ([Note: tensor-core operands]).
 at::Tensor laid_out(const MmaOperand& op, const at::Tensor& like, cudaStream_t stream) {
   auto words = at::empty({op.words()}, like.options().dtype(at::kInt));
-  mma_operand_kernel<<<mma_operand_blocks(op), kMmaOperandThreads, 0, stream>>>(
+  mma_operand_kernel<MmaOperand><<<mma_operand_blocks(op), kMmaOperandThreads, 0, stream>>>(
       op, reinterpret_cast<uint32_t*>(words.mutable_data_ptr<int32_t>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return words;
@@ -248,7 +256,8 @@ struct TensorCoreCut {
 TensorCoreCut cut_tensor_core_work(ForwardParams& a, const detail::PreparedPool& pool) {
   TensorCoreCut work;
   if (a.ragged()) {
-    // (cut_ragged's pieces are at least kMinTilesPerPiece * kTileRows rows.)
+    // (cut_ragged's cut, pieces of at least kMinTilesPerPiece * kTileRows
+    // rows for about 8 blocks per SM: not tuned for these kernels yet.)
     work.ragged = cut_ragged(pool, 1);
     a.cut = work.ragged.cut;
     a.first_piece = work.ragged.first_piece.const_data_ptr<int64_t>();
@@ -319,8 +328,9 @@ std::tuple<at::Tensor, at::Tensor> run_tensor_core_backward(
   const int buffers =
       mma_backward_buffers(a, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
   const int64_t shared = mma_backward_layout(H, buffers).bytes;
-  set_shared_limit<float>(reinterpret_cast<const void*>(&mma_backward_kernel), shared);
-  mma_backward_kernel<<<work.blocks, kMmaThreads, shared, stream>>>(
+  auto* kernel = &mma_backward_kernel<at::BFloat16>;
+  set_shared_limit<float>(reinterpret_cast<const void*>(kernel), shared);
+  kernel<<<work.blocks, kMmaThreads, shared, stream>>>(
       a,
       words_of(u_fragments),
       words_of(u_columns),

@@ -361,7 +361,9 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
         }
       }
       total = group_sum8(total);
-      // The 8 lanes have read run_max[s] before the shuffles above.
+      // The 8 lanes have read run_max[s]; the warp's reads come before the
+      // write below.
+      attnpool_syncwarp();
       if (active && tid % 8 == 0) {
         run_sum[s] = run_sum[s] * c + total;
         run_max[s] = new_max;
@@ -513,6 +515,7 @@ ATTNPOOL_HOST_DEVICE inline uint32_t bf16_pair_bits(float first, float second) {
 // grad_columns laid out by mma_operand_kernel (mma_u_operand,
 // mma_grad_operand);
 // `buffers` tiles of x in shared memory (2: the next tile's copy in flight).
+template <typename scalar_t>
 ATTNPOOL_GLOBAL void mma_backward_kernel(
     BackwardParams a,
     const uint32_t* u_fragments,
@@ -520,7 +523,7 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
     const uint32_t* grad_fragments,
     const uint32_t* grad_columns,
     int buffers) {
-  using scalar_t = c10::BFloat16;
+  static_assert(std::is_same_v<scalar_t, c10::BFloat16>, "bfloat16 rows");
   constexpr int TR = kMmaTileRows;
   const int64_t Q = a.num_queries;
   const int64_t n = a.num_heads;
@@ -670,8 +673,10 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
         for (int half = 0; half < 2; ++half) {
           const int64_t l = tile + 16 * mr + g + 8 * half;
           if (l < last) {
+            // Rows not attended get zeros, not 0 . G (NaN where G is not finite).
+            const bool attended = a.attends(b, l);
             *reinterpret_cast<uint32_t*>(dx + l * H + col) =
-                bf16_pair_bits(acc[2 * half], acc[2 * half + 1]);
+                attended ? bf16_pair_bits(acc[2 * half], acc[2 * half + 1]) : 0u;
           }
         }
       }
@@ -836,7 +841,9 @@ ATTNPOOL_HOST_DEVICE inline int64_t mma_operand_blocks(const MmaOperand& op) {
   return (op.words() + kMmaOperandThreads - 1) / kMmaOperandThreads;
 }
 
-ATTNPOOL_GLOBAL void mma_operand_kernel(MmaOperand op, uint32_t* words) {
+// Word i of op's layout (an MmaOperand) per thread.
+template <typename Operand>
+ATTNPOOL_GLOBAL void mma_operand_kernel(Operand op, uint32_t* words) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kMmaOperandThreads + threadIdx.x;
   if (i < op.words()) {
     words[i] = op.word(i);
@@ -882,8 +889,8 @@ inline MmaOperand mma_grad_operand(
 // memory within `most_shared` bytes.
 inline bool takes_mma_forward(const PoolInputs& a, int nt, int64_t most_shared) {
   const int mt = mma_score_tiles(a.num_queries, a.num_heads, nt);
-  return a.num_queries * a.num_heads > 1 && a.hidden % 32 == 0 && a.head_dim % 16 == 0 &&
-         a.x_seq_stride % 8 == 0 && !a.normalizes() && mt > 0 &&
+  return a.num_queries * a.num_heads > 1 && a.hidden >= 32 && a.hidden % 32 == 0 &&
+         a.head_dim % 16 == 0 && a.x_seq_stride % 8 == 0 && !a.normalizes() && mt > 0 &&
          mma_shared_layout(a.hidden, mt, nt).bytes <= most_shared;
 }
 

@@ -31,6 +31,7 @@
 #include <iterator>
 #include <limits>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -167,6 +168,9 @@ struct Block {
   std::vector<std::unique_ptr<Barrier>> warp_barriers;
   std::vector<double> lanes;    // one slot per thread for shuffles
   std::vector<uint64_t> words;  // kWarpSlots per thread for tensor-core operands
+  // Each thread's cp.async copies (to, from) not yet waited for: they land at
+  // the wait, so that a read before it sees shared memory's NaN bytes.
+  std::vector<std::vector<std::pair<void*, const void*>>> copies;
   std::vector<unsigned char> shared;
   std::vector<Fiber> fibers;
   ucontext_t scheduler{};  // zeroed: ASan reads its uc_stack when switching to it
@@ -261,6 +265,7 @@ void launch(
     }
     block.lanes.assign(threads, 0.0);
     block.words.assign(static_cast<size_t>(threads) * kWarpSlots, 0);
+    block.copies.assign(threads, {});
     block.shared.assign(static_cast<size_t>(shared_bytes) + 16, 0xFF);
     block_index = {static_cast<unsigned>(b), 0, 0};
     for (auto& fiber : block.fibers) {
@@ -337,6 +342,23 @@ inline uint32_t half_of(const uint64_t* slots, int lane, int slot, int half) {
 
 }  // namespace attnpool_emulation
 
+namespace attnpool_emulation {
+
+// Stops the test where a tensor-core instruction would fault or misbehave on
+// a GPU: an address that is not 16-byte aligned, or not in the block's
+// shared memory.
+inline void expect_shared_16(const void* address, const char* what) {
+  const auto& shared = current_block->shared;
+  const auto* byte = static_cast<const unsigned char*>(address);
+  if (reinterpret_cast<uintptr_t>(address) % 16 != 0 || byte < shared.data() ||
+      byte + 16 > shared.data() + shared.size()) {
+    std::fprintf(stderr, "emulated kernel: %s address not 16-byte aligned shared memory\n", what);
+    std::abort();
+  }
+}
+
+}  // namespace attnpool_emulation
+
 // mma.m16n8k16 (bfloat16 in, float32 sums): lane = 4 g + t holds A's
 // (g, 2t..2t+1) in a[0], (g + 8, ..) in a[1], (g, 2t + 8..) in a[2], (g + 8,
 // 2t + 8..) in a[3]; B's (2t..2t+1, g) in b[0], (2t + 8.., g) in b[1]; D's
@@ -372,6 +394,7 @@ inline void attnpool_mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint3
 // ldmatrix.x4 of 16-bit elements (see cuda_compat.h).
 template <bool kTrans>
 void attnpool_ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  attnpool_emulation::expect_shared_16(row, "ldmatrix's row");
   const uint64_t operands[attnpool_emulation::kWarpSlots] = {reinterpret_cast<uintptr_t>(row)};
   attnpool_emulation::warp_wide(operands, [&](const uint64_t* slots, int lane) {
     const auto element = [&](int matrix, int i, int j) {
@@ -389,10 +412,28 @@ void attnpool_ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 }
 
 inline void attnpool_copy_async_16(void* shared, const void* global) {
-  std::memcpy(shared, global, 16);
+  attnpool_emulation::expect_shared_16(shared, "cp.async's shared");
+  if (reinterpret_cast<uintptr_t>(global) % 16 != 0) {
+    std::fprintf(stderr, "emulated kernel: cp.async's global address not 16-byte aligned\n");
+    std::abort();
+  }
+  attnpool_emulation::current_block->copies[threadIdx.x].emplace_back(shared, global);
 }
 
-inline void attnpool_copy_async_wait() {}
+inline void attnpool_copy_async_wait() {
+  auto& pending = attnpool_emulation::current_block->copies[threadIdx.x];
+  for (const auto& [to, from] : pending) {
+    std::memcpy(to, from, 16);
+  }
+  pending.clear();
+}
+
+// __syncwarp(): the warp's lanes wait for each other (and see each other's
+// writes to shared memory).
+inline void attnpool_syncwarp() {
+  auto& block = *attnpool_emulation::current_block;
+  attnpool_emulation::wait_at(*block.warp_barriers[threadIdx.x / 32]);
+}
 
 inline void attnpool_syncthreads() {
   attnpool_emulation::wait_at(*attnpool_emulation::current_block->barrier);
