@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <vector>
 
 namespace attnpool::bench {
@@ -114,6 +115,28 @@ inline double relative_difference(const std::vector<float>& got, const std::vect
     scale = std::max(scale, std::abs(double{want[i]}));
   }
   return most / (scale > 0 ? scale : 1);
+}
+
+// The GPU a benchmark runs on, with its L2 flush buffer; prints a line
+// naming the GPU, `what` is timed and how.
+inline Device open_device(const char* what, int rounds, cudaDeviceProp& properties) {
+  Device device;
+  CHECK(cudaGetDeviceProperties(&properties, 0));
+  device.sms = properties.multiProcessorCount;
+  CHECK(cudaMalloc(&device.flush, kFlushBytes));
+  std::printf(
+      "%s, %d SMs: %s alone; CUDA events, L2 flushed before each call, medians of %d rounds\n",
+      properties.name,
+      device.sms,
+      what,
+      rounds);
+  return device;
+}
+
+inline void free_all(std::initializer_list<void*> pointers) {
+  for (void* p : pointers) {
+    CHECK(cudaFree(p));
+  }
 }
 
 }  // namespace attnpool::bench

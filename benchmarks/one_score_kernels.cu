@@ -45,8 +45,9 @@ using attnpool::bench::check;
 using attnpool::bench::copy_to_host;
 using attnpool::bench::Device;
 using attnpool::bench::fill_kernel;
-using attnpool::bench::kFlushBytes;
+using attnpool::bench::free_all;
 using attnpool::bench::median;
+using attnpool::bench::open_device;
 using attnpool::bench::prepare;
 using attnpool::bench::read_kernel;
 using attnpool::bench::relative_difference;
@@ -289,36 +290,15 @@ void run_shape(
         (read + copy) / (fwd + bwd));
   }
   std::fflush(stdout);
-  for (void* p :
-       {static_cast<void*>(b.x),
-        static_cast<void*>(b.dx),
-        static_cast<void*>(b.u),
-        static_cast<void*>(b.out),
-        static_cast<void*>(b.lse),
-        static_cast<void*>(b.grad_out),
-        static_cast<void*>(b.partials),
-        static_cast<void*>(b.du_partials),
-        static_cast<void*>(b.du),
-        static_cast<void*>(sink)}) {
-    CHECK(cudaFree(p));
-  }
+  free_all({b.x, b.dx, b.u, b.out, b.lse, b.grad_out, b.partials, b.du_partials, b.du, sink});
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   const int rounds = argc > 1 ? std::atoi(argv[1]) : 15;
-  Device device;
   cudaDeviceProp properties;
-  CHECK(cudaGetDeviceProperties(&properties, 0));
-  device.sms = properties.multiProcessorCount;
-  CHECK(cudaMalloc(&device.flush, kFlushBytes));
-  std::printf(
-      "%s, %d SMs: the one-score kernels alone; CUDA events, L2 flushed before each call, "
-      "medians of %d rounds\n",
-      properties.name,
-      device.sms,
-      rounds);
+  const Device device = open_device("the one-score kernels", rounds, properties);
   std::vector<Variant> variants;
 #ifdef ATTNPOOL_OTHER_ONE_SCORE
   variants.push_back({"other (R 2, 4 warps)", true, 2, 4, 8});

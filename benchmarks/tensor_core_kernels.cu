@@ -38,8 +38,9 @@ using attnpool::PieceCut;
 using attnpool::bench::copy_to_host;
 using attnpool::bench::Device;
 using attnpool::bench::fill_kernel;
-using attnpool::bench::kFlushBytes;
+using attnpool::bench::free_all;
 using attnpool::bench::median;
+using attnpool::bench::open_device;
 using attnpool::bench::prepare;
 using attnpool::bench::read_kernel;
 using attnpool::bench::relative_difference;
@@ -351,40 +352,29 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
     }
   }
   std::fflush(stdout);
-  for (void* p :
-       {static_cast<void*>(b.x),
-        static_cast<void*>(b.dx),
-        static_cast<void*>(b.u),
-        static_cast<void*>(b.u_fragments),
-        static_cast<void*>(b.out),
-        static_cast<void*>(b.lse),
-        static_cast<void*>(b.partials),
-        static_cast<void*>(b.du_partials),
-        static_cast<void*>(b.du),
-        static_cast<void*>(b.grad_out),
-        static_cast<void*>(b.u_columns),
-        static_cast<void*>(b.grad_fragments),
-        static_cast<void*>(b.grad_columns),
-        static_cast<void*>(sink)}) {
-    CHECK(cudaFree(p));
-  }
+  free_all(
+      {b.x,
+       b.dx,
+       b.u,
+       b.u_fragments,
+       b.out,
+       b.lse,
+       b.partials,
+       b.du_partials,
+       b.du,
+       b.grad_out,
+       b.u_columns,
+       b.grad_fragments,
+       b.grad_columns,
+       sink});
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   const int rounds = argc > 1 ? std::atoi(argv[1]) : 11;
-  Device device;
   cudaDeviceProp properties;
-  CHECK(cudaGetDeviceProperties(&properties, 0));
-  device.sms = properties.multiProcessorCount;
-  CHECK(cudaMalloc(&device.flush, kFlushBytes));
-  std::printf(
-      "%s, %d SMs: the tensor-core kernels alone; CUDA events, L2 flushed before each call, "
-      "medians of %d rounds\n",
-      properties.name,
-      device.sms,
-      rounds);
+  const Device device = open_device("the tensor-core kernels", rounds, properties);
   const Shape shapes[] = {
       {"1x16 big", 64, 2048, 1024, 1, 16, false},
       {"1x12", 32, 512, 768, 1, 12, false},

@@ -196,6 +196,22 @@ bool takes_matmul_path(const PoolInputs& p) {
   return elements >= (int64_t{4} << 20) && work >= (int64_t{768} << 20);
 }
 
+// du = the sum of du_partials' first `blocks` rows [num_scores * H], in
+// order (reduce_partials_kernel).
+template <typename acc_t>
+void sum_du_partials(
+    const at::Tensor& du_partials, int64_t blocks, at::Tensor& du, cudaStream_t stream) {
+  const int64_t width = du.numel();
+  constexpr int kReduceThreads = 256;
+  reduce_partials_kernel<acc_t>
+      <<<at::ceil_div(width, int64_t{kStripeColumns}),
+         kReduceThreads,
+         reduce_shared_bytes<acc_t>(kReduceThreads),
+         stream>>>(
+          du_partials.const_data_ptr<acc_t>(), du.mutable_data_ptr<acc_t>(), blocks, width);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // [Note: opting in to the tensor-core kernels] ATTNPOOL_CUDA_TENSOR_CORES=1
 // sends bfloat16 calls of at most 16 scores per row to the kernels of
 // tensor_core_kernel.cuh, forward and backward (the backward recomputes the
@@ -338,15 +354,7 @@ std::tuple<at::Tensor, at::Tensor> run_tensor_core_backward(
       words_of(grad_columns),
       buffers);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t width = a.num_scores() * H;
-  constexpr int kReduceThreads = 256;
-  reduce_partials_kernel<float>
-      <<<at::ceil_div(width, int64_t{kStripeColumns}),
-         kReduceThreads,
-         reduce_shared_bytes<float>(kReduceThreads),
-         stream>>>(
-          du_partials.const_data_ptr<float>(), g.du.mutable_data_ptr<float>(), work.blocks, width);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  sum_du_partials<float>(du_partials, work.blocks, g.du, stream);
   return g.gradients(u);
 }
 
@@ -481,15 +489,7 @@ std::tuple<at::Tensor, at::Tensor> run_backward(
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         }
-        const int64_t width = num_scores * a.hidden;
-        constexpr int kReduceThreads = 256;
-        reduce_partials_kernel<acc_t>
-            <<<at::ceil_div(width, int64_t{kStripeColumns}),
-               kReduceThreads,
-               reduce_shared_bytes<acc_t>(kReduceThreads),
-               stream>>>(
-                du_partials.const_data_ptr<acc_t>(), g.du.mutable_data_ptr<acc_t>(), blocks, width);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        sum_du_partials<acc_t>(du_partials, blocks, g.du, stream);
       });
   return g.gradients(u);
 }
