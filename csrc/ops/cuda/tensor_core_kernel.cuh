@@ -127,18 +127,36 @@ ATTNPOOL_DEVICE inline void stage_tile(
   }
 }
 
+// Chains of additions score_rows keeps per tile of 16 scores: with few
+// tiles, more independent mma in flight (a tile's hi and lo terms apart,
+// and with one or two tiles even and odd k-steps apart too).
+ATTNPOOL_HOST_DEVICE constexpr int mma_chains(int mt) {
+  return mt <= 2 ? 4 : mt <= 4 ? 2 : 1;
+}
+
+// D's element c of score tile mt: its chains added in order.
+template <int MT>
+ATTNPOOL_DEVICE inline float chain_sum(const float (&acc)[MT][mma_chains(MT)][4], int mt, int c) {
+  float sum = acc[mt][0][c];
+  for (int chain = 1; chain < mma_chains(MT); ++chain) {
+    sum += acc[mt][chain][c];
+  }
+  return sum;
+}
+
 // The scores of a warp's 8 rows of the tile against the block's 16 MT
-// scores: acc[mt][chain][c] holds D's (score 16 mt + g + 8 (c / 2), row
-// 2 t + c % 2), the hi and lo terms of u in two chains of additions when
-// there are few score tiles (more independent mma in flight).
-template <int MT, int kChains>
+// scores: acc[mt][chain][c] sums to D's (score 16 mt + g + 8 (c / 2), row
+// 2 t + c % 2) (chain_sum). The forward and the backward both score rows
+// here, so each score is summed in one order.
+template <int MT>
 ATTNPOOL_DEVICE inline void score_rows(
     const c10::BFloat16* rows,
     int64_t x_row,
     const Pack<uint32_t, 4>* u_fragments,
     int64_t k_steps,
     int lane,
-    float (&acc)[MT][kChains][4]) {
+    float (&acc)[MT][mma_chains(MT)][4]) {
+  constexpr int kChains = mma_chains(MT);
   for (int mt = 0; mt < MT; ++mt) {
     for (int chain = 0; chain < kChains; ++chain) {
       for (int c = 0; c < 4; ++c) {
@@ -164,7 +182,7 @@ ATTNPOOL_DEVICE inline void score_rows(
         for (int term = 0; term < 2; ++term) {
           const Pack<uint32_t, 4> w = u_fragments[((mt * 2 + term) * k_steps + ks + step) * 32];
           const uint32_t au[4] = {w.v[0], w.v[1], w.v[2], w.v[3]};
-          attnpool_mma_bf16(acc[mt][term % kChains], au, bx);
+          attnpool_mma_bf16(acc[mt][(term + 2 * step) % kChains], au, bx);
         }
       }
     }
@@ -242,7 +260,6 @@ template <int MT, int NT>
 ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragments) {
   using scalar_t = c10::BFloat16;
   constexpr int TR = kMmaTileRows;
-  constexpr int kChains = MT <= 4 ? 2 : 1;
   const int64_t Q = a.num_queries;
   const int64_t n = a.num_heads;
   const int64_t d = a.head_dim;
@@ -305,8 +322,8 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
     }
     const scalar_t* tile_rows = tiles + buffer * TR * layout.x_row;
 
-    float acc[MT][kChains][4];
-    score_rows<MT, kChains>(
+    float acc[MT][mma_chains(MT)][4];
+    score_rows<MT>(
         tile_rows + warp * 8 * layout.x_row, layout.x_row, fragments, k_steps, lane, acc);
     for (int mt = 0; mt < MT; ++mt) {
       for (int c = 0; c < 4; ++c) {
@@ -314,12 +331,8 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
         const int r = warp * 8 + 2 * t + c % 2;
         const int64_t l = tile + r;
         const bool present = l < last && a.attends(b, l);
-        float sum = acc[mt][0][c];
-        if (kChains == 2) {
-          sum += acc[mt][kChains - 1][c];
-        }
-        scores[s * TR + r] =
-            present ? biased_score(scale, sum, bias, l) : -attnpool_infinity<float>();
+        scores[s * TR + r] = present ? biased_score(scale, chain_sum(acc, mt, c), bias, l)
+                                     : -attnpool_infinity<float>();
         if (present && mt == 0 && g == 0) {
           any_valid[0] = 1;
         }
@@ -378,6 +391,8 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
     int64_t loaded_head = -1;
     uint32_t bw[NT][2][2][2];  // [nt][kk][term][register]
     float corrections[NT][2];  // of queries nt * 8 + 2t and + 1
+    // (Unrolled twice: two column tiles' chains of mma in flight.)
+    ATTNPOOL_UNROLL_BY(2)
     for (int64_t cm = warp; cm < col_tiles; cm += kMmaWarps) {
       const int64_t h = cm * 16 / d;
       if (h != loaded_head) {
@@ -583,10 +598,10 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
   }
   attnpool_syncthreads();
   {
-    float acc[1][2][4];
-    score_rows<1, 2>(tiles + warp * 8 * layout.x_row, layout.x_row, grad_tile, k_steps, lane, acc);
+    float acc[1][mma_chains(1)][4];
+    score_rows<1>(tiles + warp * 8 * layout.x_row, layout.x_row, grad_tile, k_steps, lane, acc);
     for (int c = 0; c < 4; ++c) {
-      scratch[(g + 8 * (c / 2)) * TR + warp * 8 + 2 * t + c % 2] = acc[0][0][c] + acc[0][1][c];
+      scratch[(g + 8 * (c / 2)) * TR + warp * 8 + 2 * t + c % 2] = chain_sum(acc, 0, c);
     }
   }
   attnpool_syncthreads();
@@ -613,11 +628,10 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
     }
     const scalar_t* tile_rows = tiles + buffer * TR * layout.x_row;
 
-    float sacc[1][2][4];
-    float gacc[1][2][4];
-    score_rows<1, 2>(
-        tile_rows + warp * 8 * layout.x_row, layout.x_row, u_tile, k_steps, lane, sacc);
-    score_rows<1, 2>(
+    float sacc[1][mma_chains(1)][4];
+    float gacc[1][mma_chains(1)][4];
+    score_rows<1>(tile_rows + warp * 8 * layout.x_row, layout.x_row, u_tile, k_steps, lane, sacc);
+    score_rows<1>(
         tile_rows + warp * 8 * layout.x_row, layout.x_row, grad_tile, k_steps, lane, gacc);
     for (int c = 0; c < 4; ++c) {
       const int s = g + 8 * (c / 2);
@@ -627,9 +641,9 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
       float p = 0.0f;
       float ds = 0.0f;
       if (present) {
-        const float score = biased_score(scale, sacc[0][0][c] + sacc[0][1][c], bias, l);
+        const float score = biased_score(scale, chain_sum(sacc, 0, c), bias, l);
         p = attnpool_exp((score - lse[2 * s]) - lse[2 * s + 1]);
-        ds = scale * p * ((gacc[0][0][c] + gacc[0][1][c]) - delta[s]);
+        ds = scale * p * (chain_sum(gacc, 0, c) - delta[s]);
       }
       for (int term = 0; term < 2; ++term) {
         dx_operand[term * kDxTerm + r * kMmaDxStride + s] = bf16_term(p, term);
@@ -639,7 +653,8 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
     }
     attnpool_syncthreads();
 
-    // dx: rows 16 mr.., k-step 0 the weights against G, k-step 1 ds against u.
+    // dx: rows 16 mr.., k-step 0 the weights against G, k-step 1 ds against
+    // u; 8 columns at a time (unrolled as the forward's weighted sums).
     uint32_t ap[2][2][2][4];  // [mr][k-step][term]
     for (int mr = 0; mr < 2; ++mr) {
       for (int kk = 0; kk < 2; ++kk) {
@@ -652,6 +667,7 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
         }
       }
     }
+    ATTNPOOL_UNROLL_BY(2)
     for (int64_t nc = warp; nc < column_groups; nc += kMmaWarps) {
       uint32_t bg[2][2];
       uint32_t bu[2][2];
@@ -682,7 +698,8 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
       }
     }
 
-    // du += x^T . ds^T: 16 columns by 8 scores per mma.
+    // du += x^T . ds^T: 16 columns by 8 scores per mma (unrolled as above).
+    ATTNPOOL_UNROLL_BY(2)
     for (int64_t cm = warp; cm < col_tiles; cm += kMmaWarps) {
       const scalar_t* address = tile_rows + ((lane % 8) + 8 * (lane / 16)) * layout.x_row +
                                 cm * 16 + 8 * ((lane / 8) % 2);
