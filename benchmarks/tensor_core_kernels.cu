@@ -76,12 +76,19 @@ struct Buffers {
 
 // Pieces of each sequence for `blocks_per_piece` blocks per piece: about
 // two waves of `per_sm` blocks on every SM, pieces of at least 64 rows.
-PieceCut cut_for(const Device& device, const Shape& s, int64_t blocks_per_piece, int per_sm) {
-  const int64_t per_sequence = s.batch * blocks_per_piece;
-  const int64_t wanted = (2 * int64_t{per_sm} * device.sms + per_sequence - 1) / per_sequence;
-  const int64_t most = std::max<int64_t>(1, s.seq_len / 64);
+// The entry point's cuts: cut_sequences for forward_kernel (a block per
+// query) and backward_kernel, pieces for about 8 blocks per SM of at least
+// 32 rows; mma_cut for the tensor-core kernels.
+PieceCut cut_by_rows(const Device& device, const Shape& s, int64_t blocks_per_piece) {
+  const int64_t sequences = s.batch * blocks_per_piece;
+  const int64_t wanted = (8 * int64_t{device.sms} + sequences - 1) / sequences;
+  const int64_t most = std::max<int64_t>(1, (s.seq_len + 31) / 32);
   return PieceCut::into(
       s.seq_len, std::clamp<int64_t>(wanted, 1, most), attnpool::kMaxForwardPieceRows);
+}
+
+PieceCut cut_on_tensor_cores(const Device& device, const Shape& s, int64_t groups) {
+  return cuda::mma_cut(s.batch * groups, s.seq_len, device.sms);
 }
 
 ForwardParams params_of(const Buffers& b, const PieceCut& cut) {
@@ -120,7 +127,7 @@ void forward_by_queries(const Device& device, const Buffers& b, bool describe) {
   constexpr int V = cuda::kPackWidth<bf16>;
   const int threads = 128 * static_cast<int>((b.shape.hidden + 2 * 128 * V - 1) / (2 * 128 * V));
   ForwardParams a = params_of(b, PieceCut{1, b.shape.seq_len});
-  a.cut = cut_for(device, b.shape, a.num_queries, 8);
+  a.cut = cut_by_rows(device, b.shape, a.num_queries);
   const int64_t shared = cuda::forward_shared_bytes<float>(threads / 32, a.num_heads);
   auto* kernel = b.shape.hidden <= threads * V ? &cuda::forward_kernel<bf16, V, 1>
                                                : &cuda::forward_kernel<bf16, V, 2>;
@@ -153,7 +160,7 @@ void sum_du_partials(const BackwardParams& g, int64_t blocks) {
 void backward_by_rows(const Device& device, const Buffers& b, bool describe) {
   constexpr int V = cuda::kPackWidth<bf16>;
   const int threads = 128 * static_cast<int>((b.shape.hidden + 2 * 128 * V - 1) / (2 * 128 * V));
-  const BackwardParams g = backward_params_of(b, cut_for(device, b.shape, 1, 8));
+  const BackwardParams g = backward_params_of(b, cut_by_rows(device, b.shape, 1));
   const int64_t shared =
       cuda::backward_shared_bytes<float>(threads / 32, g.num_heads, g.num_scores());
   auto* kernel = b.shape.hidden <= threads * V ? &cuda::backward_kernel<bf16, V, 1>
@@ -169,7 +176,7 @@ void lay_out(const cuda::MmaOperand& op, uint32_t* words) {
 }
 
 void backward_on_tensor_cores(const Device& device, const Buffers& b, int buffers, bool describe) {
-  const BackwardParams g = backward_params_of(b, cut_for(device, b.shape, 1, 1));
+  const BackwardParams g = backward_params_of(b, cut_on_tensor_cores(device, b.shape, 1));
   const int64_t Q = g.num_queries, n = g.num_heads, H = g.hidden;
   lay_out(cuda::mma_u_operand(b.u, Q, n, H, 1, b.nt, false), b.u_fragments);
   lay_out(cuda::mma_u_operand(b.u, Q, n, H, 1, b.nt, true), b.u_columns);
@@ -191,7 +198,7 @@ template <int MT, int NT>
 void forward_on_tensor_cores(const Device& device, const Buffers& b, bool describe) {
   ForwardParams a = params_of(b, PieceCut{1, b.shape.seq_len});
   const int64_t groups = cuda::mma_groups(a.num_queries, NT);
-  a.cut = cut_for(device, b.shape, groups, 1);
+  a.cut = cut_on_tensor_cores(device, b.shape, groups);
   const int64_t shared = cuda::mma_shared_layout(a.hidden, MT, NT).bytes;
   lay_out(
       cuda::mma_u_operand(b.u, a.num_queries, a.num_heads, a.hidden, MT, NT, false), b.u_fragments);
@@ -213,7 +220,8 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
   }
   // A state per (sequence, query, piece) for the larger of the two cuts.
   const int64_t most_pieces = std::max(
-      cut_for(device, s, Q, 8).pieces, cut_for(device, s, cuda::mma_groups(Q, nt), 1).pieces);
+      cut_by_rows(device, s, Q).pieces,
+      cut_on_tensor_cores(device, s, cuda::mma_groups(Q, nt)).pieces);
   const int64_t most_states = s.batch * Q * most_pieces;
   std::printf(
       "%s: %lldx%lldx%lld bfloat16, %lld queries x %lld heads%s\n",
@@ -245,7 +253,8 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
   const int64_t u_words = cuda::mma_u_operand(nullptr, Q, n, H, std::max(mt, 1), nt, false).words();
   const int64_t grad_words = cuda::mma_grad_operand(nullptr, s.batch, Q, n, H, false).words();
   const int64_t most_blocks =
-      s.batch * std::max(cut_for(device, s, 1, 8).pieces, cut_for(device, s, 1, 1).pieces);
+      s.batch *
+      std::max(cut_by_rows(device, s, 1).pieces, cut_on_tensor_cores(device, s, 1).pieces);
   const auto to_device = [](auto*& to, const auto& values) {
     CHECK(cudaMalloc(&to, values.size() * sizeof(values[0])));
     CHECK(cudaMemcpy(to, values.data(), values.size() * sizeof(values[0]), cudaMemcpyHostToDevice));

@@ -238,13 +238,8 @@ bool takes_tensor_core_kernels(const PoolInputs& p, at::ScalarType dtype, int ve
   return mma_backward_buffers(p, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)) > 0;
 }
 
-// The tensor-core kernels run one block of 4 warps per SM (shared memory
-// is their limit): pieces for about two waves, none under two tiles.
 PieceCut cut_for_tensor_cores(int64_t sequences, int64_t seq_len) {
-  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  const int64_t wanted = at::ceil_div(2 * sms, std::max<int64_t>(sequences, 1));
-  const int64_t most = std::max<int64_t>(1, at::ceil_div<int64_t>(seq_len, 2 * kMmaTileRows));
-  return PieceCut::into(seq_len, std::clamp<int64_t>(wanted, 1, most), kMaxForwardPieceRows);
+  return mma_cut(sequences, seq_len, device_attribute(cudaDevAttrMultiProcessorCount));
 }
 
 // An operand of the tensor-core kernels laid out on the device

@@ -900,6 +900,17 @@ inline MmaOperand mma_grad_operand(
   return {grad_out, num_queries, num_heads, hidden, batch, 1, 1, true, columns};
 }
 
+// The cut of each of `sequences` sequences (or groups of queries of one)
+// for the tensor-core kernels, which run one block of 4 warps per SM
+// (shared memory is their limit): pieces for about two waves of `sms` SMs,
+// none under two tiles.
+inline PieceCut mma_cut(int64_t sequences, int64_t seq_len, int64_t sms) {
+  const int64_t wanted =
+      (2 * sms + std::max<int64_t>(sequences, 1) - 1) / std::max<int64_t>(sequences, 1);
+  const int64_t most = std::max<int64_t>(1, (seq_len + 2 * kMmaTileRows - 1) / (2 * kMmaTileRows));
+  return PieceCut::into(seq_len, std::clamp<int64_t>(wanted, 1, most), kMaxForwardPieceRows);
+}
+
 // Whether mma_forward_kernel takes this call (with nt column tiles of
 // queries): bfloat16 rows (checked by the caller), whole k-steps and pairs
 // of them, heads of whole column tiles, rows of 16-byte chunks, and shared
