@@ -314,17 +314,33 @@ T attnpool_shfl_xor(T value, int lane_mask) {
 
 namespace attnpool_emulation {
 
+// The warp-wide instructions, named in their last slot: every lane of a
+// warp must take part in the same one (on a GPU, lanes that issue different
+// ones, or skip one, are undefined behaviour).
+enum class WarpInstruction : uint64_t { kMma = 1, kLdmatrix, kLdmatrixTrans };
+
 // A warp-wide instruction: this lane's operands go to its slots, the warp
 // waits for all of them, compute(slots of lane 0 of the warp, lane) gives
 // this lane's result, and the warp waits again before any slot is reused.
+// operands' last slot is left for the instruction's name.
 template <typename F>
-void warp_wide(const uint64_t (&operands)[kWarpSlots], F&& compute) {
+void warp_wide(WarpInstruction instruction, const uint64_t (&operands)[kWarpSlots], F&& compute) {
   auto& block = *current_block;
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32;
-  std::copy(std::begin(operands), std::end(operands), block.words.begin() + tid * kWarpSlots);
+  uint64_t* mine = block.words.data() + tid * kWarpSlots;
+  std::copy(std::begin(operands), std::end(operands), mine);
+  mine[kWarpSlots - 1] = static_cast<uint64_t>(instruction);
   wait_at(*block.warp_barriers[warp]);
-  compute(block.words.data() + warp * 32 * kWarpSlots, tid % 32);
+  const uint64_t* slots = block.words.data() + warp * 32 * kWarpSlots;
+  for (int lane = 0; lane < 32; ++lane) {
+    if (slots[lane * kWarpSlots + kWarpSlots - 1] != static_cast<uint64_t>(instruction)) {
+      std::fprintf(
+          stderr, "emulated kernel: lanes of a warp at different warp-wide instructions\n");
+      std::abort();
+    }
+  }
+  compute(slots, tid % 32);
   wait_at(*block.warp_barriers[warp]);
 }
 
@@ -370,24 +386,25 @@ inline void attnpool_mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint3
   using attnpool_emulation::half_of;
   const uint64_t operands[attnpool_emulation::kWarpSlots] = {a[0], a[1], a[2], a[3], b[0], b[1]};
   float result[4];
-  attnpool_emulation::warp_wide(operands, [&](const uint64_t* slots, int lane) {
-    const int g = lane / 4;
-    const int t = lane % 4;
-    for (int c = 0; c < 4; ++c) {
-      const int m = g + 8 * (c / 2);
-      const int n = 2 * t + c % 2;
-      double sum = 0;
-      for (int k = 0; k < 16; ++k) {
-        const int a_lane = (m % 8) * 4 + (k % 8) / 2;
-        const int a_slot = 2 * (k / 8) + m / 8;
-        const int b_lane = n * 4 + (k % 8) / 2;
-        const int b_slot = 4 + k / 8;
-        sum += double{bf16_to_float(half_of(slots, a_lane, a_slot, k % 2))} *
-               double{bf16_to_float(half_of(slots, b_lane, b_slot, k % 2))};
-      }
-      result[c] = static_cast<float>(double{d[c]} + sum);
-    }
-  });
+  attnpool_emulation::warp_wide(
+      attnpool_emulation::WarpInstruction::kMma, operands, [&](const uint64_t* slots, int lane) {
+        const int g = lane / 4;
+        const int t = lane % 4;
+        for (int c = 0; c < 4; ++c) {
+          const int m = g + 8 * (c / 2);
+          const int n = 2 * t + c % 2;
+          double sum = 0;
+          for (int k = 0; k < 16; ++k) {
+            const int a_lane = (m % 8) * 4 + (k % 8) / 2;
+            const int a_slot = 2 * (k / 8) + m / 8;
+            const int b_lane = n * 4 + (k % 8) / 2;
+            const int b_slot = 4 + k / 8;
+            sum += double{bf16_to_float(half_of(slots, a_lane, a_slot, k % 2))} *
+                   double{bf16_to_float(half_of(slots, b_lane, b_slot, k % 2))};
+          }
+          result[c] = static_cast<float>(double{d[c]} + sum);
+        }
+      });
   std::copy(std::begin(result), std::end(result), std::begin(d));
 }
 
@@ -396,7 +413,9 @@ template <bool kTrans>
 void attnpool_ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   attnpool_emulation::expect_shared_16(row, "ldmatrix's row");
   const uint64_t operands[attnpool_emulation::kWarpSlots] = {reinterpret_cast<uintptr_t>(row)};
-  attnpool_emulation::warp_wide(operands, [&](const uint64_t* slots, int lane) {
+  const auto instruction = kTrans ? attnpool_emulation::WarpInstruction::kLdmatrixTrans
+                                  : attnpool_emulation::WarpInstruction::kLdmatrix;
+  attnpool_emulation::warp_wide(instruction, operands, [&](const uint64_t* slots, int lane) {
     const auto element = [&](int matrix, int i, int j) {
       const auto* address = reinterpret_cast<const uint16_t*>(
           static_cast<uintptr_t>(slots[(8 * matrix + i) * attnpool_emulation::kWarpSlots]));
