@@ -58,6 +58,9 @@ constexpr int kMmaTileRows = 8 * kMmaWarps;
 constexpr int kMmaRowPad = 8;
 // A score's row of weights in shared memory, padded likewise.
 constexpr int kMmaWeightStride = kMmaTileRows + 8;
+// A score's row of a tile's scores (float): one past the tile, so that the
+// lanes storing one row each of 8 scores reach 8 banks.
+constexpr int kMmaScoreStride = kMmaTileRows + 1;
 
 // Queries a block takes with NT column tiles of 8 queries, and how many
 // blocks (groups) Q queries need.
@@ -70,7 +73,7 @@ struct MmaSharedLayout {
   int64_t x_row;    // elements from one row of a tile to the next
   int64_t x_tiles;  // two tiles of x (bfloat16)
   int64_t sums;     // weighted sums, [H / 16][NT][32 lanes][4] float
-  int64_t scores;   // [16 MT][kMmaTileRows] float
+  int64_t scores;   // [16 MT][kMmaScoreStride] float
   int64_t state;    // running max, running sum, correction: [16 MT] float each
   int64_t weights;  // hi and lo terms, [2][16 MT][kMmaWeightStride] bfloat16
   int64_t valid;    // one int: whether any row was attended
@@ -84,7 +87,7 @@ ATTNPOOL_HOST_DEVICE inline MmaSharedLayout mma_shared_layout(
   s.x_tiles = 0;
   s.sums = s.x_tiles + 2 * kMmaTileRows * s.x_row * 2;
   s.scores = s.sums + (hidden / 16) * nt * 32 * 4 * 4;
-  s.state = s.scores + 16 * mt * kMmaTileRows * 4;
+  s.state = s.scores + 16 * mt * kMmaScoreStride * 4;
   s.weights = s.state + 3 * 16 * mt * 4;
   s.valid = s.weights + 2 * 16 * mt * kMmaWeightStride * 2;
   s.bytes = s.valid + 16;
@@ -331,8 +334,9 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
         const int r = warp * 8 + 2 * t + c % 2;
         const int64_t l = tile + r;
         const bool present = l < last && a.attends(b, l);
-        scores[s * TR + r] = present ? biased_score(scale, chain_sum(acc, mt, c), bias, l)
-                                     : -attnpool_infinity<float>();
+        scores[s * kMmaScoreStride + r] = present
+                                              ? biased_score(scale, chain_sum(acc, mt, c), bias, l)
+                                              : -attnpool_infinity<float>();
         if (present && mt == 0 && g == 0) {
           any_valid[0] = 1;
         }
@@ -351,7 +355,7 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
       float v[4];
       float tile_max = -attnpool_infinity<float>();
       for (int r = 0; r < 4; ++r) {
-        v[r] = scores[s * TR + r0 + r];
+        v[r] = scores[s * kMmaScoreStride + r0 + r];
         tile_max = v[r] > tile_max ? v[r] : tile_max;
       }
       const float old_max = active ? run_max[s] : -attnpool_infinity<float>();
@@ -498,7 +502,7 @@ struct MmaBackwardLayout {
   int64_t x_row;
   int64_t x_tiles;     // `buffers` tiles of x (bfloat16)
   int64_t sums;        // du, [H / 16][2][32 lanes][4] float
-  int64_t scratch;     // [16][kMmaTileRows] float
+  int64_t scratch;     // [16][kMmaScoreStride] float
   int64_t lse;         // [16][2] float
   int64_t delta;       // [16] float
   int64_t dx_operand;  // [2 terms][kMmaTileRows][kMmaDxStride] bfloat16
@@ -512,7 +516,7 @@ ATTNPOOL_HOST_DEVICE inline MmaBackwardLayout mma_backward_layout(int64_t hidden
   s.x_tiles = 0;
   s.sums = buffers * kMmaTileRows * s.x_row * 2;
   s.scratch = s.sums + (hidden / 16) * 2 * 32 * 4 * 4;
-  s.lse = s.scratch + 16 * kMmaTileRows * 4;
+  s.lse = s.scratch + 16 * kMmaScoreStride * 4;
   s.delta = s.lse + 16 * 2 * 4;
   s.dx_operand = s.delta + 16 * 4;
   s.ds_weights = s.dx_operand + 2 * kMmaTileRows * kMmaDxStride * 2;
@@ -601,12 +605,13 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
     float acc[1][mma_chains(1)][4];
     score_rows<1>(tiles + warp * 8 * layout.x_row, layout.x_row, grad_tile, k_steps, lane, acc);
     for (int c = 0; c < 4; ++c) {
-      scratch[(g + 8 * (c / 2)) * TR + warp * 8 + 2 * t + c % 2] = chain_sum(acc, 0, c);
+      scratch[(g + 8 * (c / 2)) * kMmaScoreStride + warp * 8 + 2 * t + c % 2] =
+          chain_sum(acc, 0, c);
     }
   }
   attnpool_syncthreads();
   if (tid < num_scores) {
-    delta[tid] = scratch[tid * TR + tid] + scratch[tid * TR + 16 + tid];
+    delta[tid] = scratch[tid * kMmaScoreStride + tid] + scratch[tid * kMmaScoreStride + 16 + tid];
     const auto* saved = static_cast<const float*>(a.lse) + 2 * (b * num_scores + tid);
     lse[2 * tid] = saved[0];
     lse[2 * tid + 1] = saved[1];
