@@ -1,8 +1,11 @@
 #pragma once
 
-// Device code of the forward for several scores per row on tensor cores
-// (bfloat16 rows): [Note: the tensor-core forward]. Like the other kernels
-// it uses only what cuda_compat.h provides, so the emulated tests run it.
+// Device code of the kernels for several scores per row on tensor cores
+// (bfloat16 rows): the forward ([Note: the tensor-core forward]), the
+// backward for up to 16 scores ([Note: the tensor-core backward]) and the
+// layout of their operands ([Note: tensor-core operands]). Like the other
+// kernels they use only what cuda_compat.h provides, so the emulated tests
+// run them.
 
 #include "ops/cuda/folded_attention_pool_kernel.cuh"
 
