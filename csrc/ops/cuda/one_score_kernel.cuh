@@ -140,25 +140,43 @@ ATTNPOOL_DEVICE inline void store_lane_vector(
   }
 }
 
-// The sum of element(j, v) * w[j][v] over a lane's columns, in the one order
-// that the forward and the backward share (warp_sum then adds the lanes'
-// parts): each chunk in its own chain of multiply-adds, then the chunks in
-// order. CHUNKS short chains instead of one long one: the latency of a
-// chain is paid once per row.
-template <typename acc_t, int VEC, int CHUNKS, typename Element>
-ATTNPOOL_DEVICE inline acc_t lane_dot_of(const Element& element, const acc_t (&w)[CHUNKS][VEC]) {
-  acc_t parts[CHUNKS];
+// parts[r] = the sum of element(r, j, v) * w(j, v) over a lane's columns
+// for R rows, in the one order that the forward and the backward share
+// (warp_sum then adds the lanes' parts): each chunk in its own chain of
+// multiply-adds, then the chunks in order. CHUNKS short chains instead of
+// one long one: the latency of a chain is paid once per row. w is read
+// once per column for all R rows.
+template <typename acc_t, int VEC, int CHUNKS, int R, typename Element, typename W>
+ATTNPOOL_DEVICE inline void lane_dots_of(const Element& element, const W& w, acc_t (&parts)[R]) {
+  acc_t chunk_parts[R][CHUNKS];
   for (int j = 0; j < CHUNKS; ++j) {
-    parts[j] = acc_t(0);
+    for (int r = 0; r < R; ++r) {
+      chunk_parts[r][j] = acc_t(0);
+    }
     for (int v = 0; v < VEC; ++v) {
-      parts[j] = attnpool_fma(element(j, v), w[j][v], parts[j]);
+      const acc_t wv = w(j, v);
+      for (int r = 0; r < R; ++r) {
+        chunk_parts[r][j] = attnpool_fma(element(r, j, v), wv, chunk_parts[r][j]);
+      }
     }
   }
-  acc_t total = parts[0];
-  for (int j = 1; j < CHUNKS; ++j) {
-    total += parts[j];
+  for (int r = 0; r < R; ++r) {
+    parts[r] = chunk_parts[r][0];
+    for (int j = 1; j < CHUNKS; ++j) {
+      parts[r] += chunk_parts[r][j];
+    }
   }
-  return total;
+}
+
+// The same sum for one row, w a lane's columns in registers.
+template <typename acc_t, int VEC, int CHUNKS, typename Element>
+ATTNPOOL_DEVICE inline acc_t lane_dot_of(const Element& element, const acc_t (&w)[CHUNKS][VEC]) {
+  acc_t part[1];
+  lane_dots_of<acc_t, VEC, CHUNKS>(
+      [&](int /*r*/, int j, int v) { return element(j, v); },
+      [&](int j, int v) { return w[j][v]; },
+      part);
+  return part[0];
 }
 
 // [Note: u in shared memory] The one-score forward holds a lane's columns of
@@ -204,28 +222,12 @@ struct LaneU<acc_t, VEC, CHUNKS, true> {
 };
 
 // parts[r] = this lane's part of rows[r] . u for the R rows of a tile, each
-// summed as lane_dot sums it; u is read once per column.
+// summed as lane_dot sums it (lane_dots_of); u is read once per column.
 template <typename acc_t, typename scalar_t, int VEC, int CHUNKS, int R, typename U>
 ATTNPOOL_DEVICE inline void lane_dots(
     const LaneRow<scalar_t, VEC, CHUNKS> (&rows)[R], const U& u, acc_t (&parts)[R]) {
-  acc_t chunk_parts[R][CHUNKS];
-  for (int j = 0; j < CHUNKS; ++j) {
-    for (int r = 0; r < R; ++r) {
-      chunk_parts[r][j] = acc_t(0);
-    }
-    for (int v = 0; v < VEC; ++v) {
-      const acc_t w = u(j, v);
-      for (int r = 0; r < R; ++r) {
-        chunk_parts[r][j] = attnpool_fma(lane_value<acc_t>(rows[r], j, v), w, chunk_parts[r][j]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    parts[r] = chunk_parts[r][0];
-    for (int j = 1; j < CHUNKS; ++j) {
-      parts[r] += chunk_parts[r][j];
-    }
-  }
+  lane_dots_of<acc_t, VEC, CHUNKS>(
+      [&](int r, int j, int v) { return lane_value<acc_t>(rows[r], j, v); }, u, parts);
 }
 
 // This lane's part of row . w.
