@@ -68,11 +68,8 @@ struct Variant {
 // The entry point's cut (folded_attention_pool_kernel.cu, cut_sequences),
 // with blocks_per_sm in place of its 8.
 PieceCut cut_for(const Device& device, int64_t batch, int64_t seq_len, int blocks_per_sm) {
-  const int64_t wanted = (int64_t{blocks_per_sm} * device.sms + batch - 1) / batch;
-  const int64_t most =
-      std::max<int64_t>(1, (seq_len + 8 * cuda::kTileRows - 1) / (8 * cuda::kTileRows));
-  return PieceCut::into(
-      seq_len, std::clamp<int64_t>(wanted, 1, most), attnpool::kMaxForwardPieceRows);
+  return cuda::cut_for_blocks(
+      batch, seq_len, device.sms, blocks_per_sm, cuda::kMinTilesPerPiece * cuda::kTileRows);
 }
 
 template <typename T>

@@ -80,11 +80,12 @@ struct Buffers {
 // query) and backward_kernel, pieces for about 8 blocks per SM of at least
 // 32 rows; mma_cut for the tensor-core kernels.
 PieceCut cut_by_rows(const Device& device, const Shape& s, int64_t blocks_per_piece) {
-  const int64_t sequences = s.batch * blocks_per_piece;
-  const int64_t wanted = (8 * int64_t{device.sms} + sequences - 1) / sequences;
-  const int64_t most = std::max<int64_t>(1, (s.seq_len + 31) / 32);
-  return PieceCut::into(
-      s.seq_len, std::clamp<int64_t>(wanted, 1, most), attnpool::kMaxForwardPieceRows);
+  return cuda::cut_for_blocks(
+      s.batch * blocks_per_piece,
+      s.seq_len,
+      device.sms,
+      cuda::kBlocksPerSm,
+      cuda::kMinTilesPerPiece * cuda::kTileRows);
 }
 
 PieceCut cut_on_tensor_cores(const Device& device, const Shape& s, int64_t groups) {

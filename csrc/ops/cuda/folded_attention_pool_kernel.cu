@@ -67,22 +67,6 @@ LaunchShape launch_shape(int64_t hidden, int vec) {
   return {threads, per_thread <= 1 ? 1 : per_thread <= 2 ? 2 : 4};
 }
 
-// Pieces per sequence so that about eight blocks per SM are in flight, each
-// piece at least kMinTilesPerPiece tiles long. A block streams its rows one
-// tile at a time with block-wide reductions in between, so the GPU's
-// bandwidth is reached by many blocks at once, not by long pieces (on an H200,
-// 256-row pieces left BERT-base's 32 sequences on 64 blocks and the forward
-// at a tenth of x.sum()'s speed). The choice depends on the shape and the
-// device only, so repeated runs give bitwise identical results.
-constexpr int64_t kMinTilesPerPiece = 8;
-
-int64_t pieces_per_sequence(int64_t sequences, int64_t seq_len) {
-  const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  const int64_t wanted = at::ceil_div(8 * sms, std::max<int64_t>(sequences, 1));
-  const int64_t most = std::max<int64_t>(1, at::ceil_div(seq_len, kMinTilesPerPiece * kTileRows));
-  return std::clamp<int64_t>(wanted, 1, most);
-}
-
 template <typename acc_t>
 void set_shared_limit(const void* kernel, int64_t bytes) {
   TORCH_CHECK_VALUE(
@@ -145,9 +129,15 @@ void with_lane_chunks(int64_t hidden, F&& f) {
   }
 }
 
-// The cut of each sequence for a kernel with one block per (sequence, piece).
+// The cut of each sequence for a kernel with one block per (sequence, piece)
+// ([Note: pieces for the blocks]).
 PieceCut cut_sequences(int64_t sequences, int64_t seq_len) {
-  return PieceCut::into(seq_len, pieces_per_sequence(sequences, seq_len), kMaxForwardPieceRows);
+  return cut_for_blocks(
+      sequences,
+      seq_len,
+      device_attribute(cudaDevAttrMultiProcessorCount),
+      kBlocksPerSm,
+      kMinTilesPerPiece * kTileRows);
 }
 
 // A ragged batch (ForwardParams::first_piece): pieces of one size for every

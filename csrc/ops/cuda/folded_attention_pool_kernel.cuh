@@ -12,12 +12,40 @@
 #include "ops/cuda/cuda_compat.h"
 #include "ops/pool_params.h"
 
+#include <algorithm>
 #include <cstdint>
 
 namespace attnpool::cuda {
 
 // Rows of x handled together between two block-wide reductions.
 constexpr int kTileRows = 4;
+
+// [Note: pieces for the blocks] A block streams its rows one tile at a
+// time with block-wide reductions in between, so the GPU's bandwidth is
+// reached by many blocks at once, not by long pieces (on an H200, 256-row
+// pieces left BERT-base's 32 sequences on 64 blocks and the forward at a
+// tenth of x.sum()'s speed). So the entry points cut each sequence into
+// pieces for about kBlocksPerSm blocks per SM, each piece at least
+// kMinTilesPerPiece tiles long. The choice depends on the shape and the
+// device only, so repeated runs give bitwise identical results.
+constexpr int64_t kBlocksPerSm = 8;
+constexpr int64_t kMinTilesPerPiece = 8;
+
+// The cut of each of `sequences` sequences of seq_len rows for a kernel with
+// a block per (sequence, piece): pieces for about blocks_per_sm blocks on
+// each of `sms` SMs, none under min_piece_rows rows unless the sequence is,
+// none over kMaxForwardPieceRows.
+inline PieceCut cut_for_blocks(
+    int64_t sequences,
+    int64_t seq_len,
+    int64_t sms,
+    int64_t blocks_per_sm,
+    int64_t min_piece_rows) {
+  const int64_t count = sequences < 1 ? 1 : sequences;
+  const int64_t wanted = (blocks_per_sm * sms + count - 1) / count;
+  const int64_t most = std::max<int64_t>(1, (seq_len + min_piece_rows - 1) / min_piece_rows);
+  return PieceCut::into(seq_len, std::clamp<int64_t>(wanted, 1, most), kMaxForwardPieceRows);
+}
 
 // The CUDA block size is between 128 and 1024 threads.
 constexpr int kMaxWarps = 32;

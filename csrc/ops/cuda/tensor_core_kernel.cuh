@@ -913,10 +913,7 @@ inline MmaOperand mma_grad_operand(
 // (shared memory is their limit): pieces for about two waves of `sms` SMs,
 // none under two tiles.
 inline PieceCut mma_cut(int64_t sequences, int64_t seq_len, int64_t sms) {
-  const int64_t wanted =
-      (2 * sms + std::max<int64_t>(sequences, 1) - 1) / std::max<int64_t>(sequences, 1);
-  const int64_t most = std::max<int64_t>(1, (seq_len + 2 * kMmaTileRows - 1) / (2 * kMmaTileRows));
-  return PieceCut::into(seq_len, std::clamp<int64_t>(wanted, 1, most), kMaxForwardPieceRows);
+  return cut_for_blocks(sequences, seq_len, sms, 2, 2 * kMmaTileRows);
 }
 
 // Whether mma_forward_kernel takes this call (with nt column tiles of
