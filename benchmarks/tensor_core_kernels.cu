@@ -4,13 +4,12 @@
 // runs today for such calls when they are small (forward_kernel, a block
 // per query; backward_kernel) and one read and one copy of x, bfloat16, at
 // the shapes of the GPU benchmark's queries x heads grid and one of 256 MB.
-// The backward runs where it applies (at most 16 scores). The tensor-core
-// calls include laying out their operands from u and grad_out
-// (mma_operand_kernel), as the op would per call. Each call is
-// timed between CUDA events with L2 flushed before it; medians. The
-// matrix-product path that large calls take goes through torch and is timed
-// by `python -m attnpool.bench_gpu` in the same GPU session. The kernels'
-// out, dx and du are compared.
+// The backward runs where shared memory allows (one launch up to 16 scores,
+// dx's and du's past that). The tensor-core calls include laying out their operands from u and
+// grad_out (mma_operand_kernel), as the op would per call. Each call is timed between CUDA events
+// with L2 flushed before it; medians. The matrix-product path that large calls take goes through
+// torch and is timed by `python -m attnpool.bench_gpu` in the same GPU session. The kernels' out,
+// dx and du are compared.
 //
 // scripts/gpu_check.sh builds and runs it; by hand:
 //   nvcc -O3 --expt-relaxed-constexpr -std=c++20 -arch=sm_90 \
@@ -176,23 +175,44 @@ void lay_out(const cuda::MmaOperand& op, uint32_t* words) {
       <<<cuda::mma_operand_blocks(op), cuda::kMmaOperandThreads>>>(op, words);
 }
 
+// The tensor-core backward as the entry point launches it: dx and du in one
+// launch for one score block, else a launch each ([Note: the tensor-core
+// backward]), then the sum of du's partials.
 void backward_on_tensor_cores(const Device& device, const Buffers& b, int buffers, bool describe) {
-  const BackwardParams g = backward_params_of(b, cut_on_tensor_cores(device, b.shape, 1));
-  const int64_t Q = g.num_queries, n = g.num_heads, H = g.hidden;
-  lay_out(cuda::mma_u_operand(b.u, Q, n, H, 1, b.nt, false), b.u_fragments);
-  lay_out(cuda::mma_u_operand(b.u, Q, n, H, 1, b.nt, true), b.u_columns);
-  lay_out(cuda::mma_grad_operand(b.grad_out, g.batch, Q, n, H, false), b.grad_fragments);
-  lay_out(cuda::mma_grad_operand(b.grad_out, g.batch, Q, n, H, true), b.grad_columns);
-  const int64_t shared = cuda::mma_backward_layout(g.hidden, buffers).bytes;
-  prepare(
-      &cuda::mma_backward_kernel<at::BFloat16>,
-      cuda::kMmaWarps,
-      shared,
-      describe,
-      "mma_backward_kernel");
-  cuda::mma_backward_kernel<bf16><<<g.batch * g.cut.pieces, cuda::kMmaThreads, shared>>>(
-      g, b.u_fragments, b.u_columns, b.grad_fragments, b.grad_columns, buffers);
-  sum_du_partials(g, g.batch * g.cut.pieces);
+  const BackwardParams call = backward_params_of(b, cut_on_tensor_cores(device, b.shape, 1));
+  const int64_t Q = call.num_queries, n = call.num_heads, H = call.hidden;
+  const int mt = b.score_tiles;
+  const int64_t score_blocks = cuda::mma_groups(Q, b.nt) * mt;
+  lay_out(cuda::mma_u_operand(b.u, Q, n, H, mt, b.nt, false), b.u_fragments);
+  lay_out(cuda::mma_u_operand(b.u, Q, n, H, mt, b.nt, true), b.u_columns);
+  lay_out(
+      cuda::mma_grad_operand(b.grad_out, call.batch, Q, n, H, mt, b.nt, false), b.grad_fragments);
+  lay_out(cuda::mma_grad_operand(b.grad_out, call.batch, Q, n, H, mt, b.nt, true), b.grad_columns);
+  const int64_t shared = cuda::mma_backward_shared_bytes(H, buffers, score_blocks);
+  cuda::with_mma_chains(mt, [&](auto chains) {
+    auto* kernel = &cuda::mma_backward_kernel<decltype(chains)::value>;
+    prepare(kernel, cuda::kMmaWarps, shared, describe, "mma_backward_kernel");
+    const auto launch = [&](cuda::MmaBackwardPart part) {
+      const int64_t groups = part == cuda::MmaBackwardPart::kDu ? score_blocks : 1;
+      const BackwardParams g = backward_params_of(b, cut_on_tensor_cores(device, b.shape, groups));
+      kernel<<<g.batch * groups * g.cut.pieces, cuda::kMmaThreads, shared>>>(
+          g,
+          b.u_fragments,
+          b.u_columns,
+          b.grad_fragments,
+          b.grad_columns,
+          cuda::MmaBackwardShape{mt, b.nt, buffers, part});
+      if (part != cuda::MmaBackwardPart::kDx) {
+        sum_du_partials(g, g.batch * g.cut.pieces);
+      }
+    };
+    if (score_blocks == 1) {
+      launch(cuda::MmaBackwardPart::kBoth);
+    } else {
+      launch(cuda::MmaBackwardPart::kDx);
+      launch(cuda::MmaBackwardPart::kDu);
+    }
+  });
 }
 
 template <int MT, int NT>
@@ -215,10 +235,8 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
   const int64_t Q = shape.num_queries, n = shape.num_heads, H = s.hidden;
   const size_t elements = static_cast<size_t>(s.batch * s.seq_len * H);
   const int64_t out_values = s.batch * Q * H;
-  int nt = Q > 8 ? 2 : 1;
-  if (!cuda::takes_mma_forward(shape, nt, most_shared)) {
-    nt = 1;
-  }
+  const cuda::MmaForwardShape forward = cuda::mma_forward_shape(shape, most_shared);
+  const int nt = std::max(forward.nt, 1);
   // A state per (sequence, query, piece) for the larger of the two cuts.
   const int64_t most_pieces = std::max(
       cut_by_rows(device, s, Q).pieces,
@@ -233,11 +251,12 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
       static_cast<long long>(s.num_queries),
       static_cast<long long>(s.num_heads),
       s.full_width ? " full width" : "");
-  if (!cuda::takes_mma_forward(shape, nt, most_shared)) {
+  if (forward.mt == 0) {
     std::printf("  not a shape the tensor-core forward takes\n");
     return;
   }
-  const int mt = cuda::mma_score_tiles(Q, n, nt);
+  const int mt = forward.mt;
+  const int64_t score_blocks = cuda::mma_score_blocks(shape, forward);
   const int buffers = cuda::mma_backward_buffers(shape, most_shared);
   std::vector<float> u(static_cast<size_t>(Q * n * H));
   for (size_t i = 0; i < u.size(); ++i) {
@@ -249,13 +268,14 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
   }
   b.score_tiles = mt;
   b.nt = nt;
-  // Words of the operands: u's fragments (the forward's score tiles, or the
-  // backward's one), u's columns, grad_out's fragments and columns.
-  const int64_t u_words = cuda::mma_u_operand(nullptr, Q, n, H, std::max(mt, 1), nt, false).words();
-  const int64_t grad_words = cuda::mma_grad_operand(nullptr, s.batch, Q, n, H, false).words();
-  const int64_t most_blocks =
-      s.batch *
-      std::max(cut_by_rows(device, s, 1).pieces, cut_on_tensor_cores(device, s, 1).pieces);
+  // Words of the operands, all in the forward's score blocks: u's fragments
+  // and columns, grad_out's fragments and columns.
+  const int64_t u_words = cuda::mma_u_operand(nullptr, Q, n, H, mt, nt, false).words();
+  const int64_t grad_words =
+      cuda::mma_grad_operand(nullptr, s.batch, Q, n, H, mt, nt, false).words();
+  const int64_t most_blocks = s.batch * std::max(
+                                            cut_by_rows(device, s, 1).pieces,
+                                            cut_on_tensor_cores(device, s, score_blocks).pieces);
   const auto to_device = [](auto*& to, const auto& values) {
     CHECK(cudaMalloc(&to, values.size() * sizeof(values[0])));
     CHECK(cudaMemcpy(to, values.data(), values.size() * sizeof(values[0]), cudaMemcpyHostToDevice));

@@ -118,7 +118,7 @@ TESTS=${PIPESTATUS[0]}
 
 # The tensor-core kernels through the op, opted in
 # ([Note: opting in to the tensor-core kernels]): the CUDA tests again, then
-# the benchmark's bfloat16 points of at most 16 scores.
+# the benchmark's bfloat16 points of several scores.
 step "tests with a CUDA case, ATTNPOOL_CUDA_TENSOR_CORES=1"
 # shellcheck disable=SC2086 # XDIST is empty or two words
 ATTNPOOL_CUDA_TENSOR_CORES=1 timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -k cuda $XDIST \
@@ -127,7 +127,7 @@ TENSOR_CORE_TESTS=${PIPESTATUS[0]}
 mkdir -p "$OUTDIR/tensor-cores"
 ATTNPOOL_CUDA_TENSOR_CORES=1 timeout "${BENCH_TIMEOUT:-300}" "$PYTHON" -m attnpool.bench_gpu \
   --out "$OUTDIR/tensor-cores" --no-compile --rounds 10 --dtypes bfloat16 \
-  --points big-1x16,1x12,1x16,8x1,so400m-full 2>&1 | tee "$OUTDIR/tensor-cores/gpu.txt"
+  --points big-1x16,1x12,1x16,4x12,8x1,16x12,so400m-full 2>&1 | tee "$OUTDIR/tensor-cores/gpu.txt"
 
 step "GPU benchmark (CUDA events, L2 flushed between calls)"
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of arguments

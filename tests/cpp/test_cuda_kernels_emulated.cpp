@@ -859,42 +859,66 @@ std::tuple<torch::Tensor, torch::Tensor> run_mma_forward(
   return {f.out, f.lse};
 }
 
-// The tensor-core backward after the tensor-core forward (one group of at
-// most 16 scores), with `buffers` tiles of x in shared memory, and the sum
-// of du's partials; returns (dx, du) shaped as the op's.
+// The tensor-core backward after the tensor-core forward (its score blocks,
+// from nt column tiles of queries), with `buffers` tiles of x in shared
+// memory: one launch for one score block, else dx's and du's ([Note: the
+// tensor-core backward]); then the sum of du's partials. Returns (dx, du)
+// shaped as the op's.
 std::tuple<torch::Tensor, torch::Tensor> run_mma_backward(
     attnpool::detail::PreparedBackward& g,
+    int nt,
     int64_t pieces,
     const torch::Tensor& offsets,
     int buffers,
     const torch::Tensor& u) {
   namespace cuda = attnpool::cuda;
-  attnpool::BackwardParams& p = g.params;
-  const int64_t B = p.batch, H = p.hidden, Q = p.num_queries, n = p.num_heads;
+  const attnpool::BackwardParams& call = g.params;
+  const int64_t B = call.batch, H = call.hidden, Q = call.num_queries, n = call.num_heads;
   const int64_t num_scores = Q * n;
-  EXPECT_GE(cuda::mma_backward_buffers(p, kMostShared), buffers);
-  torch::Tensor first_piece;
-  const int64_t blocks = cut_for_mma(p, pieces, offsets, first_piece);
-  auto du_partials = torch::empty({blocks, num_scores, H}, g.du.options());
-  p.du_partials = du_partials.mutable_data_ptr();
-  const auto* u_values = static_cast<const float*>(p.u);
-  const auto* grad_values = static_cast<const float*>(p.grad_out);
-  const int nt = Q > 8 ? 2 : 1;
-  const auto u_fragments = operand_words(cuda::mma_u_operand(u_values, Q, n, H, 1, nt, false));
-  const auto u_columns = operand_words(cuda::mma_u_operand(u_values, Q, n, H, 1, nt, true));
-  const auto grad_fragments = operand_words(cuda::mma_grad_operand(grad_values, B, Q, n, H, false));
-  const auto grad_columns = operand_words(cuda::mma_grad_operand(grad_values, B, Q, n, H, true));
-  launch(
-      &cuda::mma_backward_kernel<at::BFloat16>,
-      blocks,
-      cuda::kMmaThreads,
-      cuda::mma_backward_layout(H, buffers).bytes,
-      p,
-      u_fragments.data(),
-      u_columns.data(),
-      grad_fragments.data(),
-      grad_columns.data(),
-      buffers);
+  const int mt = cuda::mma_score_tiles(Q, n, nt);
+  const int64_t score_blocks = cuda::mma_groups(Q, nt) * mt;
+  const int64_t shared = cuda::mma_backward_shared_bytes(H, buffers, score_blocks);
+  EXPECT_LE(shared, kMostShared);
+  const auto* u_values = static_cast<const float*>(call.u);
+  const auto* grad_values = static_cast<const float*>(call.grad_out);
+  const auto u_fragments = operand_words(cuda::mma_u_operand(u_values, Q, n, H, mt, nt, false));
+  const auto u_columns = operand_words(cuda::mma_u_operand(u_values, Q, n, H, mt, nt, true));
+  const auto grad_fragments =
+      operand_words(cuda::mma_grad_operand(grad_values, B, Q, n, H, mt, nt, false));
+  const auto grad_columns =
+      operand_words(cuda::mma_grad_operand(grad_values, B, Q, n, H, mt, nt, true));
+  torch::Tensor du_partials;
+  int64_t du_blocks = 0;
+  cuda::with_mma_chains(mt, [&](auto chains) {
+    const auto launch_part = [&](cuda::MmaBackwardPart part) {
+      attnpool::BackwardParams a = call;
+      const int64_t groups = part == cuda::MmaBackwardPart::kDu ? score_blocks : 1;
+      torch::Tensor first_piece;
+      const int64_t blocks = cut_for_mma(a, pieces, offsets, first_piece);
+      if (part != cuda::MmaBackwardPart::kDx) {
+        du_blocks = blocks;
+        du_partials = torch::empty({blocks, num_scores, H}, g.du.options());
+        a.du_partials = du_partials.mutable_data_ptr();
+      }
+      launch(
+          &cuda::mma_backward_kernel<decltype(chains)::value>,
+          blocks * groups,
+          cuda::kMmaThreads,
+          shared,
+          a,
+          u_fragments.data(),
+          u_columns.data(),
+          grad_fragments.data(),
+          grad_columns.data(),
+          cuda::MmaBackwardShape{mt, nt, buffers, part});
+    };
+    if (score_blocks == 1) {
+      launch_part(cuda::MmaBackwardPart::kBoth);
+    } else {
+      launch_part(cuda::MmaBackwardPart::kDx);
+      launch_part(cuda::MmaBackwardPart::kDu);
+    }
+  });
   launch(
       &cuda::reduce_partials_kernel<float>,
       (num_scores * H + cuda::kStripeColumns - 1) / cuda::kStripeColumns,
@@ -902,7 +926,7 @@ std::tuple<torch::Tensor, torch::Tensor> run_mma_backward(
       cuda::reduce_shared_bytes<float>(64),
       du_partials.const_data_ptr<float>(),
       g.du.mutable_data_ptr<float>(),
-      blocks,
+      du_blocks,
       num_scores * H);
   return {g.dx, g.du.view(u.sizes())};
 }
@@ -930,7 +954,7 @@ void check_mma_forward(const MmaCase& c) {
     const auto [out, lse] = run_mma_forward(f, c.nt, 0, f.pool.offsets);
     expect_close(out, want_out, 1e-4, "out");
     expect_close(lse, want_lse, 1e-4, "lse");
-    if (c.num_queries * c.num_heads <= 16) {
+    {
       const auto grad_out = torch::randn(want_out.sizes(), f64);
       const auto [want_dx, want_du] =
           cpu_op<VarlenBackwardOp>("attnpool::_folded_attention_pool_varlen_backward")
@@ -945,7 +969,7 @@ void check_mma_forward(const MmaCase& c) {
                   c.full_width);
       auto g = attnpool::detail::prepare_varlen_backward(
           grad_out.to(torch::kFloat32), x, offsets, u, out, lse, scale, c.full_width);
-      const auto [dx, du] = run_mma_backward(g, 0, g.pool.offsets, 2, u);
+      const auto [dx, du] = run_mma_backward(g, c.nt, 0, g.pool.offsets, 2, u);
       expect_close(dx, want_dx, 4e-3, "dx");
       expect_close(du, want_du, 1e-3, "du");
     }
@@ -979,9 +1003,6 @@ void check_mma_forward(const MmaCase& c) {
   const auto [out, lse] = run_mma_forward(f, c.nt, c.pieces, torch::Tensor());
   expect_close(out, want_out, 1e-4, "out");
   expect_close(lse, want_lse, 1e-4, "lse");
-  if (c.num_queries * c.num_heads > 16) {
-    return;  // the tensor-core backward takes one tile of scores
-  }
   const auto grad_out = torch::randn(want_out.sizes(), f64);
   const auto [want_dx, want_du] = cpu_op<BackwardOp>("attnpool::_folded_attention_pool_backward")
                                       .call(
@@ -995,9 +1016,8 @@ void check_mma_forward(const MmaCase& c) {
                                           c.full_width,
                                           to_f64(bias),
                                           std::nullopt);
-  for (const int buffers : {2, 1}) {
-    SCOPED_TRACE("buffers " + std::to_string(buffers));
-    auto g = attnpool::detail::prepare_backward(
+  const auto backward_inputs = [&] {
+    return attnpool::detail::prepare_backward(
         grad_out.to(torch::kFloat32),
         x,
         u,
@@ -1008,7 +1028,11 @@ void check_mma_forward(const MmaCase& c) {
         c.full_width,
         bias,
         std::nullopt);
-    const auto [dx, du] = run_mma_backward(g, c.pieces, torch::Tensor(), buffers, u);
+  };
+  for (const int buffers : {2, 1}) {
+    SCOPED_TRACE("buffers " + std::to_string(buffers));
+    auto g = backward_inputs();
+    const auto [dx, du] = run_mma_backward(g, c.nt, c.pieces, torch::Tensor(), buffers, u);
     expect_close(dx, want_dx, 4e-3, "dx");
     expect_close(du, want_du, 1e-3, "du");
   }
@@ -1019,9 +1043,10 @@ TEST(EmulatedTensorCoreKernels, MatchTheCpuOperatorsInFloat64) {
   // columns; masks with an empty sequence, NaN in rows not attended, and a
   // bias; pieces merged; full width; groups of 8 and 16 queries, the last one
   // partial; 1, 2, 8, 12 and 16 tiles of 16 scores (two chains of sums,
-  // then one); a ragged batch with empty sequences. Those of at most 16
-  // scores also run the backward (dx to bfloat16's precision, du to 1e-3;
-  // the lo . hi term of dx's products is below what a bfloat16 dx shows).
+  // then one); a ragged batch with empty sequences. Then the backward (dx to
+  // bfloat16's precision, du to 1e-3; the lo . hi term of dx's products is
+  // below what a bfloat16 dx shows): one launch for one score block, dx's
+  // and du's past that.
   check_mma_forward({2, 70, 64, 1, 4, false, false, 1, 1});
   check_mma_forward({2, 50, 128, 3, 2, false, true, 1, 1});
   check_mma_forward({2, 100, 64, 2, 2, false, true, 3, 1});
@@ -1052,13 +1077,35 @@ TEST(EmulatedTensorCoreKernels, OneAttendedRowHasNoScoreGradient) {
     const auto grad_out = torch::randn(out.sizes());
     auto g = attnpool::detail::prepare_backward(
         grad_out, x, u, mask, out, lse, 0.4, full_width, {}, std::nullopt);
-    const auto [dx, du] = run_mma_backward(g, 2, torch::Tensor(), 2, u);
+    const auto [dx, du] = run_mma_backward(g, 1, 2, torch::Tensor(), 2, u);
     EXPECT_EQ(du.abs().max().item<double>(), 0.0);
     // dx of that row: the output's gradient summed over the scores.
     const auto summed = full_width ? grad_out.sum({1, 2}) : grad_out.sum(1);
     expect_close(dx.select(1, 4), summed, 4e-3, "dx of the attended row");
     EXPECT_EQ(dx.select(1, 5).abs().max().item<double>(), 0.0);
   }
+}
+
+// The same with two score blocks (18 scores), where dx and du take a launch
+// each: both sum delta as dp, so the scores' gradient cancels there too.
+TEST(EmulatedTensorCoreKernels, OneAttendedRowHasNoScoreGradientInTwoLaunches) {
+  torch::manual_seed(12);
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  const auto u = (torch::randn({3, 6, 96}, f64) / 2).to(torch::kFloat32);
+  const auto mask = torch::zeros({2, 45}, torch::kBool);
+  mask.select(1, 30).fill_(true);
+  const auto x = (torch::randn({2, 45, 96}, f64) * 3)
+                     .to(torch::kBFloat16)
+                     .masked_fill(mask.logical_not().unsqueeze(-1), NAN);
+  auto f = attnpool::detail::prepare_forward(x, u, mask, 0.4, false, {}, std::nullopt);
+  const auto [out, lse] = run_mma_forward(f, 1, 2, torch::Tensor());
+  const auto grad_out = torch::randn(out.sizes());
+  auto g = attnpool::detail::prepare_backward(
+      grad_out, x, u, mask, out, lse, 0.4, false, {}, std::nullopt);
+  const auto [dx, du] = run_mma_backward(g, 1, 2, torch::Tensor(), 2, u);
+  EXPECT_EQ(du.abs().max().item<double>(), 0.0);
+  expect_close(dx.select(1, 30), grad_out.sum(1), 4e-3, "dx of the attended row");
+  EXPECT_EQ(dx.select(1, 29).abs().max().item<double>(), 0.0);
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -203,7 +203,7 @@ void sum_du_partials(
 }
 
 // [Note: opting in to the tensor-core kernels] ATTNPOOL_CUDA_TENSOR_CORES=1
-// sends bfloat16 calls of at most 16 scores per row to the kernels of
+// sends bfloat16 calls of several scores per row to the kernels of
 // tensor_core_kernel.cuh, forward and backward (the backward recomputes the
 // forward's scores with the same products, so both must take them). They
 // are checked in emulation only until a GPU has run them
@@ -211,21 +211,28 @@ void sum_du_partials(
 // with it set); then they become the default for those calls. The variable
 // is read once per process; the rest is decided from the shape, dtype and
 // x's alignment, which the backward sees as the forward did.
+int64_t most_shared_per_block() {
+  return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+}
+
 bool takes_tensor_core_kernels(const PoolInputs& p, at::ScalarType dtype, int vec) {
   // Read once: a forward and its backward must agree.
   static const bool requested = [] {
     const char* value = std::getenv("ATTNPOOL_CUDA_TENSOR_CORES");
     return value != nullptr && std::strcmp(value, "1") == 0;
   }();
-  // grad_out's operands take 64 rows' worth of x per sequence ([Note:
-  // tensor-core operands]): not for batches of shorter sequences.
-  const int64_t rows = p.ragged() ? p.seq_len : p.batch * p.seq_len;
   if (!requested || dtype != at::kBFloat16 || vec != kPackWidth<at::BFloat16> ||
-      p.num_scores() < 2 || 64 * p.batch > rows ||
-      device_attribute(cudaDevAttrComputeCapabilityMajor) < 8) {
+      p.num_scores() < 2 || device_attribute(cudaDevAttrComputeCapabilityMajor) < 8) {
     return false;
   }
-  return mma_backward_buffers(p, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)) > 0;
+  const int64_t most_shared = most_shared_per_block();
+  const MmaForwardShape forward = mma_forward_shape(p, most_shared);
+  // grad_out's operands take 128 bytes per score block, sequence and column
+  // ([Note: tensor-core operands]): not more than twice x's (bfloat16) bytes,
+  // which keeps batches of short sequences off these kernels.
+  const int64_t rows = p.ragged() ? p.seq_len : p.batch * p.seq_len;
+  return forward.mt > 0 && 32 * p.batch * mma_score_blocks(p, forward) <= rows &&
+         mma_backward_buffers(p, most_shared) > 0;
 }
 
 PieceCut cut_for_tensor_cores(int64_t sequences, int64_t seq_len) {
@@ -246,37 +253,40 @@ const uint32_t* words_of(const at::Tensor& words) {
   return reinterpret_cast<const uint32_t*>(words.const_data_ptr<int32_t>());
 }
 
-// The work cut for the tensor-core kernels: the blocks per group of queries,
-// the most pieces a (sequence, query) merges, and a ragged batch's cut.
+// The work cut for the tensor-core kernels, which run `groups` blocks (groups
+// of queries) per piece: the blocks per group, the most pieces a (sequence,
+// query) merges, and a ragged batch's cut.
 struct TensorCoreCut {
   int64_t blocks;
   int64_t merged_pieces;
   RaggedCut ragged;
 };
 
-TensorCoreCut cut_tensor_core_work(ForwardParams& a, const detail::PreparedPool& pool) {
+TensorCoreCut cut_tensor_core_work(
+    ForwardParams& a, const detail::PreparedPool& pool, int64_t groups) {
   TensorCoreCut work;
   if (a.ragged()) {
     // (cut_ragged's cut, pieces of at least kMinTilesPerPiece * kTileRows
     // rows for about 8 blocks per SM: not tuned for these kernels yet.)
-    work.ragged = cut_ragged(pool, 1);
+    work.ragged = cut_ragged(pool, groups);
     a.cut = work.ragged.cut;
     a.first_piece = work.ragged.first_piece.const_data_ptr<int64_t>();
     work.blocks = work.ragged.most_items;
   } else {
-    a.cut = cut_for_tensor_cores(a.batch, a.seq_len);
+    a.cut = cut_for_tensor_cores(a.batch * groups, a.seq_len);
     work.blocks = a.batch * a.cut.pieces;
   }
   work.merged_pieces = a.cut.pieces;
   return work;
 }
 
-// The forward on tensor cores ([Note: the tensor-core forward]): one group
-// of queries and one tile of scores (takes_tensor_core_kernels).
+// The forward on tensor cores ([Note: the tensor-core forward]), in the
+// groups of queries and tiles of scores of mma_forward_shape.
 std::tuple<at::Tensor, at::Tensor> run_tensor_core_forward(detail::PreparedForward& f) {
   ForwardParams& a = f.params;
-  const int nt = a.num_queries > 8 ? 2 : 1;
-  const TensorCoreCut work = cut_tensor_core_work(a, f.pool);
+  const MmaForwardShape shape = mma_forward_shape(a, most_shared_per_block());
+  const int64_t groups = mma_groups(a.num_queries, shape.nt);
+  const TensorCoreCut work = cut_tensor_core_work(a, f.pool, groups);
   const bool merge = a.ragged() || a.cut.pieces > 1;
   at::Tensor partials;
   if (merge) {
@@ -286,13 +296,18 @@ std::tuple<at::Tensor, at::Tensor> run_tensor_core_forward(detail::PreparedForwa
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto* u = static_cast<const float*>(a.u);
-  const at::Tensor u_fragments =
-      laid_out(mma_u_operand(u, a.num_queries, a.num_heads, a.hidden, 1, nt, false), f.out, stream);
-  const int64_t shared = mma_shared_layout(a.hidden, 1, nt).bytes;
-  auto* kernel = nt == 1 ? &mma_forward_kernel<1, 1> : &mma_forward_kernel<1, 2>;
-  set_shared_limit<float>(reinterpret_cast<const void*>(kernel), shared);
-  kernel<<<work.blocks, kMmaThreads, shared, stream>>>(a, words_of(u_fragments));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor u_fragments = laid_out(
+      mma_u_operand(u, a.num_queries, a.num_heads, a.hidden, shape.mt, shape.nt, false),
+      f.out,
+      stream);
+  const int64_t shared = mma_shared_layout(a.hidden, shape.mt, shape.nt).bytes;
+  with_mma_score_tiles(shape.mt, [&](auto tiles) {
+    constexpr int MT = decltype(tiles)::value;
+    auto* kernel = shape.nt == 1 ? &mma_forward_kernel<MT, 1> : &mma_forward_kernel<MT, 2>;
+    set_shared_limit<float>(reinterpret_cast<const void*>(kernel), shared);
+    kernel<<<work.blocks * groups, kMmaThreads, shared, stream>>>(a, words_of(u_fragments));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   if (merge) {
     const int threads = merge_threads(work.merged_pieces);
     merge_pieces_kernel<at::BFloat16>
@@ -305,41 +320,63 @@ std::tuple<at::Tensor, at::Tensor> run_tensor_core_forward(detail::PreparedForwa
   return {f.out, f.lse};
 }
 
-// The backward on tensor cores ([Note: the tensor-core backward]) and the
-// sum of its du partials in order.
+// The backward on tensor cores ([Note: the tensor-core backward]): dx and
+// du in one launch for one score block, else a launch each; then the sum of
+// the du partials in order.
 std::tuple<at::Tensor, at::Tensor> run_tensor_core_backward(
     detail::PreparedBackward& g, const at::Tensor& u) {
-  BackwardParams& a = g.params;
-  const int64_t Q = a.num_queries, n = a.num_heads, H = a.hidden;
-  const int nt = Q > 8 ? 2 : 1;
-  const TensorCoreCut work = cut_tensor_core_work(a, g.pool);
-  auto du_partials = at::empty({work.blocks, a.num_scores(), H}, g.du.options());
-  a.du_partials = du_partials.mutable_data_ptr();
+  const BackwardParams& call = g.params;
+  const int64_t B = call.batch, Q = call.num_queries, n = call.num_heads, H = call.hidden;
+  const int64_t most_shared = most_shared_per_block();
+  const MmaForwardShape forward = mma_forward_shape(call, most_shared);
+  const int64_t score_blocks = mma_score_blocks(call, forward);
+  const int buffers = mma_backward_buffers(call, most_shared);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto* u_values = static_cast<const float*>(a.u);
-  const auto* grad = static_cast<const float*>(a.grad_out);
+  const auto* u_values = static_cast<const float*>(call.u);
+  const auto* grad = static_cast<const float*>(call.grad_out);
+  const auto lay_out = [&](const MmaOperand& op) { return laid_out(op, g.du, stream); };
   const at::Tensor u_fragments =
-      laid_out(mma_u_operand(u_values, Q, n, H, 1, nt, false), g.du, stream);
+      lay_out(mma_u_operand(u_values, Q, n, H, forward.mt, forward.nt, false));
   const at::Tensor u_columns =
-      laid_out(mma_u_operand(u_values, Q, n, H, 1, nt, true), g.du, stream);
+      lay_out(mma_u_operand(u_values, Q, n, H, forward.mt, forward.nt, true));
   const at::Tensor grad_fragments =
-      laid_out(mma_grad_operand(grad, a.batch, Q, n, H, false), g.du, stream);
+      lay_out(mma_grad_operand(grad, B, Q, n, H, forward.mt, forward.nt, false));
   const at::Tensor grad_columns =
-      laid_out(mma_grad_operand(grad, a.batch, Q, n, H, true), g.du, stream);
-  const int buffers =
-      mma_backward_buffers(a, device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
-  const int64_t shared = mma_backward_layout(H, buffers).bytes;
-  auto* kernel = &mma_backward_kernel<at::BFloat16>;
-  set_shared_limit<float>(reinterpret_cast<const void*>(kernel), shared);
-  kernel<<<work.blocks, kMmaThreads, shared, stream>>>(
-      a,
-      words_of(u_fragments),
-      words_of(u_columns),
-      words_of(grad_fragments),
-      words_of(grad_columns),
-      buffers);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  sum_du_partials<float>(du_partials, work.blocks, g.du, stream);
+      lay_out(mma_grad_operand(grad, B, Q, n, H, forward.mt, forward.nt, true));
+  const int64_t shared = mma_backward_shared_bytes(H, buffers, score_blocks);
+  // du's partials, one per (sequence, piece) of the launch that sums du.
+  at::Tensor du_partials;
+  int64_t du_blocks = 0;
+  with_mma_chains(forward.mt, [&](auto chains) {
+    auto* kernel = &mma_backward_kernel<decltype(chains)::value>;
+    set_shared_limit<float>(reinterpret_cast<const void*>(kernel), shared);
+    const auto launch = [&](MmaBackwardPart part) {
+      BackwardParams a = call;
+      const int64_t groups = part == MmaBackwardPart::kDu ? score_blocks : 1;
+      const TensorCoreCut work = cut_tensor_core_work(a, g.pool, groups);
+      if (part != MmaBackwardPart::kDx) {
+        du_blocks = work.blocks;
+        du_partials = at::empty({du_blocks, a.num_scores(), H}, g.du.options());
+        a.du_partials = du_partials.mutable_data_ptr();
+      }
+      const MmaBackwardShape shape{forward.mt, forward.nt, buffers, part};
+      kernel<<<work.blocks * groups, kMmaThreads, shared, stream>>>(
+          a,
+          words_of(u_fragments),
+          words_of(u_columns),
+          words_of(grad_fragments),
+          words_of(grad_columns),
+          shape);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (score_blocks == 1) {
+      launch(MmaBackwardPart::kBoth);
+    } else {
+      launch(MmaBackwardPart::kDx);
+      launch(MmaBackwardPart::kDu);
+    }
+  });
+  sum_du_partials<float>(du_partials, du_blocks, g.du, stream);
   return g.gradients(u);
 }
 

@@ -2,8 +2,8 @@
 
 // Device code of the kernels for several scores per row on tensor cores
 // (bfloat16 rows): the forward ([Note: the tensor-core forward]), the
-// backward for up to 16 scores ([Note: the tensor-core backward]) and the
-// layout of their operands ([Note: tensor-core operands]). Like the other
+// backward ([Note: the tensor-core backward]) and the layout of their
+// operands ([Note: tensor-core operands]). Like the other
 // kernels they use only what cuda_compat.h provides, so the emulated tests
 // run them.
 
@@ -46,10 +46,9 @@ namespace attnpool::cuda {
 // Three barriers per tile. Results differ from the other kernels' in the
 // last bits (the tensor cores add in their own order), so a call whose
 // forward runs here runs its backward in mma_backward_kernel, which
-// recomputes the scores the same way. The entry points take both only when
-// asked ([Note: opting in to the tensor-core kernels] in
-// folded_attention_pool_kernel.cu) until a GPU has run them;
-// benchmarks/tensor_core_kernels.cu times them, and the emulated tests
+// recomputes the scores the same way (score_rows, the same chains). The entry points take both only
+// when asked ([Note: opting in to the tensor-core kernels] in folded_attention_pool_kernel.cu)
+// until a GPU has run them; benchmarks/tensor_core_kernels.cu times them, and the emulated tests
 // check them against the CPU operators.
 
 constexpr int kMmaWarps = 4;
@@ -141,10 +140,10 @@ ATTNPOOL_HOST_DEVICE constexpr int mma_chains(int mt) {
 }
 
 // D's element c of score tile mt: its chains added in order.
-template <int MT>
-ATTNPOOL_DEVICE inline float chain_sum(const float (&acc)[MT][mma_chains(MT)][4], int mt, int c) {
+template <int MT, int kChains>
+ATTNPOOL_DEVICE inline float chain_sum(const float (&acc)[MT][kChains][4], int mt, int c) {
   float sum = acc[mt][0][c];
-  for (int chain = 1; chain < mma_chains(MT); ++chain) {
+  for (int chain = 1; chain < kChains; ++chain) {
     sum += acc[mt][chain][c];
   }
   return sum;
@@ -152,17 +151,17 @@ ATTNPOOL_DEVICE inline float chain_sum(const float (&acc)[MT][mma_chains(MT)][4]
 
 // The scores of a warp's 8 rows of the tile against the block's 16 MT
 // scores: acc[mt][chain][c] sums to D's (score 16 mt + g + 8 (c / 2), row
-// 2 t + c % 2) (chain_sum). The forward and the backward both score rows
-// here, so each score is summed in one order.
-template <int MT>
+// 2 t + c % 2) (chain_sum). A tile's sums depend on kChains, not on the
+// other tiles: the backward scores one tile of the forward's MT at a time
+// (MT = 1 with the forward's kChains) and gets the forward's bits.
+template <int MT, int kChains = mma_chains(MT)>
 ATTNPOOL_DEVICE inline void score_rows(
     const c10::BFloat16* rows,
     int64_t x_row,
     const Pack<uint32_t, 4>* u_fragments,
     int64_t k_steps,
     int lane,
-    float (&acc)[MT][mma_chains(MT)][4]) {
-  constexpr int kChains = mma_chains(MT);
+    float (&acc)[MT][kChains][4]) {
   for (int mt = 0; mt < MT; ++mt) {
     for (int chain = 0; chain < kChains; ++chain) {
       for (int c = 0; c < 4; ++c) {
@@ -477,53 +476,87 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
 }
 
 // [Note: the tensor-core backward]
-// For calls of at most 16 scores (Q * n <= 16: one group of queries, one
-// tile of scores, so that a block's dx rows take every score), a block per
-// (sequence, piece), tiles of 32 rows as in the forward:
+// The scores are recomputed in the forward's score blocks (16 scores each:
+// tile mt of group gi is block j = gi * MT + mt, mma_score_of), each summed
+// as the forward summed it (score_rows with the forward's chains), so
+// p = exp(score - lse) <= 1. Per tile of 32 rows, as in the forward:
 //
-//   1. scores and dp = G_s . x (G_s: grad_out's slice of score s, zeros
-//      elsewhere) by score_rows, the scores exactly as the forward made
-//      them (same fragments, same order), so p = exp(score - lse) <= 1;
+//   1. for each score block j the block takes, the scores and dp = G_s . x
+//      (G_s: grad_out's slice of score s, zeros elsewhere) by score_rows;
 //   2. p and ds = scale p (dp - delta) per (score, row) in the products'
-//      registers, stored as two bfloat16 terms each: by rows for dx, by
-//      scores for du;
-//   3. dx = [p | ds] . [G; u] per 16 rows and 8 columns (K = 32: the 16
-//      scores twice; hi.hi + hi.lo + lo.hi), written once in x's dtype;
+//      registers, stored as two bfloat16 terms each: by rows for dx (p and
+//      ds of the block's j-th score block at columns 32 j and 32 j + 16),
+//      by scores for du;
+//   3. dx = [p | ds] . [G; u] per 16 rows and 8 columns, K = 32 per score
+//      block (hi.hi + hi.lo + lo.hi), written once in x's dtype;
 //   4. du += x^T . ds^T as the forward's weighted sums, in shared memory,
 //      stored at the end as this block's du partial (reduce_partials_kernel
 //      sums them in order).
+//
+// dx needs every score of a row, and du a float per score and column in
+// shared memory: with one score block (up to 16 scores) a launch does both;
+// with more, one launch takes dx (a block per piece, every score block) and
+// another du (a block per piece and score block), each reading x once more.
 //
 // delta = G_s . out_s comes first from the same products as dp, with the
 // rows of out (hi and lo terms) in place of x: where one row holds all the
 // weight, out is that row, and dp - delta is exactly 0 there, as in the
 // reference (no gradient reaches u).
 
-// bfloat16 in a row of dx's A operand: p of the 16 scores, then ds.
-constexpr int kMmaDxStride = 32 + 8;
+// The score (query * n + head) of row m of score block j, in the forward's
+// groups of 8 nt queries with mt tiles of 16 scores each; -1 past the
+// group's scores.
+ATTNPOOL_HOST_DEVICE inline int64_t mma_score_of(
+    int64_t j, int64_t m, int mt, int nt, int64_t num_queries, int64_t num_heads) {
+  const int64_t per_group = 8 * nt * num_heads;
+  const int64_t first = (j / mt) * per_group;
+  const int64_t s = first + 16 * (j % mt) + m;
+  return s < first + per_group && s < num_queries * num_heads ? s : -1;
+}
+
+// What a launch of mma_backward_kernel computes.
+enum class MmaBackwardPart { kBoth, kDx, kDu };
+
+// A launch of mma_backward_kernel: the forward's score tiles and column
+// tiles of queries (mma_forward_shape), tiles of x in shared memory (2: the
+// next tile's copy in flight) and the part.
+struct MmaBackwardShape {
+  int mt;
+  int nt;
+  int buffers;
+  MmaBackwardPart part;
+};
 
 struct MmaBackwardLayout {
   int64_t x_row;
   int64_t x_tiles;     // `buffers` tiles of x (bfloat16)
   int64_t sums;        // du, [H / 16][2][32 lanes][4] float
   int64_t scratch;     // [16][kMmaScoreStride] float
-  int64_t lse;         // [16][2] float
-  int64_t delta;       // [16] float
-  int64_t dx_operand;  // [2 terms][kMmaTileRows][kMmaDxStride] bfloat16
+  int64_t lse;         // [16 blocks][2] float
+  int64_t delta;       // [16 blocks] float
+  int64_t dx_stride;   // bfloat16 in a row of dx's A operand
+  int64_t dx_operand;  // [2 terms][kMmaTileRows][dx_stride] bfloat16
   int64_t ds_weights;  // [2 terms][16][kMmaWeightStride] bfloat16
   int64_t bytes;
 };
 
-ATTNPOOL_HOST_DEVICE inline MmaBackwardLayout mma_backward_layout(int64_t hidden, int64_t buffers) {
+// blocks: the score blocks each block of the launch takes.
+ATTNPOOL_HOST_DEVICE inline MmaBackwardLayout mma_backward_layout(
+    int64_t hidden, int64_t buffers, int64_t blocks, MmaBackwardPart part) {
+  const bool dx = part != MmaBackwardPart::kDu;
+  const bool du = part != MmaBackwardPart::kDx;
   MmaBackwardLayout s;
   s.x_row = hidden + kMmaRowPad;
   s.x_tiles = 0;
   s.sums = buffers * kMmaTileRows * s.x_row * 2;
-  s.scratch = s.sums + (hidden / 16) * 2 * 32 * 4 * 4;
+  s.scratch = s.sums + (du ? (hidden / 16) * 2 * 32 * 4 * 4 : 0);
   s.lse = s.scratch + 16 * kMmaScoreStride * 4;
-  s.delta = s.lse + 16 * 2 * 4;
-  s.dx_operand = s.delta + 16 * 4;
-  s.ds_weights = s.dx_operand + 2 * kMmaTileRows * kMmaDxStride * 2;
-  s.bytes = s.ds_weights + 2 * 16 * kMmaWeightStride * 2;
+  s.delta = s.lse + 16 * blocks * 2 * 4;
+  // Rows 16 bytes apart modulo 128 (or 80): ldmatrix's rows in different banks.
+  s.dx_stride = 32 * blocks + 8;
+  s.dx_operand = s.delta + 16 * blocks * 4;
+  s.ds_weights = s.dx_operand + (dx ? 2 * kMmaTileRows * s.dx_stride * 2 : 0);
+  s.bytes = s.ds_weights + (du ? 2 * 16 * kMmaWeightStride * 2 : 0);
   return s;
 }
 
@@ -532,30 +565,36 @@ ATTNPOOL_HOST_DEVICE inline uint32_t bf16_pair_bits(float first, float second) {
          (static_cast<uint32_t>(c10::BFloat16(second).x) << 16);
 }
 
-// One (sequence b, piece) per block of kMmaThreads threads. u_fragments as
-// the forward's (one tile of scores), u_columns, grad_fragments and
-// grad_columns laid out by mma_operand_kernel (mma_u_operand,
-// mma_grad_operand);
-// `buffers` tiles of x in shared memory (2: the next tile's copy in flight).
-template <typename scalar_t>
+// One (sequence b, piece) per block of kMmaThreads threads, or with the du
+// part one (sequence b, piece, score block). kChains: the forward's
+// (mma_chains of its MT). u_fragments as the forward's; u_columns,
+// grad_fragments and grad_columns laid out by mma_operand_kernel
+// (mma_u_operand, mma_grad_operand) in the same score blocks.
+template <int kChains>
 ATTNPOOL_GLOBAL void mma_backward_kernel(
     BackwardParams a,
     const uint32_t* u_fragments,
     const uint32_t* u_columns,
     const uint32_t* grad_fragments,
     const uint32_t* grad_columns,
-    int buffers) {
-  static_assert(std::is_same_v<scalar_t, c10::BFloat16>, "bfloat16 rows");
+    MmaBackwardShape shape) {
+  using scalar_t = c10::BFloat16;
   constexpr int TR = kMmaTileRows;
   const int64_t Q = a.num_queries;
   const int64_t n = a.num_heads;
   const int64_t d = a.head_dim;
   const int64_t H = a.hidden;
   const int64_t num_scores = Q * n;
-  const BlockInfo info = block_info(a, 1);
+  const int64_t score_blocks = mma_groups(Q, shape.nt) * shape.mt;
+  const bool with_dx = shape.part != MmaBackwardPart::kDu;
+  const bool with_du = shape.part != MmaBackwardPart::kDx;
+  const int64_t groups = with_dx ? 1 : score_blocks;
+  const BlockInfo info = block_info(a, groups);
   const auto [b, group, rows, tid, lane, warp, num_warps] = info;
-  (void)group;
   (void)num_warps;
+  // This block's score blocks: first_block .. first_block + blocks - 1.
+  const int64_t first_block = with_dx ? 0 : group;
+  const int64_t blocks = with_dx ? score_blocks : 1;
   const int g = lane / 4;
   const int t = lane % 4;
   const int64_t first = rows.begin;
@@ -563,20 +602,27 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
   const int64_t k_steps = H / 16;
   const int64_t col_tiles = H / 16;
   const int64_t column_groups = H / 8;
+  const int64_t fragment_block = 2 * k_steps * 32;  // Pack<uint32_t, 4> per score block
+  const int64_t column_block = 16 * H;              // words per score block
   const auto* x = static_cast<const scalar_t*>(a.x) + a.row_offset(b, 0);
   auto* dx = static_cast<scalar_t*>(a.dx) + a.flat_row(b, 0) * H;
   const auto* out = static_cast<const float*>(a.out) + b * Q * H;
-  float* du =
-      static_cast<float*>(a.du_partials) + static_cast<int64_t>(blockIdx.x) * num_scores * H;
+  // The du partial of this (sequence, piece): the same slot for every score block.
+  const int64_t slot =
+      a.ragged() ? blockIdx.x / groups : b * a.cut.pieces + blockIdx.x % a.cut.pieces;
+  float* du = static_cast<float*>(a.du_partials) + slot * num_scores * H;
   const float scale = static_cast<float>(a.scale);
   const auto* bias =
       a.bias == nullptr ? nullptr : static_cast<const float*>(a.bias) + b * a.seq_len;
-  const auto* u_tile = reinterpret_cast<const Pack<uint32_t, 4>*>(u_fragments) + lane;
-  const auto* grad_tile =
-      reinterpret_cast<const Pack<uint32_t, 4>*>(grad_fragments) + b * 2 * k_steps * 32 + lane;
-  const uint32_t* grad_cols = grad_columns + b * 2 * column_groups * 32 * 2;
+  const auto* u_blocks = reinterpret_cast<const Pack<uint32_t, 4>*>(u_fragments) + lane;
+  const auto* grad_blocks = reinterpret_cast<const Pack<uint32_t, 4>*>(grad_fragments) +
+                            b * score_blocks * fragment_block + lane;
+  const uint32_t* grad_cols = grad_columns + b * score_blocks * column_block;
+  const auto score_of = [&](int64_t j, int64_t m) {
+    return mma_score_of(j, m, shape.mt, shape.nt, Q, n);
+  };
 
-  const MmaBackwardLayout layout = mma_backward_layout(H, buffers);
+  const MmaBackwardLayout layout = mma_backward_layout(H, shape.buffers, blocks, shape.part);
   ATTNPOOL_DYNAMIC_SHARED(unsigned char, shared);
   scalar_t* tiles = shared_at<scalar_t>(shared, layout.x_tiles);
   float* sums = shared_at<float>(shared, layout.sums);
@@ -585,162 +631,218 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
   float* delta = shared_at<float>(shared, layout.delta);
   scalar_t* dx_operand = shared_at<scalar_t>(shared, layout.dx_operand);
   scalar_t* ds_weights = shared_at<scalar_t>(shared, layout.ds_weights);
-  constexpr int kDxTerm = TR * kMmaDxStride;
+  const int64_t dx_term = TR * layout.dx_stride;
   constexpr int kWeightTerm = 16 * kMmaWeightStride;
 
-  // delta: rows 0..15 of the first tile hold score s's out (its slice, zeros
-  // elsewhere) as hi terms, rows 16..31 as lo terms.
-  for (int64_t i = tid; i < TR * H; i += kMmaThreads) {
-    const int r = static_cast<int>(i / H);
-    const int64_t col = i % H;
-    const int64_t s = r % 16;
-    float value = 0.0f;
-    if (s < num_scores && col / d == s % n) {
-      value = out[(s / n) * H + col];
+  if (with_du) {
+    for (int64_t i = tid; i < col_tiles * 2 * 32 * 4; i += kMmaThreads) {
+      sums[i] = 0.0f;
     }
-    tiles[r * layout.x_row + col] = bf16_term(value, r / 16);
   }
-  for (int64_t i = tid; i < col_tiles * 2 * 32 * 4; i += kMmaThreads) {
-    sums[i] = 0.0f;
-  }
-  attnpool_syncthreads();
-  {
-    float acc[1][mma_chains(1)][4];
-    score_rows<1>(tiles + warp * 8 * layout.x_row, layout.x_row, grad_tile, k_steps, lane, acc);
+  // delta of each score block: rows 0..15 of the first tile hold score s's
+  // out (its slice, zeros elsewhere) as hi terms, rows 16..31 as lo terms.
+  for (int64_t jj = 0; jj < blocks; ++jj) {
+    const int64_t j = first_block + jj;
+    for (int64_t i = tid; i < TR * H; i += kMmaThreads) {
+      const int r = static_cast<int>(i / H);
+      const int64_t col = i % H;
+      const int64_t s = score_of(j, r % 16);
+      float value = 0.0f;
+      if (s >= 0 && col / d == s % n) {
+        value = out[(s / n) * H + col];
+      }
+      tiles[r * layout.x_row + col] = bf16_term(value, r / 16);
+    }
+    attnpool_syncthreads();
+    float acc[1][kChains][4];
+    score_rows<1, kChains>(
+        tiles + warp * 8 * layout.x_row,
+        layout.x_row,
+        grad_blocks + j * fragment_block,
+        k_steps,
+        lane,
+        acc);
     for (int c = 0; c < 4; ++c) {
       scratch[(g + 8 * (c / 2)) * kMmaScoreStride + warp * 8 + 2 * t + c % 2] =
           chain_sum(acc, 0, c);
     }
+    attnpool_syncthreads();
+    if (tid < 16) {
+      const int64_t s = score_of(j, tid);
+      const int64_t k = 16 * jj + tid;
+      delta[k] = scratch[tid * kMmaScoreStride + tid] + scratch[tid * kMmaScoreStride + 16 + tid];
+      lse[2 * k] = 0.0f;
+      lse[2 * k + 1] = 0.0f;
+      if (s >= 0) {
+        const auto* saved = static_cast<const float*>(a.lse) + 2 * (b * num_scores + s);
+        lse[2 * k] = saved[0];
+        lse[2 * k + 1] = saved[1];
+      }
+    }
+    attnpool_syncthreads();  // the tile and scratch are used again
   }
-  attnpool_syncthreads();
-  if (tid < num_scores) {
-    delta[tid] = scratch[tid * kMmaScoreStride + tid] + scratch[tid * kMmaScoreStride + 16 + tid];
-    const auto* saved = static_cast<const float*>(a.lse) + 2 * (b * num_scores + tid);
-    lse[2 * tid] = saved[0];
-    lse[2 * tid + 1] = saved[1];
-  }
-  if (buffers == 2 && first < last) {
+  if (shape.buffers == 2 && first < last) {
     stage_tile(a, x, b, first, last, layout.x_row, tiles);
   }
 
   int buffer = 0;
-  for (int64_t tile = first; tile < last; tile += TR, buffer ^= buffers - 1) {
-    if (buffers == 1) {
+  for (int64_t tile = first; tile < last; tile += TR, buffer ^= shape.buffers - 1) {
+    if (shape.buffers == 1) {
       attnpool_syncthreads();  // every warp is done with the previous tile
       stage_tile(a, x, b, tile, last, layout.x_row, tiles);
     }
     attnpool_copy_async_wait();
     attnpool_syncthreads();
-    if (buffers == 2 && tile + TR < last) {
+    if (shape.buffers == 2 && tile + TR < last) {
       stage_tile(a, x, b, tile + TR, last, layout.x_row, tiles + (buffer ^ 1) * TR * layout.x_row);
     }
     const scalar_t* tile_rows = tiles + buffer * TR * layout.x_row;
 
-    float sacc[1][mma_chains(1)][4];
-    float gacc[1][mma_chains(1)][4];
-    score_rows<1>(tile_rows + warp * 8 * layout.x_row, layout.x_row, u_tile, k_steps, lane, sacc);
-    score_rows<1>(
-        tile_rows + warp * 8 * layout.x_row, layout.x_row, grad_tile, k_steps, lane, gacc);
-    for (int c = 0; c < 4; ++c) {
-      const int s = g + 8 * (c / 2);
-      const int r = warp * 8 + 2 * t + c % 2;
-      const int64_t l = tile + r;
-      const bool present = s < num_scores && l < last && a.attends(b, l);
-      float p = 0.0f;
-      float ds = 0.0f;
-      if (present) {
-        const float score = biased_score(scale, chain_sum(sacc, 0, c), bias, l);
-        p = attnpool_exp((score - lse[2 * s]) - lse[2 * s + 1]);
-        ds = scale * p * (chain_sum(gacc, 0, c) - delta[s]);
-      }
-      for (int term = 0; term < 2; ++term) {
-        dx_operand[term * kDxTerm + r * kMmaDxStride + s] = bf16_term(p, term);
-        dx_operand[term * kDxTerm + r * kMmaDxStride + 16 + s] = bf16_term(ds, term);
-        ds_weights[term * kWeightTerm + s * kMmaWeightStride + r] = bf16_term(ds, term);
+    for (int64_t jj = 0; jj < blocks; ++jj) {
+      const int64_t j = first_block + jj;
+      float sacc[1][kChains][4];
+      float gacc[1][kChains][4];
+      score_rows<1, kChains>(
+          tile_rows + warp * 8 * layout.x_row,
+          layout.x_row,
+          u_blocks + j * fragment_block,
+          k_steps,
+          lane,
+          sacc);
+      score_rows<1, kChains>(
+          tile_rows + warp * 8 * layout.x_row,
+          layout.x_row,
+          grad_blocks + j * fragment_block,
+          k_steps,
+          lane,
+          gacc);
+      for (int c = 0; c < 4; ++c) {
+        const int m = g + 8 * (c / 2);
+        const int r = warp * 8 + 2 * t + c % 2;
+        const int64_t k = 16 * jj + m;
+        const int64_t l = tile + r;
+        const bool present = score_of(j, m) >= 0 && l < last && a.attends(b, l);
+        float p = 0.0f;
+        float ds = 0.0f;
+        if (present) {
+          const float score = biased_score(scale, chain_sum(sacc, 0, c), bias, l);
+          p = attnpool_exp((score - lse[2 * k]) - lse[2 * k + 1]);
+          ds = scale * p * (chain_sum(gacc, 0, c) - delta[k]);
+        }
+        for (int term = 0; term < 2; ++term) {
+          if (with_dx) {
+            scalar_t* row = dx_operand + term * dx_term + r * layout.dx_stride + 32 * jj;
+            row[m] = bf16_term(p, term);
+            row[16 + m] = bf16_term(ds, term);
+          }
+          if (with_du) {
+            ds_weights[term * kWeightTerm + m * kMmaWeightStride + r] = bf16_term(ds, term);
+          }
+        }
       }
     }
     attnpool_syncthreads();
 
-    // dx: rows 16 mr.., k-step 0 the weights against G, k-step 1 ds against
-    // u; 8 columns at a time (unrolled as the forward's weighted sums).
-    uint32_t ap[2][2][2][4];  // [mr][k-step][term]
-    for (int mr = 0; mr < 2; ++mr) {
-      for (int kk = 0; kk < 2; ++kk) {
-        for (int term = 0; term < 2; ++term) {
-          attnpool_ldmatrix_x4<false>(
-              ap[mr][kk][term],
-              dx_operand + term * kDxTerm +
-                  (16 * mr + lane % 8 + 8 * ((lane / 8) % 2)) * kMmaDxStride + 16 * kk +
-                  8 * (lane / 16));
+    // dx: 16 columns (two groups of 8) by rows 16 mr.. per warp; for each
+    // score block, k-step 0 its weights against G, k-step 1 its ds
+    // against u.
+    if (with_dx) {
+      for (int64_t cm = warp; cm < col_tiles; cm += kMmaWarps) {
+        float acc[2][2][4] = {};  // [mr][half]
+        for (int64_t jj = 0; jj < blocks; ++jj) {
+          const int64_t j = first_block + jj;
+          uint32_t ap[2][2][2][4];  // [mr][k-step][term]
+          for (int mr = 0; mr < 2; ++mr) {
+            for (int kk = 0; kk < 2; ++kk) {
+              for (int term = 0; term < 2; ++term) {
+                attnpool_ldmatrix_x4<false>(
+                    ap[mr][kk][term],
+                    dx_operand + term * dx_term +
+                        (16 * mr + lane % 8 + 8 * ((lane / 8) % 2)) * layout.dx_stride + 32 * jj +
+                        16 * kk + 8 * (lane / 16));
+              }
+            }
+          }
+          for (int half = 0; half < 2; ++half) {
+            const int64_t nc = 2 * cm + half;
+            uint32_t bg[2][2];
+            uint32_t bu[2][2];
+            for (int term = 0; term < 2; ++term) {
+              for (int w = 0; w < 2; ++w) {
+                const int64_t word = ((term * column_groups + nc) * 32 + lane) * 2 + w;
+                bg[term][w] = grad_cols[j * column_block + word];
+                bu[term][w] = u_columns[j * column_block + word];
+              }
+            }
+            for (int mr = 0; mr < 2; ++mr) {
+              float (&sum)[4] = acc[mr][half];
+              attnpool_mma_bf16(sum, ap[mr][0][0], bg[0]);
+              attnpool_mma_bf16(sum, ap[mr][0][0], bg[1]);
+              attnpool_mma_bf16(sum, ap[mr][0][1], bg[0]);
+              attnpool_mma_bf16(sum, ap[mr][1][0], bu[0]);
+              attnpool_mma_bf16(sum, ap[mr][1][0], bu[1]);
+              attnpool_mma_bf16(sum, ap[mr][1][1], bu[0]);
+            }
+          }
         }
-      }
-    }
-    ATTNPOOL_UNROLL_BY(2)
-    for (int64_t nc = warp; nc < column_groups; nc += kMmaWarps) {
-      uint32_t bg[2][2];
-      uint32_t bu[2][2];
-      for (int term = 0; term < 2; ++term) {
-        for (int w = 0; w < 2; ++w) {
-          bg[term][w] = grad_cols[((term * column_groups + nc) * 32 + lane) * 2 + w];
-          bu[term][w] = u_columns[((term * column_groups + nc) * 32 + lane) * 2 + w];
-        }
-      }
-      for (int mr = 0; mr < 2; ++mr) {
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        attnpool_mma_bf16(acc, ap[mr][0][0], bg[0]);
-        attnpool_mma_bf16(acc, ap[mr][0][0], bg[1]);
-        attnpool_mma_bf16(acc, ap[mr][0][1], bg[0]);
-        attnpool_mma_bf16(acc, ap[mr][1][0], bu[0]);
-        attnpool_mma_bf16(acc, ap[mr][1][0], bu[1]);
-        attnpool_mma_bf16(acc, ap[mr][1][1], bu[0]);
-        const int64_t col = nc * 8 + 2 * t;
-        for (int half = 0; half < 2; ++half) {
-          const int64_t l = tile + 16 * mr + g + 8 * half;
-          if (l < last) {
-            // Rows not attended get zeros, not 0 . G (NaN where G is not finite).
-            const bool attended = a.attends(b, l);
-            *reinterpret_cast<uint32_t*>(dx + l * H + col) =
-                attended ? bf16_pair_bits(acc[2 * half], acc[2 * half + 1]) : 0u;
+        for (int mr = 0; mr < 2; ++mr) {
+          for (int half = 0; half < 2; ++half) {
+            const int64_t col = cm * 16 + half * 8 + 2 * t;
+            for (int h8 = 0; h8 < 2; ++h8) {
+              const int64_t l = tile + 16 * mr + g + 8 * h8;
+              if (l < last) {
+                // Rows not attended get zeros, not 0 . G (NaN where G is not finite).
+                const bool attended = a.attends(b, l);
+                const float (&sum)[4] = acc[mr][half];
+                *reinterpret_cast<uint32_t*>(dx + l * H + col) =
+                    attended ? bf16_pair_bits(sum[2 * h8], sum[2 * h8 + 1]) : 0u;
+              }
+            }
           }
         }
       }
     }
 
-    // du += x^T . ds^T: 16 columns by 8 scores per mma (unrolled as above).
-    ATTNPOOL_UNROLL_BY(2)
-    for (int64_t cm = warp; cm < col_tiles; cm += kMmaWarps) {
-      const scalar_t* address = tile_rows + ((lane % 8) + 8 * (lane / 16)) * layout.x_row +
-                                cm * 16 + 8 * ((lane / 8) % 2);
-      uint32_t xt[2][4];
-      attnpool_ldmatrix_x4<true>(xt[0], address);
-      attnpool_ldmatrix_x4<true>(xt[1], address + 16 * layout.x_row);
-      for (int nt = 0; nt < 2; ++nt) {
-        auto* slot = reinterpret_cast<Pack<float, 4>*>(sums) + (cm * 2 + nt) * 32 + lane;
-        const Pack<float, 4> part = *slot;
-        float acc4[4] = {part.v[0], part.v[1], part.v[2], part.v[3]};
-        for (int kk = 0; kk < 2; ++kk) {
-          for (int term = 0; term < 2; ++term) {
-            const scalar_t* w =
-                ds_weights + term * kWeightTerm + (nt * 8 + g) * kMmaWeightStride + kk * 16 + 2 * t;
-            const uint32_t bw[2] = {
-                *reinterpret_cast<const uint32_t*>(w), *reinterpret_cast<const uint32_t*>(w + 8)};
-            attnpool_mma_bf16(acc4, xt[kk], bw);
+    // du += x^T . ds^T: 16 columns by 8 scores per mma (unrolled as the
+    // forward's weighted sums).
+    if (with_du) {
+      ATTNPOOL_UNROLL_BY(2)
+      for (int64_t cm = warp; cm < col_tiles; cm += kMmaWarps) {
+        const scalar_t* address = tile_rows + ((lane % 8) + 8 * (lane / 16)) * layout.x_row +
+                                  cm * 16 + 8 * ((lane / 8) % 2);
+        uint32_t xt[2][4];
+        attnpool_ldmatrix_x4<true>(xt[0], address);
+        attnpool_ldmatrix_x4<true>(xt[1], address + 16 * layout.x_row);
+        for (int nt = 0; nt < 2; ++nt) {
+          auto* slot_sums = reinterpret_cast<Pack<float, 4>*>(sums) + (cm * 2 + nt) * 32 + lane;
+          const Pack<float, 4> part = *slot_sums;
+          float acc4[4] = {part.v[0], part.v[1], part.v[2], part.v[3]};
+          for (int kk = 0; kk < 2; ++kk) {
+            for (int term = 0; term < 2; ++term) {
+              const scalar_t* w = ds_weights + term * kWeightTerm +
+                                  (nt * 8 + g) * kMmaWeightStride + kk * 16 + 2 * t;
+              const uint32_t bw[2] = {
+                  *reinterpret_cast<const uint32_t*>(w), *reinterpret_cast<const uint32_t*>(w + 8)};
+              attnpool_mma_bf16(acc4, xt[kk], bw);
+            }
           }
+          *slot_sums = Pack<float, 4>{{acc4[0], acc4[1], acc4[2], acc4[3]}};
         }
-        *slot = Pack<float, 4>{{acc4[0], acc4[1], acc4[2], acc4[3]}};
       }
     }
   }
   attnpool_syncthreads();
 
-  for (int64_t cm = warp; cm < col_tiles; cm += kMmaWarps) {
-    for (int nt = 0; nt < 2; ++nt) {
-      const Pack<float, 4> part =
-          reinterpret_cast<const Pack<float, 4>*>(sums)[(cm * 2 + nt) * 32 + lane];
-      for (int c = 0; c < 4; ++c) {
-        const int64_t s = nt * 8 + 2 * t + c % 2;
-        if (s < num_scores) {
-          du[s * H + cm * 16 + g + 8 * (c / 2)] = part.v[c];
+  if (with_du) {
+    for (int64_t cm = warp; cm < col_tiles; cm += kMmaWarps) {
+      for (int nt = 0; nt < 2; ++nt) {
+        const Pack<float, 4> part =
+            reinterpret_cast<const Pack<float, 4>*>(sums)[(cm * 2 + nt) * 32 + lane];
+        for (int c = 0; c < 4; ++c) {
+          const int64_t s = score_of(first_block, nt * 8 + 2 * t + c % 2);
+          if (s >= 0) {
+            du[s * H + cm * 16 + g + 8 * (c / 2)] = part.v[c];
+          }
         }
       }
     }
@@ -789,44 +891,51 @@ void with_mma_score_tiles(int mt, F&& f) {
 // [Note: tensor-core operands] u and grad_out enter the products as
 // fragments laid out once per call by mma_operand_kernel, so that each lane
 // loads its part of a 16 x 16 (A) or 16 x 8 (B) operand with one 16-byte or
-// 8-byte load: rows of 16 (scores) by H columns, each float32 value as two
-// bfloat16 terms (bf16_term). A block of 16 rows takes 16 H words:
+// 8-byte load: score blocks of 16 rows (scores) by H columns, each float32
+// value as two bfloat16 terms (bf16_term). A block takes 16 H words:
 //   A fragments (the scores' U and G): [term][k-step][lane][4], lane 4 g + t
 //     holding (row g, columns 2t and 2t + 1 of the k-step), (g + 8, ..),
 //     (g, 2t + 8 and 2t + 9), (g + 8, ..);
 //   B columns (dx's u and G): [term][H / 8][lane][2], lane 4 g + t holding
 //     (rows 2t and 2t + 1, column g of the 8) and (2t + 8 and 2t + 9, g).
-// Blocks of u: for each group of 8 nt queries, its score tiles (16 scores
-// each, query * n + head; zeros past the group's). Blocks of grad_out: one
-// per sequence, row s = score s with its head's slice of the output's
-// gradient and zeros elsewhere.
+// The score blocks are the forward's: for each group of 8 nt queries, its
+// score tiles (16 scores each, query * n + head; zeros past the group's),
+// mma_score_of. u takes them once; grad_out once per sequence, score s's
+// row holding its head's slice of the output's gradient and zeros
+// elsewhere.
 struct MmaOperand {
   const float* values;  // u [Q * n, H], or grad_out [B, Q, H]
   int64_t num_queries;
   int64_t num_heads;
   int64_t hidden;
-  int64_t blocks;   // of 16 rows
-  int score_tiles;  // per group (u)
-  int nt;           // column tiles of 8 queries per group (u)
+  int64_t sequences;  // 1 (u) or B (grad_out)
+  int score_tiles;    // per group: the forward's MT
+  int nt;             // column tiles of 8 queries per group: the forward's NT
   bool of_grad;
   bool columns;  // B columns instead of A fragments
 
+  ATTNPOOL_HOST_DEVICE int64_t blocks_per_sequence() const {
+    return mma_groups(num_queries, nt) * score_tiles;
+  }
+
   ATTNPOOL_HOST_DEVICE int64_t words() const {
-    return blocks * 16 * hidden;
+    return sequences * blocks_per_sequence() * 16 * hidden;
   }
 
   // Row m, column k of block `block`.
   ATTNPOOL_HOST_DEVICE float value(int64_t block, int64_t m, int64_t k) const {
-    const int64_t num_scores = num_queries * num_heads;
-    if (of_grad) {
-      const bool own = m < num_scores && k / (hidden / num_heads) == m % num_heads;
-      return own ? values[(block * num_queries + m / num_heads) * hidden + k] : 0.0f;
+    const int64_t per_sequence = blocks_per_sequence();
+    const int64_t s =
+        mma_score_of(block % per_sequence, m, score_tiles, nt, num_queries, num_heads);
+    if (s < 0) {
+      return 0.0f;
     }
-    const int64_t group = block / score_tiles;
-    const int64_t first = group * 8 * nt * num_heads;
-    const int64_t end = first + 8 * nt * num_heads;
-    const int64_t s = first + 16 * (block % score_tiles) + m;
-    return s < end && s < num_scores ? values[s * hidden + k] : 0.0f;
+    if (!of_grad) {
+      return values[s * hidden + k];
+    }
+    const int64_t b = block / per_sequence;
+    const bool own = k / (hidden / num_heads) == s % num_heads;
+    return own ? values[(b * num_queries + s / num_heads) * hidden + k] : 0.0f;
   }
 
   // Word i of the layout.
@@ -875,8 +984,8 @@ ATTNPOOL_GLOBAL void mma_operand_kernel(Operand op, uint32_t* words) {
   }
 }
 
-// u [Q * n, H] as the forward's A fragments (and the backward's, with one
-// tile of scores), or as dx's B columns (one group of at most 16 scores).
+// u [Q * n, H] in the forward's score blocks: A fragments (the scores), or
+// B columns (dx).
 inline MmaOperand mma_u_operand(
     const float* u,
     int64_t num_queries,
@@ -885,27 +994,21 @@ inline MmaOperand mma_u_operand(
     int score_tiles,
     int nt,
     bool columns) {
-  return {
-      u,
-      num_queries,
-      num_heads,
-      hidden,
-      mma_groups(num_queries, nt) * score_tiles,
-      score_tiles,
-      nt,
-      false,
-      columns};
+  return {u, num_queries, num_heads, hidden, 1, score_tiles, nt, false, columns};
 }
 
-// grad_out [B, Q, H] as the backward's A fragments (dp) or B columns (dx).
+// grad_out [B, Q, H] in the forward's score blocks, for each sequence: A
+// fragments (dp), or B columns (dx).
 inline MmaOperand mma_grad_operand(
     const float* grad_out,
     int64_t batch,
     int64_t num_queries,
     int64_t num_heads,
     int64_t hidden,
+    int score_tiles,
+    int nt,
     bool columns) {
-  return {grad_out, num_queries, num_heads, hidden, batch, 1, 1, true, columns};
+  return {grad_out, num_queries, num_heads, hidden, batch, score_tiles, nt, true, columns};
 }
 
 // The cut of each of `sequences` sequences (or groups of queries of one)
@@ -927,20 +1030,70 @@ inline bool takes_mma_forward(const PoolInputs& a, int nt, int64_t most_shared) 
          mma_shared_layout(a.hidden, mt, nt).bytes <= most_shared;
 }
 
+// The forward's column tiles of queries (nt: 16 queries a group where Q > 8
+// and shared memory allows, else 8) and score tiles (mt) for this call;
+// mt == 0 if mma_forward_kernel does not take it.
+struct MmaForwardShape {
+  int mt = 0;
+  int nt = 0;
+};
+
+inline MmaForwardShape mma_forward_shape(const PoolInputs& a, int64_t most_shared) {
+  for (int nt = a.num_queries > 8 ? 2 : 1; nt >= 1; --nt) {
+    if (takes_mma_forward(a, nt, most_shared)) {
+      return {mma_score_tiles(a.num_queries, a.num_heads, nt), nt};
+    }
+  }
+  return {};
+}
+
+// The score blocks of a call whose forward has this shape.
+inline int64_t mma_score_blocks(const PoolInputs& a, const MmaForwardShape& forward) {
+  return mma_groups(a.num_queries, forward.nt) * forward.mt;
+}
+
+// The shared memory of the backward's launches ([Note: the tensor-core
+// backward]): both parts in one with one score block, else the larger of dx's
+// and du's.
+inline int64_t mma_backward_shared_bytes(int64_t hidden, int buffers, int64_t score_blocks) {
+  if (score_blocks == 1) {
+    return mma_backward_layout(hidden, buffers, 1, MmaBackwardPart::kBoth).bytes;
+  }
+  return std::max(
+      mma_backward_layout(hidden, buffers, score_blocks, MmaBackwardPart::kDx).bytes,
+      mma_backward_layout(hidden, buffers, 1, MmaBackwardPart::kDu).bytes);
+}
+
 // Whether mma_backward_kernel takes this call (then mma_forward_kernel made
-// its forward, with one group and one tile of scores), and with how many
+// its forward, in mma_forward_shape's score blocks), and with how many
 // tiles of x in shared memory: 2, 1, or 0 if it does not.
 inline int mma_backward_buffers(const PoolInputs& a, int64_t most_shared) {
-  const int nt = a.num_queries > 8 ? 2 : 1;
-  if (a.num_queries * a.num_heads > 16 || !takes_mma_forward(a, nt, most_shared)) {
+  const MmaForwardShape forward = mma_forward_shape(a, most_shared);
+  if (forward.mt == 0) {
     return 0;
   }
   for (int buffers : {2, 1}) {
-    if (mma_backward_layout(a.hidden, buffers).bytes <= most_shared) {
+    if (mma_backward_shared_bytes(a.hidden, buffers, mma_score_blocks(a, forward)) <= most_shared) {
       return buffers;
     }
   }
   return 0;
+}
+
+// Calls f(std::integral_constant kChains) with the chains of the forward's mt.
+template <typename F>
+void with_mma_chains(int mt, F&& f) {
+  switch (mma_chains(mt)) {
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      break;
+    case 2:
+      f(std::integral_constant<int, 2>{});
+      break;
+    default:
+      f(std::integral_constant<int, 1>{});
+      break;
+  }
 }
 
 }  // namespace attnpool::cuda
