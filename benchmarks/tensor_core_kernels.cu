@@ -193,9 +193,12 @@ void backward_on_tensor_cores(const Device& device, const Buffers& b, int buffer
     auto* kernel = &cuda::mma_backward_kernel<decltype(chains)::value>;
     prepare(kernel, cuda::kMmaWarps, shared, describe, "mma_backward_kernel");
     const auto launch = [&](cuda::MmaBackwardPart part) {
-      const int64_t groups = part == cuda::MmaBackwardPart::kDu ? score_blocks : 1;
+      const bool du_only = part == cuda::MmaBackwardPart::kDu;
+      const int64_t groups = du_only ? score_blocks : 1;
       const BackwardParams g = backward_params_of(b, cut_on_tensor_cores(device, b.shape, groups));
-      kernel<<<g.batch * groups * g.cut.pieces, cuda::kMmaThreads, shared>>>(
+      const int64_t part_shared =
+          cuda::mma_backward_layout(H, buffers, du_only ? 1 : score_blocks, part).bytes;
+      kernel<<<g.batch * groups * g.cut.pieces, cuda::kMmaThreads, part_shared>>>(
           g,
           b.u_fragments,
           b.u_columns,

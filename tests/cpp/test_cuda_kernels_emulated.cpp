@@ -783,21 +783,24 @@ struct MmaCase {
 constexpr int64_t kMostShared = 227 * 1024;  // an H100's, per block
 
 // Cuts p's rows as the case says (pieces == 0: a ragged batch in pieces of
-// 40 rows, whose first_piece table `table` keeps); returns the blocks per
-// group of queries.
+// 40 rows, whose first_piece table `table` keeps); with `other`, a different
+// cut (one piece more, or pieces of 72 rows), as the backward's launches may
+// cut differently from each other and from the forward. Returns the blocks
+// per group of queries.
 int64_t cut_for_mma(
     attnpool::ForwardParams& p,
     int64_t pieces,
     const torch::Tensor& offsets,
-    torch::Tensor& table) {
+    torch::Tensor& table,
+    bool other = false) {
   if (offsets.defined()) {
-    constexpr int64_t kRowsPerPiece = 40;
+    const int64_t kRowsPerPiece = other ? 72 : 40;
     table = attnpool::detail::ragged_first_piece(offsets, kRowsPerPiece);
     p.cut = {(p.seq_len + kRowsPerPiece - 1) / kRowsPerPiece + 1, kRowsPerPiece};
     p.first_piece = table.const_data_ptr<int64_t>();
     return p.cut.pieces + p.batch;  // the most work items the rows can make
   }
-  p.cut = attnpool::PieceCut::into(p.seq_len, pieces);
+  p.cut = attnpool::PieceCut::into(p.seq_len, pieces + (other ? 1 : 0));
   return p.batch * p.cut.pieces;
 }
 
@@ -862,8 +865,9 @@ std::tuple<torch::Tensor, torch::Tensor> run_mma_forward(
 // The tensor-core backward after the tensor-core forward (its score blocks,
 // from nt column tiles of queries), with `buffers` tiles of x in shared
 // memory: one launch for one score block, else dx's and du's ([Note: the
-// tensor-core backward]); then the sum of du's partials. Returns (dx, du)
-// shaped as the op's.
+// tensor-core backward]), du's cut apart from dx's; then the sum of du's
+// partials. dx and the partials start as NaN: a row or partial the kernels
+// leave unwritten shows. Returns (dx, du) shaped as the op's.
 std::tuple<torch::Tensor, torch::Tensor> run_mma_backward(
     attnpool::detail::PreparedBackward& g,
     int nt,
@@ -889,15 +893,17 @@ std::tuple<torch::Tensor, torch::Tensor> run_mma_backward(
       operand_words(cuda::mma_grad_operand(grad_values, B, Q, n, H, mt, nt, true));
   torch::Tensor du_partials;
   int64_t du_blocks = 0;
+  g.dx.fill_(NAN);
   cuda::with_mma_chains(mt, [&](auto chains) {
     const auto launch_part = [&](cuda::MmaBackwardPart part) {
       attnpool::BackwardParams a = call;
-      const int64_t groups = part == cuda::MmaBackwardPart::kDu ? score_blocks : 1;
+      const bool du_only = part == cuda::MmaBackwardPart::kDu;
+      const int64_t groups = du_only ? score_blocks : 1;
       torch::Tensor first_piece;
-      const int64_t blocks = cut_for_mma(a, pieces, offsets, first_piece);
+      const int64_t blocks = cut_for_mma(a, pieces, offsets, first_piece, du_only);
       if (part != cuda::MmaBackwardPart::kDx) {
         du_blocks = blocks;
-        du_partials = torch::empty({blocks, num_scores, H}, g.du.options());
+        du_partials = torch::full({blocks, num_scores, H}, NAN, g.du.options());
         a.du_partials = du_partials.mutable_data_ptr();
       }
       launch(
@@ -1056,6 +1062,10 @@ TEST(EmulatedTensorCoreKernels, MatchTheCpuOperatorsInFloat64) {
   check_mma_forward({1, 40, 192, 16, 12, false, true, 2, 2});
   check_mma_forward({1, 33, 256, 16, 16, false, false, 1, 2});
   check_mma_forward({0, 0, 64, 2, 2, true, false, 0, 1});
+  // Two score blocks in a ragged batch; a score block of padding only (40
+  // scores in 4 tiles).
+  check_mma_forward({0, 0, 128, 3, 8, false, false, 0, 1});
+  check_mma_forward({1, 45, 128, 5, 8, false, true, 2, 1});
 }
 
 // One attended row per sequence through the tensor-core forward and

@@ -143,23 +143,25 @@ PieceCut cut_sequences(int64_t sequences, int64_t seq_len) {
 // A ragged batch (ForwardParams::first_piece): pieces of one size for every
 // sequence, about 8 blocks per SM over all T rows when each piece runs
 // `groups` blocks (one per query in the forward), none shorter than
-// kMinTilesPerPiece tiles. The piece table is made on the device and the
-// grid sized for the most pieces the rows can make (at most one short piece
-// per sequence besides the full ones): no host synchronisation.
+// kMinTilesPerPiece tiles, and a multiple of `rows_multiple` rows. The piece
+// table is made on the device and the grid sized for the most pieces the
+// rows can make (at most one short piece per sequence besides the full
+// ones): no host synchronisation.
 struct RaggedCut {
   PieceCut cut;
   at::Tensor first_piece;
   int64_t most_items;
 };
 
-RaggedCut cut_ragged(const detail::PreparedPool& pool, int64_t groups) {
+RaggedCut cut_ragged(const detail::PreparedPool& pool, int64_t groups, int64_t rows_multiple = 1) {
   const PoolInputs& p = pool.params;
   const int64_t sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const int64_t wanted = std::max<int64_t>(1, at::ceil_div(8 * sms, std::max<int64_t>(groups, 1)));
-  const int64_t per_piece = std::min(
+  const int64_t rows = std::min(
       kMaxForwardPieceRows,
       std::max(
           kMinTilesPerPiece * kTileRows, at::ceil_div(std::max<int64_t>(p.seq_len, 1), wanted)));
+  const int64_t per_piece = at::ceil_div(rows, rows_multiple) * rows_multiple;
   RaggedCut ragged;
   ragged.cut = {at::ceil_div(p.seq_len, per_piece) + 1, per_piece};
   ragged.first_piece = detail::ragged_first_piece(pool.offsets, per_piece);
@@ -267,8 +269,9 @@ TensorCoreCut cut_tensor_core_work(
   TensorCoreCut work;
   if (a.ragged()) {
     // (cut_ragged's cut, pieces of at least kMinTilesPerPiece * kTileRows
-    // rows for about 8 blocks per SM: not tuned for these kernels yet.)
-    work.ragged = cut_ragged(pool, groups);
+    // rows for about 8 blocks per SM: not tuned for these kernels yet; whole
+    // tiles, as mma_cut's.)
+    work.ragged = cut_ragged(pool, groups, kMmaTileRows);
     a.cut = work.ragged.cut;
     a.first_piece = work.ragged.first_piece.const_data_ptr<int64_t>();
     work.blocks = work.ragged.most_items;
@@ -343,30 +346,35 @@ std::tuple<at::Tensor, at::Tensor> run_tensor_core_backward(
       lay_out(mma_grad_operand(grad, B, Q, n, H, forward.mt, forward.nt, false));
   const at::Tensor grad_columns =
       lay_out(mma_grad_operand(grad, B, Q, n, H, forward.mt, forward.nt, true));
-  const int64_t shared = mma_backward_shared_bytes(H, buffers, score_blocks);
-  // du's partials, one per (sequence, piece) of the launch that sums du.
+  // du's partials, one per (sequence, piece) of the launch that sums du; the
+  // cuts (a ragged batch's piece tables) live until every launch is queued.
   at::Tensor du_partials;
   int64_t du_blocks = 0;
+  std::vector<TensorCoreCut> cuts;
+  cuts.reserve(2);
   with_mma_chains(forward.mt, [&](auto chains) {
     auto* kernel = &mma_backward_kernel<decltype(chains)::value>;
-    set_shared_limit<float>(reinterpret_cast<const void*>(kernel), shared);
+    set_shared_limit<float>(
+        reinterpret_cast<const void*>(kernel), mma_backward_shared_bytes(H, buffers, score_blocks));
     const auto launch = [&](MmaBackwardPart part) {
       BackwardParams a = call;
-      const int64_t groups = part == MmaBackwardPart::kDu ? score_blocks : 1;
-      const TensorCoreCut work = cut_tensor_core_work(a, g.pool, groups);
+      const bool du_only = part == MmaBackwardPart::kDu;
+      const int64_t groups = du_only ? score_blocks : 1;
+      const TensorCoreCut& work = cuts.emplace_back(cut_tensor_core_work(a, g.pool, groups));
       if (part != MmaBackwardPart::kDx) {
         du_blocks = work.blocks;
         du_partials = at::empty({du_blocks, a.num_scores(), H}, g.du.options());
         a.du_partials = du_partials.mutable_data_ptr();
       }
-      const MmaBackwardShape shape{forward.mt, forward.nt, buffers, part};
+      const int64_t shared =
+          mma_backward_layout(H, buffers, du_only ? 1 : score_blocks, part).bytes;
       kernel<<<work.blocks * groups, kMmaThreads, shared, stream>>>(
           a,
           words_of(u_fragments),
           words_of(u_columns),
           words_of(grad_fragments),
           words_of(grad_columns),
-          shape);
+          MmaBackwardShape{forward.mt, forward.nt, buffers, part});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (score_blocks == 1) {

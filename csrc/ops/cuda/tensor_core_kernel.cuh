@@ -607,10 +607,11 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
   const auto* x = static_cast<const scalar_t*>(a.x) + a.row_offset(b, 0);
   auto* dx = static_cast<scalar_t*>(a.dx) + a.flat_row(b, 0) * H;
   const auto* out = static_cast<const float*>(a.out) + b * Q * H;
-  // The du partial of this (sequence, piece): the same slot for every score block.
+  // The du partial of this (sequence, piece): the same slot for every score
+  // block (none in dx's launch).
   const int64_t slot =
       a.ragged() ? blockIdx.x / groups : b * a.cut.pieces + blockIdx.x % a.cut.pieces;
-  float* du = static_cast<float*>(a.du_partials) + slot * num_scores * H;
+  float* du = with_du ? static_cast<float*>(a.du_partials) + slot * num_scores * H : nullptr;
   const float scale = static_cast<float>(a.scale);
   const auto* bias =
       a.bias == nullptr ? nullptr : static_cast<const float*>(a.bias) + b * a.seq_len;
@@ -621,6 +622,12 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
   const auto score_of = [&](int64_t j, int64_t m) {
     return mma_score_of(j, m, shape.mt, shape.nt, Q, n);
   };
+  // Score blocks past a group's scores (MT rounded up) hold zeros only and
+  // are skipped, block-wide (in du's launch, the whole block).
+  const auto empty_block = [&](int64_t j) { return score_of(j, 0) < 0; };
+  if (!with_dx && empty_block(first_block)) {
+    return;
+  }
 
   const MmaBackwardLayout layout = mma_backward_layout(H, shape.buffers, blocks, shape.part);
   ATTNPOOL_DYNAMIC_SHARED(unsigned char, shared);
@@ -643,6 +650,9 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
   // out (its slice, zeros elsewhere) as hi terms, rows 16..31 as lo terms.
   for (int64_t jj = 0; jj < blocks; ++jj) {
     const int64_t j = first_block + jj;
+    if (empty_block(j)) {
+      continue;
+    }
     for (int64_t i = tid; i < TR * H; i += kMmaThreads) {
       const int r = static_cast<int>(i / H);
       const int64_t col = i % H;
@@ -700,6 +710,9 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
 
     for (int64_t jj = 0; jj < blocks; ++jj) {
       const int64_t j = first_block + jj;
+      if (empty_block(j)) {
+        continue;
+      }
       float sacc[1][kChains][4];
       float gacc[1][kChains][4];
       score_rows<1, kChains>(
@@ -751,6 +764,9 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
         float acc[2][2][4] = {};  // [mr][half]
         for (int64_t jj = 0; jj < blocks; ++jj) {
           const int64_t j = first_block + jj;
+          if (empty_block(j)) {
+            continue;
+          }
           uint32_t ap[2][2][2][4];  // [mr][k-step][term]
           for (int mr = 0; mr < 2; ++mr) {
             for (int kk = 0; kk < 2; ++kk) {
@@ -1014,9 +1030,14 @@ inline MmaOperand mma_grad_operand(
 // The cut of each of `sequences` sequences (or groups of queries of one)
 // for the tensor-core kernels, which run one block of 4 warps per SM
 // (shared memory is their limit): pieces for about two waves of `sms` SMs,
-// none under two tiles.
+// none under two tiles, of whole tiles. The forward and the backward's
+// launches cut for different numbers of blocks; with whole tiles a row
+// still takes the same place in its tile, and so the same column of the
+// scores' mma, in each.
 inline PieceCut mma_cut(int64_t sequences, int64_t seq_len, int64_t sms) {
-  return cut_for_blocks(sequences, seq_len, sms, 2, 2 * kMmaTileRows);
+  const PieceCut cut = cut_for_blocks(sequences, seq_len, sms, 2, 2 * kMmaTileRows);
+  const int64_t per_piece = (cut.rows_per_piece + kMmaTileRows - 1) / kMmaTileRows * kMmaTileRows;
+  return {std::max<int64_t>(1, (seq_len + per_piece - 1) / per_piece), per_piece};
 }
 
 // Whether mma_forward_kernel takes this call (with nt column tiles of
