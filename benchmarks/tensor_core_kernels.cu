@@ -2,14 +2,15 @@
 // (csrc/ops/cuda/tensor_core_kernel.cuh, [Note: the tensor-core forward] and
 // [Note: the tensor-core backward]) timed alone beside the kernels the op
 // runs today for such calls when they are small (forward_kernel, a block
-// per query; backward_kernel) and one read and one copy of x, bfloat16, at
-// the shapes of the GPU benchmark's queries x heads grid and one of 256 MB.
-// The backward runs where shared memory allows (one launch up to 16 scores,
-// dx's and du's past that). The tensor-core calls include laying out their operands from u and
-// grad_out (mma_operand_kernel), as the op would per call. Each call is timed between CUDA events
-// with L2 flushed before it; medians. The matrix-product path that large calls take goes through
-// torch and is timed by `python -m attnpool.bench_gpu` in the same GPU session. The kernels' out,
-// dx and du are compared.
+// per query; backward_kernel) and one read and one copy of x, at the shapes
+// of the GPU benchmark's queries x heads grid and one of 256 MB: bfloat16
+// both ways, then the forward of float32 rows (3xTF32 against
+// forward_kernel's float32 FMA). The backward runs where shared memory
+// allows (one launch up to 16 scores, dx's and du's past that). The tensor-core calls include
+// laying out their operands from u and grad_out (mma_operand_kernel), as the op would per call.
+// Each call is timed between CUDA events with L2 flushed before it; medians. The matrix-product
+// path that large calls take goes through torch and is timed by `python -m attnpool.bench_gpu` in
+// the same GPU session. The kernels' out, dx and du are compared.
 //
 // scripts/gpu_check.sh builds and runs it; by hand:
 //   nvcc -O3 --expt-relaxed-constexpr -std=c++20 -arch=sm_90 \
@@ -55,16 +56,18 @@ struct Shape {
 
 struct Buffers {
   Shape shape;
-  int score_tiles;  // the tensor-core forward's MT and NT
+  int score_tiles;  // the tensor-core forward's MT, NT and tiles of x
   int nt;
-  bf16* x;
+  int forward_buffers;
+  void* x;  // bfloat16 or float32
+
   float* u;
   uint32_t* u_fragments;
   float* out;
   float* lse;
   float* partials;
   // The backward's:
-  bf16* dx;
+  void* dx;
   float* grad_out;
   float* du_partials;
   float* du;
@@ -112,28 +115,31 @@ ForwardParams params_of(const Buffers& b, const PieceCut& cut) {
   return a;
 }
 
+template <typename scalar_t>
 void merge(const ForwardParams& a) {
   if (a.cut.pieces > 1) {
     const int threads = cuda::merge_threads(a.cut.pieces);
-    cuda::merge_pieces_kernel<bf16>
+    cuda::merge_pieces_kernel<scalar_t>
         <<<a.batch * a.num_queries * cuda::merge_blocks_per_row(a.hidden, a.num_heads),
            threads,
            cuda::merge_shared_bytes<float>(threads)>>>(a);
   }
 }
 
-// forward_kernel as the entry point launches it for bfloat16 rows of H <= 2048.
+// forward_kernel as the entry point launches it for rows of 16-byte packs
+// that 256 threads cover with two packs each.
+template <typename scalar_t>
 void forward_by_queries(const Device& device, const Buffers& b, bool describe) {
-  constexpr int V = cuda::kPackWidth<bf16>;
+  constexpr int V = cuda::kPackWidth<scalar_t>;
   const int threads = 128 * static_cast<int>((b.shape.hidden + 2 * 128 * V - 1) / (2 * 128 * V));
   ForwardParams a = params_of(b, PieceCut{1, b.shape.seq_len});
   a.cut = cut_by_rows(device, b.shape, a.num_queries);
   const int64_t shared = cuda::forward_shared_bytes<float>(threads / 32, a.num_heads);
-  auto* kernel = b.shape.hidden <= threads * V ? &cuda::forward_kernel<bf16, V, 1>
-                                               : &cuda::forward_kernel<bf16, V, 2>;
+  auto* kernel = b.shape.hidden <= threads * V ? &cuda::forward_kernel<scalar_t, V, 1>
+                                               : &cuda::forward_kernel<scalar_t, V, 2>;
   prepare(kernel, threads / 32, shared, describe, "forward_kernel");
   kernel<<<a.batch * a.num_queries * a.cut.pieces, threads, shared>>>(a);
-  merge(a);
+  merge<scalar_t>(a);
 }
 
 BackwardParams backward_params_of(const Buffers& b, const PieceCut& cut) {
@@ -218,27 +224,33 @@ void backward_on_tensor_cores(const Device& device, const Buffers& b, int buffer
   });
 }
 
-template <int MT, int NT>
+template <typename scalar_t, int MT, int NT>
 void forward_on_tensor_cores(const Device& device, const Buffers& b, bool describe) {
   ForwardParams a = params_of(b, PieceCut{1, b.shape.seq_len});
   const int64_t groups = cuda::mma_groups(a.num_queries, NT);
   a.cut = cut_on_tensor_cores(device, b.shape, groups);
-  const int64_t shared = cuda::mma_shared_layout(a.hidden, MT, NT).bytes;
+  const int64_t shared =
+      cuda::mma_shared_layout<scalar_t>(a.hidden, MT, NT, b.forward_buffers).bytes;
+  constexpr bool kTf32 = std::is_same_v<scalar_t, float>;
   lay_out(
-      cuda::mma_u_operand(b.u, a.num_queries, a.num_heads, a.hidden, MT, NT, false), b.u_fragments);
-  auto* kernel = &cuda::mma_forward_kernel<MT, NT>;
+      cuda::mma_u_operand(b.u, a.num_queries, a.num_heads, a.hidden, MT, NT, false, kTf32),
+      b.u_fragments);
+  auto* kernel = &cuda::mma_forward_kernel<scalar_t, MT, NT>;
   prepare(kernel, cuda::kMmaWarps, shared, describe, "mma_forward_kernel");
-  kernel<<<a.batch * groups * a.cut.pieces, cuda::kMmaThreads, shared>>>(a, b.u_fragments);
-  merge(a);
+  kernel<<<a.batch * groups * a.cut.pieces, cuda::kMmaThreads, shared>>>(
+      a, b.u_fragments, b.forward_buffers);
+  merge<scalar_t>(a);
 }
 
+template <typename scalar_t>
 void run_shape(const Device& device, const Shape& s, int64_t most_shared, int rounds) {
+  constexpr bool kBFloat16 = std::is_same_v<scalar_t, bf16>;
   Buffers b{s};
   const ForwardParams shape = params_of(b, PieceCut{1, s.seq_len});
   const int64_t Q = shape.num_queries, n = shape.num_heads, H = s.hidden;
   const size_t elements = static_cast<size_t>(s.batch * s.seq_len * H);
   const int64_t out_values = s.batch * Q * H;
-  const cuda::MmaForwardShape forward = cuda::mma_forward_shape(shape, most_shared);
+  const cuda::MmaForwardShape forward = cuda::mma_forward_shape<scalar_t>(shape, most_shared);
   const int nt = std::max(forward.nt, 1);
   // A state per (sequence, query, piece) for the larger of the two cuts.
   const int64_t most_pieces = std::max(
@@ -246,11 +258,12 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
       cut_on_tensor_cores(device, s, cuda::mma_groups(Q, nt)).pieces);
   const int64_t most_states = s.batch * Q * most_pieces;
   std::printf(
-      "%s: %lldx%lldx%lld bfloat16, %lld queries x %lld heads%s\n",
+      "%s: %lldx%lldx%lld %s, %lld queries x %lld heads%s\n",
       s.label,
       static_cast<long long>(s.batch),
       static_cast<long long>(s.seq_len),
       static_cast<long long>(H),
+      kBFloat16 ? "bfloat16" : "float32 (3xTF32)",
       static_cast<long long>(s.num_queries),
       static_cast<long long>(s.num_heads),
       s.full_width ? " full width" : "");
@@ -260,7 +273,8 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
   }
   const int mt = forward.mt;
   const int64_t score_blocks = cuda::mma_score_blocks(shape, forward);
-  const int buffers = cuda::mma_backward_buffers(shape, most_shared);
+  // The backward takes bfloat16 rows.
+  const int buffers = kBFloat16 ? cuda::mma_backward_buffers(shape, most_shared) : 0;
   std::vector<float> u(static_cast<size_t>(Q * n * H));
   for (size_t i = 0; i < u.size(); ++i) {
     u[i] = 0.5f * std::sin(0.37f * static_cast<float>(i));
@@ -271,9 +285,10 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
   }
   b.score_tiles = mt;
   b.nt = nt;
+  b.forward_buffers = forward.buffers;
   // Words of the operands, all in the forward's score blocks: u's fragments
   // and columns, grad_out's fragments and columns.
-  const int64_t u_words = cuda::mma_u_operand(nullptr, Q, n, H, mt, nt, false).words();
+  const int64_t u_words = cuda::mma_u_operand(nullptr, Q, n, H, mt, nt, false, !kBFloat16).words();
   const int64_t grad_words =
       cuda::mma_grad_operand(nullptr, s.batch, Q, n, H, mt, nt, false).words();
   const int64_t most_blocks = s.batch * std::max(
@@ -283,8 +298,8 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
     CHECK(cudaMalloc(&to, values.size() * sizeof(values[0])));
     CHECK(cudaMemcpy(to, values.data(), values.size() * sizeof(values[0]), cudaMemcpyHostToDevice));
   };
-  CHECK(cudaMalloc(&b.x, elements * sizeof(bf16)));
-  CHECK(cudaMalloc(&b.dx, elements * sizeof(bf16)));
+  CHECK(cudaMalloc(&b.x, elements * sizeof(scalar_t)));
+  CHECK(cudaMalloc(&b.dx, elements * sizeof(scalar_t)));
   CHECK(cudaMalloc(&b.out, out_values * sizeof(float)));
   CHECK(cudaMalloc(&b.lse, s.batch * Q * n * 2 * sizeof(float)));
   CHECK(cudaMalloc(&b.partials, most_states * (1 + 2 * n + H) * sizeof(float)));
@@ -298,37 +313,39 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
   to_device(b.grad_out, grad_out);
   float* sink;
   CHECK(cudaMalloc(&sink, sizeof(float)));
-  fill_kernel<bf16><<<1024, 256>>>(b.x, elements, 1, 2.0f);
+  fill_kernel<scalar_t><<<1024, 256>>>(static_cast<scalar_t*>(b.x), elements, 1, 2.0f);
   CHECK(cudaDeviceSynchronize());
 
   const auto run_mma = [&](bool describe) {
     cuda::with_mma_score_tiles(mt, [&](auto tiles) {
       constexpr int MT = decltype(tiles)::value;
       if (nt == 1) {
-        forward_on_tensor_cores<MT, 1>(device, b, describe);
+        forward_on_tensor_cores<scalar_t, MT, 1>(device, b, describe);
       } else {
-        forward_on_tensor_cores<MT, 2>(device, b, describe);
+        forward_on_tensor_cores<scalar_t, MT, 2>(device, b, describe);
       }
     });
   };
-  forward_by_queries(device, b, true);
+  forward_by_queries<scalar_t>(device, b, true);
   CHECK(cudaDeviceSynchronize());
   const auto want = copy_to_host(b.out, out_values);
   run_mma(true);
   CHECK(cudaDeviceSynchronize());
   CHECK(cudaGetLastError());
   std::printf(
-      "    %d score tiles, %d column tiles of queries; out differs from forward_kernel's by "
-      "%.1e\n",
+      "    %d score tiles, %d column tiles of queries, %d tiles of x; out differs from "
+      "forward_kernel's by %.1e\n",
       mt,
       nt,
+      forward.buffers,
       relative_difference(copy_to_host(b.out, out_values), want));
 
   // The backwards read the tensor-core forward's out and lse.
+  const auto* dx = static_cast<const scalar_t*>(b.dx);
   if (buffers > 0) {
     backward_by_rows(device, b, true);
     CHECK(cudaDeviceSynchronize());
-    const auto want_dx = copy_to_host(b.dx, elements);
+    const auto want_dx = copy_to_host(dx, elements);
     const auto want_du = copy_to_host(b.du, Q * n * H);
     backward_on_tensor_cores(device, b, buffers, true);
     CHECK(cudaDeviceSynchronize());
@@ -337,20 +354,20 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
         "    %d tiles of x in shared memory; dx differs from backward_kernel's by %.1e, du by "
         "%.1e\n",
         buffers,
-        relative_difference(copy_to_host(b.dx, elements), want_dx),
+        relative_difference(copy_to_host(dx, elements), want_dx),
         relative_difference(copy_to_host(b.du, Q * n * H), want_du));
   }
 
   std::vector<float> reads, copies, by_queries, on_tensor_cores, by_rows, backward_on_cores;
-  const size_t words = elements * sizeof(bf16) / 16;
+  const size_t words = elements * sizeof(scalar_t) / 16;
   for (int r = 0; r < rounds; ++r) {
     reads.push_back(time_ms(device, [&] {
       read_kernel<<<device.sms * 8, 512>>>(reinterpret_cast<const uint4*>(b.x), words, sink);
     }));
     copies.push_back(time_ms(device, [&] {
-      CHECK(cudaMemcpyAsync(b.dx, b.x, elements * sizeof(bf16), cudaMemcpyDeviceToDevice));
+      CHECK(cudaMemcpyAsync(b.dx, b.x, elements * sizeof(scalar_t), cudaMemcpyDeviceToDevice));
     }));
-    by_queries.push_back(time_ms(device, [&] { forward_by_queries(device, b, false); }));
+    by_queries.push_back(time_ms(device, [&] { forward_by_queries<scalar_t>(device, b, false); }));
     on_tensor_cores.push_back(time_ms(device, [&] { run_mma(false); }));
     if (buffers > 0) {
       by_rows.push_back(time_ms(device, [&] { backward_by_rows(device, b, false); }));
@@ -358,7 +375,7 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
           time_ms(device, [&] { backward_on_tensor_cores(device, b, buffers, false); }));
     }
   }
-  const double bytes = static_cast<double>(elements * sizeof(bf16));
+  const double bytes = static_cast<double>(elements * sizeof(scalar_t));
   const float read = median(reads);
   const float copy = median(copies);
   std::printf(
@@ -419,7 +436,10 @@ int main(int argc, char** argv) {
       {"coca 256x8", 8, 256, 768, 256, 8, false},
   };
   for (const Shape& s : shapes) {
-    run_shape(device, s, properties.sharedMemPerBlockOptin, rounds);
+    run_shape<bf16>(device, s, properties.sharedMemPerBlockOptin, rounds);
+  }
+  for (const Shape& s : shapes) {
+    run_shape<float>(device, s, properties.sharedMemPerBlockOptin, rounds);
   }
   return 0;
 }

@@ -778,6 +778,8 @@ struct MmaCase {
   bool full_width, masked;
   int64_t pieces;  // 0: a ragged batch
   int nt;
+  torch::ScalarType dtype = torch::kBFloat16;  // of x; float32: the forward only
+  int buffers = 2;                             // the forward's tiles of x
 };
 
 constexpr int64_t kMostShared = 227 * 1024;  // an H100's, per block
@@ -818,46 +820,61 @@ std::vector<uint32_t> operand_words(const attnpool::cuda::MmaOperand& op) {
   return words;
 }
 
+// The tensor-core forward on x's rows (bfloat16, or float32 as tf32 terms)
+// with nt column tiles of queries and `buffers` tiles of x in shared memory.
 std::tuple<torch::Tensor, torch::Tensor> run_mma_forward(
-    attnpool::detail::PreparedForward& f, int nt, int64_t pieces, const torch::Tensor& offsets) {
+    attnpool::detail::PreparedForward& f,
+    int nt,
+    int64_t pieces,
+    const torch::Tensor& offsets,
+    int buffers = 2) {
   namespace cuda = attnpool::cuda;
   attnpool::ForwardParams& p = f.params;
   const int64_t B = p.batch, H = p.hidden, Q = p.num_queries, n = p.num_heads;
   const int mt = cuda::mma_score_tiles(Q, n, nt);
-  EXPECT_TRUE(cuda::takes_mma_forward(p, nt, kMostShared));
   const int64_t groups = cuda::mma_groups(Q, nt);
   torch::Tensor first_piece;
   const int64_t blocks = cut_for_mma(p, pieces, offsets, first_piece);
   const auto partials = torch::empty({blocks * Q, 1 + 2 * n + H}, f.out.options());
   p.partials = partials.mutable_data_ptr();
-  const auto fragments =
-      operand_words(cuda::mma_u_operand(static_cast<const float*>(p.u), Q, n, H, mt, nt, false));
-  const uint32_t* u_fragments = fragments.data();
-  cuda::with_mma_score_tiles(mt, [&](auto tiles) {
-    constexpr int MT = decltype(tiles)::value;
-    const auto launch_with = [&](auto kernel, int columns) {
+  const bool tf32 = f.pool.rows.scalar_type() == torch::kFloat32;
+  const auto fragments = operand_words(
+      cuda::mma_u_operand(static_cast<const float*>(p.u), Q, n, H, mt, nt, false, tf32));
+  const auto run = [&](auto rows) {
+    using scalar_t = decltype(rows);
+    EXPECT_GE(cuda::mma_forward_buffers<scalar_t>(p, nt, kMostShared), buffers);
+    cuda::with_mma_score_tiles(mt, [&](auto tiles) {
+      constexpr int MT = decltype(tiles)::value;
+      const auto launch_with = [&](auto kernel, int columns) {
+        launch(
+            kernel,
+            blocks * groups,
+            cuda::kMmaThreads,
+            cuda::mma_shared_layout<scalar_t>(H, MT, columns, buffers).bytes,
+            p,
+            fragments.data(),
+            buffers);
+      };
+      if (nt == 1) {
+        launch_with(&cuda::mma_forward_kernel<scalar_t, MT, 1>, 1);
+      } else {
+        launch_with(&cuda::mma_forward_kernel<scalar_t, MT, 2>, 2);
+      }
+    });
+    if (p.ragged() || p.cut.pieces > 1) {
+      const int threads = cuda::merge_threads(p.cut.pieces);
       launch(
-          kernel,
-          blocks * groups,
-          cuda::kMmaThreads,
-          cuda::mma_shared_layout(H, MT, columns).bytes,
-          p,
-          u_fragments);
-    };
-    if (nt == 1) {
-      launch_with(&cuda::mma_forward_kernel<MT, 1>, 1);
-    } else {
-      launch_with(&cuda::mma_forward_kernel<MT, 2>, 2);
+          &cuda::merge_pieces_kernel<scalar_t>,
+          B * Q * cuda::merge_blocks_per_row(H, n),
+          threads,
+          cuda::merge_shared_bytes<float>(threads),
+          p);
     }
-  });
-  if (p.ragged() || p.cut.pieces > 1) {
-    const int threads = cuda::merge_threads(p.cut.pieces);
-    launch(
-        &cuda::merge_pieces_kernel<at::BFloat16>,
-        B * Q * cuda::merge_blocks_per_row(H, n),
-        threads,
-        cuda::merge_shared_bytes<float>(threads),
-        p);
+  };
+  if (tf32) {
+    run(float{});
+  } else {
+    run(at::BFloat16{});
   }
   return {f.out, f.lse};
 }
@@ -942,25 +959,29 @@ void check_mma_forward(const MmaCase& c) {
                            std::to_string(c.hidden) + " Q" + std::to_string(c.num_queries) + " n" +
                            std::to_string(c.num_heads) + (c.full_width ? " full width" : "") +
                            (c.masked ? " masked" : "") + " pieces " + std::to_string(c.pieces) +
-                           " nt " + std::to_string(c.nt);
+                           " nt " + std::to_string(c.nt) + " " + c10::toString(c.dtype) +
+                           " buffers " + std::to_string(c.buffers);
   SCOPED_TRACE(what);
   torch::manual_seed(c.seq_len * 5 + c.hidden + c.num_queries);
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   const double scale = 0.4;
   const auto u =
       (torch::randn({c.num_queries, c.num_heads, c.hidden}, f64) / 4).to(torch::kFloat32);
+  // bfloat16 rows: u as two bfloat16 terms (about 16 bits); float32 rows:
+  // every product as three of tf32 terms (about 21 bits).
+  const double forward_tolerance = c.dtype == torch::kFloat32 ? 2e-6 : 1e-4;
   if (c.pieces == 0) {
     // Empty sequences first, in the middle and last; one long one.
     const auto offsets = torch::tensor({0, 0, 3, 3, 95, 96, 108, 108}, torch::kInt64);
-    const auto x = torch::randn({108, c.hidden}, f64).to(torch::kBFloat16);
+    const auto x = torch::randn({108, c.hidden}, f64).to(c.dtype);
     const auto [want_out, want_lse] =
         cpu_op<VarlenForwardOp>("attnpool::_folded_attention_pool_varlen_forward")
             .call(x.to(torch::kFloat64), offsets, u.to(torch::kFloat64), scale, c.full_width);
     auto f = attnpool::detail::prepare_varlen_forward(x, offsets, u, scale, c.full_width);
-    const auto [out, lse] = run_mma_forward(f, c.nt, 0, f.pool.offsets);
-    expect_close(out, want_out, 1e-4, "out");
-    expect_close(lse, want_lse, 1e-4, "lse");
-    {
+    const auto [out, lse] = run_mma_forward(f, c.nt, 0, f.pool.offsets, c.buffers);
+    expect_close(out, want_out, forward_tolerance, "out");
+    expect_close(lse, want_lse, forward_tolerance, "lse");
+    if (c.dtype == torch::kBFloat16) {
       const auto grad_out = torch::randn(want_out.sizes(), f64);
       const auto [want_dx, want_du] =
           cpu_op<VarlenBackwardOp>("attnpool::_folded_attention_pool_varlen_backward")
@@ -981,7 +1002,7 @@ void check_mma_forward(const MmaCase& c) {
     }
     return;
   }
-  auto x = torch::randn({c.batch, c.seq_len, c.hidden}, f64).to(torch::kBFloat16);
+  auto x = torch::randn({c.batch, c.seq_len, c.hidden}, f64).to(c.dtype);
   std::optional<torch::Tensor> mask, bias;
   if (c.masked) {
     mask = torch::rand({c.batch, c.seq_len}) > 0.3;
@@ -1006,9 +1027,12 @@ void check_mma_forward(const MmaCase& c) {
                                             to_f64(bias),
                                             std::nullopt);
   auto f = attnpool::detail::prepare_forward(x, u, mask, scale, c.full_width, bias, std::nullopt);
-  const auto [out, lse] = run_mma_forward(f, c.nt, c.pieces, torch::Tensor());
-  expect_close(out, want_out, 1e-4, "out");
-  expect_close(lse, want_lse, 1e-4, "lse");
+  const auto [out, lse] = run_mma_forward(f, c.nt, c.pieces, torch::Tensor(), c.buffers);
+  expect_close(out, want_out, forward_tolerance, "out");
+  expect_close(lse, want_lse, forward_tolerance, "lse");
+  if (c.dtype != torch::kBFloat16) {
+    return;  // the tensor-core backward takes bfloat16 rows
+  }
   const auto grad_out = torch::randn(want_out.sizes(), f64);
   const auto [want_dx, want_du] = cpu_op<BackwardOp>("attnpool::_folded_attention_pool_backward")
                                       .call(
@@ -1063,9 +1087,22 @@ TEST(EmulatedTensorCoreKernels, MatchTheCpuOperatorsInFloat64) {
   check_mma_forward({1, 33, 256, 16, 16, false, false, 1, 2});
   check_mma_forward({0, 0, 64, 2, 2, true, false, 0, 1});
   // Two score blocks in a ragged batch; a score block of padding only (40
-  // scores in 4 tiles).
+  // scores in 4 tiles); one tile of x in shared memory.
   check_mma_forward({0, 0, 128, 3, 8, false, false, 0, 1});
   check_mma_forward({1, 45, 128, 5, 8, false, true, 2, 1});
+  check_mma_forward({2, 70, 64, 2, 4, false, true, 2, 1, torch::kBFloat16, 1});
+}
+
+// float32 rows as tf32 terms, three products each ([Note: the tensor-core
+// forward]): out and lse within 2e-6 of the float64 operators on the same
+// rows (one tf32 term of x instead of two: 1e-4 and more).
+TEST(EmulatedTensorCoreKernels, Float32RowsMatchTheCpuOperators) {
+  check_mma_forward({2, 70, 64, 1, 4, false, false, 1, 1, torch::kFloat32});
+  check_mma_forward({2, 100, 64, 2, 2, false, true, 3, 1, torch::kFloat32});
+  check_mma_forward({1, 40, 96, 2, 3, true, false, 1, 2, torch::kFloat32});
+  check_mma_forward({1, 40, 192, 16, 12, false, true, 2, 2, torch::kFloat32});
+  check_mma_forward({0, 0, 64, 2, 2, true, false, 0, 1, torch::kFloat32});
+  check_mma_forward({2, 70, 128, 2, 4, false, true, 2, 1, torch::kFloat32, 1});
 }
 
 // One attended row per sequence through the tensor-core forward and

@@ -303,12 +303,16 @@ std::tuple<at::Tensor, at::Tensor> run_tensor_core_forward(detail::PreparedForwa
       mma_u_operand(u, a.num_queries, a.num_heads, a.hidden, shape.mt, shape.nt, false),
       f.out,
       stream);
-  const int64_t shared = mma_shared_layout(a.hidden, shape.mt, shape.nt).bytes;
+  const int64_t shared =
+      mma_shared_layout<at::BFloat16>(a.hidden, shape.mt, shape.nt, shape.buffers).bytes;
   with_mma_score_tiles(shape.mt, [&](auto tiles) {
     constexpr int MT = decltype(tiles)::value;
-    auto* kernel = shape.nt == 1 ? &mma_forward_kernel<MT, 1> : &mma_forward_kernel<MT, 2>;
+    using bf16 = at::BFloat16;
+    auto* kernel =
+        shape.nt == 1 ? &mma_forward_kernel<bf16, MT, 1> : &mma_forward_kernel<bf16, MT, 2>;
     set_shared_limit<float>(reinterpret_cast<const void*>(kernel), shared);
-    kernel<<<work.blocks * groups, kMmaThreads, shared, stream>>>(a, words_of(u_fragments));
+    kernel<<<work.blocks * groups, kMmaThreads, shared, stream>>>(
+        a, words_of(u_fragments), shape.buffers);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (merge) {

@@ -1,11 +1,11 @@
 #pragma once
 
-// Device code of the kernels for several scores per row on tensor cores
-// (bfloat16 rows): the forward ([Note: the tensor-core forward]), the
-// backward ([Note: the tensor-core backward]) and the layout of their
-// operands ([Note: tensor-core operands]). Like the other
-// kernels they use only what cuda_compat.h provides, so the emulated tests
-// run them.
+// Device code of the kernels for several scores per row on tensor cores:
+// the forward for bfloat16 and float32 rows ([Note: the tensor-core
+// forward]), the backward for bfloat16 rows ([Note: the tensor-core
+// backward]) and the layout of their operands ([Note: tensor-core
+// operands]). Like the other kernels they use only what cuda_compat.h
+// provides, so the emulated tests run them.
 
 #include "ops/cuda/folded_attention_pool_kernel.cuh"
 
@@ -28,27 +28,34 @@ namespace attnpool::cuda {
 // row of x once, as flash-attention's forward reads keys and values:
 //
 //   1. a tile of 32 rows goes to shared memory (cp.async, the next tile's
-//      copy in flight while this one is used; rows that are not attended
-//      are zeros there and never read from x);
-//   2. scores: each warp takes 8 rows, D[s][row] = U[s] . x[row] by
-//      mma.m16n8k16 with U as A (16 scores by 16 columns, from fragments
+//      copy in flight while this one is used, where shared memory holds two
+//      tiles; rows that are not attended are zeros there and never read
+//      from x);
+//   2. scores: each warp takes 8 rows, D[s][row] = U[s] . x[row] by mma
+//      with U as A (16 scores by one k-step of columns, from fragments
 //      laid out once per call: [Note: tensor-core operands]) and the rows as B
-//      (ldmatrix). U enters as two bfloat16 terms, hi + lo, as in the
-//      matrix-product path: about 16 significant bits of each u;
+//      (ldmatrix). bfloat16 rows: mma.m16n8k16, U as two bfloat16 terms,
+//      hi + lo, as in the matrix-product path (about 16 significant bits
+//      of each u). float32 rows: mma.m16n8k8 on tf32 terms of both, three
+//      products (MmaRows);
 //   3. the online softmax of each score over the tile: 8 lanes per score,
 //      4 rows each (one max and one sum over the 8 lanes), the weights
-//      again as hi + lo bfloat16 terms;
+//      again as two terms;
 //   4. weighted sums: for 16 columns of head h and 8 queries, out^T +=
-//      x^T . P^T with x^T as A (ldmatrix.trans) and the weights of scores
-//      (query, h) as B; the running sums live in shared memory in fragment
-//      order, rescaled as they are loaded.
+//      x^T . P^T with x^T as A (bfloat16: ldmatrix.trans; float32: its tf32
+//      terms from shared memory) and the weights of scores (query, h) as B;
+//      the running sums live in shared memory in fragment order, rescaled
+//      as they are loaded.
 //
-// Three barriers per tile. Results differ from the other kernels' in the
+// Three barriers per tile (four with one tile of x). Results differ from the other kernels' in the
 // last bits (the tensor cores add in their own order), so a call whose
 // forward runs here runs its backward in mma_backward_kernel, which
-// recomputes the scores the same way (score_rows, the same chains). The entry points take both only
-// when asked ([Note: opting in to the tensor-core kernels] in folded_attention_pool_kernel.cu)
-// until a GPU has run them; benchmarks/tensor_core_kernels.cu times them, and the emulated tests
+// recomputes the scores the same way (score_rows, the same chains). The
+// entry points take both only when asked, for bfloat16 rows ([Note: opting
+// in to the tensor-core kernels] in folded_attention_pool_kernel.cu), until
+// a GPU has run them; float32 rows wait for a backward and for a GPU to
+// say whether 3xTF32 beats forward_kernel's FMA.
+// benchmarks/tensor_core_kernels.cu times them, and the emulated tests
 // check them against the CPU operators.
 
 constexpr int kMmaWarps = 4;
@@ -70,28 +77,60 @@ ATTNPOOL_HOST_DEVICE inline int64_t mma_groups(int64_t num_queries, int64_t nt) 
   return (num_queries + 8 * nt - 1) / (8 * nt);
 }
 
+// How rows of each dtype enter the products. bfloat16 rows go to
+// mma.m16n8k16 as they are, u and the weights as two bfloat16 terms
+// (bf16_term). float32 rows go to mma.m16n8k8 as two tf32 terms, hi =
+// tf32(v) and lo = tf32(v - hi), u and the weights likewise, and each
+// product as hi.hi + hi.lo + lo.hi ("3xTF32": about 21 significant bits
+// where tf32 alone keeps 11 and float32 24).
+template <typename scalar_t>
+struct MmaRows;
+
+template <>
+struct MmaRows<c10::BFloat16> {
+  using Term = c10::BFloat16;       // of u and of the weights
+  static constexpr int kStep = 16;  // columns per k-step of the scores' mma
+  static constexpr int kWeightStride = kMmaWeightStride;
+};
+
+template <>
+struct MmaRows<float> {
+  using Term = float;  // tf32 values
+  static constexpr int kStep = 8;
+  // 36 floats: lanes 4 g + t reading (g, t) of a score's weights reach 32 banks.
+  static constexpr int kWeightStride = kMmaTileRows + 4;
+};
+
+// Elements of x in 16 bytes: a cp.async, and the padding after each row of a
+// tile in shared memory (rows 16 bytes apart modulo 128: ldmatrix's eight
+// rows in different banks).
+template <typename scalar_t>
+constexpr int kMmaChunk = 16 / static_cast<int>(sizeof(scalar_t));
+
 // Where each part of the dynamic shared memory starts, in bytes.
 struct MmaSharedLayout {
   int64_t x_row;    // elements from one row of a tile to the next
-  int64_t x_tiles;  // two tiles of x (bfloat16)
+  int64_t x_tiles;  // `buffers` tiles of x
   int64_t sums;     // weighted sums, [H / 16][NT][32 lanes][4] float
   int64_t scores;   // [16 MT][kMmaScoreStride] float
   int64_t state;    // running max, running sum, correction: [16 MT] float each
-  int64_t weights;  // hi and lo terms, [2][16 MT][kMmaWeightStride] bfloat16
+  int64_t weights;  // hi and lo terms, [2][16 MT][kWeightStride] (MmaRows::Term)
   int64_t valid;    // one int: whether any row was attended
   int64_t bytes;
 };
 
+template <typename scalar_t = c10::BFloat16>
 ATTNPOOL_HOST_DEVICE inline MmaSharedLayout mma_shared_layout(
-    int64_t hidden, int64_t mt, int64_t nt) {
+    int64_t hidden, int64_t mt, int64_t nt, int64_t buffers = 2) {
+  using Rows = MmaRows<scalar_t>;
   MmaSharedLayout s;
-  s.x_row = hidden + kMmaRowPad;
+  s.x_row = hidden + kMmaChunk<scalar_t>;
   s.x_tiles = 0;
-  s.sums = s.x_tiles + 2 * kMmaTileRows * s.x_row * 2;
+  s.sums = s.x_tiles + buffers * kMmaTileRows * s.x_row * sizeof(scalar_t);
   s.scores = s.sums + (hidden / 16) * nt * 32 * 4 * 4;
   s.state = s.scores + 16 * mt * kMmaScoreStride * 4;
   s.weights = s.state + 3 * 16 * mt * 4;
-  s.valid = s.weights + 2 * 16 * mt * kMmaWeightStride * 2;
+  s.valid = s.weights + 2 * 16 * mt * Rows::kWeightStride * sizeof(typename Rows::Term);
   s.bytes = s.valid + 16;
   return s;
 }
@@ -103,6 +142,34 @@ ATTNPOOL_HOST_DEVICE inline c10::BFloat16 bf16_term(float value, int term) {
   return term == 0 ? hi : c10::BFloat16(value - static_cast<float>(hi));
 }
 
+ATTNPOOL_HOST_DEVICE inline float float_of_bits(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+ATTNPOOL_HOST_DEVICE inline uint32_t bits_of(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+// The two tf32 terms of a float32 value: hi = tf32(v), lo = tf32(v - hi).
+ATTNPOOL_HOST_DEVICE inline float tf32_term(float value, int term) {
+  const float hi = float_of_bits(attnpool_tf32(value));
+  return term == 0 ? hi : float_of_bits(attnpool_tf32(value - hi));
+}
+
+// The term of u or of a weight for rows of scalar_t (MmaRows).
+template <typename scalar_t>
+ATTNPOOL_HOST_DEVICE inline typename MmaRows<scalar_t>::Term mma_term(float value, int term) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return tf32_term(value, term);
+  } else {
+    return bf16_term(value, term);
+  }
+}
+
 template <typename T>
 ATTNPOOL_DEVICE inline T* shared_at(unsigned char* base, int64_t offset) {
   return reinterpret_cast<T*>(base + offset);
@@ -110,20 +177,22 @@ ATTNPOOL_DEVICE inline T* shared_at(unsigned char* base, int64_t offset) {
 
 // Rows tile .. tile + kMmaTileRows - 1 of sequence b (x: its row 0) into
 // `tile_rows`: attended rows by cp.async, the others as zeros.
+template <typename scalar_t>
 ATTNPOOL_DEVICE inline void stage_tile(
     const ForwardParams& a,
-    const c10::BFloat16* x,
+    const scalar_t* x,
     int64_t b,
     int64_t tile,
     int64_t last,
     int64_t x_row,
-    c10::BFloat16* tile_rows) {
-  const int chunks_per_row = static_cast<int>(a.hidden / 8);
+    scalar_t* tile_rows) {
+  constexpr int kChunk = kMmaChunk<scalar_t>;
+  const int chunks_per_row = static_cast<int>(a.hidden / kChunk);
   for (int c = threadIdx.x; c < kMmaTileRows * chunks_per_row; c += kMmaThreads) {
     const int r = c / chunks_per_row;
-    const int64_t col = static_cast<int64_t>(c % chunks_per_row) * 8;
+    const int64_t col = static_cast<int64_t>(c % chunks_per_row) * kChunk;
     const int64_t l = tile + r;
-    c10::BFloat16* to = tile_rows + r * x_row + col;
+    scalar_t* to = tile_rows + r * x_row + col;
     if (l < last && a.attends(b, l)) {
       attnpool_copy_async_16(to, x + l * a.x_seq_stride + col);
     } else {
@@ -154,9 +223,9 @@ ATTNPOOL_DEVICE inline float chain_sum(const float (&acc)[MT][kChains][4], int m
 // 2 t + c % 2) (chain_sum). A tile's sums depend on kChains, not on the
 // other tiles: the backward scores one tile of the forward's MT at a time
 // (MT = 1 with the forward's kChains) and gets the forward's bits.
-template <int MT, int kChains = mma_chains(MT)>
+template <int MT, int kChains = mma_chains(MT), typename scalar_t>
 ATTNPOOL_DEVICE inline void score_rows(
-    const c10::BFloat16* rows,
+    const scalar_t* rows,
     int64_t x_row,
     const Pack<uint32_t, 4>* u_fragments,
     int64_t k_steps,
@@ -169,25 +238,51 @@ ATTNPOOL_DEVICE inline void score_rows(
       }
     }
   }
-  // ldmatrix: lane 8 j + i gives row i, columns 8 j.. of two k-steps.
-  const c10::BFloat16* address = rows + (lane % 8) * x_row + 8 * (lane / 8);
+  // ldmatrix: lane 8 j + i gives row i, the 16 bytes j of two k-steps (32
+  // bytes each: 16 bfloat16 or 8 float32 columns); a lane gets 32 bits of
+  // row lane / 4 from each: B's fragments for both dtypes.
+  const scalar_t* address = rows + (lane % 8) * x_row + kMmaChunk<scalar_t> * (lane / 8);
+  constexpr int kStep = MmaRows<scalar_t>::kStep;
   // With few score tiles, loads for later k-steps go out before earlier
   // ones are used; with many, the tiles' mma already fill the time.
   constexpr int kUnroll = MT <= 4 ? 4 : 1;
   ATTNPOOL_UNROLL_BY(kUnroll)
   for (int64_t ks = 0; ks < k_steps; ks += 2) {
     uint32_t xs[4];
-    attnpool_ldmatrix_x4<false>(xs, address + ks * 16);
+    attnpool_ldmatrix_x4<false>(xs, address + ks * kStep);
     ATTNPOOL_UNROLL
     for (int step = 0; step < 2; ++step) {
-      const uint32_t bx[2] = {xs[2 * step], xs[2 * step + 1]};
-      ATTNPOOL_UNROLL
-      for (int mt = 0; mt < MT; ++mt) {
+      const Pack<uint32_t, 4>* fragments = u_fragments + (ks + step) * 32;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        // The rows' tf32 terms; hi.hi + hi.lo + lo.hi.
+        uint32_t hi[2];
+        uint32_t lo[2];
         ATTNPOOL_UNROLL
-        for (int term = 0; term < 2; ++term) {
-          const Pack<uint32_t, 4> w = u_fragments[((mt * 2 + term) * k_steps + ks + step) * 32];
-          const uint32_t au[4] = {w.v[0], w.v[1], w.v[2], w.v[3]};
-          attnpool_mma_bf16(acc[mt][(term + 2 * step) % kChains], au, bx);
+        for (int w = 0; w < 2; ++w) {
+          const float value = float_of_bits(xs[2 * step + w]);
+          hi[w] = attnpool_tf32(value);
+          lo[w] = attnpool_tf32(value - float_of_bits(hi[w]));
+        }
+        ATTNPOOL_UNROLL
+        for (int mt = 0; mt < MT; ++mt) {
+          const Pack<uint32_t, 4> wh = fragments[(mt * 2) * k_steps * 32];
+          const Pack<uint32_t, 4> wl = fragments[(mt * 2 + 1) * k_steps * 32];
+          const uint32_t uh[4] = {wh.v[0], wh.v[1], wh.v[2], wh.v[3]};
+          const uint32_t ul[4] = {wl.v[0], wl.v[1], wl.v[2], wl.v[3]};
+          attnpool_mma_tf32(acc[mt][(3 * step) % kChains], uh, hi);
+          attnpool_mma_tf32(acc[mt][(3 * step + 1) % kChains], uh, lo);
+          attnpool_mma_tf32(acc[mt][(3 * step + 2) % kChains], ul, hi);
+        }
+      } else {
+        const uint32_t bx[2] = {xs[2 * step], xs[2 * step + 1]};
+        ATTNPOOL_UNROLL
+        for (int mt = 0; mt < MT; ++mt) {
+          ATTNPOOL_UNROLL
+          for (int term = 0; term < 2; ++term) {
+            const Pack<uint32_t, 4> w = fragments[(mt * 2 + term) * k_steps * 32];
+            const uint32_t au[4] = {w.v[0], w.v[1], w.v[2], w.v[3]};
+            attnpool_mma_bf16(acc[mt][(term + 2 * step) % kChains], au, bx);
+          }
         }
       }
     }
@@ -210,21 +305,30 @@ ATTNPOOL_DEVICE inline float group_sum8(float value) {
   return value;
 }
 
+// k-steps of the weighted sums' mma over a tile's rows.
+template <typename scalar_t>
+constexpr int kMmaRowSteps = kMmaTileRows / MmaRows<scalar_t>::kStep;
+
 // The B fragments of head h's weighted sums: for column tile nt of queries,
-// 16 rows kk of the tile and each term, B's (rows 2t.., query 8 nt + g) and
-// (rows 2t + 8.., ..) from the weights of score (query, h), zeros past the
-// block's queries; and the corrections of D's queries 8 nt + 2t and + 1.
-template <int NT>
+// each k-step kk over the tile's rows and each term, B's two registers
+// (bfloat16: rows 2t, 2t + 1 and 2t + 8, 2t + 9 of the k-step; tf32: rows t
+// and t + 4; column: query 8 nt + g) from the weights of score (query, h),
+// zeros past the block's queries; and the corrections of D's queries
+// 8 nt + 2t and + 1.
+template <typename scalar_t, int NT>
 ATTNPOOL_DEVICE inline void load_head_weights(
-    const c10::BFloat16* weights,
+    const typename MmaRows<scalar_t>::Term* weights,
     int term_stride,
     const float* correction,
     int64_t queries,
     int64_t n,
     int64_t h,
     int lane,
-    uint32_t (&bw)[NT][2][2][2],
+    uint32_t (&bw)[NT][kMmaRowSteps<scalar_t>][2][2],
     float (&corrections)[NT][2]) {
+  using Rows = MmaRows<scalar_t>;
+  using Term = typename Rows::Term;
+  constexpr int kPerWord = 4 / static_cast<int>(sizeof(Term));
   const int g = lane / 4;
   const int t = lane % 4;
   ATTNPOOL_UNROLL
@@ -234,15 +338,66 @@ ATTNPOOL_DEVICE inline void load_head_weights(
     corrections[nt][1] = q0 + 1 < queries ? correction[(q0 + 1) * n + h] : 1.0f;
     const int64_t qb = nt * 8 + g;
     ATTNPOOL_UNROLL
-    for (int kk = 0; kk < 2; ++kk) {
+    for (int kk = 0; kk < kMmaRowSteps<scalar_t>; ++kk) {
       ATTNPOOL_UNROLL
       for (int term = 0; term < 2; ++term) {
-        const c10::BFloat16* w =
-            weights + term * term_stride + (qb * n + h) * kMmaWeightStride + kk * 16 + 2 * t;
+        const Term* w = weights + term * term_stride + (qb * n + h) * Rows::kWeightStride +
+                        kk * Rows::kStep + kPerWord * t;
         bw[nt][kk][term][0] = qb < queries ? *reinterpret_cast<const uint32_t*>(w) : 0u;
-        bw[nt][kk][term][1] = qb < queries ? *reinterpret_cast<const uint32_t*>(w + 8) : 0u;
+        bw[nt][kk][term][1] =
+            qb < queries ? *reinterpret_cast<const uint32_t*>(w + Rows::kStep / 2) : 0u;
       }
     }
+  }
+}
+
+// A's fragments of x^T for 16 columns from `columns` (a tile's row 0, the
+// tile's first column) over the tile's rows, one register set per k-step:
+// bfloat16 by ldmatrix.trans (lane 8 j + i gives row i + 8 (j / 2) of the
+// k-step, column 8 (j % 2)), exact in one term; float32 as tf32 hi and lo
+// terms of (row t, column g), (t, g + 8), (t + 4, g), (t + 4, g + 8).
+template <typename scalar_t>
+ATTNPOOL_DEVICE inline void load_columns(
+    const scalar_t* columns,
+    int64_t x_row,
+    int lane,
+    uint32_t (&xa)[kMmaRowSteps<scalar_t>][std::is_same_v<scalar_t, float> ? 2 : 1][4]) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const int g = lane / 4;
+    const int t = lane % 4;
+    ATTNPOOL_UNROLL
+    for (int kk = 0; kk < kMmaRowSteps<scalar_t>; ++kk) {
+      ATTNPOOL_UNROLL
+      for (int r = 0; r < 4; ++r) {
+        const float value = columns[(8 * kk + t + 4 * (r / 2)) * x_row + g + 8 * (r % 2)];
+        xa[kk][0][r] = attnpool_tf32(value);
+        xa[kk][1][r] = attnpool_tf32(value - float_of_bits(xa[kk][0][r]));
+      }
+    }
+  } else {
+    const scalar_t* address =
+        columns + ((lane % 8) + 8 * (lane / 16)) * x_row + 8 * ((lane / 8) % 2);
+    ATTNPOOL_UNROLL
+    for (int kk = 0; kk < kMmaRowSteps<scalar_t>; ++kk) {
+      attnpool_ldmatrix_x4<true>(xa[kk][0], address + 16 * kk * x_row);
+    }
+  }
+}
+
+// acc += x^T . P^T over one k-step: bfloat16, x . (P hi + P lo); float32,
+// x hi . P hi + x hi . P lo + x lo . P hi.
+template <typename scalar_t>
+ATTNPOOL_DEVICE inline void add_products(
+    float (&acc)[4],
+    const uint32_t (&xa)[std::is_same_v<scalar_t, float> ? 2 : 1][4],
+    const uint32_t (&bw)[2][2]) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    attnpool_mma_tf32(acc, xa[0], bw[0]);
+    attnpool_mma_tf32(acc, xa[0], bw[1]);
+    attnpool_mma_tf32(acc, xa[1], bw[0]);
+  } else {
+    attnpool_mma_bf16(acc, xa[0], bw[0]);
+    attnpool_mma_bf16(acc, xa[0], bw[1]);
   }
 }
 
@@ -258,12 +413,15 @@ ATTNPOOL_DEVICE inline float* piece_state(
 }
 
 // One (sequence b, piece, group of 8 NT queries) per block of kMmaThreads
-// threads; u_fragments from mma_operand_kernel (mma_u_operand). Writes out and lse, or with
+// threads, rows of scalar_t (bfloat16 or float32: MmaRows); u_fragments
+// from mma_operand_kernel (mma_u_operand); `buffers` tiles of x in shared
+// memory (2: the next tile's copy in flight). Writes out and lse, or with
 // several pieces (or a ragged batch) the states merge_pieces_kernel merges,
 // at the slots of forward_kernel's blocks (one per query).
-template <int MT, int NT>
-ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragments) {
-  using scalar_t = c10::BFloat16;
+template <typename scalar_t, int MT, int NT>
+ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragments, int buffers) {
+  using Rows = MmaRows<scalar_t>;
+  using Term = typename Rows::Term;
   constexpr int TR = kMmaTileRows;
   const int64_t Q = a.num_queries;
   const int64_t n = a.num_heads;
@@ -280,7 +438,7 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
   const int64_t first_query = group * 8 * NT;
   const int64_t queries = Q - first_query < 8 * NT ? Q - first_query : 8 * NT;
   const int64_t num_scores = queries * n;  // this block's; local s = query * n + head
-  const int64_t k_steps = H / 16;
+  const int64_t k_steps = H / Rows::kStep;
   const int64_t col_tiles = H / 16;
   const auto* x = static_cast<const scalar_t*>(a.x) + a.row_offset(b, 0);
   const float scale = static_cast<float>(a.scale);
@@ -289,17 +447,17 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
   const auto* fragments = reinterpret_cast<const Pack<uint32_t, 4>*>(u_fragments) +
                           group * 2 * MT * k_steps * 32 + lane;
 
-  const MmaSharedLayout layout = mma_shared_layout(H, MT, NT);
+  const MmaSharedLayout layout = mma_shared_layout<scalar_t>(H, MT, NT, buffers);
   ATTNPOOL_DYNAMIC_SHARED(unsigned char, shared);
-  scalar_t* tiles = shared_at<scalar_t>(shared, layout.x_tiles);  // two of TR rows
+  scalar_t* tiles = shared_at<scalar_t>(shared, layout.x_tiles);  // `buffers` of TR rows
   float* sums = shared_at<float>(shared, layout.sums);
   float* scores = shared_at<float>(shared, layout.scores);
   float* run_max = shared_at<float>(shared, layout.state);
   float* run_sum = run_max + 16 * MT;
   float* correction = run_sum + 16 * MT;
-  // weights + term * kWeightTerm: the term's [16 MT][kMmaWeightStride].
-  scalar_t* weights = shared_at<scalar_t>(shared, layout.weights);
-  constexpr int kWeightTerm = 16 * MT * kMmaWeightStride;
+  // weights + term * kWeightTerm: the term's [16 MT][kWeightStride].
+  Term* weights = shared_at<Term>(shared, layout.weights);
+  constexpr int kWeightTerm = 16 * MT * Rows::kWeightStride;
   int* any_valid = shared_at<int>(shared, layout.valid);
 
   for (int s = tid; s < 16 * MT; s += kMmaThreads) {
@@ -313,16 +471,20 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
   if (tid == 0) {
     any_valid[0] = 0;
   }
-  if (first < last) {
+  if (buffers == 2 && first < last) {
     stage_tile(a, x, b, first, last, layout.x_row, tiles);
   }
 
   int buffer = 0;
-  for (int64_t tile = first; tile < last; tile += TR, buffer ^= 1) {
+  for (int64_t tile = first; tile < last; tile += TR, buffer ^= buffers - 1) {
+    if (buffers == 1) {
+      attnpool_syncthreads();  // every warp is done with the previous tile
+      stage_tile(a, x, b, tile, last, layout.x_row, tiles);
+    }
     attnpool_copy_async_wait();
     // This tile's rows are in; every warp is done with the previous tile.
     attnpool_syncthreads();
-    if (tile + TR < last) {
+    if (buffers == 2 && tile + TR < last) {
       stage_tile(a, x, b, tile + TR, last, layout.x_row, tiles + (buffer ^ 1) * TR * layout.x_row);
     }
     const scalar_t* tile_rows = tiles + buffer * TR * layout.x_row;
@@ -372,11 +534,9 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
       for (int r = 0; r < 4; ++r) {
         const float w = v[r] == -attnpool_infinity<float>() ? 0.0f : attnpool_exp(v[r] - new_max);
         total += w;
-        const scalar_t hi = static_cast<scalar_t>(w);
         if (active) {
-          weights[s * kMmaWeightStride + r0 + r] = hi;
-          weights[kWeightTerm + s * kMmaWeightStride + r0 + r] =
-              static_cast<scalar_t>(w - static_cast<float>(hi));
+          weights[s * Rows::kWeightStride + r0 + r] = mma_term<scalar_t>(w, 0);
+          weights[kWeightTerm + s * Rows::kWeightStride + r0 + r] = mma_term<scalar_t>(w, 1);
         }
       }
       total = group_sum8(total);
@@ -395,23 +555,19 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
     // weights (B) and corrections depend on the head only: loaded again
     // when it changes (never at full width).
     int64_t loaded_head = -1;
-    uint32_t bw[NT][2][2][2];  // [nt][kk][term][register]
-    float corrections[NT][2];  // of queries nt * 8 + 2t and + 1
+    uint32_t bw[NT][kMmaRowSteps<scalar_t>][2][2];  // [nt][k-step][term][register]
+    float corrections[NT][2];                       // of queries nt * 8 + 2t and + 1
     // (Unrolled twice: two column tiles' chains of mma in flight.)
     ATTNPOOL_UNROLL_BY(2)
     for (int64_t cm = warp; cm < col_tiles; cm += kMmaWarps) {
       const int64_t h = cm * 16 / d;
       if (h != loaded_head) {
         loaded_head = h;
-        load_head_weights<NT>(
+        load_head_weights<scalar_t, NT>(
             weights, kWeightTerm, correction, queries, n, h, lane, bw, corrections);
       }
-      // ldmatrix.trans: lane 8 j + i gives row i + 8 (j / 2), column 8 (j % 2).
-      const scalar_t* address = tile_rows + ((lane % 8) + 8 * (lane / 16)) * layout.x_row +
-                                cm * 16 + 8 * ((lane / 8) % 2);
-      uint32_t xt[2][4];
-      attnpool_ldmatrix_x4<true>(xt[0], address);
-      attnpool_ldmatrix_x4<true>(xt[1], address + 16 * layout.x_row);
+      uint32_t xa[kMmaRowSteps<scalar_t>][std::is_same_v<scalar_t, float> ? 2 : 1][4];
+      load_columns<scalar_t>(tile_rows + cm * 16, layout.x_row, lane, xa);
       ATTNPOOL_UNROLL
       for (int nt = 0; nt < NT; ++nt) {
         auto* slot = reinterpret_cast<Pack<float, 4>*>(sums) + (cm * NT + nt) * 32 + lane;
@@ -422,11 +578,8 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
             part.v[2] * corrections[nt][0],
             part.v[3] * corrections[nt][1]};
         ATTNPOOL_UNROLL
-        for (int kk = 0; kk < 2; ++kk) {
-          ATTNPOOL_UNROLL
-          for (int term = 0; term < 2; ++term) {
-            attnpool_mma_bf16(acc4, xt[kk], bw[nt][kk][term]);
-          }
+        for (int kk = 0; kk < kMmaRowSteps<scalar_t>; ++kk) {
+          add_products<scalar_t>(acc4, xa[kk], bw[nt][kk]);
         }
         *slot = Pack<float, 4>{{acc4[0], acc4[1], acc4[2], acc4[3]}};
       }
@@ -929,13 +1082,14 @@ struct MmaOperand {
   int nt;             // column tiles of 8 queries per group: the forward's NT
   bool of_grad;
   bool columns;  // B columns instead of A fragments
+  bool tf32;     // tf32 A fragments (float32 rows; no B columns yet)
 
   ATTNPOOL_HOST_DEVICE int64_t blocks_per_sequence() const {
     return mma_groups(num_queries, nt) * score_tiles;
   }
 
   ATTNPOOL_HOST_DEVICE int64_t words() const {
-    return sequences * blocks_per_sequence() * 16 * hidden;
+    return sequences * blocks_per_sequence() * (tf32 ? 32 : 16) * hidden;
   }
 
   // Row m, column k of block `block`.
@@ -956,6 +1110,9 @@ struct MmaOperand {
 
   // Word i of the layout.
   ATTNPOOL_HOST_DEVICE uint32_t word(int64_t i) const {
+    if (tf32) {
+      return tf32_word(i);
+    }
     const int64_t block = i / (16 * hidden);
     const int64_t r = i % (16 * hidden);
     int64_t m0, m1, k0, k1;
@@ -982,6 +1139,21 @@ struct MmaOperand {
     return static_cast<uint32_t>(bf16_term(value(block, m0, k0), term).x) |
            (static_cast<uint32_t>(bf16_term(value(block, m1, k1), term).x) << 16);
   }
+
+  // Word i of the tf32 A fragments (float32 rows), 32 H words a block:
+  // [term][k-step of 8][lane][4], lane 4 g + t holding (row g, column t),
+  // (g + 8, t), (g, t + 4), (g + 8, t + 4) of the k-step.
+  ATTNPOOL_HOST_DEVICE uint32_t tf32_word(int64_t i) const {
+    const int64_t block = i / (32 * hidden);
+    const int64_t r = i % (32 * hidden);
+    const int word = static_cast<int>(r % 4);
+    const int lane = static_cast<int>((r / 4) % 32);
+    const int64_t k_step = (r / 128) % (hidden / 8);
+    const int term = static_cast<int>(r / (128 * (hidden / 8)));
+    const int64_t m = lane / 4 + 8 * (word % 2);
+    const int64_t k = 8 * k_step + lane % 4 + 4 * (word / 2);
+    return bits_of(tf32_term(value(block, m, k), term));
+  }
 };
 
 // Threads per block of mma_operand_kernel, a word each.
@@ -1001,7 +1173,7 @@ ATTNPOOL_GLOBAL void mma_operand_kernel(Operand op, uint32_t* words) {
 }
 
 // u [Q * n, H] in the forward's score blocks: A fragments (the scores), or
-// B columns (dx).
+// B columns (dx); tf32 A fragments for float32 rows.
 inline MmaOperand mma_u_operand(
     const float* u,
     int64_t num_queries,
@@ -1009,8 +1181,9 @@ inline MmaOperand mma_u_operand(
     int64_t hidden,
     int score_tiles,
     int nt,
-    bool columns) {
-  return {u, num_queries, num_heads, hidden, 1, score_tiles, nt, false, columns};
+    bool columns,
+    bool tf32 = false) {
+  return {u, num_queries, num_heads, hidden, 1, score_tiles, nt, false, columns, tf32};
 }
 
 // grad_out [B, Q, H] in the forward's score blocks, for each sequence: A
@@ -1024,7 +1197,7 @@ inline MmaOperand mma_grad_operand(
     int score_tiles,
     int nt,
     bool columns) {
-  return {grad_out, num_queries, num_heads, hidden, batch, score_tiles, nt, true, columns};
+  return {grad_out, num_queries, num_heads, hidden, batch, score_tiles, nt, true, columns, false};
 }
 
 // The cut of each of `sequences` sequences (or groups of queries of one)
@@ -1040,29 +1213,43 @@ inline PieceCut mma_cut(int64_t sequences, int64_t seq_len, int64_t sms) {
   return {std::max<int64_t>(1, (seq_len + per_piece - 1) / per_piece), per_piece};
 }
 
-// Whether mma_forward_kernel takes this call (with nt column tiles of
-// queries): bfloat16 rows (checked by the caller), whole k-steps and pairs
-// of them, heads of whole column tiles, rows of 16-byte chunks, and shared
-// memory within `most_shared` bytes.
-inline bool takes_mma_forward(const PoolInputs& a, int nt, int64_t most_shared) {
+// Whether mma_forward_kernel takes this call of scalar_t rows (checked by
+// the caller) with nt column tiles of queries, and with how many tiles of x
+// in shared memory: 2, 1, or 0 if it does not. It takes whole k-steps and
+// pairs of them, heads of whole column tiles, rows of 16-byte chunks, and
+// shared memory within `most_shared` bytes.
+template <typename scalar_t = c10::BFloat16>
+inline int mma_forward_buffers(const PoolInputs& a, int nt, int64_t most_shared) {
   const int mt = mma_score_tiles(a.num_queries, a.num_heads, nt);
-  return a.num_queries * a.num_heads > 1 && a.hidden >= 32 && a.hidden % 32 == 0 &&
-         a.head_dim % 16 == 0 && a.x_seq_stride % 8 == 0 && !a.normalizes() && mt > 0 &&
-         mma_shared_layout(a.hidden, mt, nt).bytes <= most_shared;
+  if (a.num_queries * a.num_heads <= 1 || a.hidden < 32 || a.hidden % 32 != 0 ||
+      a.head_dim % 16 != 0 || a.x_seq_stride % kMmaChunk<scalar_t> != 0 || a.normalizes() ||
+      mt == 0) {
+    return 0;
+  }
+  for (int buffers : {2, 1}) {
+    if (mma_shared_layout<scalar_t>(a.hidden, mt, nt, buffers).bytes <= most_shared) {
+      return buffers;
+    }
+  }
+  return 0;
 }
 
 // The forward's column tiles of queries (nt: 16 queries a group where Q > 8
-// and shared memory allows, else 8) and score tiles (mt) for this call;
-// mt == 0 if mma_forward_kernel does not take it.
+// and shared memory allows, else 8), score tiles (mt) and tiles of x in
+// shared memory for this call; mt == 0 if mma_forward_kernel does not take
+// it.
 struct MmaForwardShape {
   int mt = 0;
   int nt = 0;
+  int buffers = 0;
 };
 
+template <typename scalar_t = c10::BFloat16>
 inline MmaForwardShape mma_forward_shape(const PoolInputs& a, int64_t most_shared) {
   for (int nt = a.num_queries > 8 ? 2 : 1; nt >= 1; --nt) {
-    if (takes_mma_forward(a, nt, most_shared)) {
-      return {mma_score_tiles(a.num_queries, a.num_heads, nt), nt};
+    const int buffers = mma_forward_buffers<scalar_t>(a, nt, most_shared);
+    if (buffers > 0) {
+      return {mma_score_tiles(a.num_queries, a.num_heads, nt), nt, buffers};
     }
   }
   return {};

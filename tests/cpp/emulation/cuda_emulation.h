@@ -317,7 +317,7 @@ namespace attnpool_emulation {
 // The warp-wide instructions, named in their last slot: every lane of a
 // warp must take part in the same one (on a GPU, lanes that issue different
 // ones, or skip one, are undefined behaviour).
-enum class WarpInstruction : uint64_t { kMma = 1, kLdmatrix, kLdmatrixTrans };
+enum class WarpInstruction : uint64_t { kMma = 1, kMmaTf32, kLdmatrix, kLdmatrixTrans };
 
 // A warp-wide instruction: this lane's operands go to its slots, the warp
 // waits for all of them, compute(slots of lane 0 of the warp, lane) gives
@@ -401,6 +401,54 @@ inline void attnpool_mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint3
             const int b_slot = 4 + k / 8;
             sum += double{bf16_to_float(half_of(slots, a_lane, a_slot, k % 2))} *
                    double{bf16_to_float(half_of(slots, b_lane, b_slot, k % 2))};
+          }
+          result[c] = static_cast<float>(double{d[c]} + sum);
+        }
+      });
+  std::copy(std::begin(result), std::end(result), std::begin(d));
+}
+
+// cvt.rna.tf32.f32: to nearest, ties away from zero (a carry into the
+// exponent rounds up to the next power of two, as it should).
+inline uint32_t attnpool_tf32(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return (bits + 0x1000u) & 0xFFFFE000u;
+}
+
+// mma.m16n8k8 (tf32 in, float32 sums): lane = 4 g + t holds A's (g, t) in
+// a[0], (g + 8, t) in a[1], (g, t + 4) in a[2], (g + 8, t + 4) in a[3]; B's
+// (t, g) in b[0], (t + 4, g) in b[1]; D's as mma.m16n8k16's. An operand
+// that is not a tf32 value (low 13 bits set) stops the test: the kernels
+// round every operand with attnpool_tf32 first. Products are exact; each
+// sum is taken in double and rounded once.
+inline void attnpool_mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const uint64_t operands[attnpool_emulation::kWarpSlots] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  float result[4];
+  attnpool_emulation::warp_wide(
+      attnpool_emulation::WarpInstruction::kMmaTf32,
+      operands,
+      [&](const uint64_t* slots, int lane) {
+        const auto value = [&](int from_lane, int slot) {
+          const auto bits =
+              static_cast<uint32_t>(slots[from_lane * attnpool_emulation::kWarpSlots + slot]);
+          if ((bits & 0x1FFFu) != 0) {
+            std::fprintf(stderr, "emulated kernel: a tf32 operand with its low 13 bits set\n");
+            std::abort();
+          }
+          float f;
+          std::memcpy(&f, &bits, sizeof(f));
+          return double{f};
+        };
+        const int g = lane / 4;
+        const int t = lane % 4;
+        for (int c = 0; c < 4; ++c) {
+          const int m = g + 8 * (c / 2);
+          const int n = 2 * t + c % 2;
+          double sum = 0;
+          for (int k = 0; k < 8; ++k) {
+            sum +=
+                value((m % 8) * 4 + k % 4, m / 8 + 2 * (k / 4)) * value(n * 4 + k % 4, 4 + k / 4);
           }
           result[c] = static_cast<float>(double{d[c]} + sum);
         }
