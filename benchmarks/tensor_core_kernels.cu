@@ -3,10 +3,10 @@
 // [Note: the tensor-core backward]) timed alone beside the kernels the op
 // runs today for such calls when they are small (forward_kernel, a block
 // per query; backward_kernel) and one read and one copy of x, at the shapes
-// of the GPU benchmark's queries x heads grid and one of 256 MB: bfloat16
-// both ways, then the forward of float32 rows (3xTF32 against
-// forward_kernel's float32 FMA). The backward runs where shared memory
-// allows (one launch up to 16 scores, dx's and du's past that). The tensor-core calls include
+// of the GPU benchmark's queries x heads grid and one of 256 MB: bfloat16,
+// then float32 rows (3xTF32 against the other kernels' float32 FMA). The
+// backward runs where shared memory allows (one launch up to 16 scores,
+// dx's and du's past that). The tensor-core calls include
 // laying out their operands from u and grad_out (mma_operand_kernel), as the op would per call.
 // Each call is timed between CUDA events with L2 flushed before it; medians. The matrix-product
 // path that large calls take goes through torch and is timed by `python -m attnpool.bench_gpu` in
@@ -163,14 +163,15 @@ void sum_du_partials(const BackwardParams& g, int64_t blocks) {
 }
 
 // backward_kernel as the entry point launches it.
+template <typename scalar_t>
 void backward_by_rows(const Device& device, const Buffers& b, bool describe) {
-  constexpr int V = cuda::kPackWidth<bf16>;
+  constexpr int V = cuda::kPackWidth<scalar_t>;
   const int threads = 128 * static_cast<int>((b.shape.hidden + 2 * 128 * V - 1) / (2 * 128 * V));
   const BackwardParams g = backward_params_of(b, cut_by_rows(device, b.shape, 1));
   const int64_t shared =
       cuda::backward_shared_bytes<float>(threads / 32, g.num_heads, g.num_scores());
-  auto* kernel = b.shape.hidden <= threads * V ? &cuda::backward_kernel<bf16, V, 1>
-                                               : &cuda::backward_kernel<bf16, V, 2>;
+  auto* kernel = b.shape.hidden <= threads * V ? &cuda::backward_kernel<scalar_t, V, 1>
+                                               : &cuda::backward_kernel<scalar_t, V, 2>;
   prepare(kernel, threads / 32, shared, describe, "backward_kernel");
   kernel<<<g.batch * g.cut.pieces, threads, shared>>>(g);
   sum_du_partials(g, g.batch * g.cut.pieces);
@@ -184,26 +185,27 @@ void lay_out(const cuda::MmaOperand& op, uint32_t* words) {
 // The tensor-core backward as the entry point launches it: dx and du in one
 // launch for one score block, else a launch each ([Note: the tensor-core
 // backward]), then the sum of du's partials.
+template <typename scalar_t>
 void backward_on_tensor_cores(const Device& device, const Buffers& b, int buffers, bool describe) {
+  constexpr bool kTf32 = std::is_same_v<scalar_t, float>;
   const BackwardParams call = backward_params_of(b, cut_on_tensor_cores(device, b.shape, 1));
-  const int64_t Q = call.num_queries, n = call.num_heads, H = call.hidden;
+  const int64_t Q = call.num_queries, n = call.num_heads, H = call.hidden, B = call.batch;
   const int mt = b.score_tiles;
   const int64_t score_blocks = cuda::mma_groups(Q, b.nt) * mt;
-  lay_out(cuda::mma_u_operand(b.u, Q, n, H, mt, b.nt, false), b.u_fragments);
-  lay_out(cuda::mma_u_operand(b.u, Q, n, H, mt, b.nt, true), b.u_columns);
-  lay_out(
-      cuda::mma_grad_operand(b.grad_out, call.batch, Q, n, H, mt, b.nt, false), b.grad_fragments);
-  lay_out(cuda::mma_grad_operand(b.grad_out, call.batch, Q, n, H, mt, b.nt, true), b.grad_columns);
-  const int64_t shared = cuda::mma_backward_shared_bytes(H, buffers, score_blocks);
+  lay_out(cuda::mma_u_operand(b.u, Q, n, H, mt, b.nt, false, kTf32), b.u_fragments);
+  lay_out(cuda::mma_u_operand(b.u, Q, n, H, mt, b.nt, true, kTf32), b.u_columns);
+  lay_out(cuda::mma_grad_operand(b.grad_out, B, Q, n, H, mt, b.nt, false, kTf32), b.grad_fragments);
+  lay_out(cuda::mma_grad_operand(b.grad_out, B, Q, n, H, mt, b.nt, true, kTf32), b.grad_columns);
+  const int64_t shared = cuda::mma_backward_shared_bytes<scalar_t>(H, buffers, score_blocks);
   cuda::with_mma_chains(mt, [&](auto chains) {
-    auto* kernel = &cuda::mma_backward_kernel<decltype(chains)::value>;
+    auto* kernel = &cuda::mma_backward_kernel<scalar_t, decltype(chains)::value>;
     prepare(kernel, cuda::kMmaWarps, shared, describe, "mma_backward_kernel");
     const auto launch = [&](cuda::MmaBackwardPart part) {
       const bool du_only = part == cuda::MmaBackwardPart::kDu;
       const int64_t groups = du_only ? score_blocks : 1;
       const BackwardParams g = backward_params_of(b, cut_on_tensor_cores(device, b.shape, groups));
       const int64_t part_shared =
-          cuda::mma_backward_layout(H, buffers, du_only ? 1 : score_blocks, part).bytes;
+          cuda::mma_backward_layout<scalar_t>(H, buffers, du_only ? 1 : score_blocks, part).bytes;
       kernel<<<g.batch * groups * g.cut.pieces, cuda::kMmaThreads, part_shared>>>(
           g,
           b.u_fragments,
@@ -273,8 +275,7 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
   }
   const int mt = forward.mt;
   const int64_t score_blocks = cuda::mma_score_blocks(shape, forward);
-  // The backward takes bfloat16 rows.
-  const int buffers = kBFloat16 ? cuda::mma_backward_buffers(shape, most_shared) : 0;
+  const int buffers = cuda::mma_backward_buffers<scalar_t>(shape, most_shared);
   std::vector<float> u(static_cast<size_t>(Q * n * H));
   for (size_t i = 0; i < u.size(); ++i) {
     u[i] = 0.5f * std::sin(0.37f * static_cast<float>(i));
@@ -290,7 +291,7 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
   // and columns, grad_out's fragments and columns.
   const int64_t u_words = cuda::mma_u_operand(nullptr, Q, n, H, mt, nt, false, !kBFloat16).words();
   const int64_t grad_words =
-      cuda::mma_grad_operand(nullptr, s.batch, Q, n, H, mt, nt, false).words();
+      cuda::mma_grad_operand(nullptr, s.batch, Q, n, H, mt, nt, false, !kBFloat16).words();
   const int64_t most_blocks = s.batch * std::max(
                                             cut_by_rows(device, s, 1).pieces,
                                             cut_on_tensor_cores(device, s, score_blocks).pieces);
@@ -343,11 +344,11 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
   // The backwards read the tensor-core forward's out and lse.
   const auto* dx = static_cast<const scalar_t*>(b.dx);
   if (buffers > 0) {
-    backward_by_rows(device, b, true);
+    backward_by_rows<scalar_t>(device, b, true);
     CHECK(cudaDeviceSynchronize());
     const auto want_dx = copy_to_host(dx, elements);
     const auto want_du = copy_to_host(b.du, Q * n * H);
-    backward_on_tensor_cores(device, b, buffers, true);
+    backward_on_tensor_cores<scalar_t>(device, b, buffers, true);
     CHECK(cudaDeviceSynchronize());
     CHECK(cudaGetLastError());
     std::printf(
@@ -370,9 +371,9 @@ void run_shape(const Device& device, const Shape& s, int64_t most_shared, int ro
     by_queries.push_back(time_ms(device, [&] { forward_by_queries<scalar_t>(device, b, false); }));
     on_tensor_cores.push_back(time_ms(device, [&] { run_mma(false); }));
     if (buffers > 0) {
-      by_rows.push_back(time_ms(device, [&] { backward_by_rows(device, b, false); }));
+      by_rows.push_back(time_ms(device, [&] { backward_by_rows<scalar_t>(device, b, false); }));
       backward_on_cores.push_back(
-          time_ms(device, [&] { backward_on_tensor_cores(device, b, buffers, false); }));
+          time_ms(device, [&] { backward_on_tensor_cores<scalar_t>(device, b, buffers, false); }));
     }
   }
   const double bytes = static_cast<double>(elements * sizeof(scalar_t));

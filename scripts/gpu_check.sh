@@ -126,7 +126,7 @@ ATTNPOOL_CUDA_TENSOR_CORES=1 timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest 
 TENSOR_CORE_TESTS=${PIPESTATUS[0]}
 mkdir -p "$OUTDIR/tensor-cores"
 ATTNPOOL_CUDA_TENSOR_CORES=1 timeout "${BENCH_TIMEOUT:-300}" "$PYTHON" -m attnpool.bench_gpu \
-  --out "$OUTDIR/tensor-cores" --no-compile --rounds 10 --dtypes bfloat16 \
+  --out "$OUTDIR/tensor-cores" --no-compile --rounds 10 --dtypes bfloat16,float32 \
   --points big-1x16,1x12,1x16,4x12,8x1,16x12,so400m-full 2>&1 | tee "$OUTDIR/tensor-cores/gpu.txt"
 
 step "GPU benchmark (CUDA events, L2 flushed between calls)"

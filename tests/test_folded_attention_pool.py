@@ -283,14 +283,16 @@ TENSOR_CORES_SKIP_REASON = _tensor_cores_skip_reason()
     ],
     ids=["1x16", "3x4", "full-width-2x4", "16x1", "4x8", "16x4", "full-width-4x8"],
 )
-def test_tensor_core_kernels_match_reference_on_cuda(full_width, num_queries, num_heads):
-    # bfloat16 rows, a mask and a bias; sequences cut into pieces; one score
-    # block (up to 16 scores: dx and du in one launch) or several (a launch
-    # each). Both directions must take the tensor-core kernels.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_tensor_core_kernels_match_reference_on_cuda(full_width, num_queries, num_heads, dtype):
+    # bfloat16 rows, or float32 as 3xTF32; a mask and a bias; sequences cut
+    # into pieces; one score block (up to 16 scores: dx and du in one
+    # launch) or several (a launch each). Both directions must take the
+    # tensor-core kernels.
     torch.manual_seed(0)
     x, u, mask = _folded_inputs(3, 700, 256, num_queries, num_heads, mask="random", device="cuda")
     bias = torch.randn(3, 700, device="cuda")
-    x = x.to(torch.bfloat16).requires_grad_(True)
+    x = x.to(dtype).requires_grad_(True)
     u = u.float().requires_grad_(True)
     kernels = _cuda_kernels_inside(x, u, mask, 0.5, full_width, bias)
     assert "mma_forward_kernel" in kernels and "mma_backward_kernel" in kernels
@@ -299,15 +301,19 @@ def test_tensor_core_kernels_match_reference_on_cuda(full_width, num_queries, nu
 
 @pytest.mark.skipif(TENSOR_CORES_SKIP_REASON is not None, reason=str(TENSOR_CORES_SKIP_REASON))
 @pytest.mark.parametrize("num_queries, num_heads", [(2, 4), (3, 8)], ids=["2x4", "3x8"])
-def test_tensor_core_kernels_leave_one_attended_row_no_score_gradient(num_queries, num_heads):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_tensor_core_kernels_leave_one_attended_row_no_score_gradient(
+    num_queries, num_heads, dtype
+):
     # delta = G . out from the products dp takes ([Note: the tensor-core
-    # backward]): with one attended row, out is that row and du is exactly 0,
-    # with one score block and with two (24 scores).
+    # backward]): with one attended row, out is that row (float32: its two
+    # tf32 terms summed) and du is exactly 0, with one score block and with
+    # two (24 scores).
     torch.manual_seed(0)
     x, u, _ = _folded_inputs(2, 90, 128, num_queries, num_heads, device="cuda")
     mask = torch.zeros(2, 90, dtype=torch.bool, device="cuda")
     mask[:, 37] = True
-    x = (3 * x).to(torch.bfloat16).requires_grad_(True)
+    x = (3 * x).to(dtype).requires_grad_(True)
     u = u.float().requires_grad_(True)
     out = attnpool.folded_attention_pool(x, u, mask, 0.5, False)
     out.backward(torch.randn_like(out))

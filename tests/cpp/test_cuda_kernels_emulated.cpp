@@ -778,7 +778,7 @@ struct MmaCase {
   bool full_width, masked;
   int64_t pieces;  // 0: a ragged batch
   int nt;
-  torch::ScalarType dtype = torch::kBFloat16;  // of x; float32: the forward only
+  torch::ScalarType dtype = torch::kBFloat16;  // of x: bfloat16, or float32 as tf32 terms
   int buffers = 2;                             // the forward's tiles of x
 };
 
@@ -898,20 +898,23 @@ std::tuple<torch::Tensor, torch::Tensor> run_mma_backward(
   const int64_t num_scores = Q * n;
   const int mt = cuda::mma_score_tiles(Q, n, nt);
   const int64_t score_blocks = cuda::mma_groups(Q, nt) * mt;
-  const int64_t shared = cuda::mma_backward_shared_bytes(H, buffers, score_blocks);
-  EXPECT_LE(shared, kMostShared);
+  const bool tf32 = g.pool.rows.scalar_type() == torch::kFloat32;
   const auto* u_values = static_cast<const float*>(call.u);
   const auto* grad_values = static_cast<const float*>(call.grad_out);
-  const auto u_fragments = operand_words(cuda::mma_u_operand(u_values, Q, n, H, mt, nt, false));
-  const auto u_columns = operand_words(cuda::mma_u_operand(u_values, Q, n, H, mt, nt, true));
+  const auto u_fragments =
+      operand_words(cuda::mma_u_operand(u_values, Q, n, H, mt, nt, false, tf32));
+  const auto u_columns = operand_words(cuda::mma_u_operand(u_values, Q, n, H, mt, nt, true, tf32));
   const auto grad_fragments =
-      operand_words(cuda::mma_grad_operand(grad_values, B, Q, n, H, mt, nt, false));
+      operand_words(cuda::mma_grad_operand(grad_values, B, Q, n, H, mt, nt, false, tf32));
   const auto grad_columns =
-      operand_words(cuda::mma_grad_operand(grad_values, B, Q, n, H, mt, nt, true));
+      operand_words(cuda::mma_grad_operand(grad_values, B, Q, n, H, mt, nt, true, tf32));
   torch::Tensor du_partials;
   int64_t du_blocks = 0;
   g.dx.fill_(NAN);
-  cuda::with_mma_chains(mt, [&](auto chains) {
+  const auto run = [&](auto rows, auto chains) {
+    using scalar_t = decltype(rows);
+    const int64_t shared = cuda::mma_backward_shared_bytes<scalar_t>(H, buffers, score_blocks);
+    EXPECT_LE(shared, kMostShared);
     const auto launch_part = [&](cuda::MmaBackwardPart part) {
       attnpool::BackwardParams a = call;
       const bool du_only = part == cuda::MmaBackwardPart::kDu;
@@ -924,7 +927,7 @@ std::tuple<torch::Tensor, torch::Tensor> run_mma_backward(
         a.du_partials = du_partials.mutable_data_ptr();
       }
       launch(
-          &cuda::mma_backward_kernel<decltype(chains)::value>,
+          &cuda::mma_backward_kernel<scalar_t, decltype(chains)::value>,
           blocks * groups,
           cuda::kMmaThreads,
           shared,
@@ -940,6 +943,13 @@ std::tuple<torch::Tensor, torch::Tensor> run_mma_backward(
     } else {
       launch_part(cuda::MmaBackwardPart::kDx);
       launch_part(cuda::MmaBackwardPart::kDu);
+    }
+  };
+  cuda::with_mma_chains(mt, [&](auto chains) {
+    if (tf32) {
+      run(float{}, chains);
+    } else {
+      run(at::BFloat16{}, chains);
     }
   });
   launch(
@@ -969,7 +979,12 @@ void check_mma_forward(const MmaCase& c) {
       (torch::randn({c.num_queries, c.num_heads, c.hidden}, f64) / 4).to(torch::kFloat32);
   // bfloat16 rows: u as two bfloat16 terms (about 16 bits); float32 rows:
   // every product as three of tf32 terms (about 21 bits).
-  const double forward_tolerance = c.dtype == torch::kFloat32 ? 2e-6 : 1e-4;
+  const bool tf32 = c.dtype == torch::kFloat32;
+  const double forward_tolerance = tf32 ? 2e-6 : 1e-4;
+  // dx in x's dtype (bfloat16's precision; the lo . hi term of its products
+  // is below what a bfloat16 dx shows); du in float32.
+  const double dx_tolerance = tf32 ? 1e-5 : 4e-3;
+  const double du_tolerance = tf32 ? 1e-5 : 1e-3;
   if (c.pieces == 0) {
     // Empty sequences first, in the middle and last; one long one.
     const auto offsets = torch::tensor({0, 0, 3, 3, 95, 96, 108, 108}, torch::kInt64);
@@ -981,7 +996,7 @@ void check_mma_forward(const MmaCase& c) {
     const auto [out, lse] = run_mma_forward(f, c.nt, 0, f.pool.offsets, c.buffers);
     expect_close(out, want_out, forward_tolerance, "out");
     expect_close(lse, want_lse, forward_tolerance, "lse");
-    if (c.dtype == torch::kBFloat16) {
+    {
       const auto grad_out = torch::randn(want_out.sizes(), f64);
       const auto [want_dx, want_du] =
           cpu_op<VarlenBackwardOp>("attnpool::_folded_attention_pool_varlen_backward")
@@ -997,8 +1012,8 @@ void check_mma_forward(const MmaCase& c) {
       auto g = attnpool::detail::prepare_varlen_backward(
           grad_out.to(torch::kFloat32), x, offsets, u, out, lse, scale, c.full_width);
       const auto [dx, du] = run_mma_backward(g, c.nt, 0, g.pool.offsets, 2, u);
-      expect_close(dx, want_dx, 4e-3, "dx");
-      expect_close(du, want_du, 1e-3, "du");
+      expect_close(dx, want_dx, dx_tolerance, "dx");
+      expect_close(du, want_du, du_tolerance, "du");
     }
     return;
   }
@@ -1030,9 +1045,6 @@ void check_mma_forward(const MmaCase& c) {
   const auto [out, lse] = run_mma_forward(f, c.nt, c.pieces, torch::Tensor(), c.buffers);
   expect_close(out, want_out, forward_tolerance, "out");
   expect_close(lse, want_lse, forward_tolerance, "lse");
-  if (c.dtype != torch::kBFloat16) {
-    return;  // the tensor-core backward takes bfloat16 rows
-  }
   const auto grad_out = torch::randn(want_out.sizes(), f64);
   const auto [want_dx, want_du] = cpu_op<BackwardOp>("attnpool::_folded_attention_pool_backward")
                                       .call(
@@ -1063,8 +1075,8 @@ void check_mma_forward(const MmaCase& c) {
     SCOPED_TRACE("buffers " + std::to_string(buffers));
     auto g = backward_inputs();
     const auto [dx, du] = run_mma_backward(g, c.nt, c.pieces, torch::Tensor(), buffers, u);
-    expect_close(dx, want_dx, 4e-3, "dx");
-    expect_close(du, want_du, 1e-3, "du");
+    expect_close(dx, want_dx, dx_tolerance, "dx");
+    expect_close(du, want_du, du_tolerance, "du");
   }
 }
 
@@ -1108,51 +1120,43 @@ TEST(EmulatedTensorCoreKernels, Float32RowsMatchTheCpuOperators) {
 // One attended row per sequence through the tensor-core forward and
 // backward: delta comes from the products dp takes, with out (that row) in
 // place of x, so the scores' gradient cancels exactly, as in the reference.
-TEST(EmulatedTensorCoreKernels, OneAttendedRowHasNoScoreGradient) {
-  for (const bool full_width : {false, true}) {
-    SCOPED_TRACE(full_width ? "full width" : "head slices");
-    torch::manual_seed(11);
-    const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
-    const auto u = (torch::randn({2, 2, 64}, f64) / 2).to(torch::kFloat32);
-    const auto mask = torch::zeros({2, 37}, torch::kBool);
-    mask.select(1, 4).fill_(true);
-    const auto x = (torch::randn({2, 37, 64}, f64) * 3)
-                       .to(torch::kBFloat16)
-                       .masked_fill(mask.logical_not().unsqueeze(-1), NAN);
-    auto f = attnpool::detail::prepare_forward(x, u, mask, 0.4, full_width, {}, std::nullopt);
-    const auto [out, lse] = run_mma_forward(f, 1, 2, torch::Tensor());
-    const auto grad_out = torch::randn(out.sizes());
-    auto g = attnpool::detail::prepare_backward(
-        grad_out, x, u, mask, out, lse, 0.4, full_width, {}, std::nullopt);
-    const auto [dx, du] = run_mma_backward(g, 1, 2, torch::Tensor(), 2, u);
-    EXPECT_EQ(du.abs().max().item<double>(), 0.0);
-    // dx of that row: the output's gradient summed over the scores.
-    const auto summed = full_width ? grad_out.sum({1, 2}) : grad_out.sum(1);
-    expect_close(dx.select(1, 4), summed, 4e-3, "dx of the attended row");
-    EXPECT_EQ(dx.select(1, 5).abs().max().item<double>(), 0.0);
-  }
-}
-
-// The same with two score blocks (18 scores), where dx and du take a launch
-// each: both sum delta as dp, so the scores' gradient cancels there too.
-TEST(EmulatedTensorCoreKernels, OneAttendedRowHasNoScoreGradientInTwoLaunches) {
-  torch::manual_seed(12);
+// float32 rows: out is the row's two tf32 terms summed (about 22 of its 24
+// bits), whose own terms are the row's, so delta still equals dp.
+void expect_one_row_no_score_gradient(
+    torch::ScalarType dtype, bool full_width, int64_t num_queries, int64_t num_heads, int64_t H) {
+  SCOPED_TRACE(
+      std::string(c10::toString(dtype)) + (full_width ? " full width" : " head slices") + " Q" +
+      std::to_string(num_queries) + " n" + std::to_string(num_heads));
+  torch::manual_seed(11 + H);
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
-  const auto u = (torch::randn({3, 6, 96}, f64) / 2).to(torch::kFloat32);
+  const auto u = (torch::randn({num_queries, num_heads, H}, f64) / 2).to(torch::kFloat32);
   const auto mask = torch::zeros({2, 45}, torch::kBool);
   mask.select(1, 30).fill_(true);
-  const auto x = (torch::randn({2, 45, 96}, f64) * 3)
-                     .to(torch::kBFloat16)
+  const auto x = (torch::randn({2, 45, H}, f64) * 3)
+                     .to(dtype)
                      .masked_fill(mask.logical_not().unsqueeze(-1), NAN);
-  auto f = attnpool::detail::prepare_forward(x, u, mask, 0.4, false, {}, std::nullopt);
+  auto f = attnpool::detail::prepare_forward(x, u, mask, 0.4, full_width, {}, std::nullopt);
   const auto [out, lse] = run_mma_forward(f, 1, 2, torch::Tensor());
   const auto grad_out = torch::randn(out.sizes());
   auto g = attnpool::detail::prepare_backward(
-      grad_out, x, u, mask, out, lse, 0.4, false, {}, std::nullopt);
+      grad_out, x, u, mask, out, lse, 0.4, full_width, {}, std::nullopt);
   const auto [dx, du] = run_mma_backward(g, 1, 2, torch::Tensor(), 2, u);
   EXPECT_EQ(du.abs().max().item<double>(), 0.0);
-  expect_close(dx.select(1, 30), grad_out.sum(1), 4e-3, "dx of the attended row");
+  // dx of that row: the output's gradient summed over the scores.
+  const auto summed = full_width ? grad_out.sum({1, 2}) : grad_out.sum(1);
+  const double tolerance = dtype == torch::kFloat32 ? 1e-5 : 4e-3;
+  expect_close(dx.select(1, 30), summed, tolerance, "dx of the attended row");
   EXPECT_EQ(dx.select(1, 29).abs().max().item<double>(), 0.0);
+}
+
+TEST(EmulatedTensorCoreKernels, OneAttendedRowHasNoScoreGradient) {
+  for (const auto dtype : {torch::kBFloat16, torch::kFloat32}) {
+    for (const bool full_width : {false, true}) {
+      expect_one_row_no_score_gradient(dtype, full_width, 2, 2, 64);
+    }
+    // Two score blocks (18 scores): dx and du take a launch each.
+    expect_one_row_no_score_gradient(dtype, false, 3, 6, 96);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -205,36 +205,59 @@ void sum_du_partials(
 }
 
 // [Note: opting in to the tensor-core kernels] ATTNPOOL_CUDA_TENSOR_CORES=1
-// sends bfloat16 calls of several scores per row to the kernels of
-// tensor_core_kernel.cuh, forward and backward (the backward recomputes the
-// forward's scores with the same products, so both must take them). They
-// are checked in emulation only until a GPU has run them
-// (scripts/gpu_check.sh runs the CUDA tests and the benchmark a second time
-// with it set); then they become the default for those calls. The variable
-// is read once per process; the rest is decided from the shape, dtype and
-// x's alignment, which the backward sees as the forward did.
+// sends bfloat16 and float32 calls of several scores per row to the kernels
+// of tensor_core_kernel.cuh, forward and backward (the backward recomputes
+// the forward's scores with the same products, so both must take them;
+// float32 rows as 3xTF32, MmaRows). They are checked in emulation only
+// until a GPU has run them (scripts/gpu_check.sh runs the CUDA tests and
+// the benchmark a second time with it set); then they become the default
+// for the calls where they win. The variable is read once per process; the
+// rest is decided from the shape, dtype and x's alignment, which the
+// backward sees as the forward did.
 int64_t most_shared_per_block() {
   return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
 }
 
-bool takes_tensor_core_kernels(const PoolInputs& p, at::ScalarType dtype, int vec) {
+bool tensor_cores_requested() {
   // Read once: a forward and its backward must agree.
   static const bool requested = [] {
     const char* value = std::getenv("ATTNPOOL_CUDA_TENSOR_CORES");
     return value != nullptr && std::strcmp(value, "1") == 0;
   }();
-  if (!requested || dtype != at::kBFloat16 || vec != kPackWidth<at::BFloat16> ||
+  return requested;
+}
+
+template <typename scalar_t>
+bool takes_tensor_core_kernels(const PoolInputs& p, const at::Tensor& rows_of_x) {
+  if (!tensor_cores_requested() || vector_width<scalar_t>(rows_of_x) != kPackWidth<scalar_t> ||
       p.num_scores() < 2 || device_attribute(cudaDevAttrComputeCapabilityMajor) < 8) {
     return false;
   }
   const int64_t most_shared = most_shared_per_block();
-  const MmaForwardShape forward = mma_forward_shape(p, most_shared);
-  // grad_out's operands take 128 bytes per score block, sequence and column
-  // ([Note: tensor-core operands]): not more than twice x's (bfloat16) bytes,
-  // which keeps batches of short sequences off these kernels.
+  const MmaForwardShape forward = mma_forward_shape<scalar_t>(p, most_shared);
+  // grad_out's operands take 64 bytes per score block, sequence and column
+  // and per 2 bytes of x's element ([Note: tensor-core operands]): not more
+  // than twice x's bytes, which keeps batches of short sequences off these
+  // kernels.
   const int64_t rows = p.ragged() ? p.seq_len : p.batch * p.seq_len;
   return forward.mt > 0 && 32 * p.batch * mma_score_blocks(p, forward) <= rows &&
-         mma_backward_buffers(p, most_shared) > 0;
+         mma_backward_buffers<scalar_t>(p, most_shared) > 0;
+}
+
+// Calls f(scalar_t{}) and returns true if the tensor-core kernels take this
+// call: bfloat16 or float32 rows (takes_tensor_core_kernels).
+template <typename F>
+bool on_tensor_cores(
+    const PoolInputs& p, at::ScalarType dtype, const at::Tensor& rows_of_x, F&& f) {
+  if (dtype == at::kBFloat16 && takes_tensor_core_kernels<at::BFloat16>(p, rows_of_x)) {
+    f(at::BFloat16{});
+    return true;
+  }
+  if (dtype == at::kFloat && takes_tensor_core_kernels<float>(p, rows_of_x)) {
+    f(float{});
+    return true;
+  }
+  return false;
 }
 
 PieceCut cut_for_tensor_cores(int64_t sequences, int64_t seq_len) {
@@ -285,9 +308,11 @@ TensorCoreCut cut_tensor_core_work(
 
 // The forward on tensor cores ([Note: the tensor-core forward]), in the
 // groups of queries and tiles of scores of mma_forward_shape.
+template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> run_tensor_core_forward(detail::PreparedForward& f) {
+  constexpr bool kTf32 = std::is_same_v<scalar_t, float>;
   ForwardParams& a = f.params;
-  const MmaForwardShape shape = mma_forward_shape(a, most_shared_per_block());
+  const MmaForwardShape shape = mma_forward_shape<scalar_t>(a, most_shared_per_block());
   const int64_t groups = mma_groups(a.num_queries, shape.nt);
   const TensorCoreCut work = cut_tensor_core_work(a, f.pool, groups);
   const bool merge = a.ragged() || a.cut.pieces > 1;
@@ -300,16 +325,15 @@ std::tuple<at::Tensor, at::Tensor> run_tensor_core_forward(detail::PreparedForwa
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto* u = static_cast<const float*>(a.u);
   const at::Tensor u_fragments = laid_out(
-      mma_u_operand(u, a.num_queries, a.num_heads, a.hidden, shape.mt, shape.nt, false),
+      mma_u_operand(u, a.num_queries, a.num_heads, a.hidden, shape.mt, shape.nt, false, kTf32),
       f.out,
       stream);
   const int64_t shared =
-      mma_shared_layout<at::BFloat16>(a.hidden, shape.mt, shape.nt, shape.buffers).bytes;
+      mma_shared_layout<scalar_t>(a.hidden, shape.mt, shape.nt, shape.buffers).bytes;
   with_mma_score_tiles(shape.mt, [&](auto tiles) {
     constexpr int MT = decltype(tiles)::value;
-    using bf16 = at::BFloat16;
     auto* kernel =
-        shape.nt == 1 ? &mma_forward_kernel<bf16, MT, 1> : &mma_forward_kernel<bf16, MT, 2>;
+        shape.nt == 1 ? &mma_forward_kernel<scalar_t, MT, 1> : &mma_forward_kernel<scalar_t, MT, 2>;
     set_shared_limit<float>(reinterpret_cast<const void*>(kernel), shared);
     kernel<<<work.blocks * groups, kMmaThreads, shared, stream>>>(
         a, words_of(u_fragments), shape.buffers);
@@ -317,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> run_tensor_core_forward(detail::PreparedForwa
   });
   if (merge) {
     const int threads = merge_threads(work.merged_pieces);
-    merge_pieces_kernel<at::BFloat16>
+    merge_pieces_kernel<scalar_t>
         <<<a.batch * a.num_queries * merge_blocks_per_row(a.hidden, a.num_heads),
            threads,
            merge_shared_bytes<float>(threads),
@@ -330,26 +354,28 @@ std::tuple<at::Tensor, at::Tensor> run_tensor_core_forward(detail::PreparedForwa
 // The backward on tensor cores ([Note: the tensor-core backward]): dx and
 // du in one launch for one score block, else a launch each; then the sum of
 // the du partials in order.
+template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> run_tensor_core_backward(
     detail::PreparedBackward& g, const at::Tensor& u) {
+  constexpr bool kTf32 = std::is_same_v<scalar_t, float>;
   const BackwardParams& call = g.params;
   const int64_t B = call.batch, Q = call.num_queries, n = call.num_heads, H = call.hidden;
   const int64_t most_shared = most_shared_per_block();
-  const MmaForwardShape forward = mma_forward_shape(call, most_shared);
+  const MmaForwardShape forward = mma_forward_shape<scalar_t>(call, most_shared);
   const int64_t score_blocks = mma_score_blocks(call, forward);
-  const int buffers = mma_backward_buffers(call, most_shared);
+  const int buffers = mma_backward_buffers<scalar_t>(call, most_shared);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto* u_values = static_cast<const float*>(call.u);
   const auto* grad = static_cast<const float*>(call.grad_out);
   const auto lay_out = [&](const MmaOperand& op) { return laid_out(op, g.du, stream); };
   const at::Tensor u_fragments =
-      lay_out(mma_u_operand(u_values, Q, n, H, forward.mt, forward.nt, false));
+      lay_out(mma_u_operand(u_values, Q, n, H, forward.mt, forward.nt, false, kTf32));
   const at::Tensor u_columns =
-      lay_out(mma_u_operand(u_values, Q, n, H, forward.mt, forward.nt, true));
+      lay_out(mma_u_operand(u_values, Q, n, H, forward.mt, forward.nt, true, kTf32));
   const at::Tensor grad_fragments =
-      lay_out(mma_grad_operand(grad, B, Q, n, H, forward.mt, forward.nt, false));
+      lay_out(mma_grad_operand(grad, B, Q, n, H, forward.mt, forward.nt, false, kTf32));
   const at::Tensor grad_columns =
-      lay_out(mma_grad_operand(grad, B, Q, n, H, forward.mt, forward.nt, true));
+      lay_out(mma_grad_operand(grad, B, Q, n, H, forward.mt, forward.nt, true, kTf32));
   // du's partials, one per (sequence, piece) of the launch that sums du; the
   // cuts (a ragged batch's piece tables) live until every launch is queued.
   at::Tensor du_partials;
@@ -357,9 +383,10 @@ std::tuple<at::Tensor, at::Tensor> run_tensor_core_backward(
   std::vector<TensorCoreCut> cuts;
   cuts.reserve(2);
   with_mma_chains(forward.mt, [&](auto chains) {
-    auto* kernel = &mma_backward_kernel<decltype(chains)::value>;
+    auto* kernel = &mma_backward_kernel<scalar_t, decltype(chains)::value>;
     set_shared_limit<float>(
-        reinterpret_cast<const void*>(kernel), mma_backward_shared_bytes(H, buffers, score_blocks));
+        reinterpret_cast<const void*>(kernel),
+        mma_backward_shared_bytes<scalar_t>(H, buffers, score_blocks));
     const auto launch = [&](MmaBackwardPart part) {
       BackwardParams a = call;
       const bool du_only = part == MmaBackwardPart::kDu;
@@ -371,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor> run_tensor_core_backward(
         a.du_partials = du_partials.mutable_data_ptr();
       }
       const int64_t shared =
-          mma_backward_layout(H, buffers, du_only ? 1 : score_blocks, part).bytes;
+          mma_backward_layout<scalar_t>(H, buffers, du_only ? 1 : score_blocks, part).bytes;
       kernel<<<work.blocks * groups, kMmaThreads, shared, stream>>>(
           a,
           words_of(u_fragments),
@@ -398,9 +425,11 @@ std::tuple<at::Tensor, at::Tensor> run_forward(detail::PreparedForward& f, at::S
   if (f.lse.numel() == 0) {
     return {f.out, f.lse};
   }
-  if (dtype == at::kBFloat16 &&
-      takes_tensor_core_kernels(f.params, dtype, vector_width<at::BFloat16>(f.pool.rows))) {
-    return run_tensor_core_forward(f);
+  std::tuple<at::Tensor, at::Tensor> on_cores;
+  if (on_tensor_cores(f.params, dtype, f.pool.rows, [&](auto rows) {
+        on_cores = run_tensor_core_forward<decltype(rows)>(f);
+      })) {
+    return on_cores;
   }
   if (takes_matmul_path(f.params)) {
     return detail::pool_forward_by_matmul(f);
@@ -475,9 +504,11 @@ std::tuple<at::Tensor, at::Tensor> run_backward(
     g.du.zero_();
     return g.gradients(u);
   }
-  if (dtype == at::kBFloat16 &&
-      takes_tensor_core_kernels(a, dtype, vector_width<at::BFloat16>(g.pool.rows))) {
-    return run_tensor_core_backward(g, u);
+  std::tuple<at::Tensor, at::Tensor> on_cores;
+  if (on_tensor_cores(a, dtype, g.pool.rows, [&](auto rows) {
+        on_cores = run_tensor_core_backward<decltype(rows)>(g, u);
+      })) {
+    return on_cores;
   }
   if (takes_matmul_path(a)) {
     std::tie(g.dx, g.du) = detail::pool_backward_by_matmul(g);

@@ -1,11 +1,10 @@
 #pragma once
 
-// Device code of the kernels for several scores per row on tensor cores:
-// the forward for bfloat16 and float32 rows ([Note: the tensor-core
-// forward]), the backward for bfloat16 rows ([Note: the tensor-core
-// backward]) and the layout of their operands ([Note: tensor-core
-// operands]). Like the other kernels they use only what cuda_compat.h
-// provides, so the emulated tests run them.
+// Device code of the kernels for several scores per row on tensor cores,
+// for bfloat16 and float32 rows (MmaRows): the forward ([Note: the
+// tensor-core forward]), the backward ([Note: the tensor-core backward])
+// and the layout of their operands ([Note: tensor-core operands]). Like the other kernels they use
+// only what cuda_compat.h provides, so the emulated tests run them.
 
 #include "ops/cuda/folded_attention_pool_kernel.cuh"
 
@@ -51,12 +50,11 @@ namespace attnpool::cuda {
 // last bits (the tensor cores add in their own order), so a call whose
 // forward runs here runs its backward in mma_backward_kernel, which
 // recomputes the scores the same way (score_rows, the same chains). The
-// entry points take both only when asked, for bfloat16 rows ([Note: opting
-// in to the tensor-core kernels] in folded_attention_pool_kernel.cu), until
-// a GPU has run them; float32 rows wait for a backward and for a GPU to
-// say whether 3xTF32 beats forward_kernel's FMA.
-// benchmarks/tensor_core_kernels.cu times them, and the emulated tests
-// check them against the CPU operators.
+// entry points take both only when asked ([Note: opting in to the
+// tensor-core kernels] in folded_attention_pool_kernel.cu) until a GPU has
+// run them and said, for float32 rows, whether 3xTF32 beats the other
+// kernels' FMA; benchmarks/tensor_core_kernels.cu times them, and the
+// emulated tests check them against the CPU operators.
 
 constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = 32 * kMmaWarps;
@@ -637,11 +635,12 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
 //   1. for each score block j the block takes, the scores and dp = G_s . x
 //      (G_s: grad_out's slice of score s, zeros elsewhere) by score_rows;
 //   2. p and ds = scale p (dp - delta) per (score, row) in the products'
-//      registers, stored as two bfloat16 terms each: by rows for dx (p and
+//      registers, stored as two terms each (MmaRows): by rows for dx (p and
 //      ds of the block's j-th score block at columns 32 j and 32 j + 16),
 //      by scores for du;
 //   3. dx = [p | ds] . [G; u] per 16 rows and 8 columns, K = 32 per score
-//      block (hi.hi + hi.lo + lo.hi), written once in x's dtype;
+//      block (hi.hi + hi.lo + lo.hi; A by ldmatrix, which gives bfloat16
+//      and tf32 A fragments alike), written once in x's dtype;
 //   4. du += x^T . ds^T as the forward's weighted sums, in shared memory,
 //      stored at the end as this block's du partial (reduce_partials_kernel
 //      sums them in order).
@@ -652,8 +651,10 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
 // another du (a block per piece and score block), each reading x once more.
 //
 // delta = G_s . out_s comes first from the same products as dp, with the
-// rows of out (hi and lo terms) in place of x: where one row holds all the
-// weight, out is that row, and dp - delta is exactly 0 there, as in the
+// rows of out in place of x (bfloat16: out's hi and lo terms as two rows;
+// float32: out itself, split into tf32 terms as x is): where one row holds
+// all the weight, out is that row (float32: its two tf32 terms summed,
+// whose terms are the row's), and dp - delta is exactly 0 there, as in the
 // reference (no gradient reaches u).
 
 // The score (query * n + head) of row m of score block j, in the forward's
@@ -682,34 +683,37 @@ struct MmaBackwardShape {
 
 struct MmaBackwardLayout {
   int64_t x_row;
-  int64_t x_tiles;     // `buffers` tiles of x (bfloat16)
+  int64_t x_tiles;     // `buffers` tiles of x
   int64_t sums;        // du, [H / 16][2][32 lanes][4] float
   int64_t scratch;     // [16][kMmaScoreStride] float
   int64_t lse;         // [16 blocks][2] float
   int64_t delta;       // [16 blocks] float
-  int64_t dx_stride;   // bfloat16 in a row of dx's A operand
-  int64_t dx_operand;  // [2 terms][kMmaTileRows][dx_stride] bfloat16
-  int64_t ds_weights;  // [2 terms][16][kMmaWeightStride] bfloat16
+  int64_t dx_stride;   // terms in a row of dx's A operand
+  int64_t dx_operand;  // [2 terms][kMmaTileRows][dx_stride] (MmaRows::Term)
+  int64_t ds_weights;  // [2 terms][16][kWeightStride] (MmaRows::Term)
   int64_t bytes;
 };
 
 // blocks: the score blocks each block of the launch takes.
+template <typename scalar_t = c10::BFloat16>
 ATTNPOOL_HOST_DEVICE inline MmaBackwardLayout mma_backward_layout(
     int64_t hidden, int64_t buffers, int64_t blocks, MmaBackwardPart part) {
+  using Rows = MmaRows<scalar_t>;
+  constexpr int64_t kTermBytes = sizeof(typename Rows::Term);
   const bool dx = part != MmaBackwardPart::kDu;
   const bool du = part != MmaBackwardPart::kDx;
   MmaBackwardLayout s;
-  s.x_row = hidden + kMmaRowPad;
+  s.x_row = hidden + kMmaChunk<scalar_t>;
   s.x_tiles = 0;
-  s.sums = buffers * kMmaTileRows * s.x_row * 2;
+  s.sums = buffers * kMmaTileRows * s.x_row * sizeof(scalar_t);
   s.scratch = s.sums + (du ? (hidden / 16) * 2 * 32 * 4 * 4 : 0);
   s.lse = s.scratch + 16 * kMmaScoreStride * 4;
   s.delta = s.lse + 16 * blocks * 2 * 4;
   // Rows 16 bytes apart modulo 128 (or 80): ldmatrix's rows in different banks.
-  s.dx_stride = 32 * blocks + 8;
+  s.dx_stride = 32 * blocks + 16 / kTermBytes;
   s.dx_operand = s.delta + 16 * blocks * 4;
-  s.ds_weights = s.dx_operand + (dx ? 2 * kMmaTileRows * s.dx_stride * 2 : 0);
-  s.bytes = s.ds_weights + (du ? 2 * 16 * kMmaWeightStride * 2 : 0);
+  s.ds_weights = s.dx_operand + (dx ? 2 * kMmaTileRows * s.dx_stride * kTermBytes : 0);
+  s.bytes = s.ds_weights + (du ? 2 * 16 * Rows::kWeightStride * kTermBytes : 0);
   return s;
 }
 
@@ -718,12 +722,83 @@ ATTNPOOL_HOST_DEVICE inline uint32_t bf16_pair_bits(float first, float second) {
          (static_cast<uint32_t>(c10::BFloat16(second).x) << 16);
 }
 
+// Two values of dx, columns col and col + 1 of a row, in x's dtype.
+template <typename scalar_t>
+ATTNPOOL_DEVICE inline void store_pair(scalar_t* to, float first, float second) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    *reinterpret_cast<Pack<float, 2>*>(to) = Pack<float, 2>{{first, second}};
+  } else {
+    *reinterpret_cast<uint32_t*>(to) = bf16_pair_bits(first, second);
+  }
+}
+
+// The value the delta prologue stages for out: bfloat16 rows hold out as
+// two terms (rows 0..15 hi, 16..31 lo); float32 rows hold out itself in
+// rows 0..15 (score_rows splits it into tf32 terms as it splits x) and
+// zeros in rows 16..31.
+template <typename scalar_t>
+ATTNPOOL_DEVICE inline scalar_t out_row_value(float value, int term) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return term == 0 ? value : 0.0f;
+  } else {
+    return bf16_term(value, term);
+  }
+}
+
+// dx's products for one score block of one k-step pair: acc += [p | ds] .
+// [G; u] for rows 16 mr.. of the tile and 8 columns. The A operand (p and
+// ds, two terms each) comes from shared memory by ldmatrix at `row` (this
+// lane's address of rows 16 mr.., the block's first column), B from the
+// columns' words of G and u (`g_words`, `u_words`: this lane's first word
+// of the column group's k-steps). bfloat16: K = 16 per mma, p then ds;
+// float32: K = 8, p's two k-steps then ds's, ldmatrix giving tf32 A
+// fragments as it gives B fragments in score_rows.
+template <typename scalar_t>
+ATTNPOOL_DEVICE inline void add_dx_products(
+    float (&acc)[4],
+    const typename MmaRows<scalar_t>::Term* row,
+    int64_t term_stride,
+    const uint32_t* g_words,
+    const uint32_t* u_words,
+    int64_t term_words) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // k-steps 0, 1: p against G; 2, 3: ds against u.
+    ATTNPOOL_UNROLL
+    for (int ks = 0; ks < 4; ++ks) {
+      uint32_t ah[4];
+      uint32_t al[4];
+      attnpool_ldmatrix_x4<false>(ah, row + 8 * ks);
+      attnpool_ldmatrix_x4<false>(al, row + term_stride + 8 * ks);
+      const uint32_t* words = (ks < 2 ? g_words : u_words) + (ks % 2) * 64;
+      const uint32_t bh[2] = {words[0], words[1]};
+      const uint32_t bl[2] = {words[term_words], words[term_words + 1]};
+      attnpool_mma_tf32(acc, ah, bh);
+      attnpool_mma_tf32(acc, ah, bl);
+      attnpool_mma_tf32(acc, al, bh);
+    }
+  } else {
+    ATTNPOOL_UNROLL
+    for (int kk = 0; kk < 2; ++kk) {
+      uint32_t ah[4];
+      uint32_t al[4];
+      attnpool_ldmatrix_x4<false>(ah, row + 16 * kk);
+      attnpool_ldmatrix_x4<false>(al, row + term_stride + 16 * kk);
+      const uint32_t* words = kk == 0 ? g_words : u_words;
+      const uint32_t bh[2] = {words[0], words[1]};
+      const uint32_t bl[2] = {words[term_words], words[term_words + 1]};
+      attnpool_mma_bf16(acc, ah, bh);
+      attnpool_mma_bf16(acc, ah, bl);
+      attnpool_mma_bf16(acc, al, bh);
+    }
+  }
+}
+
 // One (sequence b, piece) per block of kMmaThreads threads, or with the du
 // part one (sequence b, piece, score block). kChains: the forward's
 // (mma_chains of its MT). u_fragments as the forward's; u_columns,
 // grad_fragments and grad_columns laid out by mma_operand_kernel
 // (mma_u_operand, mma_grad_operand) in the same score blocks.
-template <int kChains>
+template <typename scalar_t, int kChains>
 ATTNPOOL_GLOBAL void mma_backward_kernel(
     BackwardParams a,
     const uint32_t* u_fragments,
@@ -731,7 +806,9 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
     const uint32_t* grad_fragments,
     const uint32_t* grad_columns,
     MmaBackwardShape shape) {
-  using scalar_t = c10::BFloat16;
+  using Rows = MmaRows<scalar_t>;
+  using Term = typename Rows::Term;
+  constexpr bool kTf32 = std::is_same_v<scalar_t, float>;
   constexpr int TR = kMmaTileRows;
   const int64_t Q = a.num_queries;
   const int64_t n = a.num_heads;
@@ -752,11 +829,12 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
   const int t = lane % 4;
   const int64_t first = rows.begin;
   const int64_t last = rows.end;
-  const int64_t k_steps = H / 16;
+  const int64_t k_steps = H / Rows::kStep;
   const int64_t col_tiles = H / 16;
   const int64_t column_groups = H / 8;
-  const int64_t fragment_block = 2 * k_steps * 32;  // Pack<uint32_t, 4> per score block
-  const int64_t column_block = 16 * H;              // words per score block
+  const int64_t fragment_block = 2 * k_steps * 32;     // Pack<uint32_t, 4> per score block
+  const int64_t column_block = (kTf32 ? 32 : 16) * H;  // words per score block
+  const int64_t group_words = kTf32 ? 128 : 64;        // per column group and term
   const auto* x = static_cast<const scalar_t*>(a.x) + a.row_offset(b, 0);
   auto* dx = static_cast<scalar_t*>(a.dx) + a.flat_row(b, 0) * H;
   const auto* out = static_cast<const float*>(a.out) + b * Q * H;
@@ -782,17 +860,18 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
     return;
   }
 
-  const MmaBackwardLayout layout = mma_backward_layout(H, shape.buffers, blocks, shape.part);
+  const MmaBackwardLayout layout =
+      mma_backward_layout<scalar_t>(H, shape.buffers, blocks, shape.part);
   ATTNPOOL_DYNAMIC_SHARED(unsigned char, shared);
   scalar_t* tiles = shared_at<scalar_t>(shared, layout.x_tiles);
   float* sums = shared_at<float>(shared, layout.sums);
   float* scratch = shared_at<float>(shared, layout.scratch);
   float* lse = shared_at<float>(shared, layout.lse);
   float* delta = shared_at<float>(shared, layout.delta);
-  scalar_t* dx_operand = shared_at<scalar_t>(shared, layout.dx_operand);
-  scalar_t* ds_weights = shared_at<scalar_t>(shared, layout.ds_weights);
+  Term* dx_operand = shared_at<Term>(shared, layout.dx_operand);
+  Term* ds_weights = shared_at<Term>(shared, layout.ds_weights);
   const int64_t dx_term = TR * layout.dx_stride;
-  constexpr int kWeightTerm = 16 * kMmaWeightStride;
+  constexpr int kWeightTerm = 16 * Rows::kWeightStride;
 
   if (with_du) {
     for (int64_t i = tid; i < col_tiles * 2 * 32 * 4; i += kMmaThreads) {
@@ -800,7 +879,7 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
     }
   }
   // delta of each score block: rows 0..15 of the first tile hold score s's
-  // out (its slice, zeros elsewhere) as hi terms, rows 16..31 as lo terms.
+  // out (its slice, zeros elsewhere), as out_row_value stages it.
   for (int64_t jj = 0; jj < blocks; ++jj) {
     const int64_t j = first_block + jj;
     if (empty_block(j)) {
@@ -814,7 +893,7 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
       if (s >= 0 && col / d == s % n) {
         value = out[(s / n) * H + col];
       }
-      tiles[r * layout.x_row + col] = bf16_term(value, r / 16);
+      tiles[r * layout.x_row + col] = out_row_value<scalar_t>(value, r / 16);
     }
     attnpool_syncthreads();
     float acc[1][kChains][4];
@@ -897,12 +976,13 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
         }
         for (int term = 0; term < 2; ++term) {
           if (with_dx) {
-            scalar_t* row = dx_operand + term * dx_term + r * layout.dx_stride + 32 * jj;
-            row[m] = bf16_term(p, term);
-            row[16 + m] = bf16_term(ds, term);
+            Term* row = dx_operand + term * dx_term + r * layout.dx_stride + 32 * jj;
+            row[m] = mma_term<scalar_t>(p, term);
+            row[16 + m] = mma_term<scalar_t>(ds, term);
           }
           if (with_du) {
-            ds_weights[term * kWeightTerm + m * kMmaWeightStride + r] = bf16_term(ds, term);
+            ds_weights[term * kWeightTerm + m * Rows::kWeightStride + r] =
+                mma_term<scalar_t>(ds, term);
           }
         }
       }
@@ -910,9 +990,12 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
     attnpool_syncthreads();
 
     // dx: 16 columns (two groups of 8) by rows 16 mr.. per warp; for each
-    // score block, k-step 0 its weights against G, k-step 1 its ds
-    // against u.
+    // score block, its weights against G, then its ds against u.
     if (with_dx) {
+      // ldmatrix: lane 8 j + i gives row i + 8 (j % 2) and the 16 bytes
+      // j / 2 of a k-step.
+      const Term* lane_row = dx_operand + (lane % 8 + 8 * ((lane / 8) % 2)) * layout.dx_stride +
+                             (16 / static_cast<int>(sizeof(Term))) * (lane / 16);
       for (int64_t cm = warp; cm < col_tiles; cm += kMmaWarps) {
         float acc[2][2][4] = {};  // [mr][half]
         for (int64_t jj = 0; jj < blocks; ++jj) {
@@ -920,37 +1003,16 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
           if (empty_block(j)) {
             continue;
           }
-          uint32_t ap[2][2][2][4];  // [mr][k-step][term]
-          for (int mr = 0; mr < 2; ++mr) {
-            for (int kk = 0; kk < 2; ++kk) {
-              for (int term = 0; term < 2; ++term) {
-                attnpool_ldmatrix_x4<false>(
-                    ap[mr][kk][term],
-                    dx_operand + term * dx_term +
-                        (16 * mr + lane % 8 + 8 * ((lane / 8) % 2)) * layout.dx_stride + 32 * jj +
-                        16 * kk + 8 * (lane / 16));
-              }
-            }
-          }
           for (int half = 0; half < 2; ++half) {
-            const int64_t nc = 2 * cm + half;
-            uint32_t bg[2][2];
-            uint32_t bu[2][2];
-            for (int term = 0; term < 2; ++term) {
-              for (int w = 0; w < 2; ++w) {
-                const int64_t word = ((term * column_groups + nc) * 32 + lane) * 2 + w;
-                bg[term][w] = grad_cols[j * column_block + word];
-                bu[term][w] = u_columns[j * column_block + word];
-              }
-            }
+            const int64_t words = j * column_block + (2 * cm + half) * group_words + 2 * lane;
             for (int mr = 0; mr < 2; ++mr) {
-              float (&sum)[4] = acc[mr][half];
-              attnpool_mma_bf16(sum, ap[mr][0][0], bg[0]);
-              attnpool_mma_bf16(sum, ap[mr][0][0], bg[1]);
-              attnpool_mma_bf16(sum, ap[mr][0][1], bg[0]);
-              attnpool_mma_bf16(sum, ap[mr][1][0], bu[0]);
-              attnpool_mma_bf16(sum, ap[mr][1][0], bu[1]);
-              attnpool_mma_bf16(sum, ap[mr][1][1], bu[0]);
+              add_dx_products<scalar_t>(
+                  acc[mr][half],
+                  lane_row + 16 * mr * layout.dx_stride + 32 * jj,
+                  dx_term,
+                  grad_cols + words,
+                  u_columns + words,
+                  column_groups * group_words);
             }
           }
         }
@@ -963,8 +1025,10 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
                 // Rows not attended get zeros, not 0 . G (NaN where G is not finite).
                 const bool attended = a.attends(b, l);
                 const float (&sum)[4] = acc[mr][half];
-                *reinterpret_cast<uint32_t*>(dx + l * H + col) =
-                    attended ? bf16_pair_bits(sum[2 * h8], sum[2 * h8 + 1]) : 0u;
+                store_pair<scalar_t>(
+                    dx + l * H + col,
+                    attended ? sum[2 * h8] : 0.0f,
+                    attended ? sum[2 * h8 + 1] : 0.0f);
               }
             }
           }
@@ -975,25 +1039,25 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
     // du += x^T . ds^T: 16 columns by 8 scores per mma (unrolled as the
     // forward's weighted sums).
     if (with_du) {
+      constexpr int kPerWord = 4 / static_cast<int>(sizeof(Term));
       ATTNPOOL_UNROLL_BY(2)
       for (int64_t cm = warp; cm < col_tiles; cm += kMmaWarps) {
-        const scalar_t* address = tile_rows + ((lane % 8) + 8 * (lane / 16)) * layout.x_row +
-                                  cm * 16 + 8 * ((lane / 8) % 2);
-        uint32_t xt[2][4];
-        attnpool_ldmatrix_x4<true>(xt[0], address);
-        attnpool_ldmatrix_x4<true>(xt[1], address + 16 * layout.x_row);
+        uint32_t xa[kMmaRowSteps<scalar_t>][kTf32 ? 2 : 1][4];
+        load_columns<scalar_t>(tile_rows + cm * 16, layout.x_row, lane, xa);
         for (int nt = 0; nt < 2; ++nt) {
           auto* slot_sums = reinterpret_cast<Pack<float, 4>*>(sums) + (cm * 2 + nt) * 32 + lane;
           const Pack<float, 4> part = *slot_sums;
           float acc4[4] = {part.v[0], part.v[1], part.v[2], part.v[3]};
-          for (int kk = 0; kk < 2; ++kk) {
+          for (int kk = 0; kk < kMmaRowSteps<scalar_t>; ++kk) {
+            // B: ds of scores nt * 8 + g (as the forward's weights of queries).
+            uint32_t bw[2][2];
             for (int term = 0; term < 2; ++term) {
-              const scalar_t* w = ds_weights + term * kWeightTerm +
-                                  (nt * 8 + g) * kMmaWeightStride + kk * 16 + 2 * t;
-              const uint32_t bw[2] = {
-                  *reinterpret_cast<const uint32_t*>(w), *reinterpret_cast<const uint32_t*>(w + 8)};
-              attnpool_mma_bf16(acc4, xt[kk], bw);
+              const Term* w = ds_weights + term * kWeightTerm + (nt * 8 + g) * Rows::kWeightStride +
+                              kk * Rows::kStep + kPerWord * t;
+              bw[term][0] = *reinterpret_cast<const uint32_t*>(w);
+              bw[term][1] = *reinterpret_cast<const uint32_t*>(w + Rows::kStep / 2);
             }
+            add_products<scalar_t>(acc4, xa[kk], bw);
           }
           *slot_sums = Pack<float, 4>{{acc4[0], acc4[1], acc4[2], acc4[3]}};
         }
@@ -1082,7 +1146,7 @@ struct MmaOperand {
   int nt;             // column tiles of 8 queries per group: the forward's NT
   bool of_grad;
   bool columns;  // B columns instead of A fragments
-  bool tf32;     // tf32 A fragments (float32 rows; no B columns yet)
+  bool tf32;     // tf32 layouts (float32 rows)
 
   ATTNPOOL_HOST_DEVICE int64_t blocks_per_sequence() const {
     return mma_groups(num_queries, nt) * score_tiles;
@@ -1140,18 +1204,31 @@ struct MmaOperand {
            (static_cast<uint32_t>(bf16_term(value(block, m1, k1), term).x) << 16);
   }
 
-  // Word i of the tf32 A fragments (float32 rows), 32 H words a block:
-  // [term][k-step of 8][lane][4], lane 4 g + t holding (row g, column t),
-  // (g + 8, t), (g, t + 4), (g + 8, t + 4) of the k-step.
+  // Word i of the tf32 layouts (float32 rows), 32 H words a block:
+  //   A fragments: [term][k-step of 8][lane][4], lane 4 g + t holding (row
+  //     g, column t), (g + 8, t), (g, t + 4), (g + 8, t + 4) of the k-step;
+  //   B columns: [term][H / 8][k-step of 8 rows][lane][2], lane 4 g + t
+  //     holding (row t, column g of the 8) and (t + 4, g) of the k-step.
   ATTNPOOL_HOST_DEVICE uint32_t tf32_word(int64_t i) const {
     const int64_t block = i / (32 * hidden);
     const int64_t r = i % (32 * hidden);
-    const int word = static_cast<int>(r % 4);
-    const int lane = static_cast<int>((r / 4) % 32);
-    const int64_t k_step = (r / 128) % (hidden / 8);
-    const int term = static_cast<int>(r / (128 * (hidden / 8)));
-    const int64_t m = lane / 4 + 8 * (word % 2);
-    const int64_t k = 8 * k_step + lane % 4 + 4 * (word / 2);
+    int64_t m, k;
+    int term;
+    if (columns) {
+      const int word = static_cast<int>(r % 2);
+      const int lane = static_cast<int>((r / 2) % 32);
+      const int64_t k_step = (r / 64) % 2;
+      term = static_cast<int>(r / (128 * (hidden / 8)));
+      m = 8 * k_step + lane % 4 + 4 * word;
+      k = (r / 128) % (hidden / 8) * 8 + lane / 4;
+    } else {
+      const int word = static_cast<int>(r % 4);
+      const int lane = static_cast<int>((r / 4) % 32);
+      const int64_t k_step = (r / 128) % (hidden / 8);
+      term = static_cast<int>(r / (128 * (hidden / 8)));
+      m = lane / 4 + 8 * (word % 2);
+      k = 8 * k_step + lane % 4 + 4 * (word / 2);
+    }
     return bits_of(tf32_term(value(block, m, k), term));
   }
 };
@@ -1173,7 +1250,7 @@ ATTNPOOL_GLOBAL void mma_operand_kernel(Operand op, uint32_t* words) {
 }
 
 // u [Q * n, H] in the forward's score blocks: A fragments (the scores), or
-// B columns (dx); tf32 A fragments for float32 rows.
+// B columns (dx); tf32 ones for float32 rows.
 inline MmaOperand mma_u_operand(
     const float* u,
     int64_t num_queries,
@@ -1187,7 +1264,7 @@ inline MmaOperand mma_u_operand(
 }
 
 // grad_out [B, Q, H] in the forward's score blocks, for each sequence: A
-// fragments (dp), or B columns (dx).
+// fragments (dp), or B columns (dx); tf32 ones for float32 rows.
 inline MmaOperand mma_grad_operand(
     const float* grad_out,
     int64_t batch,
@@ -1196,8 +1273,9 @@ inline MmaOperand mma_grad_operand(
     int64_t hidden,
     int score_tiles,
     int nt,
-    bool columns) {
-  return {grad_out, num_queries, num_heads, hidden, batch, score_tiles, nt, true, columns, false};
+    bool columns,
+    bool tf32 = false) {
+  return {grad_out, num_queries, num_heads, hidden, batch, score_tiles, nt, true, columns, tf32};
 }
 
 // The cut of each of `sequences` sequences (or groups of queries of one)
@@ -1263,25 +1341,28 @@ inline int64_t mma_score_blocks(const PoolInputs& a, const MmaForwardShape& forw
 // The shared memory of the backward's launches ([Note: the tensor-core
 // backward]): both parts in one with one score block, else the larger of dx's
 // and du's.
+template <typename scalar_t = c10::BFloat16>
 inline int64_t mma_backward_shared_bytes(int64_t hidden, int buffers, int64_t score_blocks) {
   if (score_blocks == 1) {
-    return mma_backward_layout(hidden, buffers, 1, MmaBackwardPart::kBoth).bytes;
+    return mma_backward_layout<scalar_t>(hidden, buffers, 1, MmaBackwardPart::kBoth).bytes;
   }
   return std::max(
-      mma_backward_layout(hidden, buffers, score_blocks, MmaBackwardPart::kDx).bytes,
-      mma_backward_layout(hidden, buffers, 1, MmaBackwardPart::kDu).bytes);
+      mma_backward_layout<scalar_t>(hidden, buffers, score_blocks, MmaBackwardPart::kDx).bytes,
+      mma_backward_layout<scalar_t>(hidden, buffers, 1, MmaBackwardPart::kDu).bytes);
 }
 
 // Whether mma_backward_kernel takes this call (then mma_forward_kernel made
 // its forward, in mma_forward_shape's score blocks), and with how many
 // tiles of x in shared memory: 2, 1, or 0 if it does not.
+template <typename scalar_t = c10::BFloat16>
 inline int mma_backward_buffers(const PoolInputs& a, int64_t most_shared) {
-  const MmaForwardShape forward = mma_forward_shape(a, most_shared);
+  const MmaForwardShape forward = mma_forward_shape<scalar_t>(a, most_shared);
   if (forward.mt == 0) {
     return 0;
   }
   for (int buffers : {2, 1}) {
-    if (mma_backward_shared_bytes(a.hidden, buffers, mma_score_blocks(a, forward)) <= most_shared) {
+    if (mma_backward_shared_bytes<scalar_t>(a.hidden, buffers, mma_score_blocks(a, forward)) <=
+        most_shared) {
       return buffers;
     }
   }
