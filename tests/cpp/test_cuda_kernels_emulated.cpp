@@ -1132,9 +1132,12 @@ void expect_one_row_no_score_gradient(
   const auto u = (torch::randn({num_queries, num_heads, H}, f64) / 2).to(torch::kFloat32);
   const auto mask = torch::zeros({2, 45}, torch::kBool);
   mask.select(1, 30).fill_(true);
-  const auto x = (torch::randn({2, 45, H}, f64) * 3)
-                     .to(dtype)
-                     .masked_fill(mask.logical_not().unsqueeze(-1), NAN);
+  auto x = (torch::randn({2, 45, H}, f64) * 3).to(dtype);
+  if (dtype == torch::kFloat32) {
+    // Values whose tf32 remainder rounds to a tie (Float32TermsSplitTheirSumAgain).
+    x.select(1, 30).narrow(-1, 0, 4).fill_(attnpool::cuda::float_of_bits(0x3F800FFFu));
+  }
+  x = x.masked_fill(mask.logical_not().unsqueeze(-1), NAN);
   auto f = attnpool::detail::prepare_forward(x, u, mask, 0.4, full_width, {}, std::nullopt);
   const auto [out, lse] = run_mma_forward(f, 1, 2, torch::Tensor());
   const auto grad_out = torch::randn(out.sizes());
@@ -1147,6 +1150,28 @@ void expect_one_row_no_score_gradient(
   const double tolerance = dtype == torch::kFloat32 ? 1e-5 : 4e-3;
   expect_close(dx.select(1, 30), summed, tolerance, "dx of the attended row");
   EXPECT_EQ(dx.select(1, 29).abs().max().item<double>(), 0.0);
+}
+
+// The backward's exact zero above needs the float32 terms of hi + lo to be
+// hi and lo again (tf32_lo cuts instead of rounding; rounded, 1 value in
+// 8192 of [1, 2) fails, e.g. 1 + 4095 2^-23). Every float32 of [1, 2), of
+// (-2, -1], of [2^-100, 2^-99) and of [2^126, 2^127). (Below about 2^-115
+// lo is subnormal, its low 13 bits no longer the last of its significand,
+// and the split does not hold: rows that small may leave du a rounding away
+// from 0 with one attended row.)
+TEST(EmulatedTensorCoreKernels, Float32TermsSplitTheirSumAgain) {
+  namespace cuda = attnpool::cuda;
+  int64_t failures = 0;
+  for (const uint32_t exponent : {0x3F800000u, 0xBF800000u, 0x0D800000u, 0x7E800000u}) {
+    for (uint32_t mantissa = 0; mantissa < (1u << 23); ++mantissa) {
+      const float value = cuda::float_of_bits(exponent | mantissa);
+      const uint32_t hi = cuda::tf32_hi(value);
+      const uint32_t lo = cuda::tf32_lo(value, hi);
+      const float sum = cuda::float_of_bits(hi) + cuda::float_of_bits(lo);
+      failures += cuda::tf32_hi(sum) != hi || cuda::tf32_lo(sum, hi) != lo;
+    }
+  }
+  EXPECT_EQ(failures, 0);
 }
 
 TEST(EmulatedTensorCoreKernels, OneAttendedRowHasNoScoreGradient) {

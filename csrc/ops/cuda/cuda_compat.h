@@ -4,7 +4,6 @@
 // CPU emulation can provide too (tests/cpp/emulation/cuda_emulation.h).
 
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 #if defined(__CUDACC__)
@@ -95,8 +94,8 @@ __device__ inline void attnpool_mma_bf16(
 }
 
 // d += a . b for A 16 x 8 (row-major), B 8 x 8 (column-major), both
-// tf32 (float32 bit patterns whose low 13 bits are zero: attnpool_tf32),
-// D 16 x 8 float32.
+// tf32 (float32 bit patterns whose low 13 bits are zero: tf32_hi and
+// tf32_lo in tensor_core_kernel.cuh), D 16 x 8 float32.
 __device__ inline void attnpool_mma_tf32(
     float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -107,20 +106,6 @@ __device__ inline void attnpool_mma_tf32(
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #else
   __trap();
-#endif
-}
-
-// value rounded to tf32 (10 significant bits after the leading one, to
-// nearest, ties away from zero), as the bits of a float32.
-__host__ __device__ inline uint32_t attnpool_tf32(float value) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  uint32_t bits;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(bits) : "f"(value));
-  return bits;
-#else
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return (bits + 0x1000u) & 0xFFFFE000u;
 #endif
 }
 

@@ -60,10 +60,8 @@ constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = 32 * kMmaWarps;
 // Rows of a tile: 8 per warp, the N of the scores' mma.
 constexpr int kMmaTileRows = 8 * kMmaWarps;
-// bfloat16 after each row of x in shared memory: rows 16 bytes apart modulo
-// 128, so that ldmatrix's eight rows fall in different banks.
-constexpr int kMmaRowPad = 8;
-// A score's row of weights in shared memory, padded likewise.
+// A score's row of weights in shared memory (bfloat16), padded so that rows
+// are 16 bytes apart modulo 128.
 constexpr int kMmaWeightStride = kMmaTileRows + 8;
 // A score's row of a tile's scores (float): one past the tile, so that the
 // lanes storing one row each of 8 scores reach 8 banks.
@@ -77,10 +75,10 @@ ATTNPOOL_HOST_DEVICE inline int64_t mma_groups(int64_t num_queries, int64_t nt) 
 
 // How rows of each dtype enter the products. bfloat16 rows go to
 // mma.m16n8k16 as they are, u and the weights as two bfloat16 terms
-// (bf16_term). float32 rows go to mma.m16n8k8 as two tf32 terms, hi =
-// tf32(v) and lo = tf32(v - hi), u and the weights likewise, and each
-// product as hi.hi + hi.lo + lo.hi ("3xTF32": about 21 significant bits
-// where tf32 alone keeps 11 and float32 24).
+// (bf16_term). float32 rows go to mma.m16n8k8 as two tf32 terms (tf32_hi,
+// tf32_lo), u and the weights likewise, and each product as hi.hi + hi.lo +
+// lo.hi ("3xTF32": about 21 significant bits where tf32 alone keeps 11 and
+// float32 24).
 template <typename scalar_t>
 struct MmaRows;
 
@@ -95,7 +93,7 @@ template <>
 struct MmaRows<float> {
   using Term = float;  // tf32 values
   static constexpr int kStep = 8;
-  // 36 floats: lanes 4 g + t reading (g, t) of a score's weights reach 32 banks.
+  // 36 floats: rows 16 bytes apart modulo 128, as bfloat16's 40.
   static constexpr int kWeightStride = kMmaTileRows + 4;
 };
 
@@ -152,10 +150,32 @@ ATTNPOOL_HOST_DEVICE inline uint32_t bits_of(float value) {
   return bits;
 }
 
-// The two tf32 terms of a float32 value: hi = tf32(v), lo = tf32(v - hi).
+// The tf32 terms of a float32 value, as bits. hi: the value rounded to tf32
+// (10 bits after the leading one; to nearest, ties away from zero, as
+// cvt.rna.tf32.f32 rounds, but in integer arithmetic, so that the emulated
+// tests compute the device's own bits; infinities and NaN are not rounded).
+// lo: v - hi with its low 13 bits cut. Cut, not rounded: |lo| then stays
+// under half a tf32 step of hi, or v - hi is an exact tie, so hi + lo rounds
+// back to hi and splits into hi and lo again, which the backward's delta
+// needs ([Note: the tensor-core backward]; rounded, one value in 8192 would
+// split differently). Values within 2^-11 of float32's largest round hi to
+// infinity.
+ATTNPOOL_HOST_DEVICE inline uint32_t tf32_hi(float value) {
+  uint32_t bits = bits_of(value);
+  if ((bits & 0x7F800000u) != 0x7F800000u) {
+    bits += 0x1000u;
+  }
+  return bits & 0xFFFFE000u;
+}
+
+ATTNPOOL_HOST_DEVICE inline uint32_t tf32_lo(float value, uint32_t hi) {
+  return bits_of(value - float_of_bits(hi)) & 0xFFFFE000u;
+}
+
+// Term `term` (0: hi, 1: lo) of a float32 value, as a float.
 ATTNPOOL_HOST_DEVICE inline float tf32_term(float value, int term) {
-  const float hi = float_of_bits(attnpool_tf32(value));
-  return term == 0 ? hi : float_of_bits(attnpool_tf32(value - hi));
+  const uint32_t hi = tf32_hi(value);
+  return float_of_bits(term == 0 ? hi : tf32_lo(value, hi));
 }
 
 // The term of u or of a weight for rows of scalar_t (MmaRows).
@@ -258,8 +278,8 @@ ATTNPOOL_DEVICE inline void score_rows(
         ATTNPOOL_UNROLL
         for (int w = 0; w < 2; ++w) {
           const float value = float_of_bits(xs[2 * step + w]);
-          hi[w] = attnpool_tf32(value);
-          lo[w] = attnpool_tf32(value - float_of_bits(hi[w]));
+          hi[w] = tf32_hi(value);
+          lo[w] = tf32_lo(value, hi[w]);
         }
         ATTNPOOL_UNROLL
         for (int mt = 0; mt < MT; ++mt) {
@@ -301,6 +321,16 @@ ATTNPOOL_DEVICE inline float group_sum8(float value) {
     value += attnpool_shfl_xor(value, offset);
   }
   return value;
+}
+
+// d += a . b on the tensor cores, for rows of scalar_t.
+template <typename scalar_t>
+ATTNPOOL_DEVICE inline void mma_of(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    attnpool_mma_tf32(d, a, b);
+  } else {
+    attnpool_mma_bf16(d, a, b);
+  }
 }
 
 // k-steps of the weighted sums' mma over a tile's rows.
@@ -368,8 +398,8 @@ ATTNPOOL_DEVICE inline void load_columns(
       ATTNPOOL_UNROLL
       for (int r = 0; r < 4; ++r) {
         const float value = columns[(8 * kk + t + 4 * (r / 2)) * x_row + g + 8 * (r % 2)];
-        xa[kk][0][r] = attnpool_tf32(value);
-        xa[kk][1][r] = attnpool_tf32(value - float_of_bits(xa[kk][0][r]));
+        xa[kk][0][r] = tf32_hi(value);
+        xa[kk][1][r] = tf32_lo(value, xa[kk][0][r]);
       }
     }
   } else {
@@ -390,12 +420,12 @@ ATTNPOOL_DEVICE inline void add_products(
     const uint32_t (&xa)[std::is_same_v<scalar_t, float> ? 2 : 1][4],
     const uint32_t (&bw)[2][2]) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    attnpool_mma_tf32(acc, xa[0], bw[0]);
-    attnpool_mma_tf32(acc, xa[0], bw[1]);
-    attnpool_mma_tf32(acc, xa[1], bw[0]);
+    mma_of<scalar_t>(acc, xa[0], bw[0]);
+    mma_of<scalar_t>(acc, xa[0], bw[1]);
+    mma_of<scalar_t>(acc, xa[1], bw[0]);
   } else {
-    attnpool_mma_bf16(acc, xa[0], bw[0]);
-    attnpool_mma_bf16(acc, xa[0], bw[1]);
+    mma_of<scalar_t>(acc, xa[0], bw[0]);
+    mma_of<scalar_t>(acc, xa[0], bw[1]);
   }
 }
 
@@ -745,51 +775,64 @@ ATTNPOOL_DEVICE inline scalar_t out_row_value(float value, int term) {
   }
 }
 
-// dx's products for one score block of one k-step pair: acc += [p | ds] .
-// [G; u] for rows 16 mr.. of the tile and 8 columns. The A operand (p and
-// ds, two terms each) comes from shared memory by ldmatrix at `row` (this
-// lane's address of rows 16 mr.., the block's first column), B from the
-// columns' words of G and u (`g_words`, `u_words`: this lane's first word
-// of the column group's k-steps). bfloat16: K = 16 per mma, p then ds;
-// float32: K = 8, p's two k-steps then ds's, ldmatrix giving tf32 A
-// fragments as it gives B fragments in score_rows.
+// k-steps of dx's products per score block (K = 32: p, then ds):
+// bfloat16 two of 16, float32 four of 8.
+template <typename scalar_t>
+constexpr int kDxSteps = kMmaTileRows / MmaRows<scalar_t>::kStep;
+
+// dx's A operand for 16 rows and one score block, [p | ds] as hi and lo
+// terms: a[k-step][term] by ldmatrix from `row` (this lane's address in
+// the rows, at the block's first column: lane 8 j + i gives row i + 8 (j %
+// 2) and the 16 bytes j / 2 of a k-step), which gives bfloat16 and tf32 A
+// fragments alike.
+template <typename scalar_t>
+ATTNPOOL_DEVICE inline void load_dx_rows(
+    const typename MmaRows<scalar_t>::Term* row,
+    int64_t term_stride,
+    uint32_t (&a)[kDxSteps<scalar_t>][2][4]) {
+  ATTNPOOL_UNROLL
+  for (int step = 0; step < kDxSteps<scalar_t>; ++step) {
+    ATTNPOOL_UNROLL
+    for (int term = 0; term < 2; ++term) {
+      attnpool_ldmatrix_x4<false>(
+          a[step][term], row + term * term_stride + step * MmaRows<scalar_t>::kStep);
+    }
+  }
+}
+
+// dx's B operand for 8 columns and one score block, G's columns against p,
+// then u's against ds: b[k-step][term], from this lane's first word of the
+// column group in G's and u's columns ([Note: tensor-core operands]).
+template <typename scalar_t>
+ATTNPOOL_DEVICE inline void load_dx_columns(
+    const uint32_t* g_words,
+    const uint32_t* u_words,
+    int64_t term_words,
+    uint32_t (&b)[kDxSteps<scalar_t>][2][2]) {
+  constexpr int kHalf = kDxSteps<scalar_t> / 2;
+  ATTNPOOL_UNROLL
+  for (int step = 0; step < kDxSteps<scalar_t>; ++step) {
+    const uint32_t* words = (step < kHalf ? g_words : u_words) + (step % kHalf) * 64;
+    ATTNPOOL_UNROLL
+    for (int term = 0; term < 2; ++term) {
+      b[step][term][0] = words[term * term_words];
+      b[step][term][1] = words[term * term_words + 1];
+    }
+  }
+}
+
+// acc += [p | ds] . [G; u] for one score block: hi.hi + hi.lo + lo.hi per
+// k-step.
 template <typename scalar_t>
 ATTNPOOL_DEVICE inline void add_dx_products(
     float (&acc)[4],
-    const typename MmaRows<scalar_t>::Term* row,
-    int64_t term_stride,
-    const uint32_t* g_words,
-    const uint32_t* u_words,
-    int64_t term_words) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    // k-steps 0, 1: p against G; 2, 3: ds against u.
-    ATTNPOOL_UNROLL
-    for (int ks = 0; ks < 4; ++ks) {
-      uint32_t ah[4];
-      uint32_t al[4];
-      attnpool_ldmatrix_x4<false>(ah, row + 8 * ks);
-      attnpool_ldmatrix_x4<false>(al, row + term_stride + 8 * ks);
-      const uint32_t* words = (ks < 2 ? g_words : u_words) + (ks % 2) * 64;
-      const uint32_t bh[2] = {words[0], words[1]};
-      const uint32_t bl[2] = {words[term_words], words[term_words + 1]};
-      attnpool_mma_tf32(acc, ah, bh);
-      attnpool_mma_tf32(acc, ah, bl);
-      attnpool_mma_tf32(acc, al, bh);
-    }
-  } else {
-    ATTNPOOL_UNROLL
-    for (int kk = 0; kk < 2; ++kk) {
-      uint32_t ah[4];
-      uint32_t al[4];
-      attnpool_ldmatrix_x4<false>(ah, row + 16 * kk);
-      attnpool_ldmatrix_x4<false>(al, row + term_stride + 16 * kk);
-      const uint32_t* words = kk == 0 ? g_words : u_words;
-      const uint32_t bh[2] = {words[0], words[1]};
-      const uint32_t bl[2] = {words[term_words], words[term_words + 1]};
-      attnpool_mma_bf16(acc, ah, bh);
-      attnpool_mma_bf16(acc, ah, bl);
-      attnpool_mma_bf16(acc, al, bh);
-    }
+    const uint32_t (&a)[kDxSteps<scalar_t>][2][4],
+    const uint32_t (&b)[kDxSteps<scalar_t>][2][2]) {
+  ATTNPOOL_UNROLL
+  for (int step = 0; step < kDxSteps<scalar_t>; ++step) {
+    mma_of<scalar_t>(acc, a[step][0], b[step][0]);
+    mma_of<scalar_t>(acc, a[step][0], b[step][1]);
+    mma_of<scalar_t>(acc, a[step][1], b[step][0]);
   }
 }
 
@@ -1003,16 +1046,20 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
           if (empty_block(j)) {
             continue;
           }
+          // A for both row halves, then B for each column group: each
+          // loaded once per score block.
+          uint32_t rows_operand[2][kDxSteps<scalar_t>][2][4];
+          for (int mr = 0; mr < 2; ++mr) {
+            load_dx_rows<scalar_t>(
+                lane_row + 16 * mr * layout.dx_stride + 32 * jj, dx_term, rows_operand[mr]);
+          }
           for (int half = 0; half < 2; ++half) {
             const int64_t words = j * column_block + (2 * cm + half) * group_words + 2 * lane;
+            uint32_t columns_operand[kDxSteps<scalar_t>][2][2];
+            load_dx_columns<scalar_t>(
+                grad_cols + words, u_columns + words, column_groups * group_words, columns_operand);
             for (int mr = 0; mr < 2; ++mr) {
-              add_dx_products<scalar_t>(
-                  acc[mr][half],
-                  lane_row + 16 * mr * layout.dx_stride + 32 * jj,
-                  dx_term,
-                  grad_cols + words,
-                  u_columns + words,
-                  column_groups * group_words);
+              add_dx_products<scalar_t>(acc[mr][half], rows_operand[mr], columns_operand);
             }
           }
         }
@@ -1314,8 +1361,8 @@ inline int mma_forward_buffers(const PoolInputs& a, int nt, int64_t most_shared)
 
 // The forward's column tiles of queries (nt: 16 queries a group where Q > 8
 // and shared memory allows, else 8), score tiles (mt) and tiles of x in
-// shared memory for this call; mt == 0 if mma_forward_kernel does not take
-// it.
+// shared memory for this call (two where they fit, whatever nt); mt == 0 if
+// mma_forward_kernel does not take it.
 struct MmaForwardShape {
   int mt = 0;
   int nt = 0;
@@ -1324,10 +1371,12 @@ struct MmaForwardShape {
 
 template <typename scalar_t = c10::BFloat16>
 inline MmaForwardShape mma_forward_shape(const PoolInputs& a, int64_t most_shared) {
-  for (int nt = a.num_queries > 8 ? 2 : 1; nt >= 1; --nt) {
-    const int buffers = mma_forward_buffers<scalar_t>(a, nt, most_shared);
-    if (buffers > 0) {
-      return {mma_score_tiles(a.num_queries, a.num_heads, nt), nt, buffers};
+  // Two tiles of x (the next one's copy in flight) before 16 queries a group.
+  for (int buffers : {2, 1}) {
+    for (int nt = a.num_queries > 8 ? 2 : 1; nt >= 1; --nt) {
+      if (mma_forward_buffers<scalar_t>(a, nt, most_shared) >= buffers) {
+        return {mma_score_tiles(a.num_queries, a.num_heads, nt), nt, buffers};
+      }
     }
   }
   return {};

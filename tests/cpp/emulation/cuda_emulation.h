@@ -408,19 +408,11 @@ inline void attnpool_mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint3
   std::copy(std::begin(result), std::end(result), std::begin(d));
 }
 
-// cvt.rna.tf32.f32: to nearest, ties away from zero (a carry into the
-// exponent rounds up to the next power of two, as it should).
-inline uint32_t attnpool_tf32(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return (bits + 0x1000u) & 0xFFFFE000u;
-}
-
 // mma.m16n8k8 (tf32 in, float32 sums): lane = 4 g + t holds A's (g, t) in
 // a[0], (g + 8, t) in a[1], (g, t + 4) in a[2], (g + 8, t + 4) in a[3]; B's
 // (t, g) in b[0], (t + 4, g) in b[1]; D's as mma.m16n8k16's. An operand
 // that is not a tf32 value (low 13 bits set) stops the test: the kernels
-// round every operand with attnpool_tf32 first. Products are exact; each
+// split every operand into tf32 terms first. Products are exact; each
 // sum is taken in double and rounded once.
 inline void attnpool_mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   const uint64_t operands[attnpool_emulation::kWarpSlots] = {a[0], a[1], a[2], a[3], b[0], b[1]};
