@@ -375,77 +375,92 @@ inline void expect_shared_16(const void* address, const char* what) {
 
 }  // namespace attnpool_emulation
 
+namespace attnpool_emulation {
+
+// d += a . b for a warp-wide mma of A 16 x K, B K x 8: product(slots, m, n,
+// k) gives A's (m, k) times B's (k, n) from the warp's operands, exactly;
+// D is laid out as every mma.m16n8kK's (lane = 4 g + t holds (g, 2t), (g,
+// 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)). Each sum is taken in double and
+// rounded once (the hardware's order of addition is its own).
+template <typename Product>
+void mma_16x8(
+    WarpInstruction instruction,
+    float (&d)[4],
+    const uint32_t (&a)[4],
+    const uint32_t (&b)[2],
+    int k_size,
+    Product&& product) {
+  const uint64_t operands[kWarpSlots] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  float result[4];
+  warp_wide(instruction, operands, [&](const uint64_t* slots, int lane) {
+    const int g = lane / 4;
+    const int t = lane % 4;
+    for (int c = 0; c < 4; ++c) {
+      const int m = g + 8 * (c / 2);
+      const int n = 2 * t + c % 2;
+      double sum = 0;
+      for (int k = 0; k < k_size; ++k) {
+        sum += product(slots, m, n, k);
+      }
+      result[c] = static_cast<float>(double{d[c]} + sum);
+    }
+  });
+  std::copy(std::begin(result), std::end(result), std::begin(d));
+}
+
+// A tf32 operand of lane `lane`, slot `slot`, as a double: one that is not
+// a tf32 value (low 13 bits set) stops the test, since the kernels split
+// every operand into tf32 terms first.
+inline double tf32_of(const uint64_t* slots, int lane, int slot) {
+  const auto bits = static_cast<uint32_t>(slots[lane * kWarpSlots + slot]);
+  if ((bits & 0x1FFFu) != 0) {
+    std::fprintf(stderr, "emulated kernel: a tf32 operand with its low 13 bits set\n");
+    std::abort();
+  }
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return double{value};
+}
+
+}  // namespace attnpool_emulation
+
 // mma.m16n8k16 (bfloat16 in, float32 sums): lane = 4 g + t holds A's
 // (g, 2t..2t+1) in a[0], (g + 8, ..) in a[1], (g, 2t + 8..) in a[2], (g + 8,
-// 2t + 8..) in a[3]; B's (2t..2t+1, g) in b[0], (2t + 8.., g) in b[1]; D's
-// (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1). Products are exact;
-// each sum is taken in double and rounded once (the hardware's order of
-// addition is its own).
+// 2t + 8..) in a[3]; B's (2t..2t+1, g) in b[0], (2t + 8.., g) in b[1].
 inline void attnpool_mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   using attnpool_emulation::bf16_to_float;
   using attnpool_emulation::half_of;
-  const uint64_t operands[attnpool_emulation::kWarpSlots] = {a[0], a[1], a[2], a[3], b[0], b[1]};
-  float result[4];
-  attnpool_emulation::warp_wide(
-      attnpool_emulation::WarpInstruction::kMma, operands, [&](const uint64_t* slots, int lane) {
-        const int g = lane / 4;
-        const int t = lane % 4;
-        for (int c = 0; c < 4; ++c) {
-          const int m = g + 8 * (c / 2);
-          const int n = 2 * t + c % 2;
-          double sum = 0;
-          for (int k = 0; k < 16; ++k) {
-            const int a_lane = (m % 8) * 4 + (k % 8) / 2;
-            const int a_slot = 2 * (k / 8) + m / 8;
-            const int b_lane = n * 4 + (k % 8) / 2;
-            const int b_slot = 4 + k / 8;
-            sum += double{bf16_to_float(half_of(slots, a_lane, a_slot, k % 2))} *
-                   double{bf16_to_float(half_of(slots, b_lane, b_slot, k % 2))};
-          }
-          result[c] = static_cast<float>(double{d[c]} + sum);
-        }
+  attnpool_emulation::mma_16x8(
+      attnpool_emulation::WarpInstruction::kMma,
+      d,
+      a,
+      b,
+      16,
+      [](const uint64_t* slots, int m, int n, int k) {
+        const int a_lane = (m % 8) * 4 + (k % 8) / 2;
+        const int a_slot = 2 * (k / 8) + m / 8;
+        const int b_lane = n * 4 + (k % 8) / 2;
+        const int b_slot = 4 + k / 8;
+        return double{bf16_to_float(half_of(slots, a_lane, a_slot, k % 2))} *
+               double{bf16_to_float(half_of(slots, b_lane, b_slot, k % 2))};
       });
-  std::copy(std::begin(result), std::end(result), std::begin(d));
 }
 
 // mma.m16n8k8 (tf32 in, float32 sums): lane = 4 g + t holds A's (g, t) in
 // a[0], (g + 8, t) in a[1], (g, t + 4) in a[2], (g + 8, t + 4) in a[3]; B's
-// (t, g) in b[0], (t + 4, g) in b[1]; D's as mma.m16n8k16's. An operand
-// that is not a tf32 value (low 13 bits set) stops the test: the kernels
-// split every operand into tf32 terms first. Products are exact; each
-// sum is taken in double and rounded once.
+// (t, g) in b[0], (t + 4, g) in b[1].
 inline void attnpool_mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  const uint64_t operands[attnpool_emulation::kWarpSlots] = {a[0], a[1], a[2], a[3], b[0], b[1]};
-  float result[4];
-  attnpool_emulation::warp_wide(
+  using attnpool_emulation::tf32_of;
+  attnpool_emulation::mma_16x8(
       attnpool_emulation::WarpInstruction::kMmaTf32,
-      operands,
-      [&](const uint64_t* slots, int lane) {
-        const auto value = [&](int from_lane, int slot) {
-          const auto bits =
-              static_cast<uint32_t>(slots[from_lane * attnpool_emulation::kWarpSlots + slot]);
-          if ((bits & 0x1FFFu) != 0) {
-            std::fprintf(stderr, "emulated kernel: a tf32 operand with its low 13 bits set\n");
-            std::abort();
-          }
-          float f;
-          std::memcpy(&f, &bits, sizeof(f));
-          return double{f};
-        };
-        const int g = lane / 4;
-        const int t = lane % 4;
-        for (int c = 0; c < 4; ++c) {
-          const int m = g + 8 * (c / 2);
-          const int n = 2 * t + c % 2;
-          double sum = 0;
-          for (int k = 0; k < 8; ++k) {
-            sum +=
-                value((m % 8) * 4 + k % 4, m / 8 + 2 * (k / 4)) * value(n * 4 + k % 4, 4 + k / 4);
-          }
-          result[c] = static_cast<float>(double{d[c]} + sum);
-        }
+      d,
+      a,
+      b,
+      8,
+      [](const uint64_t* slots, int m, int n, int k) {
+        return tf32_of(slots, (m % 8) * 4 + k % 4, m / 8 + 2 * (k / 4)) *
+               tf32_of(slots, n * 4 + k % 4, 4 + k / 4);
       });
-  std::copy(std::begin(result), std::end(result), std::begin(d));
 }
 
 // ldmatrix.x4 of 16-bit elements (see cuda_compat.h).
