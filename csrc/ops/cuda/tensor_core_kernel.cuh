@@ -115,9 +115,9 @@ struct MmaSharedLayout {
   int64_t bytes;
 };
 
-template <typename scalar_t = c10::BFloat16>
+template <typename scalar_t>
 ATTNPOOL_HOST_DEVICE inline MmaSharedLayout mma_shared_layout(
-    int64_t hidden, int64_t mt, int64_t nt, int64_t buffers = 2) {
+    int64_t hidden, int64_t mt, int64_t nt, int64_t buffers) {
   using Rows = MmaRows<scalar_t>;
   MmaSharedLayout s;
   s.x_row = hidden + kMmaChunk<scalar_t>;
@@ -725,7 +725,7 @@ struct MmaBackwardLayout {
 };
 
 // blocks: the score blocks each block of the launch takes.
-template <typename scalar_t = c10::BFloat16>
+template <typename scalar_t>
 ATTNPOOL_HOST_DEVICE inline MmaBackwardLayout mma_backward_layout(
     int64_t hidden, int64_t buffers, int64_t blocks, MmaBackwardPart part) {
   using Rows = MmaRows<scalar_t>;
@@ -1306,7 +1306,7 @@ inline MmaOperand mma_u_operand(
     int score_tiles,
     int nt,
     bool columns,
-    bool tf32 = false) {
+    bool tf32) {
   return {u, num_queries, num_heads, hidden, 1, score_tiles, nt, false, columns, tf32};
 }
 
@@ -1321,7 +1321,7 @@ inline MmaOperand mma_grad_operand(
     int score_tiles,
     int nt,
     bool columns,
-    bool tf32 = false) {
+    bool tf32) {
   return {grad_out, num_queries, num_heads, hidden, batch, score_tiles, nt, true, columns, tf32};
 }
 
@@ -1343,7 +1343,7 @@ inline PieceCut mma_cut(int64_t sequences, int64_t seq_len, int64_t sms) {
 // in shared memory: 2, 1, or 0 if it does not. It takes whole k-steps and
 // pairs of them, heads of whole column tiles, rows of 16-byte chunks, and
 // shared memory within `most_shared` bytes.
-template <typename scalar_t = c10::BFloat16>
+template <typename scalar_t>
 inline int mma_forward_buffers(const PoolInputs& a, int nt, int64_t most_shared) {
   const int mt = mma_score_tiles(a.num_queries, a.num_heads, nt);
   if (a.num_queries * a.num_heads <= 1 || a.hidden < 32 || a.hidden % 32 != 0 ||
@@ -1369,7 +1369,7 @@ struct MmaForwardShape {
   int buffers = 0;
 };
 
-template <typename scalar_t = c10::BFloat16>
+template <typename scalar_t>
 inline MmaForwardShape mma_forward_shape(const PoolInputs& a, int64_t most_shared) {
   // Two tiles of x (the next one's copy in flight) before 16 queries a group.
   for (int buffers : {2, 1}) {
@@ -1390,7 +1390,7 @@ inline int64_t mma_score_blocks(const PoolInputs& a, const MmaForwardShape& forw
 // The shared memory of the backward's launches ([Note: the tensor-core
 // backward]): both parts in one with one score block, else the larger of dx's
 // and du's.
-template <typename scalar_t = c10::BFloat16>
+template <typename scalar_t>
 inline int64_t mma_backward_shared_bytes(int64_t hidden, int buffers, int64_t score_blocks) {
   if (score_blocks == 1) {
     return mma_backward_layout<scalar_t>(hidden, buffers, 1, MmaBackwardPart::kBoth).bytes;
@@ -1403,7 +1403,7 @@ inline int64_t mma_backward_shared_bytes(int64_t hidden, int buffers, int64_t sc
 // Whether mma_backward_kernel takes this call (then mma_forward_kernel made
 // its forward, in mma_forward_shape's score blocks), and with how many
 // tiles of x in shared memory: 2, 1, or 0 if it does not.
-template <typename scalar_t = c10::BFloat16>
+template <typename scalar_t>
 inline int mma_backward_buffers(const PoolInputs& a, int64_t most_shared) {
   const MmaForwardShape forward = mma_forward_shape<scalar_t>(a, most_shared);
   if (forward.mt == 0) {
