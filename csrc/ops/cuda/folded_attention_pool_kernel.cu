@@ -236,9 +236,9 @@ bool takes_tensor_core_kernels(const PoolInputs& p, const at::Tensor& rows_of_x)
   const int64_t most_shared = most_shared_per_block();
   const MmaForwardShape forward = mma_forward_shape<scalar_t>(p, most_shared);
   // grad_out's operands take 64 bytes per score block, sequence and column
-  // and per 2 bytes of x's element ([Note: tensor-core operands]): not more
-  // than twice x's bytes, which keeps batches of short sequences off these
-  // kernels.
+  // for each byte of x's element (128 for bfloat16 rows, 256 for float32:
+  // [Note: tensor-core operands]): not more than twice x's bytes, which
+  // keeps batches of short sequences off these kernels.
   const int64_t rows = p.ragged() ? p.seq_len : p.batch * p.seq_len;
   return forward.mt > 0 && 32 * p.batch * mma_score_blocks(p, forward) <= rows &&
          mma_backward_buffers<scalar_t>(p, most_shared) > 0;
