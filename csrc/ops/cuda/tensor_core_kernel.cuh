@@ -219,6 +219,39 @@ ATTNPOOL_DEVICE inline void stage_tile(
   }
 }
 
+// Tile `tile` of the piece `rows`, in shared memory once this returns (a
+// block-wide call: it has barriers). With two buffers, the tile came in
+// while the previous one was used (the first comes in now) and the next
+// goes out here; with one, it comes in once every warp is done with the
+// previous one.
+template <typename scalar_t>
+ATTNPOOL_DEVICE inline const scalar_t* staged_tile(
+    const ForwardParams& a,
+    const scalar_t* x,
+    int64_t b,
+    int64_t tile,
+    RowRange rows,
+    int64_t x_row,
+    scalar_t* tiles,
+    int buffers) {
+  constexpr int TR = kMmaTileRows;
+  const int64_t index = (tile - rows.begin) / TR;
+  scalar_t* current = tiles + (index % buffers) * TR * x_row;
+  if (buffers == 1) {
+    attnpool_syncthreads();  // every warp is done with the previous tile
+  }
+  if (buffers == 1 || index == 0) {
+    stage_tile(a, x, b, tile, rows.end, x_row, current);
+  }
+  attnpool_copy_async_wait();
+  // This tile's rows are in; every warp is done with the previous tile.
+  attnpool_syncthreads();
+  if (buffers == 2 && tile + TR < rows.end) {
+    stage_tile(a, x, b, tile + TR, rows.end, x_row, tiles + ((index + 1) % 2) * TR * x_row);
+  }
+  return current;
+}
+
 // Chains of additions score_rows keeps per tile of 16 scores: with few
 // tiles, more independent mma in flight (a tile's hi and lo terms apart,
 // and with one or two tiles even and odd k-steps apart too).
@@ -343,6 +376,27 @@ constexpr int kMmaRowSteps = kMmaTileRows / MmaRows<scalar_t>::kStep;
 // and t + 4; column: query 8 nt + g) from the weights of score (query, h),
 // zeros past the block's queries; and the corrections of D's queries
 // 8 nt + 2t and + 1.
+// B's two registers of each term for k-step kk over a tile's rows, from
+// one row of weights (`row`: a score's, its terms term_stride apart):
+// bfloat16 rows 2t, 2t + 1 and 2t + 8, 2t + 9 of the k-step; tf32 rows t
+// and t + 4.
+template <typename scalar_t>
+ATTNPOOL_DEVICE inline void load_weights(
+    const typename MmaRows<scalar_t>::Term* row,
+    int term_stride,
+    int kk,
+    int t,
+    uint32_t (&bw)[2][2]) {
+  using Rows = MmaRows<scalar_t>;
+  constexpr int kPerWord = 4 / static_cast<int>(sizeof(typename Rows::Term));
+  ATTNPOOL_UNROLL
+  for (int term = 0; term < 2; ++term) {
+    const auto* w = row + term * term_stride + kk * Rows::kStep + kPerWord * t;
+    bw[term][0] = *reinterpret_cast<const uint32_t*>(w);
+    bw[term][1] = *reinterpret_cast<const uint32_t*>(w + Rows::kStep / 2);
+  }
+}
+
 template <typename scalar_t, int NT>
 ATTNPOOL_DEVICE inline void load_head_weights(
     const typename MmaRows<scalar_t>::Term* weights,
@@ -354,9 +408,6 @@ ATTNPOOL_DEVICE inline void load_head_weights(
     int lane,
     uint32_t (&bw)[NT][kMmaRowSteps<scalar_t>][2][2],
     float (&corrections)[NT][2]) {
-  using Rows = MmaRows<scalar_t>;
-  using Term = typename Rows::Term;
-  constexpr int kPerWord = 4 / static_cast<int>(sizeof(Term));
   const int g = lane / 4;
   const int t = lane % 4;
   ATTNPOOL_UNROLL
@@ -367,13 +418,15 @@ ATTNPOOL_DEVICE inline void load_head_weights(
     const int64_t qb = nt * 8 + g;
     ATTNPOOL_UNROLL
     for (int kk = 0; kk < kMmaRowSteps<scalar_t>; ++kk) {
-      ATTNPOOL_UNROLL
-      for (int term = 0; term < 2; ++term) {
-        const Term* w = weights + term * term_stride + (qb * n + h) * Rows::kWeightStride +
-                        kk * Rows::kStep + kPerWord * t;
-        bw[nt][kk][term][0] = qb < queries ? *reinterpret_cast<const uint32_t*>(w) : 0u;
-        bw[nt][kk][term][1] =
-            qb < queries ? *reinterpret_cast<const uint32_t*>(w + Rows::kStep / 2) : 0u;
+      if (qb < queries) {
+        load_weights<scalar_t>(
+            weights + (qb * n + h) * MmaRows<scalar_t>::kWeightStride,
+            term_stride,
+            kk,
+            t,
+            bw[nt][kk]);
+      } else {
+        bw[nt][kk][0][0] = bw[nt][kk][0][1] = bw[nt][kk][1][0] = bw[nt][kk][1][1] = 0u;
       }
     }
   }
@@ -499,23 +552,8 @@ ATTNPOOL_GLOBAL void mma_forward_kernel(ForwardParams a, const uint32_t* u_fragm
   if (tid == 0) {
     any_valid[0] = 0;
   }
-  if (buffers == 2 && first < last) {
-    stage_tile(a, x, b, first, last, layout.x_row, tiles);
-  }
-
-  int buffer = 0;
-  for (int64_t tile = first; tile < last; tile += TR, buffer ^= buffers - 1) {
-    if (buffers == 1) {
-      attnpool_syncthreads();  // every warp is done with the previous tile
-      stage_tile(a, x, b, tile, last, layout.x_row, tiles);
-    }
-    attnpool_copy_async_wait();
-    // This tile's rows are in; every warp is done with the previous tile.
-    attnpool_syncthreads();
-    if (buffers == 2 && tile + TR < last) {
-      stage_tile(a, x, b, tile + TR, last, layout.x_row, tiles + (buffer ^ 1) * TR * layout.x_row);
-    }
-    const scalar_t* tile_rows = tiles + buffer * TR * layout.x_row;
+  for (int64_t tile = first; tile < last; tile += TR) {
+    const scalar_t* tile_rows = staged_tile(a, x, b, tile, rows, layout.x_row, tiles, buffers);
 
     float acc[MT][mma_chains(MT)][4];
     score_rows<MT>(
@@ -698,6 +736,12 @@ ATTNPOOL_HOST_DEVICE inline int64_t mma_score_of(
   return s < first + per_group && s < num_queries * num_heads ? s : -1;
 }
 
+// Words of an operand's score block of 16 rows and H columns ([Note:
+// tensor-core operands]): a bfloat16 pair or a tf32 value a word, two terms.
+ATTNPOOL_HOST_DEVICE inline int64_t mma_block_words(int64_t hidden, bool tf32) {
+  return (tf32 ? 32 : 16) * hidden;
+}
+
 // What a launch of mma_backward_kernel computes.
 enum class MmaBackwardPart { kBoth, kDx, kDu };
 
@@ -875,9 +919,9 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
   const int64_t k_steps = H / Rows::kStep;
   const int64_t col_tiles = H / 16;
   const int64_t column_groups = H / 8;
-  const int64_t fragment_block = 2 * k_steps * 32;     // Pack<uint32_t, 4> per score block
-  const int64_t column_block = (kTf32 ? 32 : 16) * H;  // words per score block
-  const int64_t group_words = kTf32 ? 128 : 64;        // per column group and term
+  const int64_t fragment_block = 2 * k_steps * 32;         // Pack<uint32_t, 4> per score block
+  const int64_t column_block = mma_block_words(H, kTf32);  // words per score block
+  const int64_t group_words = column_block / (2 * column_groups);  // per column group and term
   const auto* x = static_cast<const scalar_t*>(a.x) + a.row_offset(b, 0);
   auto* dx = static_cast<scalar_t*>(a.dx) + a.flat_row(b, 0) * H;
   const auto* out = static_cast<const float*>(a.out) + b * Q * H;
@@ -966,22 +1010,9 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
     }
     attnpool_syncthreads();  // the tile and scratch are used again
   }
-  if (shape.buffers == 2 && first < last) {
-    stage_tile(a, x, b, first, last, layout.x_row, tiles);
-  }
-
-  int buffer = 0;
-  for (int64_t tile = first; tile < last; tile += TR, buffer ^= shape.buffers - 1) {
-    if (shape.buffers == 1) {
-      attnpool_syncthreads();  // every warp is done with the previous tile
-      stage_tile(a, x, b, tile, last, layout.x_row, tiles);
-    }
-    attnpool_copy_async_wait();
-    attnpool_syncthreads();
-    if (shape.buffers == 2 && tile + TR < last) {
-      stage_tile(a, x, b, tile + TR, last, layout.x_row, tiles + (buffer ^ 1) * TR * layout.x_row);
-    }
-    const scalar_t* tile_rows = tiles + buffer * TR * layout.x_row;
+  for (int64_t tile = first; tile < last; tile += TR) {
+    const scalar_t* tile_rows =
+        staged_tile(a, x, b, tile, rows, layout.x_row, tiles, shape.buffers);
 
     for (int64_t jj = 0; jj < blocks; ++jj) {
       const int64_t j = first_block + jj;
@@ -1086,7 +1117,6 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
     // du += x^T . ds^T: 16 columns by 8 scores per mma (unrolled as the
     // forward's weighted sums).
     if (with_du) {
-      constexpr int kPerWord = 4 / static_cast<int>(sizeof(Term));
       ATTNPOOL_UNROLL_BY(2)
       for (int64_t cm = warp; cm < col_tiles; cm += kMmaWarps) {
         uint32_t xa[kMmaRowSteps<scalar_t>][kTf32 ? 2 : 1][4];
@@ -1098,12 +1128,8 @@ ATTNPOOL_GLOBAL void mma_backward_kernel(
           for (int kk = 0; kk < kMmaRowSteps<scalar_t>; ++kk) {
             // B: ds of scores nt * 8 + g (as the forward's weights of queries).
             uint32_t bw[2][2];
-            for (int term = 0; term < 2; ++term) {
-              const Term* w = ds_weights + term * kWeightTerm + (nt * 8 + g) * Rows::kWeightStride +
-                              kk * Rows::kStep + kPerWord * t;
-              bw[term][0] = *reinterpret_cast<const uint32_t*>(w);
-              bw[term][1] = *reinterpret_cast<const uint32_t*>(w + Rows::kStep / 2);
-            }
+            load_weights<scalar_t>(
+                ds_weights + (nt * 8 + g) * Rows::kWeightStride, kWeightTerm, kk, t, bw);
             add_products<scalar_t>(acc4, xa[kk], bw);
           }
           *slot_sums = Pack<float, 4>{{acc4[0], acc4[1], acc4[2], acc4[3]}};
@@ -1200,7 +1226,7 @@ struct MmaOperand {
   }
 
   ATTNPOOL_HOST_DEVICE int64_t words() const {
-    return sequences * blocks_per_sequence() * (tf32 ? 32 : 16) * hidden;
+    return sequences * blocks_per_sequence() * mma_block_words(hidden, tf32);
   }
 
   // Row m, column k of block `block`.
@@ -1224,8 +1250,8 @@ struct MmaOperand {
     if (tf32) {
       return tf32_word(i);
     }
-    const int64_t block = i / (16 * hidden);
-    const int64_t r = i % (16 * hidden);
+    const int64_t block = i / mma_block_words(hidden, false);
+    const int64_t r = i % mma_block_words(hidden, false);
     int64_t m0, m1, k0, k1;
     int term;
     if (columns) {
@@ -1257,8 +1283,8 @@ struct MmaOperand {
   //   B columns: [term][H / 8][k-step of 8 rows][lane][2], lane 4 g + t
   //     holding (row t, column g of the 8) and (t + 4, g) of the k-step.
   ATTNPOOL_HOST_DEVICE uint32_t tf32_word(int64_t i) const {
-    const int64_t block = i / (32 * hidden);
-    const int64_t r = i % (32 * hidden);
+    const int64_t block = i / mma_block_words(hidden, true);
+    const int64_t r = i % mma_block_words(hidden, true);
     int64_t m, k;
     int term;
     if (columns) {
