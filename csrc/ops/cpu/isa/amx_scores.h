@@ -1,7 +1,9 @@
 #pragma once
 
-// Scores of bfloat16 rows on AMX tiles (the AMX_BF16 kernels only). Per
-// instruction set, like every file in isa/ (ops/cpu/README.md).
+// Scores of bfloat16 rows against u laid out as AMX tiles: tile products
+// on AMX tiles (AMX_BF16), or one row of a tile at a time by vdpbf16ps
+// (AVX512_BF16). Per instruction set, like every file in isa/
+// (ops/cpu/README.md).
 //
 // [Note: scores on AMX tiles] On a CPU with AMX-BF16, the scores of bfloat16
 // rows against several vectors of u (rounded to bfloat16, as for
@@ -23,9 +25,11 @@
 // 1.96, so400m's full width 2.58 -> 2.08; prefetching the next tile's rows
 // by hand instead of the copy's prefetch made each slower (1 x 12 1.85).
 // u's tiles are laid out once per call, behind u's bfloat16 copy
-// (u_in_bf16). One score per row keeps its vdpbf16ps: AMX would fill 1 of
-// a tile's 16 columns. The products, as vdpbf16ps', flush values below
-// float32's normal range to zero.
+// (u_in_bf16); without AMX, vdpbf16ps reads the same tiles where a row has
+// 12 scores or more ([Note: scores from u's tiles by vdpbf16ps]). One score
+// per row keeps its vdpbf16ps: AMX would fill 1 of a tile's 16 columns. The
+// products, as vdpbf16ps', flush values below float32's normal range to
+// zero.
 
 #include "ops/cpu/isa/amx_tiles.h"
 #include "ops/pool_params.h"
@@ -35,6 +39,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -88,10 +93,23 @@ inline const at::BFloat16* u_tiles_of(const at::BFloat16* u_bf16, int64_t num_sc
   return u_bf16 + whole_lines<at::BFloat16>(num_scores * H);
 }
 
-// Whether the scores of T rows against u_bf16 come from amx_score_rows.
+// Whether the scores of T rows against u_bf16 come from u's tiles
+// (score_rows_on_tiles): on AMX tiles with two scores or more; by vdpbf16ps
+// where they fill three quarters of a tile's columns ([Note: scores from
+// u's tiles by vdpbf16ps]).
 template <typename T>
 constexpr bool scores_on_tiles(int64_t num_scores) {
-  return kAmxScores && std::is_same_v<T, at::BFloat16> && num_scores > 1;
+  if constexpr (!std::is_same_v<T, at::BFloat16>) {
+    return false;
+  } else if constexpr (kAmxScores) {
+    return num_scores > 1;
+  } else {
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+    return 4 * num_scores >= 3 * kTileScores;
+#else
+    return false;
+#endif
+  }
 }
 
 #if defined(CPU_CAPABILITY_AMX_BF16)
@@ -341,6 +359,193 @@ inline void add_head_slices_on_tiles(
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512_BF16) && !defined(CPU_CAPABILITY_AMX_BF16)
+// [Note: scores from u's tiles by vdpbf16ps] Without AMX, bfloat16 rows with
+// many scores read u's tiles too, one row of a tile at a time: a vector of
+// 16 pairs, one pair of each of 16 vectors of u, against a pair of a row's
+// values broadcast to every lane; vdpbf16ps adds both products into each
+// lane. A lane holds one score of one row and runs along the row, one pair
+// after another, in one chain whatever the block of rows or of scores, so
+// the forward, the backward and the jvp sum each score alike ([Note: one
+// order for every score]), and no score needs a sum across lanes. The dot
+// products (bf16_score_dot_rows_impl, 8 rows x 3 scores) load a vector of
+// a row for every 3 products and end each score with a horizontal sum; here
+// 8 rows x 3 blocks of 16 scores load 3 vectors of u and broadcast 8 pairs
+// per 24 products. A scratch loop of each, one core of a 2-core Zen 4 EPYC,
+// 512 rows of 768 against 192 vectors (in L2): 93-101 against 115-118 G
+// multiply-adds/s, the latter the core's vdpbf16ps peak. With fewer scores
+// than three quarters of a tile's 16 columns the lanes would mostly idle.
+
+// Rows and blocks of 16 scores per pass: 24 sums, 3 vectors of u and the
+// broadcast pair in registers.
+constexpr int kDpScoreRows = 8;
+constexpr int kDpScoreBlocks = 3;
+
+// A row's values 2 i and 2 i + 1 as one word in every lane; with kHalf the
+// second zero (a row of odd H ends in half a pair, and the value after it
+// may lie past the end of x).
+template <bool kHalf>
+inline __m512bh broadcast_pair(const at::BFloat16* row, int64_t i) {
+  uint32_t word = row[2 * i].x;
+  if constexpr (!kHalf) {
+    std::memcpy(&word, row + 2 * i, sizeof(word));
+  }
+  return reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(word)));
+}
+
+// scores[r * stride + 16 b + c] for R rows and S blocks of 16 scores, the
+// blocks' tiles at u_blocks, block_words apart; kPrefetch: each row's
+// line `ahead` elements on, once per line.
+template <int R, int S, bool kPrefetch>
+void dp_score_block(
+    const at::BFloat16* const* rows,
+    const uint32_t* u_blocks,
+    int64_t block_words,
+    int64_t H,
+    float* scores,
+    int64_t stride,
+    int64_t ahead) {
+  constexpr int64_t kLinePairs = kTileRowBytes / 4;
+  __m512 acc[R][S];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 3
+    for (int b = 0; b < S; ++b) {
+      acc[r][b] = _mm512_setzero_ps();
+    }
+  }
+  const auto add_pair = [&](int64_t i, auto half) {
+    __m512bh u_pairs[S];
+#pragma GCC unroll 3
+    for (int b = 0; b < S; ++b) {
+      u_pairs[b] =
+          reinterpret_cast<__m512bh>(_mm512_loadu_si512(u_blocks + b * block_words + i * 16));
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh x_pair = broadcast_pair<decltype(half)::value>(rows[r], i);
+#pragma GCC unroll 3
+      for (int b = 0; b < S; ++b) {
+        acc[r][b] = _mm512_dpbf16_ps(acc[r][b], x_pair, u_pairs[b]);
+      }
+    }
+  };
+  const int64_t pairs = H / 2;
+  for (int64_t i = 0; i < pairs; ++i) {
+    if constexpr (kPrefetch) {
+      if (i % kLinePairs == 0) {
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          _mm_prefetch(reinterpret_cast<const char*>(rows[r] + 2 * i + ahead), _MM_HINT_T0);
+        }
+      }
+    }
+    add_pair(i, std::false_type{});
+  }
+  if (H % 2 != 0) {
+    add_pair(pairs, std::true_type{});
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 3
+    for (int b = 0; b < S; ++b) {
+      _mm512_storeu_ps(scores + r * stride + b * kTileScores, acc[r][b]);
+    }
+  }
+}
+
+// dp_score_block for R rows, every block of scores, kDpScoreBlocks at a
+// time; the first pass prefetches.
+template <int R>
+void dp_score_rows_of(
+    const at::BFloat16* const* rows,
+    const uint32_t* u_tiles,
+    int64_t H,
+    int64_t blocks,
+    float* scores,
+    int64_t stride,
+    int64_t ahead) {
+  const int64_t block_words = tile_depth(H) / 2 * kTileScores;
+  for (int64_t first = 0; first < blocks; first += kDpScoreBlocks) {
+    const uint32_t* u_blocks = u_tiles + first * block_words;
+    float* out = scores + first * kTileScores;
+    const auto pass = [&](auto blocks_here, auto prefetches) {
+      dp_score_block<R, decltype(blocks_here)::value, decltype(prefetches)::value>(
+          rows, u_blocks, block_words, H, out, stride, ahead);
+    };
+    const bool prefetches = first == 0 && ahead != 0;
+    switch (std::min<int64_t>(kDpScoreBlocks, blocks - first)) {
+      case 3:
+        prefetches ? pass(std::integral_constant<int, 3>{}, std::true_type{})
+                   : pass(std::integral_constant<int, 3>{}, std::false_type{});
+        break;
+      case 2:
+        prefetches ? pass(std::integral_constant<int, 2>{}, std::true_type{})
+                   : pass(std::integral_constant<int, 2>{}, std::false_type{});
+        break;
+      default:
+        prefetches ? pass(std::integral_constant<int, 1>{}, std::true_type{})
+                   : pass(std::integral_constant<int, 1>{}, std::false_type{});
+    }
+  }
+}
+
+// scores[r * stride + k] = rows[r] . u_k for every score k of `count` rows,
+// as amx_score_rows leaves them ([Note: scores from u's tiles by
+// vdpbf16ps]): blocks of kDpScoreRows rows, then 4, 2 and 1.
+inline void dp_score_rows(
+    const at::BFloat16* const* rows,
+    int count,
+    const at::BFloat16* u_tiles,
+    int64_t H,
+    int64_t num_scores,
+    float* scores,
+    int64_t stride,
+    int64_t ahead = 0) {
+  const auto* tiles = reinterpret_cast<const uint32_t*>(u_tiles);
+  const int64_t blocks = score_blocks(num_scores);
+  int first = 0;
+  for (; first + kDpScoreRows <= count; first += kDpScoreRows) {
+    dp_score_rows_of<kDpScoreRows>(
+        rows + first, tiles, H, blocks, scores + first * stride, stride, ahead);
+  }
+  if (count - first >= 4) {
+    dp_score_rows_of<4>(rows + first, tiles, H, blocks, scores + first * stride, stride, ahead);
+    first += 4;
+  }
+  if (count - first >= 2) {
+    dp_score_rows_of<2>(rows + first, tiles, H, blocks, scores + first * stride, stride, ahead);
+    first += 2;
+  }
+  if (count - first >= 1) {
+    dp_score_rows_of<1>(rows + first, tiles, H, blocks, scores + first * stride, stride, ahead);
+  }
+}
+#endif
+
+// scores[r * stride + k] = rows[r] . u_k for every score k of `count` rows
+// from u's tiles (scores_on_tiles), the lanes past num_scores getting the
+// pads' sums (zero for finite rows): amx_score_rows or dp_score_rows.
+inline void score_rows_on_tiles(
+    const at::BFloat16* const* rows,
+    int count,
+    const at::BFloat16* u_tiles,
+    int64_t H,
+    int64_t num_scores,
+    float* scores,
+    int64_t stride,
+    int64_t ahead = 0) {
+#if defined(CPU_CAPABILITY_AMX_BF16)
+  amx_score_rows(rows, count, u_tiles, H, num_scores, scores, stride, ahead);
+#elif defined(CPU_CAPABILITY_AVX512_BF16)
+  dp_score_rows(rows, count, u_tiles, H, num_scores, scores, stride, ahead);
+#else
+  (void)rows, (void)count, (void)u_tiles, (void)H, (void)num_scores, (void)scores, (void)stride,
+      (void)ahead;
+  TORCH_INTERNAL_ASSERT(false, "scores from u's tiles need AVX512-BF16");
+#endif
+}
+
 // out[k * count + r] = by_row[r * stride + k] for every score k of `count`
 // rows: scores by row, as amx_score_rows leaves them, score by score.
 inline void scores_by_score(
@@ -353,7 +558,8 @@ inline void scores_by_score(
 }
 
 // out[k * count + r] = rows[r] . u_k (score by score, as score_dot_rows_each
-// leaves them) from amx_score_rows, for the callers that take that layout.
+// leaves them) from score_rows_on_tiles, for the callers that take that
+// layout.
 template <typename T>
 void tile_scores_by_score(
     const T* const* rows,
@@ -363,18 +569,16 @@ void tile_scores_by_score(
     int64_t num_scores,
     float* out,
     int64_t ahead = 0) {
-#if defined(CPU_CAPABILITY_AMX_BF16)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     const int64_t stride = score_blocks(num_scores) * kTileScores;
     thread_local TileBuffer<float> lanes;
     lanes.resize(count * stride);
-    amx_score_rows(
+    score_rows_on_tiles(
         rows, count, u_tiles_of(u_bf16, num_scores, H), H, num_scores, lanes.data(), stride, ahead);
     return scores_by_score(lanes.data(), stride, count, num_scores, out);
   }
-#endif
   (void)rows, (void)count, (void)u_bf16, (void)H, (void)num_scores, (void)out, (void)ahead;
-  TORCH_INTERNAL_ASSERT(false, "scores on AMX tiles need the AMX_BF16 kernels");
+  TORCH_INTERNAL_ASSERT(false, "scores from u's tiles need bfloat16 rows");
 }
 
 }  // namespace
