@@ -82,11 +82,17 @@ report["torch.bfloat16/scores-1e6/Q=3"] = errors(torch.bfloat16, 1, 41, 64, 2, 3
 for queries in (16, 33):
     report[f"torch.bfloat16/n=2/Q={queries}"] = errors(torch.bfloat16, 2, 45, 64, 2, queries)
 # Twelve scores or more, which AVX512_BF16 sums from u's tiles by vdpbf16ps:
-# an odd width (the last pair of a row half a pair), one block of 16 scores
-# three lanes short, four blocks (a pass of three, then one); large scores.
+# an odd width (the last pair of a row half a pair), rows of one value and of
+# a pair and a half, one block of 16 scores three lanes short, four blocks (a
+# pass of three, then one), one query of 12 heads (its scores into lanes);
+# large scores, several queries and heads or one query.
 report["torch.bfloat16/H=41/Q=13"] = errors(torch.bfloat16, 2, 37, 41, 1, 13)
+report["torch.bfloat16/H=1/Q=12"] = errors(torch.bfloat16, 2, 37, 1, 1, 12)
+report["torch.bfloat16/H=3/Q=12"] = errors(torch.bfloat16, 2, 37, 3, 1, 12)
 report["torch.bfloat16/H=33/Q=49"] = errors(torch.bfloat16, 2, 29, 33, 1, 49)
+report["torch.bfloat16/n=12"] = errors(torch.bfloat16, 2, 37, 48, 12, None)
 report["torch.bfloat16/scores-1e6/Q=16"] = errors(torch.bfloat16, 1, 41, 64, 4, 4, x_scale=1e6)
+report["torch.bfloat16/scores-1e6/n=12"] = errors(torch.bfloat16, 1, 41, 48, 12, None, x_scale=1e6)
 
 # Whether bfloat16 rows are scored against u rounded to bfloat16: the output
 # depends on u through the scores only, so it is then the same bit for bit.
@@ -166,7 +172,7 @@ def test_each_instruction_set_matches_reference(isa):
     # bfloat16.
     rounds_u = isa in ("AVX512_BF16", "AMX_BF16")
     assert report["rounds_u"] == {"head slices": rounds_u, "full width": rounds_u}
-    assert len(report["errors"]) == 4 * 8 * 2 + 4 + 4 + 2 + 3
+    assert len(report["errors"]) == 4 * 8 * 2 + 4 + 4 + 2 + 7
     for case, errors in report["errors"].items():
         floor = FLOOR[case.split("/")[0]]
         for what, error, reference_error in zip(

@@ -59,6 +59,8 @@ SHAPES = {
     "heads-full-width": (2, 19, 64, 2, 4, True),
     "heads-slices": (4, 9, 40, 3, 2, False),
     "long-full-width": (2, 70, 96, 1, 1, True),
+    # 13 scores over an odd width: bfloat16 from u's tiles on AVX512_BF16
+    "many-scores-odd-width": (2, 29, 41, 13, 1, False),
 }
 
 

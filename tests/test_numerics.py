@@ -212,6 +212,11 @@ LARGE_SCORES = [
     ("bf16-paired-1e6-one-score", torch.bfloat16, 1e6, None, 1, None, 64),
     ("bf16-paired-1e6-heads", torch.bfloat16, 1e6, None, 2, 2, 128),
     ("bf16-1e6-odd-width", torch.bfloat16, 1e6, None, 1, 2, 41),
+    # 12 or more: on AVX512_BF16, from u's tiles ([Note: scores from u's
+    # tiles by vdpbf16ps]), into lanes (one head, or one query) or not
+    ("bf16-1e6-queries-odd-width", torch.bfloat16, 1e6, None, 1, 13, 41),
+    ("bf16-1e6-heads", torch.bfloat16, 1e6, None, 12, None, 48),
+    ("bf16-1e6-heads-queries", torch.bfloat16, 1e6, None, 4, 4, 64),
     ("fp64-scale-1e30", torch.float64, 1.0, 1e30, 2, 3, 40),
 ]
 _each_large_score_case = pytest.mark.parametrize(

@@ -525,7 +525,8 @@ inline void dp_score_rows(
 
 // scores[r * stride + k] = rows[r] . u_k for every score k of `count` rows
 // from u's tiles (scores_on_tiles), the lanes past num_scores getting the
-// pads' sums (zero for finite rows): amx_score_rows or dp_score_rows.
+// pads' sums (zero for finite rows), stride at least num_scores rounded up
+// to kTileScores: amx_score_rows or dp_score_rows.
 inline void score_rows_on_tiles(
     const at::BFloat16* const* rows,
     int count,
@@ -547,7 +548,7 @@ inline void score_rows_on_tiles(
 }
 
 // out[k * count + r] = by_row[r * stride + k] for every score k of `count`
-// rows: scores by row, as amx_score_rows leaves them, score by score.
+// rows: scores by row, as score_rows_on_tiles leaves them, score by score.
 inline void scores_by_score(
     const float* by_row, int64_t stride, int count, int64_t num_scores, float* out) {
   for (int64_t k = 0; k < num_scores; ++k) {

@@ -221,9 +221,10 @@ inline bool dot_scores_in_lanes(const PoolShape& s) {
 }
 
 // Whether the forward takes scores from u's tiles (scores_on_tiles) into
-// lanes too (add_dot_scored_rows): on AMX tiles always ([Note: scores on AMX
-// tiles]); by vdpbf16ps with one query only. With several queries the
-// tiles of kWideTileRows rows add their weighted sums faster
+// lanes too (add_dot_scored_rows), beside one head's (dot_scores_in_lanes):
+// on AMX tiles always ([Note: scores on AMX tiles]); by vdpbf16ps, with
+// several heads, for one query only. With several queries of several heads
+// the tiles of kWideTileRows rows add their weighted sums faster
 // (accumulate_rows_into against add_head_slices_by_columns). Bfloat16
 // forward, 2 threads, a 2-core Zen 4 EPYC, 32 x 512 x 768, one process
 // taking turns, over the dot products (medians of 15 paired ratios), into
@@ -390,10 +391,11 @@ class SoftmaxState {
   // columns take: each weighted sum is loaded and stored once per
   // kColumnTileRows rows instead of once per kWideTileRows. bfloat16 rows
   // scored from bfloat16 products are summed from them too ([Note: weighted
-  // sums from bfloat16 products]). Rows scored from u's tiles come here too
-  // (tile_scores_in_lanes), their scores stored straight into the lanes
-  // ([Note: scores on AMX tiles]), and are summed on AMX tiles or by
-  // columns ([Note: weighted sums on AMX tiles]). scratch: dot_scratch_size.
+  // sums from bfloat16 products]). Rows scored from u's tiles come here
+  // too, with several heads where tile_scores_in_lanes says so, their
+  // scores stored straight into the lanes ([Note: scores on AMX tiles]);
+  // they are summed on AMX tiles, by columns ([Note: weighted sums on AMX
+  // tiles]) or, one head without AMX, in pairs. scratch: dot_scratch_size.
   template <typename scalar_t>
   void add_dot_scored_rows(
       const scalar_t* const* rows,
@@ -446,7 +448,7 @@ class SoftmaxState {
     }
 #if defined(CPU_CAPABILITY_AVX512_BF16)
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      // Rows scored on tiles take the sums by columns instead ([Note:
+      // Rows scored on AMX tiles take the sums by columns instead ([Note:
       // weighted sums on AMX tiles]).
       if (u_bf16_ != nullptr && !kAmxScores) {
         return add_weighted_rows_in_pairs(

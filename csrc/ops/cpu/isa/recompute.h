@@ -53,8 +53,9 @@ std::vector<acc_t> u_in_paired_order(const PoolShape& s, const acc_t* u) {
 
 // scores[k * R + r] = rows[r] . u_k for every score k, each summed as the
 // forward summed it (forward_order_scores; from u_bf16, u rounded to
-// bfloat16, if not null: [Note: bfloat16 products]; by columns from
-// u_columns, if not null: [Note: scores by columns]).
+// bfloat16, if not null: [Note: bfloat16 products], and from u's tiles
+// behind it where scores_on_tiles says so; by columns from u_columns, if not
+// null: [Note: scores by columns]).
 template <int R, typename T, typename A>
 void forward_scores(
     const T* const* rows,

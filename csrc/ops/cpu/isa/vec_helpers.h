@@ -356,7 +356,10 @@ A dot(const T* a, const A* b, int64_t n) {
 // 1e10. So every score, forward and backward, is summed in one order: one
 // accumulator per row over whole vectors, its lanes (reduce_add), then the
 // tail in order; for bfloat16 rows in paired order (the forward's fast read),
-// an even and an odd accumulator, added before reduce_add. The kernels are
+// an even and an odd accumulator, added before reduce_add. Where a lane holds
+// one score (by columns, from u's tiles: [Note: scores by columns], [Note:
+// scores on AMX tiles], [Note: scores from u's tiles by vdpbf16ps]), that
+// lane's chain along the row is the order, whatever the tile. The kernels are
 // compiled with -ffp-contract=off, so that scalar steps such as
 // scale * score - lse round alike wherever they are written. A score then
 // never exceeds the running max the forward saw, and p <= 1.
@@ -662,8 +665,8 @@ bool scores_from_bf16_products(const PoolShape& s) {
 }
 
 // u rounded to bfloat16 if the kernels score from bfloat16 products
-// (scores_from_bf16_products), followed by its AMX tiles where the scores
-// come from those (scores_on_tiles, u_tiles_of); empty otherwise.
+// (scores_from_bf16_products), followed by it laid out as AMX tiles where the
+// scores come from those (scores_on_tiles, u_tiles_of); empty otherwise.
 template <typename scalar_t, typename acc_t>
 TileBuffer<at::BFloat16> u_in_bf16(const PoolShape& s, const acc_t* u) {
   TileBuffer<at::BFloat16> rounded;
