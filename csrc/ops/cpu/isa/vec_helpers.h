@@ -433,8 +433,9 @@ void score_dot_rows_float(
 // (1.2e-38) to zero: a score made only of such products is 0, which shows
 // only when a scale near 1e34 or more brings it back up (a fuzz case:
 // x ~ 1e-19, u ~ 5e-20, scale 3e38). The scores are dot products
-// (bf16_score_dot_rows_impl), or from 12 scores on, sums along u's tiles
-// ([Note: scores from u's tiles by vdpbf16ps]); the backward and the jvp
+// (bf16_score_dot_rows_impl), or from 12 scores on, where they fill their
+// blocks of 16 lanes (scores_on_tiles), sums along u's tiles ([Note:
+// scores from u's tiles by vdpbf16ps]); the backward and the jvp
 // recompute them the same way, in the forward's order, so p stays the
 // forward's ([Note: one order for every score]).
 #if defined(CPU_CAPABILITY_AVX512_BF16)
