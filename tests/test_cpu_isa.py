@@ -81,7 +81,8 @@ report["torch.bfloat16/scores-1e6/Q=3"] = errors(torch.bfloat16, 1, 41, 64, 2, 3
 # queries fill a tile's rows, 33 take two groups of them and a short one.
 for queries in (16, 33):
     report[f"torch.bfloat16/n=2/Q={queries}"] = errors(torch.bfloat16, 2, 45, 64, 2, queries)
-# Twelve scores or more, which AVX512_BF16 sums from u's tiles by vdpbf16ps:
+# Twelve scores or more filling three quarters of their blocks of 16, which
+# AVX512_BF16 sums from u's tiles by vdpbf16ps:
 # an odd width (the last pair of a row half a pair), rows of one value and of
 # a pair and a half, one block of 16 scores three lanes short, four blocks (a
 # pass of three, then one), one query of 12 heads (its scores into lanes);
