@@ -57,7 +57,7 @@ inline int64_t tile_depth(int64_t H) {
 }
 
 // Blocks of kTileScores vectors of u.
-inline int64_t score_blocks(int64_t num_scores) {
+constexpr int64_t score_blocks(int64_t num_scores) {
   return (num_scores + kTileScores - 1) / kTileScores;
 }
 
@@ -105,8 +105,7 @@ constexpr bool scores_on_tiles(int64_t num_scores) {
     return num_scores > 1;
   } else {
 #if defined(CPU_CAPABILITY_AVX512_BF16)
-    const int64_t lanes = (num_scores + kTileScores - 1) / kTileScores * kTileScores;
-    return 4 * num_scores >= 3 * lanes;
+    return 4 * num_scores >= 3 * score_blocks(num_scores) * kTileScores;
 #else
     return false;
 #endif
@@ -475,23 +474,21 @@ void dp_score_rows_of(
   for (int64_t first = 0; first < blocks; first += kDpScoreBlocks) {
     const uint32_t* u_blocks = u_tiles + first * block_words;
     float* out = scores + first * kTileScores;
-    const auto pass = [&](auto blocks_here, auto prefetches) {
-      dp_score_block<R, decltype(blocks_here)::value, decltype(prefetches)::value>(
-          rows, u_blocks, block_words, H, out, stride, ahead);
-    };
     const bool prefetches = first == 0 && ahead != 0;
+    const auto pass = [&](auto blocks_here) {
+      constexpr int S = decltype(blocks_here)::value;
+      prefetches ? dp_score_block<R, S, true>(rows, u_blocks, block_words, H, out, stride, ahead)
+                 : dp_score_block<R, S, false>(rows, u_blocks, block_words, H, out, stride, ahead);
+    };
     switch (std::min<int64_t>(kDpScoreBlocks, blocks - first)) {
       case 3:
-        prefetches ? pass(std::integral_constant<int, 3>{}, std::true_type{})
-                   : pass(std::integral_constant<int, 3>{}, std::false_type{});
+        pass(std::integral_constant<int, 3>{});
         break;
       case 2:
-        prefetches ? pass(std::integral_constant<int, 2>{}, std::true_type{})
-                   : pass(std::integral_constant<int, 2>{}, std::false_type{});
+        pass(std::integral_constant<int, 2>{});
         break;
       default:
-        prefetches ? pass(std::integral_constant<int, 1>{}, std::true_type{})
-                   : pass(std::integral_constant<int, 1>{}, std::false_type{});
+        pass(std::integral_constant<int, 1>{});
     }
   }
 }
