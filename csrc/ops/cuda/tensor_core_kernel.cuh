@@ -370,12 +370,6 @@ ATTNPOOL_DEVICE inline void mma_of(float (&d)[4], const uint32_t (&a)[4], const 
 template <typename scalar_t>
 constexpr int kMmaRowSteps = kMmaTileRows / MmaRows<scalar_t>::kStep;
 
-// The B fragments of head h's weighted sums: for column tile nt of queries,
-// each k-step kk over the tile's rows and each term, B's two registers
-// (bfloat16: rows 2t, 2t + 1 and 2t + 8, 2t + 9 of the k-step; tf32: rows t
-// and t + 4; column: query 8 nt + g) from the weights of score (query, h),
-// zeros past the block's queries; and the corrections of D's queries
-// 8 nt + 2t and + 1.
 // B's two registers of each term for k-step kk over a tile's rows, from
 // one row of weights (`row`: a score's, its terms term_stride apart):
 // bfloat16 rows 2t, 2t + 1 and 2t + 8, 2t + 9 of the k-step; tf32 rows t
@@ -397,6 +391,11 @@ ATTNPOOL_DEVICE inline void load_weights(
   }
 }
 
+// The B fragments of head h's weighted sums: for column tile nt of queries,
+// each k-step kk over the tile's rows and each term, B's two registers
+// (load_weights; column: query 8 nt + g) from the weights of score (query,
+// h), zeros past the block's queries; and the corrections of D's queries
+// 8 nt + 2t and + 1.
 template <typename scalar_t, int NT>
 ATTNPOOL_DEVICE inline void load_head_weights(
     const typename MmaRows<scalar_t>::Term* weights,
