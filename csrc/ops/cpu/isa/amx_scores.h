@@ -66,18 +66,19 @@ inline int64_t u_tiles_size(int64_t num_scores, int64_t H) {
   return score_blocks(num_scores) * kTileScores * tile_depth(H);
 }
 
-// u [num_scores, H] (bfloat16) as B tiles, [score block][32 values of H]
-// each tile of 16 x 16 words: its row i holds values 2i and 2i + 1 of the
-// 32 for each of the block's 16 vectors, a pair per word (the first in the
-// low half), as tdpbf16ps reads them. `tiles` comes zeroed: vectors past
-// num_scores and values past H stay zero.
-inline void pack_u_tiles(const at::BFloat16* u, int64_t num_scores, int64_t H, uint32_t* tiles) {
+// u [num_scores, H] (bfloat16, its vectors u_stride apart) as B tiles,
+// [score block][32 values of H] each tile of 16 x 16 words: its row i holds
+// values 2i and 2i + 1 of the 32 for each of the block's 16 vectors, a pair
+// per word (the first in the low half), as tdpbf16ps reads them. `tiles`
+// comes zeroed: vectors past num_scores and values past H stay zero.
+inline void pack_u_tiles(
+    const at::BFloat16* u, int64_t num_scores, int64_t H, int64_t u_stride, uint32_t* tiles) {
   const int64_t chunks = tile_depth(H) / kTileDepth;
   for (int64_t k = 0; k < num_scores; ++k) {
     const int64_t column = k % kTileScores;
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       uint32_t* tile = tiles + (k / kTileScores * chunks + chunk) * kTileRows * kTileScores;
-      const at::BFloat16* values = u + k * H + chunk * kTileDepth;
+      const at::BFloat16* values = u + k * u_stride + chunk * kTileDepth;
       const int64_t count = std::min(kTileDepth, H - chunk * kTileDepth);
       for (int64_t i = 0; 2 * i < count; ++i) {
         const uint32_t high = 2 * i + 1 < count ? values[2 * i + 1].x : 0u;

@@ -151,9 +151,13 @@ struct GradDotsBf16 {
   std::vector<at::BFloat16> g;             // grad_out * 2^k[b], [B, num_scores, head_dim]
   std::vector<float> unscale;              // 2^-k[b]
   std::vector<at::BFloat16> out_parts[3];  // out = parts[0] + parts[1] + parts[2]
+  // [B, n] blocks of head_tile_words(s): g's head slices as u's tiles, or
+  // empty ([Note: G . x from G's tiles]).
+  TileBuffer<uint32_t> g_tiles;
   const at::BFloat16* g_of(const PoolShape& s, int64_t b) const {
     return g.empty() ? nullptr : g.data() + b * s.num_queries * s.hidden;
   }
+  const uint32_t* g_tiles_of(const PoolShape& s, int64_t b) const;
   float unscale_of(int64_t b) const {
     return g.empty() ? 1.0f : unscale[b];
   }
@@ -168,6 +172,85 @@ inline int tiny_grad_exponent(float largest) {
   }
   return kLowest - std::ilogb(largest);  // at most 85: 2^-k stays a normal float
 }
+
+// [Note: G . x from G's tiles] Without AMX, where the queries of a head fill
+// three quarters of their blocks of 16 lanes (scores_on_tiles), G . x takes
+// each sequence's G laid out as u's tiles, one per head: the head slices of
+// its Q queries are the tiles' vectors, and dp_score_rows leaves the Q
+// products of a row's slice in lanes, each summed along the slice in one
+// chain, with no sum across lanes. delta sums G . out the same way (lane i of
+// out_i's slice against the same tiles), so that ds stays 0 where out is a
+// row of x ([Note: delta as G . x]). The dot products they replace end each
+// of the Q * n sums of a row in a horizontal sum, two or three products of
+// a 64-value slice each: at 16 x 12, bfloat16, 32 x 512 x 768, they took 5%
+// of forward+backward. 2 threads, a 2-core Zen 4 EPYC, one process taking
+// turns (median of 12 paired ratios, tiles over dot products),
+// forward+backward at 32 x 512 x 768: 16 x 12 0.96-0.97, 12 x 12 0.96,
+// 16 x 16 0.95, 16 x 8 (slices of 96) and 12 x 4 (192) level. With one head
+// (one query's G . x runs along the whole row) the tiles lost: 16 x 1 1.03,
+// so400m's full width 1.02; those keep the dot products.
+inline bool grad_dots_on_tiles(const PoolShape& s) {
+#if defined(CPU_CAPABILITY_AVX512_BF16) && !defined(CPU_CAPABILITY_AMX_BF16)
+  return s.num_heads > 1 && scores_on_tiles<at::BFloat16>(s.num_queries);
+#else
+  (void)s;
+  return false;
+#endif
+}
+
+// Words of one head's tiles of G (GradDotsBf16::g_tiles).
+inline int64_t head_tile_words(const PoolShape& s) {
+  return u_tiles_size(s.num_queries, s.head_dim) / 2;
+}
+
+inline const uint32_t* GradDotsBf16::g_tiles_of(const PoolShape& s, int64_t b) const {
+  return g_tiles.empty() ? nullptr : g_tiles.data() + b * s.num_heads * head_tile_words(s);
+}
+
+// Lays out every sequence's G (dots.g) as tiles, head by head.
+inline void tile_grad_heads(const PoolShape& s, GradDotsBf16& dots) {
+  const int64_t words = head_tile_words(s);
+  dots.g_tiles.assign(s.batch * s.num_heads * words, 0u);
+  at::parallel_for(0, s.batch * s.num_heads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < last; ++j) {
+      const int64_t b = j / s.num_heads;
+      const int64_t h = j % s.num_heads;
+      pack_u_tiles(
+          dots.g.data() + b * s.num_queries * s.hidden + h * s.head_dim,
+          s.num_queries,
+          s.head_dim,
+          s.hidden,
+          dots.g_tiles.data() + j * words);
+    }
+  });
+}
+
+#if defined(CPU_CAPABILITY_AVX512_BF16) && !defined(CPU_CAPABILITY_AMX_BF16)
+// lanes[r * stride + i] = G_i[D_h] . rows[r][D_h] for every query i of R
+// rows, from head h's tiles of G (g_tiles: the sequence's; [Note: G . x from
+// G's tiles]); stride: score_blocks(Q) * kTileScores.
+template <int R>
+void head_slice_dots_on_tiles(
+    const at::BFloat16* const* rows,
+    const uint32_t* g_tiles,
+    const PoolShape& s,
+    int64_t h,
+    float* lanes,
+    int64_t stride) {
+  const at::BFloat16* slices[R];
+  for (int r = 0; r < R; ++r) {
+    slices[r] = rows[r] + h * s.head_dim;
+  }
+  dp_score_rows(
+      slices,
+      R,
+      reinterpret_cast<const at::BFloat16*>(g_tiles + h * head_tile_words(s)),
+      s.head_dim,
+      s.num_queries,
+      lanes,
+      stride);
+}
+#endif
 
 // Elementwise over [0, count) on the threads; the loops below vectorize.
 template <typename F>
@@ -253,6 +336,9 @@ GradDotsBf16 grad_dots_in_bf16(const BackwardParams& p) {
           !split_in_bf16(static_cast<const float*>(p.out), count, dots.out_parts)) {
         dots.g.clear();
       }
+      if (!dots.g.empty() && grad_dots_on_tiles(p)) {
+        tile_grad_heads(p, dots);
+      }
       for (const int k : exponents) {
         dots.unscale.push_back(std::ldexp(1.0f, -k));
       }
@@ -284,6 +370,22 @@ void compute_delta(const BackwardParams& p, const GradDotsBf16& dots, acc_t* del
           // Summed as the backward sums G . x ([Note: delta as G . x]).
 #if defined(CPU_CAPABILITY_AVX512_BF16)
           if constexpr (std::is_same_v<acc_t, float>) {
+#if !defined(CPU_CAPABILITY_AMX_BF16)
+            if (!dots.g_tiles.empty()) {
+              // Lane i of out_i's slice against head h's tiles of G.
+              const int64_t stride = score_blocks(p.num_queries) * kTileScores;
+              thread_local TileBuffer<float> lanes;
+              lanes.resize(stride);
+              *sum = 0.0f;
+              for (const auto& part : dots.out_parts) {
+                const at::BFloat16* out_row[1] = {part.data() + offset - h * p.head_dim};
+                head_slice_dots_on_tiles<1>(
+                    out_row, dots.g_tiles_of(p, b), p, h, lanes.data(), stride);
+                *sum += lanes[i];
+              }
+              continue;
+            }
+#endif
             if (!dots.g.empty()) {
               *sum = 0.0f;
               for (const auto& part : dots.out_parts) {
@@ -571,6 +673,29 @@ void head_slice_dots(
   }
 }
 
+// dscores[(i * n + h) * R + r] = G_i[D_h] . rows[r][D_h] for every query i
+// and head h from the sequence's tiles of G ([Note: G . x from G's tiles]).
+template <int R>
+void grad_dots_from_tiles(
+    const at::BFloat16* const* rows, const uint32_t* g_tiles, const PoolShape& s, float* dscores) {
+#if defined(CPU_CAPABILITY_AVX512_BF16) && !defined(CPU_CAPABILITY_AMX_BF16)
+  const int64_t stride = score_blocks(s.num_queries) * kTileScores;
+  thread_local TileBuffer<float> lanes;
+  lanes.resize(R * stride);
+  for (int64_t h = 0; h < s.num_heads; ++h) {
+    head_slice_dots_on_tiles<R>(rows, g_tiles, s, h, lanes.data(), stride);
+    for (int64_t i = 0; i < s.num_queries; ++i) {
+      for (int r = 0; r < R; ++r) {
+        dscores[(i * s.num_heads + h) * R + r] = lanes[r * stride + i];
+      }
+    }
+  }
+#else
+  (void)rows, (void)g_tiles, (void)s, (void)dscores;
+  TORCH_INTERNAL_ASSERT(false, "G's tiles need AVX512-BF16 without AMX");
+#endif
+}
+
 // dscores[k * count + r] = scale * p * (G . x - delta_k) * unscale for every
 // score k of `count` rows, in place of their G . x; delta: the sequence's
 // [num_scores]. unscale: 1, or 2^-k where G . x and delta are of G * 2^k
@@ -596,7 +721,7 @@ void score_gradients(
 //   p = exp(scale * x.u_k - lse), ds = scale * p * (G_i[D_h].x[D_h] - delta)
 // into probs and dscores ([num_scores][R] each). scored: probs already
 // holds the tile's scores, as forward_scores makes them
-// (backward_tile_on_amx).
+// (backward_tile_on_amx). g_tiles: sequence b's tiles of G, or null.
 template <int R, typename scalar_t, typename acc_t>
 void tile_score_gradients(
     const PoolShape& s,
@@ -614,6 +739,7 @@ void tile_score_gradients(
     acc_t* probs,
     acc_t* dscores,
     const at::BFloat16* g_bf16,
+    const uint32_t* g_tiles,
     acc_t g_unscale,
     bool scored) {
   const int64_t H = s.hidden;
@@ -624,7 +750,12 @@ void tile_score_gradients(
   if (!scored) {
     forward_scores<R>(rows, u, u_paired, u_bf16, u_columns, H, num_scores, probs);
   }
-  if (n == 1) {
+  if (g_tiles != nullptr) {
+    // (Only bfloat16 rows have G's tiles.)
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+      grad_dots_from_tiles<R>(rows, g_tiles, s, dscores);
+    }
+  } else if (n == 1) {
     if constexpr (std::is_same_v<scalar_t, at::BFloat16> && kBFloat16Products) {
       if (g_bf16 != nullptr) {
         score_dot_rows_each<R>(rows, g_bf16, H, num_scores, dscores);
@@ -669,6 +800,7 @@ void backward_rows(
     bool stream_dx,
     Bf16Products& products,
     const at::BFloat16* g_bf16,
+    const uint32_t* g_tiles,
     acc_t g_unscale) {
   const int64_t H = s.hidden;
   const int64_t num_scores = s.num_scores();
@@ -689,6 +821,7 @@ void backward_rows(
       probs,
       dscores,
       g_bf16,
+      g_tiles,
       g_unscale,
       false);
 #if defined(CPU_CAPABILITY_AVX512_BF16)
@@ -788,6 +921,7 @@ void backward_tile_on_amx(
           tile_probs,
           tile_dscores,
           g_bf16,
+          static_cast<const uint32_t*>(nullptr),
           g_unscale,
           true);
       round_and_pair_scores<R>(
@@ -1172,6 +1306,7 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
               stream_kernel_dx,
               products,
               dots.g_of(p, tile_batch),
+              dots.g_tiles_of(p, tile_batch),
               static_cast<acc_t>(dots.unscale_of(tile_batch)));
         });
         if (p.normalizes()) {

@@ -687,7 +687,7 @@ TileBuffer<at::BFloat16> u_in_bf16(const PoolShape& s, const acc_t* u) {
     // and u's tiles laid out a value at a time, 0.19 now.
     rounded.resize(whole_lines<at::BFloat16>(size));
     std::vector<uint32_t> words(tiles_size / 2, 0u);
-    pack_u_tiles(rounded.data(), s.num_scores(), s.hidden, words.data());
+    pack_u_tiles(rounded.data(), s.num_scores(), s.hidden, s.hidden, words.data());
     const auto* halves = reinterpret_cast<const at::BFloat16*>(words.data());
     rounded.insert(rounded.end(), halves, halves + tiles_size);
   }
