@@ -95,7 +95,16 @@ inline TileBuffer<uint32_t> u_in_score_pairs(int64_t num_scores, int64_t H, cons
   const int64_t stride = score_pair_stride(H);
   TileBuffer<uint32_t> pairs(score_pair_rows(num_scores) * stride, 0u);
   for (int64_t k = 0; k < num_scores; k += 2) {
-    for (int64_t e = 0; e < H; ++e) {
+    int64_t e = 0;
+    for (; e + 16 <= H; e += 16) {
+      const __m512i first = bf16_bits(_mm512_loadu_ps(u + k * H + e));
+      const __m512i second = k + 1 < num_scores ? bf16_bits(_mm512_loadu_ps(u + (k + 1) * H + e))
+                                                : _mm512_setzero_si512();
+      _mm512_storeu_si512(
+          pairs.data() + (k / 2) * stride + e,
+          _mm512_or_si512(first, _mm512_slli_epi32(second, 16)));
+    }
+    for (; e < H; ++e) {
       const float second = k + 1 < num_scores ? u[(k + 1) * H + e] : 0.0f;
       pairs[(k / 2) * stride + e] = bf16_pair(u[k * H + e], second);
     }
@@ -177,16 +186,6 @@ void add_score_pair_products(
   }
 }
 #endif
-
-// The bits of c10::BFloat16(v) (round to nearest even, NaN to 0x7FC0) in
-// the low half of each lane.
-inline __m512i bf16_bits(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  return _mm512_srli_epi32(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000)), 16);
-}
 
 // A tile's ds rounded to bfloat16 in place, and paired two ways: by scores
 // for dx's products, ds_pairs[kp * R + r] = (ds[2 kp][r], ds[2 kp + 1][r]),

@@ -441,6 +441,29 @@ void score_dot_rows_float(
 #if defined(CPU_CAPABILITY_AVX512_BF16)
 constexpr bool kBFloat16Products = true;
 
+// The bits of c10::BFloat16(v) (round to nearest even, NaN to 0x7FC0) in
+// the low half of each lane.
+inline __m512i bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_srli_epi32(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000)), 16);
+}
+
+// to[i] = c10::BFloat16(from[i]) for i < count, 16 at a time.
+inline void round_to_bf16(const float* from, int64_t count, at::BFloat16* to) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    _mm256_storeu_si256(
+        reinterpret_cast<__m256i*>(to + i),
+        _mm512_cvtepi32_epi16(bf16_bits(_mm512_loadu_ps(from + i))));
+  }
+  for (; i < count; ++i) {
+    to[i] = c10::BFloat16(from[i]);
+  }
+}
+
 // 32 bfloat16 values from p; with kTail only the first `count` (< 32), the
 // others zero, so a vector tail needs no scalar loop.
 template <bool kTail>
@@ -678,7 +701,16 @@ TileBuffer<at::BFloat16> u_in_bf16(const PoolShape& s, const acc_t* u) {
   const bool tiles = scores_on_tiles<scalar_t>(s.num_scores());
   const int64_t tiles_size = tiles ? u_tiles_size(s.num_scores(), s.hidden) : 0;
   rounded.reserve(whole_lines<at::BFloat16>(size) + tiles_size);
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    rounded.resize(size);
+    round_to_bf16(u, size, rounded.data());
+  } else {
+    rounded.assign(u, u + size);
+  }
+#else
   rounded.assign(u, u + size);
+#endif
   if (tiles) {
     // The tiles start on the next cache line (a pad of under 32 values).
     // They are laid out as words, then appended: growing rounded by
