@@ -306,15 +306,17 @@ def _bf16_backward_errors(x, u, scale, grad_out):
 
 
 @pytest.mark.parametrize("grad_dtype", ["bfloat16-values", "float32-values"])
-def test_tiny_grad_out_keeps_the_bf16_backward(grad_dtype):
+@pytest.mark.parametrize("queries,heads", [(2, 1), (12, 2)])
+def test_tiny_grad_out_keeps_the_bf16_backward(grad_dtype, queries, heads):
     # vdpbf16ps flushes products under float32's normal range: G . x of a
     # grad_out of 1e-34 against x of 1e-4 lost dx until such a sequence's G
     # was scaled up by a power of two ([Note: G . x from bfloat16 products]),
     # also beside a sequence of ordinary G. The float32 path takes no scale.
+    # 12 queries of 2 heads: G . x from G's tiles where the CPU has AVX512-BF16.
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 16, 64, generator=gen) * 1e-4).bfloat16()
-    u = torch.randn(2, 1, 64, generator=gen) * 64**-0.5
-    grad_out = torch.randn(2, 2, 64, generator=gen)
+    u = torch.randn(queries, heads, 64, generator=gen) * 64**-0.5
+    grad_out = torch.randn(2, queries, 64, generator=gen)
     grad_out[1] *= 1e-34
     grad_out = grad_out.bfloat16().float()
     if grad_dtype == "float32-values":

@@ -179,11 +179,13 @@ inline int tiny_grad_exponent(float largest) {
 // its Q queries are the tiles' vectors, and dp_score_rows leaves the Q
 // products of a row's slice in lanes, each summed along the slice in one
 // chain, with no sum across lanes. delta sums G . out the same way (lane i of
-// out_i's slice against the same tiles), so that ds stays 0 where out is a
-// row of x ([Note: delta as G . x]). The dot products they replace end each
-// of the Q * n sums of a row in a horizontal sum, two or three products of
-// a 64-value slice each: at 16 x 12, bfloat16, 32 x 512 x 768, they took 5%
-// of forward+backward. 2 threads, a 2-core Zen 4 EPYC, one process taking
+// out_i's slice against the same tiles, delta_from_tiles), so that ds stays
+// 0 where out is a row of x ([Note: delta as G . x]). The dot products they
+// replace take two vdpbf16ps per 64-value slice and end each of a row's
+// Q * n sums in a sum across lanes: at 16 x 12, bfloat16, 32 x 512 x 768,
+// they took 5% of forward+backward. (scores_on_tiles asks this of a head's
+// queries as it asks it of the scores: 12 to 16 queries, 24 to 32, 36 to
+// 48, then from 49.) 2 threads, a 2-core Zen 4 EPYC, one process taking
 // turns (median of 12 paired ratios, tiles over dot products),
 // forward+backward at 32 x 512 x 768: 16 x 12 0.96-0.97, 12 x 12 0.96,
 // 16 x 16 0.95, 16 x 8 (slices of 96) and 12 x 4 (192) level. With one head
@@ -249,6 +251,35 @@ void head_slice_dots_on_tiles(
       s.num_queries,
       lanes,
       stride);
+}
+
+// delta[b * S + i * n + h] for every query i and head h of sequence b from
+// its tiles of G: the Q slices of each part of out against head h's tiles
+// at once, lane i of out_i's row, added part by part (0 + part 0 + part 1 +
+// part 2), as G . x is summed ([Note: G . x from G's tiles]).
+inline void delta_from_tiles(
+    const PoolShape& s, const GradDotsBf16& dots, int64_t b, float* delta) {
+  const int64_t Q = s.num_queries;
+  const int64_t stride = score_blocks(Q) * kTileScores;
+  thread_local TileBuffer<float> lanes;
+  lanes.resize(Q * stride);
+  thread_local std::vector<const at::BFloat16*> slices;
+  slices.resize(Q);
+  float* sums = delta + b * s.num_scores();
+  std::fill_n(sums, s.num_scores(), 0.0f);
+  for (int64_t h = 0; h < s.num_heads; ++h) {
+    const auto* tiles =
+        reinterpret_cast<const at::BFloat16*>(dots.g_tiles_of(s, b) + h * head_tile_words(s));
+    for (const auto& part : dots.out_parts) {
+      for (int64_t i = 0; i < Q; ++i) {
+        slices[i] = part.data() + (b * Q + i) * s.hidden + h * s.head_dim;
+      }
+      dp_score_rows(slices.data(), static_cast<int>(Q), tiles, s.head_dim, Q, lanes.data(), stride);
+      for (int64_t i = 0; i < Q; ++i) {
+        sums[i * s.num_heads + h] += lanes[i * stride + i];
+      }
+    }
+  }
 }
 #endif
 
@@ -354,7 +385,8 @@ GradDotsBf16 grad_dots_in_bf16(const BackwardParams& p) {
 // which times a large scale was a large wrong gradient (|x| ~ 1e10, or
 // scale = 1e30). So every G . x of the backward (dot2_rows, score_dot_rows)
 // and delta are summed alike: one accumulator over whole vectors, its lanes,
-// then the tail in order.
+// then the tail in order; or, where G's tiles serve, one chain per lane
+// ([Note: G . x from G's tiles]).
 template <typename acc_t>
 void compute_delta(const BackwardParams& p, const GradDotsBf16& dots, acc_t* delta) {
   const auto* g = static_cast<const acc_t*>(p.grad_out);
@@ -363,6 +395,14 @@ void compute_delta(const BackwardParams& p, const GradDotsBf16& dots, acc_t* del
       std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, p.num_scores() * p.head_dim));
   at::parallel_for(0, p.batch, grain, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
+#if defined(CPU_CAPABILITY_AVX512_BF16) && !defined(CPU_CAPABILITY_AMX_BF16)
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (!dots.g_tiles.empty()) {
+          delta_from_tiles(p, dots, b, delta);
+          continue;
+        }
+      }
+#endif
       for (int64_t i = 0; i < p.num_queries; ++i) {
         for (int64_t h = 0; h < p.num_heads; ++h) {
           const int64_t offset = (b * p.num_queries + i) * p.hidden + h * p.head_dim;
@@ -370,22 +410,6 @@ void compute_delta(const BackwardParams& p, const GradDotsBf16& dots, acc_t* del
           // Summed as the backward sums G . x ([Note: delta as G . x]).
 #if defined(CPU_CAPABILITY_AVX512_BF16)
           if constexpr (std::is_same_v<acc_t, float>) {
-#if !defined(CPU_CAPABILITY_AMX_BF16)
-            if (!dots.g_tiles.empty()) {
-              // Lane i of out_i's slice against head h's tiles of G.
-              const int64_t stride = score_blocks(p.num_queries) * kTileScores;
-              thread_local TileBuffer<float> lanes;
-              lanes.resize(stride);
-              *sum = 0.0f;
-              for (const auto& part : dots.out_parts) {
-                const at::BFloat16* out_row[1] = {part.data() + offset - h * p.head_dim};
-                head_slice_dots_on_tiles<1>(
-                    out_row, dots.g_tiles_of(p, b), p, h, lanes.data(), stride);
-                *sum += lanes[i];
-              }
-              continue;
-            }
-#endif
             if (!dots.g.empty()) {
               *sum = 0.0f;
               for (const auto& part : dots.out_parts) {
@@ -751,9 +775,10 @@ void tile_score_gradients(
     forward_scores<R>(rows, u, u_paired, u_bf16, u_columns, H, num_scores, probs);
   }
   if (g_tiles != nullptr) {
-    // (Only bfloat16 rows have G's tiles.)
     if constexpr (std::is_same_v<scalar_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
       grad_dots_from_tiles<R>(rows, g_tiles, s, dscores);
+    } else {
+      TORCH_INTERNAL_ASSERT(false, "only bfloat16 rows have G's tiles");
     }
   } else if (n == 1) {
     if constexpr (std::is_same_v<scalar_t, at::BFloat16> && kBFloat16Products) {
