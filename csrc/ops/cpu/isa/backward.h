@@ -240,9 +240,7 @@ void head_slice_dots_on_tiles(
     float* lanes,
     int64_t stride) {
   const at::BFloat16* slices[R];
-  for (int r = 0; r < R; ++r) {
-    slices[r] = rows[r] + h * s.head_dim;
-  }
+  offset_rows<R>(rows, h * s.head_dim, slices);
   dp_score_rows(
       slices,
       R,

@@ -451,19 +451,6 @@ inline __m512i bf16_bits(__m512 v) {
   return _mm512_srli_epi32(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000)), 16);
 }
 
-// to[i] = c10::BFloat16(from[i]) for i < count, 16 at a time.
-inline void round_to_bf16(const float* from, int64_t count, at::BFloat16* to) {
-  int64_t i = 0;
-  for (; i + 16 <= count; i += 16) {
-    _mm256_storeu_si256(
-        reinterpret_cast<__m256i*>(to + i),
-        _mm512_cvtepi32_epi16(bf16_bits(_mm512_loadu_ps(from + i))));
-  }
-  for (; i < count; ++i) {
-    to[i] = c10::BFloat16(from[i]);
-  }
-}
-
 // 32 bfloat16 values from p; with kTail only the first `count` (< 32), the
 // others zero, so a vector tail needs no scalar loop.
 template <bool kTail>
@@ -688,6 +675,22 @@ bool scores_from_bf16_products(const PoolShape& s) {
          (s.num_scores() > 1 || reads_pairs<T>(s));
 }
 
+// to[i] = c10::BFloat16(from[i]) for i < count: 16 at a time where the
+// CPU has AVX512-BF16 (bf16_bits), one at a time elsewhere.
+inline void round_to_bf16(const float* from, int64_t count, at::BFloat16* to) {
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+  for (; i + 16 <= count; i += 16) {
+    _mm256_storeu_si256(
+        reinterpret_cast<__m256i*>(to + i),
+        _mm512_cvtepi32_epi16(bf16_bits(_mm512_loadu_ps(from + i))));
+  }
+#endif
+  for (; i < count; ++i) {
+    to[i] = c10::BFloat16(from[i]);
+  }
+}
+
 // u rounded to bfloat16 if the kernels score from bfloat16 products
 // (scores_from_bf16_products), followed by it laid out as AMX tiles where the
 // scores come from those (scores_on_tiles, u_tiles_of); empty otherwise.
@@ -701,16 +704,12 @@ TileBuffer<at::BFloat16> u_in_bf16(const PoolShape& s, const acc_t* u) {
   const bool tiles = scores_on_tiles<scalar_t>(s.num_scores());
   const int64_t tiles_size = tiles ? u_tiles_size(s.num_scores(), s.hidden) : 0;
   rounded.reserve(whole_lines<at::BFloat16>(size) + tiles_size);
-#if defined(CPU_CAPABILITY_AVX512_BF16)
   if constexpr (std::is_same_v<acc_t, float>) {
     rounded.resize(size);
     round_to_bf16(u, size, rounded.data());
   } else {
     rounded.assign(u, u + size);
   }
-#else
-  rounded.assign(u, u + size);
-#endif
   if (tiles) {
     // The tiles start on the next cache line (a pad of under 32 values).
     // They are laid out as words, then appended: growing rounded by
