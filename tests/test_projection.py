@@ -146,6 +146,42 @@ def _masking(kind, batch, seq_len, device):
 MASKINGS = ["none", "mask", "lengths", "attn_bias", "lowest-float"]
 
 
+def _softmax_input_shapes(pool):
+    """Runs pool() under no_grad and returns the input shapes of its softmaxes."""
+    with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+        out = pool()
+    shapes = [event.input_shapes[0] for event in prof.events() if event.name == "aten::_softmax"]
+    return out, shapes
+
+
+@pytest.mark.skipif(
+    attnpool._C.cpu_kernel_isa() == "AMX_BF16", reason="SDPA serves bfloat16 inference on AMX"
+)
+@pytest.mark.parametrize("masking", MASKINGS)
+def test_bfloat16_inference_pools_sequence_by_sequence_as_training_does(masking):
+    # Inference takes the float32 scores of one sequence at a time, all heads
+    # at once, so that they stay in cache; the values are those the training
+    # path computes for the whole batch, bit for bit.
+    batch, seq_len = 3, 7
+    inputs, num_heads = _inputs(batch, seq_len, **PROJECTING)
+    inputs = inputs.to(dtype=torch.bfloat16, param_dtype=torch.float32)
+    extra = _masking(masking, batch, seq_len, "cpu")
+    extra = {k: v.float() if v.is_floating_point() else v for k, v in extra.items()}
+    args = inputs.args()[:4]
+    got, shapes = _softmax_input_shapes(
+        lambda: attnpool.attention_pool(*args, num_heads=num_heads, **extra)
+    )
+    num_queries = PROJECTING["num_queries"]
+    assert shapes == [[num_heads, num_queries, seq_len]] * batch
+    query = inputs.query.clone().requires_grad_()
+    trained = attnpool.attention_pool(args[0], query, *args[2:], num_heads=num_heads, **extra)
+    assert torch.equal(got, trained.detach())
+    in_float64 = inputs.to(dtype=torch.float64)
+    extra = {k: v.double() if v.is_floating_point() else v for k, v in extra.items()}
+    want = reference.attention_pool(*in_float64.args()[:4], num_heads=num_heads, **extra)
+    torch.testing.assert_close(got.double(), want, **TOLERANCES[torch.bfloat16])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("masking", MASKINGS)
 def test_values_and_gradients_match_reference_float64(device, masking):
