@@ -111,6 +111,28 @@ def test_projection_in_bfloat16_on_the_cpu_scores_in_float32(dtype):
     torch.testing.assert_close(got.double(), want, **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("masking", ["none", "mask", "attn_bias"])
+def test_bfloat16_inference_on_the_cpu_pools_sequence_by_sequence(masking):
+    # As attention_pool's inference: the float32 scores of one sequence at a
+    # time stay in cache; the values are those of the batch at once, which
+    # training takes, bit for bit.
+    module, _ = _pair(8, None, True)
+    module = module.bfloat16()
+    x, mask = _batch(None, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(2)
+    extra = {
+        "none": {},
+        "mask": {"mask": mask},
+        "attn_bias": {"attn_bias": torch.randn(BATCH, SEQ_LEN, generator=gen)},
+    }[masking]
+    with torch.no_grad(), RecordedOps() as recorded:
+        got = module(x, **extra)
+    assert recorded.names.count("aten._softmax") == BATCH, recorded.names
+    trained = module(x, **extra)
+    assert trained.requires_grad
+    assert torch.equal(got, trained.detach())
+
+
 @pytest.mark.parametrize("num_queries", [1, 8], ids=["fold", "projection"])
 def test_a_row_biased_to_the_lowest_float_has_exact_gradients(num_queries):
     """Peers pad with finfo.min (SPEC.md §7): such a row is a uniform average.

@@ -526,18 +526,57 @@ def _pool_by_projection(
     # CPU kernel, and closer to float64 (see scores_in_float32_are_faster in
     # csrc/ops/attention_pool_by_projection.cpp).
     exact = attn_bias is not None or (xs.device.type == "cpu" and dtype == torch.bfloat16)
+    by_sequence = False
     if not torch.jit.is_scripting():
-        exact = exact or _any_tangent([x, query, w_q, b_q, w_k, w_v, b_v]) or under_vmap()
-    if exact:
+        tensors = [x, query, w_q, b_q, w_k, w_v, b_v]
+        exact = exact or _any_tangent(tensors) or under_vmap()
+        by_sequence = exact and _is_cpu_inference(xs, tensors)
+    if by_sequence:
+        out = _pool_sequence_by_sequence(q[0], k, v, scores_mask)
+    elif exact:
         acc = reference.accumulate_dtype(dtype)
         scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5
         if scores_mask is not None:
             scores = scores + scores_mask.to(acc)
-        out = torch.matmul(torch.softmax(scores, dim=-1).to(dtype), v)
+        out = torch.matmul(torch.softmax(scores, dim=-1).to(dtype), v).transpose(1, 2)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_mask)
-    out = out.transpose(1, 2).reshape(batch, query.shape[0], embed_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_mask).transpose(1, 2)
+    out = out.reshape(batch, query.shape[0], embed_dim)
     return out if any_kept is None else torch.where(any_kept[:, None, None], out, 0.0)
+
+
+def _is_cpu_inference(x: Tensor, tensors: list[Optional[Tensor]]) -> bool:
+    """Whether this call runs eagerly on the CPU with no gradient or tangent
+    to record (not traced by torch.compile, nor under vmap)."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return (
+        x.device.type == "cpu"
+        and not needs_grad
+        and not _any_tangent(tensors)
+        and not under_vmap()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _pool_sequence_by_sequence(
+    q: Tensor, k: Tensor, v: Tensor, scores_mask: Optional[Tensor]
+) -> Tensor:
+    """The products of the exact path one sequence at a time, all heads at
+    once, as attention_pool's inference does (pool_sequence_by_sequence in
+    csrc/ops/attention_pool_by_projection.cpp): a sequence's scores stay in
+    cache; the values are the batch's. q: [n, Q, d]; k, v: [B, n, L, d];
+    scores_mask: [B, 1, 1, L] or None. Returns [B, Q, n, d]."""
+    batch, num_heads, _, head_dim = v.shape
+    acc = reference.accumulate_dtype(v.dtype)
+    queries = q.to(acc)
+    out = v.new_empty(batch, q.shape[1], num_heads, head_dim)
+    for b in range(batch):
+        scores = torch.matmul(queries, k[b].to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if scores_mask is not None:
+            scores = scores + scores_mask[b].to(acc)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        torch.matmul(probs, v[b], out=out[b].transpose(0, 1))
+    return out
 
 
 def _any_tangent(tensors: list[Optional[Tensor]]) -> bool:
