@@ -133,6 +133,44 @@ def test_bfloat16_inference_on_the_cpu_pools_sequence_by_sequence(masking):
     assert torch.equal(got, trained.detach())
 
 
+def test_bfloat16_inference_by_projection_of_an_empty_batch():
+    module, _ = _pair(8, None, True)
+    module = module.bfloat16()
+    with torch.no_grad():
+        out = module(torch.randn(0, SEQ_LEN, EMBED_DIM, dtype=torch.bfloat16))
+    assert out.shape == (0, 8, EMBED_DIM)
+
+
+# (torch.func calls the deprecated torch.jit.script inside; nothing to do with attnpool.)
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
+def test_projection_differentiates_attn_bias_of_frozen_parameters():
+    # Only attn_bias carries a gradient or a tangent: the inference path,
+    # which writes into its output, must not take the call.
+    module, _ = _pair(8, None, True)
+    module.requires_grad_(False)
+    x, _ = _batch(None)
+    gen = torch.Generator().manual_seed(3)
+    bias = torch.randn(BATCH, SEQ_LEN, generator=gen, dtype=torch.float64).requires_grad_()
+    torch.autograd.gradcheck(
+        lambda b: module(x, attn_bias=b), (bias,), check_forward_ad=True, eps=1e-6
+    )
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:.*torch.jit.trace.*:DeprecationWarning")
+def test_jit_trace_of_bfloat16_inference_by_projection_runs_other_batch_sizes():
+    # A loop over the batch would be unrolled into the trace at its size.
+    module, _ = _pair(8, None, True)
+    module = module.bfloat16().eval()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        traced = torch.jit.trace(
+            module, torch.randn(2, SEQ_LEN, EMBED_DIM, generator=gen).bfloat16()
+        )
+        x = torch.randn(3, SEQ_LEN, EMBED_DIM, generator=gen).bfloat16()
+        torch.testing.assert_close(traced(x), module(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("num_queries", [1, 8], ids=["fold", "projection"])
 def test_a_row_biased_to_the_lowest_float_has_exact_gradients(num_queries):
     """Peers pad with finfo.min (SPEC.md §7): such a row is a uniform average.

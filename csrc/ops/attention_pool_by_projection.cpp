@@ -39,9 +39,10 @@ at::Tensor merge_heads(const at::Tensor& t) {
 // products' 12.1, forward+backward 27.7 against 29.2. So SDPA serves
 // bfloat16 there when no gradient is asked for; training keeps the float32
 // scores and their closer gradients, and inference below AMX takes them a
-// sequence at a time (pool_sequence_by_sequence). float32 stays with SDPA
-// (28 ms forward against 49 on the EPYC; a sequence at a time 26.8 against
-// 25.6, the key projection included), float16 too (73 against 203;
+// sequence at a time (pool_sequence_by_sequence, as for any exact scores on
+// the CPU, a bias's included). float32 without a bias stays with SDPA (28 ms
+// forward against 49 on the EPYC; a sequence at a time 26.8 against 25.6,
+// the key projection included), float16 too (73 against 203;
 // forward+backward alike).
 bool scores_in_float32_are_faster(const at::Tensor& x, bool needs_grad) {
   if (!x.is_cpu() || x.scalar_type() != at::kBFloat16) {

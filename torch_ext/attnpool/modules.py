@@ -512,8 +512,8 @@ def _pool_by_projection(
         bias = bias.masked_fill(~keep & any_kept[:, None], float("-inf"))
         scores_mask = bias.masked_fill(~any_kept[:, None], 0.0)[:, None, None, :]
 
-    q = _split_heads(F.linear(query, w_q, b_q), num_heads)  # [n, Q, d]
-    q = q.unsqueeze(0).expand(batch, -1, -1, -1)  # [B, n, Q, d]
+    heads_query = _split_heads(F.linear(query, w_q, b_q), num_heads)  # [n, Q, d]
+    q = heads_query.unsqueeze(0).expand(batch, -1, -1, -1)  # [B, n, Q, d]
     k = _split_heads(F.linear(xs, w_k), num_heads)  # [B, n, L, d]; a key bias cancels
     v = _split_heads(F.linear(xs, w_v, b_v), num_heads)
     # SDPA has no forward-mode AD, and its backward rebuilds p from a
@@ -528,11 +528,11 @@ def _pool_by_projection(
     exact = attn_bias is not None or (xs.device.type == "cpu" and dtype == torch.bfloat16)
     by_sequence = False
     if not torch.jit.is_scripting():
-        tensors = [x, query, w_q, b_q, w_k, w_v, b_v]
-        exact = exact or _any_tangent(tensors) or under_vmap()
-        by_sequence = exact and _is_cpu_inference(xs, tensors)
+        exact = exact or _any_tangent([x, query, w_q, b_q, w_k, w_v, b_v]) or under_vmap()
+        inputs = [x, query, w_q, b_q, w_k, w_v, b_v, attn_bias]
+        by_sequence = exact and _is_cpu_inference(xs, inputs)
     if by_sequence:
-        out = _pool_sequence_by_sequence(q[0], k, v, scores_mask)
+        out = _pool_sequence_by_sequence(heads_query, k, v, scores_mask)
     elif exact:
         acc = reference.accumulate_dtype(dtype)
         scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5
@@ -547,7 +547,8 @@ def _pool_by_projection(
 
 def _is_cpu_inference(x: Tensor, tensors: list[Optional[Tensor]]) -> bool:
     """Whether this call runs eagerly on the CPU with no gradient or tangent
-    to record (not traced by torch.compile, nor under vmap)."""
+    to record (not traced by torch.compile or torch.jit.trace, which would
+    unroll a loop over the batch, nor under vmap)."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return (
         x.device.type == "cpu"
@@ -555,6 +556,7 @@ def _is_cpu_inference(x: Tensor, tensors: list[Optional[Tensor]]) -> bool:
         and not _any_tangent(tensors)
         and not under_vmap()
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
     )
 
 
