@@ -731,10 +731,18 @@ struct WidenedPairs {
 };
 
 inline WidenedPairs load_pairs(const at::BFloat16* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i bits = _mm512_loadu_si512(p);
+  const __m512i high_halves = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  return {
+      Vectorized<float>(_mm512_castsi512_ps(_mm512_slli_epi32(bits, 16))),
+      Vectorized<float>(_mm512_castsi512_ps(_mm512_and_si512(bits, high_halves)))};
+#else
   const auto bits = Vectorized<int32_t>::loadu(p);
   const auto even = bits << Vectorized<int32_t>(16);
   const auto odd = bits & Vectorized<int32_t>(static_cast<int32_t>(0xFFFF0000u));
   return {at::vec::cast<float>(even), at::vec::cast<float>(odd)};
+#endif
 }
 
 // dst = src in paired order; n is a multiple of kPairWidth.
