@@ -127,15 +127,15 @@ void score_bf16_and_accumulate_rows(
     acc[r] = _mm512_setzero_ps();
     xr[r] = rows[r];
   }
-  // Raw vectors: through Vectorized and WidenedPairs, GCC stored each
-  // widened chunk of the last row to the stack, dead, every iteration.
+  // Raw vectors, the rows widened by load_pairs itself: through Vectorized
+  // and ChunkReader's Chunk, GCC stored each widened chunk of the last row
+  // to the stack, dead, every iteration.
   __m512 weights[std::max(P, 1)];
   const at::BFloat16* pr[std::max(P, 1)] = {};
   for (int q = 0; q < P; ++q) {
     weights[q] = _mm512_set1_ps(w[q]);
     pr[q] = prev[q];
   }
-  const __m512i high_halves = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   for (int64_t e = 0; e + Reader::kWidth <= n; e += Reader::kWidth) {
     if constexpr (R > 0) {
       const __m512bh uv = load_bf16<false>(v + e, 0);
@@ -146,16 +146,13 @@ void score_bf16_and_accumulate_rows(
       }
     }
     if constexpr (P > 0) {
-      // load_pairs' widening: even positions shifted up, odd ones masked.
       __m512 y_even = _mm512_loadu_ps(y + e);
       __m512 y_odd = _mm512_loadu_ps(y + e + W);
 #pragma GCC unroll 8
       for (int q = 0; q < P; ++q) {
-        const __m512i bits = _mm512_loadu_si512(pr[q] + e);
-        const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
-        const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(bits, high_halves));
-        y_even = _mm512_fmadd_ps(weights[q], even, y_even);
-        y_odd = _mm512_fmadd_ps(weights[q], odd, y_odd);
+        const WidenedPairs xv = load_pairs(pr[q] + e);
+        y_even = _mm512_fmadd_ps(weights[q], xv.even, y_even);
+        y_odd = _mm512_fmadd_ps(weights[q], xv.odd, y_odd);
       }
       _mm512_storeu_ps(y + e, y_even);
       _mm512_storeu_ps(y + e + W, y_odd);
