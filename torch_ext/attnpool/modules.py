@@ -528,9 +528,11 @@ def _pool_by_projection(
     exact = attn_bias is not None or (xs.device.type == "cpu" and dtype == torch.bfloat16)
     by_sequence = False
     if not torch.jit.is_scripting():
-        exact = exact or _any_tangent([x, query, w_q, b_q, w_k, w_v, b_v]) or under_vmap()
+        # (An attn_bias with a tangent is exact already: it is not None.)
         inputs = [x, query, w_q, b_q, w_k, w_v, b_v, attn_bias]
-        by_sequence = exact and _is_cpu_inference(xs, inputs)
+        transformed = _any_tangent(inputs) or under_vmap()
+        exact = exact or transformed
+        by_sequence = exact and not transformed and _is_eager_cpu_inference(xs, inputs)
     if by_sequence:
         out = _pool_sequence_by_sequence(heads_query, k, v, scores_mask)
     elif exact:
@@ -545,16 +547,14 @@ def _pool_by_projection(
     return out if any_kept is None else torch.where(any_kept[:, None, None], out, 0.0)
 
 
-def _is_cpu_inference(x: Tensor, tensors: list[Optional[Tensor]]) -> bool:
-    """Whether this call runs eagerly on the CPU with no gradient or tangent
-    to record (not traced by torch.compile or torch.jit.trace, which would
-    unroll a loop over the batch, nor under vmap)."""
+def _is_eager_cpu_inference(x: Tensor, tensors: list[Optional[Tensor]]) -> bool:
+    """Whether this call runs on the CPU with no gradient to record, and not
+    traced by torch.compile or torch.jit.trace, which would unroll a loop over
+    the batch (tangents and vmap are the caller's to check)."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return (
         x.device.type == "cpu"
         and not needs_grad
-        and not _any_tangent(tensors)
-        and not under_vmap()
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
     )
