@@ -287,7 +287,9 @@ void add_block_by_columns(
   // sum and storing it back. Bfloat16 forward, 2 threads, a 2-core Xeon with
   // AMX, one process per build taking turns (median of 5 paired ratios,
   // new / old): 4 x 12 0.74, 2 x 12 0.89, 1 x 16 0.93, 16 x 12 1.00;
-  // float32 4 x 12 0.90. The same sums, bit for bit.
+  // float32 4 x 12 0.90. The same sums, bit for bit. (The backward's dx and
+  // du, whose `ahead` is a run-time 0, had taken half as long again the same
+  // way: float32 16 x 12 forward+backward on a Zen 4 EPYC, 112 -> 169 ms.)
   auto each_row = [&](auto prefetching) {
     const A* w_r = w;
     for (int r = 0; r < count; ++r, w_r += w_stride) {
@@ -441,13 +443,9 @@ void add_weighted_rows_by_columns(
     const int sums = static_cast<int>(std::min<int64_t>(kColumnSums, num_scores - first));
     const A* wg = w + first;
     A* yg = ys + first * ys_stride;
-    // Prefetching or not, a constant: with `ahead` a run-time value inside
-    // add_block_by_columns' loop, the backward's dx and du, which come here
-    // with none, took half as long again (float32 16 x 12 forward+backward
-    // on a Zen 4 EPYC, 112 -> 169 ms).
-    auto blocks = [&](auto size, auto prefetching) {
+    with_tile_size<kColumnSums>(sums, [&](auto size) {
       constexpr int G = decltype(size)::value;
-      const int64_t block_ahead = decltype(prefetching)::value ? ahead : 0;
+      const int64_t block_ahead = first == 0 ? ahead : 0;
       int64_t c = 0;
       for (; c + kBlock <= n; c += kBlock) {
         add_block_by_columns<G, kColumnVectors>(
@@ -456,12 +454,6 @@ void add_weighted_rows_by_columns(
       for (; c + W <= n; c += W) {
         add_block_by_columns<G, 1>(wg, w_stride, 1, count, rows, c, ys_stride, yg, block_ahead);
       }
-      return c;
-    };
-    with_tile_size<kColumnSums>(sums, [&](auto size) {
-      constexpr int G = decltype(size)::value;
-      const int64_t c = first == 0 && ahead != 0 ? blocks(size, std::true_type{})
-                                                 : blocks(size, std::false_type{});
       for (int64_t e = c; e < n; ++e) {
         for (int g = 0; g < G; ++g) {
           A acc(0);
