@@ -191,7 +191,7 @@ inline void amx_score_rows(
     operands.c = reinterpret_cast<char*>(scores);
     return multiply_on_tiles(operands, count, chunks, score_blocks(num_scores));
   }
-  thread_local TileBuffer<at::BFloat16> packed;
+  thread_local CacheLineBuffer<at::BFloat16> packed;
   packed.resize(2 * kTileRows * depth);
   operands.a = reinterpret_cast<const char*>(packed.data());
   operands.a_row_bytes = depth * static_cast<int64_t>(sizeof(at::BFloat16));
@@ -331,7 +331,7 @@ inline void add_head_slices_on_tiles(
     float* sums) {
   const int64_t num_scores = num_queries * num_heads;
   const int64_t d = H / num_heads;
-  thread_local TileBuffer<uint32_t> scratch;
+  thread_local CacheLineBuffer<uint32_t> scratch;
   scratch.resize(kTilePairs * H + kWeightWords * num_scores);
   uint32_t* row_pairs = scratch.data();
   uint32_t* weight_pairs = scratch.data() + kTilePairs * H;
@@ -576,7 +576,7 @@ void tile_scores_by_score(
     int64_t ahead = 0) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     const int64_t stride = score_blocks(num_scores) * kTileScores;
-    thread_local TileBuffer<float> lanes;
+    thread_local CacheLineBuffer<float> lanes;
     lanes.resize(count * stride);
     score_rows_on_tiles(
         rows, count, u_tiles_of(u_bf16, num_scores, H), H, num_scores, lanes.data(), stride, ahead);

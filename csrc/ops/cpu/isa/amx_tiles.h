@@ -17,12 +17,13 @@
 // Also here: pair_rows, the rows of a tile paired for B, which the
 // backward's vdpbf16ps products (AVX512_BF16) take in the same layout.
 
+#include "ops/cpu/isa/cache_lines.h"
+
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -44,45 +45,6 @@ constexpr int64_t kTileRows = 16;      // rows of an A or C tile; pairs of a B t
 constexpr int64_t kTileColumns = 16;   // float32 sums of a C row; columns of B
 constexpr int64_t kTileRowBytes = 64;  // one row of any tile
 constexpr int64_t kTileBytes = kTileRows * kTileRowBytes;
-
-// Buffers of tile operands start on a cache line (64 bytes, one tile
-// row): a tile row that straddles two lines loads at less than half the
-// speed. On a Xeon with AMX, tileloadd of a 1 KB tile from L1 took 8 ns
-// aligned against 20 ns 16 bytes off, and a 32-row tile's scores (two
-// loads of x and one of u per product) 30 against 60 ns a product.
-template <typename T>
-struct CacheLineAllocator {
-  using value_type = T;
-  static constexpr std::align_val_t kAlignment{64};
-  CacheLineAllocator() = default;
-  template <typename U>
-  CacheLineAllocator(const CacheLineAllocator<U>&) {}
-  T* allocate(size_t n) {
-    return static_cast<T*>(::operator new(n * sizeof(T), kAlignment));
-  }
-  void deallocate(T* p, size_t) {
-    ::operator delete(p, kAlignment);
-  }
-  template <typename U>
-  bool operator==(const CacheLineAllocator<U>&) const {
-    return true;
-  }
-  template <typename U>
-  bool operator!=(const CacheLineAllocator<U>&) const {
-    return false;
-  }
-};
-
-template <typename T>
-using TileBuffer = std::vector<T, CacheLineAllocator<T>>;
-
-// `count` values of T rounded up to whole cache lines, so that what
-// follows them in a TileBuffer starts on one too.
-template <typename T>
-constexpr int64_t whole_lines(int64_t count) {
-  constexpr int64_t kPerLine = kTileRowBytes / static_cast<int64_t>(sizeof(T));
-  return (count + kPerLine - 1) / kPerLine * kPerLine;
-}
 
 #if defined(CPU_CAPABILITY_AVX512_BF16)
 // row_pairs[p * H + e] = (rows[2 p][e], rows[2 p + 1][e]) for the

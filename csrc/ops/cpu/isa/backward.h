@@ -153,7 +153,7 @@ struct GradDotsBf16 {
   std::vector<at::BFloat16> out_parts[3];  // out = parts[0] + parts[1] + parts[2]
   // [B, n] blocks of head_tile_words(s): g's head slices as u's tiles, or
   // empty ([Note: G . x from G's tiles]).
-  TileBuffer<uint32_t> g_tiles;
+  CacheLineBuffer<uint32_t> g_tiles;
   const at::BFloat16* g_of(const PoolShape& s, int64_t b) const {
     return g.empty() ? nullptr : g.data() + b * s.num_queries * s.hidden;
   }
@@ -259,7 +259,7 @@ inline void delta_from_tiles(
     const PoolShape& s, const GradDotsBf16& dots, int64_t b, float* delta) {
   const int64_t Q = s.num_queries;
   const int64_t stride = score_blocks(Q) * kTileScores;
-  thread_local TileBuffer<float> lanes;
+  thread_local CacheLineBuffer<float> lanes;
   lanes.resize(Q * stride);
   thread_local std::vector<const at::BFloat16*> slices;
   slices.resize(Q);
@@ -702,7 +702,7 @@ void grad_dots_from_tiles(
     const at::BFloat16* const* rows, const uint32_t* g_tiles, const PoolShape& s, float* dscores) {
 #if defined(CPU_CAPABILITY_AVX512_BF16) && !defined(CPU_CAPABILITY_AMX_BF16)
   const int64_t stride = score_blocks(s.num_queries) * kTileScores;
-  thread_local TileBuffer<float> lanes;
+  thread_local CacheLineBuffer<float> lanes;
   lanes.resize(R * stride);
   for (int64_t h = 0; h < s.num_heads; ++h) {
     head_slice_dots_on_tiles<R>(rows, g_tiles, s, h, lanes.data(), stride);
@@ -989,12 +989,12 @@ struct ColumnTileScratch {
         dots(s.num_scores() * kBackwardTileRows),
         dx(kColumnTileRows * s.hidden),
         g_rows(s.num_queries) {}
-  std::vector<A> probs;           // [S, count]: the scores, then p
-  std::vector<A> dscores;         // [S, count]: G . x, then ds
-  std::vector<A> dscores_by_row;  // [count, S]
-  std::vector<A> dots;            // [S, 8]: G . x of 8 rows
-  std::vector<A> dx;              // [count, H]
-  std::vector<const A*> g_rows;   // [Q]: one head's slice of each G_i
+  CacheLineBuffer<A> probs;           // [S, count]: the scores, then p
+  CacheLineBuffer<A> dscores;         // [S, count]: G . x, then ds
+  CacheLineBuffer<A> dscores_by_row;  // [count, S]
+  CacheLineBuffer<A> dots;            // [S, 8]: G . x of 8 rows
+  CacheLineBuffer<A> dx;              // [count, H]
+  std::vector<const A*> g_rows;       // [Q]: one head's slice of each G_i
 };
 
 // dots[k * count + r] = G_i[D_h] . rows[r][D_h] for every score k = i * n +
@@ -1142,11 +1142,11 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
   const auto scale = static_cast<acc_t>(p.scale);
   const auto* bias = static_cast<const acc_t*>(p.bias);
   const int64_t rows = p.ragged() ? p.seq_len : p.batch * p.seq_len;
-  const std::vector<acc_t> u_paired_buffer = u_in_paired_order<scalar_t>(p, u);
+  const CacheLineBuffer<acc_t> u_paired_buffer = u_in_paired_order<scalar_t>(p, u);
   const acc_t* u_paired = u_paired_buffer.empty() ? nullptr : u_paired_buffer.data();
-  const TileBuffer<at::BFloat16> u_bf16_buffer = u_in_bf16<scalar_t>(p, u);
+  const CacheLineBuffer<at::BFloat16> u_bf16_buffer = u_in_bf16<scalar_t>(p, u);
   const at::BFloat16* u_bf16 = u_bf16_buffer.empty() ? nullptr : u_bf16_buffer.data();
-  const std::vector<acc_t> u_columns_buffer = u_in_columns<scalar_t>(p, u);
+  const CacheLineBuffer<acc_t> u_columns_buffer = u_in_columns<scalar_t>(p, u);
   const acc_t* u_columns = u_columns_buffer.empty() ? nullptr : u_columns_buffer.data();
   // [Note: the backward by columns] (a layer norm keeps the 8-row tiles).
   const bool by_columns = u_columns != nullptr && num_scores > 1 && !p.normalizes();
@@ -1156,7 +1156,7 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
   }
   // dx and du from bfloat16 products where the scores come from them
   // ([Note: bfloat16 products in the backward]).
-  TileBuffer<uint32_t> u_pairs;
+  CacheLineBuffer<uint32_t> u_pairs;
 #if defined(CPU_CAPABILITY_AVX512_BF16)
   if constexpr (std::is_same_v<acc_t, float>) {
     if (u_bf16 != nullptr && num_scores > 1) {
@@ -1174,9 +1174,9 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
   const int64_t grain = parallel_grain(p.flat_cut, H);
   at::parallel_for(0, p.flat_cut.pieces, grain, [&](int64_t begin, int64_t end) {
     RowTile<scalar_t, kColumnTileRows> tile;
-    std::vector<acc_t> scratch(by_columns ? 0 : 2 * num_scores * tile_rows);
+    CacheLineBuffer<acc_t> scratch(by_columns ? 0 : 2 * num_scores * tile_rows);
     // The scores of a tile on AMX tiles, by rows.
-    TileBuffer<acc_t> amx_lanes(
+    CacheLineBuffer<acc_t> amx_lanes(
         on_amx ? kColumnTileRows * score_blocks(num_scores) * kTileScores : 0);
     std::optional<ColumnTileScratch<acc_t>> column_scratch;
     if (by_columns) {
@@ -1185,12 +1185,12 @@ void backward_impl(const BackwardParams& p, const GradDotsBf16& dots) {
     // Each part on a cache line of its own, for the AMX tiles.
     const int64_t ds_pairs_size = whole_lines<uint32_t>(((num_scores + 1) / 2) * kTile);
     const int64_t row_pairs_size = whole_lines<uint32_t>(kDuPairs * H);
-    TileBuffer<uint32_t> pair_scratch(
+    CacheLineBuffer<uint32_t> pair_scratch(
         u_pairs.empty() ? 0 : ds_pairs_size + row_pairs_size + num_scores * kDuPairs);
     Bf16Products products;
     // The AMX products' scratch.
-    TileBuffer<uint32_t> ds_by_row(amx_products ? tile_rows * score_pair_rows(num_scores) : 0);
-    TileBuffer<float> ds_u(amx_products ? tile_rows * score_pair_stride(H) : 0);
+    CacheLineBuffer<uint32_t> ds_by_row(amx_products ? tile_rows * score_pair_rows(num_scores) : 0);
+    CacheLineBuffer<float> ds_u(amx_products ? tile_rows * score_pair_stride(H) : 0);
     if (!u_pairs.empty()) {
       products = {
           u_pairs.data(),

@@ -91,9 +91,9 @@ inline uint32_t bf16_pair(float first, float second) {
 
 // u_pairs[kp * score_pair_stride + e] = (u[2 kp][e], u[2 kp + 1][e]), 0
 // past the last score (and past H).
-inline TileBuffer<uint32_t> u_in_score_pairs(int64_t num_scores, int64_t H, const float* u) {
+inline CacheLineBuffer<uint32_t> u_in_score_pairs(int64_t num_scores, int64_t H, const float* u) {
   const int64_t stride = score_pair_stride(H);
-  TileBuffer<uint32_t> pairs(score_pair_rows(num_scores) * stride, 0u);
+  CacheLineBuffer<uint32_t> pairs(score_pair_rows(num_scores) * stride, 0u);
   for (int64_t k = 0; k < num_scores; k += 2) {
     int64_t e = 0;
     for (; e + 16 <= H; e += 16) {

@@ -1050,19 +1050,15 @@ void forward_impl(const ForwardParams& p) {
   const bool pipelined = num_scores == 1;
   const bool paired = reads_pairs<scalar_t>(p);
   // Rounded from u in its natural order, which vdpbf16ps reads x in.
-  const TileBuffer<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
-  const std::vector<acc_t> u_columns = u_in_columns<scalar_t>(p, u);
+  const CacheLineBuffer<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
+  const CacheLineBuffer<acc_t> u_columns = u_in_columns<scalar_t>(p, u);
   const bool by_columns = !u_columns.empty();
   const bool next_in_l2 = next_tile_in_l2<scalar_t>(p);
   const bool dot_scored = !by_columns && (dot_scores_in_lanes(p) ||
                                           (!u_bf16.empty() && tile_scores_in_lanes<scalar_t>(p)));
-  std::vector<acc_t> u_paired;
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    if (paired) {
-      u_paired.resize(num_scores * p.hidden);
-      to_paired_order(u, u_paired.data(), num_scores * p.hidden);
-      u = u_paired.data();
-    }
+  const CacheLineBuffer<acc_t> u_paired = u_in_paired_order<scalar_t>(p, u);
+  if (paired) {
+    u = u_paired.data();
   }
 
   parallel_over_items(p, [&](int64_t begin, int64_t end) {
@@ -1080,8 +1076,8 @@ void forward_impl(const ForwardParams& p) {
     acc_t previous_weights[kForwardTileRows] = {};
     acc_t tile_bias[kMaxRows] = {};
     const acc_t* biases = bias == nullptr ? nullptr : tile_bias;
-    TileBuffer<acc_t> local(in_pieces ? 0 : state_size);
-    TileBuffer<acc_t> scratch(
+    CacheLineBuffer<acc_t> local(in_pieces ? 0 : state_size);
+    CacheLineBuffer<acc_t> scratch(
         pipelined    ? 0
         : by_columns ? SoftmaxState<acc_t>::column_scratch_size(p)
         : dot_scored ? SoftmaxState<acc_t>::dot_scratch_size(p)

@@ -89,9 +89,9 @@ struct ScoredVectors {
 };
 
 template <typename acc_t>
-std::vector<acc_t> u_and_tangent(
+CacheLineBuffer<acc_t> u_and_tangent(
     const JvpParams& p, const acc_t* u_paired, const at::BFloat16* u_bf16, const acc_t* u_columns) {
-  std::vector<acc_t> both;
+  CacheLineBuffer<acc_t> both;
   const auto* u_tangent = static_cast<const acc_t*>(p.u_tangent);
   if (u_tangent != nullptr && u_paired == nullptr && u_bf16 == nullptr && u_columns == nullptr) {
     const int64_t size = p.num_scores() * p.hidden;
@@ -191,10 +191,10 @@ void jvp_impl(const JvpParams& p) {
   auto* partials = static_cast<acc_t*>(p.partials);
   const int64_t items = p.work_items();
   const bool in_pieces = items > p.batch;
-  const std::vector<acc_t> u_paired = u_in_paired_order<scalar_t>(p, u);
-  const TileBuffer<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
-  const std::vector<acc_t> u_columns = u_in_columns<scalar_t>(p, u);
-  const std::vector<acc_t> both = u_and_tangent(
+  const CacheLineBuffer<acc_t> u_paired = u_in_paired_order<scalar_t>(p, u);
+  const CacheLineBuffer<at::BFloat16> u_bf16 = u_in_bf16<scalar_t>(p, u);
+  const CacheLineBuffer<acc_t> u_columns = u_in_columns<scalar_t>(p, u);
+  const CacheLineBuffer<acc_t> both = u_and_tangent(
       p,
       u_paired.empty() ? nullptr : u_paired.data(),
       u_bf16.empty() ? nullptr : u_bf16.data(),
@@ -212,7 +212,7 @@ void jvp_impl(const JvpParams& p) {
     RowTile<scalar_t, kTile> tangent_tile;
     acc_t tile_bias[kTile] = {};
     acc_t tile_bias_tangent[kTile] = {};
-    std::vector<acc_t> scratch(3 * num_scores * kTile);
+    CacheLineBuffer<acc_t> scratch(3 * num_scores * kTile);
     std::vector<acc_t> local(in_pieces ? 0 : state_size);
     for (int64_t item = begin; item < end; ++item) {
       // (Named, not a structured binding: C++17 lambdas cannot capture those.)

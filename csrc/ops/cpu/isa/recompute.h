@@ -37,20 +37,6 @@ void forward_order_scores(
   score_dot_rows<R>(rows, u, n, scores);
 }
 
-// u [num_scores, H] in the order the forward read bfloat16 rows in, if it
-// read them in pairs (reads_pairs); empty otherwise.
-template <typename scalar_t, typename acc_t>
-std::vector<acc_t> u_in_paired_order(const PoolShape& s, const acc_t* u) {
-  std::vector<acc_t> paired;
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    if (reads_pairs<scalar_t>(s)) {
-      paired.resize(s.num_scores() * s.hidden);
-      to_paired_order(u, paired.data(), s.num_scores() * s.hidden);
-    }
-  }
-  return paired;
-}
-
 // scores[k * R + r] = rows[r] . u_k for every score k, each summed as the
 // forward summed it (forward_order_scores; from u_bf16, u rounded to
 // bfloat16, if not null: [Note: bfloat16 products], and from u's tiles

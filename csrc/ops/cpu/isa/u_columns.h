@@ -60,8 +60,8 @@ int64_t column_lanes(int64_t num_scores) {
 // one pass of the scores reads its columns in order. Empty if the rows are
 // not scored by columns.
 template <typename scalar_t, typename acc_t>
-std::vector<acc_t> u_in_columns(const PoolShape& s, const acc_t* u) {
-  std::vector<acc_t> columns;
+CacheLineBuffer<acc_t> u_in_columns(const PoolShape& s, const acc_t* u) {
+  CacheLineBuffer<acc_t> columns;
   if (!scores_by_columns<scalar_t>(s)) {
     return columns;
   }

@@ -695,8 +695,8 @@ inline void round_to_bf16(const float* from, int64_t count, at::BFloat16* to) {
 // (scores_from_bf16_products), followed by it laid out as AMX tiles where the
 // scores come from those (scores_on_tiles, u_tiles_of); empty otherwise.
 template <typename scalar_t, typename acc_t>
-TileBuffer<at::BFloat16> u_in_bf16(const PoolShape& s, const acc_t* u) {
-  TileBuffer<at::BFloat16> rounded;
+CacheLineBuffer<at::BFloat16> u_in_bf16(const PoolShape& s, const acc_t* u) {
+  CacheLineBuffer<at::BFloat16> rounded;
   if (!scores_from_bf16_products<scalar_t>(s)) {
     return rounded;
   }
@@ -754,6 +754,20 @@ inline void to_paired_order(const float* src, float* dst, int64_t n) {
       dst[group + W + j] = src[group + 2 * j + 1];
     }
   }
+}
+
+// u [num_scores, H] in the order the forward read bfloat16 rows in, if it
+// read them in pairs (reads_pairs); empty otherwise.
+template <typename scalar_t, typename acc_t>
+CacheLineBuffer<acc_t> u_in_paired_order(const PoolShape& s, const acc_t* u) {
+  CacheLineBuffer<acc_t> paired;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (reads_pairs<scalar_t>(s)) {
+      paired.resize(s.num_scores() * s.hidden);
+      to_paired_order(u, paired.data(), s.num_scores() * s.hidden);
+    }
+  }
+  return paired;
 }
 
 // dst = src back in natural order; n is a multiple of kPairWidth.
