@@ -155,7 +155,7 @@ C10_NOINLINE void score_block_by_columns(
   for (int r = 0; r < R; ++r) {
     xr[r] = rows[r];
   }
-  Vec acc[V][R];
+  VecRegister<A> acc[V][R];
   for (int v = 0; v < V; ++v) {
     for (int r = 0; r < R; ++r) {
       acc[v][r] = Vec(A(0));
@@ -173,7 +173,7 @@ C10_NOINLINE void score_block_by_columns(
     for (int r = 0; r < R; ++r) {
       const Vec x_rh(xr[r][h]);
       for (int v = 0; v < V; ++v) {
-        acc[v][r] = at::vec::fmadd(x_rh, u_h[v], acc[v][r]);
+        acc[v][r] = at::vec::fmadd(x_rh, u_h[v], Vec(acc[v][r]));
       }
     }
   };
@@ -198,14 +198,14 @@ C10_NOINLINE void score_block_by_columns(
     const int64_t lanes_first = first + v * W;
     if constexpr (kByRow) {
       for (int r = 0; r < R; ++r) {
-        acc[v][r].store(scores + r * stride + lanes_first);
+        Vec(acc[v][r]).store(scores + r * stride + lanes_first);
       }
       continue;
     }
     const int64_t count = std::min<int64_t>(W, num_scores - lanes_first);
     for (int r = 0; r < R; ++r) {
       A lane[W];
-      acc[v][r].store(lane);
+      Vec(acc[v][r]).store(lane);
       for (int64_t k = 0; k < count; ++k) {
         scores[(lanes_first + k) * stride + r] = lane[k];
       }
