@@ -93,31 +93,21 @@ constexpr int kVectorRegisters = 16;
 // 16 x 12 forward 0.95, forward+backward 0.93, 4 x 12 and 8 x 1 0.98;
 // float16 16 x 12 0.94. Not in score_and_accumulate_rows (the one-score
 // forward): there the same change had bfloat16 1 x 1 1.11x slower.
-template <typename A>
-struct VecRegisterOf {
-  using type = Vectorized<A>;
-};
 #if defined(CPU_CAPABILITY_AVX512)
-template <>
-struct VecRegisterOf<float> {
-  using type = __m512;
-};
-template <>
-struct VecRegisterOf<double> {
-  using type = __m512d;
-};
+using FloatRegister = __m512;
+using DoubleRegister = __m512d;
 #elif defined(CPU_CAPABILITY_AVX2)
-template <>
-struct VecRegisterOf<float> {
-  using type = __m256;
-};
-template <>
-struct VecRegisterOf<double> {
-  using type = __m256d;
-};
+using FloatRegister = __m256;
+using DoubleRegister = __m256d;
+#else
+using FloatRegister = Vectorized<float>;
+using DoubleRegister = Vectorized<double>;
 #endif
 template <typename A>
-using VecRegister = typename VecRegisterOf<A>::type;
+using VecRegister = std::conditional_t<
+    std::is_same_v<A, float>,
+    FloatRegister,
+    std::conditional_t<std::is_same_v<A, double>, DoubleRegister, Vectorized<A>>>;
 
 // The forward with several scores per row scores a tile kForwardTileRows
 // rows at a time but adds it to its weighted sums this many rows at a time:
