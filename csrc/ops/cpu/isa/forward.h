@@ -1178,7 +1178,7 @@ void forward_impl(const ForwardParams& p) {
     return;
   }
   at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> merged(state_size);
+    CacheLineBuffer<acc_t> merged(state_size);
     for (int64_t b = begin; b < end; ++b) {
       SoftmaxState<acc_t> state(merged.data(), p, paired);
       state.reset();

@@ -213,7 +213,7 @@ void jvp_impl(const JvpParams& p) {
     acc_t tile_bias[kTile] = {};
     acc_t tile_bias_tangent[kTile] = {};
     CacheLineBuffer<acc_t> scratch(3 * num_scores * kTile);
-    std::vector<acc_t> local(in_pieces ? 0 : state_size);
+    CacheLineBuffer<acc_t> local(in_pieces ? 0 : state_size);
     for (int64_t item = begin; item < end; ++item) {
       // (Named, not a structured binding: C++17 lambdas cannot capture those.)
       const SequencePiece work = p.work_item(item);
@@ -268,7 +268,7 @@ void jvp_impl(const JvpParams& p) {
     return;
   }
   at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> merged(state_size);
+    CacheLineBuffer<acc_t> merged(state_size);
     for (int64_t b = begin; b < end; ++b) {
       // A sequence's pieces are consecutive work items.
       const acc_t* parts = partials + p.item_of(b, 0) * state_size;
