@@ -22,10 +22,8 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
-#include <cstddef>
 #include <cstdint>
 #include <type_traits>
-#include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512_BF16)
 #include <immintrin.h>
