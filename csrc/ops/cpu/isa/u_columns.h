@@ -260,7 +260,13 @@ constexpr int kColumnVectors = kVectorRegisters == 32 ? 3 : 2;
 // registers, then added to ys once. K = V: one weight per sum, w_step
 // apart; K < V: one per K vectors of columns (a head slice of K vectors).
 // ahead != 0: the same columns of each row `ahead` elements on are
-// prefetched to L2.
+// prefetched to L2. bfloat16 rows are widened two vectors at a time where
+// a weight covers both (K even, or K = V): the sums of those two vectors
+// are then held in paired order (load_pairs) and put back in natural order
+// as they are added to ys (two instructions a pair instead of four, the
+// widening's shuffles gone: bfloat16 1 x 12 forward on a 2-core Xeon with
+// AMX, 2 threads, 0.95 of the time). Each column's sum takes the same
+// products in the same order either way.
 template <int G, int V, int K = V, typename T, typename A>
 void add_block_by_columns(
     const A* w,
@@ -274,6 +280,10 @@ void add_block_by_columns(
     int64_t ahead = 0) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
+  constexpr bool kPairs = std::is_same_v<T, at::BFloat16> && (K % 2 == 0 || K == V);
+  // Whether vectors v and v + 1 are read as a pair (v even, both in the
+  // block).
+  const auto is_paired = [](int v) { return v % 2 == 0 && v + 1 < V; };
   Vec acc[G][V];
   for (int g = 0; g < G; ++g) {
     for (int v = 0; v < V; ++v) {
@@ -303,6 +313,15 @@ void add_block_by_columns(
         // weights too, and spilled a sum at G = 8, V = 3).
         Vec xv[V];
         for (int v = 0; v < V; ++v) {
+          if constexpr (kPairs) {
+            if (is_paired(v)) {
+              const WidenedPairs pair = load_pairs(row + v * W);
+              xv[v] = pair.even;
+              xv[v + 1] = pair.odd;
+              ++v;
+              continue;
+            }
+          }
           xv[v] = load_acc(row + v * W);
         }
         for (int g = 0; g < G; ++g) {
@@ -313,6 +332,18 @@ void add_block_by_columns(
         }
       } else {
         for (int v = 0; v < V; ++v) {
+          if constexpr (kPairs) {
+            if (is_paired(v)) {
+              const WidenedPairs pair = load_pairs(row + v * W);
+              for (int g = 0; g < G; ++g) {
+                const Vec weight(w_r[g * w_step + v / K]);
+                acc[g][v] = at::vec::fmadd(weight, pair.even, acc[g][v]);
+                acc[g][v + 1] = at::vec::fmadd(weight, pair.odd, acc[g][v + 1]);
+              }
+              ++v;
+              continue;
+            }
+          }
           const Vec x = load_acc(row + v * W);
           for (int g = 0; g < G; ++g) {
             acc[g][v] = at::vec::fmadd(Vec(w_r[g * w_step + v / K]), x, acc[g][v]);
@@ -329,6 +360,13 @@ void add_block_by_columns(
   for (int g = 0; g < G; ++g) {
     for (int v = 0; v < V; ++v) {
       A* y = ys + g * ys_stride + column + v * W;
+      if (kPairs && is_paired(v)) {
+        const auto natural = at::vec::interleave2(acc[g][v], acc[g][v + 1]);
+        (Vec::loadu(y) + natural.first).store(y);
+        (Vec::loadu(y + W) + natural.second).store(y + W);
+        ++v;
+        continue;
+      }
       (Vec::loadu(y) + acc[g][v]).store(y);
     }
   }
