@@ -238,6 +238,22 @@ bool tile_scores_in_lanes(const PoolShape& s) {
   return scores_on_tiles<T>(s.num_scores()) && (kAmxScores || s.num_queries == 1);
 }
 
+// Whether the forward scores each tile of rows beside the previous tile's
+// weighted sums ([Note: scores beside the weighted sums]): bfloat16 rows
+// scored on AMX tiles whose several heads' sums go by columns, whole
+// vectors a head slice (add_head_slices_in_groups).
+template <typename T>
+bool scores_beside_sums(const PoolShape& s) {
+#if defined(CPU_CAPABILITY_AMX_BF16)
+  constexpr int64_t W = Vectorized<float>::size();
+  return tile_scores_in_lanes<T>(s) && !sums_on_tiles<T>(s) && s.num_heads > 1 &&
+         s.head_dim % W == 0 && s.head_dim / W <= 8;
+#else
+  (void)s;
+  return false;
+#endif
+}
+
 // Online-softmax state of one (piece of a) sequence for all its scores:
 // [weighted sums of x[num_scores * head_dim], any row attended, running
 // max[num_scores], running sum[num_scores]], one flat array so that a
@@ -508,19 +524,66 @@ class SoftmaxState {
     }
   }
 
+#if defined(CPU_CAPABILITY_AMX_BF16)
+  // add_dot_scored_rows for a tile of bfloat16 rows where
+  // scores_beside_sums: the tile scored while the previous tile's weighted
+  // sums are added (its rows `previous`, its weights in previous_scratch,
+  // where the call before left them), then weighed, its weights left in
+  // scratch ([Note: scores beside the weighted sums]). add_sums_behind adds
+  // the last tile's sums. scratch, previous_scratch: dot_scratch_size each.
+  void add_dot_scored_rows_beside(
+      const at::BFloat16* const* rows,
+      int count,
+      acc_t scale,
+      const acc_t* bias,
+      acc_t* scratch,
+      const at::BFloat16* const* previous,
+      int previous_count,
+      acc_t* previous_scratch,
+      TileScoresInSteps& scores_in_steps) {
+    const int64_t H = shape_.hidden;
+    const int64_t num_scores = shape_.num_scores();
+    const int64_t lanes = column_lanes<acc_t>(num_scores);
+    *flag() = acc_t(1);
+    scores_in_steps.start(
+        rows, count, u_tiles_of(u_bf16_, num_scores, H), H, num_scores, scratch, lanes);
+    if (previous_count > 0) {
+      add_sums_behind(previous, previous_count, previous_scratch, scores_in_steps);
+    }
+    scores_in_steps.finish();
+    // The pads' sums are zero only for finite rows.
+    for (int r = 0; r < count; ++r) {
+      std::fill(scratch + r * lanes + num_scores, scratch + (r + 1) * lanes, acc_t(0));
+    }
+    weigh_rows_by_columns(count, scale, bias, scratch, scratch + kColumnTileRows * lanes);
+  }
+
+  // The weighted sums of a tile that add_dot_scored_rows_beside weighed,
+  // its weights in scratch; beside: as add_head_slices_by_columns takes it.
+  template <typename Beside = NothingBeside>
+  void add_sums_behind(
+      const at::BFloat16* const* rows, int count, acc_t* scratch, Beside&& beside = {}) {
+    const int64_t lanes = column_lanes<acc_t>(shape_.num_scores());
+    add_head_slices_by_columns(
+        rows, count, scratch, lanes, scratch + (kColumnTileRows + 2) * lanes, beside);
+  }
+#endif
+
   // The weighted sums of add_rows_by_columns with several heads: several
   // head slices' or queries' sums a pass where a slice is whole vectors
   // (add_head_slices_in_groups); otherwise head h's queries add head h's
   // slice of the rows, their weights (lanes i * n + h of each row)
   // gathered first. head_weights: kColumnTileRows * num_queries of
-  // scratch.
-  template <typename scalar_t>
+  // scratch. beside: as add_head_slices_in_groups takes it (whose passes
+  // then bring in no next tile).
+  template <typename scalar_t, typename Beside = NothingBeside>
   void add_head_slices_by_columns(
       const scalar_t* const* rows,
       int count,
       const acc_t* weights,
       int64_t lanes,
-      acc_t* head_weights) {
+      acc_t* head_weights,
+      Beside&& beside = {}) {
     const int64_t H = shape_.hidden;
     const int64_t n = shape_.num_heads;
     const int64_t d = shape_.head_dim;
@@ -533,9 +596,11 @@ class SoftmaxState {
     // L2), 1 x 12 1.08 (to L1 against L2).
     const bool tile_scored =
         std::is_same_v<scalar_t, at::BFloat16> && kAmxScores && u_bf16_ != nullptr;
-    const int64_t ahead = tile_scored && num_queries > 1 ? kColumnTileRows * x_seq_stride_ : 0;
+    constexpr bool kBeside = !std::is_same_v<std::decay_t<Beside>, NothingBeside>;
+    const int64_t ahead =
+        tile_scored && num_queries > 1 && !kBeside ? kColumnTileRows * x_seq_stride_ : 0;
     if (add_head_slices_in_groups(
-            weights, lanes, count, rows, num_queries, n, d, weighted(), ahead)) {
+            weights, lanes, count, rows, num_queries, n, d, weighted(), ahead, beside)) {
       return;
     }
     const scalar_t* slices[kColumnTileRows];
@@ -1056,6 +1121,7 @@ void forward_impl(const ForwardParams& p) {
   const bool next_in_l2 = next_tile_in_l2<scalar_t>(p);
   const bool dot_scored = !by_columns && (dot_scores_in_lanes(p) ||
                                           (!u_bf16.empty() && tile_scores_in_lanes<scalar_t>(p)));
+  const bool scores_beside = dot_scored && !u_bf16.empty() && scores_beside_sums<scalar_t>(p);
   const CacheLineBuffer<acc_t> u_paired = u_in_paired_order<scalar_t>(p, u);
   if (paired) {
     u = u_paired.data();
@@ -1077,15 +1143,23 @@ void forward_impl(const ForwardParams& p) {
     acc_t tile_bias[kMaxRows] = {};
     const acc_t* biases = bias == nullptr ? nullptr : tile_bias;
     CacheLineBuffer<acc_t> local(in_pieces ? 0 : state_size);
+    // Scored beside the sums, each tile's scores and weights stay until the
+    // next tile's call: two halves, taking turns.
+    const int64_t dot_scratch = SoftmaxState<acc_t>::dot_scratch_size(p);
     CacheLineBuffer<acc_t> scratch(
         pipelined    ? 0
         : by_columns ? SoftmaxState<acc_t>::column_scratch_size(p)
-        : dot_scored ? SoftmaxState<acc_t>::dot_scratch_size(p)
+        : dot_scored ? (scores_beside ? 2 : 1) * dot_scratch
                      : 2 * num_scores * tile_rows);
+    int half = 0;  // the half of this tile, scored beside the sums
     // With a norm, the tiles hold normalized rows: room for this tile and,
-    // pipelined, the previous one (a wide tile is added whole before the
-    // next begins). No more, so that they stay in L1.
-    NormalizedRows<scalar_t> normalized(p, std::max(tile_rows, 2 * kForwardTileRows));
+    // pipelined or scored beside the sums, the previous one (a wide tile is
+    // added whole before the next begins). No more, so that they stay in L1.
+    NormalizedRows<scalar_t> normalized(
+        p, scores_beside ? 2 * tile_rows : std::max(tile_rows, 2 * kForwardTileRows));
+#if defined(CPU_CAPABILITY_AMX_BF16)
+    TileScoresInSteps scores_in_steps;
+#endif
     for (int64_t item = begin; item < end; ++item) {
       const auto [b, piece, rows] = p.work_item(item);
       SoftmaxState<acc_t> state(
@@ -1105,6 +1179,26 @@ void forward_impl(const ForwardParams& p) {
             return;
           }
         }
+#if defined(CPU_CAPABILITY_AMX_BF16)
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          if (scores_beside) {
+            state.add_dot_scored_rows_beside(
+                tile.rows(),
+                tile.count(),
+                scale,
+                biases,
+                scratch.data() + half * dot_scratch,
+                previous.rows(),
+                previous.count(),
+                scratch.data() + (1 - half) * dot_scratch,
+                scores_in_steps);
+            previous = tile;
+            half = 1 - half;
+            tile.clear();
+            return;
+          }
+        }
+#endif
         if (dot_scored) {
           state.add_dot_scored_rows(tile.rows(), tile.count(), u, scale, biases, scratch.data());
           tile.clear();
@@ -1162,6 +1256,15 @@ void forward_impl(const ForwardParams& p) {
       if (tile.count() > 0) {
         flush();
       }
+#if defined(CPU_CAPABILITY_AMX_BF16)
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        if (scores_beside && previous.count() > 0) {
+          state.add_sums_behind(
+              previous.rows(), previous.count(), scratch.data() + (1 - half) * dot_scratch);
+          previous.clear();
+        }
+      }
+#endif
       if (previous.count() > 0) {
         with_tile_size<kForwardTileRows>(previous.count(), [&](auto size) {
           state.template add_previous_rows<decltype(size)::value>(

@@ -254,6 +254,12 @@ void score_rows_by_columns(
 constexpr int kColumnSums = kVectorRegisters == 32 ? 8 : 4;
 constexpr int kColumnVectors = kVectorRegisters == 32 ? 3 : 2;
 
+// Work done a piece at a time beside the weighted sums by columns
+// (add_block_by_columns calls it once per row): none.
+struct NothingBeside {
+  void operator()() const {}
+};
+
 // ys[g * ys_stride + c] += sum over the `count` rows of w_r[g * w_step +
 // v / K] * rows[r][c] (w_r = w + r * w_stride) for G sums and the V vectors
 // of columns from `column` (c in vector v): the sums of all rows in
@@ -266,8 +272,8 @@ constexpr int kColumnVectors = kVectorRegisters == 32 ? 3 : 2;
 // as they are added to ys (two instructions a pair instead of four, the
 // widening's shuffles gone: bfloat16 1 x 12 forward on a 2-core Xeon with
 // AMX, 2 threads, 0.95 of the time). Each column's sum takes the same
-// products in the same order either way.
-template <int G, int V, int K = V, typename T, typename A>
+// products in the same order either way. beside: called once per row.
+template <int G, int V, int K = V, typename T, typename A, typename Beside = NothingBeside>
 void add_block_by_columns(
     const A* w,
     int64_t w_stride,
@@ -277,7 +283,8 @@ void add_block_by_columns(
     int64_t column,
     int64_t ys_stride,
     A* ys,
-    int64_t ahead = 0) {
+    int64_t ahead = 0,
+    Beside&& beside = {}) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
   constexpr bool kPairs = std::is_same_v<T, at::BFloat16> && (K % 2 == 0 || K == V);
@@ -304,6 +311,7 @@ void add_block_by_columns(
     const A* w_r = w;
     for (int r = 0; r < count; ++r, w_r += w_stride) {
       const T* row = rows[r] + column;
+      beside();
       if constexpr (decltype(prefetching)::value) {
         prefetch_row<CacheLevel::kL2>(row, V * W, ahead);
       }
@@ -377,8 +385,8 @@ constexpr int kSliceSums = kVectorRegisters / 2;
 
 // add_head_slices for G queries at a time and K vectors per head slice;
 // ahead != 0: the first group's passes prefetch the rows `ahead` elements
-// on, each column once.
-template <int K, int G, typename T, typename A>
+// on, each column once. beside: as add_block_by_columns takes it.
+template <int K, int G, typename T, typename A, typename Beside>
 void add_head_slices_in_groups(
     const A* w,
     int64_t w_stride,
@@ -387,7 +395,8 @@ void add_head_slices_in_groups(
     int64_t num_queries,
     int64_t num_heads,
     A* ys,
-    int64_t ahead) {
+    int64_t ahead,
+    Beside& beside) {
   constexpr int64_t W = Vectorized<A>::size();
   const int64_t H = num_heads * K * W;
   // Sums of G queries over `heads` whole head slices from column `column`.
@@ -401,7 +410,8 @@ void add_head_slices_in_groups(
         column,
         H,
         ys + first_query * H,
-        first_query == 0 ? ahead : 0);
+        first_query == 0 ? ahead : 0,
+        beside);
   };
   constexpr int kHeads = std::max(1, kSliceSums / (G * K));
   for (int64_t first_query = 0; first_query < num_queries; first_query += G) {
@@ -426,9 +436,10 @@ void add_head_slices_in_groups(
 // process taking turns, bfloat16: 1 x 12 1.25 -> 1.04 ms, 1 x 16 1.15 ->
 // 1.04, 4 x 12 2.24 -> 2.00, 16 x 12 8.79 -> 7.40; float32: 1 x 12 2.61
 // -> 2.40, 4 x 12 6.08 -> 5.99, 16 x 12 20.4 -> 19.8. Each sum adds the
-// same products in the same order as before. ahead: as in the groups'
-// add_head_slices_in_groups. Returns false where d is not 1 to 8 vectors.
-template <typename T, typename A>
+// same products in the same order as before. ahead, beside: as in the
+// groups' add_head_slices_in_groups. Returns false where d is not 1 to 8
+// vectors.
+template <typename T, typename A, typename Beside = NothingBeside>
 bool add_head_slices_in_groups(
     const A* w,
     int64_t w_stride,
@@ -438,7 +449,8 @@ bool add_head_slices_in_groups(
     int64_t num_heads,
     int64_t d,
     A* ys,
-    int64_t ahead = 0) {
+    int64_t ahead = 0,
+    Beside&& beside = {}) {
   constexpr int64_t W = Vectorized<A>::size();
   if (d == 0 || d % W != 0 || d / W > 8) {
     return false;
@@ -446,11 +458,14 @@ bool add_head_slices_in_groups(
   auto run = [&](auto vectors) {
     constexpr int K = decltype(vectors)::value;
     if (num_queries % 4 == 0 && 4 * K <= kSliceSums) {
-      add_head_slices_in_groups<K, 4>(w, w_stride, count, rows, num_queries, num_heads, ys, ahead);
+      add_head_slices_in_groups<K, 4>(
+          w, w_stride, count, rows, num_queries, num_heads, ys, ahead, beside);
     } else if (num_queries % 2 == 0 && 2 * K <= kSliceSums) {
-      add_head_slices_in_groups<K, 2>(w, w_stride, count, rows, num_queries, num_heads, ys, ahead);
+      add_head_slices_in_groups<K, 2>(
+          w, w_stride, count, rows, num_queries, num_heads, ys, ahead, beside);
     } else {
-      add_head_slices_in_groups<K, 1>(w, w_stride, count, rows, num_queries, num_heads, ys, ahead);
+      add_head_slices_in_groups<K, 1>(
+          w, w_stride, count, rows, num_queries, num_heads, ys, ahead, beside);
     }
   };
   with_tile_size<8>(static_cast<int>(d / W), run);
