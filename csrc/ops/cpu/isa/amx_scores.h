@@ -161,6 +161,21 @@ inline int64_t in_place_row_bytes(const at::BFloat16* const* rows, int count, in
   return bytes;
 }
 
+// The operands of the scores' tile products but A (x's rows): u's tiles
+// (B) and the scores, stride floats a row (C).
+inline TileOperands score_operands(
+    const at::BFloat16* u_tiles, int64_t H, float* scores, int64_t stride) {
+  TileOperands operands;
+  operands.b = reinterpret_cast<const char*>(u_tiles);
+  operands.b_chunk_bytes = kTileBytes;
+  operands.b_block_bytes = tile_depth(H) / kTileDepth * kTileBytes;
+  operands.b_row_bytes = kTileRowBytes;
+  operands.c = reinterpret_cast<char*>(scores);
+  operands.c_row_bytes = stride * static_cast<int64_t>(sizeof(float));
+  operands.accumulate = false;
+  return operands;
+}
+
 // scores[r * stride + k] = rows[r] . u_k for every score k of `count` rows
 // ([Note: scores on AMX tiles]); stride: at least num_scores rounded up to
 // kTileScores, the lanes past num_scores getting the pads' sums (zero for
@@ -177,18 +192,11 @@ inline void amx_score_rows(
     int64_t ahead = 0) {
   const int64_t depth = tile_depth(H);
   const int64_t chunks = depth / kTileDepth;
-  TileOperands operands;
-  operands.b = reinterpret_cast<const char*>(u_tiles);
-  operands.b_chunk_bytes = kTileBytes;
-  operands.b_block_bytes = chunks * kTileBytes;
-  operands.b_row_bytes = kTileRowBytes;
-  operands.c_row_bytes = stride * static_cast<int64_t>(sizeof(float));
-  operands.accumulate = false;
+  TileOperands operands = score_operands(u_tiles, H, scores, stride);
   const int64_t row_bytes = in_place_row_bytes(rows, count, H);
   if (row_bytes != 0) {
     operands.a = reinterpret_cast<const char*>(rows[0]);
     operands.a_row_bytes = row_bytes;
-    operands.c = reinterpret_cast<char*>(scores);
     return multiply_on_tiles(operands, count, chunks, score_blocks(num_scores));
   }
   thread_local CacheLineBuffer<at::BFloat16> packed;
@@ -256,12 +264,9 @@ class TileScoresInSteps {
     chunks_ = tile_depth(H) / kTileDepth;
     blocks_ = score_blocks(num_scores);
     steps_ = chunks_ * ((blocks_ + 1) / 2);
-    a_ = reinterpret_cast<const char*>(rows[0]);
-    a_row_bytes_ = row_bytes;
-    b_ = reinterpret_cast<const char*>(u_tiles);
-    b_block_bytes_ = chunks_ * kTileBytes;
-    c_ = reinterpret_cast<char*>(scores);
-    c_row_bytes_ = stride * static_cast<int64_t>(sizeof(float));
+    t_ = score_operands(u_tiles, H, scores, stride);
+    t_.a = reinterpret_cast<const char*>(rows[0]);
+    t_.a_row_bytes = row_bytes;
     // ldtilecfg waits for what came before it: about 9 ns a row of a
     // 32-row tile from L3 in scratch code, once per tile.
     if (!configured_) {
@@ -294,8 +299,9 @@ class TileScoresInSteps {
     const int64_t chunk = done_ % chunks_;
     const int64_t block = 2 * (done_ / chunks_);
     const bool two = block + 1 < blocks_;
-    char* c0 = c_ + block * kTileRowBytes;
-    char* c1 = c0 + kTileRows * c_row_bytes_;
+    const int64_t cs = t_.c_row_bytes;
+    char* c0 = t_.c + block * kTileRowBytes;
+    char* c1 = c0 + kTileRows * cs;
     if (chunk == 0) {
       _tile_zero(0);
       _tile_zero(1);
@@ -304,35 +310,30 @@ class TileScoresInSteps {
         _tile_zero(3);
       }
     }
-    const char* a0 = a_ + chunk * kTileRowBytes;
-    const char* b0 = b_ + block * b_block_bytes_ + chunk * kTileBytes;
-    _tile_loadd(4, a0, a_row_bytes_);
-    _tile_loadd(6, b0, kTileRowBytes);
+    const char* a0 = t_.a + chunk * kTileRowBytes;
+    const char* b0 = t_.b + block * t_.b_block_bytes + chunk * t_.b_chunk_bytes;
+    _tile_loadd(4, a0, t_.a_row_bytes);
+    _tile_loadd(6, b0, t_.b_row_bytes);
     _tile_dpbf16ps(0, 4, 6);
-    _tile_loadd(5, a0 + kTileRows * a_row_bytes_, a_row_bytes_);
+    _tile_loadd(5, a0 + kTileRows * t_.a_row_bytes, t_.a_row_bytes);
     _tile_dpbf16ps(1, 5, 6);
     if (two) {
-      _tile_loadd(7, b0 + b_block_bytes_, kTileRowBytes);
+      _tile_loadd(7, b0 + t_.b_block_bytes, t_.b_row_bytes);
       _tile_dpbf16ps(2, 4, 7);
       _tile_dpbf16ps(3, 5, 7);
     }
     if (chunk == chunks_ - 1) {
-      _tile_stored(0, c0, c_row_bytes_);
-      _tile_stored(1, c1, c_row_bytes_);
+      _tile_stored(0, c0, cs);
+      _tile_stored(1, c1, cs);
       if (two) {
-        _tile_stored(2, c0 + kTileRowBytes, c_row_bytes_);
-        _tile_stored(3, c1 + kTileRowBytes, c_row_bytes_);
+        _tile_stored(2, c0 + kTileRowBytes, cs);
+        _tile_stored(3, c1 + kTileRowBytes, cs);
       }
     }
     ++done_;
   }
 
-  const char* a_ = nullptr;
-  int64_t a_row_bytes_ = 0;
-  const char* b_ = nullptr;
-  int64_t b_block_bytes_ = 0;
-  char* c_ = nullptr;
-  int64_t c_row_bytes_ = 0;
+  TileOperands t_;
   int64_t chunks_ = 0;
   int64_t blocks_ = 0;
   int64_t steps_ = 0;  // chunks of products for this tile; 0: none
