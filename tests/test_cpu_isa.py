@@ -101,11 +101,13 @@ report["torch.bfloat16/scores-1e6/n=12"] = errors(torch.bfloat16, 1, 41, 48, 12,
 report["torch.bfloat16/n=2/H=42/Q=13"] = errors(torch.bfloat16, 2, 37, 42, 2, 13)
 report["torch.bfloat16/n=2/Q=28"] = errors(torch.bfloat16, 2, 29, 64, 2, 28)
 report["torch.bfloat16/scores-1e6/n=3/Q=12"] = errors(torch.bfloat16, 1, 41, 48, 3, 12, x_scale=1e6)
-# Several heads without a mask: on AMX_BF16 each whole tile of 32 rows is
+# Several scores without a mask: on AMX_BF16 each whole tile of 32 rows is
 # scored in place beside the previous tile's weighted sums, the last tile
-# short; head slices of two vectors (read in pairs) and of three.
+# short; head slices of two vectors (read in pairs) and of three, and
+# three queries of one head.
 report["torch.bfloat16/n=4/Q=3/unmasked"] = errors(torch.bfloat16, 2, 100, 128, 4, 3, masked=False)
 report["torch.bfloat16/n=2/Q=2/unmasked"] = errors(torch.bfloat16, 1, 70, 96, 2, 2, masked=False)
+report["torch.bfloat16/n=1/Q=3/unmasked"] = errors(torch.bfloat16, 2, 100, 128, 1, 3, masked=False)
 
 # Whether bfloat16 rows are scored against u rounded to bfloat16: the output
 # depends on u through the scores only, so it is then the same bit for bit.
@@ -185,7 +187,7 @@ def test_each_instruction_set_matches_reference(isa):
     # bfloat16.
     rounds_u = isa in ("AVX512_BF16", "AMX_BF16")
     assert report["rounds_u"] == {"head slices": rounds_u, "full width": rounds_u}
-    assert len(report["errors"]) == 4 * 8 * 2 + 4 + 4 + 2 + 7 + 3 + 2
+    assert len(report["errors"]) == 4 * 8 * 2 + 4 + 4 + 2 + 7 + 3 + 3
     for case, errors in report["errors"].items():
         floor = FLOOR[case.split("/")[0]]
         for what, error, reference_error in zip(

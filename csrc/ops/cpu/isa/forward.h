@@ -240,14 +240,14 @@ bool tile_scores_in_lanes(const PoolShape& s) {
 
 // Whether the forward scores each tile of rows beside the previous tile's
 // weighted sums ([Note: scores beside the weighted sums]): bfloat16 rows
-// scored on AMX tiles whose several heads' sums go by columns, whole
-// vectors a head slice (add_head_slices_in_groups).
+// scored on AMX tiles whose sums go by columns, those of one head or
+// several heads' whole vectors a head slice (add_head_slices_in_groups).
 template <typename T>
 bool scores_beside_sums(const PoolShape& s) {
 #if defined(CPU_CAPABILITY_AMX_BF16)
   constexpr int64_t W = Vectorized<float>::size();
-  return tile_scores_in_lanes<T>(s) && !sums_on_tiles<T>(s) && s.num_heads > 1 &&
-         s.head_dim % W == 0 && s.head_dim / W <= 8;
+  return tile_scores_in_lanes<T>(s) && !sums_on_tiles<T>(s) &&
+         (s.num_heads == 1 || (s.head_dim % W == 0 && s.head_dim / W <= 8));
 #else
   (void)s;
   return false;
@@ -559,13 +559,20 @@ class SoftmaxState {
   }
 
   // The weighted sums of a tile that add_dot_scored_rows_beside weighed,
-  // its weights in scratch; beside: as add_head_slices_by_columns takes it.
+  // its weights in scratch, as add_dot_scored_rows adds them by columns;
+  // beside: as add_block_by_columns takes it.
   template <typename Beside = NothingBeside>
   void add_sums_behind(
       const at::BFloat16* const* rows, int count, acc_t* scratch, Beside&& beside = {}) {
-    const int64_t lanes = column_lanes<acc_t>(shape_.num_scores());
-    add_head_slices_by_columns(
-        rows, count, scratch, lanes, scratch + (kColumnTileRows + 2) * lanes, beside);
+    const int64_t H = shape_.hidden;
+    const int64_t num_scores = shape_.num_scores();
+    const int64_t lanes = column_lanes<acc_t>(num_scores);
+    if (shape_.num_heads > 1) {
+      return add_head_slices_by_columns(
+          rows, count, scratch, lanes, scratch + (kColumnTileRows + 2) * lanes, beside);
+    }
+    add_weighted_rows_by_columns(
+        scratch, lanes, count, rows, H, num_scores, weighted(), H, 0, beside);
   }
 #endif
 

@@ -478,8 +478,9 @@ bool add_head_slices_in_groups(
 // time, each row loaded once per block ([Note: scores by columns]). Every
 // element is summed in one order for any thread count. ahead != 0: the
 // first block of sums prefetches each row's columns `ahead` elements on
-// into L2, as add_block_by_columns does.
-template <typename T, typename A>
+// into L2, as add_block_by_columns does. beside: as add_block_by_columns
+// takes it.
+template <typename T, typename A, typename Beside = NothingBeside>
 void add_weighted_rows_by_columns(
     const A* w,
     int64_t w_stride,
@@ -489,7 +490,8 @@ void add_weighted_rows_by_columns(
     int64_t num_scores,
     A* ys,
     int64_t ys_stride,
-    int64_t ahead = 0) {
+    int64_t ahead = 0,
+    Beside&& beside = {}) {
   constexpr int64_t W = Vectorized<A>::size();
   constexpr int64_t kBlock = kColumnVectors * W;
   for (int64_t first = 0; first < num_scores; first += kColumnSums) {
@@ -502,10 +504,11 @@ void add_weighted_rows_by_columns(
       int64_t c = 0;
       for (; c + kBlock <= n; c += kBlock) {
         add_block_by_columns<G, kColumnVectors>(
-            wg, w_stride, 1, count, rows, c, ys_stride, yg, block_ahead);
+            wg, w_stride, 1, count, rows, c, ys_stride, yg, block_ahead, beside);
       }
       for (; c + W <= n; c += W) {
-        add_block_by_columns<G, 1>(wg, w_stride, 1, count, rows, c, ys_stride, yg, block_ahead);
+        add_block_by_columns<G, 1>(
+            wg, w_stride, 1, count, rows, c, ys_stride, yg, block_ahead, beside);
       }
       for (int64_t e = c; e < n; ++e) {
         for (int g = 0; g < G; ++g) {
