@@ -224,10 +224,11 @@ inline void amx_score_rows(
 // 32 x 512 x 768, two builds in alternating processes (median of paired
 // ratios, with the sums' paired read in both): 1 x 12 0.92, 2 x 12 0.86,
 // 4 x 12 0.96, 1 x 16 0.98; one head's sums too: 2 x 1 0.98, 4 x 1 0.98,
-// 6 x 1 0.97, full width 1 x 4 at 16 x 729 x 1152 0.97. Spreading the chunks evenly over the sums'
-// rows instead: 1 x 12 0.92-0.96, 2 x 12 1.09, 4 x 12 1.27 (with three
-// blocks of scores or more a tile's rows are read once per pair of blocks,
-// and spread out, the later reads find them evicted).
+// 6 x 1 0.97, full width 1 x 4 at 16 x 729 x 1152 0.97. Spreading the
+// chunks evenly over the sums' rows instead: 1 x 12 0.92-0.96, 2 x 12 1.09,
+// 4 x 12 1.27 (with three blocks of scores or more a tile's rows are read
+// once per pair of blocks, and spread out, the later reads find them
+// evicted).
 
 // The products of amx_score_rows for one tile of 2 * kTileRows rows read
 // in place, issued a chunk (of both blocks of a pair of blocks of scores)

@@ -479,6 +479,16 @@ class SoftmaxState {
         scores, lanes, count, rows, H, num_scores, weighted(), H, kFloatRows ? next_tile : 0);
   }
 
+  // Zeroes the lanes past num_scores of `count` rows of scores from u's
+  // tiles: the pads' sums are zero only for finite rows.
+  void zero_pad_lanes(acc_t* scores, int count) const {
+    const int64_t num_scores = shape_.num_scores();
+    const int64_t lanes = column_lanes<acc_t>(num_scores);
+    for (int r = 0; r < count; ++r) {
+      std::fill(scores + r * lanes + num_scores, scores + (r + 1) * lanes, acc_t(0));
+    }
+  }
+
   // scores[r * column_lanes + k] for every score k of `count` rows, the
   // lanes past the scores zero: kBlock rows at a time by score_rows (as
   // score_tile scores them: kForwardTileRows, or kWideTileRows from
@@ -500,11 +510,7 @@ class SoftmaxState {
       if (u_bf16_ != nullptr && scores_on_tiles<scalar_t>(num_scores)) {
         score_rows_on_tiles(
             rows, count, u_tiles_of(u_bf16_, num_scores, H), H, num_scores, scores, lanes, ahead);
-        // The pads' sums are zero only for finite rows.
-        for (int r = 0; r < count; ++r) {
-          std::fill(scores + r * lanes + num_scores, scores + (r + 1) * lanes, acc_t(0));
-        }
-        return;
+        return zero_pad_lanes(scores, count);
       }
     }
 #endif
@@ -551,10 +557,7 @@ class SoftmaxState {
       add_sums_behind(previous, previous_count, previous_scratch, scores_in_steps);
     }
     scores_in_steps.finish();
-    // The pads' sums are zero only for finite rows.
-    for (int r = 0; r < count; ++r) {
-      std::fill(scratch + r * lanes + num_scores, scratch + (r + 1) * lanes, acc_t(0));
-    }
+    zero_pad_lanes(scratch, count);
     weigh_rows_by_columns(count, scale, bias, scratch, scratch + kColumnTileRows * lanes);
   }
 
