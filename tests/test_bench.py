@@ -2,6 +2,7 @@
 runs, agrees with the op, and the table, JSON and plot are written. Speed is
 measured by the benchmark itself, not by tests."""
 
+import importlib.util
 import json
 import platform
 import shutil
@@ -157,6 +158,29 @@ def test_grid_compositions_compute_the_op(full_width):
     torch.testing.assert_close(bench_grid.eager_pool(x, u, 0.5, full_width), want)
     if not full_width:
         torch.testing.assert_close(bench_grid.projected_pool(x, queries, w_k, 0.5), want)
+
+
+@pytest.mark.parametrize("name", ["1x12", "so400m-full"])
+def test_score_spread_benchmark_spreads_scores_as_it_says(name):
+    # benchmarks/score_spread.py times the op at scores of standard deviation
+    # 1, 10 and 30: its u must give x's rows those scores, head by head.
+    spec = importlib.util.spec_from_file_location("score_spread", BENCHMARKS / "score_spread.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shape = script.SHAPES[name]
+    hidden, queries, heads, full_width = shape[2:]
+    columns = hidden if full_width else hidden // heads
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, hidden, generator=gen)
+    for spread in script.SPREADS:
+        u = script.spread_u(shape, spread, gen).detach()
+        assert u.shape == (queries, heads, hidden)
+        for h in range(heads):
+            # The columns that head h scores (all of them at full width).
+            first = 0 if full_width else h * columns
+            scored = slice(first, first + columns)
+            scores = x[:, scored] @ u[:, h, scored].T
+            assert torch.allclose(scores.std(dim=0), torch.tensor(spread), rtol=0.1)
 
 
 def test_quick_forward_mode_benchmark_times_each_shape():

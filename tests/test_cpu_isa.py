@@ -286,12 +286,14 @@ print(json.dumps({"isa": attnpool._C.cpu_kernel_isa(), "missed": missed}))
 # The softmax weights themselves, whose exponentials AVX2 and AVX-512 compute
 # in their own code ([Note: the softmax's exponential] in
 # csrc/ops/cpu/isa/vec_helpers.h): rows of x one-hot, so that out[k] holds
-# score k's weights, for scores down to -120 below the max (into denormals
+# score k's weights, for scores down to -120 below the max (into subnormals
 # and past them to 0), through each path that weighs scores: one score,
 # dot products into lanes, scores by columns, two scores a vector. Each weight
 # within 8 ulp plus what rounding its argument (x - max) to float32 may
-# cost, |x - max| ulp (Sleef's exp measured 0.47 of that bound). The gradient
-# of u (the backward's exponentials) within 2e-6 of float64's.
+# cost, |x - max| ulp (Sleef's exp measured 0.47 of that bound); below
+# 2^-100, where the kernels take a weight as 0 ([Note: no subnormal weights]
+# in csrc/ops/cpu/isa/vec_helpers.h), within 2^-100. The gradient of u (the
+# backward's exponentials) within 2e-6 of float64's.
 SOFTMAX_WEIGHTS = r"""
 import json, torch, attnpool
 L = 256
@@ -310,7 +312,10 @@ for scores in (1, 2, 8, 12, 16, 24):
         want = torch.softmax(u64, -1).expand(2, -1, -1)
         (du_want,) = torch.autograd.grad(want, u64, grad.double())
         ulp = 2.0**-23
-        allowed = want.detach() * (8 + u64.detach().abs()) * ulp + 2.0**-148
+        smallest = 2.0**-100
+        want = want.detach()
+        allowed = want * (8 + u64.detach().abs()) * ulp
+        allowed = torch.where(want < smallest, smallest, allowed)
         weights = ((out.double() - want).abs() / allowed).max().item()
         gradient = ((du.double() - du_want).norm() / du_want.norm() / 2e-6).item()
         worst[f"{scores}/{low}"] = max(weights, gradient)

@@ -164,6 +164,53 @@ def test_extreme_scales_match_the_reference_in_float64(device, scale):
     )
 
 
+# --- subnormals ---------------------------------------------------------------
+# The CPU kernels take a softmax weight below 2^-100 as 0 ([Note: no
+# subnormal weights] in csrc/ops/cpu/isa/vec_helpers.h); x, u and grad_out
+# keep their subnormals.
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_heads, full_width", [(1, False), (4, False), (3, True)])
+def test_subnormal_x_pools_like_the_reference(device, num_heads, full_width):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 40, 64, generator=gen) * 2.0**-135  # every value subnormal
+    assert (x.abs() < torch.finfo(torch.float32).tiny).all()
+    u = torch.randn(2, num_heads, 64, generator=gen)
+    x, u = x.to(device), u.to(device)
+    got = attnpool.folded_attention_pool(x, u, full_width=full_width)
+    want = attnpool.reference.folded_attention_pool(x.double(), u.double(), full_width=full_width)
+    assert (got != 0).any()
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=2.0**-146)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("num_heads, full_width", [(1, False), (4, False), (3, True)])
+def test_scores_far_apart_match_the_reference(dtype, num_heads, full_width):
+    # The weights that the kernels take as 0 are below 2^-100 against a
+    # largest weight of 1: the outputs and gradients stay within tolerance.
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 200, 64, generator=gen).to(dtype)
+    u = torch.randn(2, num_heads, 64, generator=gen) * 20
+    u = scored_u(u, x)
+    grad = torch.randn(attnpool.folded_attention_pool(x, u, scale=1.0, full_width=full_width).shape)
+    results = []
+    for pool, cast in (
+        (attnpool.folded_attention_pool, dtype),
+        (attnpool.reference.folded_attention_pool, torch.float64),
+    ):
+        xd = x.to(cast).detach().clone().requires_grad_()
+        ud = u.to(torch.float64 if cast == torch.float64 else torch.float32)
+        ud = ud.detach().clone().requires_grad_()
+        out = pool(xd, ud, scale=1.0, full_width=full_width)
+        (out.double() * grad.double()).sum().backward()
+        results.append((out.double(), xd.grad.double(), ud.grad.double()))
+    tol = TOLERANCES[dtype]
+    for got, want in zip(*results, strict=True):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, atol=tol["atol"] * max(scale, 1), rtol=tol["rtol"])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
 def test_peaked_softmax_gradients_are_as_accurate_as_the_reference(device, dtype):

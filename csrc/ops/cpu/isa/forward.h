@@ -765,8 +765,8 @@ class SoftmaxState {
         // Both maxima -inf: every score so far is -inf and weighs 0 (sums are
         // 0); keep the zero-weighted accumulations, as a softmax would.
         const bool none_finite = m == kNegInf<acc_t>;
-        const acc_t mine = none_finite ? acc_t(1) : std::exp(max()[score] - m);
-        const acc_t theirs = none_finite ? acc_t(1) : std::exp(other.max()[score] - m);
+        const acc_t mine = none_finite ? acc_t(1) : exp_of(max()[score] - m);
+        const acc_t theirs = none_finite ? acc_t(1) : exp_of(other.max()[score] - m);
         sum()[score] = sum()[score] * mine + other.sum()[score] * theirs;
         scale_in_place(mine, acc, d);
         const acc_t* other_rows[1] = {other_acc};
@@ -1043,7 +1043,7 @@ class SoftmaxState {
     }
     if (tile_max > max()[score]) {
       // exp(-inf) = 0 also covers the first valid rows.
-      const acc_t correction = std::exp(max()[score] - tile_max);
+      const acc_t correction = exp_of(max()[score] - tile_max);
       sum()[score] *= correction;
       scale_in_place(correction, acc, d);
       max()[score] = tile_max;

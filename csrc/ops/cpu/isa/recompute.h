@@ -88,7 +88,7 @@ inline acc_t biased_score(acc_t scale, acc_t score, const acc_t* bias, int j) {
 // would round to max (e.g. a row whose every score got attn_bias = finfo.min).
 template <typename acc_t>
 inline acc_t probability(acc_t score, const acc_t* lse) {
-  return std::exp((score - lse[0]) - lse[1]);
+  return exp_of((score - lse[0]) - lse[1]);
 }
 
 // scores[k * count + r] = probability(biased_score(...)) of every score k

@@ -238,16 +238,34 @@ void prefetch_row(const T* row, int64_t width, int64_t ahead) {
   }
 }
 
+// [Note: no subnormal weights] A softmax weight e^(s - max) below 2^-100
+// (float32; 2^-996 in float64) is 0: 26 binary orders above the smallest
+// normal number, so that the weights and what they multiply (any |x| or
+// |dp - delta| from 2^-26 up) stay clear of subnormals, and 76 below what a
+// float32 sum of weights (at least 1) resolves. Arithmetic that makes or
+// takes a subnormal costs this Xeon a microcode assist, and trained heads
+// score rows tens apart (u of standard deviation 1, 768 wide, spreads
+// scores 27 apart): there, with every weight kept, the float32 forward took
+// 3.1x and the bfloat16 forward 5x as long as at scores 3 apart (16 x 512 x
+// 768, one query and head, 1 thread); full width at so400m's shape,
+// float32, 2 threads, 10.5x. The weights cut at the smallest normal, 2^-126,
+// left 1.3x there (products of tiny weights summed from zero). Only the
+// weights are cut: x, u and grad_out keep their subnormals
+// (benchmarks/score_spread.py).
+template <typename A>
+constexpr A kLogSmallestWeight = std::is_same_v<A, float> ? A(-69.3147181f)          // ln 2^-100
+                                                          : A(-690.37459183770550);  // ln 2^-996
+
 // [Note: the softmax's exponential] At the AVX2 and AVX-512 levels the
 // softmax's exponentials of float32 lanes are computed here, inlined, in few
 // short steps: x = n ln2 + r with n = round(x / ln2) by the 1.5 * 2^23
 // rounding trick, r = x - n ln2 with ln2 in two parts (n times the first is
 // exact), e^r by its Taylor polynomial of degree 7 (below 6e-9 relative for
-// |r| <= ln2 / 2) in Estrin's order, then times 2^n, rounded once
-// (denormals included). Against exp in double for every float32 in [-110,
-// 90]: at most 1.8 ulp; -inf gives 0, NaN stays NaN, overflow gives inf
-// (test_cpu_isa.py checks the softmax weights at each level). float64 and
-// the default level keep at::vec's exp.
+// |r| <= ln2 / 2) in Estrin's order, then times 2^n, rounded once. Against
+// exp in double for every float32 in [-69.3, 90]: at most 1.8 ulp; below
+// that 0 ([Note: no subnormal weights]), -inf gives 0, NaN stays NaN,
+// overflow gives inf (test_cpu_isa.py checks the softmax weights at each
+// level). float64 and the default level keep at::vec's exp.
 // Why: at::vec's exp (Sleef's, called per vector) has a long chain of
 // dependent steps, and in the bfloat16 forward with AMX tiles the chains'
 // length, not their count, cost time. 16 x 12 forward, 1 thread, a 2-core
@@ -278,9 +296,8 @@ inline std::pair<Vectorized<float>, Vectorized<float>> exp_parts(const Vectorize
   return {n, fmadd(high, r2 * r2, low)};
 }
 
-// Below this e^x is less than half the smallest denormal, above the other
-// it overflows: there n could leave the range that 2^n is built for.
-constexpr float kExpZeroBelow = -104.0f;
+// Above this e^x overflows: there n could leave the range that 2^n is built
+// for. (Below kLogSmallestWeight<float> the weight is 0.)
 constexpr float kExpInfAbove = 89.0f;
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -289,7 +306,8 @@ constexpr float kExpInfAbove = 89.0f;
 template <bool kMayOverflow = true>
 inline Vectorized<float> exp_lanes(const Vectorized<float>& x) {
   const auto [n, p] = exp_parts(x);
-  const __mmask16 zero = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpZeroBelow), _CMP_LT_OQ);
+  const __mmask16 zero =
+      _mm512_cmp_ps_mask(x, _mm512_set1_ps(kLogSmallestWeight<float>), _CMP_LT_OQ);
   const __m512 e = _mm512_maskz_scalef_ps(static_cast<__mmask16>(~zero), p, n);
   if constexpr (!kMayOverflow) {
     return e;
@@ -307,12 +325,12 @@ template <bool kMayOverflow = true>
 inline Vectorized<float> exp_lanes(const Vectorized<float>& x) {
   const auto [n, p] = exp_parts(x);
   // 2^n in two factors, each a normal float for n in [-150, 129], so that
-  // only the second product rounds (to a denormal where e^x is one).
+  // only the second product rounds.
   const __m256i whole = _mm256_cvtps_epi32(n);
   const __m256i half = _mm256_srai_epi32(whole, 1);
   const __m256 e = _mm256_mul_ps(
       _mm256_mul_ps(p, power_of_two(half)), power_of_two(_mm256_sub_epi32(whole, half)));
-  const __m256 zero = _mm256_cmp_ps(x, _mm256_set1_ps(kExpZeroBelow), _CMP_LT_OQ);
+  const __m256 zero = _mm256_cmp_ps(x, _mm256_set1_ps(kLogSmallestWeight<float>), _CMP_LT_OQ);
   const __m256 finite = _mm256_andnot_ps(zero, e);
   if constexpr (!kMayOverflow) {
     return finite;
@@ -323,7 +341,8 @@ inline Vectorized<float> exp_lanes(const Vectorized<float>& x) {
 #endif
 #endif
 
-// e^v lane by lane, for the softmax ([Note: the softmax's exponential]).
+// e^v lane by lane, for the softmax ([Note: the softmax's exponential]),
+// 0 below 2^-100 ([Note: no subnormal weights]).
 // kMayOverflow false: every lane is at most 0 (or NaN), as the softmax's
 // score - max is, and the check for overflow is left out.
 template <bool kMayOverflow = true, typename A>
@@ -333,7 +352,14 @@ inline Vectorized<A> exp_of(const Vectorized<A>& v) {
     return exp_lanes<kMayOverflow>(v);
   }
 #endif
-  return v.exp();
+  return Vectorized<A>::blendv(
+      v.exp(), Vectorized<A>(A(0)), v < Vectorized<A>(kLogSmallestWeight<A>));
+}
+
+// e^x for one of the softmax's weights or rescales, as exp_of gives it.
+template <typename A>
+inline A exp_of(A x) {
+  return x < kLogSmallestWeight<A> ? A(0) : std::exp(x);
 }
 
 // The larger of m and v lane by lane, m where v is NaN: blendv(m, v, v > m)
