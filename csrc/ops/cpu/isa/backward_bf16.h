@@ -71,14 +71,16 @@ inline float bf16_rounded(float value) {
 }
 
 // acc[r][c] += sum over the pairs of scores of ds[k][r] * u_k[e + 16 c]
-// (dx_columns). Defined at the AVX512_BF16 level only.
-template <int R, int C>
+// (dx_columns). kTail: C is 1 and only the first `lanes` columns from e are
+// read (the last of a head slice). Defined at the AVX512_BF16 level only.
+template <int R, int C, bool kTail = false>
 void add_score_pair_products(
     Vectorized<float> (&acc)[R][C],
     const Bf16Products& products,
     int64_t score_pairs,
     int64_t H,
-    int64_t e);
+    int64_t e,
+    int64_t lanes = 16);
 
 #if defined(CPU_CAPABILITY_AVX512_BF16)
 
@@ -147,34 +149,42 @@ inline void ds_u_on_tiles(Bf16Products& products, int count, int64_t num_scores,
   multiply_on_tiles(t, count, rows_of_pairs / kTileRows, stride / kTileColumns);
 }
 
-template <int R, int C>
+template <int R, int C, bool kTail>
 void add_score_pair_products(
     Vectorized<float> (&acc)[R][C],
     const Bf16Products& products,
     int64_t score_pairs,
     int64_t H,
-    int64_t e) {
+    int64_t e,
+    int64_t lanes) {
   (void)score_pairs;
   const int64_t stride = score_pair_stride(H);
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < C; ++c) {
-      acc[r][c] = acc[r][c] + Vectorized<float>::loadu(products.ds_u + r * stride + e + c * 16);
+      const float* ds_u = products.ds_u + r * stride + e + c * 16;
+      acc[r][c] = acc[r][c] +
+                  (kTail ? Vectorized<float>::loadu(ds_u, lanes) : Vectorized<float>::loadu(ds_u));
     }
   }
 }
 #else
-template <int R, int C>
+template <int R, int C, bool kTail>
 void add_score_pair_products(
     Vectorized<float> (&acc)[R][C],
     const Bf16Products& products,
     int64_t score_pairs,
     int64_t H,
-    int64_t e) {
+    int64_t e,
+    int64_t lanes) {
+  static_assert(!kTail || C == 1, "a tail is under one vector");
   constexpr int64_t W = 16;
+  const __mmask16 read = kTail ? static_cast<__mmask16>((1u << lanes) - 1) : __mmask16(0xffff);
   for (int64_t kp = 0; kp < score_pairs; ++kp) {
     __m512bh uv[C];
     for (int c = 0; c < C; ++c) {
-      uv[c] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(products.u_pairs + kp * H + e + c * W));
+      const uint32_t* pairs = products.u_pairs + kp * H + e + c * W;
+      uv[c] = reinterpret_cast<__m512bh>(
+          kTail ? _mm512_maskz_loadu_epi32(read, pairs) : _mm512_loadu_si512(pairs));
     }
     for (int r = 0; r < R; ++r) {
       const auto weight = reinterpret_cast<__m512bh>(
