@@ -1161,7 +1161,7 @@ void forward_impl(const ForwardParams& p) {
         : by_columns ? SoftmaxState<acc_t>::column_scratch_size(p)
         : dot_scored ? (scores_beside ? 2 : 1) * dot_scratch
                      : 2 * num_scores * tile_rows);
-    int half = 0;  // the half of this tile, scored beside the sums
+    [[maybe_unused]] int half = 0;  // the half of this tile scored beside the sums (AMX)
     // With a norm, the tiles hold normalized rows: room for this tile and,
     // pipelined or scored beside the sums, the previous one (a wide tile is
     // added whole before the next begins). No more, so that they stay in L1.
