@@ -112,6 +112,14 @@ report["torch.bfloat16/n=1/Q=3/unmasked"] = errors(torch.bfloat16, 2, 100, 128, 
 # takes the last 8 of each in part of a vector.
 for dtype in (torch.float32, torch.bfloat16):
     report[f"{dtype}/n=2/H=144/Q=3"] = errors(dtype, 2, 37, 144, 2, 3)
+# Head slices that are not whole vectors in the forward's weighted sums,
+# the last vector of each slice masked: slices of 72 columns two queries at
+# a time (a slice a pass), or one query (three slices a pass, then one);
+# slices of 10 columns, under one vector, four queries at a time.
+for dtype in dtypes:
+    report[f"{dtype}/n=4/H=288/Q=2"] = errors(dtype, 2, 37, 288, 4, 2)
+    report[f"{dtype}/n=4/H=288/Q=3"] = errors(dtype, 2, 37, 288, 4, 3)
+    report[f"{dtype}/n=4/H=40/Q=4"] = errors(dtype, 2, 37, 40, 4, 4)
 
 # Whether bfloat16 rows are scored against u rounded to bfloat16: the output
 # depends on u through the scores only, so it is then the same bit for bit.
@@ -191,7 +199,7 @@ def test_each_instruction_set_matches_reference(isa):
     # bfloat16.
     rounds_u = isa in ("AVX512_BF16", "AMX_BF16")
     assert report["rounds_u"] == {"head slices": rounds_u, "full width": rounds_u}
-    assert len(report["errors"]) == 4 * 8 * 2 + 4 + 4 + 2 + 7 + 3 + 3 + 2
+    assert len(report["errors"]) == 4 * 8 * 2 + 4 + 4 + 2 + 7 + 3 + 3 + 2 + 4 * 3
     for case, errors in report["errors"].items():
         floor = FLOOR[case.split("/")[0]]
         for what, error, reference_error in zip(

@@ -580,7 +580,7 @@ class SoftmaxState {
 #endif
 
   // The weighted sums of add_rows_by_columns with several heads: several
-  // head slices' or queries' sums a pass where a slice is whole vectors
+  // head slices' or queries' sums a pass where a slice is up to 8 vectors
   // (add_head_slices_in_groups); otherwise head h's queries add head h's
   // slice of the rows, their weights (lanes i * n + h of each row)
   // gathered first. head_weights: kColumnTileRows * num_queries of

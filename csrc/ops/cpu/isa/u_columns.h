@@ -260,20 +260,65 @@ struct NothingBeside {
   void operator()() const {}
 };
 
+// How add_block_by_columns reads vector v of its V, K to a head slice:
+// the last of a slice masked (kTail), the first two of a pair in a slice
+// together (kPairs, neither masked).
+//
+// [Note: loops over a block's vectors] The G * V sums stay in registers
+// only where every loop over v is unrolled before GCC places them, and
+// GCC unrolls a plain loop over v where is_paired has its simple form
+// (whole slices), not the form of slices in part. So whole slices keep
+// plain loops and slices in part take for_each_index. Either way the
+// other way put the sums on the stack, each multiply-add loading and
+// storing its sum: for_each_index, or a lambda taking the row's vectors
+// by reference, on whole slices took bfloat16 4 x 12 forward (2 threads,
+// 32 x 512 x 768, a 2-core Xeon with AMX) from 1.77 to 2.18 ms.
+template <int V, int K, bool kTail, bool kPairs>
+struct BlockVectors {
+  static constexpr bool is_tail(int v) {
+    return kTail && v % K == K - 1;
+  }
+  static constexpr bool is_paired(int v) {
+    if constexpr (kTail) {
+      return kPairs && v % K % 2 == 0 && v % K + 1 < K - 1;
+    } else {
+      // K even or K = V: no pair crosses a slice ([Note: loops over a
+      // block's vectors] on this form).
+      return kPairs && v % 2 == 0 && v + 1 < V;
+    }
+  }
+  static constexpr bool is_second(int v) {
+    return v > 0 && is_paired(v - 1);
+  }
+};
+
 // ys[g * ys_stride + c] += sum over the `count` rows of w_r[g * w_step +
 // v / K] * rows[r][c] (w_r = w + r * w_stride) for G sums and the V vectors
 // of columns from `column` (c in vector v): the sums of all rows in
 // registers, then added to ys once. K = V: one weight per sum, w_step
 // apart; K < V: one per K vectors of columns (a head slice of K vectors).
+// kTail: each head slice is `width` columns, short of K whole vectors, its
+// last vector read and added in part, in place of the per-column scalar
+// sums that such slices took (so400m's 16 head slices of 72 columns,
+// forward, 2 threads, 16 x 729 x 1152, a 2-core Xeon with AMX: bfloat16
+// 2.16 -> 1.21 ms, with 4 queries 5.1 -> 2.5; float32 2.86 -> 2.42);
+// without it `width` is unused.
 // ahead != 0: the same columns of each row `ahead` elements on are
-// prefetched to L2. bfloat16 rows are widened two vectors at a time where
-// a weight covers both (K even, or K = V): the sums of those two vectors
-// are then held in paired order (load_pairs) and put back in natural order
+// prefetched to L2. bfloat16 rows are widened two vectors of a head slice
+// at a time (neither of them masked): the sums of those two vectors are then
+// held in paired order (load_pairs) and put back in natural order
 // as they are added to ys (two instructions a pair instead of four, the
 // widening's shuffles gone: bfloat16 1 x 12 forward on a 2-core Xeon with
-// AMX, 2 threads, 0.95 of the time). Each column's sum takes the same
+// AMX, 0.95 of the time). Each column's sum takes the same
 // products in the same order either way. beside: called once per row.
-template <int G, int V, int K = V, typename T, typename A, typename Beside = NothingBeside>
+template <
+    int G,
+    int V,
+    int K = V,
+    bool kTail = false,
+    typename T,
+    typename A,
+    typename Beside = NothingBeside>
 void add_block_by_columns(
     const A* w,
     int64_t w_stride,
@@ -284,13 +329,21 @@ void add_block_by_columns(
     int64_t ys_stride,
     A* ys,
     int64_t ahead = 0,
-    Beside&& beside = {}) {
+    Beside&& beside = {},
+    int64_t width = 0) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
-  constexpr bool kPairs = std::is_same_v<T, at::BFloat16> && (K % 2 == 0 || K == V);
-  // Whether vectors v and v + 1 are read as a pair (v even, both in the
-  // block).
-  const auto is_paired = [](int v) { return v % 2 == 0 && v + 1 < V; };
+  static_assert(V % K == 0, "a block holds whole head slices");
+  constexpr bool kPairs = std::is_same_v<T, at::BFloat16> && (K % 2 == 0 || K == V || kTail);
+  const int64_t slice = kTail ? width : K * W;
+  const int64_t tail = kTail ? width - (K - 1) * W : W;
+  // Where vector v of a row starts, and whether it is the masked last of
+  // its head slice.
+  const auto offset = [slice](int v) { return kTail ? v / K * slice + v % K * W : v * W; };
+  using Vectors = BlockVectors<V, K, kTail, kPairs>;
+  const auto load = [&](const T* row, int v) __attribute__((always_inline)) {
+    return Vectors::is_tail(v) ? load_acc(row + offset(v), tail) : load_acc(row + offset(v));
+  };
   Vec acc[G][V];
   for (int g = 0; g < G; ++g) {
     for (int v = 0; v < V; ++v) {
@@ -315,14 +368,14 @@ void add_block_by_columns(
       if constexpr (decltype(prefetching)::value) {
         prefetch_row<CacheLevel::kL2>(row, V * W, ahead);
       }
-      if constexpr (K == V) {
+      if constexpr (K == V && !kTail) {
         // The row's vectors, then one weight at a time: G * V sums, V
         // vectors and a weight in registers (the other order kept all G
         // weights too, and spilled a sum at G = 8, V = 3).
         Vec xv[V];
         for (int v = 0; v < V; ++v) {
           if constexpr (kPairs) {
-            if (is_paired(v)) {
+            if (Vectors::is_paired(v)) {
               const WidenedPairs pair = load_pairs(row + v * W);
               xv[v] = pair.even;
               xv[v + 1] = pair.odd;
@@ -338,10 +391,28 @@ void add_block_by_columns(
             acc[g][v] = at::vec::fmadd(weight, xv[v], acc[g][v]);
           }
         }
+      } else if constexpr (kTail) {
+        // [Note: loops over a block's vectors]
+        for_each_index<V>([&](auto vector) __attribute__((always_inline)) {
+          constexpr int v = decltype(vector)::value;
+          if constexpr (Vectors::is_paired(v)) {
+            const WidenedPairs pair = load_pairs(row + offset(v));
+            for (int g = 0; g < G; ++g) {
+              const Vec weight(w_r[g * w_step + v / K]);
+              acc[g][v] = at::vec::fmadd(weight, pair.even, acc[g][v]);
+              acc[g][v + 1] = at::vec::fmadd(weight, pair.odd, acc[g][v + 1]);
+            }
+          } else if constexpr (!Vectors::is_second(v)) {
+            const Vec x = load(row, v);
+            for (int g = 0; g < G; ++g) {
+              acc[g][v] = at::vec::fmadd(Vec(w_r[g * w_step + v / K]), x, acc[g][v]);
+            }
+          }
+        });
       } else {
         for (int v = 0; v < V; ++v) {
           if constexpr (kPairs) {
-            if (is_paired(v)) {
+            if (Vectors::is_paired(v)) {
               const WidenedPairs pair = load_pairs(row + v * W);
               for (int g = 0; g < G; ++g) {
                 const Vec weight(w_r[g * w_step + v / K]);
@@ -366,16 +437,32 @@ void add_block_by_columns(
     each_row(std::false_type{});
   }
   for (int g = 0; g < G; ++g) {
-    for (int v = 0; v < V; ++v) {
-      A* y = ys + g * ys_stride + column + v * W;
-      if (kPairs && is_paired(v)) {
-        const auto natural = at::vec::interleave2(acc[g][v], acc[g][v + 1]);
-        (Vec::loadu(y) + natural.first).store(y);
-        (Vec::loadu(y + W) + natural.second).store(y + W);
-        ++v;
-        continue;
+    if constexpr (kTail) {
+      for_each_index<V>([&](auto vector) __attribute__((always_inline)) {
+        constexpr int v = decltype(vector)::value;
+        A* y = ys + g * ys_stride + column + offset(v);
+        if constexpr (Vectors::is_paired(v)) {
+          const auto natural = at::vec::interleave2(acc[g][v], acc[g][v + 1]);
+          (Vec::loadu(y) + natural.first).store(y);
+          (Vec::loadu(y + W) + natural.second).store(y + W);
+        } else if constexpr (Vectors::is_tail(v)) {
+          (Vec::loadu(y, tail) + acc[g][v]).store(y, tail);
+        } else if constexpr (!Vectors::is_second(v)) {
+          (Vec::loadu(y) + acc[g][v]).store(y);
+        }
+      });
+    } else {
+      for (int v = 0; v < V; ++v) {
+        A* y = ys + g * ys_stride + column + v * W;
+        if (Vectors::is_paired(v)) {
+          const auto natural = at::vec::interleave2(acc[g][v], acc[g][v + 1]);
+          (Vec::loadu(y) + natural.first).store(y);
+          (Vec::loadu(y + W) + natural.second).store(y + W);
+          ++v;
+          continue;
+        }
+        (Vec::loadu(y) + acc[g][v]).store(y);
       }
-      (Vec::loadu(y) + acc[g][v]).store(y);
     }
   }
 }
@@ -383,10 +470,11 @@ void add_block_by_columns(
 // Accumulators of add_head_slices_in_groups: half the registers.
 constexpr int kSliceSums = kVectorRegisters / 2;
 
-// add_head_slices for G queries at a time and K vectors per head slice;
-// ahead != 0: the first group's passes prefetch the rows `ahead` elements
-// on, each column once. beside: as add_block_by_columns takes it.
-template <int K, int G, typename T, typename A, typename Beside>
+// add_head_slices for G queries at a time and K vectors per head slice of
+// d columns (kTail: the last vector in part); ahead != 0: the first
+// group's passes prefetch the rows `ahead` elements on, each column once.
+// beside: as add_block_by_columns takes it.
+template <int K, int G, bool kTail, typename T, typename A, typename Beside>
 void add_head_slices_in_groups(
     const A* w,
     int64_t w_stride,
@@ -394,33 +482,34 @@ void add_head_slices_in_groups(
     const T* const* rows,
     int64_t num_queries,
     int64_t num_heads,
+    int64_t d,
     A* ys,
     int64_t ahead,
     Beside& beside) {
-  constexpr int64_t W = Vectorized<A>::size();
-  const int64_t H = num_heads * K * W;
-  // Sums of G queries over `heads` whole head slices from column `column`.
-  auto block = [&](int64_t first_query, int64_t column, auto heads) {
-    add_block_by_columns<G, decltype(heads)::value * K, K>(
-        w + first_query * num_heads + column / (K * W),
+  const int64_t H = num_heads * d;
+  // Sums of G queries over `heads` whole head slices from head `head`.
+  auto block = [&](int64_t first_query, int64_t head, auto heads) {
+    add_block_by_columns<G, decltype(heads)::value * K, K, kTail>(
+        w + first_query * num_heads + head,
         w_stride,
         num_heads,
         count,
         rows,
-        column,
+        head * d,
         H,
         ys + first_query * H,
         first_query == 0 ? ahead : 0,
-        beside);
+        beside,
+        d);
   };
   constexpr int kHeads = std::max(1, kSliceSums / (G * K));
   for (int64_t first_query = 0; first_query < num_queries; first_query += G) {
-    int64_t c = 0;
-    for (; c + kHeads * K * W <= H; c += kHeads * K * W) {
-      block(first_query, c, std::integral_constant<int, kHeads>{});
+    int64_t h = 0;
+    for (; h + kHeads <= num_heads; h += kHeads) {
+      block(first_query, h, std::integral_constant<int, kHeads>{});
     }
-    for (; c < H; c += K * W) {
-      block(first_query, c, std::integral_constant<int, 1>{});
+    for (; h < num_heads; ++h) {
+      block(first_query, h, std::integral_constant<int, 1>{});
     }
   }
 }
@@ -437,7 +526,7 @@ void add_head_slices_in_groups(
 // 1.04, 4 x 12 2.24 -> 2.00, 16 x 12 8.79 -> 7.40; float32: 1 x 12 2.61
 // -> 2.40, 4 x 12 6.08 -> 5.99, 16 x 12 20.4 -> 19.8. Each sum adds the
 // same products in the same order as before. ahead, beside: as in the
-// groups' add_head_slices_in_groups. Returns false where d is not 1 to 8
+// groups' add_head_slices_in_groups. Returns false where d is over 8
 // vectors.
 template <typename T, typename A, typename Beside = NothingBeside>
 bool add_head_slices_in_groups(
@@ -452,23 +541,31 @@ bool add_head_slices_in_groups(
     int64_t ahead = 0,
     Beside&& beside = {}) {
   constexpr int64_t W = Vectorized<A>::size();
-  if (d == 0 || d % W != 0 || d / W > 8) {
+  const int64_t vectors = (d + W - 1) / W;
+  if (d == 0 || vectors > 8) {
     return false;
   }
-  auto run = [&](auto vectors) {
-    constexpr int K = decltype(vectors)::value;
+  auto run = [&](auto size, auto tail) {
+    constexpr int K = decltype(size)::value;
+    constexpr bool kTail = decltype(tail)::value;
     if (num_queries % 4 == 0 && 4 * K <= kSliceSums) {
-      add_head_slices_in_groups<K, 4>(
-          w, w_stride, count, rows, num_queries, num_heads, ys, ahead, beside);
+      add_head_slices_in_groups<K, 4, kTail>(
+          w, w_stride, count, rows, num_queries, num_heads, d, ys, ahead, beside);
     } else if (num_queries % 2 == 0 && 2 * K <= kSliceSums) {
-      add_head_slices_in_groups<K, 2>(
-          w, w_stride, count, rows, num_queries, num_heads, ys, ahead, beside);
+      add_head_slices_in_groups<K, 2, kTail>(
+          w, w_stride, count, rows, num_queries, num_heads, d, ys, ahead, beside);
     } else {
-      add_head_slices_in_groups<K, 1>(
-          w, w_stride, count, rows, num_queries, num_heads, ys, ahead, beside);
+      add_head_slices_in_groups<K, 1, kTail>(
+          w, w_stride, count, rows, num_queries, num_heads, d, ys, ahead, beside);
     }
   };
-  with_tile_size<8>(static_cast<int>(d / W), run);
+  with_tile_size<8>(static_cast<int>(vectors), [&](auto size) {
+    if (d % W == 0) {
+      run(size, std::false_type{});
+    } else {
+      run(size, std::true_type{});
+    }
+  });
   return true;
 }
 
@@ -510,14 +607,9 @@ void add_weighted_rows_by_columns(
         add_block_by_columns<G, 1>(
             wg, w_stride, 1, count, rows, c, ys_stride, yg, block_ahead, beside);
       }
-      for (int64_t e = c; e < n; ++e) {
-        for (int g = 0; g < G; ++g) {
-          A acc(0);
-          for (int r = 0; r < count; ++r) {
-            acc += wg[r * w_stride + g] * static_cast<A>(rows[r][e]);
-          }
-          yg[g * ys_stride + e] += acc;
-        }
+      if (c < n) {
+        add_block_by_columns<G, 1, 1, true>(
+            wg, w_stride, 1, count, rows, c, ys_stride, yg, block_ahead, beside, n - c);
       }
     });
   }

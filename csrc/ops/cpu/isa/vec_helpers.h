@@ -191,6 +191,28 @@ Vectorized<at::opmath_type<T>> load_acc(const T* p) {
   }
 }
 
+// load_acc of the first `count` values from p (count < the vector's
+// size), the other lanes 0; nothing past them is read.
+template <typename T>
+Vectorized<at::opmath_type<T>> load_acc(const T* p, int64_t count) {
+  if constexpr (at::is_reduced_floating_point_v<T>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256i bits = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << count) - 1), p);
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    } else {
+      return _mm512_cvtph_ps(bits);
+    }
+#else
+    T values[Vectorized<float>::size()] = {};
+    std::copy(p, p + count, values);
+    return load_acc(values);
+#endif
+  } else {
+    return Vectorized<T>::loadu(p, count);
+  }
+}
+
 // Where a prefetch brings its line: L1 (and L2), or L2 only, for a line
 // read after those in L1 now.
 enum class CacheLevel { kL1, kL2 };
@@ -1047,6 +1069,20 @@ void with_tile_size(int count, F&& f) {
     }
   }
   f(std::integral_constant<int, kMax>{});
+}
+
+// f(std::integral_constant<int, i>{}) for i = 0 .. N - 1 in order: a loop
+// unrolled with its index a constant in each step, so that arrays of
+// vectors indexed by it stay in registers where GCC would not unroll the
+// loop itself. Inlined, as f must be too: an array whose address reaches a
+// call stays in memory.
+template <typename F, int... I>
+__attribute__((always_inline)) inline void for_each_index(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename F>
+__attribute__((always_inline)) inline void for_each_index(F&& f) {
+  for_each_index(f, std::make_integer_sequence<int, N>{});
 }
 
 // A tile: up to kCapacity unmasked rows of x, read in place.
