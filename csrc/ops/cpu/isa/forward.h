@@ -372,7 +372,24 @@ class SoftmaxState {
   // Scratch of add_rows_by_columns.
   static int64_t column_scratch_size(const PoolShape& s) {
     return (kColumnTileRows + 2) * column_lanes<acc_t>(s.num_scores()) +
-           kColumnTileRows * s.num_queries;
+           kColumnTileRows * s.num_queries * s.num_heads * slice_pieces(s.head_dim);
+  }
+
+  // Pieces of equal width, each 2 to 8 whole vectors, that a head slice
+  // wider than 8 vectors is summed in (add_head_slices_by_columns); 1
+  // where it is not that wide or where no such pieces divide it.
+  static int64_t slice_pieces(int64_t d) {
+    constexpr int64_t W = Vectorized<acc_t>::size();
+    if (d <= 8 * W || d % W != 0) {
+      return 1;
+    }
+    const int64_t vectors = d / W;
+    for (int64_t pieces = 2; vectors / pieces >= 2; ++pieces) {
+      if (vectors % pieces == 0 && vectors / pieces <= 8) {
+        return pieces;
+      }
+    }
+    return 1;
   }
 
   // add_rows for a tile of `count` rows scored by columns, up to
@@ -581,11 +598,12 @@ class SoftmaxState {
 
   // The weighted sums of add_rows_by_columns with several heads: several
   // head slices' or queries' sums a pass where a slice is up to 8 vectors
-  // (add_head_slices_in_groups); otherwise head h's queries add head h's
-  // slice of the rows, their weights (lanes i * n + h of each row)
-  // gathered first. head_weights: kColumnTileRows * num_queries of
-  // scratch. beside: as add_head_slices_in_groups takes it (whose passes
-  // then bring in no next tile).
+  // (add_head_slices_in_groups), or wider slices in pieces of up to 8
+  // (slice_pieces); otherwise head h's queries add head h's slice of the
+  // rows, their weights (lanes i * n + h of each row) gathered first.
+  // head_weights: kColumnTileRows * num_queries * num_heads *
+  // slice_pieces(d) of scratch. beside: as add_head_slices_in_groups takes
+  // it (whose passes then bring in no next tile).
   template <typename scalar_t, typename Beside = NothingBeside>
   void add_head_slices_by_columns(
       const scalar_t* const* rows,
@@ -611,6 +629,37 @@ class SoftmaxState {
         tile_scored && num_queries > 1 && !kBeside ? kColumnTileRows * x_seq_stride_ : 0;
     if (add_head_slices_in_groups(
             weights, lanes, count, rows, num_queries, n, d, weighted(), ahead, beside)) {
+      return;
+    }
+    // Bfloat16 rows: a slice wider than 8 vectors as `pieces` slices of
+    // one weight each, their weights repeated (lane (i * n + h) * pieces +
+    // j for piece j of head h). Forward, 2 threads, 16 x 512 x H, a 2-core
+    // Xeon with AMX, one process per build taking turns, against head h's
+    // queries over its whole slice below: 1 x 2 at 768 (384 columns) 0.67
+    // -> 0.57 ms, 1 x 4 at 1024 (256) 0.90 -> 0.71, 1 x 4 at 1152 (288)
+    // 0.83 -> 0.69, 4 x 2 at 768 0.87 -> 0.73. Float32 rows were level to
+    // 1.1x slower (4 x 4 at 768), and pieces in part of a vector 1.1x
+    // (bfloat16) and 1.26x (float32) slower at 4 x 8 at 1152 (144 columns
+    // in two pieces of 72).
+    const int64_t pieces = std::is_same_v<scalar_t, at::BFloat16> ? slice_pieces(d) : 1;
+    if (pieces > 1) {
+      const int64_t piece_lanes = num_queries * n * pieces;
+      for (int r = 0; r < count; ++r) {
+        for (int64_t k = 0; k < num_queries * n; ++k) {
+          std::fill_n(head_weights + r * piece_lanes + k * pieces, pieces, weights[r * lanes + k]);
+        }
+      }
+      add_head_slices_in_groups(
+          head_weights,
+          piece_lanes,
+          count,
+          rows,
+          num_queries,
+          n * pieces,
+          d / pieces,
+          weighted(),
+          ahead,
+          beside);
       return;
     }
     const scalar_t* slices[kColumnTileRows];
