@@ -335,11 +335,11 @@ void add_block_by_columns(
   constexpr int64_t W = Vec::size();
   static_assert(V % K == 0, "a block holds whole head slices");
   constexpr bool kPairs = std::is_same_v<T, at::BFloat16> && (K % 2 == 0 || K == V || kTail);
-  const int64_t slice = kTail ? width : K * W;
-  const int64_t tail = kTail ? width - (K - 1) * W : W;
-  // Where vector v of a row starts, and whether it is the masked last of
-  // its head slice.
-  const auto offset = [slice](int v) { return kTail ? v / K * slice + v % K * W : v * W; };
+  // Slices in part (kTail; whole slices take vector v at v * W): the
+  // columns of each slice's last vector, where vector v of a row starts,
+  // and vector v of a row.
+  const int64_t tail = width - (K - 1) * W;
+  const auto offset = [width](int v) { return v / K * width + v % K * W; };
   using Vectors = BlockVectors<V, K, kTail, kPairs>;
   const auto load = [&](const T* row, int v) __attribute__((always_inline)) {
     return Vectors::is_tail(v) ? load_acc(row + offset(v), tail) : load_acc(row + offset(v));
