@@ -386,3 +386,55 @@ def test_unknown_attnpool_capability_is_a_clear_error():
     assert result.returncode != 0
     assert "ATTNPOOL_CPU_CAPABILITY must be one of" in result.stderr
     assert "avx1024" in result.stderr
+
+
+# attnpool::_softmax_without_subnormals (the path that projects the keys),
+# whose CPU kernel takes the pooling kernels' exponentials at AVX2 and up
+# and ATen's softmax below: rows of every width from one lane to past a
+# vector's tail, scores down to -120 below the max. Each weight within 8 ulp
+# plus |s - max| ulp of float64's (as above), 0 where e^(s - max) is below
+# 2^-100 (2^-996 in float64), never subnormal; the scores' gradient 0 where
+# the weight is, never subnormal either; rows with NaN or only -inf as
+# torch.softmax gives them.
+SOFTMAX_WITHOUT_SUBNORMALS = r"""
+import json, torch, attnpool
+op = torch.ops.attnpool._softmax_without_subnormals
+gen = torch.Generator().manual_seed(0)
+worst = {}
+for dtype, ulp, smallest, tiny in (
+    (torch.float32, 2.0**-23, 2.0**-100, torch.finfo(torch.float32).tiny),
+    (torch.float64, 2.0**-52, 2.0**-996, torch.finfo(torch.float64).tiny),
+):
+    for width in (1, 5, 16, 17, 40, 100, 257):
+        for low in (-1.0, -20.0, -86.0, -120.0, -800.0):
+            s = (torch.rand(6, width, generator=gen, dtype=torch.float64) * low).to(dtype)
+            s[:, width // 2] = 3.0
+            s = s.requires_grad_()
+            weights = op(s)
+            grad = torch.randn(weights.shape, generator=gen, dtype=dtype)
+            (ds,) = torch.autograd.grad(weights, s, grad)
+            want = torch.softmax(s.detach().double(), -1)
+            shift = (s.detach().double() - 3.0).abs()
+            allowed = torch.where(want < smallest, smallest, want * (8 + shift) * ulp)
+            error = ((weights.double() - want).abs() / allowed).max().item()
+            subnormal = lambda t: ((t != 0) & (t.abs() < tiny)).any().item()
+            cut_grad = (ds[weights == 0] != 0).any().item()
+            worst[f"{dtype}/{width}/{low}"] = [error, subnormal(weights), subnormal(ds), cut_grad]
+special = torch.randn(4, 19, generator=gen)
+special[0, 3] = float("nan")
+special[1] = float("-inf")
+special[2, :6] = float("-inf")
+same = torch.equal(op(special).isnan(), torch.softmax(special, -1).isnan())
+close = torch.allclose(op(special[2:]), torch.softmax(special[2:], -1), atol=1e-7)
+print(json.dumps({"isa": attnpool._C.cpu_kernel_isa(), "worst": worst, "special": [same, close]}))
+"""
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_softmax_without_subnormals_at_each_instruction_set(isa):
+    report = _report_at(isa, SOFTMAX_WITHOUT_SUBNORMALS)
+    assert len(report["worst"]) == 2 * 7 * 5
+    for case, (error, subnormal_weight, subnormal_grad, cut_grad) in report["worst"].items():
+        assert error <= 1, case
+        assert not subnormal_weight and not subnormal_grad and not cut_grad, case
+    assert report["special"] == [True, True]

@@ -8,6 +8,7 @@
 //   PoolShape -> PoolInputs -> ForwardParams -> BackwardParams   (pooling)
 //                                            -> JvpParams        (forward-mode AD)
 //   FoldShape -> FoldParams -> FoldBackwardParams                (the fold)
+//   SoftmaxParams                                                (the projection path's softmax)
 //
 // The entry points (ops/cpu/*_kernel.cpp, ops/cuda/*_kernel.cu) fill them
 // from checked tensors; the kernels only compute. Nothing here depends on
@@ -315,6 +316,16 @@ struct FoldBackwardParams : FoldParams {
   void* grad_w_q;
   void* grad_w_k;
   void* grad_q_bias;
+};
+
+// The softmax of rows of scores (the projection path's,
+// ops/softmax_without_subnormals.cpp): `rows` rows of `width` contiguous
+// scores in, their weights out, in the accumulation dtype.
+struct SoftmaxParams {
+  const void* scores;
+  void* weights;
+  int64_t rows;
+  int64_t width;
 };
 
 }  // namespace attnpool

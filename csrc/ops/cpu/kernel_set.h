@@ -18,12 +18,13 @@
 namespace attnpool::cpu {
 
 // Each kernel dispatches on a dtype: x's for pooling (and its jvp), the accumulation
-// dtype (float32 or float64) for the fold.
+// dtype (float32 or float64) for the fold and the softmax.
 using ForwardFn = void (*)(const ForwardParams&, c10::ScalarType);
 using BackwardFn = void (*)(const BackwardParams&, c10::ScalarType);
 using JvpFn = void (*)(const JvpParams&, c10::ScalarType);
 using FoldFn = void (*)(const FoldParams&, c10::ScalarType);
 using FoldBackwardFn = void (*)(const FoldBackwardParams&, c10::ScalarType);
+using SoftmaxFn = void (*)(const SoftmaxParams&, c10::ScalarType);
 
 // A piece of work smaller than this many elements of x is not worth cutting
 // further or handing to a thread of its own.
@@ -106,6 +107,7 @@ struct KernelSet {
   JvpFn jvp;
   FoldFn fold;
   FoldBackwardFn fold_backward;
+  SoftmaxFn softmax;
 };
 
 // Each isa/ translation unit registers its KernelSet from a static

@@ -14,6 +14,7 @@
 #include "ops/cpu/isa/fold.h"
 #include "ops/cpu/isa/forward.h"
 #include "ops/cpu/isa/jvp.h"
+#include "ops/cpu/isa/softmax.h"
 #include "ops/cpu/kernel_set.h"
 
 #include <ATen/Dispatch.h>
@@ -50,6 +51,10 @@ void fold_backward(const FoldBackwardParams& p, c10::ScalarType dtype) {
       dtype, "attnpool_fold_backward", [&] { fold_backward_impl<scalar_t>(p); });
 }
 
+void softmax(const SoftmaxParams& p, c10::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "attnpool_softmax", [&] { softmax_impl<scalar_t>(p); });
+}
+
 #define ATTNPOOL_STRINGIFY_(x) #x
 #define ATTNPOOL_STRINGIFY(x) ATTNPOOL_STRINGIFY_(x)
 
@@ -65,7 +70,8 @@ constexpr KernelSet kKernels{
     &backward,
     &jvp,
     &fold,
-    &fold_backward};
+    &fold_backward,
+    &softmax};
 
 [[maybe_unused]] const bool registered = register_kernels(kKernels);
 
