@@ -5,7 +5,10 @@ arithmetic can cost a CPU many times its usual time ([Note: no subnormal
 weights] in csrc/ops/cpu/isa/vec_helpers.h). Forward and forward+backward
 of folded_attention_pool, and the forward of the eager composition
 (bench_grid's eager_pool) beside it, at scores of standard deviation 1, 10
-and 30 per head.
+and 30 per head. CoCa's pooler (256 queries x 8 heads) runs attention_pool,
+which projects the keys there, beside the composition that calls
+scaled_dot_product_attention (bench_grid's projected_pool), at queries
+scaled to spread its scores alike.
 
     python benchmarks/score_spread.py [--threads 2] [--repeats 7] [--malloc reuse|system]
 
@@ -24,7 +27,7 @@ from attnpool.bench import (
     target,
     time_rounds,
 )
-from attnpool.bench_grid import eager_pool
+from attnpool.bench_grid import eager_pool, projected_pool
 
 # name: (batch, seq_len, hidden, queries, heads, full_width)
 SHAPES = {
@@ -33,7 +36,10 @@ SHAPES = {
     "4x12": (32, 512, 768, 4, 12, False),
     "8x1": (32, 512, 768, 8, 1, False),
     "so400m-full": (16, 729, 1152, 1, 16, True),
+    "coca-256x8": (8, 256, 768, 256, 8, False),
 }
+# Shapes timed through attention_pool's projection of the keys.
+PROJECTED = {"coca-256x8"}
 SPREADS = (1.0, 10.0, 30.0)
 WITHIN = 1.15
 
@@ -51,6 +57,31 @@ def spread_u(shape, spread, gen):
             slices[h, h * head_dim : (h + 1) * head_dim] = 1
         u = u * slices
     return (u / u.norm(dim=-1, keepdim=True) * spread).requires_grad_()
+
+
+def projected_calls(shape, dtype):
+    """As calls, for attention_pool(x, query, w_q, w_k): weights of standard
+    deviation 1/sqrt(H) give scores of standard deviation about 1 at
+    queries of standard normal entries, `spread` at queries that times
+    larger. The composition: keys projected, then SDPA."""
+    batch, seq_len, hidden, queries, heads, _ = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, seq_len, hidden, generator=gen).to(dtype)
+    w_q, w_k = (torch.randn(hidden, hidden, generator=gen) / hidden**0.5 for _ in range(2))
+    query = torch.randn(queries, hidden, generator=gen)
+    head_dim = hidden // heads
+    forward, both, sdpa = {}, {}, {}
+    for spread in SPREADS:
+        q = (query * spread).requires_grad_()
+
+        def op(x, q=q):
+            return attnpool.attention_pool(x, q, w_q, w_k, num_heads=heads)
+
+        projected = (q.detach() @ w_q.T).view(queries, heads, head_dim)
+        forward[f"attnpool {spread:g}"] = lambda op=op: op(x)
+        both[f"attnpool {spread:g}"] = lambda op=op: forward_backward(x, op)
+        sdpa[f"sdpa {spread:g}"] = lambda p=projected: projected_pool(x, p, w_k, head_dim**-0.5)
+    return forward, both, sdpa
 
 
 def calls(shape, dtype):
@@ -84,15 +115,17 @@ def main() -> None:
         name_of_dtype = str(dtype).removeprefix("torch.")
         print(f"\n{name_of_dtype}: ms at s = " + ", ".join(f"{s:g}" for s in SPREADS))
         for name, shape in SHAPES.items():
-            forward, both, eager = calls(shape, dtype)
+            projects = name in PROJECTED
+            forward, both, eager = (projected_calls if projects else calls)(shape, dtype)
             with torch.no_grad():
                 forward_ms = time_rounds(forward, args.repeats)
                 eager_ms = time_rounds(eager, args.repeats)
             both_ms = time_rounds(both, args.repeats)
+            composition = "sdpa" if projects else "eager"
             rows = (
                 ("attnpool forward", forward_ms, "attnpool"),
                 ("attnpool fwd+bwd", both_ms, "attnpool"),
-                ("eager forward", eager_ms, "eager"),
+                (f"{composition} forward", eager_ms, composition),
             )
             for label, ms, who in rows:
                 times = [ms[f"{who} {s:g}"] for s in SPREADS]

@@ -41,26 +41,38 @@ def test_projects_only_where_it_costs_less():
     assert any("scaled_dot_product" in name for name in projected), projected
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bfloat16_on_the_cpu_scores_in_float32_for_gradients(dtype):
-    # SDPA's CPU kernel was slower than plain products with float32 scores
-    # for bfloat16 (forward+backward), and rounded its scores to it: its
-    # gradients missed the bfloat16 tolerance here.
+# (bfloat16 keys round scores 30 apart by about 0.1: no bfloat16 tolerance
+# holds there against float64.)
+@pytest.mark.parametrize(
+    "dtype, spread", [(torch.float32, 1.0), (torch.float32, 30.0), (torch.bfloat16, 1.0)]
+)
+def test_training_on_the_cpu_takes_products_with_float32_scores(dtype, spread):
+    # Training on the CPU multiplies plainly, scores and softmax in float32,
+    # the softmax's tiny weights set to 0 (test_softmax_without_subnormals.py).
+    # SDPA's CPU backward keeps them: at a trained head's scores (30 apart)
+    # its float32 forward+backward took 6.6x as long as at scores 1 apart,
+    # the products' the same time. For bfloat16 SDPA's kernel was slower
+    # than the products and rounded its scores: its gradients missed the
+    # bfloat16 tolerance here.
     inputs, num_heads = _inputs(**PROJECTING)
-    inputs = inputs.to(dtype=dtype, param_dtype=torch.float32).requiring_grad()
-    softmax_dtypes = []
+    inputs = inputs.to(dtype=dtype, param_dtype=torch.float32)
+    inputs.query.mul_(spread)
+    inputs = inputs.requiring_grad()
+    softmax_weights = []
 
     class Recorded(RecordedOps):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if str(func.overloadpacket) == "aten._softmax":
-                softmax_dtypes.append(args[0].dtype)
-            return super().__torch_dispatch__(func, types, args, kwargs)
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            if str(func.overloadpacket) == "attnpool._softmax_without_subnormals":
+                softmax_weights.append(out)
+            return out
 
     with Recorded() as recorded:
         out = attnpool.attention_pool(*inputs.args(), num_heads=num_heads)
-    sdpa = any("scaled_dot_product" in name for name in recorded.names)
-    assert sdpa == (dtype == torch.float32), recorded.names
-    assert softmax_dtypes == ([] if sdpa else [torch.float32])
+    assert not any("scaled_dot_product" in name for name in recorded.names), recorded.names
+    assert [w.dtype for w in softmax_weights] == [torch.float32]
+    # Scores 30 apart leave weights under 2^-100, which are 0.
+    assert (softmax_weights[0] == 0).any() == (spread > 1)
     grad_out = torch.randn_like(out)
     got = torch.autograd.grad(out, [inputs.x, inputs.query, inputs.w_q, inputs.w_k], grad_out)
     in_float64 = inputs.to(dtype=torch.float64).requiring_grad()

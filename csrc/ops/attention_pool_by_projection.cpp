@@ -9,6 +9,7 @@
 #include "ops/autograd/grad_mode.h"
 #include "ops/checks.h"
 #include "ops/cpu/kernel_set.h"
+#include "ops/softmax_without_subnormals.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -28,27 +29,35 @@ at::Tensor merge_heads(const at::Tensor& t) {
   return t.transpose(1, 2).flatten(2);
 }
 
-// Whether the plain products with float32 scores beat SDPA on this x.
-// bfloat16 on the CPU: SDPA's CPU kernel ran CoCa's pooler (8 x 256 x 768,
-// 256 queries x 8 heads, 2 threads, 2-core EPYC with AVX512-BF16) forward
-// in 15.2 ms and forward+backward in 52.6; the products 14.6 and 44.2, with
-// gradients 20% closer to float64 (the softmax's backward from p, its
-// scores never rounded to bfloat16). With AMX (the CPU kernels' AMX_BF16
-// level: the CPU has the tiles and Linux lets the process use them) SDPA
-// multiplies on the tiles: on a 2-core Xeon, forward 5.0 ms against the
+// Whether the plain products, scores and softmax in acc, beat SDPA on this
+// x. bfloat16 on the CPU: SDPA's CPU kernel ran CoCa's pooler (8 x 256 x
+// 768, 256 queries x 8 heads, 2 threads, 2-core EPYC with AVX512-BF16)
+// forward in 15.2 ms and forward+backward in 52.6; the products 14.6 and
+// 44.2, with gradients 20% closer to float64 (the softmax's backward from
+// p, its scores never rounded to bfloat16). With AMX (the CPU kernels'
+// AMX_BF16 level: the CPU has the tiles and Linux lets the process use them)
+// SDPA multiplies on the tiles: on a 2-core Xeon, forward 5.0 ms against the
 // products' 12.1, forward+backward 27.7 against 29.2. So SDPA serves
 // bfloat16 there when no gradient is asked for; training keeps the float32
 // scores and their closer gradients, and inference below AMX takes them a
 // sequence at a time (pool_sequence_by_sequence, as for any exact scores on
-// the CPU, a bias's included). float32 without a bias stays with SDPA (28 ms
-// forward against 49 on the EPYC; a sequence at a time 26.8 against 25.6,
-// the key projection included), float16 too (73 against 203;
-// forward+backward alike).
-bool scores_in_float32_are_faster(const at::Tensor& x, bool needs_grad) {
-  if (!x.is_cpu() || x.scalar_type() != at::kBFloat16) {
+// the CPU, a bias's included). float32 training takes the products too:
+// SDPA's CPU backward keeps every weight, and at the scores of a trained
+// head (30 apart) CoCa's pooler forward+backward took it 354-369 ms against
+// 54-57 at scores 1 apart (2-core Xeon with AMX), where the products, whose
+// softmax sets the tiny weights to 0 (softmax_without_subnormals.h), take
+// 54-55 ms at either. float32 inference stays with SDPA (28 ms forward against
+// 49 on the EPYC; a sequence at a time 26.8 against 25.6, the key
+// projection included), float16 too (73 against 203; forward+backward
+// alike).
+bool products_are_faster(const at::Tensor& x, bool needs_grad) {
+  if (!x.is_cpu()) {
     return false;
   }
-  return needs_grad || cpu::selected_kernels().isa != cpu::Isa::AMX_BF16;
+  if (x.scalar_type() == at::kBFloat16) {
+    return needs_grad || cpu::selected_kernels().isa != cpu::Isa::AMX_BF16;
+  }
+  return x.scalar_type() == at::kFloat && needs_grad;
 }
 
 // The products with scores in acc (float32 for bfloat16) for inference on
@@ -78,7 +87,7 @@ at::Tensor pool_sequence_by_sequence(
     if (additive.defined()) {
       scores.add_(additive[b]);
     }
-    const auto probs = at::_softmax(scores, -1, /*half_to_float=*/false).to(values.scalar_type());
+    const auto probs = softmax_without_subnormals(scores).to(values.scalar_type());
     // [Q, H] seen as [n, Q, d]: each head's sums land in their columns.
     auto heads_out = out[b].view({num_queries, num_heads, head_dim}).transpose(0, 1);
     at::matmul_out(heads_out, probs, values[b]);
@@ -124,7 +133,7 @@ at::Tensor pool_by_projection(
   const bool with_tangents = any_tangent({&x, &query, &w_q, &w_k}, attn_bias);
   const bool needs_grad = any_needs_grad({&x, &query, &w_q, &w_k});
   const bool exact_scores =
-      with_tangents || attn_bias.has_value() || scores_in_float32_are_faster(x, needs_grad);
+      with_tangents || attn_bias.has_value() || products_are_faster(x, needs_grad);
 
   at::Tensor rows = x;
   at::Tensor any_attended;  // [B] bool, when masked
@@ -165,7 +174,7 @@ at::Tensor pool_by_projection(
     if (masked) {
       scores = scores + additive;
     }
-    out = merge_heads(at::matmul(at::softmax(scores, -1).to(x.scalar_type()), values));
+    out = merge_heads(at::matmul(softmax_without_subnormals(scores).to(x.scalar_type()), values));
   } else {
     const auto q = split_heads(projected.to(x.scalar_type()), num_heads)
                        .unsqueeze(0)

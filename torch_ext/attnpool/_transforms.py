@@ -506,6 +506,15 @@ def under_vmap() -> bool:
     return any(interpreter.key() == TransformType.Vmap for interpreter in stack)
 
 
+def under_torch_func() -> bool:
+    """Whether any torch.func transform (grad, vjp, jacrev, jvp, jacfwd, vmap,
+    functionalize) wraps this call, where a C++ autograd function cannot run.
+    False inside torch.compile, as under_vmap."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool(get_interpreter_stack())
+
+
 def _jvp(op, composite, *args) -> Tensor:
     """The jvp op, or under vmap (jacfwd batches the tangents) its composition,
     which vmap batches as any torch code: the op would run once per sample."""

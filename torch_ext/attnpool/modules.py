@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 
 from attnpool import reference
-from attnpool._transforms import under_vmap
+from attnpool._transforms import under_torch_func, under_vmap
 from attnpool.ops import (
     _check_int,
     _check_number,
@@ -522,17 +522,26 @@ def _pool_by_projection(
     # p = 1 where the softmax gave 1/L, gradients L times too large. The
     # softmax's own backward uses p. Nor has it a batching rule: under vmap
     # (per-sample gradients) it ran once per sample, the matmuls batch.
-    # bfloat16 on the CPU: float32 scores and softmax run faster than SDPA's
-    # CPU kernel, and closer to float64 (see scores_in_float32_are_faster in
+    # On the CPU, bfloat16 and float32 training: the softmax's tiny weights
+    # set to 0 keep the backward clear of subnormals, which SDPA's is not;
+    # bfloat16 scores and softmax in float32 also run faster than SDPA's CPU
+    # kernel, and closer to float64 (see products_are_faster in
     # csrc/ops/attention_pool_by_projection.cpp).
-    exact = attn_bias is not None or (xs.device.type == "cpu" and dtype == torch.bfloat16)
+    inputs = [x, query, w_q, b_q, w_k, w_v, b_v, attn_bias]
+    on_cpu = xs.device.type == "cpu"
+    exact = (
+        attn_bias is not None
+        or (on_cpu and dtype == torch.bfloat16)
+        or (on_cpu and dtype == torch.float32 and _needs_grad(inputs))
+    )
     by_sequence = False
+    cut = True
     if not torch.jit.is_scripting():
         # (An attn_bias with a tangent is exact already: it is not None.)
-        inputs = [x, query, w_q, b_q, w_k, w_v, b_v, attn_bias]
         transformed = _any_tangent(inputs) or under_vmap()
         exact = exact or transformed
         by_sequence = exact and not transformed and _is_eager_cpu_inference(xs, inputs)
+        cut = not (transformed or under_torch_func())
     if by_sequence:
         out = _pool_sequence_by_sequence(heads_query, k, v, scores_mask)
     elif exact:
@@ -540,7 +549,8 @@ def _pool_by_projection(
         scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5
         if scores_mask is not None:
             scores = scores + scores_mask.to(acc)
-        out = torch.matmul(torch.softmax(scores, dim=-1).to(dtype), v).transpose(1, 2)
+        weights = _softmax_of_scores(scores, cut)
+        out = torch.matmul(weights.to(dtype), v).transpose(1, 2)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_mask).transpose(1, 2)
     out = out.reshape(batch, query.shape[0], embed_dim)
@@ -551,10 +561,9 @@ def _is_eager_cpu_inference(x: Tensor, tensors: list[Optional[Tensor]]) -> bool:
     """Whether this call runs on the CPU with no gradient to record, and not
     traced by torch.compile or torch.jit.trace, which would unroll a loop over
     the batch (tangents and vmap are the caller's to check)."""
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return (
         x.device.type == "cpu"
-        and not needs_grad
+        and not _needs_grad(tensors)
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
     )
@@ -576,9 +585,24 @@ def _pool_sequence_by_sequence(
         scores = torch.matmul(queries, k[b].to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5
         if scores_mask is not None:
             scores = scores + scores_mask[b].to(acc)
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        probs = _softmax_of_scores(scores, cut=True).to(v.dtype)
         torch.matmul(probs, v[b], out=out[b].transpose(0, 1))
     return out
+
+
+def _needs_grad(tensors: list[Optional[Tensor]]) -> bool:
+    """Whether autograd records a call on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _softmax_of_scores(scores: Tensor, cut: bool) -> Tensor:
+    """The softmax over the last dim. With ``cut``, weights below 2^-100 are 0
+    (``attnpool::_softmax_without_subnormals``, the pooling kernels' rule),
+    which keeps the backward clear of subnormals, slow on a CPU. Without, ATen's
+    softmax, which torch.func transforms and forward-mode AD take."""
+    if cut:
+        return torch.ops.attnpool._softmax_without_subnormals(scores)
+    return torch.softmax(scores, dim=-1)
 
 
 def _any_tangent(tensors: list[Optional[Tensor]]) -> bool:
