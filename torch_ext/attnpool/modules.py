@@ -543,10 +543,10 @@ def _pool_by_projection(
         by_sequence = exact and not transformed and _is_eager_cpu_inference(xs, inputs)
         cut = not (transformed or under_torch_func())
     if by_sequence:
-        out = _pool_sequence_by_sequence(heads_query, k, v, scores_mask)
+        out = _pool_sequence_by_sequence(_scaled(heads_query, dtype), k, v, scores_mask)
     elif exact:
         acc = reference.accumulate_dtype(dtype)
-        scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5
+        scores = torch.matmul(_scaled(heads_query, dtype), k.to(acc).transpose(-1, -2))
         if scores_mask is not None:
             scores = scores + scores_mask.to(acc)
         weights = _softmax_of_scores(scores, cut)
@@ -575,19 +575,27 @@ def _pool_sequence_by_sequence(
     """The products of the exact path one sequence at a time, all heads at
     once, as attention_pool's inference does (pool_sequence_by_sequence in
     csrc/ops/attention_pool_by_projection.cpp): a sequence's scores stay in
-    cache; the values are the batch's. q: [n, Q, d]; k, v: [B, n, L, d];
-    scores_mask: [B, 1, 1, L] or None. Returns [B, Q, n, d]."""
+    cache; the values are the batch's. q: [n, Q, d] in the accumulation
+    dtype, scaled (:func:`_scaled`); k, v: [B, n, L, d]; scores_mask:
+    [B, 1, 1, L] or None. Returns [B, Q, n, d]."""
     batch, num_heads, _, head_dim = v.shape
-    acc = reference.accumulate_dtype(v.dtype)
-    queries = q.to(acc)
     out = v.new_empty(batch, q.shape[1], num_heads, head_dim)
     for b in range(batch):
-        scores = torch.matmul(queries, k[b].to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5
+        scores = torch.matmul(q, k[b].to(q.dtype).transpose(-1, -2))
         if scores_mask is not None:
-            scores = scores + scores_mask[b].to(acc)
+            scores = scores + scores_mask[b].to(q.dtype)
         probs = _softmax_of_scores(scores, cut=True).to(v.dtype)
         torch.matmul(probs, v[b], out=out[b].transpose(0, 1))
     return out
+
+
+def _scaled(heads_query: Tensor, dtype: torch.dtype) -> Tensor:
+    """Each head's queries [n, Q, d] in the accumulation dtype of ``dtype``,
+    times 1/sqrt(d): the scores come out of their product scaled, a pass over
+    them saved forward and backward (as scaled_head_queries in
+    csrc/ops/attention_pool_by_projection.cpp)."""
+    acc = reference.accumulate_dtype(dtype)
+    return heads_query.to(acc) * heads_query.shape[-1] ** -0.5
 
 
 def _needs_grad(tensors: list[Optional[Tensor]]) -> bool:
