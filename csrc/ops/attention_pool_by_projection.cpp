@@ -41,23 +41,22 @@ at::Tensor merge_heads(const at::Tensor& t) {
 // bfloat16 there when no gradient is asked for; training keeps the float32
 // scores and their closer gradients, and inference below AMX takes them a
 // sequence at a time (pool_sequence_by_sequence, as for any exact scores on
-// the CPU, a bias's included). float32 training takes the products too:
-// SDPA's CPU backward keeps every weight, and at the scores of a trained
-// head (30 apart) CoCa's pooler forward+backward took it 354-369 ms against
-// 54-57 at scores 1 apart (2-core Xeon with AMX), where the products, whose
-// softmax sets the tiny weights to 0 (softmax_without_subnormals.h), take
-// 54-55 ms at either. float32 inference stays with SDPA (28 ms forward against
+// the CPU, a bias's included). float32 stays with SDPA (28 ms forward against
 // 49 on the EPYC; a sequence at a time 26.8 against 25.6, the key
 // projection included), float16 too (73 against 203; forward+backward
-// alike).
+// alike). SDPA's CPU backward keeps every weight, and at scores 30 apart,
+// where many go subnormal, CoCa's pooler's float32 forward+backward took it
+// 354 ms against 54 at scores 1 apart (2-core Xeon with AMX); the products,
+// whose softmax sets those weights to 0, took 56 at either, but saved twice
+// the bytes for the backward (the weights [B, n, Q, L]: 39 MiB against
+// 19) and ran 0.96-0.98x SDPA's speed at scores 1 apart, so float32 keeps
+// SDPA for the scores that trained heads give short of that (at scores 10
+// apart its time is the same as at 1).
 bool products_are_faster(const at::Tensor& x, bool needs_grad) {
-  if (!x.is_cpu()) {
+  if (!x.is_cpu() || x.scalar_type() != at::kBFloat16) {
     return false;
   }
-  if (x.scalar_type() == at::kBFloat16) {
-    return needs_grad || cpu::selected_kernels().isa != cpu::Isa::AMX_BF16;
-  }
-  return x.scalar_type() == at::kFloat && needs_grad;
+  return needs_grad || cpu::selected_kernels().isa != cpu::Isa::AMX_BF16;
 }
 
 // Each head's projected queries [n, Q, d] in acc, times the scale: the

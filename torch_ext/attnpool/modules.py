@@ -522,18 +522,13 @@ def _pool_by_projection(
     # p = 1 where the softmax gave 1/L, gradients L times too large. The
     # softmax's own backward uses p. Nor has it a batching rule: under vmap
     # (per-sample gradients) it ran once per sample, the matmuls batch.
-    # On the CPU, bfloat16 and float32 training: the softmax's tiny weights
-    # set to 0 keep the backward clear of subnormals, which SDPA's is not;
-    # bfloat16 scores and softmax in float32 also run faster than SDPA's CPU
-    # kernel, and closer to float64 (see products_are_faster in
-    # csrc/ops/attention_pool_by_projection.cpp).
+    # bfloat16 on the CPU: float32 scores and softmax run faster than SDPA's
+    # CPU kernel, and closer to float64; their softmax sets the tiny weights
+    # to 0, which keeps the backward clear of subnormals where SDPA's is not
+    # (see products_are_faster in csrc/ops/attention_pool_by_projection.cpp,
+    # also for why float32 keeps SDPA).
     inputs = [x, query, w_q, b_q, w_k, w_v, b_v, attn_bias]
-    on_cpu = xs.device.type == "cpu"
-    exact = (
-        attn_bias is not None
-        or (on_cpu and dtype == torch.bfloat16)
-        or (on_cpu and dtype == torch.float32 and _needs_grad(inputs))
-    )
+    exact = attn_bias is not None or (xs.device.type == "cpu" and dtype == torch.bfloat16)
     by_sequence = False
     cut = True
     if not torch.jit.is_scripting():
@@ -561,9 +556,10 @@ def _is_eager_cpu_inference(x: Tensor, tensors: list[Optional[Tensor]]) -> bool:
     """Whether this call runs on the CPU with no gradient to record, and not
     traced by torch.compile or torch.jit.trace, which would unroll a loop over
     the batch (tangents and vmap are the caller's to check)."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return (
         x.device.type == "cpu"
-        and not _needs_grad(tensors)
+        and not needs_grad
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
     )
@@ -596,11 +592,6 @@ def _scaled(heads_query: Tensor, dtype: torch.dtype) -> Tensor:
     csrc/ops/attention_pool_by_projection.cpp)."""
     acc = reference.accumulate_dtype(dtype)
     return heads_query.to(acc) * heads_query.shape[-1] ** -0.5
-
-
-def _needs_grad(tensors: list[Optional[Tensor]]) -> bool:
-    """Whether autograd records a call on these tensors."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _softmax_of_scores(scores: Tensor, cut: bool) -> Tensor:
