@@ -61,8 +61,9 @@ bool products_are_faster(const at::Tensor& x, bool needs_grad) {
 
 // Each head's projected queries [n, Q, d] in acc, times the scale: the
 // scores come out of their product scaled, which saved a pass over them
-// forward and backward (CoCa's pooler, float32 forward+backward, 2 threads,
-// 2-core Xeon with AMX: 58 -> 56 ms, level with SDPA's).
+// forward and backward (CoCa's pooler, bfloat16 forward+backward against
+// SDPA's, 2 threads, 2-core Xeon with AMX: 0.88, 0.86 -> 0.93, 0.89 in two
+// grid runs each).
 at::Tensor scaled_head_queries(
     const at::Tensor& projected, int64_t num_heads, double scale, at::ScalarType acc) {
   return split_heads(projected.to(acc), num_heads) * scale;

@@ -2,9 +2,10 @@
 
 // The softmax over rows of scores with weights below 2^-100 set to 0
 // ([Note: no subnormal weights]), for the path that projects the keys
-// (ops/softmax_without_subnormals.cpp). Each row is read twice and written
-// twice, the exponentials those of the pooling kernels (exp_of). Per
-// instruction set, like every file in isa/ (ops/cpu/README.md).
+// (ops/softmax_without_subnormals.cpp). Each row of scores is read twice
+// (its maximum, its exponentials) and its weights written twice (then
+// divided by their sum), the exponentials those of the pooling kernels
+// (exp_of). Per instruction set, like every file in isa/ (ops/cpu/README.md).
 
 #include "ops/cpu/isa/vec_helpers.h"
 #include "ops/cpu/kernel_set.h"
