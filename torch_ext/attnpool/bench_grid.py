@@ -77,6 +77,8 @@ POINTS = {
         Point("4x12", BERT, 4, 12),
         Point("8x1", BERT, 8, 1),
         Point("16x12", BERT, 16, 12),
+        # so400m's head slices: 72 columns, not a whole number of vectors.
+        Point("so400m-1x16", (16, 729, 1152), 1, 16),
         Point("so400m-full", (16, 729, 1152), 1, 16, full_width=True),
         Point("coca-256x8", (8, 256, 768), 256, 8, from_weights=True),
     ]
