@@ -527,12 +527,12 @@ def _pool_by_projection(
     # to 0, which keeps the backward clear of subnormals where SDPA's is not
     # (see products_are_faster in csrc/ops/attention_pool_by_projection.cpp,
     # also for why float32 keeps SDPA).
-    inputs = [x, query, w_q, b_q, w_k, w_v, b_v, attn_bias]
     exact = attn_bias is not None or (xs.device.type == "cpu" and dtype == torch.bfloat16)
     by_sequence = False
     cut = True
     if not torch.jit.is_scripting():
         # (An attn_bias with a tangent is exact already: it is not None.)
+        inputs = [x, query, w_q, b_q, w_k, w_v, b_v, attn_bias]
         transformed = _any_tangent(inputs) or under_vmap()
         exact = exact or transformed
         by_sequence = exact and not transformed and _is_eager_cpu_inference(xs, inputs)
