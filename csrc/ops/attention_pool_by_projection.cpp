@@ -1,10 +1,12 @@
 // attention_pool by projecting every key instead of folding the query
 // (issue 14, item 3): with many queries and heads (CoCa's 256 x 8) the fold's
 // Q·n multiply-adds per element of x cost more than the key projection's H.
-// Built from ATen ops, so every backend, autograd and Meta come with them.
+// Built from ATen ops and two private ops of ours (the softmax and SDPA
+// without subnormals), so every backend, autograd and Meta come with them.
 
 #include "ops/attention_pool.h"
 
+#include "ops/attention_without_subnormals.h"
 #include "ops/autograd/forward_ad.h"
 #include "ops/autograd/grad_mode.h"
 #include "ops/checks.h"
@@ -44,14 +46,13 @@ at::Tensor merge_heads(const at::Tensor& t) {
 // the CPU, a bias's included). float32 stays with SDPA (28 ms forward against
 // 49 on the EPYC; a sequence at a time 26.8 against 25.6, the key
 // projection included), float16 too (73 against 203; forward+backward
-// alike). SDPA's CPU backward keeps every weight, and at scores 30 apart,
-// where many go subnormal, CoCa's pooler's float32 forward+backward took it
-// 354 ms against 54 at scores 1 apart (2-core Xeon with AMX); the products,
-// whose softmax sets those weights to 0, took 56 at either, but saved twice
-// the bytes for the backward (the weights [B, n, Q, L]: 39 MiB against
-// 19) and ran 0.96-0.98x SDPA's speed at scores 1 apart, so float32 keeps
-// SDPA for the scores that trained heads give short of that (at scores 10
-// apart its time is the same as at 1).
+// alike). At scores 30 apart, where many weights go subnormal, SDPA's CPU
+// backward took CoCa's pooler's float32 forward+backward from 55 ms to 348
+// (2-core Xeon with AMX); with subnormals flushed there
+// (attention_without_subnormals) 56 at scores 1, 10 and 30 apart. The
+// products, whose softmax sets those weights to 0, are level too, but saved
+// twice the bytes for the backward (the weights [B, n, Q, L]: 39 MiB
+// against 19) and ran 0.96-0.98x SDPA's speed at scores 1 apart.
 bool products_are_faster(const at::Tensor& x, bool needs_grad) {
   if (!x.is_cpu() || x.scalar_type() != at::kBFloat16) {
     return false;
@@ -185,15 +186,15 @@ at::Tensor pool_by_projection(
     const auto q = split_heads(projected.to(x.scalar_type()), num_heads)
                        .unsqueeze(0)
                        .expand_symint({batch, num_heads, num_queries, -1});
+    const auto attn_mask =
+        masked ? std::optional<at::Tensor>(additive.to(x.scalar_type())) : std::nullopt;
+    // On the CPU, SDPA's backward with subnormals flushed (float32 CoCa's
+    // pooler at scores 30 apart, forward+backward: 348 -> 56 ms, as at 1).
     out = merge_heads(
-        at::scaled_dot_product_attention(
-            q,
-            keys,
-            values,
-            masked ? std::optional<at::Tensor>(additive.to(x.scalar_type())) : std::nullopt,
-            /*dropout_p=*/0.0,
-            /*is_causal=*/false,
-            scale));
+        x.is_cpu()
+            ? attention_without_subnormals(q, keys, values, attn_mask, scale)
+            : at::scaled_dot_product_attention(
+                  q, keys, values, attn_mask, /*dropout_p=*/0.0, /*is_causal=*/false, scale));
   }
   if (masked) {
     out = at::where(any_attended.unsqueeze(1).unsqueeze(2), out, at::zeros({}, out.options()));

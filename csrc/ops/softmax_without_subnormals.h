@@ -16,8 +16,9 @@ namespace attnpool::detail {
 // subnormals. With the scores of a trained head (tens apart), the products
 // after ATen's softmax took CoCa's pooler forward+backward (8 x 256 x 768,
 // 256 queries x 8 heads, 2 threads, 2-core Xeon with AMX) from 39 to 620 ms
-// in bfloat16 and from 65 to 396 in float32 (SDPA's kernel): the gradient
-// of the scores, subnormal where the weight is, fed to a float32 matmul.
+// in bfloat16 and from 65 to 396 in float32 (SDPA's kernel, whose backward
+// now flushes them: attention_without_subnormals.h): the gradient of the
+// scores, subnormal where the weight is, fed to a float32 matmul.
 // Scores: float32 or float64, any shape; weights of the same shape and dtype.
 void check_softmax_without_subnormals_args(const at::Tensor& scores);
 

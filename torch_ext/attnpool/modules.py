@@ -530,6 +530,7 @@ def _pool_by_projection(
     exact = attn_bias is not None or (xs.device.type == "cpu" and dtype == torch.bfloat16)
     by_sequence = False
     cut = True
+    flushed = False
     if not torch.jit.is_scripting():
         # (An attn_bias with a tangent is exact already: it is not None.)
         inputs = [x, query, w_q, b_q, w_k, w_v, b_v, attn_bias]
@@ -537,6 +538,9 @@ def _pool_by_projection(
         exact = exact or transformed
         by_sequence = exact and not transformed and _is_eager_cpu_inference(xs, inputs)
         cut = not (transformed or under_torch_func())
+        # SDPA whose CPU backward flushes subnormals (a C++ autograd function:
+        # not under torch.func, whose transforms take SDPA itself).
+        flushed = cut and xs.device.type == "cpu"
     if by_sequence:
         out = _pool_sequence_by_sequence(_scaled(heads_query, dtype), k, v, scores_mask)
     elif exact:
@@ -546,6 +550,10 @@ def _pool_by_projection(
             scores = scores + scores_mask.to(acc)
         weights = _softmax_of_scores(scores, cut)
         out = torch.matmul(weights.to(dtype), v).transpose(1, 2)
+    elif flushed:
+        scale = q.shape[-1] ** -0.5
+        out = torch.ops.attnpool._attention_without_subnormals(q, k, v, scores_mask, scale)
+        out = out.transpose(1, 2)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_mask).transpose(1, 2)
     out = out.reshape(batch, query.shape[0], embed_dim)
