@@ -2,6 +2,9 @@
 random init and random biases: values, gradients, state_dict, edge cases, errors."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,11 +117,23 @@ def test_projection_in_bfloat16_on_the_cpu_scores_in_float32(dtype):
     torch.testing.assert_close(got.double(), want, **TOLERANCES[dtype])
 
 
+AMX_TILES = attnpool._C.cpu_kernel_isa() == "AMX_BF16"
+
+
+def _calls_sdpa(names):
+    return any(
+        "scaled_dot_product" in name or "attention_without_subnormals" in name for name in names
+    )
+
+
 @pytest.mark.parametrize("masking", ["none", "mask", "attn_bias"])
 def test_bfloat16_inference_on_the_cpu_pools_sequence_by_sequence(masking):
     # As attention_pool's inference: the float32 scores of one sequence at a
     # time stay in cache; the values are those of the batch at once, which
-    # training takes, bit for bit.
+    # training takes, bit for bit. With AMX only a bias's scores (SDPA
+    # serves the others, below).
+    if AMX_TILES and masking != "attn_bias":
+        pytest.skip("SDPA serves bfloat16 inference on AMX")
     module, _ = _pair(8, None, True)
     module = module.bfloat16()
     x, mask = _batch(None, dtype=torch.bfloat16)
@@ -134,6 +149,47 @@ def test_bfloat16_inference_on_the_cpu_pools_sequence_by_sequence(masking):
     trained = module(x, **extra)
     assert trained.requires_grad
     assert torch.equal(got, trained.detach())
+
+
+@pytest.mark.parametrize("masking", ["none", "mask"])
+def test_bfloat16_inference_on_the_cpu_takes_sdpa_with_amx(masking):
+    # As attention_pool: SDPA multiplies on the tiles, CoCa's pooler forward
+    # 9.1 ms against the products' 13.5 (benchmarks/peer_heads.py, bfloat16).
+    module, _ = _pair(8, None, True)
+    module = module.bfloat16()
+    x, mask = _batch(None, dtype=torch.bfloat16)
+    with torch.no_grad(), RecordedOps() as recorded:
+        got = module(x, mask=mask if masking == "mask" else None)
+    assert _calls_sdpa(recorded.names) == AMX_TILES, recorded.names
+    assert ("attnpool._softmax_without_subnormals" in recorded.names) == (not AMX_TILES)
+    exact = copy.deepcopy(module).double()
+    want = exact(x.double(), mask=mask if masking == "mask" else None)
+    torch.testing.assert_close(got.double(), want, **TOLERANCES[torch.bfloat16])
+
+
+LOWERED_SCRIPT = """
+import torch
+
+import attnpool
+from attnpool.modules import MultiheadAttentionPooling
+
+torch.manual_seed(0)
+module = MultiheadAttentionPooling(16, 4, num_queries=32).bfloat16()
+with torch.no_grad(), torch.profiler.profile() as prof:
+    module(torch.randn(3, 7, 16).bfloat16())
+names = [event.name for event in prof.events()]
+print(attnpool._C.cpu_kernel_isa(), any("scaled_dot_product" in n for n in names))
+"""
+
+
+def test_bfloat16_inference_below_amx_scores_in_float32():
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_CPU_CAPABILITY")}
+    env["ATTNPOOL_CPU_CAPABILITY"] = "default"
+    result = subprocess.run(
+        [sys.executable, "-c", LOWERED_SCRIPT], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].split() == ["DEFAULT", "False"]
 
 
 def test_bfloat16_inference_by_projection_of_an_empty_batch():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
-from attnpool import reference
+from attnpool import _C, reference
 from attnpool._transforms import under_torch_func, under_vmap
 from attnpool.ops import (
     _check_int,
@@ -522,12 +522,13 @@ def _pool_by_projection(
     # p = 1 where the softmax gave 1/L, gradients L times too large. The
     # softmax's own backward uses p. Nor has it a batching rule: under vmap
     # (per-sample gradients) it ran once per sample, the matmuls batch.
-    # bfloat16 on the CPU: float32 scores and softmax run faster than SDPA's
-    # CPU kernel, and closer to float64; their softmax sets the tiny weights
-    # to 0, which keeps the backward clear of subnormals where SDPA's is not
-    # (see products_are_faster in csrc/ops/attention_pool_by_projection.cpp,
-    # also for why float32 keeps SDPA).
-    exact = attn_bias is not None or (xs.device.type == "cpu" and dtype == torch.bfloat16)
+    # bfloat16 on the CPU: float32 scores and softmax give gradients closer
+    # to float64 than SDPA's, and below AMX run faster; inference with AMX
+    # takes SDPA, which multiplies on the tiles (products_are_faster in
+    # csrc/ops/attention_pool_by_projection.cpp, also for why float32 keeps
+    # SDPA).
+    cpu_bfloat16 = xs.device.type == "cpu" and dtype == torch.bfloat16
+    exact = attn_bias is not None or cpu_bfloat16
     by_sequence = False
     cut = True
     flushed = False
@@ -535,6 +536,8 @@ def _pool_by_projection(
         # (An attn_bias with a tangent is exact already: it is not None.)
         inputs = [x, query, w_q, b_q, w_k, w_v, b_v, attn_bias]
         transformed = _any_tangent(inputs) or under_vmap()
+        if cpu_bfloat16 and _AMX_TILES and not _needs_grad(inputs):
+            exact = attn_bias is not None
         exact = exact or transformed
         by_sequence = exact and not transformed and _is_eager_cpu_inference(xs, inputs)
         cut = not (transformed or under_torch_func())
@@ -560,14 +563,23 @@ def _pool_by_projection(
     return out if any_kept is None else torch.where(any_kept[:, None, None], out, 0.0)
 
 
+# Whether the CPU kernels run at their AMX_BF16 level (the CPU has AMX tiles
+# and Linux lets the process use them), where SDPA's CPU kernel multiplies
+# bfloat16 on the tiles too. Fixed once the library has loaded.
+_AMX_TILES = _C.cpu_kernel_isa() == "AMX_BF16"
+
+
+def _needs_grad(tensors: list[Optional[Tensor]]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _is_eager_cpu_inference(x: Tensor, tensors: list[Optional[Tensor]]) -> bool:
     """Whether this call runs on the CPU with no gradient to record, and not
     traced by torch.compile or torch.jit.trace, which would unroll a loop over
     the batch (tangents and vmap are the caller's to check)."""
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return (
         x.device.type == "cpu"
-        and not needs_grad
+        and not _needs_grad(tensors)
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
     )
