@@ -240,6 +240,26 @@ def _check_rows(rows, expected):
         assert row["ratios"]["saved bytes peer/attnpool"] > 1, (key, row["saved_bytes"])
 
 
+def test_peer_heads_benchmark_runs_in_bfloat16(tmp_path):
+    # Heads, parameters and x in bfloat16; the outputs agree to 2e-2.
+    figures = tmp_path / "figures.json"
+    _run_script(
+        "benchmarks/peer_heads.py",
+        "--quick",
+        "--dtype",
+        "bfloat16",
+        "--shapes",
+        "coca",
+        "--json",
+        str(figures),
+    )
+    report = json.loads(figures.read_text())
+    assert report["dtype"] == "bfloat16"
+    [row] = report["rows"]
+    assert row["dtype"] == "bfloat16" and row["attnpool_matches_peer"], row
+    assert all(value > 0 for value in row["forward_backward_ms"].values()), row
+
+
 def test_peer_heads_benchmark_times_timm_and_open_clip(benchmark_rows):
     _check_rows(benchmark_rows, TIMM_AND_OPEN_CLIP_ROWS)
 
