@@ -49,6 +49,21 @@ def test_matches_float64_reference(device, shape, biased, dtype):
     torch.testing.assert_close(u.double(), want, **tolerance)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("biased", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_weights_fold_as_their_float32_copies(shape, biased, dtype):
+    # The CPU kernel widens 16-bit weights as it reads them, exactly: the
+    # same u and projected query as from the weights converted first.
+    query, w_q, w_k, q_bias = (t.to(dtype) for t in _weights(*shape[:4], "cpu"))
+    bias = q_bias if biased else None
+    got = torch.ops.attnpool._fold_query_forward(query, w_q, w_k, shape[4], bias)
+    as32 = [t.float() if t is not None else None for t in (query, w_q, w_k, bias)]
+    want = torch.ops.attnpool._fold_query_forward(*as32[:3], shape[4], as32[3])
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32 and torch.equal(g, w)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=IDS[:4])
 def test_gradcheck(device, shape):

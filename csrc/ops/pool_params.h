@@ -292,11 +292,16 @@ struct FoldShape {
   }
 };
 
-// All in the accumulation dtype, contiguous: query [Q, Hq], w_q [E, Hq], w_k
-// [E, Hx], q_bias [E] or null. Writes projected = w_q @ query + q_bias [Q, E]
-// and u [Q * n, Hx]; partials [head_cut.pieces, Q * n, Hx] when a head has
-// more than one piece.
+// How w_q and w_k are stored: in the accumulation dtype, or both as 16-bit
+// floats that the fold widens as it reads them (exactly: the same u).
+enum class FoldWeights : int8_t { kAcc, kBFloat16, kHalf };
+
+// Contiguous, in the accumulation dtype but for the weights (`weights`):
+// query [Q, Hq], w_q [E, Hq], w_k [E, Hx], q_bias [E] or null. Writes
+// projected = w_q @ query + q_bias [Q, E] and u [Q * n, Hx]; partials
+// [head_cut.pieces, Q * n, Hx] when a head has more than one piece.
 struct FoldParams : FoldShape {
+  FoldWeights weights;
   const void* query;
   const void* w_q;
   const void* w_k;

@@ -43,6 +43,25 @@ at::Tensor acc_rows(const at::Tensor& t, at::ScalarType acc) {
   return t.to(acc).contiguous();
 }
 
+// How the forward reads w_q and w_k: 16-bit floats as they are, widened as
+// read, which saves converting both weights on every call (1 query, 12
+// heads, 768 x 768 bfloat16 weights, 2 threads, 2-core Xeon: 254 -> 50 us,
+// where float32 weights take 87); in the accumulation dtype otherwise. (The
+// backward still converts them: a smaller share of a training step.)
+FoldWeights weights_as_read(const at::Tensor& w_q, const at::Tensor& w_k, at::ScalarType acc) {
+  if (acc != at::kFloat || w_q.scalar_type() != w_k.scalar_type()) {
+    return FoldWeights::kAcc;
+  }
+  switch (w_q.scalar_type()) {
+    case at::kBFloat16:
+      return FoldWeights::kBFloat16;
+    case at::kHalf:
+      return FoldWeights::kHalf;
+    default:
+      return FoldWeights::kAcc;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> fold_forward_cpu(
     const at::Tensor& query,
     const at::Tensor& w_q,
@@ -53,8 +72,9 @@ std::tuple<at::Tensor, at::Tensor> fold_forward_cpu(
   const auto acc = detail::accumulate_dtype(query.scalar_type());
   const FoldShape s = fold_shape(query, w_q, w_k, num_heads);
   const auto queries = acc_rows(query, acc);
-  const auto w_q_rows = acc_rows(w_q, acc);
-  const auto w_k_rows = acc_rows(w_k, acc);
+  const FoldWeights weights = weights_as_read(w_q, w_k, acc);
+  const auto w_q_rows = weights == FoldWeights::kAcc ? acc_rows(w_q, acc) : w_q.contiguous();
+  const auto w_k_rows = weights == FoldWeights::kAcc ? acc_rows(w_k, acc) : w_k.contiguous();
   const bool biased = q_bias.has_value() && q_bias->defined();
   const auto bias = biased ? acc_rows(*q_bias, acc) : at::Tensor();
   const auto options = query.options().dtype(acc);
@@ -72,6 +92,7 @@ std::tuple<at::Tensor, at::Tensor> fold_forward_cpu(
   }
   FoldParams p{};
   static_cast<FoldShape&>(p) = s;
+  p.weights = weights;
   p.query = queries.const_data_ptr();
   p.w_q = w_q_rows.const_data_ptr();
   p.w_k = w_k_rows.const_data_ptr();

@@ -38,41 +38,42 @@ void prefetch_weight_row(const T* w, int64_t j, int64_t width) {
 // partial u in order at the end. (Two at::matmul calls, or a pass over w_q
 // and then one over w_k cut by columns, took about twice as long as reading
 // both weights: at BERT size 10-15% of the whole forward.)
-template <typename T>
+// T: the weights' dtype (FoldParams::weights), A: the accumulation dtype.
+template <typename T, typename A>
 void fold_impl(const FoldParams& p) {
   const int64_t Hq = p.query_dim;
   const int64_t Hx = p.x_dim;
   const int64_t Q = p.num_queries;
   const int64_t n = p.num_heads;
   const int64_t num_scores = Q * n;
-  const auto* query = static_cast<const T*>(p.query);
+  const auto* query = static_cast<const A*>(p.query);
   const auto* w_q = static_cast<const T*>(p.w_q);
   const auto* w_k = static_cast<const T*>(p.w_k);
-  const auto* q_bias = static_cast<const T*>(p.q_bias);
-  auto* projected = static_cast<T*>(p.projected);
-  auto* partials = static_cast<T*>(p.partials);
+  const auto* q_bias = static_cast<const A*>(p.q_bias);
+  auto* projected = static_cast<A*>(p.projected);
+  auto* partials = static_cast<A*>(p.partials);
   const bool in_pieces = p.head_cut.pieces > 1;
-  auto* u = in_pieces ? partials : static_cast<T*>(p.u);
+  auto* u = in_pieces ? partials : static_cast<A*>(p.u);
 
   for_each_fold_task(p, [&](int64_t task, RowRange rows) {
     const int64_t h = task / p.head_cut.pieces;
-    T* sums = u + (in_pieces ? task % p.head_cut.pieces * num_scores * Hx : 0);
+    A* sums = u + (in_pieces ? task % p.head_cut.pieces * num_scores * Hx : 0);
     for (int64_t i = 0; i < Q; ++i) {
-      std::fill_n(sums + (i * n + h) * Hx, Hx, T(0));
+      std::fill_n(sums + (i * n + h) * Hx, Hx, A(0));
     }
     for (int64_t j = rows.begin; j < rows.end; ++j) {
       prefetch_weight_row(w_q, j, Hq);
       prefetch_weight_row(w_k, j, Hx);
       const T* w_k_row = w_k + j * Hx;
       for (int64_t i = 0; i < Q; ++i) {
-        const T z = dot(w_q + j * Hq, query + i * Hq, Hq) + (q_bias ? q_bias[j] : T(0));
+        const A z = dot(w_q + j * Hq, query + i * Hq, Hq) + (q_bias ? q_bias[j] : A(0));
         projected[i * p.proj_dim + j] = z;
         axpy_rows<1>(&z, &w_k_row, sums + (i * n + h) * Hx, Hx);
       }
     }
   });
   if (in_pieces) {
-    sum_parts_in_order(partials, p.head_cut.pieces, num_scores * Hx, static_cast<T*>(p.u));
+    sum_parts_in_order(partials, p.head_cut.pieces, num_scores * Hx, static_cast<A*>(p.u));
   }
 }
 

@@ -43,7 +43,17 @@ void jvp(const JvpParams& p, c10::ScalarType dtype) {
 }
 
 void fold(const FoldParams& p, c10::ScalarType dtype) {
-  AT_DISPATCH_FLOATING_TYPES(dtype, "attnpool_fold", [&] { fold_impl<scalar_t>(p); });
+  AT_DISPATCH_FLOATING_TYPES(dtype, "attnpool_fold", [&] {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (p.weights == FoldWeights::kBFloat16) {
+        return fold_impl<at::BFloat16, float>(p);
+      }
+      if (p.weights == FoldWeights::kHalf) {
+        return fold_impl<at::Half, float>(p);
+      }
+    }
+    fold_impl<scalar_t, scalar_t>(p);
+  });
 }
 
 void fold_backward(const FoldBackwardParams& p, c10::ScalarType dtype) {
