@@ -5,6 +5,9 @@ export, DDP) run, and the forward-and-backward the concurrency tests repeat.
 Test modules import from here, never from each other.
 """
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -236,3 +239,13 @@ class RecordedOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
+
+
+def last_line_at_default_level(script: str) -> str:
+    """The last line that `script` prints in a fresh process whose CPU kernels
+    are forced to the default level (below AVX2, hence below AMX)."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_CPU_CAPABILITY")}
+    env["ATTNPOOL_CPU_CAPABILITY"] = "default"
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
