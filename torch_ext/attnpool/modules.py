@@ -527,19 +527,19 @@ def _pool_by_projection(
     # takes SDPA, which multiplies on the tiles (products_are_faster in
     # csrc/ops/attention_pool_by_projection.cpp, also for why float32 keeps
     # SDPA).
-    cpu_bfloat16 = xs.device.type == "cpu" and dtype == torch.bfloat16
-    exact = attn_bias is not None or cpu_bfloat16
+    exact = attn_bias is not None or (xs.device.type == "cpu" and dtype == torch.bfloat16)
     by_sequence = False
     cut = True
     flushed = False
     if not torch.jit.is_scripting():
         # (An attn_bias with a tangent is exact already: it is not None.)
         inputs = [x, query, w_q, b_q, w_k, w_v, b_v, attn_bias]
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in inputs
+        )
         transformed = _any_tangent(inputs) or under_vmap()
-        if cpu_bfloat16 and _AMX_TILES and not _needs_grad(inputs):
-            exact = attn_bias is not None
-        exact = exact or transformed
-        by_sequence = exact and not transformed and _is_eager_cpu_inference(xs, inputs)
+        exact = attn_bias is not None or transformed or _products_are_faster(xs, needs_grad)
+        by_sequence = exact and not transformed and _is_eager_cpu_inference(xs, needs_grad)
         cut = not (transformed or under_torch_func())
         # SDPA whose CPU backward flushes subnormals (a C++ autograd function:
         # not under torch.func, whose transforms take SDPA itself).
@@ -569,17 +569,19 @@ def _pool_by_projection(
 _AMX_TILES = _C.cpu_kernel_isa() == "AMX_BF16"
 
 
-def _needs_grad(tensors: list[Optional[Tensor]]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _products_are_faster(x: Tensor, needs_grad: bool) -> bool:
+    """products_are_faster of csrc/ops/attention_pool_by_projection.cpp: x in
+    bfloat16 on the CPU, but for inference with AMX, which SDPA serves."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and (needs_grad or not _AMX_TILES)
 
 
-def _is_eager_cpu_inference(x: Tensor, tensors: list[Optional[Tensor]]) -> bool:
+def _is_eager_cpu_inference(x: Tensor, needs_grad: bool) -> bool:
     """Whether this call runs on the CPU with no gradient to record, and not
     traced by torch.compile or torch.jit.trace, which would unroll a loop over
     the batch (tangents and vmap are the caller's to check)."""
     return (
         x.device.type == "cpu"
-        and not _needs_grad(tensors)
+        and not needs_grad
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
     )
