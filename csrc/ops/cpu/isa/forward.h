@@ -716,7 +716,7 @@ class SoftmaxState {
       acc_t* weights) {
     *flag() = acc_t(1);
     acc_t scores[R];
-    if constexpr (kReadsRowByRow<scalar_t, acc_t>) {
+    if constexpr (kForwardReadsRowByRow<scalar_t, acc_t>) {
       if (from_memory_) {
         score_and_accumulate_row_by_row<R, P>(rows, u, scores, prev_weights, prev);
         return weigh_rows<R>(0, scale, bias, scores, weights, weighted(), shape_.hidden);
@@ -757,7 +757,8 @@ class SoftmaxState {
         rows, u, H, scores, ahead, prev_weights, prev, weighted());
   }
 
-  // score_and_accumulate_rows for rows read one at a time (kReadsRowByRow):
+  // score_and_accumulate_rows for rows read one at a time
+  // (kForwardReadsRowByRow):
   // row r of this tile is scored while row r of the previous one is added,
   // each row prefetched kRowByRowAhead rows ahead, into L2 ([Note:
   // prefetches from memory]). Loads from all R rows of a tile at once (R

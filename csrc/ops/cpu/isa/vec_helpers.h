@@ -77,6 +77,19 @@ constexpr int kVectorRegisters = 32;
 constexpr int kVectorRegisters = 16;
 #endif
 
+// Whether the one-score forward, too, reads such rows one at a time from
+// memory ([Note: rows one at a time]): only where a vector holds 16 floats
+// (AVX-512). With 8 (AVX2, and the default level), a row's one chain of
+// FMAs adds half as much per step as there, and the tile, R chains at once,
+// was faster at every size: float32 forward, 2 threads, a 2-core Zen 4 EPYC
+// whose CPU shows only AVX2, both ways in one process (median of 15 paired
+// ratios, tile over one row at a time; two runs): 32, 64 and 128 x 512 x
+// 768 (50 to 201 MB against a 32 MB L3) 0.93-0.94, 0.97-0.98, 0.95. Its
+// backward kept one row at a time: with the tile, forward+backward took
+// 1.02-1.10x the time at 16 to 64 x 512 x 768.
+template <typename T, typename A>
+constexpr bool kForwardReadsRowByRow = kReadsRowByRow<T, A> && kVectorRegisters == 32;
+
 // The register type behind Vectorized<A> (__m512 for float with AVX-512),
 // or Vectorized<A> itself at the default level. Arrays of sums that must
 // stay in registers are arrays of this: an array of Vectorized is built by
