@@ -163,10 +163,13 @@ MASKINGS = ["none", "mask", "lengths", "attn_bias", "lowest-float"]
 
 
 def _softmax_input_shapes(pool):
-    """Runs pool() under no_grad and returns the input shapes of its softmaxes."""
+    """Runs pool() under no_grad and returns the input shapes of its softmaxes
+    (the projection path's softmax without subnormals, whose CPU kernel calls
+    no aten::_softmax from AVX2 up)."""
     with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
         out = pool()
-    shapes = [event.input_shapes[0] for event in prof.events() if event.name == "aten::_softmax"]
+    name = "attnpool::_softmax_without_subnormals"
+    shapes = [event.input_shapes[0] for event in prof.events() if event.name == name]
     return out, shapes
 
 
